@@ -1,0 +1,205 @@
+"""Block-by-block calibration (as in GPTQ): H = X X^T / N for every distinct linear input, one block at a time.
+
+1. Run the quantized model up to decoder block 0 and keep block 0's inputs (hidden states plus whatever
+   keyword arguments the model passes its blocks: rotary embeddings, masks).
+2. For each block i: build the FULL-PRECISION block i from the safetensors checkpoint, run the calibration
+   inputs through it with hooks that accumulate H for each linear input (q/k/v read one tensor and share one H,
+   gate/up share one), hand H and the block's weights W to the caller, and keep the block's outputs as
+   block i+1's inputs.
+Peak memory: one full-precision block + the activations + a few n x n matrices.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint
+from .config import ALL_LINEAR
+from .errors import Cancelled, ConfigError, ModelError
+
+
+@dataclass
+class InputGroup:
+    """Linear layers of one block that read the same input tensor, and that input's H = X X^T / N."""
+
+    names: list[str]  # module names inside the block, e.g. ["self_attn.q_proj", "self_attn.k_proj"]
+    H: torch.Tensor  # (n, n) float32
+    tokens: int
+
+
+@dataclass
+class BlockCalibration:
+    index: int
+    prefix: str  # module path of the block in the model, e.g. "model.layers.3"
+    groups: list[InputGroup]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # full-precision W (out x in), float32
+
+
+def decoder_layers(model) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder blocks, and its module path."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = getattr(config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and name.endswith("layers"):
+            return name, module
+    raise ModelError(f"could not find the {count} decoder blocks of {type(model).__name__}")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def target_names(block: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Module names inside one block that LoRA adapts: every linear layer, or those whose leaf name is listed."""
+    linears = [name for name, m in block.named_modules() if name and _is_linear(m)]
+    if ALL_LINEAR in targets:
+        return linears
+    chosen = [name for name in linears if name.rsplit(".", 1)[-1] in targets or name in targets]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    missing = [t for t in targets if not any(n == t or n.rsplit(".", 1)[-1] == t for n in linears)]
+    if missing:
+        raise ConfigError(f"target module(s) {', '.join(missing)} not found; this model's block has {', '.join(leaves)}")
+    return chosen
+
+
+class _BlockInputsCaught(Exception):
+    pass
+
+
+def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, device: torch.device) -> list[tuple[torch.Tensor, dict]]:
+    """Run the model up to block 0 for each calibration batch; return (hidden_states, block kwargs) per batch."""
+    _, layers = decoder_layers(model)
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def catch(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache", "past_key_value")}
+        captured.append((hidden.detach(), kwargs))
+        raise _BlockInputsCaught
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(calib_ids), batch_size):
+                try:
+                    model(input_ids=calib_ids[start:start + batch_size].to(device), use_cache=False)
+                except _BlockInputsCaught:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def build_full_precision_block(model, index: int, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Decoder block `index` with its full-precision weights streamed from the checkpoint (nothing else loaded)."""
+    prefix, layers = decoder_layers(model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    with torch.device("meta"):
+        block = type(layers[index])(config, layer_idx=index)
+    state = checkpoint.with_prefix(f"{prefix}.{index}.", device, dtype)
+    if not state:
+        raise ModelError(f"the checkpoint has no weights under '{prefix}.{index}.'")
+    block.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in [*block.parameters(), *block.buffers()]):
+        raise ModelError(f"{type(block).__name__} keeps state outside its checkpoint; block-by-block calibration does not support it")
+    return block.eval()
+
+
+class HessianAccumulator:
+    """Forward pre-hooks that sum x^T x per distinct input tensor of the chosen linear layers."""
+
+    def __init__(self, root: nn.Module, names: Sequence[str]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.group_of: dict[str, str] = {}  # module name -> name of the first module that read the same tensor
+        self._seen: list[tuple[torch.Tensor, str]] = []
+        modules = dict(root.named_modules())
+        self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(_module, args):
+            x = args[0]
+            leader = next((lead for seen, lead in self._seen if seen is x), None)
+            if leader is not None:
+                self.group_of.setdefault(name, leader)
+                return
+            self._seen.append((x, name))
+            self.group_of.setdefault(name, name)
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+                self.tokens[name] = 0
+            self.sums[name].addmm_(flat.T, flat)
+            self.tokens[name] += flat.shape[0]
+        return hook
+
+    def new_pass(self) -> None:
+        """Call before each forward pass so tensors are only matched within one pass."""
+        self._seen.clear()
+
+    def groups(self) -> list[InputGroup]:
+        members: dict[str, list[str]] = {}
+        for name, leader in self.group_of.items():
+            members.setdefault(leader, []).append(name)
+        return [InputGroup(names, self.sums[lead] / self.tokens[lead], self.tokens[lead]) for lead, names in members.items()]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def calibrate_blocks(
+    model,
+    checkpoint: Checkpoint,
+    calib_ids: torch.Tensor,
+    targets: Sequence[str],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[BlockCalibration]:
+    """Yield each block's H groups and full-precision weights, block 0 first. `model` is the quantized model
+    (it supplies block 0's inputs and the block classes); the full-precision blocks come from `checkpoint`."""
+    prefix, layers = decoder_layers(model)
+    inputs = capture_block_inputs(model, calib_ids, batch_size, device)
+    for index in range(len(layers)):
+        if should_stop and should_stop():
+            raise Cancelled(f"stopped during calibration at block {index} of {len(layers)}")
+        block = build_full_precision_block(model, index, checkpoint, device, dtype)
+        names = target_names(block, targets)
+        hooks = HessianAccumulator(block, names)
+        outputs = []
+        with torch.no_grad():
+            for hidden, kwargs in inputs:
+                hooks.new_pass()
+                outputs.append((_block_output(block(hidden.to(dtype), **kwargs)).detach(), kwargs))
+        hooks.remove()
+        modules = dict(block.named_modules())
+        weights = {name: modules[name].weight.detach().float() for name in names}
+        yield BlockCalibration(index, f"{prefix}.{index}", hooks.groups(), weights)
+        del block, hooks, weights
+        inputs = outputs
+
+
+def hessians_by_hooks(full_model, calib_ids: torch.Tensor, targets: Sequence[str], batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Reference: H for every target linear from hooks on the whole full-precision model (module name -> H).
+    Holds the whole model at once; used to check calibrate_blocks."""
+    prefix, layers = decoder_layers(full_model)
+    names = [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for n in target_names(layer, targets)]
+    hooks = HessianAccumulator(full_model, names)
+    device = next(full_model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(calib_ids), batch_size):
+            hooks.new_pass()
+            full_model(input_ids=calib_ids[start:start + batch_size].to(device), use_cache=False)
+    hooks.remove()
+    return {name: group.H for group in hooks.groups() for name in group.names}

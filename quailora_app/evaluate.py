@@ -1,0 +1,33 @@
+"""Held-out perplexity: exp(mean token negative log-likelihood) over fixed evaluation windows."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, eval_ids: torch.Tensor, batch_size: int = 4) -> float:
+    """ppl = exp( sum_t -log p(x_t | x_<t) / T ) over every window of `eval_ids` (windows x seq_len),
+    each window predicting its tokens 2..L. The same tokens for every model, so figures compare."""
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(eval_ids), batch_size):
+        ids = eval_ids[start:start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
+def gap_closed(ppl_method: float, ppl_baseline: float, ppl_target: float) -> float | None:
+    """(ppl_qlora - ppl_method) / (ppl_qlora - ppl_target): 0 = no better than plain 4-bit, 1 = as good as the target."""
+    gap = ppl_baseline - ppl_target
+    if not math.isfinite(gap) or abs(gap) < 1e-9:
+        return None
+    return (ppl_baseline - ppl_method) / gap

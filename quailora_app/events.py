@@ -1,0 +1,84 @@
+"""The event stream every face consumes: the CLI prints it, the UI plots it, tests assert on it, and the run
+folder's events.jsonl records it. Plain dataclasses, no UI code."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass
+class Event:
+    kind: ClassVar[str] = "event"
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass
+class Stage(Event):
+    """A stage starts: load, data, quantize, calibrate, initialize, evaluate, save, train."""
+
+    kind: ClassVar[str] = "stage"
+    stage: str
+    message: str = ""
+
+
+@dataclass
+class Progress(Event):
+    """`done` of `total` units of the current stage."""
+
+    kind: ClassVar[str] = "progress"
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+
+
+@dataclass
+class LayerResult(Event):
+    """Per-layer error figures, 1.0 = plain QLoRA (no correction)."""
+
+    kind: ClassVar[str] = "layer"
+    name: str
+    block: int
+    module: str
+    shape: tuple[int, int]
+    weight_error: dict[str, float]
+    calibrated_error: dict[str, float]
+
+
+@dataclass
+class Metric(Event):
+    """A scalar result: perplexity of a model variant, seconds of a stage, ..."""
+
+    kind: ClassVar[str] = "metric"
+    name: str
+    value: float | None
+    group: str = "perplexity"
+    note: str = ""
+
+
+@dataclass
+class Log(Event):
+    kind: ClassVar[str] = "log"
+    message: str
+    level: str = "info"
+
+
+@dataclass
+class RunFinished(Event):
+    kind: ClassVar[str] = "finished"
+    run_dir: str
+    report: dict
+
+
+@dataclass
+class RunFailed(Event):
+    """The run ended early (a stop, bad input, out of memory); what was written so far stays in run_dir."""
+
+    kind: ClassVar[str] = "failed"
+    run_dir: str
+    message: str
+    cancelled: bool = False

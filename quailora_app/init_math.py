@@ -1,0 +1,255 @@
+"""Pure tensor math for the LoRA initializations (no model or peft knowledge).
+
+Conventions: W, Q and E = W - Q are (m x n) = (out x in); H = X X^T / N is the (n x n) symmetric PSD
+second moment of the layer's inputs; a correction C = P @ Rt is kept as low-rank factors P (m x r),
+Rt (r x n) and only split into peft's A (r x n), B (m x r) with s * B @ A == C at the end.
+
+Precision: on CPU every computation runs in float64 (cheap at these sizes and accurate to ~1e-12);
+on other devices the big products and SVDs run in float32 for speed and memory, while the
+eigen-decomposition of H and the small r x r solves always run in float64 and are cast back.
+Every function returns factors in the dtype of that working precision, except `split_factors`,
+which returns float32 (what the LoRA layers hold).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+
+__all__ = [
+    "HSpectrum",
+    "spectrum",
+    "svd_correction",
+    "closed_form_correction",
+    "quailora_correction",
+    "split_factors",
+    "weight_error",
+    "calibrated_error",
+    "calibrated_objective",
+    "check_rank",
+]
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    """float64 on CPU, float32 elsewhere (see the module docstring)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def _work(t: Tensor) -> Tensor:
+    return t.to(_work_dtype(t.device))
+
+
+@dataclass
+class HSpectrum:
+    """Eigen-decomposition of one damped H: H + lambda I = V diag(l) V^T.
+
+    Computed once per distinct layer input and reused (q/k/v share one input, so do gate/up).
+    `sqrt()` and `inv_sqrt()` are cached after their first call.
+    """
+
+    eigvals: Tensor  # (n,) of H + lambda I, clamped > 0
+    eigvecs: Tensor  # (n, n), columns are the eigenvectors
+    damping_lambda: float
+    _sqrt: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _inv_sqrt: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _fn(self, values: Tensor) -> Tensor:
+        v = self.eigvecs
+        return (v * values.to(v.dtype)) @ v.T
+
+    def sqrt(self) -> Tensor:
+        """S = V diag(sqrt(l)) V^T, the symmetric square root: S @ S = H + lambda I."""
+        if self._sqrt is None:
+            self._sqrt = self._fn(self.eigvals.sqrt())
+        return self._sqrt
+
+    def inv_sqrt(self) -> Tensor:
+        """S^-1 = V diag(1 / sqrt(l)) V^T."""
+        if self._inv_sqrt is None:
+            self._inv_sqrt = self._fn(self.eigvals.rsqrt())
+        return self._inv_sqrt
+
+    def damped(self) -> Tensor:
+        """H + lambda I = V diag(l) V^T (not cached)."""
+        return self._fn(self.eigvals)
+
+    def apply(self, R: Tensor) -> Tensor:
+        """(H + lambda I) @ R = V (l * (V^T R)) for an (n x k) R, without forming the n x n product."""
+        v = self.eigvecs
+        R = R.to(v.dtype)
+        return v @ (self.eigvals.to(v.dtype)[:, None] * (v.T @ R))
+
+
+def spectrum(H: Tensor, damping: float = 0.01) -> HSpectrum:
+    """Eigen-decompose H + lambda I with lambda = damping * mean(diag(H)).
+
+    The decomposition runs in float64 (H is symmetrized first); eigenvalues are clamped to at least
+    lambda (H is PSD, so this only removes round-off). If H is all zero, lambda = damping, so the
+    calibrated methods fall back to the plain SVD. damping = 0 keeps only a tiny relative floor.
+    """
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    H64 = H.to(torch.float64)
+    H64 = (H64 + H64.T) / 2
+    mean_diag = float(H64.diagonal().mean())
+    lam = damping * mean_diag if mean_diag > 0 else float(damping)
+    evals, evecs = torch.linalg.eigh(H64)
+    evals = evals + lam
+    top = float(evals.abs().max()) if evals.numel() else 0.0
+    floor = lam if lam > 0 else 1e-12 * (top if top > 0 else 1.0)
+    evals = evals.clamp(min=floor)
+    return HSpectrum(eigvals=evals.to(_work_dtype(H.device)), eigvecs=evecs.to(_work_dtype(H.device)), damping_lambda=lam)
+
+
+def _truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-`rank` SVD of M (full thin SVD, truncated); pads with zero singular triplets if rank > min(m, n)."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    k = min(rank, S.numel())
+    U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    if k < rank:
+        U = torch.cat([U, U.new_zeros(U.shape[0], rank - k)], dim=1)
+        S = torch.cat([S, S.new_zeros(rank - k)])
+        Vh = torch.cat([Vh, Vh.new_zeros(rank - k, Vh.shape[1])], dim=0)
+    return U, S, Vh
+
+
+def svd_correction(E: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-r approximation of E in Frobenius norm (Eckart-Young): E ~ U_r S_r V_r^T.
+
+    Returns balanced factors P = U_r sqrt(S_r) (m x r), Rt = sqrt(S_r) V_r^T (r x n).
+    """
+    U, S, Vh = _truncated_svd(_work(E), rank)
+    root = S.sqrt()
+    return U * root, root[:, None] * Vh
+
+
+def closed_form_correction(E: Tensor, spec: HSpectrum, rank: int) -> tuple[Tensor, Tensor]:
+    """Exact minimizer of ||(E - C) S||_F^2 = tr((E - C)(H + lambda I)(E - C)^T) over rank-r C.
+
+    With S = (H + lambda I)^(1/2) invertible, C S ranges over all rank-r matrices, so the optimum is
+    C S = SVD_r(E S), i.e. C = U_r S_r V_r^T S^-1. Returns P = U_r sqrt(S_r), Rt = sqrt(S_r) V_r^T S^-1.
+    """
+    Ew = E.to(spec.eigvecs.dtype)
+    U, S, Vh = _truncated_svd(Ew @ spec.sqrt(), rank)
+    root = S.sqrt()
+    return U * root, (root[:, None] * Vh) @ spec.inv_sqrt()
+
+
+def _psd_solve(G: Tensor, rhs: Tensor) -> Tensor:
+    """Solve G X = rhs for a symmetric PSD (r x r) G via its pseudo-inverse (float64, eigh-based).
+
+    Directions with eigenvalue below r * eps * max eigenvalue are dropped, which gives the
+    minimum-norm least-squares solution when G is rank-deficient.
+    """
+    G64 = G.to(torch.float64)
+    G64 = (G64 + G64.T) / 2
+    w, V = torch.linalg.eigh(G64)
+    tol = max(G.shape[0], 1) * torch.finfo(torch.float64).eps * float(w.abs().max().clamp(min=0.0))
+    inv = torch.where(w > tol, 1.0 / w.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(w))
+    return ((V * inv) @ (V.T @ rhs.to(torch.float64))).to(rhs.dtype)
+
+
+def quailora_correction(E: Tensor, spec: HSpectrum, rank: int, rounds: int = 20) -> tuple[Tensor, Tensor]:
+    """The paper's alternating least squares for min tr((E - C) Hd (E - C)^T), C = P R^T, Hd = H + lambda I.
+
+    Starts from the truncated SVD of E (R = V_r), then `rounds` times:
+        P   <- E Hd R (R^T Hd R)^-1     (optimal P for fixed R)
+        R^T <- (P^T P)^-1 P^T E         (optimal R for fixed P)
+    Both updates depend only on the column space of the fixed factor, so R is re-orthonormalized (QR)
+    before each P step; this changes no iterate C, only the conditioning. The r x r systems are
+    solved in float64 through a pseudo-inverse, so rank-deficient factors are safe. The objective
+    never increases. Returns (P (m x r), Rt (r x n)).
+    """
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}")
+    Ew = E.to(spec.eigvecs.dtype)
+    U, S, Vh = _truncated_svd(Ew, rank)
+    if rounds == 0:
+        root = S.sqrt()
+        return U * root, root[:, None] * Vh
+    R = Vh.T  # (n x r)
+    P = U * S
+    for _ in range(rounds):
+        R, _unused = torch.linalg.qr(R)
+        HR = spec.apply(R)  # (n x r)
+        P = _psd_solve(R.T @ HR, (Ew @ HR).T).T  # P = E Hd R (R^T Hd R)^-1, (m x r)
+        R = _psd_solve(P.T @ P, P.T @ Ew).T  # R^T = (P^T P)^-1 P^T E, (n x r)
+    return P, R.T.contiguous()
+
+
+def split_factors(P: Tensor, Rt: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """Split C = P @ Rt into peft's factors A (r x n), B (m x r) with scaling * B @ A == C.
+
+    Without forming C: P = Q_p R_p, Rt^T = Q_r R_r (QR), K = R_p R_r^T = u S v^T (small SVD), so
+    C = U S V^T with U = Q_p u, V = Q_r v. Then B = U sqrt(S) / sqrt(s), A = sqrt(S) V^T / sqrt(s).
+    If C has rank < r, the missing singular values are zero: those columns of B are zero (so the
+    product is unchanged) while the matching rows of A are orthonormal directions at the typical
+    scale of A's other rows, so that LoRA can still learn them (a zero row in both would never
+    receive a gradient). Returns float32 contiguous tensors.
+    """
+    if scaling <= 0:
+        raise ValueError(f"scaling must be > 0, got {scaling}")
+    if P.ndim != 2 or Rt.ndim != 2 or P.shape[1] != Rt.shape[0]:
+        raise ValueError(f"factor shapes do not match: P {tuple(P.shape)}, Rt {tuple(Rt.shape)}")
+    m, r = P.shape
+    n = Rt.shape[1]
+    P64 = P.to(torch.float64)
+    R64 = Rt.to(torch.float64).T  # (n x r)
+    Qp, Rp = torch.linalg.qr(P64)  # Qp (m x kp), kp = min(m, r)
+    Qr, Rr = torch.linalg.qr(R64)  # Qr (n x kr), kr = min(n, r)
+    K = Rp @ Rr.T  # (kp x kr)
+    u, S, vh = torch.linalg.svd(K, full_matrices=True)
+    U = Qp @ u  # (m x kp), orthonormal columns
+    V = Qr @ vh.T  # (n x kr), orthonormal columns
+    # Bring everything to r columns: singular values beyond min(kp, kr) are zero.
+    S = torch.cat([S, S.new_zeros(r - S.numel())])
+    U = torch.cat([U, U.new_zeros(m, r - U.shape[1])], dim=1)
+    if V.shape[1] < r:  # only when r > n: no further orthonormal directions exist
+        V = torch.cat([V, V.new_zeros(n, r - V.shape[1])], dim=1)
+    top = float(S.max()) if S.numel() else 0.0
+    live = S > max(m, n, r) * torch.finfo(torch.float64).eps * top if top > 0 else torch.zeros_like(S, dtype=torch.bool)
+    root = torch.where(live, S.sqrt(), torch.zeros_like(S))
+    pad = float(root[live].pow(2).mean().sqrt()) if bool(live.any()) else 1.0
+    a_scale = torch.where(live, root, torch.full_like(root, pad))
+    inv_s = 1.0 / float(scaling) ** 0.5
+    B = (U * root) * inv_s
+    A = (a_scale[:, None] * V.T) * inv_s
+    return A.to(torch.float32).contiguous(), B.to(torch.float32).contiguous()
+
+
+def calibrated_objective(E: Tensor, C: Tensor, H: Tensor) -> float:
+    """tr((E - C) H (E - C)^T) = sum((D H) * D) with D = E - C."""
+    D = _work(E) - C.to(_work_dtype(E.device))
+    Hw = H.to(D.dtype)
+    return float(((D @ Hw) * D).sum())
+
+
+def weight_error(E: Tensor, C: Tensor) -> float:
+    """||E - C||_F / ||E||_F (1.0 for C = 0; 0.0 when E = 0)."""
+    Ew = _work(E)
+    denom = float(torch.linalg.matrix_norm(Ew))
+    if denom == 0.0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(Ew - C.to(Ew.dtype))) / denom
+
+
+def calibrated_error(E: Tensor, C: Tensor, H: Tensor) -> float:
+    """sqrt(tr((E - C) H (E - C)^T) / tr(E H E^T)) with the undamped H (1.0 for C = 0; 0.0 when E H E^T = 0)."""
+    denom = calibrated_objective(E, torch.zeros_like(E), H)
+    if denom <= 0.0:
+        return 0.0
+    return max(calibrated_objective(E, C, H), 0.0) ** 0.5 / denom**0.5
+
+
+def check_rank(rank: int, shape: tuple[int, int], name: str) -> None:
+    """Raise ConfigError when the LoRA rank exceeds min(out, in) of the (out x in) layer `name`."""
+    m, n = int(shape[0]), int(shape[1])
+    if rank < 1:
+        raise ConfigError(f"rank must be at least 1, got {rank} (layer {name})")
+    if rank > min(m, n):
+        raise ConfigError(f"rank {rank} is larger than layer {name} allows (min(out, in) = {min(m, n)})")

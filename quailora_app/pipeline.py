@@ -1,0 +1,276 @@
+"""The init flow as one event stream: load -> data -> quantize -> calibrate + initialize (block by block) ->
+evaluate and save adapters -> 8-bit and full-precision baselines -> report.
+
+`run_init(cfg)` yields events; the CLI, the UI and the tests all consume this one stream. Everything
+computed is written to the run folder as it happens (events.jsonl, report.json, adapters/<method>/).
+"""
+from __future__ import annotations
+
+import gc
+import math
+import resource
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import init_math
+from .adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
+from .calibrate import calibrate_blocks, decoder_layers, target_names
+from .checkpoint import Checkpoint
+from .config import InitConfig
+from .errors import Cancelled, UserError
+from .evaluate import gap_closed, perplexity
+from .events import Event, LayerResult, Log, Metric, Progress, RunFailed, RunFinished, Stage
+from .quiet import quiet_libraries
+from .quantize import dequantized_weight, load_4bit, load_8bit
+from .runs import EventLog, new_run_dir, write_json_atomic
+from .sources.data import load_splits
+from .sources.models import (
+    compute_dtype, device_label, load_config, load_full_precision, load_tokenizer, pick_device, resolve_model,
+)
+
+quiet_libraries()
+
+CALIBRATED = ("quailora", "closed_form")
+COMPUTED_PER_LAYER = ("svd", "quailora", "closed_form")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory allocated (CUDA) or the process's peak resident set size (CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class InitRun:
+    """One run of the init flow. Iterate `events()`; results land in `run_dir` as they are computed."""
+
+    def __init__(self, cfg: InitConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None):
+        self.cfg = cfg
+        self.should_stop = should_stop or (lambda: False)
+        self.run_dir = Path(run_dir) if run_dir else new_run_dir("init", cfg.out)
+        self.device = pick_device(cfg.model.device)
+        self.report: dict = {
+            "status": "running",
+            "model": cfg.model.model,
+            "dataset": cfg.data.dataset,
+            "device": device_label(self.device),
+            "rank": cfg.lora.rank,
+            "alpha": cfg.lora.alpha,
+            "rslora": cfg.lora.rslora,
+            "scaling": cfg.lora.scaling,
+            "methods": list(cfg.methods),
+            "settings": asdict(cfg),
+            "perplexity": {},
+            "gap_closed": {},
+            "gap_closed_full": {},
+            "seconds": {},
+            "unavailable": {},
+            "peak_memory_bytes": 0,
+            "layers": [],
+        }
+        self._log = EventLog(self.run_dir)
+        self.factors: dict[str, dict[str, Factors]] = {m: {} for m in cfg.methods if m in COMPUTED_PER_LAYER}
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def _emit(self, event: Event) -> Event:
+        self._log.append(event)
+        return event
+
+    def _save_report(self) -> None:
+        self.report["peak_memory_bytes"] = max(self.report["peak_memory_bytes"], peak_memory_bytes(self.device))
+        write_json_atomic(self.run_dir / "report.json", self.report)
+
+    def _check_stop(self, where: str) -> None:
+        if self.should_stop():
+            raise Cancelled(f"stopped by the user during {where}")
+
+    def events(self) -> Iterator[Event]:
+        try:
+            yield from self._run()
+        except Cancelled as exc:
+            yield self._finish_failed(str(exc), cancelled=True)
+        except UserError as exc:
+            yield self._finish_failed(str(exc))
+        except torch.OutOfMemoryError:
+            free_memory()
+            yield self._finish_failed(f"out of memory on {self.report['device']}: try a smaller model, fewer calibration samples or a shorter seq-len")
+        except Exception as exc:  # noqa: BLE001 - the run folder keeps the traceback, the user gets one line
+            (self.run_dir / "error.txt").write_text(traceback.format_exc())
+            yield self._finish_failed(f"internal error: {type(exc).__name__}: {exc} (traceback in {self.run_dir / 'error.txt'})")
+        finally:
+            self._log.close()
+            free_memory()
+
+    def _finish_failed(self, message: str, cancelled: bool = False) -> Event:
+        self.report["status"] = "cancelled" if cancelled else "failed"
+        self.report["error"] = message
+        self._save_report()
+        return self._emit(RunFailed(str(self.run_dir), message, cancelled))
+
+    # -- the flow ---------------------------------------------------------------------------------------
+    def _run(self) -> Iterator[Event]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        yield self._emit(Stage("load", f"resolving model '{cfg.model.model}'"))
+        source = resolve_model(cfg.model.model)
+        load_config(source)
+        tokenizer = load_tokenizer(source)
+        self.report["model_note"] = source.note
+        yield self._emit(Stage("data", f"reading dataset '{cfg.data.dataset}'"))
+        splits = load_splits(cfg.data, tokenizer)
+        self.report["tokens"] = {"calibration": int(splits.calib.numel()), "eval": int(splits.eval.numel())}
+        self._check_stop("data loading")
+
+        yield self._emit(Stage("quantize", f"loading {source.name} in 4-bit {cfg.quant.quant} on {self.report['device']}"))
+        dtype = compute_dtype(cfg.model.compute_dtype, self.device)
+        model = load_4bit(source, cfg.quant, self.device, dtype)
+        self.report["seconds"]["load"] = time.perf_counter() - t0
+        names = self._target_names(model)
+        self._save_report()
+        self._check_stop("quantization")
+
+        yield from self._calibrate_and_initialize(model, source, splits.calib, dtype)
+        yield from self._evaluate_methods(model, source, splits.eval)
+        del model
+        free_memory()
+        if cfg.baselines:
+            yield from self._baselines(source, splits.eval)
+        self._gap_figures()
+        self.report["status"] = "finished"
+        self.report["seconds"]["total"] = time.perf_counter() - t0
+        self._save_report()
+        yield self._emit(RunFinished(str(self.run_dir), self.report))
+        del names
+
+    def _target_names(self, model) -> list[str]:
+        prefix, layers = decoder_layers(model)
+        names = [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for n in target_names(layer, self.cfg.lora.targets)]
+        modules = dict(model.named_modules())
+        for name in names:
+            init_math.check_rank(self.cfg.lora.rank, (modules[name].out_features, modules[name].in_features), name)
+        self.report["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in names})
+        self.target_paths = names
+        return names
+
+    def _calibrate_and_initialize(self, model, source, calib_ids, dtype) -> Iterator[Event]:
+        cfg, s, r = self.cfg, self.cfg.lora.scaling, self.cfg.lora.rank
+        modules = dict(model.named_modules())
+        _, layers = decoder_layers(model)
+        seconds = self.report["seconds"]
+        seconds["calibrate"] = 0.0
+        for m in COMPUTED_PER_LAYER:
+            if m in cfg.methods:
+                seconds[m] = 0.0
+        calib_dtype = torch.float32 if self.device.type == "cpu" else dtype
+        yield self._emit(Stage("calibrate", f"{len(calib_ids)} x {calib_ids.shape[1]} tokens through {len(layers)} full-precision blocks"))
+        blocks = calibrate_blocks(model, Checkpoint(source.folder), calib_ids, cfg.lora.targets, self.device, calib_dtype,
+                                  should_stop=self.should_stop)
+        tick = time.perf_counter()
+        for block in blocks:
+            seconds["calibrate"] += time.perf_counter() - tick
+            for group in block.groups:
+                spec_time = time.perf_counter()
+                spec = init_math.spectrum(group.H, cfg.damping) if any(m in cfg.methods for m in CALIBRATED) else None
+                spec_time = time.perf_counter() - spec_time
+                for local in group.names:
+                    name = f"{block.prefix}.{local}"
+                    W = block.weights[local]
+                    E = W - dequantized_weight(modules[name]).to(W.device)
+                    weight_err, calib_err = {"qlora": 1.0}, {"qlora": 1.0}
+                    for method in COMPUTED_PER_LAYER:
+                        if method not in cfg.methods:
+                            continue
+                        start = time.perf_counter()
+                        if method == "svd":
+                            P, Rt = init_math.svd_correction(E, r)
+                        elif method == "quailora":
+                            P, Rt = init_math.quailora_correction(E, spec, r, cfg.als_rounds)
+                        else:
+                            P, Rt = init_math.closed_form_correction(E, spec, r)
+                        A, B = init_math.split_factors(P, Rt, s)
+                        seconds[method] += time.perf_counter() - start + (spec_time if method in CALIBRATED else 0.0)
+                        C = s * (B @ A)  # the correction the saved adapter really applies
+                        weight_err[method] = init_math.weight_error(E, C)
+                        calib_err[method] = init_math.calibrated_error(E, C, group.H)
+                        self.factors[method][name] = Factors(A.float().cpu(), B.float().cpu())
+                    row = LayerResult(name, block.index, local, tuple(W.shape), weight_err, calib_err)
+                    self.report["layers"].append({k: v for k, v in row.to_dict().items() if k not in ("kind", "time")})
+                    yield self._emit(row)
+            done = block.index + 1
+            del block
+            self._save_report()
+            yield self._emit(Progress("calibrate", done, len(layers), f"block {done} of {len(layers)} calibrated and initialized"))
+            self._check_stop("initialization")
+            tick = time.perf_counter()
+
+    def _evaluate_methods(self, model, source, eval_ids) -> Iterator[Event]:
+        cfg = self.cfg
+        yield self._emit(Stage("evaluate", f"held-out perplexity on {eval_ids.numel()} tokens, adapters saved per method"))
+        peft_model = attach_lora(model, cfg.lora, self.target_paths)
+        self.factors["qlora"] = read_factors(peft_model)  # peft's default: A random, B = 0
+        if "loftq" in cfg.methods:
+            start = time.perf_counter()
+            try:
+                self.factors["loftq"] = loftq_factors(peft_model, source.folder)
+                self.report["seconds"]["loftq"] = time.perf_counter() - start
+            except Exception as exc:  # noqa: BLE001 - peft's anchor is optional; say why it did not run
+                reason = f"peft's replace_lora_weights_loftq did not run here: {str(exc).splitlines()[0][:160]}"
+                self.report["unavailable"]["loftq"] = reason
+                yield self._emit(Log(reason, "warning"))
+        methods = [m for m in cfg.methods if m in self.factors]
+        for i, method in enumerate(methods):
+            self._check_stop("evaluation")
+            write_factors(peft_model, self.factors[method])
+            ppl = perplexity(peft_model, eval_ids, cfg.eval_batch)
+            self.report["perplexity"][method] = ppl
+            save_adapter(peft_model, self.run_dir / "adapters" / method)
+            self._save_report()
+            yield self._emit(Metric(method, ppl, "perplexity", "4-bit + " + method))
+            yield self._emit(Progress("evaluate", i + 1, len(methods), method))
+        write_factors(peft_model, self.factors["qlora"])
+        peft_model.unload()
+
+    def _baselines(self, source, eval_ids) -> Iterator[Event]:
+        for name, loader in (("int8", lambda: load_8bit(source, self.device)),
+                             ("full", lambda: load_full_precision(source, self.device))):
+            self._check_stop("baselines")
+            yield self._emit(Stage("baseline", f"perplexity of the {'8-bit' if name == 'int8' else 'full-precision'} model"))
+            start = time.perf_counter()
+            model = loader()
+            ppl = perplexity(model, eval_ids, self.cfg.eval_batch)
+            self.report["seconds"][f"eval_{name}"] = time.perf_counter() - start
+            self.report["perplexity"][name] = ppl
+            self._save_report()
+            del model
+            free_memory()
+            yield self._emit(Metric(name, ppl, "perplexity", "8-bit LLM.int8" if name == "int8" else "full precision"))
+
+    def _gap_figures(self) -> None:
+        ppl = self.report["perplexity"]
+        base = ppl.get("qlora")
+        for method in self.cfg.methods:
+            if method not in ppl or base is None:
+                continue
+            if "int8" in ppl:
+                self.report["gap_closed"][method] = gap_closed(ppl[method], base, ppl["int8"])
+            if "full" in ppl:
+                self.report["gap_closed_full"][method] = gap_closed(ppl[method], base, ppl["full"])
+        for method, value in list(self.report["gap_closed"].items()):
+            if value is not None and not math.isfinite(value):
+                self.report["gap_closed"][method] = None
+
+
+def run_init(cfg: InitConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None) -> Iterator[Event]:
+    """The init flow's event stream (see InitRun)."""
+    return InitRun(cfg, should_stop, run_dir).events()

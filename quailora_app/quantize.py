@@ -1,0 +1,97 @@
+"""4-bit and 8-bit models through bitsandbytes, and the exact dequantized weight Q they hold.
+
+Q must be the matrix the 4-bit layer multiplies by during fine-tuning, bit for bit: every error figure and
+every initialization is computed against it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import QuantConfig
+from .errors import ModelError
+from .sources.models import ModelSource, _load
+
+
+def bnb_4bit_config(quant: QuantConfig, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def linear4bit_modules(model) -> dict[str, torch.nn.Module]:
+    import bitsandbytes as bnb
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def keep_cpu_layout(model) -> None:
+    """Switch off bitsandbytes' AVX512-BF16 CPU repacking.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights at the first forward and then computes
+    in bf16 whatever compute dtype was asked for, so the layer no longer multiplies by Q. Turning it off keeps
+    the layer's product exactly Q x (at float32 compute).
+    """
+    for module in linear4bit_modules(model).values():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def dequantized_weight(layer) -> torch.Tensor:
+    """Q = dequant(quant(W)) exactly as the bitsandbytes 4-bit layer holds it, in float32, (out x in)."""
+    import bitsandbytes.functional as F
+
+    data, state = layer.weight.data, layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    return F.dequantize_4bit(data, state).float()
+
+
+def requantize_block_size(model, source: ModelSource, quant: QuantConfig) -> None:
+    """transformers always quantizes with blocks of 64; for another block size, quantize each 4-bit layer
+    again with bitsandbytes from the full-precision weight streamed from the checkpoint."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    checkpoint = Checkpoint(source.folder)
+    for name, layer in linear4bit_modules(model).items():
+        device = layer.weight.device
+        weight = checkpoint.get(f"{name}.weight", device, layer.weight.quant_state.dtype)
+        packed, state = F.quantize_4bit(
+            weight, blocksize=quant.block_size, compress_statistics=quant.double_quant, quant_type=quant.quant
+        )
+        layer.weight = bnb.nn.Params4bit(
+            packed, requires_grad=False, quant_state=state, blocksize=quant.block_size,
+            compress_statistics=quant.double_quant, quant_type=quant.quant, module=layer, bnb_quantized=True,
+        )
+        layer.quant_state = state
+
+
+def load_4bit(source: ModelSource, quant: QuantConfig, device: torch.device, compute_dtype: torch.dtype):
+    """The QLoRA base: NF4/FP4 linear layers, everything else in float32 (CPU) or the compute dtype (CUDA)."""
+    holding_dtype = torch.float32 if device.type == "cpu" else compute_dtype
+    model = _load(source, device, quantization_config=bnb_4bit_config(quant, compute_dtype), dtype=holding_dtype)
+    if not linear4bit_modules(model):
+        raise ModelError(f"model '{source.name}' has no linear layers bitsandbytes could quantize")
+    if quant.block_size != 64:
+        requantize_block_size(model, source, quant)
+    keep_cpu_layout(model)
+    return model
+
+
+def load_8bit(source: ModelSource, device: torch.device):
+    """LLM.int8 (bitsandbytes 8-bit), the comparison arm QLoRA's 4-bit tries to match."""
+    from transformers import BitsAndBytesConfig
+
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return _load(source, device, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=dtype)

@@ -1,0 +1,82 @@
+"""Run folders: results are written as they are computed, atomically, so nothing is lost on a crash or stop."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .events import Event
+
+
+def default_runs_root() -> Path:
+    return Path(os.environ.get("QUAILORA_RUNS", "runs"))
+
+
+def new_run_dir(kind: str, out: str | None = None) -> Path:
+    """`out` if given, else runs/<kind>-YYYYmmdd-HHMMSS (suffixed if taken)."""
+    if out:
+        path = Path(out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = default_runs_root() / f"{kind}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = default_runs_root() / f"{kind}-{stamp}-{n}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file beside `path`, then rename: readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_jsonable)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+class EventLog:
+    """events.jsonl: one JSON object per line, appended and flushed as each event happens."""
+
+    def __init__(self, run_dir: Path, name: str = "events.jsonl"):
+        self.path = Path(run_dir) / name
+        self._file = open(self.path, "a", buffering=1)
+
+    def append(self, event: Event) -> None:
+        self._file.write(json.dumps(event.to_dict(), default=_jsonable) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_events(run_dir: Path, name: str = "events.jsonl") -> list[dict]:
+    """Every complete line of events.jsonl (a torn last line from a crash is skipped)."""
+    events = []
+    path = Path(run_dir) / name
+    if not path.exists():
+        return events
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events

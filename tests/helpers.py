@@ -1,0 +1,50 @@
+"""Tiny models and tokenizers built from a config, offline, for fast tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_TEXT = [
+    "the quick brown fox jumps over the lazy dog",
+    "a film about love, loss and the long road home",
+    "quantization trades memory for accuracy; low rank corrections win some back",
+    "every block of sixty four weights shares one scale",
+] * 8
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in memory on a few sentences (vocab ~300, has <eos>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TINY_TEXT, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def save_tiny_llama(folder: Path, *, hidden: int = 64, intermediate: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """A random Llama from a config, saved as safetensors with a tokenizer: a complete local model folder.
+
+    Weights are scaled up a little so 4-bit quantization error is visible in perplexity.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
