@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from . import init_math
 from .adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
-from .calibrate import calibrate_blocks, decoder_layers, target_names
+from .calibrate import decoder_layers
 from .checkpoint import Checkpoint
 from .config import InitConfig
 from .errors import Cancelled, UserError
 from .evaluate import gap_closed, perplexity
-from .events import Event, LayerResult, Log, Metric, Progress, RunFailed, RunFinished, Stage
+from .events import Event, Log, Metric, Progress, RunFailed, RunFinished, Stage
 from .quiet import quiet_libraries
-from .quantize import dequantized_weight, load_4bit, load_8bit
+from .initialize import InitResult, initialize, target_paths
+from .quantize import load_4bit, load_8bit
 from .runs import EventLog, new_run_dir, write_json_atomic
 from .sources.data import load_splits
 from .sources.models import (
@@ -35,8 +35,6 @@ from .sources.models import (
 
 quiet_libraries()
 
-CALIBRATED = ("quailora", "closed_form")
-COMPUTED_PER_LAYER = ("svd", "quailora", "closed_form")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -80,7 +78,7 @@ class InitRun:
             "layers": [],
         }
         self._log = EventLog(self.run_dir)
-        self.factors: dict[str, dict[str, Factors]] = {m: {} for m in cfg.methods if m in COMPUTED_PER_LAYER}
+        self.factors: dict[str, dict[str, Factors]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _emit(self, event: Event) -> Event:
@@ -136,7 +134,8 @@ class InitRun:
         dtype = compute_dtype(cfg.model.compute_dtype, self.device)
         model = load_4bit(source, cfg.quant, self.device, dtype)
         self.report["seconds"]["load"] = time.perf_counter() - t0
-        names = self._target_names(model)
+        self.target_paths = target_paths(model, cfg.lora)
+        self.report["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in self.target_paths})
         self._save_report()
         self._check_stop("quantization")
 
@@ -151,68 +150,19 @@ class InitRun:
         self.report["seconds"]["total"] = time.perf_counter() - t0
         self._save_report()
         yield self._emit(RunFinished(str(self.run_dir), self.report))
-        del names
-
-    def _target_names(self, model) -> list[str]:
-        prefix, layers = decoder_layers(model)
-        names = [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for n in target_names(layer, self.cfg.lora.targets)]
-        modules = dict(model.named_modules())
-        for name in names:
-            init_math.check_rank(self.cfg.lora.rank, (modules[name].out_features, modules[name].in_features), name)
-        self.report["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in names})
-        self.target_paths = names
-        return names
 
     def _calibrate_and_initialize(self, model, source, calib_ids, dtype) -> Iterator[Event]:
-        cfg, s, r = self.cfg, self.cfg.lora.scaling, self.cfg.lora.rank
-        modules = dict(model.named_modules())
-        _, layers = decoder_layers(model)
-        seconds = self.report["seconds"]
-        seconds["calibrate"] = 0.0
-        for m in COMPUTED_PER_LAYER:
-            if m in cfg.methods:
-                seconds[m] = 0.0
+        cfg = self.cfg
+        result = InitResult(factors=self.factors, layers=self.report["layers"], seconds=self.report["seconds"])
+        n_blocks = len(decoder_layers(model)[1])
+        yield self._emit(Stage("calibrate", f"{len(calib_ids)} x {calib_ids.shape[1]} tokens through {n_blocks} full-precision blocks"))
         calib_dtype = torch.float32 if self.device.type == "cpu" else dtype
-        yield self._emit(Stage("calibrate", f"{len(calib_ids)} x {calib_ids.shape[1]} tokens through {len(layers)} full-precision blocks"))
-        blocks = calibrate_blocks(model, Checkpoint(source.folder), calib_ids, cfg.lora.targets, self.device, calib_dtype,
-                                  should_stop=self.should_stop)
-        tick = time.perf_counter()
-        for block in blocks:
-            seconds["calibrate"] += time.perf_counter() - tick
-            for group in block.groups:
-                spec_time = time.perf_counter()
-                spec = init_math.spectrum(group.H, cfg.damping) if any(m in cfg.methods for m in CALIBRATED) else None
-                spec_time = time.perf_counter() - spec_time
-                for local in group.names:
-                    name = f"{block.prefix}.{local}"
-                    W = block.weights[local]
-                    E = W - dequantized_weight(modules[name]).to(W.device)
-                    weight_err, calib_err = {"qlora": 1.0}, {"qlora": 1.0}
-                    for method in COMPUTED_PER_LAYER:
-                        if method not in cfg.methods:
-                            continue
-                        start = time.perf_counter()
-                        if method == "svd":
-                            P, Rt = init_math.svd_correction(E, r)
-                        elif method == "quailora":
-                            P, Rt = init_math.quailora_correction(E, spec, r, cfg.als_rounds)
-                        else:
-                            P, Rt = init_math.closed_form_correction(E, spec, r)
-                        A, B = init_math.split_factors(P, Rt, s)
-                        seconds[method] += time.perf_counter() - start + (spec_time if method in CALIBRATED else 0.0)
-                        C = s * (B @ A)  # the correction the saved adapter really applies
-                        weight_err[method] = init_math.weight_error(E, C)
-                        calib_err[method] = init_math.calibrated_error(E, C, group.H)
-                        self.factors[method][name] = Factors(A.float().cpu(), B.float().cpu())
-                    row = LayerResult(name, block.index, local, tuple(W.shape), weight_err, calib_err)
-                    self.report["layers"].append({k: v for k, v in row.to_dict().items() if k not in ("kind", "time")})
-                    yield self._emit(row)
-            done = block.index + 1
-            del block
-            self._save_report()
-            yield self._emit(Progress("calibrate", done, len(layers), f"block {done} of {len(layers)} calibrated and initialized"))
-            self._check_stop("initialization")
-            tick = time.perf_counter()
+        for event in initialize(model, Checkpoint(source.folder), calib_ids, cfg.lora, cfg.methods, result,
+                                device=self.device, calib_dtype=calib_dtype, damping=cfg.damping,
+                                als_rounds=cfg.als_rounds, should_stop=self.should_stop):
+            if isinstance(event, Progress):
+                self._save_report()
+            yield self._emit(event)
 
     def _evaluate_methods(self, model, source, eval_ids) -> Iterator[Event]:
         cfg = self.cfg

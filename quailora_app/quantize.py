@@ -45,8 +45,15 @@ def keep_cpu_layout(model) -> None:
 
 
 def dequantized_weight(layer) -> torch.Tensor:
-    """Q = dequant(quant(W)) exactly as the bitsandbytes 4-bit layer holds it, in float32, (out x in)."""
+    """Q = dequant(quant(W)) exactly as the bitsandbytes layer holds it, in float32, (out x in).
+
+    4-bit: blockwise NF4/FP4 codes times their (double-quantized) absmax. 8-bit (LLM.int8): int8 rows CB
+    times their row scale SCB / 127."""
+    import bitsandbytes as bnb
     import bitsandbytes.functional as F
+
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return layer.weight.data.float() * layer.weight.SCB.float()[:, None] / 127.0
 
     data, state = layer.weight.data, layer.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):

@@ -300,7 +300,8 @@ def test_splits_too_short_message(byte_tok):
 
 def test_load_splits_from_config(tmp_path, byte_tok):
     p = tmp_path / "d.jsonl"
-    p.write_text("\n".join(json.dumps({"review": d, "n": i}) for i, d in enumerate(marker_docs(120))), encoding="utf-8")
+    rows = (json.dumps({"review": d, "n": i}) for i, d in enumerate(marker_docs(120)))
+    p.write_text("\n".join(rows), encoding="utf-8")
     cfg = DataConfig(dataset=str(p), seq_len=16, calib_samples=3, eval_tokens=48, seed=1)
     s = load_splits(cfg, byte_tok, max_train_seqs=20)
     assert s.eval.shape == (3, 16) and s.calib.shape == (3, 16) and s.train.shape == (20, 16)

@@ -128,7 +128,7 @@ def _quiet_datasets():
     bars_were_on = datasets.is_progress_bar_enabled()
     verbosity = ds_logging.get_verbosity()
     datasets.disable_progress_bars()
-    ds_logging.set_verbosity_error()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)  # failures are reported as DataError instead
     try:
         yield datasets
     finally:
@@ -315,7 +315,10 @@ def _load_local_file(path: Path, text_column: str | None, max_bytes: int) -> lis
 
 def _load_local_folder(path: Path, text_column: str | None, max_bytes: int) -> list[str]:
     source = f"folder {path}"
-    files = [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    files = [
+        p for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
     if not files:
         raise DataError(f"{source} is empty")
     total = sum(p.stat().st_size for p in files)
@@ -530,10 +533,13 @@ def make_splits(
     Only as many documents as needed are tokenized (training stops at max_train_seqs windows)."""
     if seq_len < 1 or calib_samples < 1 or eval_tokens < seq_len:
         raise ConfigError(
-            f"need seq_len >= 1, calib_samples >= 1 and eval_tokens >= seq_len; got {seq_len}, {calib_samples}, {eval_tokens}"
+            "need seq_len >= 1, calib_samples >= 1 and eval_tokens >= seq_len; "
+            f"got {seq_len}, {calib_samples}, {eval_tokens}"
         )
     if min_train_seqs < 0 or max_train_seqs < max(min_train_seqs, 1):
-        raise ConfigError(f"need 0 <= min_train_seqs <= max_train_seqs, max_train_seqs >= 1; got {min_train_seqs}, {max_train_seqs}")
+        raise ConfigError(
+            f"need 0 <= min_train_seqs <= max_train_seqs and max_train_seqs >= 1; got {min_train_seqs}, {max_train_seqs}"
+        )
     docs = [t for t in texts if isinstance(t, str) and t.strip()]
     if not docs:
         raise DataError("no text to split: every document is empty")
@@ -566,7 +572,8 @@ def make_splits(
             break
 
     need_train = min_train_seqs * seq_len
-    if stream_len["eval"] < targets["eval"] or stream_len["calib"] < targets["calib"] or stream_len["train"] < need_train:
+    short = stream_len["eval"] < targets["eval"] or stream_len["calib"] < targets["calib"]
+    if short or stream_len["train"] < need_train:
         needed = targets["eval"] + targets["calib"] + need_train
         what = (
             f"evaluation ({n_eval} x {seq_len}), calibration ({calib_samples} x {seq_len}) "

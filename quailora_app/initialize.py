@@ -1,0 +1,114 @@
+"""Compute every initialization's LoRA factors for every target layer, block by block.
+
+For each block from calibrate_blocks: E = W - Q per target layer (Q exactly as the quantized layer holds it),
+one eigen-decomposition of H per distinct input (shared by q/k/v and by gate/up), then per method a low-rank
+correction C = P Rt, split into peft factors with s * B @ A == C, and the layer's error figures measured on
+the factors themselves. Used by the init report and by the fine-tuning arms that start from an initialization.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import init_math
+from .adapters import Factors
+from .calibrate import calibrate_blocks, decoder_layers, target_names
+from .checkpoint import Checkpoint
+from .config import LoraSettings
+from .errors import Cancelled
+from .events import Event, LayerResult, Progress
+from .quantize import dequantized_weight
+
+CALIBRATED = ("quailora", "closed_form")
+COMPUTED = ("svd", "quailora", "closed_form")
+
+
+@dataclass
+class InitResult:
+    """What initialize() fills in as it goes (so a stopped run keeps the blocks already done)."""
+
+    factors: dict[str, dict[str, Factors]] = field(default_factory=dict)  # method -> module path -> factors
+    layers: list[dict] = field(default_factory=list)  # one row per layer, as in report.json
+    seconds: dict[str, float] = field(default_factory=dict)  # calibrate and one entry per method
+
+
+def target_paths(model, lora: LoraSettings) -> list[str]:
+    """Full module paths of the layers LoRA adapts, checked against the rank."""
+    prefix, layers = decoder_layers(model)
+    names = [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for n in target_names(layer, lora.targets)]
+    modules = dict(model.named_modules())
+    for name in names:
+        init_math.check_rank(lora.rank, (modules[name].out_features, modules[name].in_features), name)
+    return names
+
+
+def correction(method: str, E: torch.Tensor, spec: init_math.HSpectrum | None, rank: int, als_rounds: int):
+    """(P, Rt) with C = P @ Rt for one method."""
+    if method == "svd":
+        return init_math.svd_correction(E, rank)
+    if method == "quailora":
+        return init_math.quailora_correction(E, spec, rank, als_rounds)
+    if method == "closed_form":
+        return init_math.closed_form_correction(E, spec, rank)
+    raise ValueError(f"{method} is not computed per layer")
+
+
+def initialize(
+    model,
+    checkpoint: Checkpoint,
+    calib_ids: torch.Tensor,
+    lora: LoraSettings,
+    methods: Sequence[str],
+    result: InitResult,
+    *,
+    device: torch.device,
+    calib_dtype: torch.dtype = torch.float32,
+    damping: float = 0.01,
+    als_rounds: int = 20,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[Event]:
+    """Yield a LayerResult per layer and a Progress per block while filling `result`."""
+    methods = [m for m in methods if m in COMPUTED]
+    s, r = lora.scaling, lora.rank
+    modules = dict(model.named_modules())
+    n_blocks = len(decoder_layers(model)[1])
+    seconds = result.seconds
+    seconds.setdefault("calibrate", 0.0)
+    for m in methods:
+        seconds.setdefault(m, 0.0)
+        result.factors.setdefault(m, {})
+    blocks = calibrate_blocks(model, checkpoint, calib_ids, lora.targets, device, calib_dtype, should_stop=should_stop)
+    tick = time.perf_counter()
+    for block in blocks:
+        seconds["calibrate"] += time.perf_counter() - tick
+        for group in block.groups:
+            start = time.perf_counter()
+            spec = init_math.spectrum(group.H, damping) if any(m in CALIBRATED for m in methods) else None
+            spectrum_seconds = time.perf_counter() - start
+            for local in group.names:
+                name = f"{block.prefix}.{local}"
+                W = block.weights[local]
+                E = W - dequantized_weight(modules[name]).to(W.device)
+                weight_err, calib_err = {"qlora": 1.0}, {"qlora": 1.0}
+                for method in methods:
+                    start = time.perf_counter()
+                    P, Rt = correction(method, E, spec, r, als_rounds)
+                    A, B = init_math.split_factors(P, Rt, s)
+                    # the shared eigen-decomposition is charged to each calibrated method, as if run alone
+                    seconds[method] += time.perf_counter() - start + (spectrum_seconds if method in CALIBRATED else 0.0)
+                    C = s * (B @ A)  # what the saved adapter really adds
+                    weight_err[method] = init_math.weight_error(E, C)
+                    calib_err[method] = init_math.calibrated_error(E, C, group.H)
+                    result.factors[method][name] = Factors(A.float().cpu(), B.float().cpu())
+                row = LayerResult(name, block.index, local, tuple(W.shape), weight_err, calib_err)
+                result.layers.append({k: v for k, v in row.to_dict().items() if k not in ("kind", "time")})
+                yield row
+        done = block.index + 1
+        del block
+        yield Progress("calibrate", done, n_blocks, f"block {done} of {n_blocks} calibrated and initialized")
+        if should_stop and should_stop() and done < n_blocks:
+            raise Cancelled(f"stopped by the user during initialization after block {done} of {n_blocks}")
+        tick = time.perf_counter()
