@@ -41,18 +41,11 @@ def attach_lora(model, lora: LoraSettings, module_names: Sequence[str]):
     from peft import get_peft_model
 
     leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names})
-    config = lora_config(lora, leaves)
-    layer_prefix = module_names[0].split(".layers.")[0] + ".layers." if ".layers." in module_names[0] else None
-    if layer_prefix:
-        config.layers_pattern = "layers"
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, lora_config(lora, leaves))
     adapted = set(lora_layers(peft_model))
     unexpected = adapted - set(module_names)
-    if unexpected:  # a leaf name also used outside the decoder blocks: fall back to exact paths
-        peft_model = peft_model.unload()
-        config = lora_config(lora, leaves)
-        config.target_modules = list(module_names)
-        peft_model = get_peft_model(peft_model, config)
+    if unexpected or adapted != set(module_names):  # leaf names also used elsewhere: use exact paths
+        peft_model = get_peft_model(peft_model.unload(), lora_config(lora, module_names))
     return peft_model
 
 

@@ -126,9 +126,21 @@ def consume_init(events, out=sys.stdout) -> int:
         elif isinstance(event, RunFailed):
             if bar:
                 bar.close()
-            print(f"error: {event.message}" + (f" (partial results in {event.run_dir})" if os.path.exists(os.path.join(event.run_dir, "report.json")) else ""), file=sys.stderr)
+            kept = has_partial_results(event.run_dir)
+            print(f"error: {event.message}" + (f" (results so far kept in {event.run_dir})" if kept else ""), file=sys.stderr)
             code = 130 if event.cancelled else 1
     return code
+
+
+def has_partial_results(run_dir: str) -> bool:
+    """True when the run folder holds something worth going back to (layers, perplexities, adapters)."""
+    import json
+
+    try:
+        report = json.loads(open(os.path.join(run_dir, "report.json")).read())
+    except (OSError, ValueError):
+        return False
+    return bool(report.get("layers") or report.get("perplexity") or report.get("arms"))
 
 
 def summary_table(report: dict) -> str:

@@ -1,0 +1,153 @@
+"""The init flow end to end on a tiny model, and its bad-input answers through the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig
+from quailora_app.events import LayerResult, Metric, Progress, RunFailed, RunFinished
+from quailora_app.pipeline import run_init
+
+REPORT_KEYS = {"model", "dataset", "device", "rank", "alpha", "methods", "perplexity", "gap_closed", "seconds",
+               "peak_memory_bytes", "layers"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    import random
+
+    from helpers import TINY_TEXT
+
+    rng = random.Random(0)
+    words = " ".join(TINY_TEXT).split()
+    path = tmp_path_factory.mktemp("data") / "docs.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(300)))
+    return path
+
+
+def tiny_cfg(model_dir, text_file, out, **kw) -> InitConfig:
+    return InitConfig(ModelConfig(str(model_dir)), DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=512),
+                      lora=LoraSettings(rank=4), methods=("svd", "quailora", "closed_form"), out=str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    events = list(run_init(tiny_cfg(tiny_model_dir, text_file, out)))
+    return out, events
+
+
+def test_report_has_every_key_and_layer(finished):
+    out, events = finished
+    assert isinstance(events[-1], RunFinished), events[-1]
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["status"] == "finished"
+    assert set(report["perplexity"]) == {"full", "int8", "qlora", "svd", "quailora", "closed_form"}
+    assert len(report["layers"]) == 14 and len([e for e in events if isinstance(e, LayerResult)]) == 14
+    for row in report["layers"]:
+        assert row["calibrated_error"]["qlora"] == 1.0
+        # the calibrated methods beat svd on the calibrated objective, layer by layer
+        assert row["calibrated_error"]["closed_form"] <= row["calibrated_error"]["svd"] + 1e-6
+        assert row["calibrated_error"]["quailora"] <= row["calibrated_error"]["closed_form"] * 1.01 + 1e-6
+        assert row["weight_error"]["svd"] <= row["weight_error"]["quailora"] + 1e-6  # svd is the weight-space optimum
+    assert {"load", "calibrate", "svd", "quailora", "closed_form"} <= set(report["seconds"])
+    assert report["peak_memory_bytes"] > 0
+    assert "loftq" not in report["methods"]
+    progress = [e for e in events if isinstance(e, Progress) and e.stage == "calibrate"]
+    assert [p.done for p in progress] == [1, 2]
+
+
+def test_events_jsonl_mirrors_the_stream(finished):
+    out, events = finished
+    lines = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in lines] == [e.kind for e in events]
+
+
+def test_adapters_reload_to_the_reported_perplexity(finished, tiny_model_dir, text_file):
+    from peft import PeftModel
+
+    from quailora_app.config import QuantConfig
+    from quailora_app.evaluate import perplexity
+    from quailora_app.quantize import load_4bit
+    from quailora_app.sources.data import load_splits
+    from quailora_app.sources.models import ModelSource, load_tokenizer
+
+    out, _ = finished
+    report = json.loads((out / "report.json").read_text())
+    source = ModelSource("tiny", tiny_model_dir)
+    splits = load_splits(DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=512), load_tokenizer(source))
+    model = PeftModel.from_pretrained(load_4bit(source, QuantConfig(), torch.device("cpu"), torch.float32), out / "adapters" / "quailora")
+    assert perplexity(model, splits.eval) == pytest.approx(report["perplexity"]["quailora"], rel=1e-5)
+
+
+def test_stop_keeps_what_was_done(tiny_model_dir, text_file, tmp_path):
+    calls = {"n": 0}
+
+    def stop_after_first_block():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    events = list(run_init(tiny_cfg(tiny_model_dir, text_file, tmp_path), should_stop=stop_after_first_block))
+    assert isinstance(events[-1], RunFailed) and events[-1].cancelled
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "cancelled"
+    assert "stopped" in report["error"]
+
+
+def run_cli_subprocess(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "quailora_app", "init", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_process_exits_nonzero_without_traceback(tmp_path):
+    result = run_cli_subprocess("--model", "no-such-org/no-such-model", "--out", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: model 'no-such-org/no-such-model' is not a local folder and the Hugging Face hub is not reachable from here")
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("unknown-model", "is not a local folder and the Hugging Face hub is not reachable"),
+    ("missing-folder", "does not exist"),
+    ("unknown-dataset", "hub is not reachable"),
+    ("no-text-column", "column 'body' not found"),
+    ("empty-file", "empty"),
+    ("rank-too-large", "rank 100 is larger than"),
+    ("not-causal", "is not a causal language model"),
+])
+def test_cli_bad_input_is_one_clear_line(case, expect, tiny_model_dir, text_file, tmp_path, capsys):
+    from quailora_app.cli import main
+
+    from transformers import BertConfig, BertModel
+
+    model, dataset, extra = str(tiny_model_dir), str(text_file), []
+    if case == "unknown-model":
+        model = "no-such-org/no-such-model"
+    elif case == "missing-folder":
+        model = str(tmp_path / "nowhere")
+    elif case == "unknown-dataset":
+        dataset = "no-such-org/no-such-dataset"
+    elif case == "no-text-column":
+        dataset = str(tmp_path / "d.jsonl")
+        Path(dataset).write_text('{"title": "a", "score": 1}\n' * 50)
+        extra = ["--text-column", "body"]
+    elif case == "empty-file":
+        dataset = str(tmp_path / "empty.txt")
+        Path(dataset).write_text("")
+    elif case == "rank-too-large":
+        extra = ["--rank", "100"]
+    elif case == "not-causal":
+        model = str(tmp_path / "bert")
+        BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(model)
+    code = main(["init", "--model", model, "--dataset", dataset, "--seq-len", "32", "--calib-samples", "4",
+                 "--eval-tokens", "256", "--out", str(tmp_path / "run"), *extra])
+    stderr = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in stderr
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expect in error_lines[0], stderr[-2000:]
