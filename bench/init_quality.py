@@ -1,0 +1,73 @@
+"""Init quality on one model: per method, seconds, calibrated error (median/min/max over layers),
+held-out perplexity and the share of the 4-bit -> 8-bit (and -> full precision) gap it closes.
+peft's LoftQ (replace_lora_weights_loftq, one iteration) is the anchor where it runs (it needs CUDA).
+
+    python bench/init_quality.py                         # embedded SmolLM2 + rotten-tomatoes, rank 16, 64 x 256
+    python bench/init_quality.py --rank 64 --out runs/bench-r64
+    python bench/init_quality.py --from-report runs/bench-r64/report.json   # reprint a finished run
+Any flag of `python -m quailora_app init` is accepted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quailora_app.cli import build_parser, init_config  # noqa: E402
+from quailora_app.events import RunFailed, RunFinished  # noqa: E402
+from quailora_app.pipeline import run_init  # noqa: E402
+
+
+def table(report: dict) -> str:
+    ppl, seconds = report["perplexity"], report["seconds"]
+    head = (f"# {report['model']} on {report['dataset']} | {report['device']} | rank {report['rank']}, alpha {report['alpha']}"
+            f" | calibration {report.get('tokens', {}).get('calibration', '?')} tokens, eval {report.get('tokens', {}).get('eval', '?')} tokens"
+            f" | load {seconds.get('load', 0):.1f} s, calibration {seconds.get('calibrate', 0):.1f} s")
+    rows = [head, "",
+            "| method | seconds | calibrated error median | min | max | perplexity | gap closed vs 8-bit | gap closed vs full |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in ("full", "int8", *report["methods"]):
+        errs = [layer["calibrated_error"][name] for layer in report["layers"] if name in layer["calibrated_error"]]
+        med, lo, hi = (f"{statistics.median(errs):.3f}", f"{min(errs):.3f}", f"{max(errs):.3f}") if errs else ("-", "-", "-")
+        p = f"{ppl[name]:.3f}" if ppl.get(name) is not None else report.get("unavailable", {}).get(name, "n/a")
+        g8, gf = report["gap_closed"].get(name), report.get("gap_closed_full", {}).get(name)
+        sec = seconds.get(name)
+        label = {"full": "full precision", "int8": "8-bit LLM.int8", "loftq": "loftq (peft anchor)"}.get(name, name)
+        rows.append(f"| {label} | {f'{sec:.2f}' if sec is not None else '-'} | {med} | {lo} | {hi} | {p} | "
+                    f"{f'{100 * g8:.1f}%' if g8 is not None else '-'} | {f'{100 * gf:.1f}%' if gf is not None else '-'} |")
+    q, c = ppl.get("quailora"), ppl.get("closed_form")
+    if q and c:
+        rows.append(f"\nquailora vs closed_form perplexity: {100 * abs(q - c) / c:.2f}% apart")
+    if seconds.get("svd"):
+        for m in ("quailora", "closed_form"):
+            if seconds.get(m):
+                rows.append(f"{m} seconds / svd seconds: {seconds[m] / seconds['svd']:.2f}")
+    rows.append(f"peak memory: {report['peak_memory_bytes'] / 2**20:.0f} MiB ({'CUDA allocated' if 'cuda' in report['device'] else 'process RSS'})")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from-report")
+    known, rest = pre.parse_known_args(argv)
+    if known.from_report:
+        print(table(json.loads(Path(known.from_report).read_text())))
+        return 0
+    args = build_parser().parse_args(["init", *rest])
+    for event in run_init(init_config(args)):
+        if isinstance(event, RunFinished):
+            print(table(event.report))
+            print(f"\nrun folder: {event.run_dir}")
+            return 0
+        if isinstance(event, RunFailed):
+            print(f"error: {event.message}", file=sys.stderr)
+            return 1
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
