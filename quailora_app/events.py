@@ -82,3 +82,44 @@ class RunFailed(Event):
     run_dir: str
     message: str
     cancelled: bool = False
+
+
+# -- fine-tuning arms (python -m quailora_app train) ----------------------------------------------------
+@dataclass
+class TrainStep(Event):
+    """One optimizer step of one arm. `memory_bytes`: see train.ArmMemory (measured on CUDA, accounted on CPU)."""
+
+    kind: ClassVar[str] = "train_step"
+    arm: str
+    step: int  # 1-based
+    total_steps: int
+    train_loss: float
+    learning_rate: float
+    tokens_per_s: float
+    elapsed_s: float  # seconds this step took (forward, backward, optimizer)
+    memory_bytes: int
+    batch_hash: str = ""  # fingerprint of the step's token ids: identical across arms at the same step
+
+
+@dataclass
+class EvalPoint(Event):
+    """Held-out perplexity of one arm after `step` optimizer steps (0 = right after initialization)."""
+
+    kind: ClassVar[str] = "eval"
+    arm: str
+    step: int
+    val_perplexity: float
+
+
+@dataclass
+class ArmFinished(Event):
+    """An arm ended (all steps done or stopped); its adapter is saved in adapter_dir."""
+
+    kind: ClassVar[str] = "arm_finished"
+    arm: str
+    final_perplexity: float | None
+    best_perplexity: float | None
+    seconds: float
+    adapter_dir: str
+    steps_done: int = 0
+    stopped: bool = False

@@ -1,0 +1,392 @@
+"""Short LoRA fine-tuning of several arms side by side, as one event stream (`run_train(cfg)`).
+
+Flow: load -> data -> reference perplexities (full precision, 8-bit) -> per arm: base model, its
+initialization (one block-by-block calibration per base precision computes every calibrated method at
+once), LoRA attached, step-0 perplexity -> training -> per arm: adapter saved, ArmFinished -> report.
+
+Every arm shares the seed (data.seed), the training batches in the same order (a seeded permutation of
+TokenSplits.train, epoch after epoch), the hyperparameters and the held-out evaluation tokens. peft's default
+LoRA init draws A at random: the RNG is seeded right before each attach, so every default-init arm starts from
+the same A. Schedules: "interleaved" (one step of each arm in turn, curves grow together; all arms resident),
+"sequential" (one arm after the other, one resident at a time), "auto" (interleaved when the estimated memory
+of all arms stays under 70% of the free device memory).
+
+Durability: every event is appended to events.jsonl as it happens; report.json is rewritten after each
+evaluation; adapters/<arm>/ is written when an arm ends, also on a stop. A stop (`should_stop()`, checked
+before each step) ends every running arm cleanly: adapters saved, report status "stopped", RunFinished.
+A stop before training starts gives RunFailed(cancelled=True); bad input, out of memory or an internal error
+give RunFailed with one line (status "failed"; internal errors leave their traceback in error.txt).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .adapters import attach_lora, save_adapter, write_factors
+from .arms import ARM_SPECS, Arm, batch_hash
+from .checkpoint import Checkpoint
+from .config import TrainConfig
+from .errors import Cancelled, UserError
+from .evaluate import gap_closed, perplexity
+from .events import ArmFinished, EvalPoint, Event, Log, Metric, Progress, RunFailed, RunFinished, Stage, TrainStep
+from .initialize import InitResult, initialize, target_paths
+from .pipeline import free_memory
+from .quantize import load_4bit, load_8bit
+from .quiet import quiet_libraries
+from .runs import EventLog, new_run_dir, write_json_atomic
+from .sources.data import load_splits
+from .sources.models import compute_dtype, device_label, load_config, load_full_precision, load_tokenizer, pick_device, resolve_model
+
+quiet_libraries()
+
+REFERENCES = (("full", "full", "full precision"), ("int8", "8bit", "8-bit LLM.int8"))  # metric, base, note
+MEMORY_SHARE = 0.7
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on the device: torch.cuda.mem_get_info on CUDA, MemAvailable of /proc/meminfo on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: assume it fits
+
+
+def estimate_arm_bytes(folder: Path, base: str, device: torch.device, cfg: TrainConfig) -> int:
+    """Rough bytes of one arm: its base weights (decoder linears at 0.53 / 1 / 2-4 bytes per weight, everything
+    else at the holding dtype), LoRA + AdamW, and the activations of one micro-batch (logits dominate)."""
+    from safetensors import safe_open
+
+    wide = 4 if device.type == "cpu" else 2
+    per_linear = {"4bit": 0.53, "8bit": 1.0, "full": wide}[base]
+    total, hidden, vocab, layers = 0.0, 0, 0, 0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                numel = math.prod(shape)
+                linear = ".layers." in key and key.endswith(".weight") and len(shape) == 2
+                total += numel * (per_linear if linear else wide)
+                if "embed_tokens" in key and len(shape) == 2:
+                    vocab, hidden = shape
+                if linear and ".layers." in key:
+                    layers = max(layers, int(key.split(".layers.")[1].split(".")[0]) + 1)
+    tokens = cfg.batch_size * cfg.data.seq_len
+    activations = tokens * (3 * 4 * vocab + 24 * 4 * hidden * layers)
+    lora = 16 * cfg.lora.rank * hidden * 7 * layers  # A and B, fp32, with grads and two AdamW moments
+    return int(total + activations + lora)
+
+
+def training_order(n_train: int, needed: int, seed: int) -> torch.Tensor:
+    """Indices into TokenSplits.train: seeded permutations, one per epoch, concatenated to `needed`."""
+    gen = torch.Generator().manual_seed(seed)
+    chunks, have = [], 0
+    while have < needed:
+        chunks.append(torch.randperm(n_train, generator=gen))
+        have += n_train
+    return torch.cat(chunks)[:needed]
+
+
+class TrainRun:
+    """One fine-tuning run. Iterate `events()`; results land in `run_dir` as they happen."""
+
+    def __init__(self, cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None):
+        self.cfg = cfg
+        self.should_stop = should_stop or (lambda: False)
+        self.run_dir = Path(run_dir) if run_dir else new_run_dir("train", cfg.out)
+        self.device = pick_device(cfg.model.device)
+        self.report: dict = {
+            "status": "running",
+            "model": cfg.model.model,
+            "dataset": cfg.data.dataset,
+            "device": device_label(self.device),
+            "arm_names": list(cfg.arms),
+            "schedule": None,
+            "settings": asdict(cfg),
+            "reference_perplexity": {},
+            "arms": {name: {"label": ARM_SPECS[name].label, "base": ARM_SPECS[name].base, "init": ARM_SPECS[name].init,
+                            "status": "pending"} for name in cfg.arms},
+            "gap_closed": {},
+            "gap_closed_full": {},
+            "seconds": {},
+        }
+        self._log = EventLog(self.run_dir)
+        self.arms: dict[str, Arm] = {}
+        self.factors: dict[str, dict] = {}  # base -> method -> module path -> Factors
+        self._spare: dict[str, object] = {}  # base -> a loaded bare base model waiting for its first arm
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def _emit(self, event: Event) -> Event:
+        self._log.append(event)
+        return event
+
+    def _save_report(self) -> None:
+        for name, arm in self.arms.items():
+            self.report["arms"][name].update(self._arm_summary(arm))
+        self._gap_figures()
+        write_json_atomic(self.run_dir / "report.json", self.report)
+
+    def events(self) -> Iterator[Event]:
+        try:
+            yield from self._run()
+        except Cancelled as exc:
+            yield self._finish_failed(str(exc), cancelled=True)
+        except UserError as exc:
+            yield self._finish_failed(str(exc))
+        except torch.OutOfMemoryError:
+            self._drop_models()
+            yield self._finish_failed(f"out of memory on {self.report['device']}: try --schedule sequential, fewer arms, "
+                                      "a smaller batch or a shorter seq-len")
+        except Exception as exc:  # noqa: BLE001 - the run folder keeps the traceback, the user gets one line
+            (self.run_dir / "error.txt").write_text(traceback.format_exc())
+            yield self._finish_failed(f"internal error: {type(exc).__name__}: {exc} (traceback in {self.run_dir / 'error.txt'})")
+        finally:
+            self._log.close()
+            self._drop_models()
+
+    def _drop_models(self) -> None:
+        for arm in self.arms.values():
+            arm.model = None
+            arm.optimizer = None
+        self._spare.clear()
+        free_memory()
+
+    def _finish_failed(self, message: str, cancelled: bool = False) -> Event:
+        self.report["status"] = "stopped" if cancelled else "failed"
+        self.report["error"] = message
+        for entry in self.report["arms"].values():
+            if entry["status"] in ("running", "pending"):
+                entry["status"] = "stopped" if cancelled else "failed"
+        self._save_report()
+        return self._emit(RunFailed(str(self.run_dir), message, cancelled))
+
+    # -- the flow ---------------------------------------------------------------------------------------
+    def _run(self) -> Iterator[Event]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        yield self._emit(Stage("load", f"resolving model '{cfg.model.model}'"))
+        self.source = resolve_model(cfg.model.model)
+        load_config(self.source)
+        tokenizer = load_tokenizer(self.source)
+        self.report["model_note"] = self.source.note
+        self.dtype = compute_dtype(cfg.model.compute_dtype, self.device)
+
+        yield self._emit(Stage("data", f"reading dataset '{cfg.data.dataset}'"))
+        per_step = cfg.batch_size * cfg.grad_accum
+        splits = load_splits(cfg.data, tokenizer, min_train_seqs=min(per_step, 4096), max_train_seqs=max(min(cfg.steps * per_step, 4096), 1))
+        self.eval_ids, self.calib_ids = splits.eval, splits.calib
+        order = training_order(len(splits.train), cfg.steps * per_step, cfg.data.seed)
+        self.batches = [[splits.train[order[(k * cfg.grad_accum + j) * cfg.batch_size:(k * cfg.grad_accum + j + 1) * cfg.batch_size]]
+                         for j in range(cfg.grad_accum)] for k in range(cfg.steps)]
+        epochs = cfg.steps * per_step / len(splits.train)
+        self.report["tokens"] = {"calibration": int(splits.calib.numel()), "eval": int(splits.eval.numel()),
+                                 "train_windows": int(len(splits.train)), "per_step": per_step * cfg.data.seq_len,
+                                 "epochs": round(epochs, 3)}
+        self._choose_schedule()
+        self._save_report()
+        yield self._emit(Log(f"{splits.summary()}; {cfg.steps} steps of {per_step} x {cfg.data.seq_len} tokens "
+                                       f"({epochs:.2f} epochs); schedule {self.schedule}"))
+        self._check_stop("data loading")
+
+        yield from self._references()
+        if self.schedule == "interleaved":
+            for name in cfg.arms:
+                yield from self._setup_arm(name)
+            yield self._emit(Stage("train", f"{len(cfg.arms)} arms interleaved, {cfg.steps} steps each"))
+            for step in range(1, cfg.steps + 1):
+                if self.should_stop():
+                    break
+                for name in cfg.arms:
+                    yield from self._train_step(self.arms[name], step)
+                if self._eval_due(step):
+                    for name in cfg.arms:
+                        yield from self._evaluate(self.arms[name], step)
+            for name in cfg.arms:
+                yield from self._finish_arm(self.arms[name])
+        else:
+            for name in cfg.arms:
+                if self.should_stop():
+                    break
+                yield from self._setup_arm(name)
+                arm = self.arms[name]
+                yield self._emit(Stage("train", f"arm {name}: {cfg.steps} steps"))
+                for step in range(1, cfg.steps + 1):
+                    if self.should_stop():
+                        break
+                    yield from self._train_step(arm, step)
+                    if self._eval_due(step):
+                        yield from self._evaluate(arm, step)
+                yield from self._finish_arm(arm)
+                arm.model = arm.optimizer = None
+                free_memory()
+        stopped = any(a.status == "stopped" for a in self.arms.values()) or len(self.arms) < len(cfg.arms)
+        for entry in self.report["arms"].values():
+            if entry["status"] == "pending":
+                entry["status"] = "not started"
+        self.report["status"] = "stopped" if stopped else "finished"
+        self.report["seconds"]["total"] = time.perf_counter() - t0
+        self._save_report()
+        yield self._emit(RunFinished(str(self.run_dir), self.report))
+
+    def _check_stop(self, where: str) -> None:
+        if self.should_stop():
+            raise Cancelled(f"stopped by the user during {where}")
+
+    def _eval_due(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step == self.cfg.steps
+
+    def _choose_schedule(self) -> None:
+        cfg = self.cfg
+        need = sum(estimate_arm_bytes(self.source.folder, ARM_SPECS[a].base, self.device, cfg) for a in cfg.arms)
+        free = available_memory(self.device)
+        fits = need <= MEMORY_SHARE * free
+        self.schedule = cfg.schedule if cfg.schedule != "auto" else ("interleaved" if fits else "sequential")
+        self.report["schedule"] = self.schedule
+        self.report["memory_estimate"] = {"all_arms_bytes": need, "free_bytes": free, "fits_interleaved": fits}
+
+    def _load_base(self, base: str):
+        if base in self._spare:
+            return self._spare.pop(base)
+        if base == "4bit":
+            return load_4bit(self.source, self.cfg.quant, self.device, self.dtype)
+        if base == "8bit":
+            return load_8bit(self.source, self.device)
+        return load_full_precision(self.source, self.device, torch.float32 if self.device.type == "cpu" else self.dtype)
+
+    def _references(self) -> Iterator[Event]:
+        """Full-precision and 8-bit perplexities first, so every face can draw them as reference lines."""
+        bases = {ARM_SPECS[a].base for a in self.cfg.arms}
+        for name, base, note in REFERENCES:
+            self._check_stop("the reference perplexities")
+            yield self._emit(Stage("reference", f"perplexity of the {note} model on {self.eval_ids.numel()} held-out tokens"))
+            start = time.perf_counter()
+            model = self._load_base(base)
+            ppl = perplexity(model, self.eval_ids, self.cfg.eval_batch)
+            self.report["seconds"][f"reference_{name}"] = time.perf_counter() - start
+            self.report["reference_perplexity"][name] = ppl
+            if base in bases and self.schedule == "interleaved":
+                self._spare[base] = model  # the first arm on this base takes it over
+            del model
+            free_memory()
+            self._save_report()
+            yield self._emit(Metric(name, ppl, "perplexity", note))
+
+    def _init_factors(self, base: str, method: str, model) -> Iterator[Event]:
+        """Factors of `method` for every target layer of a `base` model; the first call per base calibrates
+        once and computes every method the arms on that base need."""
+        if method in self.factors.get(base, {}):
+            return
+        methods = sorted({ARM_SPECS[a].init for a in self.cfg.arms if ARM_SPECS[a].base == base} - {"qlora"})
+        result = InitResult()
+        n = len(self.calib_ids)
+        yield self._emit(Stage("calibrate", f"{n} x {self.calib_ids.shape[1]} tokens through the full-precision blocks; "
+                                            f"{', '.join(methods)} against the {base} Q"))
+        start = time.perf_counter()
+        calib_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        for event in initialize(model, Checkpoint(self.source.folder), self.calib_ids, self.cfg.lora, methods, result,
+                                device=self.device, calib_dtype=calib_dtype, damping=self.cfg.damping,
+                                als_rounds=self.cfg.als_rounds, should_stop=self.should_stop):
+            if isinstance(event, Progress):
+                yield self._emit(Progress(f"calibrate {base}", event.done, event.total, event.message))
+        self.factors[base] = result.factors
+        self.report["seconds"][f"calibrate_{base}"] = time.perf_counter() - start
+        self.report.setdefault("calibrated_error_median", {})[base] = {
+            m: statistics.median(row["calibrated_error"][m] for row in result.layers) for m in methods}
+
+    def _setup_arm(self, name: str) -> Iterator[Event]:
+        cfg, spec = self.cfg, ARM_SPECS[name]
+        self._check_stop(f"the setup of arm {name}")
+        yield self._emit(Stage("setup", f"arm {name}: {spec.label}"))
+        start = time.perf_counter()
+        model = self._load_base(spec.base)
+        paths = target_paths(model, cfg.lora)
+        if spec.init != "qlora":
+            yield from self._init_factors(spec.base, spec.init, model)
+        torch.manual_seed(cfg.data.seed)  # the same random A in every default-init arm
+        peft_model = attach_lora(model, cfg.lora, paths)
+        if spec.init != "qlora":
+            write_factors(peft_model, self.factors[spec.base][spec.init])
+        arm = Arm(name, spec, peft_model, self.device, cfg.learning_rate, cfg.weight_decay)
+        arm.setup_seconds = time.perf_counter() - start
+        self.arms[name] = arm
+        self.report["arms"][name].update(status="running", trainable_parameters=arm.trainable, weights_bytes=arm.weights_bytes)
+        yield from self._evaluate(arm, 0)
+
+    def _train_step(self, arm: Arm, step: int) -> Iterator[Event]:
+        micro = self.batches[step - 1]
+        lr = self.cfg.lr_at(step)
+        measure = "peak" if self.schedule == "sequential" else "own"
+        loss, seconds, memory = arm.step(micro, lr, measure)
+        tokens = sum(ids.numel() for ids in micro)
+        yield self._emit(TrainStep(arm.name, step, self.cfg.steps, loss, lr, tokens / seconds, seconds, memory, batch_hash(micro)))
+
+    def _evaluate(self, arm: Arm, step: int) -> Iterator[Event]:
+        ppl = arm.evaluate(step, self.eval_ids, self.cfg.eval_batch)
+        self._save_report()
+        yield self._emit(EvalPoint(arm.name, step, ppl))
+
+    def _finish_arm(self, arm: Arm) -> Iterator[Event]:
+        stopped = arm.steps_done < self.cfg.steps
+        folder = save_adapter(arm.model, self.run_dir / "adapters" / arm.name)
+        arm.adapter_dir = str(folder)
+        arm.status = "stopped" if stopped else "finished"
+        self._save_report()
+        yield self._emit(ArmFinished(arm.name, arm.final_perplexity, arm.best_perplexity, arm.seconds, arm.adapter_dir,
+                                     arm.steps_done, stopped))
+
+    # -- figures ----------------------------------------------------------------------------------------
+    def _arm_summary(self, arm: Arm) -> dict:
+        tokens = self.cfg.batch_size * self.cfg.grad_accum * self.cfg.data.seq_len
+        median = statistics.median(arm.step_seconds) if arm.step_seconds else None
+        return {
+            "status": arm.status,
+            "steps_done": arm.steps_done,
+            "evals": [[s, p] for s, p in arm.evals],
+            "step0_perplexity": arm.evals[0][1] if arm.evals and arm.evals[0][0] == 0 else None,
+            "final_perplexity": arm.final_perplexity,  # at the last evaluation (the last step, unless stopped)
+            "final_eval_step": arm.evals[-1][0] if arm.evals else None,
+            "best_perplexity": arm.best_perplexity,
+            "last_train_loss": arm.losses[-1] if arm.losses else None,
+            "median_step_seconds": median,
+            "tokens_per_s": tokens / median if median else None,
+            "peak_memory_bytes": arm.peak_memory_bytes,
+            "memory_method": arm.memory_method,
+            "seconds": arm.seconds,
+            "setup_seconds": arm.setup_seconds,
+            "adapter_dir": arm.adapter_dir or None,
+        }
+
+    def _gap_figures(self) -> None:
+        """gap closed = (ppl_qlora4 - ppl_arm) / (ppl_qlora4 - ppl_target).
+        After fine-tuning (latest evaluations): target qlora8 ("gap_closed") and lora16 ("gap_closed_full"),
+        each only when that arm runs. At initialization (step 0, "gap_closed_init"): target the 8-bit and
+        full-precision models before fine-tuning, as in the init report."""
+        def gap(ppl, base, target):
+            value = gap_closed(ppl, base, target) if None not in (ppl, base, target) else None
+            return value if value is None or math.isfinite(value) else None
+
+        final = {n: a.final_perplexity for n, a in self.arms.items() if a.final_perplexity is not None}
+        for name, ppl in final.items():
+            self.report["gap_closed"][name] = gap(ppl, final.get("qlora4"), final.get("qlora8"))
+            self.report["gap_closed_full"][name] = gap(ppl, final.get("qlora4"), final.get("lora16"))
+        ref = self.report["reference_perplexity"]
+        start = {n: a.evals[0][1] for n, a in self.arms.items() if a.evals and a.evals[0][0] == 0}
+        self.report["gap_closed_init"] = {
+            n: {"int8": gap(p, start.get("qlora4"), ref.get("int8")), "full": gap(p, start.get("qlora4"), ref.get("full"))}
+            for n, p in start.items()}
+
+
+def run_train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None) -> Iterator[Event]:
+    """The fine-tuning flow's event stream (see TrainRun)."""
+    return TrainRun(cfg, should_stop, run_dir).events()
