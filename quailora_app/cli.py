@@ -8,9 +8,14 @@ import sys
 import threading
 from dataclasses import MISSING, fields
 
-from .config import ALL_LINEAR, DEFAULT_METHODS, INIT_METHODS, DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
+from .config import (
+    ALL_LINEAR, ARMS, DEFAULT_METHODS, INIT_METHODS, LR_SCHEDULES, SCHEDULES, DataConfig, InitConfig, LoraSettings,
+    ModelConfig, QuantConfig, TrainConfig,
+)
 from .errors import UserError
-from .events import LayerResult, Log, Metric, Progress, RunFailed, RunFinished, Stage
+from .events import (
+    ArmFinished, EvalPoint, LayerResult, Log, Metric, Progress, RunFailed, RunFinished, Stage, TrainStep,
+)
 
 
 def _help(cls, name: str) -> str:
@@ -65,7 +70,51 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--damping", type=float, default=0.01, help=_help(InitConfig, "damping"))
     g.add_argument("--no-baselines", action="store_true", help="skip the 8-bit and full-precision perplexities")
     g.add_argument("--out", default=None, help="run folder (default: runs/init-<date>-<time>)")
+    add_train_parser(sub)
     return parser
+
+
+def _set_defaults(p: argparse.ArgumentParser, **defaults) -> None:
+    """Change flag defaults (and the '(default: ...)' in their help) for one subcommand."""
+    for action in p._actions:
+        if action.dest in defaults:
+            action.default = defaults[action.dest]
+            if action.help and "(default:" in action.help:
+                action.help = action.help[:action.help.rindex("(default:")] + f"(default: {action.default})"
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune several arms (4-bit QLoRA, 4-bit QuAILoRA, 8-bit, ...) side by side",
+                       description="Short LoRA fine-tuning of several arms on the same batches, hyperparameters and "
+                                   "held-out tokens; live perplexity, adapters and report.json in a run folder.")
+    add_model_data_quant_args(p)
+    data = TrainConfig().data
+    _set_defaults(p, seq_len=data.seq_len, calib_samples=data.calib_samples, eval_tokens=data.eval_tokens)
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--arms", nargs="+", default=list(TrainConfig.arms), choices=ARMS, metavar="ARM",
+                   help=f"arms to train side by side, any of {', '.join(ARMS)} (default: {' '.join(TrainConfig.arms)})")
+    g.add_argument("--steps", type=int, default=TrainConfig.steps, help=_help(TrainConfig, "steps"))
+    g.add_argument("--lr", type=float, default=TrainConfig.learning_rate, help=_help(TrainConfig, "learning_rate"))
+    g.add_argument("--warmup-ratio", type=float, default=TrainConfig.warmup_ratio, help=_help(TrainConfig, "warmup_ratio"))
+    g.add_argument("--lr-schedule", default=TrainConfig.lr_schedule, choices=LR_SCHEDULES, help=_help(TrainConfig, "lr_schedule"))
+    g.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help=_help(TrainConfig, "weight_decay"))
+    g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help=_help(TrainConfig, "batch_size"))
+    g.add_argument("--grad-accum", type=int, default=TrainConfig.grad_accum, help=_help(TrainConfig, "grad_accum"))
+    g.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, help=_help(TrainConfig, "eval_every"))
+    g.add_argument("--eval-batch", type=int, default=TrainConfig.eval_batch, help=_help(TrainConfig, "eval_batch"))
+    g.add_argument("--schedule", default=TrainConfig.schedule, choices=SCHEDULES, help=_help(TrainConfig, "schedule"))
+    g.add_argument("--als-rounds", type=int, default=TrainConfig.als_rounds, help=_help(TrainConfig, "als_rounds"))
+    g.add_argument("--damping", type=float, default=TrainConfig.damping, help=_help(TrainConfig, "damping"))
+    g.add_argument("--out", default=None, help="run folder (default: runs/train-<date>-<time>)")
+
+
+def train_config(args) -> TrainConfig:
+    model, data, quant, lora = parse_common(args)
+    return TrainConfig(model, data, quant, lora, arms=tuple(args.arms), steps=args.steps, learning_rate=args.lr,
+                       warmup_ratio=args.warmup_ratio, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
+                       eval_batch=args.eval_batch, damping=args.damping, als_rounds=args.als_rounds,
+                       schedule=args.schedule, out=args.out)
 
 
 def init_config(args) -> InitConfig:
@@ -164,6 +213,87 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def consume_train(events, out=None) -> int:
+    """Print the fine-tuning stream: one progress bar per arm, evaluations as lines, a final table."""
+    from tqdm import tqdm
+
+    out = out or sys.stdout
+    bars: dict[str, tqdm] = {}
+    setup_bar = None
+    code = 1
+
+    def say(text: str) -> None:
+        tqdm.write(text, file=sys.stderr)
+
+    def close_all() -> None:
+        for bar in [*bars.values(), setup_bar]:
+            if bar is not None:
+                bar.close()
+
+    for event in events:
+        if isinstance(event, Stage):
+            if setup_bar is not None:
+                setup_bar.close()
+                setup_bar = None
+            say(f"[{event.stage}] {event.message}")
+        elif isinstance(event, Progress):
+            if setup_bar is None:
+                setup_bar = tqdm(total=event.total, desc=event.stage, unit="blk", file=sys.stderr, leave=False)
+            setup_bar.n = event.done
+            setup_bar.refresh()
+        elif isinstance(event, TrainStep):
+            if event.arm not in bars:
+                bars[event.arm] = tqdm(total=event.total_steps, desc=f"{event.arm:<10}", unit="step", file=sys.stderr,
+                                       position=len(bars), dynamic_ncols=True)
+            bar = bars[event.arm]
+            bar.n = event.step
+            bar.set_postfix(loss=f"{event.train_loss:.3f}", tok_s=f"{event.tokens_per_s:.0f}", refresh=False)
+            bar.refresh()
+        elif isinstance(event, EvalPoint):
+            say(f"  {event.arm:<10} step {event.step:>4}: val perplexity {event.val_perplexity:.3f}")
+        elif isinstance(event, Metric):
+            say(f"  reference perplexity, {event.note or event.name}: {event.value:.3f}")
+        elif isinstance(event, ArmFinished):
+            if event.arm in bars:
+                bars[event.arm].refresh()
+        elif isinstance(event, Log):
+            say(f"  note: {event.message}")
+        elif isinstance(event, RunFinished):
+            close_all()
+            print(train_table(event.report), file=out)
+            print(f"run folder: {event.run_dir}", file=out)
+            code = 0 if event.report.get("status") == "finished" else 130
+        elif isinstance(event, RunFailed):
+            close_all()
+            print(f"error: {event.message}" + (f" (partial results in {event.run_dir})" if os.path.exists(os.path.join(event.run_dir, "report.json")) else ""), file=sys.stderr)
+            code = 130 if event.cancelled else 1
+    return code
+
+
+def train_table(report: dict) -> str:
+    """Arm by arm: perplexity at step 0 / final / best, gap closed, speed, memory."""
+    ref = report.get("reference_perplexity", {})
+    head = (f"model {report['model']} | dataset {report['dataset']} | {report['device']} | schedule {report['schedule']} | "
+            f"status {report['status']}")
+    refs = " | ".join(f"{name} {value:.3f}" for name, value in ref.items() if value is not None)
+    lines = [head, f"reference perplexity (before fine-tuning): {refs}" if refs else "",
+             f"{'arm':<10} {'steps':>5} {'ppl@0':>9} {'final':>9} {'best':>9} {'gap vs 8-bit':>13} {'gap vs full':>12} "
+             f"{'s/step':>7} {'tok/s':>7} {'peak MiB':>9}"]
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+    pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
+    for name in report["arm_names"]:
+        a = report["arms"][name]
+        mem = a.get("peak_memory_bytes")
+        lines.append(f"{name:<10} {a.get('steps_done', 0):>5} {fmt(a.get('step0_perplexity'), '.3f'):>9} "
+                     f"{fmt(a.get('final_perplexity'), '.3f'):>9} {fmt(a.get('best_perplexity'), '.3f'):>9} "
+                     f"{pct(report['gap_closed'].get(name)):>13} {pct(report['gap_closed_full'].get(name)):>12} "
+                     f"{fmt(a.get('median_step_seconds'), '.2f'):>7} {fmt(a.get('tokens_per_s'), '.0f'):>7} "
+                     f"{fmt(mem / 2**20 if mem else None, '.0f'):>9}")
+    lines.append("gap closed = (ppl_qlora4 - ppl_arm) / (ppl_qlora4 - ppl_target) on the final evaluations; "
+                 "target qlora8 (8-bit) and lora16 (full), each when that arm runs")
+    return "\n".join(line for line in lines if line)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .quiet import quiet_libraries
 
@@ -176,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = init_config(args)
             with StopOnInterrupt() as stop:
                 return consume_init(run_init(cfg, should_stop=stop.flag.is_set))
+        if args.command == "train":
+            from .train import run_train
+
+            cfg = train_config(args)
+            with StopOnInterrupt() as stop:
+                return consume_train(run_train(cfg, should_stop=stop.flag.is_set))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
