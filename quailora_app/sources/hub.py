@@ -1,31 +1,48 @@
-"""Is a model/dataset hub reachable from here? Answered fast, so offline machines fail in seconds."""
+"""Is a model/dataset hub reachable from here? Answered within seconds, so offline machines fail fast."""
 from __future__ import annotations
 
-import functools
 import os
 import socket
-from urllib.parse import urlparse
+import threading
+import time
+import urllib.parse
 
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUTHY = {"1", "true", "yes", "on"}
+_REACHABLE_CACHE: dict[tuple[str, int], tuple[float, bool]] = {}
+_REACHABLE_TTL_S = 300.0
 
 
-def offline_by_environment() -> bool:
-    """True when the user (or a test) has switched the hub off."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARS)
-
-
-@functools.lru_cache(maxsize=1)
-def _probe(host: str, port: int, timeout: float) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def hub_offline() -> bool:
+    """True when offline mode is requested (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUTHY
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
-    """One TCP connect to the hub endpoint (HF_ENDPOINT or huggingface.co), cached for the process."""
-    if offline_by_environment():
+    """A quick TCP probe of the hub endpoint (HF_ENDPOINT), cached for a few minutes; never retries.
+    False whenever offline mode is requested."""
+    if hub_offline():
         return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    return _probe(url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80), timeout)
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urllib.parse.urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    key = (host, port)
+    now = time.monotonic()
+    cached = _REACHABLE_CACHE.get(key)
+    if cached and now - cached[0] < _REACHABLE_TTL_S:
+        return cached[1]
+    result = [False]
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result[0] = True
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    thread.start()
+    thread.join(timeout + 0.5)
+    _REACHABLE_CACHE[key] = (now, result[0])
+    return result[0]
