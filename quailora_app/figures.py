@@ -1,0 +1,358 @@
+"""Plotly figures and small tables from an init report or an event list. No gradio here: the UI, notebooks
+and tests all call these.
+
+Inputs are plain dicts, as written to report.json and events.jsonl (`Event.to_dict()`), so a figure can be
+drawn live from a partial event list or later from a finished run folder. Every figure carries a title, axis
+titles with units and a legend; `CAPTIONS` holds the one line the UI prints under each.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+METHOD_LABELS = {
+    "full": "full precision",
+    "int8": "8-bit (LLM.int8)",
+    "qlora": "4-bit + QLoRA init (no correction)",
+    "svd": "4-bit + SVD of the error (uncalibrated)",
+    "quailora": "4-bit + QuAILoRA (calibrated)",
+    "closed_form": "4-bit + closed form (calibrated optimum)",
+    "loftq": "4-bit + LoftQ (peft)",
+}
+SHORT_LABELS = {
+    "full": "full precision", "int8": "8-bit", "qlora": "QLoRA", "svd": "SVD", "quailora": "QuAILoRA",
+    "closed_form": "closed form", "loftq": "LoftQ",
+}
+ARM_LABELS = {
+    "qlora4": "4-bit QLoRA", "quailora4": "4-bit QuAILoRA", "closed4": "4-bit closed-form init",
+    "svd4": "4-bit SVD init", "qlora8": "8-bit QLoRA", "quailora8": "8-bit QuAILoRA", "lora16": "16-bit LoRA",
+}
+COLORS = {
+    "full": "#4d4d4d", "int8": "#8c8c8c", "qlora": "#d62728", "svd": "#ff7f0e", "quailora": "#1f77b4",
+    "closed_form": "#2ca02c", "loftq": "#9467bd",
+    "qlora4": "#d62728", "quailora4": "#1f77b4", "closed4": "#2ca02c", "svd4": "#ff7f0e", "qlora8": "#7f7f7f",
+    "quailora8": "#17becf", "lora16": "#4d4d4d",
+}
+_FALLBACK = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#9467bd")
+
+CAPTIONS = {
+    "layers": "Each point is one linear layer. 1.0 = the 4-bit error left by plain QLoRA (adapter starts at zero); "
+              "lower = the initialization cancels more of it. Top: error on real activations (what the model feels); "
+              "bottom: error of the weights alone.",
+    "heatmap": "Share of each layer's quantization error (measured on calibration activations) that the initialization "
+               "removes before any training: 100% would restore full precision, 0% = plain QLoRA.",
+    "perplexity": "Perplexity on held-out text (lower is better), before any fine-tuning. 'Gap closed' = how much of the "
+                  "distance from 4-bit QLoRA to the 8-bit model the initialization recovers (100% = as good as 8-bit).",
+    "train": "Left: perplexity on held-out text measured every few steps (lower is better; dashed lines: the "
+             "full-precision and 8-bit models without fine-tuning). Right: training loss, smoothed (EMA), faint dots raw.",
+}
+
+
+def label(name: str) -> str:
+    return METHOD_LABELS.get(name) or ARM_LABELS.get(name) or name
+
+
+def color(name: str, i: int = 0) -> str:
+    return COLORS.get(name, _FALLBACK[i % len(_FALLBACK)])
+
+
+def _layout(fig: go.Figure, title: str, height: int, legend_rows: int = 1) -> go.Figure:
+    """Title top left, legend in rows under the plot (clear of subplot titles), white template."""
+    bottom = 70 + 22 * legend_rows
+    fig.update_layout(
+        title={"text": title, "x": 0.01, "xanchor": "left", "y": 0.98, "yanchor": "top", "font": {"size": 16}},
+        template="plotly_white", height=height + 22 * legend_rows, margin={"l": 75, "r": 30, "t": 70, "b": bottom},
+        legend={"orientation": "h", "yanchor": "top", "y": -(70 - 10) / height, "xanchor": "left", "x": 0,
+                "title": {"text": ""}, "font": {"size": 12}},
+        hovermode="closest", font={"size": 12},
+    )
+    return fig
+
+
+def empty_figure(title: str, message: str, height: int = 320) -> go.Figure:
+    """A placeholder with the figure's title and a line saying what will appear here."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font={"size": 14, "color": "#777"})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title, height)
+
+
+# ------------------------------------------------------------------------------------------------ init run
+def layers_from(source: Mapping | Iterable[Mapping]) -> list[dict]:
+    """Per-layer rows from a report (its "layers") or from an event list (its "layer" events)."""
+    if isinstance(source, Mapping):
+        return list(source.get("layers") or [])
+    return [e for e in source if e.get("kind") == "layer"]
+
+
+def module_types(layers: Sequence[Mapping]) -> list[str]:
+    """Module types in the order they appear in a block (q, k, v, o, gate, up, down for Llama)."""
+    return list(dict.fromkeys(row["module"] for row in layers))
+
+
+def _short_module(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def _methods_in(layers: Sequence[Mapping], key: str) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in layers:
+        seen.update(dict.fromkeys(row.get(key, {})))
+    order = list(METHOD_LABELS)
+    return sorted(seen, key=lambda m: order.index(m) if m in order else len(order))
+
+
+def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None = None) -> go.Figure:
+    """Per-layer error of each method relative to plain QLoRA, one panel per module type.
+
+    Top row: calibrated error sqrt(tr((E-C)H(E-C)^T) / tr(E H E^T)); bottom row: weight error ||E-C||/||E||.
+    x = decoder block. Lower is better; 1.0 = no correction."""
+    title = "Quantization error left per layer (1.0 = plain QLoRA, lower is better)"
+    layers = layers_from(source)
+    if not layers:
+        return empty_figure(title, "per-layer errors appear here while the blocks are calibrated")
+    modules = module_types(layers)
+    methods = [m for m in _methods_in(layers, "calibrated_error") if m != "qlora"]
+    fig = make_subplots(rows=2, cols=len(modules), shared_xaxes=True, shared_yaxes=True,
+                        horizontal_spacing=0.012, vertical_spacing=0.09,
+                        subplot_titles=[_short_module(m) for m in modules])
+    for r, key in enumerate(("calibrated_error", "weight_error"), start=1):
+        for c, module in enumerate(modules, start=1):
+            rows = sorted((row for row in layers if row["module"] == module), key=lambda row: row["block"])
+            for i, method in enumerate(methods):
+                pts = [(row["block"], row[key][method]) for row in rows if method in row.get(key, {})]
+                if not pts:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                    name=label(method), legendgroup=method, showlegend=(r == 1 and c == 1),
+                    line={"color": color(method, i), "width": 1.5}, marker={"size": 4},
+                    hovertemplate=f"{label(method)}<br>{module} of block %{{x}}<br>"
+                                  f"{'calibrated' if r == 1 else 'weight'} error %{{y:.3f}}<extra></extra>",
+                ), row=r, col=c)
+    # the baseline every number is relative to
+    blocks = sorted({row["block"] for row in layers})
+    x0, x1 = (0, n_blocks - 1) if n_blocks else (blocks[0], blocks[-1])
+    for r in (1, 2):
+        for c in range(1, len(modules) + 1):
+            fig.add_trace(go.Scatter(x=[x0, x1], y=[1.0, 1.0], mode="lines", name="QLoRA = 1.0 (no correction)",
+                                     legendgroup="qlora", showlegend=(r == 1 and c == 1), hoverinfo="skip",
+                                     line={"color": color("qlora"), "dash": "dash", "width": 1}), row=r, col=c)
+    fig.update_yaxes(title_text="on activations<br>(ratio to QLoRA)", row=1, col=1)
+    fig.update_yaxes(title_text="in the weights<br>(ratio to QLoRA)", row=2, col=1)
+    fig.update_xaxes(showgrid=True, range=[x0 - 0.5, x1 + 0.5] if x1 > x0 else None)
+    fig.update_xaxes(title_text="decoder block", row=2)
+    ymin = min((row[k][m] for row in layers for k in ("calibrated_error", "weight_error")
+                for m in methods if m in row.get(k, {})), default=0.8)
+    fig.update_yaxes(range=[max(0.0, ymin - 0.05), 1.05])
+    fig.update_annotations(font={"size": 13})
+    return _layout(fig, title, 520)
+
+
+def removal_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora") -> go.Figure:
+    """Block x module heatmap of 1 - calibrated error: the share of the (activation-weighted) quantization
+    error the method removes."""
+    title = f"Share of the quantization error {SHORT_LABELS.get(method, method)} removes, per layer (%)"
+    layers = [row for row in layers_from(source) if method in row.get("calibrated_error", {})]
+    if not layers:
+        return empty_figure(title, f"appears once {SHORT_LABELS.get(method, method)} has initialized a block")
+    modules = module_types(layers)
+    blocks = sorted({row["block"] for row in layers})
+    grid = {(row["block"], row["module"]): 100.0 * (1.0 - row["calibrated_error"][method]) for row in layers}
+    z = [[grid.get((b, m)) for m in modules] for b in blocks]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[_short_module(m) for m in modules], y=blocks, colorscale="Blues", zmin=0, zmax=100,
+        colorbar={"title": {"text": "% of the error removed", "side": "right"}, "ticksuffix": "%"},
+        texttemplate="%{z:.0f}" if len(blocks) * len(modules) <= 400 else None,
+        hovertemplate="block %{y}, %{x}: %{z:.1f}% of the calibrated error removed<extra></extra>",
+        name=SHORT_LABELS.get(method, method), showscale=True,
+    ))
+    fig.update_xaxes(title_text="module type (inside each decoder block)", side="bottom")
+    fig.update_yaxes(title_text="decoder block", autorange="reversed", dtick=1 if len(blocks) <= 12 else 2)
+    return _layout(fig, title, max(340, 120 + 17 * len(blocks)))
+
+
+def _gap(ppl: Mapping, method: str, ref: str) -> float | None:
+    base, value, target = ppl.get("qlora"), ppl.get(method), ppl.get(ref)
+    if None in (base, value, target) or abs(base - target) < 1e-9:
+        return None
+    return (base - value) / (base - target)
+
+
+def perplexities_from(source: Mapping | Iterable[Mapping]) -> dict[str, float]:
+    """{name: perplexity} from a report or from the "metric" events of an event list."""
+    if isinstance(source, Mapping):
+        return {k: v for k, v in (source.get("perplexity") or {}).items() if v is not None}
+    return {e["name"]: e["value"] for e in source
+            if e.get("kind") == "metric" and e.get("group", "perplexity") == "perplexity" and e.get("value") is not None}
+
+
+def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] | None = None) -> go.Figure:
+    """Bars: held-out perplexity of full precision, 8-bit, 4-bit (QLoRA init) and 4-bit + each method,
+    labelled with the share of the 4-bit -> 8-bit gap each method closes."""
+    title = "Held-out perplexity before fine-tuning (lower is better)"
+    ppl = perplexities_from(source)
+    if not ppl:
+        return empty_figure(title, "perplexities appear here after the evaluation stage")
+    order = ["full", "int8", "qlora", *(methods or []), *METHOD_LABELS]
+    names = [n for n in dict.fromkeys(order) if n in ppl]
+    texts = []
+    for n in names:
+        text = f"{ppl[n]:.2f}"
+        gap = _gap(ppl, n, "int8") if n not in ("full", "int8", "qlora") else None
+        if gap is not None:
+            text += f"<br>gap closed {100 * gap:.0f}%"
+        texts.append(text)
+    fig = go.Figure()
+    for i, n in enumerate(names):
+        fig.add_trace(go.Bar(
+            x=[SHORT_LABELS.get(n, n)], y=[ppl[n]], name=label(n), marker_color=color(n, i),
+            text=[texts[i]], textposition="outside", cliponaxis=False, constraintext="none", textfont={"size": 12},
+            hovertemplate=f"{label(n)}: perplexity %{{y:.3f}}<extra></extra>",
+        ))
+    fig.update_layout(showlegend=True, bargap=0.35)
+    fig.update_xaxes(title_text="model variant (weights precision + LoRA initialization)")
+    fig.update_yaxes(title_text="perplexity (unitless, lower is better)", range=[0, 1.22 * max(ppl[n] for n in names)])
+    return _layout(fig, title, 400, legend_rows=len(names))
+
+
+def _median(values: Sequence[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
+def numbers_table(report: Mapping) -> list[list]:
+    """Rows of [variant, median calibrated error, median weight error, perplexity, gap closed vs 8-bit,
+    gap closed vs full precision, seconds] for the UI's table (header: NUMBERS_HEADER)."""
+    layers = report.get("layers") or []
+    ppl = {k: v for k, v in (report.get("perplexity") or {}).items() if v is not None}
+    methods = list(report.get("methods") or [])
+    rows = []
+
+    def fmt(x, pattern="{:.3f}"):
+        return pattern.format(x) if x is not None and not (isinstance(x, float) and math.isnan(x)) else "–"
+
+    for name in dict.fromkeys(["full", "int8", *methods]):
+        if name in ("full", "int8") and name not in ppl:
+            continue
+        calib = _median([r["calibrated_error"].get(name) for r in layers if name in r.get("calibrated_error", {})])
+        weight = _median([r["weight_error"].get(name) for r in layers if name in r.get("weight_error", {})])
+        gap8 = (report.get("gap_closed") or {}).get(name, _gap(ppl, name, "int8"))
+        gapf = (report.get("gap_closed_full") or {}).get(name, _gap(ppl, name, "full"))
+        if name in ("full", "int8", "qlora"):
+            gap8 = gapf = None
+        seconds = (report.get("seconds") or {}).get(name)
+        rows.append([label(name), fmt(calib), fmt(weight), fmt(ppl.get(name), "{:.2f}"),
+                     fmt(None if gap8 is None else 100 * gap8, "{:.0f}%"),
+                     fmt(None if gapf is None else 100 * gapf, "{:.0f}%"), fmt(seconds, "{:.1f}")])
+    return rows
+
+
+NUMBERS_HEADER = ["variant", "calibrated error (median, 1 = QLoRA)", "weight error (median)", "perplexity",
+                  "gap closed vs 8-bit", "gap closed vs full", "init seconds"]
+
+
+# ------------------------------------------------------------------------------------------------ training
+def ema(values: Sequence[float], alpha: float = 0.3) -> list[float]:
+    """Exponential moving average (alpha = weight of the newest value)."""
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def _is_arm_finished(e: Mapping) -> bool:
+    return "final_perplexity" in e and "arm" in e
+
+
+def arms_in(events: Iterable[Mapping]) -> list[str]:
+    return list(dict.fromkeys(e["arm"] for e in events if "arm" in e))
+
+
+def train_figure(events: Sequence[Mapping], arms: Sequence[str] | None = None) -> go.Figure:
+    """Two panels per arm colour: validation perplexity vs step (with full-precision and 8-bit reference
+    lines), and EMA-smoothed training loss vs step."""
+    title = "Fine-tuning: held-out perplexity and training loss per arm"
+    arms = list(dict.fromkeys([*(arms or []), *arms_in(events)]))
+    if not arms:
+        return empty_figure(title, "curves appear here as the arms train", 420)
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=["validation perplexity (lower is better)", "training loss (EMA-smoothed)"])
+    max_step = max([e.get("total_steps") or e.get("step", 0) for e in events if e.get("kind") == "train_step"] +
+                   [e.get("step", 0) for e in events if e.get("kind") == "eval"] + [1])
+    for i, arm in enumerate(arms):
+        c = color(arm, i)
+        evals = [e for e in events if e.get("kind") == "eval" and e.get("arm") == arm and e.get("val_perplexity") is not None]
+        fig.add_trace(go.Scatter(
+            x=[e["step"] for e in evals], y=[e["val_perplexity"] for e in evals], mode="lines+markers",
+            name=label(arm), legendgroup=arm, line={"color": c, "width": 2}, marker={"size": 7},
+            hovertemplate=f"{label(arm)}<br>step %{{x}}: perplexity %{{y:.2f}}<extra></extra>",
+        ), row=1, col=1)
+        steps = [e for e in events if e.get("kind") == "train_step" and e.get("arm") == arm and e.get("train_loss") is not None]
+        xs, ys = [e["step"] for e in steps], [e["train_loss"] for e in steps]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", marker={"color": c, "size": 4, "opacity": 0.3},
+                                 legendgroup=arm, showlegend=False, hoverinfo="skip"), row=1, col=2)
+        fig.add_trace(go.Scatter(
+            x=xs, y=ema(ys), mode="lines+markers", name=label(arm), legendgroup=arm, showlegend=False,
+            line={"color": c, "width": 2}, marker={"size": 3},
+            hovertemplate=f"{label(arm)}<br>step %{{x}}: loss %{{y:.3f}} (smoothed)<extra></extra>",
+        ), row=1, col=2)
+    refs = {e["name"]: e["value"] for e in events if e.get("kind") == "metric" and e.get("name") in ("full", "int8")
+            and e.get("value") is not None}
+    for name, dash in (("full", "dot"), ("int8", "dash")):
+        if name in refs:
+            fig.add_trace(go.Scatter(
+                x=[0, max_step], y=[refs[name], refs[name]], mode="lines",
+                name=f"{label(name)}, no fine-tuning ({refs[name]:.1f})", line={"color": color(name), "dash": dash, "width": 1.5},
+                hovertemplate=f"{label(name)}: %{{y:.2f}}<extra></extra>",
+            ), row=1, col=1)
+    fig.update_xaxes(title_text="training step (optimizer updates)", range=[-0.3, max_step + 0.3] if max_step <= 10 else None)
+    fig.update_yaxes(title_text="perplexity (unitless)", row=1, col=1)
+    fig.update_yaxes(title_text="loss (nats per token)", row=1, col=2)
+    fig.update_annotations(font={"size": 13})
+    return _layout(fig, title, 440, legend_rows=2)
+
+
+def _human_bytes(n: float | None) -> str:
+    if not n:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KiB") else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+TRAIN_HEADER = ["arm", "step", "tokens / s", "memory (peak)", "val perplexity (last)", "best", "seconds training"]
+
+
+def train_table(events: Sequence[Mapping], arms: Sequence[str] | None = None) -> list[list]:
+    """Per arm: step reached, mean tokens/s over the last 5 steps, peak memory, last and best perplexity."""
+    rows = []
+    for arm in dict.fromkeys([*(arms or []), *arms_in(events)]):
+        steps = [e for e in events if e.get("kind") == "train_step" and e.get("arm") == arm]
+        evals = [e["val_perplexity"] for e in events if e.get("kind") == "eval" and e.get("arm") == arm
+                 and e.get("val_perplexity") is not None]
+        done = next((e for e in events if _is_arm_finished(e) and e.get("arm") == arm), None)
+        recent = [e["tokens_per_s"] for e in steps[-5:] if e.get("tokens_per_s")]
+        last = steps[-1] if steps else {}
+        rows.append([
+            label(arm),
+            f"{last.get('step', 0)} / {last.get('total_steps', '?')}" if steps else "waiting",
+            f"{sum(recent) / len(recent):,.0f}" if recent else "–",
+            _human_bytes(max((e.get("memory_bytes") or 0) for e in steps) if steps else None),
+            f"{evals[-1]:.2f}" if evals else "–",
+            f"{min(evals):.2f}" if evals else "–",
+            f"{done['seconds']:.0f}" if done and done.get("seconds") is not None else
+            (f"{sum(e.get('elapsed_s') or 0 for e in steps):.0f}" if steps else "–"),
+        ])
+    return rows

@@ -1,0 +1,322 @@
+"""Compute jobs for the web app: one worker thread per process runs them one at a time from a FIFO queue.
+
+The UI never runs the engine inside a browser request. A request submits a `Job` (a config and an owner) and
+gets its id back; the worker iterates the engine's event stream and appends each event to the job; the page
+polls the job by id. So a closed tab does not stop a run, a reopened page re-attaches to it (the owner key
+lives in the browser), and a stop request only reaches the job whose owner sent it.
+
+Stop is cooperative: the engine's `should_stop()` reads the job's `threading.Event` and, for work that runs in
+another process (ZeroGPU forks one), a STOP file in the run folder. No gradio in this module.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .runs import new_run_dir
+
+#: (config, should_stop, run_dir) -> event stream
+Runner = Callable[[Any, Callable[[], bool], Path], Iterator[Any]]
+
+QUEUED, RUNNING, FINISHED, FAILED, CANCELLED = "queued", "running", "finished", "failed", "cancelled"
+DONE = (FINISHED, FAILED, CANCELLED)
+STOP_FILE = "STOP"
+
+
+def _run_init(cfg, should_stop, run_dir):
+    from .pipeline import run_init
+
+    return run_init(cfg, should_stop=should_stop, run_dir=run_dir)
+
+
+def _run_train(cfg, should_stop, run_dir):
+    try:
+        from .train import run_train
+    except ImportError as exc:  # the fine-tuning engine is optional until it lands
+        raise UserError(f"fine-tuning is not available in this build ({exc})") from None
+    return run_train(cfg, should_stop=should_stop, run_dir=run_dir)
+
+
+DEFAULT_RUNNERS: dict[str, Runner] = {"init": _run_init, "train": _run_train}
+
+
+def training_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("quailora_app.train") is not None
+
+
+# ------------------------------------------------------------------------------------------------ ZeroGPU
+def zerogpu_available() -> bool:
+    """True on a Hugging Face ZeroGPU Space (the `spaces` package is importable and not switched off)."""
+    if os.environ.get("QUAILORA_NO_SPACES"):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("spaces") is not None
+
+
+def estimate_seconds(kind: str, cfg: Any) -> int:
+    """A generous guess of a job's GPU seconds, for `spaces.GPU(duration=...)`, clamped to 60..900."""
+    try:
+        if kind == "init":
+            tokens = cfg.data.calib_samples * cfg.data.seq_len
+            evals = cfg.data.eval_tokens * (len(cfg.methods) + (2 if cfg.baselines else 0))
+            guess = 45 + tokens / 2_000 + evals / 20_000 + 3 * len(cfg.methods)
+        else:
+            tokens = cfg.steps * cfg.batch_size * getattr(cfg, "grad_accum", 1) * cfg.data.seq_len * len(cfg.arms)
+            evals = (cfg.steps // max(1, cfg.eval_every) + 1) * cfg.data.eval_tokens * len(cfg.arms)
+            guess = 60 + tokens / 5_000 + evals / 20_000 + 20 * len(cfg.arms)
+    except (AttributeError, TypeError, ZeroDivisionError):
+        guess = 300
+    return int(min(900, max(60, 1.5 * guess)))
+
+
+def on_gpu(runner: Runner, kind: str) -> Runner:
+    """Wrap a runner so its work runs inside `spaces.GPU(duration=...)` when ZeroGPU is present."""
+    if not zerogpu_available():
+        return runner
+
+    def wrapped(cfg, should_stop, run_dir):
+        import spaces
+
+        stop_file = Path(run_dir) / STOP_FILE
+
+        def work(cfg, run_dir):  # runs in ZeroGPU's GPU process: only the STOP file crosses over
+            yield from runner(cfg, stop_file.exists, run_dir)
+
+        return spaces.GPU(duration=estimate_seconds(kind, cfg))(work)(cfg, run_dir)
+
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+@dataclass
+class Job:
+    """One queued or finished compute job. Read it through `JobManager.snapshot` (thread-safe copy)."""
+
+    id: str
+    kind: str
+    owner: str
+    config: Any
+    status: str = QUEUED
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    ended: float | None = None
+    events: list[dict] = field(default_factory=list)
+    version: int = 0  # bumped on every change, so pollers can skip unchanged states
+    stage: str = ""
+    stage_message: str = ""
+    done: int = 0
+    total: int = 0
+    run_dir: str | None = None
+    report: dict | None = None
+    message: str = ""
+    position: int | None = None  # 1 = next to run; None when running or done (filled in by snapshots)
+    stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.status in (QUEUED, RUNNING)
+
+    @property
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.ended or time.time()) - self.started
+
+    def should_stop(self) -> bool:
+        if self.stop_event.is_set():
+            return True
+        return bool(self.run_dir) and (Path(self.run_dir) / STOP_FILE).exists()
+
+
+class JobManager:
+    """A FIFO queue and one worker thread: at most one compute job runs at a time in this process."""
+
+    def __init__(self, runners: dict[str, Runner] | None = None, *, gpu: bool = True, keep: int = 200):
+        runners = dict(runners or DEFAULT_RUNNERS)
+        self.runners = {k: (on_gpu(r, k) if gpu else r) for k, r in runners.items()}
+        self.keep = keep
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[str] = deque()
+        self._running: str | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._worker: threading.Thread | None = None
+
+    # -- submitting and stopping ------------------------------------------------------------------------
+    def submit(self, kind: str, config: Any, owner: str) -> Job:
+        """Queue a job; one active (queued or running) job per owner."""
+        if kind not in self.runners:
+            raise UserError(f"unknown job kind {kind!r}")
+        if not owner:
+            raise UserError("a job needs an owner key")
+        with self._lock:
+            mine = [j for j in self._jobs.values() if j.owner == owner and j.active]
+            if mine:
+                raise UserError(f"you already have a {mine[0].kind} job {mine[0].status} ({mine[0].id}); stop it or wait for it")
+            job = Job(uuid.uuid4().hex[:12], kind, owner, config)
+            self._jobs[job.id] = job
+            self._queue.append(job.id)
+            self._forget_old()
+            self._ensure_worker()
+            self._wake.notify()
+        return job
+
+    def stop(self, job_id: str, owner: str) -> str:
+        """Ask the job to stop; only its owner may. Returns a one-line answer for the UI."""
+        with self._lock:
+            job = self._jobs.get(job_id or "")
+            if job is None:
+                return "no such job"
+            if job.owner != owner:
+                return "that job belongs to another session; it was not stopped"
+            if job.status == QUEUED:
+                self._queue.remove(job.id)
+                job.status, job.ended, job.message = CANCELLED, time.time(), "removed from the queue before it started"
+                job.version += 1
+                return "removed from the queue"
+            if job.status == RUNNING:
+                job.stop_event.set()
+                if job.run_dir:
+                    try:
+                        (Path(job.run_dir) / STOP_FILE).touch()
+                    except OSError:
+                        pass
+                job.message = "stopping after the current step..."
+                job.version += 1
+                return "stopping after the current step"
+            return f"already {job.status}"
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id or "")
+
+    def snapshot(self, job_id: str, since: int = 0) -> Job | None:
+        """A copy of the job safe to read while the worker runs (events from index `since` on)."""
+        with self._lock:
+            job = self._jobs.get(job_id or "")
+            if job is None:
+                return None
+            copy = Job(job.id, job.kind, job.owner, job.config, job.status, job.created, job.started, job.ended,
+                       job.events[since:], job.version, job.stage, job.stage_message, job.done, job.total,
+                       job.run_dir, job.report, job.message, self._position(job), job.stop_event)
+        return copy
+
+    def latest(self, owner: str, kind: str | None = None) -> Job | None:
+        """The owner's most recent job (of `kind`), for re-attaching a reopened page."""
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if j.owner == owner and (kind is None or j.kind == kind)]
+        return max(jobs, key=lambda j: j.created) if jobs else None
+
+    def queue_length(self) -> tuple[int, int]:
+        """(running, waiting)."""
+        with self._lock:
+            return (1 if self._running else 0), len(self._queue)
+
+    def _position(self, job: Job) -> int | None:
+        if job.status != QUEUED:
+            return None
+        try:
+            return self._queue.index(job.id) + 1
+        except ValueError:
+            return None
+
+    def wait(self, job_id: str, timeout: float = 60.0) -> Job | None:
+        """Block until the job is done (tests, scripts)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.get(job_id)
+            if job is None or not job.active:
+                return self.snapshot(job_id)
+            time.sleep(0.05)
+        return self.snapshot(job_id)
+
+    # -- the worker -------------------------------------------------------------------------------------
+    def _forget_old(self) -> None:
+        done = sorted((j for j in self._jobs.values() if not j.active), key=lambda j: j.created)
+        for job in done[: max(0, len(done) - self.keep)]:
+            del self._jobs[job.id]
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._loop, name="quailora-jobs", daemon=True)
+            self._worker.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._wake.wait()
+                job = self._jobs[self._queue.popleft()]
+                self._running = job.id
+                job.status, job.started = RUNNING, time.time()
+                job.version += 1
+            try:
+                self._execute(job)
+            finally:
+                with self._lock:
+                    self._running = None
+                    if job.status == RUNNING:  # the stream ended without saying how
+                        job.status, job.message = FAILED, job.message or "the run ended without a result"
+                    job.ended = job.ended or time.time()
+                    job.version += 1
+
+    def _execute(self, job: Job) -> None:
+        try:
+            run_dir = new_run_dir(job.kind, getattr(job.config, "out", None))
+            with self._lock:
+                job.run_dir = str(run_dir)
+            if job.stop_event.is_set():
+                (run_dir / STOP_FILE).touch()
+            for event in self.runners[job.kind](job.config, job.should_stop, run_dir):
+                self._record(job, event)
+        except UserError as exc:
+            self._fail(job, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one line for the UI; the traceback goes to the run folder
+            if job.run_dir:
+                try:
+                    (Path(job.run_dir) / "error.txt").write_text(traceback.format_exc())
+                except OSError:
+                    pass
+            self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _fail(self, job: Job, message: str) -> None:
+        with self._lock:
+            job.status, job.message, job.ended = FAILED, message, time.time()
+            job.version += 1
+
+    def _record(self, job: Job, event: Any) -> None:
+        data = event.to_dict() if hasattr(event, "to_dict") else dict(event)
+        kind = data.get("kind")
+        with self._lock:
+            job.events.append(data)
+            job.version += 1
+            if kind == "stage":
+                job.stage, job.stage_message, job.done, job.total = data["stage"], data.get("message", ""), 0, 0
+            elif kind == "progress":
+                job.stage = data.get("stage") or job.stage
+                job.done, job.total = data["done"], data["total"]
+                job.stage_message = data.get("message") or job.stage_message
+            elif kind == "train_step":
+                job.stage, job.done, job.total = "train", data["step"], data["total_steps"]
+            elif kind == "finished":
+                job.ended, job.report = time.time(), data.get("report")
+                job.run_dir = data.get("run_dir") or job.run_dir
+                stopped = (job.report or {}).get("status") == "stopped"  # a fine-tuning run stopped between steps
+                job.status = CANCELLED if stopped else FINISHED
+                job.message = "stopped by the user; the arms' adapters so far are saved" if stopped else "finished"
+            elif kind == "failed":
+                job.status = CANCELLED if data.get("cancelled") else FAILED
+                job.ended, job.message = time.time(), data.get("message", "")
+                job.run_dir = data.get("run_dir") or job.run_dir

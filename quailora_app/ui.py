@@ -1,0 +1,672 @@
+"""The QuAILoRA Studio web app (the only module that imports gradio).
+
+One page, top to bottom: 1 Setup, 2 Quantize & initialize, 3 Fine-tune, 4 Results. Compute runs in the
+process-wide `JobManager` worker (one job at a time, FIFO); the page only submits jobs and polls them, so a
+closed tab does not stop a run and a reopened page re-attaches (the session's owner key lives in the
+browser's localStorage through gr.BrowserState). No model is ever held in gradio state.
+
+Headless API (gradio_client; every endpoint below has this explicit api_name):
+
+- ``/attach(session) -> (session, init_job_id, train_job_id, queue_text)``
+    `session` is a dict {"owner": key}; an empty dict gets a fresh owner key. Returns the owner's latest
+    init and fine-tune job ids ("" if none), so a reopened page re-attaches.
+- ``/dataset_columns(upload) -> (text_column, dataset_info)``: text columns of an uploaded
+    .txt/.jsonl/.csv/.parquet file (pass ``handle_file(path)``) and a one-line description.
+- ``/describe_dataset(dataset) -> dataset_info``: a line saying what a dataset name refers to.
+- ``/start_init(session, model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha,
+    rslora, targets, calib_samples, seq_len, eval_tokens, seed, methods, baselines, als_rounds, damping)
+    -> (session, init_job_id, status)``: queue the quantize & initialize flow; bad settings raise an error.
+- ``/init_status(job_id) -> (progress_html, status, layer_plot, heatmap_plot, perplexity_plot, numbers,
+    report, model_note)``: the job's state; plots are plotly figures, numbers a table, report the
+    report.json dict once the run has ended (partial for a stopped run).
+- ``/stop_init(session, job_id) -> status`` and ``/stop_train(session, job_id) -> status``: ask a job to
+    stop after its current step; only the session that started it can.
+- ``/start_train(session, <the 19 setup settings of start_init, methods excluded>, arms, steps,
+    learning_rate, batch_size, grad_accum, eval_every, warmup_ratio) -> (session, train_job_id, status)``
+- ``/train_status(job_id) -> (progress_html, status, curves_plot, throughput)``
+- ``/download_run(which, init_job_id, train_job_id) -> (zip_file, summary)``: which = "init" or "train";
+    zips that run folder (report, events, adapters).
+
+The page itself polls through two private timer endpoints (poll_init, poll_train) that skip unchanged
+figures.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from . import figures as F
+from .config import ALL_LINEAR, INIT_METHODS, DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
+from . import config as _config
+from .errors import UserError
+from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobManager, training_available, zerogpu_available
+from .sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset
+from .sources.models import EMBEDDED_NOTE
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ARMS = getattr(_config, "ARMS", ("qlora4", "quailora4", "closed4", "svd4", "qlora8", "quailora8", "lora16"))
+DEFAULT_ARMS = getattr(_config, "DEFAULT_ARMS", ("qlora4", "quailora4", "qlora8"))
+TARGET_CHOICES = (ALL_LINEAR, "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+UPLOAD_TYPES = [".txt", ".jsonl", ".csv", ".parquet"]
+
+
+# ------------------------------------------------------------------------------------------------ device
+def device_summary() -> tuple[str, bool]:
+    """(a line naming the device, whether it is a GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)}", True
+    if zerogpu_available():
+        return "ZeroGPU: a GPU is attached to each job while it runs", True
+    return f"CPU ({torch.get_num_threads()} threads), no GPU", False
+
+
+def default_settings(gpu: bool) -> dict[str, Any]:
+    """Settings sized to the device: on CPU the init flow with the embedded model takes about two minutes
+    (16 x 256 calibration tokens already give the same per-layer errors as 256 x 256)."""
+    if gpu:
+        return dict(calib_samples=128, seq_len=512, eval_tokens=32768, methods=list(INIT_METHODS), baselines=True,
+                    steps=200, batch_size=8, eval_every=20, learning_rate=2e-4)
+    return dict(calib_samples=16, seq_len=256, eval_tokens=4096, methods=["qlora", "svd", "quailora"],
+                baselines=True, steps=20, batch_size=4, eval_every=5, learning_rate=2e-4)
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def _dataset_name(dataset: str | None, upload: Any) -> str:
+    if upload:
+        return str(getattr(upload, "name", None) or upload)
+    return (dataset or "embedded").strip()
+
+
+def _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
+                    targets, calib_samples, seq_len, eval_tokens, seed):
+    targets = [t for t in (targets or []) if t] or [ALL_LINEAR]
+    if ALL_LINEAR in targets:
+        targets = [ALL_LINEAR]
+    return (
+        ModelConfig((model or "embedded").strip()),
+        DataConfig(_dataset_name(dataset, upload), (text_column or None), int(seq_len), int(calib_samples),
+                   int(eval_tokens), int(seed or 0)),
+        QuantConfig(quant, bool(double_quant), int(block_size)),
+        LoraSettings(int(rank), float(alpha), bool(rslora), tuple(targets)),
+    )
+
+
+def make_init_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
+                     targets, calib_samples, seq_len, eval_tokens, seed, methods, baselines, als_rounds,
+                     damping) -> InitConfig:
+    m, d, q, lora = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
+                                    alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed)
+    return InitConfig(m, d, q, lora, tuple(methods or ("qlora",)), int(als_rounds), float(damping),
+                      baselines=bool(baselines))
+
+
+def make_train_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
+                      targets, calib_samples, seq_len, eval_tokens, seed, als_rounds, damping, arms, steps,
+                      learning_rate, batch_size, grad_accum, eval_every, warmup_ratio):
+    try:
+        from .config import TrainConfig
+    except ImportError:
+        raise UserError("fine-tuning is not available in this build yet (quailora_app.train has not landed)") from None
+    m, d, q, lora = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
+                                    alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed)
+    if not arms:
+        raise UserError("choose at least one arm to fine-tune")
+    return TrainConfig(model=m, data=d, quant=q, lora=lora, arms=tuple(arms), steps=int(steps),
+                       learning_rate=float(learning_rate), warmup_ratio=float(warmup_ratio),
+                       batch_size=int(batch_size), grad_accum=int(grad_accum), eval_every=int(eval_every),
+                       damping=float(damping), als_rounds=int(als_rounds))
+
+
+def peek_columns(path: str) -> tuple[list[str], str | None]:
+    """(text-like columns, best guess) of an uploaded table; ([], None) for plain text."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".txt":
+        return [], None
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        frame = next(pf.iter_batches(batch_size=200)).to_pandas() if pf.metadata.num_rows else pd.DataFrame(columns=pf.schema_arrow.names)
+    elif suffix in (".jsonl", ".json"):
+        frame = pd.read_json(path, lines=suffix == ".jsonl", nrows=200 if suffix == ".jsonl" else None)
+    else:
+        frame = pd.read_csv(path, nrows=200, sep="\t" if suffix == ".tsv" else ",")
+    texts = [c for c in frame.columns if frame[c].dtype == object or str(frame[c].dtype).startswith(("string", "str"))]
+    texts = [str(c) for c in texts if frame[c].dropna().map(lambda v: isinstance(v, str)).all()] or [str(c) for c in texts]
+    if not texts:
+        return [str(c) for c in frame.columns], None
+    guess = next((c for p in PREFERRED_TEXT_COLUMNS for c in texts if c.lower() == p), None)
+    if guess is None:
+        guess = max(texts, key=lambda c: frame[c].dropna().astype(str).str.len().mean() or 0)
+    return texts, guess
+
+
+# ------------------------------------------------------------------------------------------------ views
+INIT_STAGES = [("load", "load model", 0.04), ("data", "read text", 0.04), ("quantize", "quantize to 4-bit", 0.07),
+               ("calibrate", "calibrate + initialize", 0.55), ("evaluate", "perplexity per method", 0.2),
+               ("baseline", "8-bit & full-precision baselines", 0.1)]
+TRAIN_STAGES = [("load", "load model & text", 0.03), ("reference", "full-precision & 8-bit perplexity", 0.07),
+                ("setup", "set up arms (quantize, calibrate, initialize)", 0.2), ("train", "train + evaluate", 0.7)]
+
+
+def _stage_progress(job: Job) -> tuple[float, str]:
+    """Overall fraction done and a line for the current stage of an init job."""
+    names = [s for s, _, _ in INIT_STAGES]
+    weights = {s: w for s, _, w in INIT_STAGES}
+    stage = job.stage if job.stage in weights else ("calibrate" if job.stage == "initialize" else "load")
+    current = names.index(stage)
+    frac = sum(weights[s] for s in names[:current])
+    if stage == "baseline":
+        done = sum(1 for e in job.events if e.get("kind") == "metric" and e.get("name") in ("full", "int8"))
+        frac += weights[stage] * done / 2
+    elif job.total:
+        frac += weights[stage] * job.done / job.total
+    line = job.stage_message or stage
+    if stage == "calibrate" and job.total:
+        line = f"calibrate + initialize: block {job.done} of {job.total}"
+    return min(frac, 1.0), line
+
+
+def _train_stage(job: Job) -> str:
+    stage = job.stage.split()[0] if job.stage else "load"
+    return {"data": "load", "calibrate": "setup"}.get(stage, stage)
+
+
+def _train_progress(job: Job) -> tuple[float, str]:
+    """Overall fraction done and a line for a fine-tuning job (steps summed over the arms)."""
+    weights = {s: w for s, _, w in TRAIN_STAGES}
+    names = list(weights)
+    stage = _train_stage(job)
+    stage = stage if stage in weights else "load"
+    frac = sum(weights[s] for s in names[: names.index(stage)])
+    arms = list(getattr(job.config, "arms", ()) or F.arms_in(job.events))
+    last: dict[str, dict] = {}
+    for e in job.events:
+        if e.get("kind") == "train_step":
+            last[e["arm"]] = e
+    if stage != "train" or not last:
+        if stage == "setup":
+            ready = len({e["arm"] for e in job.events if e.get("kind") == "eval" and e.get("step") == 0})
+            frac += weights["setup"] * ready / max(1, len(arms))
+        line = job.stage_message or stage
+        if job.stage.startswith("calibrate") and job.total:
+            line = f"calibrate + initialize the 4-bit arms: block {job.done} of {job.total}"
+        return min(frac, 1.0), line
+    done = sum(last[a]["step"] / max(1, last[a]["total_steps"]) for a in last) / max(1, len(arms))
+    per_arm = ", ".join(f"{F.ARM_LABELS.get(a, a)} step {last[a]['step']}/{last[a]['total_steps']}" for a in last)
+    return min(frac + weights["train"] * done, 1.0), per_arm
+
+
+def progress_html(job: Job | None, manager: JobManager) -> str:
+    if job is None:
+        return "<div class='q-progress idle'><div class='q-label'>no job yet</div></div>"
+    if job.status == QUEUED:
+        running, waiting = manager.queue_length()
+        return (f"<div class='q-progress queued'><div class='q-bar'><span style='width:0%'></span></div>"
+                f"<div class='q-label'>queued: position {job.position} of {waiting} waiting"
+                f"{' (a job is running)' if running else ''}</div></div>")
+    frac, line = (_stage_progress(job) if job.kind == "init" else _train_progress(job))
+    if job.status == FINISHED:
+        frac, line = 1.0, f"done in {job.elapsed:.0f} s"
+    stages = INIT_STAGES if job.kind == "init" else TRAIN_STAGES
+    cur = job.stage if job.kind == "init" else _train_stage(job)
+    names = [s for s, _, _ in stages]
+    idx = names.index(cur) if cur in names else (names.index("calibrate") if cur == "initialize" else 0)
+    chips = []
+    for i, (_, text, _) in enumerate(stages):
+        state = "done" if (i < idx or job.status == FINISHED) else ("now" if i == idx and job.status == RUNNING else "")
+        chips.append(f"<span class='q-step {state}'>{html.escape(text)}</span>")
+    cls = {FAILED: "failed", CANCELLED: "cancelled"}.get(job.status, "")
+    return (f"<div class='q-progress {cls}'><div class='q-steps'>{''.join(chips)}</div>"
+            f"<div class='q-bar' role='progressbar' aria-valuenow='{100 * frac:.0f}' aria-valuemin='0' aria-valuemax='100'>"
+            f"<span style='width:{100 * frac:.1f}%'></span></div>"
+            f"<div class='q-label'>{100 * frac:.0f}% · {html.escape(line)}</div></div>")
+
+
+def status_text(job: Job | None, manager: JobManager) -> str:
+    if job is None:
+        return "Nothing started yet in this session."
+    running, waiting = manager.queue_length()
+    what = "Quantize & initialize" if job.kind == "init" else "Fine-tuning"
+    where = f" · run folder `{job.run_dir}`" if job.run_dir else ""
+    if job.status == QUEUED:
+        return (f"**{what}: queued**, position {job.position} in line ({running} running, {waiting} waiting). "
+                "It starts by itself; you may close this tab and come back.")
+    if job.status == RUNNING:
+        extra = f" · {job.message}" if job.message else ""
+        return f"**{what}: running** for {job.elapsed:.0f} s{extra}{where}. Closing the tab does not stop it."
+    if job.status == FINISHED:
+        return f"**{what}: finished** in {job.elapsed:.0f} s{where}."
+    if job.status == CANCELLED:
+        return f"**{what}: stopped** ({job.message}). Results computed before the stop are kept{where}."
+    return f"**{what}: failed**: {job.message}{where}"
+
+
+def _report_of(job: Job | None) -> dict | None:
+    """The job's final report, or the partial report.json a stopped or failed run left behind."""
+    if job is None:
+        return None
+    if job.report:
+        return job.report
+    if job.status in DONE and job.run_dir and (Path(job.run_dir) / "report.json").is_file():
+        try:
+            return json.loads((Path(job.run_dir) / "report.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
+
+
+def _note(report: dict | None, model_name: str) -> str:
+    note = (report or {}).get("model_note") or (EMBEDDED_NOTE if model_name in ("", "embedded") else "")
+    return f"**About this model:** {note}" if note else ""
+
+
+def init_views(job: Job | None, manager: JobManager, parts=("layers", "heatmap", "perplexity")) -> dict[str, Any]:
+    events = job.events if job else []
+    report = _report_of(job)
+    source = report if report and report.get("layers") else events
+    out: dict[str, Any] = {}
+    if "layers" in parts:
+        n_blocks = job.total if job and job.stage == "calibrate" and job.total else None
+        out["layers"] = F.layer_error_figure(source, n_blocks)
+    if "heatmap" in parts:
+        out["heatmap"] = F.removal_heatmap(source, "quailora")
+    if "perplexity" in parts:
+        methods = list(getattr(job.config, "methods", ()) or ()) if job else []
+        out["perplexity"] = F.perplexity_figure(report if report and report.get("perplexity") else events, methods)
+    if report:
+        out["numbers"] = pd.DataFrame(F.numbers_table(report), columns=F.NUMBERS_HEADER)
+    else:
+        live = {"layers": F.layers_from(events), "perplexity": F.perplexities_from(events),
+                "methods": list(getattr(job.config, "methods", ()) or ()) if job else []}
+        out["numbers"] = pd.DataFrame(F.numbers_table(live), columns=F.NUMBERS_HEADER)
+    out["report"] = report
+    out["note"] = _note(report, getattr(getattr(job, "config", None), "model", ModelConfig()).model if job else "embedded")
+    return out
+
+
+def summary_text(init_job: Job | None, train_job: Job | None) -> str:
+    """A few plain sentences on what the runs found."""
+    lines = []
+    report = _report_of(init_job)
+    if report:
+        ppl = report.get("perplexity") or {}
+        lines.append(f"**Quantize & initialize** ({report.get('status', init_job.status)}): model `{report.get('model')}`, "
+                     f"data `{Path(str(report.get('dataset'))).name}`, rank {report.get('rank')}, on {report.get('device')}.")
+        if "qlora" in ppl:
+            parts = [f"full precision {ppl['full']:.2f}" if ppl.get("full") else None,
+                     f"8-bit {ppl['int8']:.2f}" if ppl.get("int8") else None, f"4-bit QLoRA {ppl['qlora']:.2f}"]
+            lines.append("- Perplexity: " + ", ".join(p for p in parts if p) + ".")
+        for m in report.get("methods", []):
+            if m == "qlora" or ppl.get(m) is None:
+                continue
+            gap = (report.get("gap_closed") or {}).get(m)
+            errs = [r["calibrated_error"][m] for r in report.get("layers", []) if m in r.get("calibrated_error", {})]
+            err = F._median(errs)
+            lines.append(f"- {F.label(m)}: perplexity {ppl[m]:.2f}"
+                         + (f", closes {100 * gap:.0f}% of the 4-bit→8-bit gap" if gap is not None else "")
+                         + (f"; median layer keeps {100 * err:.0f}% of QLoRA's activation error" if err is not None else "")
+                         + ".")
+        for m, why in (report.get("unavailable") or {}).items():
+            lines.append(f"- {m}: not computed ({why}).")
+        if report.get("model_note"):
+            lines.append(f"- Note on the model: {report['model_note']}")
+    if train_job is not None:
+        finished = [e for e in train_job.events if F._is_arm_finished(e)]
+        lines.append(f"**Fine-tuning** ({train_job.status}):")
+        for e in finished:
+            lines.append(f"- {F.label(e['arm'])}: final perplexity {e['final_perplexity']:.2f}, best "
+                         f"{e['best_perplexity']:.2f}, {e['seconds']:.0f} s.")
+        if not finished:
+            lines.append("- no arm has finished yet.")
+    return "\n".join(lines) or "No results yet: run step 2 (and 3) first."
+
+
+def zip_run(run_dir: str) -> str:
+    """Zip a run folder into the temp dir; returns the zip's path."""
+    src = Path(run_dir)
+    out_dir = Path(tempfile.gettempdir()) / "quailora-zips" / uuid.uuid4().hex[:8]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return shutil.make_archive(str(out_dir / src.name), "zip", root_dir=src.parent, base_dir=src.name)
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def _owner(session: dict | None) -> tuple[dict, str]:
+    session = dict(session or {})
+    if not session.get("owner"):
+        session["owner"] = uuid.uuid4().hex
+    return session, session["owner"]
+
+
+def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) -> gr.Blocks:
+    """The whole page. `manager` defaults to a process-wide JobManager running the real engine."""
+    manager = manager or _default_manager()
+    device, gpu = device_summary()
+    d = default_settings(gpu)
+    train_ready = training_available()
+
+    with gr.Blocks(title="QuAILoRA Studio", fill_width=False) as demo:
+        session = gr.BrowserState({"owner": ""}, storage_key="quailora-studio-session")
+        init_seen = gr.State({})
+        train_seen = gr.State({})
+
+        gr.Markdown(
+            "# QuAILoRA Studio\n"
+            "Quantizing a language model to 4 bits saves memory but adds error to every weight. A LoRA adapter "
+            "normally starts at zero (QLoRA); **QuAILoRA** starts it at a low-rank correction that cancels as much "
+            "of that error as possible *on real activations*. Here you can measure, layer by layer, how much error "
+            "each initialization removes, what that does to perplexity, and how fine-tuning then proceeds.",
+            elem_classes="intro")
+        gr.Markdown(f"**Device:** {device}. Defaults are sized for it"
+                    + (" (CPU: about two minutes for step 2 with the embedded model)." if not gpu else "."),
+                    elem_classes="device")
+
+        # ---------------------------------------------------------------- 1 setup
+        gr.Markdown("## 1 · Setup", elem_classes="step")
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                model = gr.Dropdown(["embedded"], value="embedded", allow_custom_value=True, label="Model",
+                                    info="'embedded' = SmolLM2-135M-Instruct, works offline; or type a hub id / local folder")
+                model_note = gr.Markdown(f"<small>{EMBEDDED_NOTE}</small>", elem_classes="note")
+            with gr.Column():
+                dataset = gr.Dropdown(["embedded", "embedded:speeches"], value="embedded", allow_custom_value=True,
+                                      label="Text", info="embedded = Rotten Tomatoes snippets; embedded:speeches = 2012 "
+                                                         "convention speeches; or a hub dataset id / local path")
+                upload = gr.File(label="…or upload a text file (overrides the choice above)", file_types=UPLOAD_TYPES,
+                                 type="filepath", height=120)
+                text_column = gr.Dropdown([], value=None, allow_custom_value=True, label="Text column",
+                                          info="filled from the uploaded file; empty = guess")
+                data_info = gr.Markdown("", elem_classes="note")
+        with gr.Row(equal_height=False):
+            with gr.Column(min_width=220):
+                gr.Markdown("**4-bit quantization** (bitsandbytes)")
+                quant = gr.Radio(["nf4", "fp4"], value="nf4", label="4-bit data type")
+                double_quant = gr.Checkbox(value=True, label="double quantization (quantize the scales too)")
+                block_size = gr.Dropdown([32, 64, 128, 256], value=64, label="block size (weights per scale)")
+            with gr.Column(min_width=220):
+                gr.Markdown("**LoRA adapter**")
+                rank = gr.Slider(1, 128, value=16, step=1, label="rank r")
+                alpha = gr.Number(value=16, label="alpha (scale s = alpha / r)")
+                rslora = gr.Checkbox(value=False, label="rsLoRA (s = alpha / √r)")
+                targets = gr.Dropdown(list(TARGET_CHOICES), value=[ALL_LINEAR], multiselect=True, allow_custom_value=True,
+                                      label="target modules", elem_id="targets",
+                                      info="all-linear = every linear layer of the decoder blocks")
+            with gr.Column(min_width=220):
+                gr.Markdown("**Calibration and evaluation text**")
+                calib_samples = gr.Number(value=d["calib_samples"], precision=0, label="calibration sequences")
+                seq_len = gr.Number(value=d["seq_len"], precision=0, label="tokens per sequence")
+                eval_tokens = gr.Number(value=d["eval_tokens"], precision=0, label="held-out tokens for perplexity")
+                seed = gr.Number(value=0, precision=0, label="seed (fixes the data splits)")
+        with gr.Row(equal_height=False):
+            methods = gr.CheckboxGroup(
+                [(F.SHORT_LABELS[m] + (" (baseline, always on)" if m == "qlora" else ""), m) for m in INIT_METHODS],
+                value=d["methods"], label="initializations to compare",
+                info="svd: best low-rank fit of the weight error; quailora: the paper's calibrated ALS; closed form: "
+                     "its exact optimum; loftq: peft's implementation")
+            baselines = gr.Checkbox(value=d["baselines"], label="also measure full-precision and 8-bit perplexity")
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                als_rounds = gr.Number(value=20, precision=0, label="QuAILoRA ALS rounds")
+                damping = gr.Number(value=0.01, label="damping λ (× mean diagonal of H)")
+        setup = [model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora, targets,
+                 calib_samples, seq_len, eval_tokens, seed]
+
+        # ---------------------------------------------------------------- 2 init
+        gr.Markdown("## 2 · Quantize & initialize", elem_classes="step")
+        with gr.Row():
+            start_init = gr.Button("Quantize & initialize", variant="primary", scale=2, elem_id="start-init")
+            stop_init = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-init")
+            init_job = gr.Textbox("", label="job id", interactive=False, scale=1, max_lines=1, elem_classes="jobid")
+        init_progress = gr.HTML(progress_html(None, manager), elem_id="init-progress")
+        init_status = gr.Markdown("Nothing started yet in this session.", elem_id="init-status")
+        init_note = gr.Markdown("", elem_classes="note")
+        layer_plot = gr.Plot(F.layer_error_figure([]), label="per-layer error", show_label=False, elem_id="layer-plot")
+        gr.Markdown(F.CAPTIONS["layers"], elem_classes="caption")
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                heatmap_plot = gr.Plot(F.removal_heatmap([]), label="error removed", show_label=False, elem_id="heatmap-plot")
+                gr.Markdown(F.CAPTIONS["heatmap"], elem_classes="caption")
+            with gr.Column():
+                ppl_plot = gr.Plot(F.perplexity_figure([]), label="perplexity", show_label=False, elem_id="ppl-plot")
+                gr.Markdown(F.CAPTIONS["perplexity"], elem_classes="caption")
+        numbers = gr.Dataframe(pd.DataFrame(columns=F.NUMBERS_HEADER), label="numbers per variant", interactive=False,
+                               wrap=True, column_widths=["28%", "14%", "12%", "10%", "12%", "12%", "12%"])
+        with gr.Accordion("report.json", open=False):
+            report_json = gr.JSON(label="report")
+        refresh_init = gr.Button("refresh", visible=False)
+
+        # ---------------------------------------------------------------- 3 train
+        gr.Markdown("## 3 · Fine-tune", elem_classes="step")
+        if not train_ready:
+            gr.Markdown("_The fine-tuning engine is not part of this build yet; starting a run will say so._",
+                        elem_classes="note")
+        with gr.Row(equal_height=False):
+            arms = gr.CheckboxGroup([(F.ARM_LABELS[a], a) for a in ARMS], value=list(DEFAULT_ARMS),
+                                    label="arms to compare (same data, seed and steps)")
+        with gr.Row():
+            steps = gr.Number(value=d["steps"], precision=0, label="steps")
+            learning_rate = gr.Number(value=d["learning_rate"], label="learning rate")
+            batch_size = gr.Number(value=d["batch_size"], precision=0, label="batch (sequences per step)")
+            eval_every = gr.Number(value=d["eval_every"], precision=0, label="evaluate every (steps)")
+        with gr.Accordion("More training settings", open=False):
+            with gr.Row():
+                grad_accum = gr.Number(value=1, precision=0, label="gradient accumulation")
+                warmup_ratio = gr.Number(value=0.03, label="warm-up share of steps")
+        with gr.Row():
+            start_train = gr.Button("Start fine-tuning", variant="primary", scale=2, elem_id="start-train")
+            stop_train = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-train")
+            train_job = gr.Textbox("", label="job id", interactive=False, scale=1, max_lines=1, elem_classes="jobid")
+        train_progress = gr.HTML(progress_html(None, manager), elem_id="train-progress")
+        train_status = gr.Markdown("Nothing started yet in this session.", elem_id="train-status")
+        curves_plot = gr.Plot(F.train_figure([]), label="fine-tuning curves", show_label=False, elem_id="curves-plot")
+        gr.Markdown(F.CAPTIONS["train"], elem_classes="caption")
+        throughput = gr.Dataframe(pd.DataFrame(columns=F.TRAIN_HEADER), label="speed and memory per arm",
+                                  interactive=False)
+        refresh_train = gr.Button("refresh", visible=False)
+
+        # ---------------------------------------------------------------- 4 results
+        gr.Markdown("## 4 · Results", elem_classes="step")
+        with gr.Row():
+            which = gr.Radio([("quantize & initialize run", "init"), ("fine-tuning run", "train")], value="init",
+                             label="run folder to download", elem_id="which-run")
+            zip_btn = gr.Button("Zip the run folder (report, events, adapters)", elem_id="zip-run")
+        zip_file = gr.File(label="download", interactive=False, height=80)
+        summary = gr.Markdown("No results yet: run step 2 (and 3) first.", elem_id="summary")
+        queue_text = gr.Markdown("", elem_classes="note")
+
+        # ---------------------------------------------------------------- wiring
+        def attach(session):
+            session, owner = _owner(session)
+            ij, tj = manager.latest(owner, "init"), manager.latest(owner, "train")
+            running, waiting = manager.queue_length()
+            return session, ij.id if ij else "", tj.id if tj else "", f"Server queue: {running} running, {waiting} waiting."
+
+        demo.load(attach, [session], [session, init_job, train_job, queue_text], api_name="attach")
+
+        def dataset_columns(upload):
+            if not upload:
+                return gr.update(choices=[], value=None), ""
+            try:
+                cols, guess = peek_columns(upload)
+            except Exception as exc:  # noqa: BLE001 - the engine re-checks the file; here we only describe it
+                return gr.update(choices=[], value=None), f"could not read the file's columns: {type(exc).__name__}: {exc}"
+            info = describe_dataset(upload)
+            if not cols:
+                info += " · plain text: blank lines separate documents"
+            return gr.update(choices=cols, value=guess), info
+
+        upload.change(dataset_columns, [upload], [text_column, data_info], api_name="dataset_columns")
+        dataset.change(lambda name: describe_dataset(name), [dataset], [data_info], api_name="describe_dataset")
+        model.change(lambda m: f"<small>{EMBEDDED_NOTE}</small>" if (m or "embedded") == "embedded" else "",
+                     [model], [model_note], api_name="model_note")
+
+        def start_init_fn(session, model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha,
+                          rslora, targets, calib_samples, seq_len, eval_tokens, seed, methods, baselines, als_rounds,
+                          damping):
+            session, owner = _owner(session)
+            try:
+                cfg = make_init_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
+                                       alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed, methods,
+                                       baselines, als_rounds, damping)
+                job = manager.submit("init", cfg, owner)
+            except (UserError, ValueError, TypeError) as exc:
+                raise gr.Error(str(exc)) from None
+            return session, job.id, status_text(manager.snapshot(job.id), manager)
+
+        start_init.click(start_init_fn, [session, *setup, methods, baselines, als_rounds, damping],
+                         [session, init_job, init_status], api_name="start_init")
+
+        def stop_fn(session, job_id):
+            _, owner = _owner(session)
+            if not (session or {}).get("owner"):
+                return "this session has no jobs to stop"
+            return manager.stop(job_id, owner)
+
+        stop_init.click(stop_fn, [session, init_job], [init_status], api_name="stop_init")
+        stop_train.click(stop_fn, [session, train_job], [train_status], api_name="stop_train")
+
+        init_outputs = [init_progress, init_status, layer_plot, heatmap_plot, ppl_plot, numbers, report_json, init_note]
+
+        def init_status_fn(job_id):
+            job = manager.snapshot(job_id)
+            v = init_views(job, manager)
+            return (progress_html(job, manager), status_text(job, manager), v["layers"], v["heatmap"],
+                    v["perplexity"], v["numbers"], v["report"], v["note"])
+
+        refresh_init.click(init_status_fn, [init_job], init_outputs, api_name="init_status")
+
+        def poll_init(job_id, seen, other_job_id):
+            job = manager.snapshot(job_id)
+            if job is None:
+                if seen.get("job") == job_id:
+                    return (*[gr.skip()] * (len(init_outputs) + 1), seen)
+                return (progress_html(None, manager), status_text(None, manager), *[gr.skip()] * 7, {"job": job_id})
+            n_layers = sum(1 for e in job.events if e.get("kind") == "layer")
+            n_metrics = sum(1 for e in job.events if e.get("kind") == "metric")
+            key = {"job": job.id, "version": job.version, "layers": n_layers, "metrics": n_metrics,
+                   "status": job.status, "tick": int(job.elapsed) if job.status == RUNNING else -1}
+            if key == seen:
+                return (*[gr.skip()] * (len(init_outputs) + 1), seen)
+            fresh = seen.get("job") != job.id or seen.get("status") != job.status
+            parts = [p for p, changed in (("layers", fresh or seen.get("layers") != n_layers),
+                                          ("heatmap", fresh or seen.get("layers") != n_layers),
+                                          ("perplexity", fresh or seen.get("metrics") != n_metrics)) if changed]
+            v = init_views(job, manager, parts) if parts or fresh else {}
+            tables_changed = fresh or seen.get("layers") != n_layers or seen.get("metrics") != n_metrics
+            return (progress_html(job, manager), status_text(job, manager),
+                    v.get("layers", gr.skip()), v.get("heatmap", gr.skip()), v.get("perplexity", gr.skip()),
+                    v["numbers"] if tables_changed and "numbers" in v else gr.skip(),
+                    v["report"] if fresh and "report" in v else gr.skip(),
+                    v["note"] if fresh and "note" in v else gr.skip(),
+                    summary_text(job, manager.snapshot(other_job_id)) if fresh else gr.skip(), key)
+
+        init_timer = gr.Timer(poll_seconds)
+        init_timer.tick(poll_init, [init_job, init_seen, train_job], [*init_outputs, summary, init_seen], api_name="poll_init",
+                        api_visibility="private", show_progress="hidden", queue=False)
+
+        def start_train_fn(session, model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha,
+                           rslora, targets, calib_samples, seq_len, eval_tokens, seed, als_rounds, damping, arms,
+                           steps, learning_rate, batch_size, grad_accum, eval_every, warmup_ratio):
+            session, owner = _owner(session)
+            try:
+                cfg = make_train_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
+                                        alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed, als_rounds,
+                                        damping, arms, steps, learning_rate, batch_size, grad_accum, eval_every,
+                                        warmup_ratio)
+                job = manager.submit("train", cfg, owner)
+            except (UserError, ValueError, TypeError) as exc:
+                raise gr.Error(str(exc)) from None
+            return session, job.id, status_text(manager.snapshot(job.id), manager)
+
+        start_train.click(start_train_fn, [session, *setup, als_rounds, damping, arms, steps, learning_rate,
+                                           batch_size, grad_accum, eval_every, warmup_ratio],
+                          [session, train_job, train_status], api_name="start_train")
+
+        train_outputs = [train_progress, train_status, curves_plot, throughput]
+
+        def train_views(job):
+            arms_cfg = list(getattr(job.config, "arms", ()) or ()) if job else []
+            events = job.events if job else []
+            return (F.train_figure(events, arms_cfg),
+                    pd.DataFrame(F.train_table(events, arms_cfg), columns=F.TRAIN_HEADER))
+
+        def train_status_fn(job_id):
+            job = manager.snapshot(job_id)
+            fig, table = train_views(job)
+            return progress_html(job, manager), status_text(job, manager), fig, table
+
+        refresh_train.click(train_status_fn, [train_job], train_outputs, api_name="train_status")
+
+        def poll_train(job_id, seen, other_job_id):
+            job = manager.snapshot(job_id)
+            if job is None:
+                if seen.get("job") == job_id:
+                    return (*[gr.skip()] * (len(train_outputs) + 1), seen)
+                return (progress_html(None, manager), status_text(None, manager), *[gr.skip()] * 3, {"job": job_id})
+            n_points = sum(1 for e in job.events if e.get("kind") in ("train_step", "eval", "metric") or F._is_arm_finished(e))
+            key = {"job": job.id, "version": job.version, "status": job.status, "points": n_points,
+                   "tick": int(job.elapsed) if job.status == RUNNING else -1}
+            if key == seen:
+                return (*[gr.skip()] * (len(train_outputs) + 1), seen)
+            fresh = seen.get("job") != job.id or seen.get("status") != job.status
+            if fresh or seen.get("points") != n_points:
+                fig, table = train_views(job)
+            else:
+                fig, table = gr.skip(), gr.skip()
+            text = summary_text(manager.snapshot(other_job_id), job) if fresh else gr.skip()
+            return progress_html(job, manager), status_text(job, manager), fig, table, text, key
+
+        train_timer = gr.Timer(poll_seconds)
+        train_timer.tick(poll_train, [train_job, train_seen, init_job], [*train_outputs, summary, train_seen], api_name="poll_train",
+                         api_visibility="private", show_progress="hidden", queue=False)
+
+        def download_run(which, init_job_id, train_job_id):
+            job = manager.snapshot(init_job_id if which == "init" else train_job_id)
+            summary = summary_text(manager.snapshot(init_job_id), manager.snapshot(train_job_id))
+            if job is None or not job.run_dir:
+                raise gr.Error("that run has not started yet")
+            if job.active:
+                gr.Warning("the run is still going: the zip holds what it has written so far")
+            return zip_run(job.run_dir), summary
+
+        zip_btn.click(download_run, [which, init_job, train_job], [zip_file, summary], api_name="download_run")
+    # status calls are cheap and compute never runs inside a request: let many requests run side by side
+    demo.queue(default_concurrency_limit=16)
+    return demo
+
+
+_MANAGER: JobManager | None = None
+
+
+def _default_manager() -> JobManager:
+    """One JobManager per process, shared by every page built in it."""
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = JobManager()
+    return _MANAGER
+
+
+def launch_options() -> dict[str, Any]:
+    """Keyword arguments for `demo.launch()`: CSS, theme, and the port from PORT when GRADIO_SERVER_PORT is unset
+    (gradio itself reads GRADIO_SERVER_NAME and GRADIO_SERVER_PORT)."""
+    opts: dict[str, Any] = {
+        "css_paths": [ASSETS / "style.css"],
+        "theme": gr.themes.Soft(primary_hue="blue", font=["ui-sans-serif", "system-ui", "sans-serif"],
+                                font_mono=["ui-monospace", "monospace"]),
+        "allowed_paths": [str(Path(tempfile.gettempdir()) / "quailora-zips")],
+    }
+    if os.environ.get("PORT") and not os.environ.get("GRADIO_SERVER_PORT"):
+        opts["server_port"] = int(os.environ["PORT"])
+        opts.setdefault("server_name", os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
+    return opts

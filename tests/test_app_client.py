@@ -1,0 +1,157 @@
+"""The app driven headless through gradio_client, against a real server on localhost: the init flow on a
+tiny model returns figures and a report; a fine-tuning run streams updates and stops on request, and only
+for the session that started it."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+import zipfile
+
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from helpers import TINY_TEXT  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    import os
+
+    runs = tmp_path_factory.mktemp("runs")
+    old = os.environ.get("QUAILORA_RUNS")
+    os.environ["QUAILORA_RUNS"] = str(runs)
+    from quailora_app.jobs import JobManager
+    from quailora_app.ui import build_ui, launch_options
+
+    demo = build_ui(JobManager(gpu=False))
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            **launch_options())
+    yield url
+    demo.close()
+    if old is None:
+        os.environ.pop("QUAILORA_RUNS", None)
+    else:
+        os.environ["QUAILORA_RUNS"] = old
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    import random
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(TINY_TEXT).split()[: rng.randint(4, 12)]) for _ in range(600)]
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+def setup_args(model_dir, text_file, **over):
+    """The 15 setup settings of /start_init and /start_train, by parameter name."""
+    args = dict(model=str(model_dir), dataset="", upload=handle_file(str(text_file)), text_column=None, quant="nf4",
+                double_quant=True, block_size=64, rank=8, alpha=16, rslora=False, targets=["all-linear"],
+                calib_samples=4, seq_len=32, eval_tokens=128, seed=0)
+    args.update(over)
+    return args
+
+
+def wait_for(client, api, job_id, done, timeout=240.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = client.predict(job_id, api_name=api)
+        if done(out):
+            return out
+        time.sleep(0.5)
+    raise AssertionError(f"{api} did not reach the expected state in {timeout:.0f} s; last status: {out[1]}")
+
+
+def plot_of(value) -> dict:
+    assert value["type"] == "plotly"
+    return json.loads(value["plot"])
+
+
+def test_endpoints_have_explicit_names(app_url):
+    client = Client(app_url, verbose=False)
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/attach", "/dataset_columns", "/describe_dataset", "/start_init", "/init_status", "/stop_init",
+            "/start_train", "/train_status", "/stop_train", "/download_run"} <= names
+    assert not client.view_api(print_info=False, return_format="dict")["unnamed_endpoints"]
+
+
+def test_dataset_columns_from_an_uploaded_csv(app_url, tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("id,label,review\n1,pos,a fine film with a long road home\n2,neg,the dog was lazy\n")
+    client = Client(app_url, verbose=False)
+    column, info = client.predict(handle_file(str(path)), api_name="/dataset_columns")
+    assert column["value"] == "review" and ["label", "label"] in column["choices"] and "CSV" in info
+
+
+def test_init_flow_returns_figures_and_report(app_url, tiny_model_dir, text_file):
+    client = Client(app_url, verbose=False)
+    session, init_id, _, _ = client.predict({}, api_name="/attach")
+    assert session["owner"] and init_id == ""
+    with pytest.raises(Exception, match="eval-tokens"):
+        client.predict(session, **setup_args(tiny_model_dir, text_file, eval_tokens=16), methods=["svd"], baselines=False,
+                       als_rounds=2, damping=0.01, api_name="/start_init")
+    session, job_id, status = client.predict(session, **setup_args(tiny_model_dir, text_file),
+                                             methods=["qlora", "svd", "quailora"], baselines=True, als_rounds=3,
+                                             damping=0.01, api_name="/start_init")
+    assert job_id and ("queued" in status or "running" in status)
+    out = wait_for(client, "/init_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1])
+    progress, status, layers, heatmap, ppl, numbers, report, note = out
+    assert "finished" in status, status
+    assert "100%" in progress
+    layer_fig = plot_of(layers)
+    assert "QLoRA" in layer_fig["layout"]["title"]["text"] and len(layer_fig["data"]) > 4
+    assert plot_of(heatmap)["data"][0]["type"] == "heatmap"
+    bars = {t["x"][0]: t["y"][0] for t in plot_of(ppl)["data"]}
+    assert {"full precision", "8-bit", "QLoRA", "SVD", "QuAILoRA"} <= set(bars)
+    assert set(report["perplexity"]) >= {"full", "int8", "qlora", "svd", "quailora"}
+    assert report["perplexity"]["quailora"] == pytest.approx(bars["QuAILoRA"])
+    assert len(report["layers"]) == 2 * 7  # tiny Llama: 2 blocks x 7 linear layers
+    assert numbers["headers"][0] == "variant" and len(numbers["data"]) == 5
+    # the page re-attaches to the session's latest job
+    assert client.predict(session, api_name="/attach")[1] == job_id
+    zip_path, summary = client.predict("init", job_id, "", api_name="/download_run")
+    names = zipfile.ZipFile(zip_path).namelist()
+    assert any(n.endswith("report.json") for n in names) and any("adapters/quailora" in n for n in names)
+    assert "QuAILoRA" in summary
+
+
+def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, text_file):
+    from quailora_app.jobs import training_available
+
+    if not training_available():
+        pytest.skip("quailora_app.train has not landed")
+    client = Client(app_url, verbose=False)
+    alice, *_ = client.predict({}, api_name="/attach")
+    bob, *_ = client.predict({}, api_name="/attach")
+    alice, job_id, _ = client.predict(alice, **setup_args(tiny_model_dir, text_file), als_rounds=2, damping=0.01,
+                                      arms=["qlora4", "quailora4"], steps=400, learning_rate=1e-3, batch_size=2,
+                                      grad_accum=1, eval_every=2, warmup_ratio=0.0, api_name="/start_train")
+    seen = set()
+    deadline = time.time() + 240
+    while len(seen) < 3 and time.time() < deadline:
+        progress, status, curves, table = client.predict(job_id, api_name="/train_status")
+        assert "failed" not in status, status
+        points = sum(len(t["x"]) for t in plot_of(curves)["data"] if t.get("mode") == "lines+markers")
+        if points:
+            seen.add(points)
+        time.sleep(0.3)
+    assert len(seen) >= 3, f"the curves did not grow: {seen}"
+    assert "another session" in client.predict(bob, job_id, api_name="/stop_train")
+    assert "running" in client.predict(job_id, api_name="/train_status")[1]
+    assert client.predict(alice, job_id, api_name="/stop_train").startswith("stopping")
+    out = wait_for(client, "/train_status", job_id, lambda o: "running" not in o[1], timeout=120)
+    assert "stopped" in out[1], out[1]
+    rows = {r[0]: r for r in out[3]["data"]}
+    assert set(rows) == {"4-bit QLoRA", "4-bit QuAILoRA"}
+    assert all(int(r[1].split(" / ")[0]) < 400 for r in rows.values())

@@ -1,0 +1,127 @@
+"""End to end in headless Chromium with the embedded SmolLM2: set small settings, quantize & initialize,
+watch the per-layer plot render, start a short two-arm fine-tuning, see the live curve gain points, stop it.
+Screenshots go to test-output/ (ignored by git)."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+SHOTS = Path(__file__).resolve().parent.parent / "test-output"
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
+    pytest.importorskip("playwright")
+    from quailora_app.jobs import JobManager, training_available
+    from quailora_app.sources.models import embedded_gguf
+
+    try:
+        embedded_gguf()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"embedded model unavailable: {exc}")
+    if not training_available():
+        pytest.skip("quailora_app.train has not landed")
+    old = os.environ.get("QUAILORA_RUNS")
+    os.environ["QUAILORA_RUNS"] = str(tmp_path_factory.mktemp("runs"))
+    from quailora_app.ui import build_ui, launch_options
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_ui(JobManager(gpu=False))
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                            **launch_options())
+    yield url
+    demo.close()
+    if old is None:
+        os.environ.pop("QUAILORA_RUNS", None)
+    else:
+        os.environ["QUAILORA_RUNS"] = old
+
+
+def set_number(page, label: str, value) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def count_points(page, plot_id: str) -> int:
+    """Markers drawn by plotly in a plot's lines+markers traces."""
+    return page.locator(f"#{plot_id} .js-plotly-plot g.trace.scatter path.point").count()
+
+
+def test_init_then_finetune_in_the_browser(app_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    SHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(app_url, wait_until="load")
+        expect(page.locator("#start-init")).to_be_visible(timeout=30_000)
+
+        # small settings: 4 x 128 calibration tokens, 1024 eval tokens, svd + quailora on q_proj and v_proj
+        set_number(page, "calibration sequences", 4)
+        set_number(page, "tokens per sequence", 128)
+        set_number(page, "held-out tokens for perplexity", 1024)
+        page.locator("#targets .token-remove").first.click()
+        targets = page.locator("#targets input")
+        for name in ("q_proj", "v_proj"):
+            targets.fill(name)
+            targets.press("Enter")
+        targets.press("Escape")
+        for label in ("closed form", "LoftQ"):
+            page.get_by_label(label, exact=True).uncheck()
+        page.get_by_label("SVD", exact=True).check()
+        page.get_by_label("QuAILoRA", exact=True).check()
+        page.get_by_text("Advanced", exact=True).click()
+        set_number(page, "QuAILoRA ALS rounds", 5)  # the ALS is most of the CPU time; 5 rounds show the same picture
+        page.screenshot(path=str(SHOTS / "browser-1-setup.png"), full_page=True)
+
+        start = time.time()
+        page.locator("#start-init").click()
+        expect(page.locator("#init-status")).to_contain_text("running", timeout=30_000)
+        page.wait_for_selector("#layer-plot .js-plotly-plot g.trace.scatter path.point", timeout=240_000)
+        page.screenshot(path=str(SHOTS / "browser-2-calibrating.png"), full_page=True)
+        expect(page.locator("#init-status")).to_contain_text("finished", timeout=300_000)
+        init_seconds = time.time() - start
+        expect(page.locator("#ppl-plot .js-plotly-plot g.trace.bars")).to_have_count(5, timeout=10_000)
+        expect(page.locator("#summary")).to_contain_text("QuAILoRA", timeout=10_000)
+        page.locator("#layer-plot").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "browser-3-init-done.png"), full_page=True)
+
+        # fine-tune two arms a few steps, evaluating after every step
+        page.get_by_label("8-bit QLoRA", exact=True).uncheck()
+        set_number(page, "steps", 8)
+        set_number(page, "batch (sequences per step)", 1)
+        set_number(page, "evaluate every (steps)", 2)
+        page.locator("#start-train").click()
+        expect(page.locator("#train-status")).to_contain_text(re.compile("running|queued"), timeout=30_000)
+        page.wait_for_function(
+            "() => document.querySelectorAll('#curves-plot .js-plotly-plot g.trace.scatter path.point').length >= 2",
+            timeout=300_000)
+        first = count_points(page, "curves-plot")
+        page.wait_for_function(
+            f"() => document.querySelectorAll('#curves-plot .js-plotly-plot g.trace.scatter path.point').length > {first + 1}",
+            timeout=180_000)
+        assert count_points(page, "curves-plot") > first + 1
+        page.locator("#curves-plot").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "browser-4-training.png"), full_page=True)
+        page.locator("#stop-train").click()
+        expect(page.locator("#train-status")).to_contain_text(re.compile("stopp|finished"), timeout=120_000)
+        expect(page.locator("#train-status")).to_contain_text(re.compile("stopped|finished"), timeout=120_000)
+        page.screenshot(path=str(SHOTS / "browser-5-stopped.png"), full_page=True)
+        browser.close()
+    print(f"init flow in the browser: {init_seconds:.0f} s")

@@ -1,0 +1,144 @@
+"""The job queue: one job at a time in FIFO order, visible positions, stops only from the owner, failures
+reported in one line, events recorded as they arrive. Fake runners, no models."""
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from quailora_app import jobs
+from quailora_app.errors import UserError
+from quailora_app.events import Metric, Progress, RunFailed, RunFinished, Stage
+
+
+@pytest.fixture(autouse=True)
+def runs_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUAILORA_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("QUAILORA_NO_SPACES", "1")
+
+
+def slow_runner(gate: threading.Event | None = None, steps: int = 200):
+    """Emits progress until should_stop() or `steps`; waits on `gate` first if given."""
+
+    def run(cfg, should_stop, run_dir):
+        if gate is not None:
+            gate.wait(10)
+        yield Stage("calibrate", "fake")
+        for i in range(steps):
+            if should_stop():
+                yield RunFailed(str(run_dir), "stopped by the user", cancelled=True)
+                return
+            yield Progress("calibrate", i + 1, steps)
+            time.sleep(0.01)
+        yield Metric("qlora", 10.0)
+        yield RunFinished(str(run_dir), {"status": "finished", "cfg": cfg})
+
+    return run
+
+
+def test_runs_one_at_a_time_in_order_with_positions():
+    gate = threading.Event()
+    order = []
+
+    def run(cfg, should_stop, run_dir):
+        order.append(cfg)
+        yield from slow_runner(gate if cfg == "a" else None, steps=3)(cfg, should_stop, run_dir)
+
+    m = jobs.JobManager({"init": run})
+    a, b, c = (m.submit("init", name, owner) for name, owner in (("a", "u1"), ("b", "u2"), ("c", "u3")))
+    time.sleep(0.2)
+    assert m.snapshot(a.id).status == jobs.RUNNING
+    assert m.snapshot(b.id).position == 1 and m.snapshot(c.id).position == 2
+    assert m.queue_length() == (1, 2)
+    gate.set()
+    assert m.wait(c.id, 10).status == jobs.FINISHED
+    assert order == ["a", "b", "c"]
+    done = m.snapshot(a.id)
+    assert done.report["cfg"] == "a" and done.run_dir and done.position is None
+    kinds = [e["kind"] for e in done.events]
+    assert kinds[0] == "stage" and kinds[-1] == "finished" and "progress" in kinds
+
+
+def test_stop_only_by_owner_and_only_that_job():
+    m = jobs.JobManager({"init": slow_runner()})
+    a = m.submit("init", "a", "alice")
+    b = m.submit("init", "b", "bob")
+    time.sleep(0.1)
+    assert "another session" in m.stop(a.id, "bob")
+    assert m.snapshot(a.id).status == jobs.RUNNING
+    assert m.stop(b.id, "bob") == "removed from the queue"  # bob's queued job leaves the queue
+    assert m.snapshot(b.id).status == jobs.CANCELLED
+    assert m.stop(a.id, "alice").startswith("stopping")
+    done = m.wait(a.id, 10)
+    assert done.status == jobs.CANCELLED and "stopped" in done.message
+    assert m.stop("nope", "alice") == "no such job"
+
+
+def test_stop_file_reaches_the_runner(tmp_path):
+    """What a ZeroGPU child process sees: only the STOP file in the run folder."""
+    m = jobs.JobManager({"init": slow_runner()})
+    a = m.submit("init", "a", "alice")
+    while m.snapshot(a.id).run_dir is None:
+        time.sleep(0.01)
+    from pathlib import Path
+
+    (Path(m.snapshot(a.id).run_dir) / jobs.STOP_FILE).touch()
+    assert m.wait(a.id, 10).status == jobs.CANCELLED
+
+
+def test_one_active_job_per_owner_and_latest():
+    m = jobs.JobManager({"init": slow_runner(steps=5), "train": slow_runner(steps=5)})
+    a = m.submit("init", "a", "alice")
+    with pytest.raises(UserError, match="already have"):
+        m.submit("train", "t", "alice")
+    m.wait(a.id, 10)
+    t = m.submit("train", "t", "alice")
+    assert m.latest("alice", "init").id == a.id and m.latest("alice").id == t.id and m.latest("bob") is None
+    m.wait(t.id, 10)
+
+
+def test_failures_are_one_line():
+    def user_error(cfg, should_stop, run_dir):
+        raise UserError("model 'x' does not exist")
+        yield  # pragma: no cover
+
+    def crash(cfg, should_stop, run_dir):
+        yield Stage("load")
+        raise RuntimeError("boom")
+
+    def silent(cfg, should_stop, run_dir):
+        yield Stage("load")
+
+    m = jobs.JobManager({"a": user_error, "b": crash, "c": silent})
+    ja, jb, jc = m.submit("a", 1, "o1"), m.submit("b", 1, "o2"), m.submit("c", 1, "o3")
+    assert m.wait(ja.id).message == "model 'x' does not exist"
+    b = m.wait(jb.id)
+    assert b.status == jobs.FAILED and "RuntimeError: boom" in b.message
+    from pathlib import Path
+
+    assert "Traceback" in (Path(b.run_dir) / "error.txt").read_text()
+    assert m.wait(jc.id).status == jobs.FAILED
+    with pytest.raises(UserError):
+        m.submit("nope", 1, "o4")
+
+
+def test_stopped_training_that_finishes_is_cancelled():
+    def run(cfg, should_stop, run_dir):
+        yield RunFinished(str(run_dir), {"status": "stopped"})
+
+    m = jobs.JobManager({"train": run})
+    assert m.wait(m.submit("train", 1, "o").id).status == jobs.CANCELLED
+
+
+def test_gpu_duration_estimate_and_no_spaces_passthrough():
+    data = SimpleNamespace(calib_samples=16, seq_len=256, eval_tokens=4096)
+    init = SimpleNamespace(data=data, methods=("qlora", "svd", "quailora"), baselines=True)
+    big = SimpleNamespace(data=SimpleNamespace(calib_samples=512, seq_len=2048, eval_tokens=1 << 20),
+                          methods=init.methods, baselines=True)
+    assert 60 <= jobs.estimate_seconds("init", init) < jobs.estimate_seconds("init", big) <= 900
+    train = SimpleNamespace(data=data, steps=100, batch_size=4, grad_accum=1, eval_every=10, arms=("a", "b"))
+    assert 60 <= jobs.estimate_seconds("train", train) <= 900
+    runner = slow_runner()
+    assert jobs.on_gpu(runner, "init") is runner  # QUAILORA_NO_SPACES / no spaces package: unchanged
