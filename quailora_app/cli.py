@@ -71,7 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-baselines", action="store_true", help="skip the 8-bit and full-precision perplexities")
     g.add_argument("--out", default=None, help="run folder (default: runs/init-<date>-<time>)")
     add_train_parser(sub)
+    add_views_parser(sub)
     return parser
+
+
+def add_views_parser(sub) -> None:
+    p = sub.add_parser("views", help="teaching figures for one layer: 4-bit grid, error, calibration, rank sweep, memory",
+                       description="Compute the teaching views for one layer of your model (weights and the NF4/FP4 grid, "
+                                   "the error each initialization removes, why calibration matters, a rank sweep, the "
+                                   "precision trade-off) and write them as offline HTML (PNG where kaleido is installed).")
+    add_model_data_quant_args(p)
+    g = p.add_argument_group("views")
+    g.add_argument("--layer", default=None, help="module path of the layer, e.g. model.layers.3.mlp.down_proj (default: block 3's down_proj)")
+    g.add_argument("--block", default="typical", help="quantization block whose 16 levels are shown: an index, 'typical' (median absmax) or 'outlier' (largest absmax)")
+    g.add_argument("--sweep-layers", nargs="+", default=None, help="layers averaged in the rank sweep (default: every linear layer of --layer's block)")
+    g.add_argument("--ranks", nargs="*", type=int, default=[1, 2, 4, 8, 16, 32, 64], help="ranks of the rank sweep; none to skip it (default: %(default)s)")
+    g.add_argument("--perplexity-ranks", nargs="*", type=int, default=[], help="also measure held-out perplexity at these ranks (slow: a full initialization per rank)")
+    g.add_argument("--report", nargs="*", default=[], help="init report.json files or run folders whose perplexities go into the precision trade-off")
+    g.add_argument("--als-rounds", type=int, default=20, help=_help(InitConfig, "als_rounds"))
+    g.add_argument("--damping", type=float, default=0.01, help=_help(InitConfig, "damping"))
+    g.add_argument("--out", default=None, help="output folder (default: runs/views-<date>-<time>)")
 
 
 def _set_defaults(p: argparse.ArgumentParser, **defaults) -> None:
@@ -312,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = train_config(args)
             with StopOnInterrupt() as stop:
                 return consume_train(run_train(cfg, should_stop=stop.flag.is_set))
+        if args.command == "views":
+            from .teaching_figures import views_command
+
+            return views_command(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
