@@ -33,7 +33,7 @@ def test_4bit_error_is_real_and_block_size_changes_it(tiny_model_dir):
         Q = dequantized_weight(linear4bit_modules(model)[name])
         errors[bs] = ((W - Q).norm() / W.norm()).item()
     assert 0.02 < errors[64] < 0.2
-    assert errors[256] > errors[64]  # coarser blocks, larger error
+    assert errors[64] < errors[256] < 0.3  # coarser blocks, larger (but sane) error
 
 
 def test_8bit_dequantized_weight_matches_layer(tiny_model_dir):
