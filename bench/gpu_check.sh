@@ -15,6 +15,7 @@ if [ "${1:-}" = "--prepare" ]; then
   ls -la .whl
   exit 0
 fi
+rm -rf /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 bench/gpu_check.py
