@@ -114,10 +114,10 @@ class Arm:
     evals: list[tuple[int, float]] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    memory: list[int] = field(default_factory=list)  # per step, see step()
     steps_done: int = 0
     seconds: float = 0.0  # steps + evaluations of this arm
     setup_seconds: float = 0.0
-    peak_memory_bytes: int = 0
     memory_method: str = ""
     adapter_dir: str = ""
     status: str = "running"
@@ -184,7 +184,7 @@ class Arm:
         self.step_seconds.append(seconds)
         self.losses.append(total / len(micro_batches))
         self.seconds += seconds
-        self.peak_memory_bytes = max(self.peak_memory_bytes, memory)
+        self.memory.append(memory)
         return self.losses[-1], seconds, memory
 
     def evaluate(self, step: int, eval_ids: torch.Tensor, batch_size: int) -> float:
@@ -193,6 +193,13 @@ class Arm:
         self.seconds += time.perf_counter() - start
         self.evals.append((step, ppl))
         return ppl
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """Largest per-step memory. With measure_cuda="own" the first step is left out when there are others:
+        whichever arm steps first also pays for the CUDA libraries' one-off workspaces (backward kernels)."""
+        own_cuda = self.device.type == "cuda" and self.memory_method.startswith("arm's")
+        return max(self.memory[1:] if own_cuda and len(self.memory) > 1 else self.memory, default=0)
 
     @property
     def final_perplexity(self) -> float | None:

@@ -105,6 +105,7 @@ class TrainRun:
         self.cfg = cfg
         self.should_stop = should_stop or (lambda: False)
         self.run_dir = Path(run_dir) if run_dir else new_run_dir("train", cfg.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(cfg.model.device)
         self.report: dict = {
             "status": "running",
@@ -321,7 +322,14 @@ class TrainRun:
         arm.setup_seconds = time.perf_counter() - start
         self.arms[name] = arm
         self.report["arms"][name].update(status="running", trainable_parameters=arm.trainable, weights_bytes=arm.weights_bytes)
-        yield from self._evaluate(arm, 0)
+        reference = {"8bit": "int8", "full": "full"}.get(spec.base)
+        if spec.init == "qlora" and reference in self.report["reference_perplexity"]:
+            # B = 0 adds exactly zero to every layer's output: the step-0 model is the reference model, bit for bit
+            arm.evals.append((0, self.report["reference_perplexity"][reference]))
+            self._save_report()
+            yield self._emit(EvalPoint(arm.name, 0, arm.evals[-1][1]))
+        else:
+            yield from self._evaluate(arm, 0)
 
     def _train_step(self, arm: Arm, step: int) -> Iterator[Event]:
         micro = self.batches[step - 1]
@@ -329,6 +337,9 @@ class TrainRun:
         measure = "peak" if self.schedule == "sequential" else "own"
         loss, seconds, memory = arm.step(micro, lr, measure)
         tokens = sum(ids.numel() for ids in micro)
+        if not math.isfinite(loss) and all(math.isfinite(x) for x in arm.losses[:-1]):
+            yield self._emit(Log(f"arm {arm.name}: the training loss is {loss} at step {step}; its LoRA factors are "
+                                 "no longer finite (try a lower learning rate)", "warning"))
         yield self._emit(TrainStep(arm.name, step, self.cfg.steps, loss, lr, tokens / seconds, seconds, memory, batch_hash(micro)))
 
     def _evaluate(self, arm: Arm, step: int) -> Iterator[Event]:

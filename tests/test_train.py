@@ -90,10 +90,28 @@ def test_step0_perplexity_matches_the_init_engine(run4, tiny_model_dir, text_fil
     refs = {e.name: e.value for e in of_kind(events, "metric")}
     assert refs["full"] == pytest.approx(report["perplexity"]["full"], rel=1e-4)
     assert refs["int8"] == pytest.approx(report["perplexity"]["int8"], rel=1e-4)
-    assert step0["qlora8"] == pytest.approx(refs["int8"], rel=1e-6)  # B = 0: the 8-bit base itself
+    assert step0["qlora8"] == refs["int8"]  # reused: see the next test
     # references come before any arm's first evaluation, so faces can draw them as lines from the start
     kinds = [e.kind for e in events]
     assert kinds.index("eval") > max(i for i, k in enumerate(kinds) if k == "metric")
+
+
+@pytest.mark.parametrize("base", ["8bit", "full"])
+def test_default_init_leaves_the_base_output_unchanged(base, tiny_model_dir, text_file):
+    """Why a default-init arm's step-0 perplexity can reuse its base's reference perplexity: B = 0 adds exactly 0."""
+    from quailora_app.adapters import attach_lora
+    from quailora_app.evaluate import perplexity
+    from quailora_app.initialize import target_paths
+    from quailora_app.quantize import load_8bit
+    from quailora_app.sources.models import ModelSource, load_full_precision
+
+    source, cpu = ModelSource("tiny", tiny_model_dir), torch.device("cpu")
+    model = load_8bit(source, cpu) if base == "8bit" else load_full_precision(source, cpu)
+    ids = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+    before = perplexity(model, ids)
+    lora = LoraSettings(rank=4, alpha=8.0)
+    peft_model = attach_lora(model, lora, target_paths(model, lora))
+    assert perplexity(peft_model, ids) == before
 
 
 def test_training_lowers_val_perplexity(run4):
