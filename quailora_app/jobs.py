@@ -81,20 +81,30 @@ def estimate_seconds(kind: str, cfg: Any) -> int:
     return int(min(900, max(60, 1.5 * guess)))
 
 
+def _gpu_duration(kind: str, cfg: Any, run_dir: str) -> int:
+    return estimate_seconds(kind, cfg)
+
+
+def _gpu_work(kind: str, cfg: Any, run_dir: str):
+    """The engine's stream for a job, as run inside ZeroGPU's GPU process: only the STOP file crosses over."""
+    stop_file = Path(run_dir) / STOP_FILE
+    yield from DEFAULT_RUNNERS[kind](cfg, stop_file.exists, Path(run_dir))
+
+
+if zerogpu_available():  # pragma: no cover - only on Hugging Face ZeroGPU Spaces
+    import spaces
+
+    # decorated at import time, as ZeroGPU wants; the duration is computed per call from the job's settings
+    _gpu_work = spaces.GPU(duration=_gpu_duration)(_gpu_work)
+
+
 def on_gpu(runner: Runner, kind: str) -> Runner:
-    """Wrap a runner so its work runs inside `spaces.GPU(duration=...)` when ZeroGPU is present."""
-    if not zerogpu_available():
+    """On ZeroGPU, run the engine's own runners inside `spaces.GPU`; anything else is returned unchanged."""
+    if not zerogpu_available() or runner is not DEFAULT_RUNNERS.get(kind):
         return runner
 
-    def wrapped(cfg, should_stop, run_dir):
-        import spaces
-
-        stop_file = Path(run_dir) / STOP_FILE
-
-        def work(cfg, run_dir):  # runs in ZeroGPU's GPU process: only the STOP file crosses over
-            yield from runner(cfg, stop_file.exists, run_dir)
-
-        return spaces.GPU(duration=estimate_seconds(kind, cfg))(work)(cfg, run_dir)
+    def wrapped(cfg, should_stop, run_dir):  # pragma: no cover - only on ZeroGPU
+        return _gpu_work(kind, cfg, str(run_dir))
 
     return wrapped
 

@@ -81,7 +81,7 @@ def plot_of(value) -> dict:
 def test_endpoints_have_explicit_names(app_url):
     client = Client(app_url, verbose=False)
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/attach", "/dataset_columns", "/describe_dataset", "/start_init", "/init_status", "/stop_init",
+    assert {"/attach", "/dataset_columns", "/describe_dataset", "/model_note", "/start_init", "/init_status", "/stop_init",
             "/start_train", "/train_status", "/stop_train", "/download_run"} <= names
     assert not client.view_api(print_info=False, return_format="dict")["unnamed_endpoints"]
 
@@ -155,3 +155,31 @@ def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, 
     rows = {r[0]: r for r in out[3]["data"]}
     assert set(rows) == {"4-bit QLoRA", "4-bit QuAILoRA"}
     assert all(int(r[1].split(" / ")[0]) < 400 for r in rows.values())
+
+
+def test_peek_columns_of_each_upload_format(tmp_path):
+    import pandas as pd
+
+    from quailora_app.ui import peek_columns
+
+    frame = pd.DataFrame({"n": [1, 2], "title": ["a", "b"], "body": ["a long review text", "another long one"]})
+    frame.to_json(tmp_path / "t.jsonl", orient="records", lines=True)
+    frame.to_parquet(tmp_path / "t.parquet")
+    (tmp_path / "t.txt").write_text("one\n\ntwo")
+    assert peek_columns(str(tmp_path / "t.jsonl")) == (["title", "body"], "body")
+    assert peek_columns(str(tmp_path / "t.parquet")) == (["title", "body"], "body")
+    assert peek_columns(str(tmp_path / "t.txt")) == ([], None)
+
+
+def test_launch_options_honour_port(monkeypatch):
+    from quailora_app.ui import launch_options
+
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.setenv("PORT", "7999")
+    opts = launch_options()
+    assert opts["server_port"] == 7999 and opts["server_name"] == "0.0.0.0" and opts["css_paths"][0].is_file()
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7000")  # gradio reads its own variables
+    assert "server_port" not in launch_options()
+    monkeypatch.delenv("PORT")
+    assert "server_port" not in launch_options()

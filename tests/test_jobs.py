@@ -142,3 +142,50 @@ def test_gpu_duration_estimate_and_no_spaces_passthrough():
     assert 60 <= jobs.estimate_seconds("train", train) <= 900
     runner = slow_runner()
     assert jobs.on_gpu(runner, "init") is runner  # QUAILORA_NO_SPACES / no spaces package: unchanged
+
+
+def test_zerogpu_wrapping_with_a_fake_spaces_module(monkeypatch):
+    """With `spaces` importable, the engine's runners run inside spaces.GPU(duration=f(settings)), and a stop
+    reaches them through the STOP file only (ZeroGPU runs them in another process)."""
+    import importlib
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("spaces")
+    fake.__spec__ = importlib.machinery.ModuleSpec("spaces", None)
+
+    def GPU(duration):
+        def decorate(fn):
+            def run(*args):
+                calls.append(duration(*args))
+                return fn(*args)
+            return run
+        return decorate
+
+    fake.GPU = GPU
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    monkeypatch.delenv("QUAILORA_NO_SPACES")
+    try:
+        gpu_jobs = importlib.reload(jobs)
+        seen_stop = []
+
+        def fake_init(cfg, should_stop, run_dir):
+            seen_stop.append(should_stop)
+            yield from slow_runner()(cfg, should_stop, run_dir)
+
+        monkeypatch.setitem(gpu_jobs.DEFAULT_RUNNERS, "init", fake_init)
+        m = gpu_jobs.JobManager()
+        cfg = SimpleNamespace(data=SimpleNamespace(calib_samples=16, seq_len=256, eval_tokens=4096),
+                              methods=("qlora",), baselines=False)
+        job = m.submit("init", cfg, "alice")
+        while not seen_stop:
+            time.sleep(0.01)
+        assert calls == [gpu_jobs.estimate_seconds("init", cfg)]
+        assert getattr(seen_stop[0], "__self__", None) is not None  # Path(run_dir / STOP).exists, not the Event
+        m.stop(job.id, "alice")
+        assert m.wait(job.id, 10).status == gpu_jobs.CANCELLED
+    finally:
+        monkeypatch.undo()
+        importlib.reload(jobs)
