@@ -150,12 +150,16 @@ def closed_form_correction(E: Tensor, spec: HSpectrum, rank: int) -> tuple[Tenso
     """Exact minimizer of ||(E - C) S||_F^2 = tr((E - C)(H + lambda I)(E - C)^T) over rank-r C.
 
     With S = (H + lambda I)^(1/2) invertible, C S ranges over all rank-r matrices, so the optimum is
-    C S = SVD_r(E S), i.e. C = U_r S_r V_r^T S^-1. Returns P = U_r sqrt(S_r), Rt = sqrt(S_r) V_r^T S^-1.
+    C S = SVD_r(E S), i.e. C = U_r S_r V_r^T S^-1. With H + lambda I = V diag(l) V^T, E S = (E V diag(l^1/2)) V^T
+    and V^T is orthogonal, so only M = E V diag(l^1/2) is decomposed and no n x n square root is ever formed:
+    M = U_r S_r W_r^T gives P = U_r sqrt(S_r), Rt = sqrt(S_r) W_r^T diag(l^-1/2) V^T.
     """
-    Ew = E.to(spec.eigvecs.dtype)
-    U, S, Vh = _truncated_svd(Ew @ spec.sqrt(), rank)
+    V = spec.eigvecs
+    root_l = spec.eigvals.to(V.dtype).sqrt()
+    M = (E.to(V.dtype) @ V) * root_l
+    U, S, Wh = _truncated_svd(M, rank)
     root = S.sqrt()
-    return U * root, (root[:, None] * Vh) @ spec.inv_sqrt()
+    return U * root, ((root[:, None] * Wh) / root_l) @ V.T
 
 
 def _psd_solve(G: Tensor, rhs: Tensor) -> Tensor:
