@@ -122,5 +122,12 @@ def test_init_then_finetune_in_the_browser(app_url):
         expect(page.locator("#train-status")).to_contain_text(re.compile("stopp|finished"), timeout=120_000)
         expect(page.locator("#train-status")).to_contain_text(re.compile("stopped|finished"), timeout=120_000)
         page.screenshot(path=str(SHOTS / "browser-5-stopped.png"), full_page=True)
+
+        # a reopened page re-attaches to this browser's jobs (owner key in localStorage) and redraws them
+        page.reload(wait_until="load")
+        expect(page.locator("#init-status")).to_contain_text("finished", timeout=30_000)
+        expect(page.locator("#train-status")).to_contain_text(re.compile("stopped|finished"), timeout=30_000)
+        page.wait_for_selector("#layer-plot .js-plotly-plot g.trace.scatter path.point", timeout=30_000)
+        page.wait_for_selector(VAL_POINTS, timeout=30_000)
         browser.close()
     print(f"init flow in the browser: {init_seconds:.0f} s")
