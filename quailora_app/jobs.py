@@ -46,7 +46,81 @@ def _run_train(cfg, should_stop, run_dir):
     return run_train(cfg, should_stop=should_stop, run_dir=run_dir)
 
 
-DEFAULT_RUNNERS: dict[str, Runner] = {"init": _run_init, "train": _run_train}
+@dataclass
+class ViewsConfig:
+    """A teaching-views job: the Setup's model, text and 4-bit settings, one layer (None = default_layer), the
+    LoRA rank, the rank sweep's ranks, and init run folders / report.json files for the precision trade-off."""
+
+    model: Any  # ModelConfig
+    data: Any  # DataConfig
+    quant: Any  # QuantConfig
+    layer: str | None = None
+    rank: int = 16
+    ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    reports: tuple[str, ...] = ()
+    damping: float = 0.01
+    als_rounds: int = 20
+    out: str | None = None
+
+
+def _run_views(cfg: ViewsConfig, should_stop, run_dir):
+    """The teaching views as an event stream: `compute_views` runs in a helper thread so its progress lines
+    stream as stage events; the finished event's report holds the 7 figures as plotly JSON (also views.json)."""
+    import queue
+
+    from .errors import Cancelled
+    from .runs import write_json_atomic
+    from .teaching import compute_views, default_layer, layer_names, open_context
+    from .teaching_figures import CAPTIONS, view_figures
+
+    started = time.time()
+    yield {"kind": "stage", "stage": "load", "message": "load the 4-bit model and the calibration text"}
+    if should_stop():
+        yield {"kind": "failed", "cancelled": True, "message": "stopped before the model was loaded"}
+        return
+    ctx = open_context(cfg.model, cfg.data, cfg.quant)
+    names = layer_names(ctx.model)
+    layer = cfg.layer or default_layer(ctx.model)
+    if layer not in names:
+        raise UserError(f"layer '{layer}' is not a linear layer of this model; e.g. {', '.join(names[:3])}")
+    yield {"kind": "layers", "names": names, "default": default_layer(ctx.model), "layer": layer}
+    lines: queue.Queue = queue.Queue()
+    result: dict[str, Any] = {}
+
+    def work():
+        try:
+            result["views"] = compute_views(ctx, layer, cfg.rank, ranks=cfg.ranks, perplexity_ranks=(),
+                                            reports=list(cfg.reports), damping=cfg.damping, als_rounds=cfg.als_rounds,
+                                            progress=lambda msg: lines.put(msg), should_stop=should_stop)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the job's thread below
+            result["error"] = exc
+        finally:
+            lines.put(None)
+
+    thread = threading.Thread(target=work, name="quailora-views", daemon=True)
+    thread.start()
+    while (msg := lines.get()) is not None:
+        yield {"kind": "stage", "stage": "compute", "message": msg}
+    thread.join()
+    if isinstance(result.get("error"), Cancelled):
+        yield {"kind": "failed", "cancelled": True, "message": str(result["error"]), "run_dir": str(run_dir)}
+        return
+    if "error" in result:
+        raise result["error"]
+    views = result["views"]
+    figs = view_figures(views.inside, views.calibration, views.sweep, views.precision)
+    report = {"kind": "views", "status": "finished", "model": cfg.model.model, "layer": views.layer, "rank": views.rank,
+              "layers": names, "default_layer": default_layer(ctx.model), "reports": list(cfg.reports),
+              "calibration": f"{cfg.data.calib_samples} x {cfg.data.seq_len} tokens", "ranks": list(cfg.ranks),
+              "seconds": {**views.seconds, "total": time.time() - started},
+              "precision_header": list(views.precision.HEADER), "precision_rows": views.precision.table_rows(),
+              "precision_notes": list(views.precision.notes), "captions": {k: CAPTIONS[k] for k in figs},
+              "figures": {k: fig.to_json() for k, fig in figs.items()}}
+    write_json_atomic(Path(run_dir) / "views.json", report)
+    yield {"kind": "finished", "report": report, "run_dir": str(run_dir)}
+
+
+DEFAULT_RUNNERS: dict[str, Runner] = {"init": _run_init, "train": _run_train, "views": _run_views}
 
 
 def training_available() -> bool:

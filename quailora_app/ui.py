@@ -27,8 +27,18 @@ Headless API (gradio_client; every endpoint below has this explicit api_name):
 - ``/train_status(job_id) -> (progress_html, status, curves_plot, throughput)``
 - ``/download_run(which, init_job_id, train_job_id) -> (zip_file, summary)``: which = "init" or "train";
     zips that run folder (report, events, adapters).
+- ``/view_layers(model) -> layer``: the layer picker's choices (every linear layer of the decoder blocks, read
+    from the model's config on the meta device, no weights) and its default; empty for a model not on disk yet.
+- ``/start_views(session, init_job_id, model, dataset, upload, text_column, quant, double_quant, block_size,
+    eval_tokens, seed, als_rounds, damping, layer, views_rank, views_calib_samples, views_seq_len)
+    -> (session, views_job_id, status)``: queue the teaching views of one layer ("" = the default layer) in the
+    same worker; the latest finished init run of `init_job_id` feeds the precision trade-off.
+- ``/views_status(job_id) -> (progress_html, status, weights, error, spectrum, energy, channels, rank_sweep,
+    precision, precision_table, layer)``: the 7 plotly figures (empty until the job finishes) and the table.
+- ``/stop_views(session, job_id) -> status``.
+- ``/how_it_works(views_rank) -> markdown``: the method in one page (LaTeX in $$...$$ and $...$).
 
-The page itself polls through two private timer endpoints (poll_init, poll_train) that skip unchanged
+The page itself polls through three private timer endpoints (poll_init, poll_train, poll_views) that skip unchanged
 figures.
 """
 from __future__ import annotations
@@ -45,13 +55,35 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from . import figures as F
-from .config import ALL_LINEAR, INIT_METHODS, DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
 from . import config as _config
+from . import figures as F
+from .config import (
+    ALL_LINEAR,
+    INIT_METHODS,
+    DataConfig,
+    InitConfig,
+    LoraSettings,
+    ModelConfig,
+    QuantConfig,
+)
 from .errors import UserError
-from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobManager, training_available, zerogpu_available
+from .jobs import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    Job,
+    JobManager,
+    ViewsConfig,
+    training_available,
+    zerogpu_available,
+)
 from .sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset
 from .sources.models import EMBEDDED_NOTE
+from .teaching import how_it_works_markdown
+from .teaching_figures import CAPTIONS as VIEW_CAPTIONS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ARMS = getattr(_config, "ARMS", ("qlora4", "quailora4", "closed4", "svd4", "qlora8", "quailora8", "lora16"))
@@ -238,6 +270,8 @@ def progress_html(job: Job | None, manager: JobManager) -> str:
         return (f"<div class='q-progress queued'><div class='q-bar'><span style='width:0%'></span></div>"
                 f"<div class='q-label'>queued: position {job.position} of {waiting} waiting"
                 f"{' (a job is running)' if running else ''}</div></div>")
+    if job.kind == "views":
+        return views_progress_html(job)
     frac, line = (_stage_progress(job) if job.kind == "init" else _train_progress(job))
     if job.status == FINISHED:
         frac, line = 1.0, f"done in {job.elapsed:.0f} s"
@@ -260,7 +294,7 @@ def status_text(job: Job | None, manager: JobManager) -> str:
     if job is None:
         return "Nothing started yet in this session."
     running, waiting = manager.queue_length()
-    what = "Quantize & initialize" if job.kind == "init" else "Fine-tuning"
+    what = {"init": "Quantize & initialize", "views": "Teaching views"}.get(job.kind, "Fine-tuning")
     where = f" · run folder `{job.run_dir}`" if job.run_dir else ""
     if job.status == QUEUED:
         return (f"**{what}: queued**, position {job.position} in line ({running} running, {waiting} waiting). "
@@ -315,6 +349,106 @@ def init_views(job: Job | None, manager: JobManager, parts=("layers", "heatmap",
         out["numbers"] = pd.DataFrame(F.numbers_table(live), columns=F.NUMBERS_HEADER)
     out["report"] = report
     out["note"] = _note(report, getattr(getattr(job, "config", None), "model", ModelConfig()).model if job else "embedded")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ teaching views
+VIEW_KEYS = ("weights", "error", "spectrum", "energy", "channels", "rank_sweep", "precision")
+VIEW_TITLES = {
+    "weights": "1 · Inside a layer: the weights and the 16 levels of a 4-bit block",
+    "error": "2 · The quantization error E = W − Q, before and after each correction",
+    "spectrum": "3 · Which directions of the error matter: singular values of E and of E·H½",
+    "energy": "4 · How much of the error a rank-k correction can remove",
+    "channels": "5 · Outlier input channels and where the correction goes",
+    "rank_sweep": "6 · Error left against LoRA rank",
+    "precision": "7 · Precision trade-off: memory against perplexity",
+}
+
+
+def view_defaults(gpu: bool) -> dict[str, Any]:
+    """Teaching-view settings: on CPU 8 x 128 calibration tokens and ranks 1..32, about a minute with the
+    embedded model (no perplexity sweep: that needs a full initialization per rank)."""
+    if gpu:
+        return {"calib_samples": 64, "seq_len": 512, "rank": 16, "ranks": (1, 2, 4, 8, 16, 32, 64)}
+    return {"calib_samples": 8, "seq_len": 128, "rank": 16, "ranks": (1, 2, 4, 8, 16, 32)}
+
+
+def make_views_config(model, dataset, upload, text_column, quant, double_quant, block_size, eval_tokens, seed,
+                      als_rounds, damping, layer, rank, calib_samples, seq_len, ranks, reports=()) -> ViewsConfig:
+    m, d, q, _ = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, 16, 16, False,
+                                 None, calib_samples, seq_len, eval_tokens, seed)
+    rank = _num(rank, "rank of the views")
+    if rank < 1:
+        raise UserError("the views' rank must be at least 1")
+    return ViewsConfig(m, d, q, (layer or "").strip() or None, rank, tuple(ranks), tuple(reports),
+                       _num(damping, "damping", float), _num(als_rounds, "ALS rounds"))
+
+
+def model_layers(model: str | None) -> tuple[list[str], str]:
+    """(linear layer names, default layer) of a model already on disk, from its config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .sources.models import EMBEDDED, cache_dir
+    from .teaching import default_layer, layer_names
+
+    name = (model or "embedded").strip()
+    folder = cache_dir() / "models" / "smollm2-135m-instruct" if name in ("", EMBEDDED) else Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        return [], ""
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    return layer_names(meta), default_layer(meta)
+
+
+def views_progress_html(job: Job) -> str:
+    stages = [("load", "load 4-bit model & text"), ("compute", "calibrate, correct, sweep ranks"), ("figures", "draw")]
+    names = [s for s, _ in stages]
+    idx = names.index(job.stage) if job.stage in names else 0
+    if job.status == FINISHED:
+        frac, line = 1.0, f"done in {job.elapsed:.0f} s"
+    else:
+        frac = (0.05, 0.2, 0.95)[idx] if job.status == RUNNING else 0.0
+        if job.stage == "compute" and "rank sweep" in job.stage_message:
+            frac = 0.6
+        line = job.stage_message or job.stage or job.status
+    chips = []
+    for i, (_, text) in enumerate(stages):
+        state = "done" if (i < idx or job.status == FINISHED) else ("now" if i == idx and job.status == RUNNING else "")
+        chips.append(f"<span class='q-step {state}'>{html.escape(text)}</span>")
+    cls = {FAILED: "failed", CANCELLED: "cancelled"}.get(job.status, "")
+    return (f"<div class='q-progress {cls}'><div class='q-steps'>{''.join(chips)}</div>"
+            f"<div class='q-bar' role='progressbar' aria-valuenow='{100 * frac:.0f}' aria-valuemin='0' aria-valuemax='100'>"
+            f"<span style='width:{100 * frac:.1f}%'></span></div>"
+            f"<div class='q-label'>{100 * frac:.0f}% · {html.escape(line)}</div></div>")
+
+
+def _empty_view_figure(key: str):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.update_layout(title=VIEW_TITLES[key], height=220, template="plotly_white", xaxis_visible=False,
+                      yaxis_visible=False, annotations=[{"text": "press “Compute views”", "showarrow": False,
+                                                             "font": {"color": "#888"}}])
+    return fig
+
+
+def views_outputs(job: Job | None) -> dict[str, Any]:
+    """Figures, precision table and layer picker update for a views job (placeholders until it finishes)."""
+    import plotly.io as pio
+
+    report = _report_of(job) if job is not None and job.kind == "views" else None
+    figures = (report or {}).get("figures") or {}
+    out: dict[str, Any] = {k: (pio.from_json(figures[k]) if k in figures else _empty_view_figure(k)) for k in VIEW_KEYS}
+    header = list((report or {}).get("precision_header") or ["format"])
+    out["table"] = pd.DataFrame((report or {}).get("precision_rows") or [], columns=header)
+    layers = next((e for e in reversed(job.events) if e.get("kind") == "layers"), None) if job else None
+    if layers:
+        out["layer"] = gr.update(choices=[("default: " + layers["default"], "")] + list(layers["names"]),
+                                 value=layers["layer"] if layers["layer"] != layers["default"] else "")
+    else:
+        out["layer"] = gr.update()
     return out
 
 
@@ -383,6 +517,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         session = gr.BrowserState({"owner": ""}, storage_key="quailora-studio-session")
         init_seen = gr.State({})
         train_seen = gr.State({})
+        views_seen = gr.State({})
 
         gr.Markdown(
             "# QuAILoRA Studio\n"
@@ -469,6 +604,49 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         with gr.Accordion("report.json", open=False):
             report_json = gr.JSON(label="report")
         refresh_init = gr.Button("refresh", visible=False)
+
+        # ---------------------------------------------------------------- teaching views + how it works
+        vd = view_defaults(gpu)
+        with gr.Tabs(elem_id="teaching-tabs"):
+            with gr.Tab("Teaching views", elem_id="tab-views"):
+                gr.Markdown(
+                    "Look inside **one layer** of the 4-bit model: its weights and quantization grid, the error, "
+                    "which directions of it the next layer actually feels, and how much each rank-r initialization "
+                    "removes. Uses the Setup's model, text and 4-bit settings; the precision table also reads the "
+                    "latest *Quantize & initialize* run when there is one. Runs in the same job queue.",
+                    elem_classes="note")
+                with gr.Row(equal_height=False):
+                    view_layer = gr.Dropdown([("default (chosen by the app)", "")], value="", allow_custom_value=True,
+                                             label="layer", elem_id="view-layer", scale=3,
+                                             info="every linear layer of the decoder blocks; the rank sweep averages "
+                                                  "over the chosen layer's block")
+                    view_rank = gr.Number(value=vd["rank"], precision=0, label="rank r of the views", scale=1,
+                                          elem_id="view-rank")
+                    view_calib = gr.Number(value=vd["calib_samples"], precision=0, label="calibration sequences (views)",
+                                           scale=1)
+                    view_seq = gr.Number(value=vd["seq_len"], precision=0, label="tokens per sequence (views)", scale=1)
+                with gr.Row():
+                    start_views = gr.Button("Compute views", variant="primary", scale=2, elem_id="start-views")
+                    stop_views = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-views")
+                    views_job = gr.Textbox("", label="job id", interactive=False, scale=1, max_lines=1,
+                                           elem_classes="jobid")
+                views_progress = gr.HTML("<div class='q-progress idle'><div class='q-label'>no views yet</div></div>",
+                                         elem_id="views-progress")
+                views_status = gr.Markdown("", elem_id="views-status")
+                view_plots = {}
+                for key in VIEW_KEYS:
+                    view_plots[key] = gr.Plot(_empty_view_figure(key), label=VIEW_TITLES[key], show_label=False,
+                                              elem_id=f"view-{key.replace('_', '-')}")
+                    gr.Markdown(VIEW_CAPTIONS[key], elem_classes="caption")
+                precision_table = gr.Dataframe(pd.DataFrame(columns=["format"]), interactive=False, wrap=True,
+                                               label="precision trade-off: memory of the weights per storage format (perplexity from "
+                                                     "the latest Quantize & initialize run; – = not measured)",
+                                               elem_id="precision-table")
+                refresh_views = gr.Button("refresh", visible=False)
+            with gr.Tab("How it works", elem_id="tab-how"):
+                how = gr.Markdown(how_it_works_markdown(vd["rank"]), elem_id="how-it-works",
+                                  latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+                                                    {"left": "$", "right": "$", "display": False}])
 
         # ---------------------------------------------------------------- 3 train
         gr.Markdown("## 3 · Fine-tune", elem_classes="step")
@@ -665,6 +843,80 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
             return zip_run(job.run_dir), summary
 
         zip_btn.click(download_run, [which, init_job, train_job], [zip_file, summary], api_name="download_run")
+
+        # ---------------------------------------------------------------- teaching views wiring
+        def view_layers_fn(model):
+            try:
+                names, default = model_layers(model)
+            except Exception:  # noqa: BLE001 - the job checks the model properly; here only the picker is filled
+                names, default = [], ""
+            if not names:
+                return gr.update(choices=[("default (chosen by the app)", "")], value="")
+            return gr.update(choices=[(f"default: {default}", "")] + names, value="")
+
+        model.change(view_layers_fn, [model], [view_layer], api_name="view_layers")
+        demo.load(view_layers_fn, [model], [view_layer], api_name="view_layers_on_load", api_visibility="private",
+                  show_progress="hidden")
+
+        def attach_views(session):
+            owner = (session or {}).get("owner")
+            job = manager.latest(owner, "views") if owner else None
+            return job.id if job else ""
+
+        demo.load(attach_views, [session], [views_job], api_name="attach_views", api_visibility="private",
+                  show_progress="hidden")
+
+        def start_views_fn(session, init_job_id, model, dataset, upload, text_column, quant, double_quant, block_size,
+                           eval_tokens, seed, als_rounds, damping, layer, views_rank, views_calib_samples, views_seq_len):
+            session, owner = _owner(session)
+            init = manager.snapshot(init_job_id) if init_job_id else None
+            if init is None or init.kind != "init":
+                init = manager.latest(owner, "init")
+            reports = [init.run_dir] if init and init.run_dir and (Path(init.run_dir) / "report.json").is_file() else []
+            try:
+                cfg = make_views_config(model, dataset, upload, text_column, quant, double_quant, block_size,
+                                        eval_tokens, seed, als_rounds, damping, layer, views_rank, views_calib_samples,
+                                        views_seq_len, vd["ranks"], reports)
+                job = manager.submit("views", cfg, owner)
+            except (UserError, ValueError, TypeError) as exc:
+                raise gr.Error(str(exc)) from None
+            return session, job.id, status_text(manager.snapshot(job.id), manager)
+
+        start_views.click(start_views_fn, [session, init_job, model, dataset, upload, text_column, quant, double_quant,
+                                           block_size, eval_tokens, seed, als_rounds, damping, view_layer, view_rank,
+                                           view_calib, view_seq],
+                          [session, views_job, views_status], api_name="start_views")
+        stop_views.click(stop_fn, [session, views_job], [views_status], api_name="stop_views")
+
+        views_out = [views_progress, views_status, *view_plots.values(), precision_table, view_layer]
+
+        def views_status_fn(job_id):
+            job = manager.snapshot(job_id)
+            v = views_outputs(job)
+            return (progress_html(job, manager) if job else progress_html(None, manager), status_text(job, manager),
+                    *[v[k] for k in VIEW_KEYS], v["table"], v["layer"])
+
+        refresh_views.click(views_status_fn, [views_job], views_out, api_name="views_status")
+
+        def poll_views(job_id, seen):
+            job = manager.snapshot(job_id)
+            if job is None:
+                return (*[gr.skip()] * len(views_out), seen)
+            key = {"job": job.id, "version": job.version, "status": job.status,
+                   "tick": int(job.elapsed) if job.status == RUNNING else -1}
+            if key == seen:
+                return (*[gr.skip()] * len(views_out), seen)
+            head = (progress_html(job, manager), status_text(job, manager))
+            if seen.get("job") == job.id and seen.get("status") == job.status:
+                return (*head, *[gr.skip()] * (len(views_out) - 2), key)
+            v = views_outputs(job)
+            return (*head, *[v[k] for k in VIEW_KEYS], v["table"], v["layer"], key)
+
+        views_timer = gr.Timer(poll_seconds)
+        views_timer.tick(poll_views, [views_job, views_seen], [*views_out, views_seen], api_name="poll_views",
+                         api_visibility="private", show_progress="hidden", queue=False)
+        view_rank.change(lambda r: how_it_works_markdown(int(r) if r and r >= 1 else None), [view_rank], [how],
+                         api_name="how_it_works")
     # status calls are cheap and compute never runs inside a request: let many requests run side by side
     demo.queue(default_concurrency_limit=16)
     return demo

@@ -82,7 +82,8 @@ def test_endpoints_have_explicit_names(app_url):
     client = Client(app_url, verbose=False)
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/attach", "/dataset_columns", "/describe_dataset", "/model_note", "/start_init", "/init_status", "/stop_init",
-            "/start_train", "/train_status", "/stop_train", "/download_run"} <= names
+            "/start_train", "/train_status", "/stop_train", "/download_run", "/view_layers", "/start_views",
+            "/views_status", "/stop_views", "/how_it_works"} <= names
     assert not client.view_api(print_info=False, return_format="dict")["unnamed_endpoints"]
 
 
@@ -124,6 +125,33 @@ def test_init_flow_returns_figures_and_report(app_url, tiny_model_dir, text_file
     names = zipfile.ZipFile(zip_path).namelist()
     assert any(n.endswith("report.json") for n in names) and any("adapters/quailora" in n for n in names)
     assert "QuAILoRA" in summary
+
+
+def test_teaching_views_job_returns_seven_figures(app_url, tiny_model_dir, text_file):
+    client = Client(app_url, verbose=False)
+    layer = client.predict(str(tiny_model_dir), api_name="/view_layers")
+    names = [c[1] for c in layer["choices"]]
+    assert layer["value"] == "" and "model.layers.1.mlp.down_proj" in names and len(names) == 1 + 2 * 7
+    session, init_id, *_ = client.predict({}, api_name="/attach")
+    setup = setup_args(tiny_model_dir, text_file)
+    args = {k: setup[k] for k in ("model", "dataset", "upload", "text_column", "quant", "double_quant", "block_size",
+                                  "eval_tokens", "seed")}
+    session, job_id, status = client.predict(session, init_id, **args, als_rounds=3, damping=0.01,
+                                             layer="model.layers.0.self_attn.q_proj", views_rank=4,
+                                             views_calib_samples=4, views_seq_len=32, api_name="/start_views")
+    assert job_id and ("queued" in status or "running" in status)
+    out = wait_for(client, "/views_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1], timeout=180)
+    progress, status, *plots, table, picked = out
+    assert "finished" in status and "100%" in progress, status
+    assert len(plots) == 7
+    for value in plots:
+        fig = plot_of(value)
+        assert fig["data"] and any(len(t.get("x") or t.get("y") or []) for t in fig["data"]), fig["layout"].get("title")
+    assert "q_proj" in json.dumps(plot_of(plots[0])["layout"])
+    assert table["headers"][0] == "format" and len(table["data"]) >= 3
+    assert picked["value"] == "model.layers.0.self_attn.q_proj"
+    how = client.predict(8, api_name="/how_it_works")
+    assert "$$" in how and "rank-8" in how
 
 
 def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, text_file):

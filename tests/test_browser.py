@@ -1,5 +1,5 @@
 """End to end in headless Chromium with the embedded SmolLM2: set small settings, quantize & initialize,
-watch the per-layer plot render, start a short two-arm fine-tuning, see the live curve gain points, stop it.
+watch the per-layer plot render, compute the teaching views and open How it works, start a short two-arm fine-tuning, see the live curve gain points, stop it.
 Screenshots go to test-output/ (ignored by git)."""
 from __future__ import annotations
 
@@ -104,6 +104,21 @@ def test_init_then_finetune_in_the_browser(app_url):
         page.locator("#layer-plot").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "browser-3-init-done.png"), full_page=True)
 
+        # teaching views of the default layer (8 x 128 calibration tokens, ranks 1..32), then the method page
+        page.get_by_role("tab", name="Teaching views").click()
+        expect(page.locator("#view-layer input")).to_have_value(re.compile("default"), timeout=10_000)
+        start = time.time()
+        page.locator("#start-views").click()
+        expect(page.locator("#views-status")).to_contain_text("finished", timeout=180_000)
+        views_seconds = time.time() - start
+        for key in ("weights", "error", "spectrum", "energy", "channels", "rank-sweep", "precision"):
+            page.wait_for_selector(f"#view-{key} .js-plotly-plot g.trace", state="attached", timeout=20_000)
+        expect(page.locator("#precision-table")).to_contain_text("NF4 + double quant", timeout=10_000)
+        page.locator("#tab-views").screenshot(path=str(SHOTS / "browser-views.png"))
+        page.get_by_role("tab", name="How it works").click()
+        expect(page.locator("#how-it-works .katex").first).to_be_visible(timeout=10_000)
+        page.locator("#tab-how").screenshot(path=str(SHOTS / "browser-how.png"))
+
         # fine-tune two arms a few steps, evaluating after every step
         page.get_by_label("8-bit QLoRA", exact=True).uncheck()
         set_number(page, "steps", 8)
@@ -130,4 +145,4 @@ def test_init_then_finetune_in_the_browser(app_url):
         page.wait_for_selector("#layer-plot .js-plotly-plot g.trace.scatter path.point", timeout=30_000)
         page.wait_for_selector(VAL_POINTS, timeout=30_000)
         browser.close()
-    print(f"init flow in the browser: {init_seconds:.0f} s")
+    print(f"init flow in the browser: {init_seconds:.0f} s, teaching views: {views_seconds:.0f} s")
