@@ -10,7 +10,7 @@ Peak memory: one full-precision block + the activations + a few n x n matrices.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -166,16 +166,22 @@ def calibrate_blocks(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     should_stop: Callable[[], bool] | None = None,
+    only: Mapping[int, Sequence[str]] | None = None,
+    stop_message: str = "during calibration",
 ) -> Iterator[BlockCalibration]:
     """Yield each block's H groups and full-precision weights, block 0 first. `model` is the quantized model
-    (it supplies block 0's inputs and the block classes); the full-precision blocks come from `checkpoint`."""
+    (it supplies block 0's inputs and the block classes); the full-precision blocks come from `checkpoint`.
+
+    `only` (block index -> module names inside that block) calibrates just those layers: the blocks before the
+    last one listed still run, to produce its inputs, but accumulate no H and are not yielded."""
     prefix, layers = decoder_layers(model)
+    last = max(only) if only else len(layers) - 1
     inputs = capture_block_inputs(model, calib_ids, batch_size, device)
-    for index in range(len(layers)):
+    for index in range(last + 1):
         if should_stop and should_stop():
-            raise Cancelled(f"stopped during calibration at block {index} of {len(layers)}")
+            raise Cancelled(f"stopped {stop_message} at block {index} of {last + 1}")
         block = build_full_precision_block(model, index, checkpoint, device, dtype)
-        names = target_names(block, targets)
+        names = list(only.get(index, ())) if only is not None else target_names(block, targets)
         hooks = HessianAccumulator(block, names)
         outputs = []
         with torch.no_grad():
@@ -183,10 +189,12 @@ def calibrate_blocks(
                 hooks.new_pass()
                 outputs.append((_block_output(block(hidden.to(dtype), **kwargs)).detach(), kwargs))
         hooks.remove()
-        modules = dict(block.named_modules())
-        weights = {name: modules[name].weight.detach().float() for name in names}
-        yield BlockCalibration(index, f"{prefix}.{index}", hooks.groups(), weights)
-        del block, hooks, weights
+        if names:
+            modules = dict(block.named_modules())
+            weights = {name: modules[name].weight.detach().float() for name in names}
+            yield BlockCalibration(index, f"{prefix}.{index}", hooks.groups(), weights)
+            del weights
+        del block, hooks
         inputs = outputs
 
 

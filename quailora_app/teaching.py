@@ -28,7 +28,7 @@ import torch
 
 from . import init_math
 from .calibrate import (
-    HessianAccumulator, _block_output, build_full_precision_block, capture_block_inputs, decoder_layers, target_names,
+    calibrate_blocks, decoder_layers, target_names,
 )
 from .checkpoint import Checkpoint
 from .config import ALL_LINEAR, DataConfig, LoraSettings, ModelConfig, QuantConfig
@@ -195,8 +195,6 @@ def layer_snapshots(
 
     Runs the calibration inputs through the full-precision blocks 0..max(block of names) only, one block at a
     time as calibrate.calibrate_blocks does, accumulating H only in the blocks that hold a requested layer."""
-    from .errors import Cancelled
-
     names = list(dict.fromkeys(names))
     if not names:
         raise ConfigError("choose at least one layer")
@@ -212,35 +210,21 @@ def layer_snapshots(
     wanted: dict[int, list[str]] = {}
     for name in names:
         wanted.setdefault(_parse_block(model, name), []).append(name)
-    inputs = capture_block_inputs(model, calib_ids, batch_size, device)
+    only = {index: [n[len(f"{prefix}.{index}."):] for n in inside] for index, inside in wanted.items()}
     out: dict[str, LayerSnapshot] = {}
-    for index in range(max(wanted) + 1):
-        if should_stop and should_stop():
-            raise Cancelled(f"stopped at block {index} while computing the layer view")
-        block = build_full_precision_block(model, index, checkpoint, device, dtype)
-        local = [n[len(f"{prefix}.{index}."):] for n in wanted.get(index, [])]
-        hooks = HessianAccumulator(block, local) if local else None
-        outputs = []
-        for hidden, kwargs in inputs:
-            if hooks:
-                hooks.new_pass()
-            outputs.append((_block_output(block(hidden.to(dtype), **kwargs)).detach(), kwargs))
-        if hooks:
-            hooks.remove()
-            sub = dict(block.named_modules())
-            for group in hooks.groups():
-                for loc in group.names:
-                    full = f"{prefix}.{index}.{loc}"
-                    layer = modules[full]
-                    _, state = _quant_state(layer)
-                    out[full] = LayerSnapshot(
-                        name=full, block=index, W=sub[loc].weight.detach().float().cpu(),
-                        Q=dequantized_weight(layer).cpu(), H=group.H.float().cpu(), tokens=group.tokens,
-                        quant_type=state.quant_type, block_size=int(state.blocksize), double_quant=bool(state.nested),
-                        absmax=block_absmax(state).cpu(), code=state.code.float().cpu(),
-                    )
-        del block, hooks
-        inputs = outputs
+    for calibrated in calibrate_blocks(model, checkpoint, calib_ids, (), device, dtype, batch_size, should_stop,
+                                       only=only, stop_message="while computing the layer view"):
+        for group in calibrated.groups:
+            for loc in group.names:
+                full = f"{calibrated.prefix}.{loc}"
+                layer = modules[full]
+                _, state = _quant_state(layer)
+                out[full] = LayerSnapshot(
+                    name=full, block=calibrated.index, W=calibrated.weights[loc].cpu(),
+                    Q=dequantized_weight(layer).cpu(), H=group.H.float().cpu(), tokens=group.tokens,
+                    quant_type=state.quant_type, block_size=int(state.blocksize), double_quant=bool(state.nested),
+                    absmax=block_absmax(state).cpu(), code=state.code.float().cpu(),
+                )
     return {n: out[n] for n in names}
 
 
