@@ -10,7 +10,6 @@ import gc
 import math
 import resource
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -21,13 +20,13 @@ from .adapters import Factors, attach_lora, loftq_factors, read_factors, save_ad
 from .calibrate import decoder_layers
 from .checkpoint import Checkpoint
 from .config import InitConfig
-from .errors import Cancelled, UserError
+from .errors import Cancelled
 from .evaluate import gap_closed, perplexity
 from .events import Event, Log, Metric, Progress, RunFailed, RunFinished, Stage
 from .quiet import quiet_libraries
 from .initialize import InitResult, initialize, target_paths
 from .quantize import load_4bit, load_8bit
-from .runs import EventLog, new_run_dir, write_json_atomic
+from .runs import EventLog, ended_in_one_line, new_run_dir, write_json_atomic
 from .sources.data import load_splits
 from .sources.models import (
     compute_dtype, device_label, load_config, load_full_precision, load_tokenizer, pick_device, resolve_model,
@@ -95,17 +94,9 @@ class InitRun:
 
     def events(self) -> Iterator[Event]:
         try:
-            yield from self._run()
-        except Cancelled as exc:
-            yield self._finish_failed(str(exc), cancelled=True)
-        except UserError as exc:
-            yield self._finish_failed(str(exc))
-        except torch.OutOfMemoryError:
-            free_memory()
-            yield self._finish_failed(f"out of memory on {self.report['device']}: try a smaller model, fewer calibration samples or a shorter seq-len")
-        except Exception as exc:  # noqa: BLE001 - the run folder keeps the traceback, the user gets one line
-            (self.run_dir / "error.txt").write_text(traceback.format_exc())
-            yield self._finish_failed(f"internal error: {type(exc).__name__}: {exc} (traceback in {self.run_dir / 'error.txt'})")
+            yield from ended_in_one_line(
+                self._run(), self._finish_failed, self.run_dir, self.report["device"],
+                "try a smaller model, fewer calibration samples or a shorter seq-len", free_memory)
         finally:
             self._log.close()
             free_memory()

@@ -5,9 +5,14 @@ import json
 import os
 import tempfile
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .errors import Cancelled, UserError
 from .events import Event
 
 
@@ -80,3 +85,28 @@ def read_events(run_dir: Path, name: str = "events.jsonl") -> list[dict]:
         except json.JSONDecodeError:
             continue
     return events
+
+
+def ended_in_one_line(
+    body: Iterator[Event],
+    finish_failed: Callable[[str, bool], Event],
+    run_dir: Path,
+    device: str,
+    oom_hint: str,
+    release_memory: Callable[[], None],
+) -> Iterator[Event]:
+    """Yield `body`'s events; whatever ends the run early becomes one failed event from `finish_failed(message,
+    cancelled)`: a stop, a user error, out of memory (after `release_memory()`, with `oom_hint`), or an internal
+    error, whose traceback goes to error.txt in the run folder while the user gets one line."""
+    try:
+        yield from body
+    except Cancelled as exc:
+        yield finish_failed(str(exc), True)
+    except UserError as exc:
+        yield finish_failed(str(exc), False)
+    except torch.OutOfMemoryError:
+        release_memory()
+        yield finish_failed(f"out of memory on {device}: {oom_hint}", False)
+    except Exception as exc:  # noqa: BLE001 - the run folder keeps the traceback, the user gets one line
+        (Path(run_dir) / "error.txt").write_text(traceback.format_exc())
+        yield finish_failed(f"internal error: {type(exc).__name__}: {exc} (traceback in {Path(run_dir) / 'error.txt'})", False)

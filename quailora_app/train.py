@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -33,14 +32,14 @@ from .adapters import attach_lora, save_adapter, write_factors
 from .arms import ARM_SPECS, Arm, batch_hash
 from .checkpoint import Checkpoint
 from .config import TrainConfig
-from .errors import Cancelled, UserError
+from .errors import Cancelled
 from .evaluate import gap_closed, perplexity
 from .events import ArmFinished, EvalPoint, Event, Log, Metric, Progress, RunFailed, RunFinished, Stage, TrainStep
 from .initialize import InitResult, initialize, target_paths
 from .pipeline import free_memory
 from .quantize import load_4bit, load_8bit
 from .quiet import quiet_libraries
-from .runs import EventLog, new_run_dir, write_json_atomic
+from .runs import EventLog, ended_in_one_line, new_run_dir, write_json_atomic
 from .sources.data import load_splits
 from .sources.models import compute_dtype, device_label, load_config, load_full_precision, load_tokenizer, pick_device, resolve_model
 
@@ -140,18 +139,9 @@ class TrainRun:
 
     def events(self) -> Iterator[Event]:
         try:
-            yield from self._run()
-        except Cancelled as exc:
-            yield self._finish_failed(str(exc), cancelled=True)
-        except UserError as exc:
-            yield self._finish_failed(str(exc))
-        except torch.OutOfMemoryError:
-            self._drop_models()
-            yield self._finish_failed(f"out of memory on {self.report['device']}: try --schedule sequential, fewer arms, "
-                                      "a smaller batch or a shorter seq-len")
-        except Exception as exc:  # noqa: BLE001 - the run folder keeps the traceback, the user gets one line
-            (self.run_dir / "error.txt").write_text(traceback.format_exc())
-            yield self._finish_failed(f"internal error: {type(exc).__name__}: {exc} (traceback in {self.run_dir / 'error.txt'})")
+            yield from ended_in_one_line(
+                self._run(), self._finish_failed, self.run_dir, self.report["device"],
+                "try --schedule sequential, fewer arms, a smaller batch or a shorter seq-len", self._drop_models)
         finally:
             self._log.close()
             self._drop_models()
