@@ -1,6 +1,9 @@
 """Tiny models and tokenizers built from a config, offline, for fast tests."""
 from __future__ import annotations
 
+import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,3 +51,30 @@ def save_tiny_llama(folder: Path, *, hidden: int = 64, intermediate: int = 128, 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def launched_app(runs_dir: Path):
+    """The real app served on a free localhost port, run folders under `runs_dir`; yields its URL."""
+    from quailora_app.jobs import JobManager
+    from quailora_app.ui import build_ui, launch_options
+
+    old = os.environ.get("QUAILORA_RUNS")
+    os.environ["QUAILORA_RUNS"] = str(runs_dir)
+    demo = build_ui(JobManager(gpu=False))
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            **launch_options())
+    try:
+        yield url
+    finally:
+        demo.close()
+        if old is None:
+            os.environ.pop("QUAILORA_RUNS", None)
+        else:
+            os.environ["QUAILORA_RUNS"] = old

@@ -4,7 +4,6 @@ for the session that started it."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 import zipfile
 
@@ -13,34 +12,13 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from helpers import TINY_TEXT  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import TINY_TEXT, launched_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    import os
-
-    runs = tmp_path_factory.mktemp("runs")
-    old = os.environ.get("QUAILORA_RUNS")
-    os.environ["QUAILORA_RUNS"] = str(runs)
-    from quailora_app.jobs import JobManager
-    from quailora_app.ui import build_ui, launch_options
-
-    demo = build_ui(JobManager(gpu=False))
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                            **launch_options())
-    yield url
-    demo.close()
-    if old is None:
-        os.environ.pop("QUAILORA_RUNS", None)
-    else:
-        os.environ["QUAILORA_RUNS"] = old
+    with launched_app(tmp_path_factory.mktemp("runs")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@ watch the per-layer plot render, compute the teaching views and open How it work
 Screenshots go to test-output/ (ignored by git)."""
 from __future__ import annotations
 
-import os
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ def app_url(tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
     pytest.importorskip("playwright")
-    from quailora_app.jobs import JobManager, training_available
+    from quailora_app.jobs import training_available
     from quailora_app.sources.models import embedded_gguf
 
     try:
@@ -33,22 +31,10 @@ def app_url(tmp_path_factory):
         pytest.skip(f"embedded model unavailable: {exc}")
     if not training_available():
         pytest.skip("quailora_app.train has not landed")
-    old = os.environ.get("QUAILORA_RUNS")
-    os.environ["QUAILORA_RUNS"] = str(tmp_path_factory.mktemp("runs"))
-    from quailora_app.ui import build_ui, launch_options
+    from helpers import launched_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = build_ui(JobManager(gpu=False))
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                            **launch_options())
-    yield url
-    demo.close()
-    if old is None:
-        os.environ.pop("QUAILORA_RUNS", None)
-    else:
-        os.environ["QUAILORA_RUNS"] = old
+    with launched_app(tmp_path_factory.mktemp("runs")) as url:
+        yield url
 
 
 def set_number(page, label: str, value) -> None:

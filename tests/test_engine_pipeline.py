@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig
-from quailora_app.events import LayerResult, Metric, Progress, RunFailed, RunFinished
+from quailora_app.events import LayerResult, Progress, RunFailed, RunFinished
 from quailora_app.pipeline import run_init
 
 REPORT_KEYS = {"model", "dataset", "device", "rank", "alpha", "methods", "perplexity", "gap_closed", "seconds",
