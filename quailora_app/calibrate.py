@@ -168,12 +168,16 @@ def calibrate_blocks(
     should_stop: Callable[[], bool] | None = None,
     only: Mapping[int, Sequence[str]] | None = None,
     stop_message: str = "during calibration",
+    reduce_sums: Callable[[HessianAccumulator], None] | None = None,
 ) -> Iterator[BlockCalibration]:
     """Yield each block's H groups and full-precision weights, block 0 first. `model` is the quantized model
     (it supplies block 0's inputs and the block classes); the full-precision blocks come from `checkpoint`.
 
     `only` (block index -> module names inside that block) calibrates just those layers: the blocks before the
-    last one listed still run, to produce its inputs, but accumulate no H and are not yielded."""
+    last one listed still run, to produce its inputs, but accumulate no H and are not yielded.
+
+    `reduce_sums(hooks)` runs after each block's forward passes, before H = sums / tokens is formed: several
+    processes that each ran their share of the calibration sequences sum `hooks.sums` and `hooks.tokens` there."""
     prefix, layers = decoder_layers(model)
     last = max(only) if only else len(layers) - 1
     inputs = capture_block_inputs(model, calib_ids, batch_size, device)
@@ -189,6 +193,8 @@ def calibrate_blocks(
                 hooks.new_pass()
                 outputs.append((_block_output(block(hidden.to(dtype), **kwargs)).detach(), kwargs))
         hooks.remove()
+        if reduce_sums is not None:
+            reduce_sums(hooks)
         if names:
             modules = dict(block.named_modules())
             weights = {name: modules[name].weight.detach().float() for name in names}
