@@ -6,7 +6,9 @@
    inputs through it with hooks that accumulate H for each linear input (q/k/v read one tensor and share one H,
    gate/up share one), hand H and the block's weights W to the caller, and keep the block's outputs as
    block i+1's inputs.
-Peak memory: one full-precision block + the activations + a few n x n matrices.
+Peak accelerator memory: the quantized model + one full-precision block + one batch's activations + a few
+n x n matrices. The activations of all calibration sequences between blocks (2 x N x seq x hidden) stay in CPU
+memory and each batch visits the device only while its block runs.
 """
 from __future__ import annotations
 
@@ -71,15 +73,37 @@ class _BlockInputsCaught(Exception):
     pass
 
 
+#: Where calibration activations wait between blocks (off the accelerator).
+STORE = torch.device("cpu")
+
+
+def _moved(value, device: torch.device):
+    """`value` with every tensor inside (nested tuples, lists, dicts) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
+def calibration_batch_size(seq_len: int, tokens_per_batch: int = 8192, most: int = 8) -> int:
+    """Sequences per calibration forward pass: about `tokens_per_batch` tokens, at most `most` sequences
+    (8 x 256 on the CPU defaults, 4 x 2048 for a 7B model's 128 x 2048 calibration)."""
+    return max(1, min(most, tokens_per_batch // max(seq_len, 1)))
+
+
 def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, device: torch.device) -> list[tuple[torch.Tensor, dict]]:
-    """Run the model up to block 0 for each calibration batch; return (hidden_states, block kwargs) per batch."""
+    """Run the model up to block 0 for each calibration batch; return (hidden_states, block kwargs) per batch,
+    kept in CPU memory (STORE)."""
     _, layers = decoder_layers(model)
     captured: list[tuple[torch.Tensor, dict]] = []
 
     def catch(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache", "past_key_value")}
-        captured.append((hidden.detach(), kwargs))
+        captured.append((hidden.detach().to(STORE), _moved(kwargs, STORE)))
         raise _BlockInputsCaught
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
@@ -164,7 +188,7 @@ def calibrate_blocks(
     targets: Sequence[str],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     only: Mapping[int, Sequence[str]] | None = None,
     stop_message: str = "during calibration",
@@ -180,6 +204,7 @@ def calibrate_blocks(
     processes that each ran their share of the calibration sequences sum `hooks.sums` and `hooks.tokens` there."""
     prefix, layers = decoder_layers(model)
     last = max(only) if only else len(layers) - 1
+    batch_size = batch_size or calibration_batch_size(calib_ids.shape[-1])
     inputs = capture_block_inputs(model, calib_ids, batch_size, device)
     for index in range(last + 1):
         if should_stop and should_stop():
@@ -191,7 +216,9 @@ def calibrate_blocks(
         with torch.no_grad():
             for hidden, kwargs in inputs:
                 hooks.new_pass()
-                outputs.append((_block_output(block(hidden.to(dtype), **kwargs)).detach(), kwargs))
+                out = block(hidden.to(device=device, dtype=dtype), **_moved(kwargs, device))
+                outputs.append((_block_output(out).detach().to(STORE), kwargs))
+                del out
         hooks.remove()
         if reduce_sums is not None:
             reduce_sums(hooks)
@@ -202,6 +229,8 @@ def calibrate_blocks(
             del weights
         del block, hooks
         inputs = outputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the block's and H's memory back before the next block is built
 
 
 def hessians_by_hooks(full_model, calib_ids: torch.Tensor, targets: Sequence[str], batch_size: int = 8) -> dict[str, torch.Tensor]:

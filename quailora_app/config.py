@@ -9,6 +9,7 @@ from .errors import ConfigError
 INIT_METHODS = ("qlora", "svd", "quailora", "closed_form", "loftq")
 DEFAULT_METHODS = ("qlora", "svd", "quailora", "closed_form", "loftq")
 QUANT_TYPES = ("nf4", "fp4")
+SOLVERS = ("exact", "randomized")
 #: Shorthand accepted by --targets; "all-linear" means every nn.Linear inside the decoder blocks.
 ALL_LINEAR = "all-linear"
 
@@ -96,6 +97,7 @@ class InitConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     als_rounds: int = field(default=20, metadata={"help": "alternating least squares rounds of quailora"})
     damping: float = field(default=0.01, metadata={"help": "lambda = damping * mean(diag H), keeps H invertible"})
+    solver: str = field(default="exact", metadata={"help": "closed_form's solver: exact (Cholesky + truncated SVD) or randomized (subspace iteration, faster on large layers; see bench/scale.py for its objective)"})
     eval_batch: int = field(default=4, metadata={"help": "sequences per forward pass when measuring perplexity"})
     baselines: bool = field(default=True, metadata={"help": "also measure full-precision and 8-bit perplexity"})
     out: str | None = field(default=None, metadata={"help": "run folder (default: runs/init-<time>)"})
@@ -111,6 +113,8 @@ class InitConfig:
             raise ConfigError("als-rounds must be at least 1")
         if not 0 <= self.damping < 1:
             raise ConfigError("damping must be in [0, 1)")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}")
 
 
 #: Fine-tuning arms: base precision and LoRA initialization. 4-bit arms share one NF4/FP4 base and one

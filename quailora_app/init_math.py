@@ -6,7 +6,7 @@ Rt (r x n) and only split into peft's A (r x n), B (m x r) with s * B @ A == C a
 
 Precision: on CPU every computation runs in float64 (cheap at these sizes and accurate to ~1e-12);
 on other devices the big products and SVDs run in float32 for speed and memory, while the
-eigen-decomposition of H and the small r x r solves always run in float64 and are cast back.
+factorizations of H (Cholesky, eigh) and the small r x r solves always run in float64 and are cast back.
 Every function returns factors in the dtype of that working precision, except `split_factors`,
 which returns float32 (what the LoRA layers hold).
 """
@@ -17,18 +17,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .config import SOLVERS
 from .errors import ConfigError
 
 __all__ = [
+    "DampedH",
+    "damped",
     "HSpectrum",
     "spectrum",
     "svd_correction",
     "closed_form_correction",
+    "SOLVERS",
     "quailora_correction",
     "split_factors",
     "weight_error",
     "calibrated_error",
     "calibrated_objective",
+    "LowRankErrors",
     "check_rank",
 ]
 
@@ -82,6 +87,70 @@ class HSpectrum:
         R = R.to(v.dtype)
         return v @ (self.eigvals.to(v.dtype)[:, None] * (v.T @ R))
 
+    def cholesky(self) -> Tensor:
+        """Lower-triangular L with L L^T = H + lambda I (not cached)."""
+        return _cholesky(self.damped()).to(self.eigvecs.dtype)
+
+
+def _cholesky(M: Tensor) -> Tensor:
+    """Cholesky factor of a symmetric PD matrix, in float64. If round-off makes it fail (damping 0 on a
+    singular H), a jitter of 1e-12, 1e-10, ... times the mean diagonal is added until it succeeds."""
+    M64 = M.to(torch.float64)
+    M64 = (M64 + M64.T) / 2
+    L, info = torch.linalg.cholesky_ex(M64)
+    scale = float(M64.diagonal().mean().abs()) or 1.0
+    jitter = 1e-12
+    while int(info) != 0:
+        if jitter > 1e-2:
+            raise ValueError("H + lambda I is not positive definite even with jitter")
+        L, info = torch.linalg.cholesky_ex(M64 + jitter * scale * torch.eye(M64.shape[0], dtype=M64.dtype, device=M64.device))
+        jitter *= 100
+    return L
+
+
+@dataclass
+class DampedH:
+    """H + lambda I for the calibrated methods, with its Cholesky factor L L^T = H + lambda I.
+
+    What the engine uses per distinct layer input: ALS only needs products (H + lambda I) R, and the closed
+    form needs any square root of H + lambda I; a Cholesky factorization (n^3 / 3 flops) gives one several
+    times faster than an eigen-decomposition. `cholesky()` is cached after its first call.
+    """
+
+    matrix: Tensor  # (n, n) H + lambda I in the working precision
+    damping_lambda: float
+    _chol: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def apply(self, R: Tensor) -> Tensor:
+        """(H + lambda I) @ R."""
+        return self.matrix @ R.to(self.matrix.dtype)
+
+    def damped(self) -> Tensor:
+        return self.matrix
+
+    def cholesky(self) -> Tensor:
+        if self._chol is None:
+            self._chol = _cholesky(self.matrix).to(self.matrix.dtype)
+        return self._chol
+
+
+def _damping_lambda(H64: Tensor, damping: float) -> float:
+    mean_diag = float(H64.diagonal().mean())
+    return damping * mean_diag if mean_diag > 0 else float(damping)
+
+
+def damped(H: Tensor, damping: float = 0.01) -> DampedH:
+    """H + lambda I with lambda = damping * mean(diag(H)) (lambda = damping if H is all zero), symmetrized."""
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    H64 = H.to(torch.float64)
+    H64 = (H64 + H64.T) / 2
+    lam = _damping_lambda(H64, damping)
+    H64.diagonal().add_(lam)
+    return DampedH(H64.to(_work_dtype(H.device)), lam)
+
 
 def spectrum(H: Tensor, damping: float = 0.01) -> HSpectrum:
     """Eigen-decompose H + lambda I with lambda = damping * mean(diag(H)).
@@ -96,8 +165,7 @@ def spectrum(H: Tensor, damping: float = 0.01) -> HSpectrum:
         raise ValueError(f"damping must be >= 0, got {damping}")
     H64 = H.to(torch.float64)
     H64 = (H64 + H64.T) / 2
-    mean_diag = float(H64.diagonal().mean())
-    lam = damping * mean_diag if mean_diag > 0 else float(damping)
+    lam = _damping_lambda(H64, damping)
     evals, evecs = torch.linalg.eigh(H64)
     evals = evals + lam
     top = float(evals.abs().max()) if evals.numel() else 0.0
@@ -146,20 +214,53 @@ def svd_correction(E: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return U * root, root[:, None] * Vh
 
 
-def closed_form_correction(E: Tensor, spec: HSpectrum, rank: int) -> tuple[Tensor, Tensor]:
-    """Exact minimizer of ||(E - C) S||_F^2 = tr((E - C)(H + lambda I)(E - C)^T) over rank-r C.
+def closed_form_correction(
+    E: Tensor, h: DampedH | HSpectrum, rank: int, solver: str = "exact", power_iters: int = 4, oversample: int = 16
+) -> tuple[Tensor, Tensor]:
+    """Minimizer of tr((E - C)(H + lambda I)(E - C)^T) over rank-r C (H + lambda I written Hd below).
 
-    With S = (H + lambda I)^(1/2) invertible, C S ranges over all rank-r matrices, so the optimum is
-    C S = SVD_r(E S), i.e. C = U_r S_r V_r^T S^-1. With H + lambda I = V diag(l) V^T, E S = (E V diag(l^1/2)) V^T
-    and V^T is orthogonal, so only M = E V diag(l^1/2) is decomposed and no n x n square root is ever formed:
-    M = U_r S_r W_r^T gives P = U_r sqrt(S_r), Rt = sqrt(S_r) W_r^T diag(l^-1/2) V^T.
+    exact: with Hd = L L^T (Cholesky; any square root works) the objective is ||(E - C) L||_F^2 and L is
+    invertible, so C L ranges over all rank-r matrices: C L = SVD_r(E L) = U_r S_r W_r^T, i.e.
+    P = U_r sqrt(S_r), Rt = sqrt(S_r) W_r^T L^-1 (one triangular solve, no inverse formed). Cost m n^2 + n^3/3.
+    randomized: the same optimum is C = U_r U_r^T E with U_r the top-r eigenvectors of G = E Hd E^T (m x m).
+    Subspace iteration finds them from products with E, E^T and Hd only (k = r + oversample columns,
+    `power_iters` rounds of Y <- E Hd E^T Y, then Rayleigh-Ritz on span(Y)): cost (2 m n k + n^2 k) per round,
+    no factorization of Hd. Seeded, so it is deterministic. Its objective is measured against exact's in
+    bench/scale.py.
     """
-    V = spec.eigvecs
-    root_l = spec.eigvals.to(V.dtype).sqrt()
-    M = (E.to(V.dtype) @ V) * root_l
+    if solver == "randomized":
+        return _closed_form_randomized(E, h, rank, power_iters, oversample)
+    if solver != "exact":
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {solver!r}")
+    L = h.cholesky()
+    M = E.to(L.dtype) @ L
     U, S, Wh = _truncated_svd(M, rank)
     root = S.sqrt()
-    return U * root, ((root[:, None] * Wh) / root_l) @ V.T
+    # Rt = root W^T L^-1  <=>  L^T Rt^T = W root
+    Rt = torch.linalg.solve_triangular(L.T, (Wh.T * root).to(L.dtype), upper=True).T
+    return U * root, Rt.contiguous()
+
+
+def _closed_form_randomized(E: Tensor, h: DampedH | HSpectrum, rank: int, power_iters: int, oversample: int):
+    Ew = _work(E)
+    m, n = Ew.shape
+    k = min(rank + oversample, m, n)
+    gen = torch.Generator(device=Ew.device).manual_seed(0)
+    omega = torch.randn(n, k, generator=gen, dtype=Ew.dtype, device=Ew.device)
+    Y = Ew @ h.apply(omega).to(Ew.dtype)
+    for _ in range(power_iters):
+        Q, _unused = torch.linalg.qr(Y)
+        Y = Ew @ h.apply(Ew.T @ Q).to(Ew.dtype)
+    Q, _unused = torch.linalg.qr(Y)  # (m x k), spans the top of G's range
+    B = Ew.T @ Q  # (n x k)
+    T = B.T @ h.apply(B).to(Ew.dtype)  # Q^T G Q (k x k)
+    _w, V = torch.linalg.eigh(((T + T.T) / 2).to(torch.float64))
+    U = Q @ V.flip(1)[:, :rank].to(Ew.dtype)  # (m x min(r, k))
+    Rt = U.T @ Ew
+    if U.shape[1] < rank:  # rank > min(m, n): pad with zero directions, as _truncated_svd does
+        U = torch.cat([U, U.new_zeros(m, rank - U.shape[1])], dim=1)
+        Rt = torch.cat([Rt, Rt.new_zeros(rank - Rt.shape[0], n)], dim=0)
+    return U, Rt.contiguous()
 
 
 def _psd_solve(G: Tensor, rhs: Tensor) -> Tensor:
@@ -183,7 +284,7 @@ def _psd_solve(G: Tensor, rhs: Tensor) -> Tensor:
     return ((V * inv) @ (V.T @ rhs64)).to(rhs.dtype)
 
 
-def quailora_correction(E: Tensor, spec: HSpectrum, rank: int, rounds: int = 20) -> tuple[Tensor, Tensor]:
+def quailora_correction(E: Tensor, spec: DampedH | HSpectrum, rank: int, rounds: int = 20) -> tuple[Tensor, Tensor]:
     """The paper's alternating least squares for min tr((E - C) Hd (E - C)^T), C = P R^T, Hd = H + lambda I.
 
     Starts from the truncated SVD of E (R = V_r), then `rounds` times:
@@ -196,7 +297,7 @@ def quailora_correction(E: Tensor, spec: HSpectrum, rank: int, rounds: int = 20)
     """
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
-    Ew = E.to(spec.eigvecs.dtype)
+    Ew = _work(E)
     U, S, Vh = _truncated_svd(Ew, rank)
     if rounds == 0:
         root = S.sqrt()
@@ -256,6 +357,33 @@ def calibrated_objective(E: Tensor, C: Tensor, H: Tensor) -> float:
     D = _work(E) - C.to(_work_dtype(E.device))
     Hw = H.to(D.dtype)
     return float(((D @ Hw) * D).sum())
+
+
+class LowRankErrors:
+    """Weight and calibrated errors of several rank-r corrections C = P Rt of one E, without forming E - C.
+
+    E H (m n^2 flops) is formed once; then per correction only products with the r-row factor:
+        tr((E - C) H (E - C)^T) = tr(E H E^T) - 2 sum(P * (E H Rt^T)) + sum((P^T P) * (Rt H Rt^T))
+        ||E - C||_F^2            = ||E||_F^2   - 2 sum(P * (E Rt^T))   + sum((P^T P) * (Rt Rt^T))
+    Same figures as weight_error / calibrated_error (to round-off), about 1 + 2r/n products instead of 2 per
+    correction, which made the error report cost more than the corrections themselves."""
+
+    def __init__(self, E: Tensor, H: Tensor):
+        self.E = _work(E)
+        self.H = H.to(self.E.dtype)
+        self.EH = self.E @ self.H
+        self.weight_base = float((self.E * self.E).sum())
+        self.calib_base = float((self.EH * self.E).sum())
+
+    def errors(self, P: Tensor, Rt: Tensor) -> tuple[float, float]:
+        """(weight error, calibrated error) of C = P @ Rt, as fractions of C = 0's."""
+        P, Rt = P.to(self.E.dtype), Rt.to(self.E.dtype)
+        gram = P.T @ P
+        weight = self.weight_base - 2 * float((P * (self.E @ Rt.T)).sum()) + float((gram * (Rt @ Rt.T)).sum())
+        calib = self.calib_base - 2 * float((P * (self.EH @ Rt.T)).sum()) + float((gram * (Rt @ self.H @ Rt.T)).sum())
+        w = max(weight, 0.0) ** 0.5 / self.weight_base**0.5 if self.weight_base > 0 else 0.0
+        c = max(calib, 0.0) ** 0.5 / self.calib_base**0.5 if self.calib_base > 0 else 0.0
+        return w, c
 
 
 def weight_error(E: Tensor, C: Tensor) -> float:

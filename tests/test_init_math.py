@@ -9,6 +9,8 @@ import torch
 from quailora_app.errors import ConfigError
 from quailora_app.init_math import (
     HSpectrum,
+    LowRankErrors,
+    damped,
     calibrated_error,
     calibrated_objective,
     check_rank,
@@ -242,3 +244,51 @@ def test_spectrum_handles_rank_deficient_and_zero_h():
     assert torch.allclose(Pc @ Rtc, Ps @ Rts, atol=1e-10)
     with pytest.raises(ValueError):
         spectrum(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("m,n,rank", [(48, 80, 4), (96, 64, 8), (40, 120, 16)])
+def test_cholesky_closed_form_equals_eigen_closed_form(m, n, rank):
+    """Any square root of H + lambda I gives the same optimum: Cholesky (the engine's) and the symmetric root."""
+    E, H = problem(m, n, seed=5)
+    P1, Rt1 = closed_form_correction(E, damped(H), rank)
+    P2, Rt2 = closed_form_correction(E, spectrum(H), rank)
+    assert torch.allclose(P1 @ Rt1, P2 @ Rt2, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("m,n,rank", [(48, 80, 4), (96, 64, 8), (120, 40, 16), (200, 300, 8)])
+def test_randomized_closed_form_reaches_the_exact_objective(m, n, rank):
+    E, H = problem(m, n, seed=6, outliers=0)  # no outliers: the flattest spectrum, the hardest case for it
+    h = damped(H)
+    exact = calibrated_objective(E, torch.matmul(*closed_form_correction(E, h, rank)), h.damped())
+    P, Rt = closed_form_correction(E, h, rank, solver="randomized")
+    assert P.shape == (m, rank) and Rt.shape == (rank, n)
+    approx = calibrated_objective(E, P @ Rt, h.damped())
+    assert exact <= approx * (1 + 1e-12)
+    assert (approx - exact) / exact < 2e-3
+    again = closed_form_correction(E, h, rank, solver="randomized")
+    assert torch.equal(again[0] @ again[1], P @ Rt)  # seeded: deterministic
+
+
+def test_randomized_closed_form_pads_ranks_beyond_the_layer():
+    E, H = problem(12, 20, seed=7)
+    P, Rt = closed_form_correction(E, damped(H), 15, solver="randomized")
+    assert P.shape == (12, 15) and Rt.shape == (15, 20)
+    assert calibrated_objective(E, P @ Rt, H) < 1e-18 * calibrated_objective(E, torch.zeros_like(E), H)
+
+
+def test_low_rank_errors_match_the_direct_formulas():
+    E, H = problem(40, 64, seed=8)
+    meter = LowRankErrors(E, H)
+    for rank in (1, 5, 17):
+        P, Rt = closed_form_correction(E, damped(H), rank)
+        w, c = meter.errors(P, Rt)
+        assert w == pytest.approx(weight_error(E, P @ Rt), rel=1e-9)
+        assert c == pytest.approx(calibrated_error(E, P @ Rt, H), rel=1e-9)
+    assert meter.errors(torch.zeros(40, 3, dtype=torch.float64), torch.zeros(3, 64, dtype=torch.float64)) == pytest.approx((1.0, 1.0))
+
+
+def test_damped_h_cholesky_survives_a_singular_h_without_damping():
+    X = torch.randn(30, 5, dtype=torch.float64)
+    h = damped(X @ X.T, damping=0.0)  # rank 5 of 30: only the jitter makes it factorizable
+    L = h.cholesky()
+    assert torch.allclose(L @ L.T, h.damped(), atol=1e-6 * float(h.damped().diagonal().mean()))
