@@ -7,10 +7,18 @@ lives in the browser), and a stop request only reaches the job whose owner sent 
 
 Stop is cooperative: the engine's `should_stop()` reads the job's `threading.Event` and, for work that runs in
 another process (ZeroGPU forks one), a STOP file in the run folder. No gradio in this module.
+
+A job that dies (any exception, out of memory, even a BaseException raised inside a step) is marked failed with
+one line; the worker then makes sure the run folder says so too (report.json `status: failed` with the `error`,
+a last `failed` line in events.jsonl, both only where the engine did not get to write them), keeps whatever
+the run had written (events, adapters), frees memory and goes on with the next job in the queue.
 """
 from __future__ import annotations
 
+import gc
+import json
 import os
+import sys
 import threading
 import time
 import traceback
@@ -22,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .runs import new_run_dir
+from .reopen import mark_owner
+from .runs import new_run_dir, read_events, write_json_atomic
 
 #: (config, should_stop, run_dir) -> event stream
 Runner = Callable[[Any, Callable[[], bool], Path], Iterator[Any]]
@@ -121,6 +130,19 @@ def _run_views(cfg: ViewsConfig, should_stop, run_dir):
 
 
 DEFAULT_RUNNERS: dict[str, Runner] = {"init": _run_init, "train": _run_train, "views": _run_views}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def release_memory() -> None:
+    """After every job: collect what the finished (or dead) run left behind and hand cached GPU memory back."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def training_available() -> bool:
@@ -297,6 +319,15 @@ class JobManager:
                        job.run_dir, job.report, job.message, self._position(job), job.stop_event)
         return copy
 
+    def owned(self, job_id: str, owner: str | None) -> Job | None:
+        """`snapshot(job_id)` if the job belongs to `owner`, else None: a session never reads another's job."""
+        job = self.snapshot(job_id) if owner else None
+        return job if job is not None and job.owner == owner else None
+
+    def active_owners(self) -> set[str]:
+        with self._lock:
+            return {j.owner for j in self._jobs.values() if j.active}
+
     def latest(self, owner: str, kind: str | None = None) -> Job | None:
         """The owner's most recent job (of `kind`), for re-attaching a reopened page."""
         with self._lock:
@@ -355,25 +386,66 @@ class JobManager:
                         job.status, job.message = FAILED, job.message or "the run ended without a result"
                     job.ended = job.ended or time.time()
                     job.version += 1
+                if job.status == FAILED:
+                    self._mark_folder_failed(job)
+                release_memory()
 
     def _execute(self, job: Job) -> None:
+        stream = None
         try:
             run_dir = new_run_dir(job.kind, getattr(job.config, "out", None))
+            mark_owner(run_dir, job.owner)
             with self._lock:
                 job.run_dir = str(run_dir)
             if job.stop_event.is_set():
                 (run_dir / STOP_FILE).touch()
-            for event in self.runners[job.kind](job.config, job.should_stop, run_dir):
+            stream = self.runners[job.kind](job.config, job.should_stop, run_dir)
+            for event in stream:
                 self._record(job, event)
         except UserError as exc:
             self._fail(job, str(exc))
-        except Exception as exc:  # noqa: BLE001 - one line for the UI; the traceback goes to the run folder
+        except BaseException as exc:  # noqa: BLE001 - the worker outlives any job; one line for the UI
             if job.run_dir:
                 try:
                     (Path(job.run_dir) / "error.txt").write_text(traceback.format_exc())
                 except OSError:
                     pass
-            self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
+            if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+                self._fail(job, f"out of memory: {type(exc).__name__}: {_one_line(exc)}")
+            else:
+                self._fail(job, f"internal error: {type(exc).__name__}: {_one_line(exc)}")
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                try:
+                    close()  # runs the engine's own cleanup (event log closed, memory freed) if it was cut short
+                except BaseException:  # noqa: BLE001
+                    pass
+            stream = None
+
+    def _mark_folder_failed(self, job: Job) -> None:
+        """Make the run folder agree with the job: report.json says failed with the reason, and events.jsonl ends
+        with a failed event, where the engine died before writing them. Nothing already written is removed."""
+        if not job.run_dir:
+            return
+        run_dir = Path(job.run_dir)
+        try:
+            report_path = run_dir / "report.json"
+            report = json.loads(report_path.read_text()) if report_path.is_file() else {"kind": job.kind}
+            if not isinstance(report, dict):
+                report = {"kind": job.kind}
+            if report.get("status") not in ("failed", "cancelled", "stopped"):
+                report["status"], report["error"] = "failed", job.message
+                write_json_atomic(report_path, report)
+            events = read_events(run_dir)
+            if not events or events[-1].get("kind") not in ("failed", "finished"):
+                with open(run_dir / "events.jsonl", "a") as f:
+                    f.write(json.dumps({"kind": "failed", "run_dir": str(run_dir), "message": job.message,
+                                        "cancelled": False}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+        except (OSError, ValueError):
+            pass
 
     def _fail(self, job: Job, message: str) -> None:
         with self._lock:

@@ -17,15 +17,15 @@ Headless API (gradio_client; every endpoint below has this explicit api_name):
 - ``/start_init(session, model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha,
     rslora, targets, calib_samples, seq_len, eval_tokens, seed, methods, baselines, als_rounds, damping)
     -> (session, init_job_id, status)``: queue the quantize & initialize flow; bad settings raise an error.
-- ``/init_status(job_id) -> (progress_html, status, layer_plot, heatmap_plot, perplexity_plot, numbers,
+- ``/init_status(session, job_id) -> (progress_html, status, layer_plot, heatmap_plot, perplexity_plot, numbers,
     report, model_note)``: the job's state; plots are plotly figures, numbers a table, report the
     report.json dict once the run has ended (partial for a stopped run).
 - ``/stop_init(session, job_id) -> status`` and ``/stop_train(session, job_id) -> status``: ask a job to
     stop after its current step; only the session that started it can.
 - ``/start_train(session, <the 19 setup settings of start_init, methods excluded>, arms, steps,
     learning_rate, batch_size, grad_accum, eval_every, warmup_ratio) -> (session, train_job_id, status)``
-- ``/train_status(job_id) -> (progress_html, status, curves_plot, throughput)``
-- ``/download_run(which, init_job_id, train_job_id) -> (zip_file, summary)``: which = "init" or "train";
+- ``/train_status(session, job_id) -> (progress_html, status, curves_plot, throughput)``
+- ``/download_run(session, which, init_job_id, train_job_id) -> (zip_file, summary)``: which = "init" or "train";
     zips that run folder (report, events, adapters).
 - ``/view_layers(model) -> layer``: the layer picker's choices (every linear layer of the decoder blocks, read
     from the model's config on the meta device, no weights) and its default; empty for a model not on disk yet.
@@ -33,22 +33,35 @@ Headless API (gradio_client; every endpoint below has this explicit api_name):
     eval_tokens, seed, als_rounds, damping, layer, views_rank, views_calib_samples, views_seq_len)
     -> (session, views_job_id, status)``: queue the teaching views of one layer ("" = the default layer) in the
     same worker; the latest finished init run of `init_job_id` feeds the precision trade-off.
-- ``/views_status(job_id) -> (progress_html, status, weights, error, spectrum, energy, channels, rank_sweep,
+- ``/views_status(session, job_id) -> (progress_html, status, weights, error, spectrum, energy, channels, rank_sweep,
     precision, precision_table, layer)``: the 7 plotly figures (empty until the job finishes) and the table.
 - ``/stop_views(session, job_id) -> status``.
 - ``/how_it_works(views_rank) -> markdown``: the method in one page (LaTeX in $$...$$ and $...$).
+- ``/list_runs(session) -> run_folder``: the run folders under the runs root (QUAILORA_RUNS) this session may
+    reopen (its own, and the command line's), newest first.
+- ``/reopen_run(session, run_folder) -> (summary, layer_plot, heatmap_plot, perplexity_plot, curves_plot, table,
+    report, zip_file)``: redraw a run folder from its report.json / events.jsonl, also after a restart of the app.
+
+Sessions are kept apart: the status, download and stop endpoints answer only for jobs of the calling session
+(another session's job id gets a refusal line and empty plots). Uploads are checked (type, size) and copied into
+the session's own folder, removed when its last tab closes; typed model and dataset paths are read only inside
+the allowed folders (`quailora_app.sources.paths`).
 
 The page itself polls through three private timer endpoints (poll_init, poll_train, poll_views) that skip unchanged
 figures.
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
+import math
 import os
 import shutil
 import tempfile
+import threading
 import uuid
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +93,8 @@ from .jobs import (
     training_available,
     zerogpu_available,
 )
+from .reopen import list_runs, open_run
+from .sources import paths
 from .sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset
 from .sources.models import EMBEDDED_NOTE
 from .teaching import how_it_works_markdown
@@ -89,7 +104,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ARMS = getattr(_config, "ARMS", ("qlora4", "quailora4", "closed4", "svd4", "qlora8", "quailora8", "lora16"))
 DEFAULT_ARMS = getattr(_config, "DEFAULT_ARMS", ("qlora4", "quailora4", "qlora8"))
 TARGET_CHOICES = (ALL_LINEAR, "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-UPLOAD_TYPES = [".txt", ".jsonl", ".csv", ".parquet"]
+UPLOAD_TYPES = paths.PICKER_TYPES
 
 
 # ------------------------------------------------------------------------------------------------ device
@@ -120,33 +135,87 @@ def default_settings(gpu: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ settings
+def _one_line(text: Any, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown(value: Any) -> str:
+    return _one_line(repr(value), 60)
+
+
+def one_line_errors(fn):
+    """Settings handlers raise only UserError, in one line: a ValueError/TypeError/OverflowError from a
+    config check becomes one, and a multi-line message is folded."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            if "\n" in str(exc) or len(str(exc)) > 300:
+                raise type(exc)(_one_line(exc)) from None
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise UserError(_one_line(exc) or f"invalid setting ({type(exc).__name__})") from None
+
+    return wrapped
+
+
+def _text(value: Any, name: str) -> str:
+    """A text field: None -> "", a string stripped, anything else a UserError."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be text, got {_shown(value)}")
+    if "\x00" in value:
+        raise UserError(f"{name} must not contain NUL characters")
+    return value.strip()
+
+
+def _choices(value: Any, name: str) -> list[str]:
+    """A multi-choice field: a list of names (a single name is a list of one)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{name} must be a list of names, got {_shown(value)}")
+    return [v.strip() for v in value if v and v.strip()]
+
+
 def _dataset_name(dataset: str | None, upload: Any) -> str:
     if upload:
         return str(getattr(upload, "name", None) or upload)
-    return (dataset or "embedded").strip()
+    return _text(dataset, "dataset") or "embedded"
 
 
 def _num(value, name: str, kind=int):
-    """A number from a form field, or a UserError naming the field."""
+    """A finite number from a form field, or a UserError naming the field."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{name} must be a number, got {_shown(value)}") from None
+    if not math.isfinite(number):
+        raise UserError(f"{name} must be a finite number, got {_shown(value)}")
     if kind is int:
         if number != int(number):
-            raise UserError(f"{name} must be a whole number, got {value}")
+            raise UserError(f"{name} must be a whole number, got {_shown(value)}")
         return int(number)
     return number
 
 
 def _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
                     targets, calib_samples, seq_len, eval_tokens, seed):
-    targets = [t for t in (targets or []) if t] or [ALL_LINEAR]
+    targets = _choices(targets, "target modules") or [ALL_LINEAR]
     if ALL_LINEAR in targets:
         targets = [ALL_LINEAR]
+    if not isinstance(quant, str):
+        raise UserError(f"4-bit data type must be nf4 or fp4, got {_shown(quant)}")
     return (
-        ModelConfig((model or "embedded").strip()),
-        DataConfig(_dataset_name(dataset, upload), (text_column or None), _num(seq_len, "tokens per sequence"),
+        ModelConfig(_text(model, "model") or "embedded"),
+        DataConfig(_dataset_name(dataset, upload), _text(text_column, "text column") or None,
+                   _num(seq_len, "tokens per sequence"),
                    _num(calib_samples, "calibration sequences"), _num(eval_tokens, "held-out tokens"),
                    _num(seed or 0, "seed")),
         QuantConfig(quant, bool(double_quant), _num(block_size, "block size")),
@@ -154,15 +223,17 @@ def _common_configs(model, dataset, upload, text_column, quant, double_quant, bl
     )
 
 
+@one_line_errors
 def make_init_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
                      targets, calib_samples, seq_len, eval_tokens, seed, methods, baselines, als_rounds,
                      damping) -> InitConfig:
     m, d, q, lora = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
                                     alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed)
-    return InitConfig(m, d, q, lora, tuple(methods or ("qlora",)), _num(als_rounds, "ALS rounds"),
+    return InitConfig(m, d, q, lora, tuple(_choices(methods, "methods") or ("qlora",)), _num(als_rounds, "ALS rounds"),
                       _num(damping, "damping", float), baselines=bool(baselines))
 
 
+@one_line_errors
 def make_train_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
                       targets, calib_samples, seq_len, eval_tokens, seed, als_rounds, damping, arms, steps,
                       learning_rate, batch_size, grad_accum, eval_every, warmup_ratio):
@@ -172,6 +243,7 @@ def make_train_config(model, dataset, upload, text_column, quant, double_quant, 
         raise UserError("fine-tuning is not available in this build yet (quailora_app.train has not landed)") from None
     m, d, q, lora = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
                                     alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed)
+    arms = _choices(arms, "arms")
     if not arms:
         raise UserError("choose at least one arm to fine-tune")
     return TrainConfig(model=m, data=d, quant=q, lora=lora, arms=tuple(arms), steps=_num(steps, "steps"),
@@ -204,6 +276,59 @@ def peek_columns(path: str) -> tuple[list[str], str | None]:
     if guess is None:
         guess = max(texts, key=lambda c: frame[c].dropna().astype(str).str.len().mean() or 0)
     return texts, guess
+
+
+def inspect_upload(path: Any) -> tuple[list[str], str | None, str]:
+    """(text columns, best guess, one line) for an uploaded file; a UserError (one line) for a file of the wrong
+    type, empty, too large, or unreadable."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"the upload must be a file, got {_shown(path)}")
+    src = paths.check_upload(path)
+    try:
+        cols, guess = peek_columns(str(src))
+    except Exception as exc:  # noqa: BLE001 - any reader error on a stranger's file is a one-line answer
+        raise UserError(f"could not read the file's columns: {type(exc).__name__}: {_one_line(exc, 200)}") from None
+    info = describe_dataset(str(src))
+    if not cols:
+        info += " · plain text: blank lines separate documents"
+    return cols, guess, _one_line(info)
+
+
+def describe_source(name: Any, owner: str | None = None) -> str:
+    """The dataset box's one-line description, after the path policy (a refused path is described as such)."""
+    try:
+        checked = paths.check_user_path(_text(name, "dataset"), "dataset", owner)
+    except UserError as exc:
+        return str(exc)
+    return _one_line(describe_dataset(checked))
+
+
+def vetted_sources(model: Any, dataset: Any, upload: Any, owner: str, upload_sources=()) -> tuple[str, str, str | None]:
+    """(model, dataset, stored upload) as the engine may read them: an upload is checked and copied into the
+    session's folder, typed paths must lie in the allowed folders (`sources.paths`)."""
+    stored = None
+    if upload:
+        if not isinstance(upload, (str, os.PathLike)):
+            upload = getattr(upload, "name", None) or getattr(upload, "path", None)
+            if not isinstance(upload, (str, os.PathLike)):
+                raise UserError("the upload must be a file; upload it again")
+        stored = str(paths.store_upload(upload, owner, sources=upload_sources))
+        dataset_name = stored
+    else:
+        dataset_name = paths.check_user_path(_text(dataset, "dataset"), "dataset", owner)
+    return paths.check_user_path(_text(model, "model"), "model", owner), dataset_name, stored
+
+
+def _gradio_upload_roots() -> list[str]:
+    """Where gradio keeps uploaded files (the only place an upload may come from)."""
+    roots = [os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")]
+    try:
+        from gradio.utils import get_upload_folder
+
+        roots.append(str(get_upload_folder()))
+    except Exception:  # noqa: BLE001 - older/newer gradio: the default above still holds
+        pass
+    return roots
 
 
 # ------------------------------------------------------------------------------------------------ views
@@ -373,6 +498,7 @@ def view_defaults(gpu: bool) -> dict[str, Any]:
     return {"calib_samples": 8, "seq_len": 128, "rank": 16, "ranks": (1, 2, 4, 8, 16, 32)}
 
 
+@one_line_errors
 def make_views_config(model, dataset, upload, text_column, quant, double_quant, block_size, eval_tokens, seed,
                       als_rounds, damping, layer, rank, calib_samples, seq_len, ranks, reports=()) -> ViewsConfig:
     m, d, q, _ = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, 16, 16, False,
@@ -498,22 +624,93 @@ def zip_run(run_dir: str) -> str:
     return shutil.make_archive(str(out_dir / src.name), "zip", root_dir=src.parent, base_dir=src.name)
 
 
+# ------------------------------------------------------------------------------------------------ reopen
+_REPORT_STATUS = {"finished": FINISHED, "cancelled": CANCELLED, "stopped": CANCELLED, "failed": FAILED}
+
+
+def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[str, Any]:
+    """Figures, tables, report and a zip of a run folder under the runs root (this owner's or the CLI's), read
+    back from report.json / events.jsonl: what a finished job shows, after a restart of the app."""
+    run = open_run(_text(name, "run folder"), owner)
+    report = run.report or {}
+    status = _REPORT_STATUS.get(run.status, FAILED)
+    arms = list(report.get("arms") or {}) if isinstance(report.get("arms"), dict) else list(report.get("arms") or [])
+    try:
+        model_cfg = ModelConfig(str(report.get("model") or "embedded"))
+    except UserError:
+        model_cfg = ModelConfig()
+    config = SimpleNamespace(methods=list(report.get("methods") or []), arms=arms, model=model_cfg)
+    message = report.get("error") or ("the app stopped before this run ended" if run.status == "running" else run.status)
+    job = Job(id="", kind=run.kind, owner=owner or "", config=config, status=status, events=run.events,
+              run_dir=str(run.run_dir), report=run.report, message=str(message))
+    out: dict[str, Any] = {"layers": F.layer_error_figure([]), "heatmap": F.removal_heatmap([]),
+                           "perplexity": F.perplexity_figure([]), "curves": F.train_figure([]),
+                           "table": pd.DataFrame(columns=F.NUMBERS_HEADER), "report": run.report}
+    what = {"init": "Quantize & initialize", "train": "Fine-tuning", "views": "Teaching views"}[run.kind]
+    head = f"**Reopened `{run.name}`** ({what}, {run.status}{': ' + _one_line(report['error']) if report.get('error') else ''})."
+    if run.kind == "init":
+        v = init_views(job, manager)
+        out.update(layers=v["layers"], heatmap=v["heatmap"], perplexity=v["perplexity"], table=v["numbers"])
+        out["summary"] = head + "\n\n" + summary_text(job, None)
+    elif run.kind == "train":
+        out["curves"] = F.train_figure(run.events, arms)
+        out["table"] = pd.DataFrame(F.train_table(run.events, arms), columns=F.TRAIN_HEADER)
+        out["summary"] = head + "\n\n" + summary_text(None, job)
+    else:
+        out["summary"] = head + " Its seven figures are in views.json inside the zip."
+    out["zip"] = zip_run(str(run.run_dir))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the app
 def _owner(session: dict | None) -> tuple[dict, str]:
-    session = dict(session or {})
-    if not session.get("owner"):
+    session = dict(session) if isinstance(session, dict) else {}
+    if not session.get("owner") or not isinstance(session["owner"], str):
         session["owner"] = uuid.uuid4().hex
     return session, session["owner"]
+
+
+class _Tabs:
+    """Open pages (gradio session hashes) per owner key, so a closed tab can clean up its owner's uploads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner_of: dict[str, str] = {}
+
+    def seen(self, request: Any, owner: str) -> None:
+        key = getattr(request, "session_hash", None)
+        if key:
+            with self._lock:
+                self._owner_of[key] = owner
+
+    def closed(self, request: Any) -> str | None:
+        with self._lock:
+            return self._owner_of.pop(getattr(request, "session_hash", None) or "", None)
+
+    def owners(self) -> set[str]:
+        with self._lock:
+            return set(self._owner_of.values())
 
 
 def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) -> gr.Blocks:
     """The whole page. `manager` defaults to a process-wide JobManager running the real engine."""
     manager = manager or _default_manager()
+    tabs = _Tabs()
+    upload_roots = _gradio_upload_roots()
+
+    def session_job(session: dict | None, job_id: str | None) -> tuple[Job | None, str | None]:
+        """(the job if this session owns it, else None; a refusal line when the id is someone else's or unknown)."""
+        if not job_id:
+            return None, None
+        job = manager.owned(job_id, (session or {}).get("owner"))
+        return job, (None if job else f"No job `{_one_line(job_id, 40)}` in this session: a session sees only its own jobs.")
+
     device, gpu = device_summary()
     d = default_settings(gpu)
     train_ready = training_available()
 
-    with gr.Blocks(title="QuAILoRA Studio", fill_width=False) as demo:
+    # gradio's own copies of uploads are deleted after an hour (and at shutdown); ours live per session
+    with gr.Blocks(title="QuAILoRA Studio", fill_width=False, delete_cache=(3600, 3600)) as demo:
         session = gr.BrowserState({"owner": ""}, storage_key="quailora-studio-session")
         init_seen = gr.State({})
         train_seen = gr.State({})
@@ -686,38 +883,65 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         zip_file = gr.File(label="download", interactive=False, elem_id="zip-file")
         summary = gr.Markdown("No results yet: run step 2 (and 3) first.", elem_id="summary")
         queue_text = gr.Markdown("", elem_classes="note")
+        with gr.Accordion("Reopen a run folder (also after a restart of the app)", open=False, elem_id="reopen"):
+            with gr.Row(equal_height=True):
+                run_pick = gr.Dropdown([], value=None, label="run folder", scale=3, elem_id="run-pick",
+                                       info="this session's runs under the runs root (QUAILORA_RUNS), newest first")
+                refresh_runs = gr.Button("Refresh list", scale=1, elem_id="refresh-runs")
+                reopen_btn = gr.Button("Reopen", variant="primary", scale=1, elem_id="reopen-run")
+            reopen_summary = gr.Markdown("", elem_id="reopen-summary")
+            reopen_layers = gr.Plot(F.layer_error_figure([]), show_label=False, elem_id="reopen-layers")
+            with gr.Row(equal_height=False):
+                reopen_heatmap = gr.Plot(F.removal_heatmap([]), show_label=False, elem_id="reopen-heatmap")
+                reopen_ppl = gr.Plot(F.perplexity_figure([]), show_label=False, elem_id="reopen-ppl")
+            reopen_curves = gr.Plot(F.train_figure([]), show_label=False, elem_id="reopen-curves")
+            reopen_table = gr.Dataframe(pd.DataFrame(columns=F.NUMBERS_HEADER), interactive=False, wrap=True,
+                                        label="numbers of the reopened run")
+            with gr.Accordion("report.json of the reopened run", open=False):
+                reopen_report = gr.JSON(label="report")
+            reopen_zip = gr.File(label="download the reopened run folder", interactive=False, elem_id="reopen-zip")
 
         # ---------------------------------------------------------------- wiring
-        def attach(session):
+        def attach(session, request: gr.Request):
             session, owner = _owner(session)
+            tabs.seen(request, owner)
+            paths.sweep_uploads(keep=manager.active_owners() | tabs.owners())
             ij, tj = manager.latest(owner, "init"), manager.latest(owner, "train")
             running, waiting = manager.queue_length()
             return session, ij.id if ij else "", tj.id if tj else "", f"Server queue: {running} running, {waiting} waiting."
 
         demo.load(attach, [session], [session, init_job, train_job, queue_text], api_name="attach")
 
+        def session_ended(request: gr.Request):
+            """A tab closed: its owner's uploads go, unless another tab or a queued/running job still needs them
+            (then the idle sweep removes them later)."""
+            owner = tabs.closed(request)
+            if owner and owner not in tabs.owners() and owner not in manager.active_owners():
+                paths.remove_session_uploads(owner)
+
+        demo.unload(session_ended)
+
         def dataset_columns(upload):
             if not upload:
                 return gr.update(choices=[], value=None), ""
             try:
-                cols, guess = peek_columns(upload)
-            except Exception as exc:  # noqa: BLE001 - the engine re-checks the file; here we only describe it
-                return gr.update(choices=[], value=None), f"could not read the file's columns: {type(exc).__name__}: {exc}"
-            info = describe_dataset(upload)
-            if not cols:
-                info += " · plain text: blank lines separate documents"
+                cols, guess, info = inspect_upload(upload)
+            except UserError as exc:
+                return gr.update(choices=[], value=None), f"**Refused:** {exc}"
             return gr.update(choices=cols, value=guess), info
 
         upload.change(dataset_columns, [upload], [text_column, data_info], api_name="dataset_columns")
-        dataset.change(lambda name: describe_dataset(name), [dataset], [data_info], api_name="describe_dataset")
+        dataset.change(lambda name: describe_source(name), [dataset], [data_info], api_name="describe_dataset")
         model.change(lambda m: f"<small>{EMBEDDED_NOTE}</small>" if (m or "embedded") == "embedded" else "",
                      [model], [model_note], api_name="model_note")
 
         def start_init_fn(session, model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha,
                           rslora, targets, calib_samples, seq_len, eval_tokens, seed, methods, baselines, als_rounds,
-                          damping):
+                          damping, request: gr.Request):
             session, owner = _owner(session)
+            tabs.seen(request, owner)
             try:
+                model, dataset, upload = vetted_sources(model, dataset, upload, owner, upload_roots)
                 cfg = make_init_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
                                        alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed, methods,
                                        baselines, als_rounds, damping)
@@ -740,20 +964,21 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
 
         init_outputs = [init_progress, init_status, layer_plot, heatmap_plot, ppl_plot, numbers, report_json, init_note]
 
-        def init_status_fn(job_id):
-            job = manager.snapshot(job_id)
+        def init_status_fn(session, job_id):
+            job, refused = session_job(session, job_id)
             v = init_views(job, manager)
-            return (progress_html(job, manager), status_text(job, manager), v["layers"], v["heatmap"],
+            return (progress_html(job, manager), refused or status_text(job, manager), v["layers"], v["heatmap"],
                     v["perplexity"], v["numbers"], v["report"], v["note"])
 
-        refresh_init.click(init_status_fn, [init_job], init_outputs, api_name="init_status")
+        refresh_init.click(init_status_fn, [session, init_job], init_outputs, api_name="init_status")
 
-        def poll_init(job_id, seen, other_job_id):
-            job = manager.snapshot(job_id)
+        def poll_init(session, job_id, seen, other_job_id):
+            job, refused = session_job(session, job_id)
             if job is None:
                 if seen.get("job") == job_id:
                     return (*[gr.skip()] * (len(init_outputs) + 1), seen)
-                return (progress_html(None, manager), status_text(None, manager), *[gr.skip()] * 7, {"job": job_id})
+                return (progress_html(None, manager), refused or status_text(None, manager), *[gr.skip()] * 7,
+                        {"job": job_id})
             n_layers = sum(1 for e in job.events if e.get("kind") == "layer")
             n_metrics = sum(1 for e in job.events if e.get("kind") == "metric")
             key = {"job": job.id, "version": job.version, "layers": n_layers, "metrics": n_metrics,
@@ -771,17 +996,19 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
                     v["numbers"] if tables_changed and "numbers" in v else gr.skip(),
                     v["report"] if fresh and "report" in v else gr.skip(),
                     v["note"] if fresh and "note" in v else gr.skip(),
-                    summary_text(job, manager.snapshot(other_job_id)) if fresh else gr.skip(), key)
+                    summary_text(job, session_job(session, other_job_id)[0]) if fresh else gr.skip(), key)
 
         init_timer = gr.Timer(poll_seconds)
-        init_timer.tick(poll_init, [init_job, init_seen, train_job], [*init_outputs, summary, init_seen], api_name="poll_init",
+        init_timer.tick(poll_init, [session, init_job, init_seen, train_job], [*init_outputs, summary, init_seen], api_name="poll_init",
                         api_visibility="private", show_progress="hidden", queue=False)
 
         def start_train_fn(session, model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha,
                            rslora, targets, calib_samples, seq_len, eval_tokens, seed, als_rounds, damping, arms,
-                           steps, learning_rate, batch_size, grad_accum, eval_every, warmup_ratio):
+                           steps, learning_rate, batch_size, grad_accum, eval_every, warmup_ratio, request: gr.Request):
             session, owner = _owner(session)
+            tabs.seen(request, owner)
             try:
+                model, dataset, upload = vetted_sources(model, dataset, upload, owner, upload_roots)
                 cfg = make_train_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
                                         alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed, als_rounds,
                                         damping, arms, steps, learning_rate, batch_size, grad_accum, eval_every,
@@ -803,19 +1030,20 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
             return (F.train_figure(events, arms_cfg),
                     pd.DataFrame(F.train_table(events, arms_cfg), columns=F.TRAIN_HEADER))
 
-        def train_status_fn(job_id):
-            job = manager.snapshot(job_id)
+        def train_status_fn(session, job_id):
+            job, refused = session_job(session, job_id)
             fig, table = train_views(job)
-            return progress_html(job, manager), status_text(job, manager), fig, table
+            return progress_html(job, manager), refused or status_text(job, manager), fig, table
 
-        refresh_train.click(train_status_fn, [train_job], train_outputs, api_name="train_status")
+        refresh_train.click(train_status_fn, [session, train_job], train_outputs, api_name="train_status")
 
-        def poll_train(job_id, seen, other_job_id):
-            job = manager.snapshot(job_id)
+        def poll_train(session, job_id, seen, other_job_id):
+            job, refused = session_job(session, job_id)
             if job is None:
                 if seen.get("job") == job_id:
                     return (*[gr.skip()] * (len(train_outputs) + 1), seen)
-                return (progress_html(None, manager), status_text(None, manager), *[gr.skip()] * 3, {"job": job_id})
+                return (progress_html(None, manager), refused or status_text(None, manager), *[gr.skip()] * 3,
+                        {"job": job_id})
             n_points = sum(1 for e in job.events if e.get("kind") in ("train_step", "eval", "metric") or F._is_arm_finished(e))
             key = {"job": job.id, "version": job.version, "status": job.status, "points": n_points,
                    "tick": int(job.elapsed) if job.status == RUNNING else -1}
@@ -826,28 +1054,52 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
                 fig, table = train_views(job)
             else:
                 fig, table = gr.skip(), gr.skip()
-            text = summary_text(manager.snapshot(other_job_id), job) if fresh else gr.skip()
+            text = summary_text(session_job(session, other_job_id)[0], job) if fresh else gr.skip()
             return progress_html(job, manager), status_text(job, manager), fig, table, text, key
 
         train_timer = gr.Timer(poll_seconds)
-        train_timer.tick(poll_train, [train_job, train_seen, init_job], [*train_outputs, summary, train_seen], api_name="poll_train",
+        train_timer.tick(poll_train, [session, train_job, train_seen, init_job], [*train_outputs, summary, train_seen], api_name="poll_train",
                          api_visibility="private", show_progress="hidden", queue=False)
 
-        def download_run(which, init_job_id, train_job_id):
-            job = manager.snapshot(init_job_id if which == "init" else train_job_id)
-            summary = summary_text(manager.snapshot(init_job_id), manager.snapshot(train_job_id))
+        def download_run(session, which, init_job_id, train_job_id):
+            job, refused = session_job(session, init_job_id if which == "init" else train_job_id)
+            summary = summary_text(session_job(session, init_job_id)[0], session_job(session, train_job_id)[0])
+            if refused:
+                raise gr.Error(refused)
             if job is None or not job.run_dir:
                 raise gr.Error("that run has not started yet")
             if job.active:
                 gr.Warning("the run is still going: the zip holds what it has written so far")
             return zip_run(job.run_dir), summary
 
-        zip_btn.click(download_run, [which, init_job, train_job], [zip_file, summary], api_name="download_run")
+        zip_btn.click(download_run, [session, which, init_job, train_job], [zip_file, summary], api_name="download_run")
+
+        # ---------------------------------------------------------------- reopen wiring
+        def list_runs_fn(session):
+            choices = list_runs((session or {}).get("owner") if isinstance(session, dict) else None)
+            return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+        refresh_runs.click(list_runs_fn, [session], [run_pick], api_name="list_runs")
+        demo.load(list_runs_fn, [session], [run_pick], api_name="list_runs_on_load", api_visibility="private",
+                  show_progress="hidden")
+
+        def reopen_fn(session, name):
+            owner = (session or {}).get("owner") if isinstance(session, dict) else None
+            try:
+                v = reopened_outputs(name, owner, manager)
+            except UserError as exc:
+                raise gr.Error(str(exc)) from None
+            return (v["summary"], v["layers"], v["heatmap"], v["perplexity"], v["curves"], v["table"], v["report"],
+                    v["zip"])
+
+        reopen_btn.click(reopen_fn, [session, run_pick],
+                         [reopen_summary, reopen_layers, reopen_heatmap, reopen_ppl, reopen_curves, reopen_table,
+                          reopen_report, reopen_zip], api_name="reopen_run")
 
         # ---------------------------------------------------------------- teaching views wiring
         def view_layers_fn(model):
             try:
-                names, default = model_layers(model)
+                names, default = model_layers(paths.check_user_path(_text(model, "model"), "model"))
             except Exception:  # noqa: BLE001 - the job checks the model properly; here only the picker is filled
                 names, default = [], ""
             if not names:
@@ -867,13 +1119,16 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
                   show_progress="hidden")
 
         def start_views_fn(session, init_job_id, model, dataset, upload, text_column, quant, double_quant, block_size,
-                           eval_tokens, seed, als_rounds, damping, layer, views_rank, views_calib_samples, views_seq_len):
+                           eval_tokens, seed, als_rounds, damping, layer, views_rank, views_calib_samples, views_seq_len,
+                           request: gr.Request):
             session, owner = _owner(session)
-            init = manager.snapshot(init_job_id) if init_job_id else None
+            tabs.seen(request, owner)
+            init = manager.owned(init_job_id, owner) if init_job_id else None
             if init is None or init.kind != "init":
                 init = manager.latest(owner, "init")
             reports = [init.run_dir] if init and init.run_dir and (Path(init.run_dir) / "report.json").is_file() else []
             try:
+                model, dataset, upload = vetted_sources(model, dataset, upload, owner, upload_roots)
                 cfg = make_views_config(model, dataset, upload, text_column, quant, double_quant, block_size,
                                         eval_tokens, seed, als_rounds, damping, layer, views_rank, views_calib_samples,
                                         views_seq_len, vd["ranks"], reports)
@@ -890,16 +1145,16 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
 
         views_out = [views_progress, views_status, *view_plots.values(), precision_table, view_layer]
 
-        def views_status_fn(job_id):
-            job = manager.snapshot(job_id)
+        def views_status_fn(session, job_id):
+            job, refused = session_job(session, job_id)
             v = views_outputs(job)
-            return (progress_html(job, manager) if job else progress_html(None, manager), status_text(job, manager),
-                    *[v[k] for k in VIEW_KEYS], v["table"], v["layer"])
+            return (progress_html(job, manager) if job else progress_html(None, manager),
+                    refused or status_text(job, manager), *[v[k] for k in VIEW_KEYS], v["table"], v["layer"])
 
-        refresh_views.click(views_status_fn, [views_job], views_out, api_name="views_status")
+        refresh_views.click(views_status_fn, [session, views_job], views_out, api_name="views_status")
 
-        def poll_views(job_id, seen):
-            job = manager.snapshot(job_id)
+        def poll_views(session, job_id, seen):
+            job, _ = session_job(session, job_id)
             if job is None:
                 return (*[gr.skip()] * len(views_out), seen)
             key = {"job": job.id, "version": job.version, "status": job.status,
@@ -913,7 +1168,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
             return (*head, *[v[k] for k in VIEW_KEYS], v["table"], v["layer"], key)
 
         views_timer = gr.Timer(poll_seconds)
-        views_timer.tick(poll_views, [views_job, views_seen], [*views_out, views_seen], api_name="poll_views",
+        views_timer.tick(poll_views, [session, views_job, views_seen], [*views_out, views_seen], api_name="poll_views",
                          api_visibility="private", show_progress="hidden", queue=False)
         view_rank.change(lambda r: how_it_works_markdown(int(r) if r and r >= 1 else None), [view_rank], [how],
                          api_name="how_it_works")
@@ -941,6 +1196,8 @@ def launch_options() -> dict[str, Any]:
         "theme": gr.themes.Soft(primary_hue="blue", font=["ui-sans-serif", "system-ui", "sans-serif"],
                                 font_mono=["ui-monospace", "monospace"]),
         "allowed_paths": [str(Path(tempfile.gettempdir()) / "quailora-zips")],
+        # gradio refuses larger uploads itself; the handlers check again (QUAILORA_MAX_UPLOAD_MB)
+        "max_file_size": paths.max_upload_bytes(),
     }
     if os.environ.get("PORT") and not os.environ.get("GRADIO_SERVER_PORT"):
         opts["server_port"] = int(os.environ["PORT"])

@@ -17,8 +17,14 @@ from helpers import TINY_TEXT, launched_app  # noqa: E402
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    with launched_app(tmp_path_factory.mktemp("runs")) as url:
-        yield url
+    # the tiny model and text live in pytest's temp folders: allow the app to read typed paths there
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QUAILORA_ALLOWED_PATHS", str(tmp_path_factory.getbasetemp()))
+    try:
+        with launched_app(tmp_path_factory.mktemp("runs")) as url:
+            yield url
+    finally:
+        mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +47,10 @@ def setup_args(model_dir, text_file, **over):
     return args
 
 
-def wait_for(client, api, job_id, done, timeout=240.0):
+def wait_for(client, session, api, job_id, done, timeout=240.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        out = client.predict(job_id, api_name=api)
+        out = client.predict(session, job_id, api_name=api)
         if done(out):
             return out
         time.sleep(0.5)
@@ -61,7 +67,7 @@ def test_endpoints_have_explicit_names(app_url):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/attach", "/dataset_columns", "/describe_dataset", "/model_note", "/start_init", "/init_status", "/stop_init",
             "/start_train", "/train_status", "/stop_train", "/download_run", "/view_layers", "/start_views",
-            "/views_status", "/stop_views", "/how_it_works"} <= names
+            "/views_status", "/stop_views", "/how_it_works", "/list_runs", "/reopen_run"} <= names
     assert not client.view_api(print_info=False, return_format="dict")["unnamed_endpoints"]
 
 
@@ -84,7 +90,7 @@ def test_init_flow_returns_figures_and_report(app_url, tiny_model_dir, text_file
                                              methods=["qlora", "svd", "quailora"], baselines=True, als_rounds=3,
                                              damping=0.01, api_name="/start_init")
     assert job_id and ("queued" in status or "running" in status)
-    out = wait_for(client, "/init_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1])
+    out = wait_for(client, session, "/init_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1])
     progress, status, layers, heatmap, ppl, numbers, report, note = out
     assert "finished" in status, status
     assert "100%" in progress
@@ -99,7 +105,7 @@ def test_init_flow_returns_figures_and_report(app_url, tiny_model_dir, text_file
     assert numbers["headers"][0] == "variant" and len(numbers["data"]) == 5
     # the page re-attaches to the session's latest job
     assert client.predict(session, api_name="/attach")[1] == job_id
-    zip_path, summary = client.predict("init", job_id, "", api_name="/download_run")
+    zip_path, summary = client.predict(session, "init", job_id, "", api_name="/download_run")
     names = zipfile.ZipFile(zip_path).namelist()
     assert any(n.endswith("report.json") for n in names) and any("adapters/quailora" in n for n in names)
     assert "QuAILoRA" in summary
@@ -118,7 +124,7 @@ def test_teaching_views_job_returns_seven_figures(app_url, tiny_model_dir, text_
                                              layer="model.layers.0.self_attn.q_proj", views_rank=4,
                                              views_calib_samples=4, views_seq_len=32, api_name="/start_views")
     assert job_id and ("queued" in status or "running" in status)
-    out = wait_for(client, "/views_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1], timeout=180)
+    out = wait_for(client, session, "/views_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1], timeout=180)
     progress, status, *plots, table, picked = out
     assert "finished" in status and "100%" in progress, status
     assert len(plots) == 7
@@ -146,7 +152,7 @@ def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, 
     seen = set()
     deadline = time.time() + 240
     while len(seen) < 3 and time.time() < deadline:
-        progress, status, curves, table = client.predict(job_id, api_name="/train_status")
+        progress, status, curves, table = client.predict(alice, job_id, api_name="/train_status")
         assert "failed" not in status, status
         points = sum(len(t["x"]) for t in plot_of(curves)["data"] if t.get("mode") == "lines+markers")
         if points:
@@ -154,9 +160,9 @@ def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, 
         time.sleep(0.3)
     assert len(seen) >= 3, f"the curves did not grow: {seen}"
     assert "another session" in client.predict(bob, job_id, api_name="/stop_train")
-    assert "running" in client.predict(job_id, api_name="/train_status")[1]
+    assert "running" in client.predict(alice, job_id, api_name="/train_status")[1]
     assert client.predict(alice, job_id, api_name="/stop_train").startswith("stopping")
-    out = wait_for(client, "/train_status", job_id, lambda o: "running" not in o[1], timeout=120)
+    out = wait_for(client, alice, "/train_status", job_id, lambda o: "running" not in o[1], timeout=120)
     assert "stopped" in out[1], out[1]
     rows = {r[0]: r for r in out[3]["data"]}
     assert set(rows) == {"4-bit QLoRA", "4-bit QuAILoRA"}
