@@ -25,6 +25,7 @@ from .evaluate import gap_closed, perplexity
 from .events import Event, Log, Metric, Progress, RunFailed, RunFinished, Stage
 from .quiet import quiet_libraries
 from .initialize import InitResult, initialize, target_paths
+from .memory import preflight_init
 from .quantize import load_4bit, load_8bit
 from .runs import EventLog, ended_in_one_line, new_run_dir, write_json_atomic
 from .sources.data import load_splits
@@ -113,13 +114,15 @@ class InitRun:
         t0 = time.perf_counter()
         yield self._emit(Stage("load", f"resolving model '{cfg.model.model}'"))
         source = resolve_model(cfg.model.model)
-        load_config(source)
+        config = load_config(source)
+        yield self._emit(Log(preflight_init(source.name, config, cfg, self.device)))  # before any weight is read
         tokenizer = load_tokenizer(source)
         self.report["model_note"] = source.note
         yield self._emit(Stage("data", f"reading dataset '{cfg.data.dataset}'"))
         splits = load_splits(cfg.data, tokenizer)
         self.report["tokens"] = {"calibration": int(splits.calib.numel()), "eval": int(splits.eval.numel())}
         self._check_stop("data loading")
+        Checkpoint(source.folder).check_finite(source.name)  # NaN / Inf refused before quantizing
 
         yield self._emit(Stage("quantize", f"loading {source.name} in 4-bit {cfg.quant.quant} on {self.report['device']}"))
         dtype = compute_dtype(cfg.model.compute_dtype, self.device)

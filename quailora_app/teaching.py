@@ -246,14 +246,17 @@ class ViewsContext:
 
 def open_context(model_cfg: ModelConfig, data_cfg: DataConfig, quant_cfg: QuantConfig) -> ViewsContext:
     """Resolve the model, read and split the dataset, and load the 4-bit model (the slow part, a few seconds)."""
+    from .memory import preflight_views
     from .sources.data import load_splits
     from .sources.models import compute_dtype, load_config, load_tokenizer, pick_device, resolve_model
 
     source = resolve_model(model_cfg.model)
-    load_config(source)
+    config = load_config(source)
+    device = pick_device(model_cfg.device)
+    preflight_views(source.name, config, model_cfg, data_cfg, quant_cfg, device)  # before any weight is read
     tokenizer = load_tokenizer(source)
     splits = load_splits(data_cfg, tokenizer)
-    device = pick_device(model_cfg.device)
+    Checkpoint(source.folder).check_finite(source.name)
     model = load_4bit(source, quant_cfg, device, compute_dtype(model_cfg.compute_dtype, device))
     return ViewsContext(source, model, Checkpoint(source.folder), splits.calib, splits.eval, device, quant_cfg,
                         data_cfg, model_cfg)

@@ -36,6 +36,7 @@ from .errors import Cancelled
 from .evaluate import gap_closed, perplexity
 from .events import ArmFinished, EvalPoint, Event, Log, Metric, Progress, RunFailed, RunFinished, Stage, TrainStep
 from .initialize import InitResult, initialize, target_paths
+from .memory import available_bytes, preflight_train, train_estimate
 from .pipeline import free_memory
 from .quantize import load_4bit, load_8bit
 from .quiet import quiet_libraries
@@ -47,44 +48,6 @@ quiet_libraries()
 
 REFERENCES = (("full", "full", "full precision"), ("int8", "8bit", "8-bit LLM.int8"))  # metric, base, note
 MEMORY_SHARE = 0.7
-
-
-def available_memory(device: torch.device) -> int:
-    """Free bytes on the device: torch.cuda.mem_get_info on CUDA, MemAvailable of /proc/meminfo on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: assume it fits
-
-
-def estimate_arm_bytes(folder: Path, base: str, device: torch.device, cfg: TrainConfig) -> int:
-    """Rough bytes of one arm: its base weights (decoder linears at 0.53 / 1 / 2-4 bytes per weight, everything
-    else at the holding dtype), LoRA + AdamW, and the activations of one micro-batch (logits dominate)."""
-    from safetensors import safe_open
-
-    wide = 4 if device.type == "cpu" else 2
-    per_linear = {"4bit": 0.53, "8bit": 1.0, "full": wide}[base]
-    total, hidden, vocab, layers = 0.0, 0, 0, 0
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                numel = math.prod(shape)
-                linear = ".layers." in key and key.endswith(".weight") and len(shape) == 2
-                total += numel * (per_linear if linear else wide)
-                if "embed_tokens" in key and len(shape) == 2:
-                    vocab, hidden = shape
-                if linear and ".layers." in key:
-                    layers = max(layers, int(key.split(".layers.")[1].split(".")[0]) + 1)
-    tokens = cfg.batch_size * cfg.data.seq_len
-    activations = tokens * (3 * 4 * vocab + 24 * 4 * hidden * layers)
-    lora = 16 * cfg.lora.rank * hidden * 7 * layers  # A and B, fp32, with grads and two AdamW moments
-    return int(total + activations + lora)
 
 
 def training_order(n_train: int, needed: int, seed: int) -> torch.Tensor:
@@ -168,7 +131,9 @@ class TrainRun:
         t0 = time.perf_counter()
         yield self._emit(Stage("load", f"resolving model '{cfg.model.model}'"))
         self.source = resolve_model(cfg.model.model)
-        load_config(self.source)
+        config = load_config(self.source)
+        line, self.shapes = preflight_train(self.source.name, config, cfg, self.device)  # before any weight is read
+        yield self._emit(Log(line))
         tokenizer = load_tokenizer(self.source)
         self.report["model_note"] = self.source.note
         self.dtype = compute_dtype(cfg.model.compute_dtype, self.device)
@@ -189,6 +154,7 @@ class TrainRun:
         yield self._emit(Log(f"{splits.summary()}; {cfg.steps} steps of {per_step} x {cfg.data.seq_len} tokens "
                              f"({epochs:.2f} epochs); schedule {self.schedule}"))
         self._check_stop("data loading")
+        Checkpoint(self.source.folder).check_finite(self.source.name)  # NaN / Inf refused before quantizing
 
         yield from self._references()
         if self.schedule == "interleaved":
@@ -241,9 +207,12 @@ class TrainRun:
 
     def _choose_schedule(self) -> None:
         cfg = self.cfg
-        need = sum(estimate_arm_bytes(self.source.folder, ARM_SPECS[a].base, self.device, cfg) for a in cfg.arms)
-        free = available_memory(self.device)
-        fits = need <= MEMORY_SHARE * free
+        if self.shapes is None:  # no estimate for this architecture: the safe choice
+            need, free = 0, 0
+        else:
+            need = train_estimate(self.shapes, cfg, self.device, interleaved=True).peak[1]
+            free = available_bytes(self.device)[0]
+        fits = self.shapes is not None and need <= MEMORY_SHARE * free
         self.schedule = cfg.schedule if cfg.schedule != "auto" else ("interleaved" if fits else "sequential")
         self.report["schedule"] = self.schedule
         self.report["memory_estimate"] = {"all_arms_bytes": need, "free_bytes": free, "fits_interleaved": fits}

@@ -61,6 +61,8 @@ _FORMATS = {
 _SUPPORTED = ".txt, .jsonl, .json, .csv, .tsv (optionally .gz/.bz2/.xz compressed) or .parquet"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _CHUNK = 1 << 20
+#: the most bytes of text a run reads (files, folders, hub streams), checked before and while reading
+MAX_DATA_BYTES = 200_000_000
 
 
 # --------------------------------------------------------------------------------------------- embedded
@@ -537,8 +539,10 @@ def make_splits(
             f"and {min_train_seqs} training sequence(s) of {seq_len} tokens"
         )
         if total < needed:
+            found = max(0, min(calib_samples, (total - targets["eval"]) // seq_len))
             raise DataError(
-                f"dataset has {total:,} tokens; needs at least {needed:,} for {what}: "
+                f"dataset has {total:,} tokens; needs at least {needed:,} for {what}: after evaluation it holds "
+                f"{found} of the {calib_samples} calibration sequences asked; "
                 f"use more text or lower eval-tokens / calib-samples / seq-len"
             )
         raise DataError(
@@ -560,7 +564,7 @@ def make_splits(
 def load_splits(cfg: Any, tokenizer: Any, **kw: Any) -> TokenSplits:
     """load_texts(cfg.dataset, cfg.text_column) then make_splits with cfg's sizes and seed.
     `max_bytes` goes to load_texts; other keywords (min_train_seqs, max_train_seqs) to make_splits."""
-    max_bytes = kw.pop("max_bytes", 200_000_000)
+    max_bytes = kw.pop("max_bytes", MAX_DATA_BYTES)
     texts = load_texts(cfg.dataset, cfg.text_column, max_bytes=max_bytes)
     return make_splits(
         texts,

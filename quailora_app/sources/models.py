@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from .hub import hub_reachable
 
 EMBEDDED = "embedded"
@@ -29,6 +29,15 @@ EMBEDDED_NOTE = (
     "faithful one."
 )
 HUB_EQUIVALENT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: The operator (never the user) sets this to "1" to let transformers run code shipped with a model.
+TRUST_REMOTE_CODE_ENV = "QUAILORA_TRUST_REMOTE_CODE"
+#: config attributes that hold a model's context length, most specific first
+CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def trust_remote_code() -> bool:
+    """True only when the operator set QUAILORA_TRUST_REMOTE_CODE=1; passed explicitly to every from_pretrained."""
+    return os.environ.get(TRUST_REMOTE_CODE_ENV, "").strip() == "1"
 
 
 @dataclass(frozen=True)
@@ -76,8 +85,9 @@ def embedded_model_folder() -> Path:
     quiet_bars = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own bar; ours is the event stream
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
         model.hf_quantizer = None  # the weights are plain float32 now; let save_pretrained write them
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -121,21 +131,42 @@ def resolve_model(name: str) -> ModelSource:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"] + (["*.py"] if trust_remote_code() else [])
+        folder = snapshot_download(name, allow_patterns=patterns)
     except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; the user needs one line
         raise ModelError(f"model '{name}' could not be downloaded from the hub: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     return ModelSource(name, Path(folder))
 
 
+def refuse_remote_code(source: ModelSource) -> None:
+    """A config.json whose model_type transformers does not know and that maps to code in the model's own
+    repository (auto_map) needs trust_remote_code: refuse it unless the operator allowed remote code."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        raw = json.loads((source.folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # AutoConfig says what is wrong with it
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if isinstance(raw, dict) and raw.get("auto_map") and model_type not in CONFIG_MAPPING_NAMES and not trust_remote_code():
+        raise ModelError(
+            f"model '{source.name}' needs custom code from its repository (config.json has auto_map and a model_type "
+            f"'{model_type}' that transformers does not know); remote code is not run unless the operator sets "
+            f"{TRUST_REMOTE_CODE_ENV}=1")
+
+
 def load_config(source: ModelSource):
-    """The model's config, refusing models that are not causal language models."""
+    """The model's config, refusing models that need remote code (unless allowed) or are not causal LMs."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    refuse_remote_code(source)
     try:
-        config = AutoConfig.from_pretrained(source.folder)
+        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code())
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"model '{source.name}': config.json could not be read ({str(exc).splitlines()[0][:200]})") from None
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) and trust_remote_code():
+        return config  # the model's own code provides the causal LM class
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = list(getattr(config, "architectures", None) or [])
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
@@ -146,11 +177,29 @@ def load_config(source: ModelSource):
     return config
 
 
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings or its equivalent), if stated."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in CONTEXT_ATTRS:
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(config, seq_len: int, name: str) -> None:
+    """ConfigError when seq_len is beyond the model's context."""
+    limit = context_length(config)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"seq-len {seq_len} is beyond the context of model '{name}' ({limit} tokens); "
+                          f"lower seq-len to {limit} or less")
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder)
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code())
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"model '{source.name}': tokenizer could not be loaded ({str(exc).splitlines()[0][:200]})") from None
     if tokenizer.eos_token_id is None:
@@ -189,7 +238,8 @@ def _load(source: ModelSource, device: torch.device, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.folder, device_map={"": device}, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source.folder, device_map={"": device},
+                                                         trust_remote_code=trust_remote_code(), **kwargs)
         except torch.OutOfMemoryError:
             raise ModelError(f"model '{source.name}' does not fit in the memory of {device}") from None
     model.eval()
