@@ -28,7 +28,7 @@ class InputGroup:
     """Linear layers of one block that read the same input tensor, and that input's H = X X^T / N."""
 
     names: list[str]  # module names inside the block, e.g. ["self_attn.q_proj", "self_attn.k_proj"]
-    H: torch.Tensor  # (n, n) float32
+    H: torch.Tensor | None  # (n, n) float32; initialize() drops it once its group is done
     tokens: int
 
 

@@ -89,14 +89,14 @@ class HSpectrum:
 
     def cholesky(self) -> Tensor:
         """Lower-triangular L with L L^T = H + lambda I (not cached)."""
-        return _cholesky(self.damped()).to(self.eigvecs.dtype)
+        Hd = self.damped()
+        return _cholesky((Hd + Hd.T) / 2).to(self.eigvecs.dtype)
 
 
 def _cholesky(M: Tensor) -> Tensor:
     """Cholesky factor of a symmetric PD matrix, in float64. If round-off makes it fail (damping 0 on a
     singular H), a jitter of 1e-12, 1e-10, ... times the mean diagonal is added until it succeeds."""
-    M64 = M.to(torch.float64)
-    M64 = (M64 + M64.T) / 2
+    M64 = M.to(torch.float64)  # symmetric already (damped() symmetrizes); cholesky reads the lower triangle only
     L, info = torch.linalg.cholesky_ex(M64)
     scale = float(M64.diagonal().mean().abs()) or 1.0
     jitter = 1e-12
@@ -362,25 +362,29 @@ def calibrated_objective(E: Tensor, C: Tensor, H: Tensor) -> float:
 class LowRankErrors:
     """Weight and calibrated errors of several rank-r corrections C = P Rt of one E, without forming E - C.
 
-    E H (m n^2 flops) is formed once; then per correction only products with the r-row factor:
-        tr((E - C) H (E - C)^T) = tr(E H E^T) - 2 sum(P * (E H Rt^T)) + sum((P^T P) * (Rt H Rt^T))
-        ||E - C||_F^2            = ||E||_F^2   - 2 sum(P * (E Rt^T))   + sum((P^T P) * (Rt Rt^T))
+    E Hd (m n^2 flops) is formed once, with Hd = H + lambda I the damped H the corrections use (no second n x n
+    copy of H); then per correction only products with the r-row factor:
+        ||E - C||_F^2              = ||E||_F^2    - 2 sum(P * (E Rt^T))    + sum((P^T P) * (Rt Rt^T))
+        tr((E - C) Hd (E - C)^T)   = tr(E Hd E^T) - 2 sum(P * (E Hd Rt^T)) + sum((P^T P) * (Rt Hd Rt^T))
+        tr((E - C) H (E - C)^T)    = tr((E - C) Hd (E - C)^T) - lambda ||E - C||_F^2
     Same figures as weight_error / calibrated_error (to round-off), about 1 + 2r/n products instead of 2 per
     correction, which made the error report cost more than the corrections themselves."""
 
-    def __init__(self, E: Tensor, H: Tensor):
+    def __init__(self, E: Tensor, h: DampedH):
         self.E = _work(E)
-        self.H = H.to(self.E.dtype)
-        self.EH = self.E @ self.H
+        self.h = h
+        self.EH = self.E @ h.matrix.to(self.E.dtype)
         self.weight_base = float((self.E * self.E).sum())
-        self.calib_base = float((self.EH * self.E).sum())
+        self.calib_base = float((self.EH * self.E).sum()) - h.damping_lambda * self.weight_base
 
     def errors(self, P: Tensor, Rt: Tensor) -> tuple[float, float]:
         """(weight error, calibrated error) of C = P @ Rt, as fractions of C = 0's."""
         P, Rt = P.to(self.E.dtype), Rt.to(self.E.dtype)
         gram = P.T @ P
         weight = self.weight_base - 2 * float((P * (self.E @ Rt.T)).sum()) + float((gram * (Rt @ Rt.T)).sum())
-        calib = self.calib_base - 2 * float((P * (self.EH @ Rt.T)).sum()) + float((gram * (Rt @ self.H @ Rt.T)).sum())
+        damped = (self.calib_base + self.h.damping_lambda * self.weight_base - 2 * float((P * (self.EH @ Rt.T)).sum())
+                  + float((gram * (Rt @ self.h.apply(Rt.T).to(Rt.dtype))).sum()))
+        calib = damped - self.h.damping_lambda * weight
         w = max(weight, 0.0) ** 0.5 / self.weight_base**0.5 if self.weight_base > 0 else 0.0
         c = max(calib, 0.0) ** 0.5 / self.calib_base**0.5 if self.calib_base > 0 else 0.0
         return w, c

@@ -278,7 +278,7 @@ def test_randomized_closed_form_pads_ranks_beyond_the_layer():
 
 def test_low_rank_errors_match_the_direct_formulas():
     E, H = problem(40, 64, seed=8)
-    meter = LowRankErrors(E, H)
+    meter = LowRankErrors(E, damped(H))
     for rank in (1, 5, 17):
         P, Rt = closed_form_correction(E, damped(H), rank)
         w, c = meter.errors(P, Rt)
