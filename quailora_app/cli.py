@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--damping", type=float, default=0.01, help=_help(InitConfig, "damping"))
     g.add_argument("--no-baselines", action="store_true", help="skip the 8-bit and full-precision perplexities")
     g.add_argument("--out", default=None, help="run folder (default: runs/init-<date>-<time>)")
+    g.add_argument("--distributed", action="store_true",
+                   help="one init over the processes of torchrun / accelerate launch (automatic when WORLD_SIZE > 1)")
     add_train_parser(sub)
     add_views_parser(sub)
     return parser
@@ -320,9 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "init":
+            from .distributed import launched, run_init_processes
             from .pipeline import run_init
 
             cfg = init_config(args)
+            if args.distributed or launched():
+                return run_init_processes(cfg, consume_init)
             with StopOnInterrupt() as stop:
                 return consume_init(run_init(cfg, should_stop=stop.flag.is_set))
         if args.command == "train":

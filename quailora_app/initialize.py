@@ -19,6 +19,7 @@ from .adapters import Factors
 from .calibrate import calibrate_blocks, decoder_layers, target_names
 from .checkpoint import Checkpoint
 from .config import LoraSettings
+from .distributed import Processes, share_layers
 from .errors import Cancelled
 from .events import Event, LayerResult, Progress
 from .quantize import dequantized_weight
@@ -88,8 +89,14 @@ def initialize(
     damping: float = 0.01,
     als_rounds: int = 20,
     should_stop: Callable[[], bool] | None = None,
+    processes: Processes | None = None,
 ) -> Iterator[Event]:
-    """Yield a LayerResult per layer and a Progress per block while filling `result`."""
+    """Yield a LayerResult per layer and a Progress per block while filling `result`.
+
+    With `processes` (several processes of a torch.distributed group, see distributed.py), each process is given
+    the same `calib_ids`, runs its share of them, and computes its share of each block's layers; H is summed
+    over the processes and every result is gathered on rank 0, whose `result` and events equal one process's.
+    The other processes yield only Progress. `seconds` per method are then summed over the processes."""
     methods = [m for m in methods if m in COMPUTED]
     s, r = lora.scaling, lora.rank
     modules = dict(model.named_modules())
@@ -99,35 +106,67 @@ def initialize(
     for m in methods:
         seconds.setdefault(m, 0.0)
         result.factors.setdefault(m, {})
-    blocks = calibrate_blocks(model, checkpoint, calib_ids, lora.targets, device, calib_dtype, should_stop=should_stop)
+    calibrated = any(m in CALIBRATED for m in methods)
+    split = processes is not None and processes.world > 1
+    if split:
+        calib_ids = processes.shard(calib_ids)
+    blocks = calibrate_blocks(model, checkpoint, calib_ids, lora.targets, device, calib_dtype, should_stop=should_stop,
+                              reduce_sums=processes.reduce_sums if split else None)
     tick = time.perf_counter()
     for block in blocks:
         seconds["calibrate"] += time.perf_counter() - tick
-        rows = []
+        order = [(local, group) for group in block.groups for local in group.names]
+        mine = {local for local, _ in order}
+        if split:
+            owners = share_layers([(local, group.names[0], tuple(block.weights[local].shape)) for local, group in order],
+                                  processes.world, calibrated)
+            mine = {local for (local, _), owner in zip(order, owners) if owner == processes.rank}
+        computed: dict[str, tuple[LayerResult, dict[str, Factors]]] = {}
+        spent = dict.fromkeys(methods, 0.0)
         with one_cpu_thread(block.weights[next(iter(block.weights))].device):
             for group in block.groups:
+                todo = [local for local in group.names if local in mine]
+                if not todo:
+                    continue
                 start = time.perf_counter()
-                spec = init_math.spectrum(group.H, damping) if any(m in CALIBRATED for m in methods) else None
+                spec = init_math.spectrum(group.H, damping) if calibrated else None
                 spectrum_seconds = time.perf_counter() - start
-                for local in group.names:
+                for local in todo:
                     name = f"{block.prefix}.{local}"
                     W = block.weights[local]
                     E = W - dequantized_weight(modules[name]).to(W.device)
                     weight_err, calib_err = {"qlora": 1.0}, {"qlora": 1.0}
+                    factors = {}
                     for method in methods:
                         start = time.perf_counter()
                         P, Rt = correction(method, E, spec, r, als_rounds)
                         A, B = init_math.split_factors(P, Rt, s)
                         # the group's shared eigen-decomposition is charged once to each calibrated method, as if run alone
-                        shared = spectrum_seconds if method in CALIBRATED and local == group.names[0] else 0.0
-                        seconds[method] += time.perf_counter() - start + shared
+                        shared = spectrum_seconds if method in CALIBRATED and local == todo[0] else 0.0
+                        spent[method] += time.perf_counter() - start + shared
                         C = s * (B @ A)  # what the saved adapter really adds
                         weight_err[method] = init_math.weight_error(E, C)
                         calib_err[method] = init_math.calibrated_error(E, C, group.H)
-                        result.factors[method][name] = Factors(A.float().cpu(), B.float().cpu())
-                    row = LayerResult(name, block.index, local, tuple(W.shape), weight_err, calib_err)
-                    result.layers.append({k: v for k, v in row.to_dict().items() if k not in ("kind", "time")})
-                    rows.append(row)
+                        factors[method] = Factors(A.float().cpu(), B.float().cpu())
+                    computed[local] = (LayerResult(name, block.index, local, tuple(W.shape), weight_err, calib_err), factors)
+        if split:
+            parts = processes.gather((computed, spent))
+            computed, spent = {}, dict.fromkeys(methods, 0.0)
+            for part_computed, part_spent in parts or ():
+                computed.update(part_computed)
+                for method, value in part_spent.items():
+                    spent[method] += value
+        rows = []
+        for local, _ in order:
+            if local not in computed:
+                continue
+            row, factors = computed[local]
+            for method, f in factors.items():
+                result.factors[method][row.name] = f
+            result.layers.append({k: v for k, v in row.to_dict().items() if k not in ("kind", "time")})
+            rows.append(row)
+        for method, value in spent.items():
+            seconds[method] += value
         yield from rows
         done = block.index + 1
         del block

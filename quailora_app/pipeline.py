@@ -20,6 +20,7 @@ from .adapters import Factors, attach_lora, loftq_factors, read_factors, save_ad
 from .calibrate import decoder_layers
 from .checkpoint import Checkpoint
 from .config import InitConfig
+from .distributed import Processes
 from .errors import Cancelled
 from .evaluate import gap_closed, perplexity
 from .events import Event, Log, Metric, Progress, RunFailed, RunFinished, Stage
@@ -53,8 +54,10 @@ def free_memory() -> None:
 class InitRun:
     """One run of the init flow. Iterate `events()`; results land in `run_dir` as they are computed."""
 
-    def __init__(self, cfg: InitConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None):
+    def __init__(self, cfg: InitConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None,
+                 processes: Processes | None = None):
         self.cfg = cfg
+        self.processes = processes  # rank 0 of several (distributed.py): the init's work is shared, the rest is ours
         self.should_stop = should_stop or (lambda: False)
         self.run_dir = Path(run_dir) if run_dir else new_run_dir("init", cfg.out)
         self.device = pick_device(cfg.model.device)
@@ -77,6 +80,9 @@ class InitRun:
             "peak_memory_bytes": 0,
             "layers": [],
         }
+        if processes is not None:
+            self.report["processes"] = {"world_size": processes.world, "backend": processes.backend,
+                                        "note": "seconds per method are summed over the processes; memory is rank 0's"}
         self._log = EventLog(self.run_dir)
         self.factors: dict[str, dict[str, Factors]] = {}
 
@@ -153,7 +159,7 @@ class InitRun:
         calib_dtype = torch.float32 if self.device.type == "cpu" else dtype
         for event in initialize(model, Checkpoint(source.folder), calib_ids, cfg.lora, cfg.methods, result,
                                 device=self.device, calib_dtype=calib_dtype, damping=cfg.damping,
-                                als_rounds=cfg.als_rounds, should_stop=self.should_stop):
+                                als_rounds=cfg.als_rounds, should_stop=self.should_stop, processes=self.processes):
             if isinstance(event, Progress):
                 self._save_report()
             yield self._emit(event)
@@ -215,6 +221,7 @@ class InitRun:
                 self.report["gap_closed"][method] = None
 
 
-def run_init(cfg: InitConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None) -> Iterator[Event]:
+def run_init(cfg: InitConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None,
+             processes: Processes | None = None) -> Iterator[Event]:
     """The init flow's event stream (see InitRun)."""
-    return InitRun(cfg, should_stop, run_dir).events()
+    return InitRun(cfg, should_stop, run_dir, processes).events()
