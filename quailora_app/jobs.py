@@ -138,11 +138,24 @@ def _one_line(exc: BaseException) -> str:
 
 
 def release_memory() -> None:
-    """After every job: collect what the finished (or dead) run left behind and hand cached GPU memory back."""
+    """After every job: collect what the finished (or dead) run left behind, hand cached GPU memory back, and
+    (glibc) return freed heap pages to the system, so a long-running app's memory goes back to its level."""
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
+        pass
 
 
 def training_available() -> bool:

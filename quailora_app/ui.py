@@ -255,8 +255,12 @@ def make_train_config(model, dataset, upload, text_column, quant, double_quant, 
 
 
 def peek_columns(path: str) -> tuple[list[str], str | None]:
-    """(text-like columns, best guess) of an uploaded table; ([], None) for plain text."""
-    suffix = Path(path).suffix.lower()
+    """(text-like columns, best guess) of an uploaded table; ([], None) for plain text. A .gz/.bz2/.xz file is
+    read by its inner format (pandas decompresses by the name)."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in paths.COMPRESSED_SUFFIXES:
+        suffixes.pop()
+    suffix = suffixes[-1] if suffixes else ""
     if suffix == ".txt":
         return [], None
     if suffix == ".parquet":
@@ -885,7 +889,9 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         queue_text = gr.Markdown("", elem_classes="note")
         with gr.Accordion("Reopen a run folder (also after a restart of the app)", open=False, elem_id="reopen"):
             with gr.Row(equal_height=True):
+                # custom values allowed: the choices are per session; /reopen_run checks the name itself
                 run_pick = gr.Dropdown([], value=None, label="run folder", scale=3, elem_id="run-pick",
+                                       allow_custom_value=True,
                                        info="this session's runs under the runs root (QUAILORA_RUNS), newest first")
                 refresh_runs = gr.Button("Refresh list", scale=1, elem_id="refresh-runs")
                 reopen_btn = gr.Button("Reopen", variant="primary", scale=1, elem_id="reopen-run")

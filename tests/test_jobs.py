@@ -189,3 +189,38 @@ def test_zerogpu_wrapping_with_a_fake_spaces_module(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(jobs)
+
+
+def test_a_dying_runner_leaves_a_failed_run_folder_and_the_worker_goes_on():
+    """Whatever a step raises, even a BaseException the engine does not catch: the job fails in one line, the
+    run folder says so (report.json status + error, a last failed event) and keeps what was written (events,
+    an adapter), and the worker runs the next job."""
+    import json
+    from pathlib import Path
+
+    from quailora_app.runs import write_json_atomic
+
+    def dies(cfg, should_stop, run_dir):
+        write_json_atomic(Path(run_dir) / "report.json", {"status": "running", "perplexity": {"qlora": 9.0}})
+        (Path(run_dir) / "adapters" / "qlora").mkdir(parents=True)
+        (Path(run_dir) / "adapters" / "qlora" / "adapter_config.json").write_text("{}")
+        with open(Path(run_dir) / "events.jsonl", "a") as f:
+            f.write(json.dumps({"kind": "metric", "name": "qlora", "value": 9.0}) + "\n")
+        yield Metric("qlora", 9.0)
+        raise cfg("injected\nfailure")
+
+    m = jobs.JobManager({"init": dies, "train": slow_runner(steps=3)})
+    for exc in (SystemExit, MemoryError, KeyError):
+        job = m.wait(m.submit("init", exc, "alice").id, 10)
+        assert job.status == jobs.FAILED and "\n" not in job.message
+        assert ("out of memory" if exc is MemoryError else exc.__name__) in job.message, job.message
+        run_dir = Path(job.run_dir)
+        report = json.loads((run_dir / "report.json").read_text())
+        assert report["status"] == "failed" and report["error"] == job.message and report["perplexity"] == {"qlora": 9.0}
+        events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+        assert [e["kind"] for e in events] == ["metric", "failed"] and events[-1]["message"] == job.message
+        assert (run_dir / "adapters" / "qlora" / "adapter_config.json").is_file()
+        assert "Traceback" in (run_dir / "error.txt").read_text()
+        assert (run_dir / ".owner").read_text().strip() != "alice"  # a hash of the owner key, not the key
+    assert m.wait(m.submit("train", "t", "alice").id, 10).status == jobs.FINISHED
+    assert m.owned(job.id, "alice").id == job.id and m.owned(job.id, "bob") is None and m.owned(job.id, "") is None
