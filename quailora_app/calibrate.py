@@ -222,13 +222,16 @@ def calibrate_blocks(
         hooks.remove()
         if reduce_sums is not None:
             reduce_sums(hooks)
+        groups = hooks.groups() if names else []
+        modules = dict(block.named_modules())
+        weights = {name: modules[name].weight.detach().float() for name in names}
+        # before the caller's math runs: drop the raw sums, the last pass's inputs the hooks still see, the
+        # module (its target weights live on in `weights`) and this block's inputs (its outputs are next's)
+        del hooks, block, modules
+        inputs, outputs = outputs, None
         if names:
-            modules = dict(block.named_modules())
-            weights = {name: modules[name].weight.detach().float() for name in names}
-            yield BlockCalibration(index, f"{prefix}.{index}", hooks.groups(), weights)
-            del weights
-        del block, hooks
-        inputs = outputs
+            yield BlockCalibration(index, f"{prefix}.{index}", groups, weights)
+        del groups, weights
         if device.type == "cuda":
             torch.cuda.empty_cache()  # hand the block's and H's memory back before the next block is built
 

@@ -9,7 +9,7 @@ import threading
 from dataclasses import MISSING, fields
 
 from .config import (
-    ALL_LINEAR, ARMS, DEFAULT_METHODS, INIT_METHODS, LR_SCHEDULES, SCHEDULES, DataConfig, InitConfig, LoraSettings,
+    ALL_LINEAR, ARMS, DEFAULT_METHODS, INIT_METHODS, LR_SCHEDULES, SCHEDULES, SOLVERS, DataConfig, InitConfig, LoraSettings,
     ModelConfig, QuantConfig, TrainConfig,
 )
 from .errors import UserError
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=INIT_METHODS, help="initializations to compute; qlora (no correction) is always included as the 1.0 baseline")
     g.add_argument("--als-rounds", type=int, default=20, help=_help(InitConfig, "als_rounds"))
     g.add_argument("--damping", type=float, default=0.01, help=_help(InitConfig, "damping"))
+    g.add_argument("--solver", choices=SOLVERS, default="exact", help=_help(InitConfig, "solver"))
     g.add_argument("--no-baselines", action="store_true", help="skip the 8-bit and full-precision perplexities")
     g.add_argument("--out", default=None, help="run folder (default: runs/init-<date>-<time>)")
     g.add_argument("--distributed", action="store_true",
@@ -140,7 +141,7 @@ def train_config(args) -> TrainConfig:
 
 def init_config(args) -> InitConfig:
     model, data, quant, lora = parse_common(args)
-    return InitConfig(model, data, quant, lora, tuple(args.methods), args.als_rounds, args.damping,
+    return InitConfig(model, data, quant, lora, tuple(args.methods), args.als_rounds, args.damping, args.solver,
                       baselines=not args.no_baselines, out=args.out)
 
 

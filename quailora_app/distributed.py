@@ -150,7 +150,7 @@ def run_worker(cfg: InitConfig, processes: Processes) -> None:
     calib_dtype = torch.float32 if device.type == "cpu" else dtype
     for _ in initialize(model, Checkpoint(source.folder), splits.calib, cfg.lora, cfg.methods, InitResult(),
                         device=device, calib_dtype=calib_dtype, damping=cfg.damping, als_rounds=cfg.als_rounds,
-                        processes=processes):
+                        solver=cfg.solver, processes=processes):
         pass
 
 

@@ -1,7 +1,7 @@
 """Compute every initialization's LoRA factors for every target layer, block by block.
 
 For each block from calibrate_blocks: E = W - Q per target layer (Q exactly as the quantized layer holds it),
-one eigen-decomposition of H per distinct input (shared by q/k/v and by gate/up), then per method a low-rank
+one damped H (and its Cholesky factor) per distinct input (shared by q/k/v and by gate/up), then per method a low-rank
 correction C = P Rt, split into peft factors with s * B @ A == C, and the layer's error figures measured on
 the factors themselves. Used by the init report and by the fine-tuning arms that start from an initialization.
 """
@@ -65,14 +65,15 @@ def target_paths(model, lora: LoraSettings) -> list[str]:
     return names
 
 
-def correction(method: str, E: torch.Tensor, spec: init_math.HSpectrum | None, rank: int, als_rounds: int):
+def correction(method: str, E: torch.Tensor, spec: init_math.DampedH | None, rank: int, als_rounds: int,
+               solver: str = "exact"):
     """(P, Rt) with C = P @ Rt for one method."""
     if method == "svd":
         return init_math.svd_correction(E, rank)
     if method == "quailora":
         return init_math.quailora_correction(E, spec, rank, als_rounds)
     if method == "closed_form":
-        return init_math.closed_form_correction(E, spec, rank)
+        return init_math.closed_form_correction(E, spec, rank, solver=solver)
     raise ValueError(f"{method} is not computed per layer")
 
 
@@ -89,6 +90,7 @@ def initialize(
     damping: float = 0.01,
     als_rounds: int = 20,
     should_stop: Callable[[], bool] | None = None,
+    solver: str = "exact",
     processes: Processes | None = None,
 ) -> Iterator[Event]:
     """Yield a LayerResult per layer and a Progress per block while filling `result`.
@@ -129,26 +131,31 @@ def initialize(
                 if not todo:
                     continue
                 start = time.perf_counter()
-                spec = init_math.spectrum(group.H, damping) if calibrated else None
+                spec = init_math.damped(group.H, damping)  # the calibrated methods' and the error report's H
+                group.H = None  # no longer needed: free it now rather than with the block
                 spectrum_seconds = time.perf_counter() - start
                 for local in todo:
                     name = f"{block.prefix}.{local}"
                     W = block.weights[local]
                     E = W - dequantized_weight(modules[name]).to(W.device)
                     weight_err, calib_err = {"qlora": 1.0}, {"qlora": 1.0}
+                    meter = init_math.LowRankErrors(E, spec)
                     factors = {}
                     for method in methods:
                         start = time.perf_counter()
-                        P, Rt = correction(method, E, spec, r, als_rounds)
+                        if method == "closed_form" and solver == "exact" and local == todo[0]:
+                            spec.cholesky()  # the group's shared factorization, timed with its first layer
+                        P, Rt = correction(method, E, spec, r, als_rounds, solver)
                         A, B = init_math.split_factors(P, Rt, s)
-                        # the group's shared eigen-decomposition is charged once to each calibrated method, as if run alone
+                        # forming the group's H + lambda I is charged once to each calibrated method, as if run alone
                         shared = spectrum_seconds if method in CALIBRATED and local == todo[0] else 0.0
                         spent[method] += time.perf_counter() - start + shared
-                        C = s * (B @ A)  # what the saved adapter really adds
-                        weight_err[method] = init_math.weight_error(E, C)
-                        calib_err[method] = init_math.calibrated_error(E, C, group.H)
+                        # measured on what the saved adapter really adds: C = s * B @ A
+                        weight_err[method], calib_err[method] = meter.errors(s * B.to(E.dtype), A.to(E.dtype))
                         factors[method] = Factors(A.float().cpu(), B.float().cpu())
                     computed[local] = (LayerResult(name, block.index, local, tuple(W.shape), weight_err, calib_err), factors)
+                    del E, meter  # before the next layer's are built: one n x n work set alive at a time
+                del spec
         if split:
             parts = processes.gather((computed, spent))
             computed, spent = {}, dict.fromkeys(methods, 0.0)

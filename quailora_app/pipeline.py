@@ -159,7 +159,8 @@ class InitRun:
         calib_dtype = torch.float32 if self.device.type == "cpu" else dtype
         for event in initialize(model, Checkpoint(source.folder), calib_ids, cfg.lora, cfg.methods, result,
                                 device=self.device, calib_dtype=calib_dtype, damping=cfg.damping,
-                                als_rounds=cfg.als_rounds, should_stop=self.should_stop, processes=self.processes):
+                                als_rounds=cfg.als_rounds, should_stop=self.should_stop, solver=cfg.solver,
+                                processes=self.processes):
             if isinstance(event, Progress):
                 self._save_report()
             yield self._emit(event)

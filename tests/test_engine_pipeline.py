@@ -151,3 +151,26 @@ def test_cli_bad_input_is_one_clear_line(case, expect, tiny_model_dir, text_file
     assert "Traceback" not in stderr
     error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and expect in error_lines[0], stderr[-2000:]
+
+
+def test_randomized_solver_reaches_the_exact_closed_form(tiny_model_dir, text_file, tmp_path, finished):
+    """--solver randomized: the same per-layer calibrated error as the exact solver (the optimum), to 1%."""
+    out, _ = finished
+    exact = json.loads((out / "report.json").read_text())
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "randomized", solver="randomized", baselines=False)
+    cfg.methods = ("qlora", "closed_form")
+    events = list(run_init(cfg))
+    assert isinstance(events[-1], RunFinished), events[-1]
+    report = json.loads((tmp_path / "randomized" / "report.json").read_text())
+    assert report["settings"]["solver"] == "randomized"
+    for e_row, r_row in zip(exact["layers"], report["layers"]):
+        assert e_row["name"] == r_row["name"]
+        e, r = e_row["calibrated_error"]["closed_form"], r_row["calibrated_error"]["closed_form"]
+        assert e * (1 - 1e-6) <= r <= e * 1.01  # never below the optimum (to the float32 factors' round-off)
+
+
+def test_unknown_solver_is_refused():
+    from quailora_app.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="solver must be one of exact, randomized"):
+        InitConfig(solver="lanczos")
