@@ -519,16 +519,19 @@ def model_layers(model: str | None) -> tuple[list[str], str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .sources.models import EMBEDDED, cache_dir
+    from .sources.models import EMBEDDED, cache_dir, trust_remote_code
     from .teaching import default_layer, layer_names
 
     name = (model or "embedded").strip()
     folder = cache_dir() / "models" / "smollm2-135m-instruct" if name in ("", EMBEDDED) else Path(name).expanduser()
     if not (folder / "config.json").is_file():
         return [], ""
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code())
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code())
+    except Exception:  # noqa: BLE001 - no layer list for a config transformers cannot build; the job says why
+        return [], ""
     return layer_names(meta), default_layer(meta)
 
 
