@@ -1,12 +1,15 @@
 """Tiny models and tokenizers built from a config, offline, for fast tests."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 TINY_TEXT = [
     "the quick brown fox jumps over the lazy dog",
@@ -78,3 +81,29 @@ def launched_app(runs_dir: Path):
             os.environ.pop("QUAILORA_RUNS", None)
         else:
             os.environ["QUAILORA_RUNS"] = old
+
+
+HUGE_LLAMA = {  # a Llama-2-70B-shaped config, written without any weights
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,
+    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "tie_word_embeddings": False,
+}
+
+
+def with_weight(src: Path, dst: Path, value: float) -> Path:
+    """A copy of the tiny model whose first decoder weight holds one `value` (NaN or Inf)."""
+    shutil.copytree(src, dst)
+    file = dst / "model.safetensors"
+    tensors = load_file(file)
+    key = min(k for k in tensors if ".layers.0." in k and k.endswith("q_proj.weight"))
+    tensors[key][3, 5] = value
+    save_file(tensors, file, metadata={"format": "pt"})
+    return dst
+
+
+def huge_model(folder: Path) -> Path:
+    """config.json of a 70B model and a 'weights' file that is not a safetensors file: reading it would fail."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(HUGE_LLAMA))
+    (folder / "model.safetensors").write_bytes(b"not weights")
+    return folder

@@ -3,23 +3,16 @@ non-zero exit, exactly one `error:` line naming the reason, and no traceback. Pl
 NaN/Inf check and the trust_remote_code rule on their own."""
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from helpers import HUGE_LLAMA, huge_model, with_weight
 from quailora_app.errors import ConfigError, ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
-HUGE_LLAMA = {  # a Llama-2-70B-shaped config, written without any weights
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,
-    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
-    "max_position_embeddings": 4096, "tie_word_embeddings": False,
-}
-
-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     import random
@@ -31,25 +24,6 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "docs.txt"
     path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(300)))
     return path
-
-
-def with_weight(src: Path, dst: Path, value: float) -> Path:
-    """A copy of the tiny model whose first decoder weight holds one `value` (NaN or Inf)."""
-    shutil.copytree(src, dst)
-    file = dst / "model.safetensors"
-    tensors = load_file(file)
-    key = min(k for k in tensors if ".layers.0." in k and k.endswith("q_proj.weight"))
-    tensors[key][3, 5] = value
-    save_file(tensors, file, metadata={"format": "pt"})
-    return dst
-
-
-def huge_model(folder: Path) -> Path:
-    """config.json of a 70B model and a 'weights' file that is not a safetensors file: reading it would fail."""
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(HUGE_LLAMA))
-    (folder / "model.safetensors").write_bytes(b"not weights")
-    return folder
 
 
 def remote_code_model(folder: Path) -> Path:

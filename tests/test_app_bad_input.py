@@ -1,0 +1,145 @@
+"""Bad input through the web app (issue 6, item 1, UI side): every case is answered with one clear line, either
+as the form's error (settings refused before a job starts) or as the job's failed status, never a traceback;
+and the app still runs a good job afterwards. One launched app serves every case, in one session."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from helpers import TINY_TEXT, huge_model, launched_app, with_weight  # noqa: E402
+
+DONE = ("finished", "failed", "stopped")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QUAILORA_ALLOWED_PATHS", str(tmp_path_factory.getbasetemp()))
+    mp.setenv("QUAILORA_UPLOADS", str(tmp_path_factory.mktemp("uploads")))
+    with launched_app(tmp_path_factory.mktemp("runs")) as url:
+        client = Client(url, verbose=False)
+        session, *_ = client.predict({}, api_name="/attach")
+        yield client, session
+        client.close()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(TINY_TEXT).split()[: rng.randint(4, 12)]) for _ in range(400)))
+    return path
+
+
+def settings(model, text_file=None, **over) -> dict:
+    """The Setup form for a ~2 s init of the tiny model; `dataset` is typed unless an upload is given."""
+    args = dict(model=str(model), dataset=str(text_file) if text_file else "", upload=None, text_column=None,
+                quant="nf4", double_quant=True, block_size=64, rank=4, alpha=8, rslora=False, targets=["all-linear"],
+                calib_samples=4, seq_len=32, eval_tokens=128, seed=0)
+    args.update(over)
+    return args
+
+
+def answer(client, session, api: str, args: dict, status_api: str, timeout: float = 90.0) -> str:
+    """The one line the user reads: the form's error, or the job's status once it ended."""
+    try:
+        session, job_id, status = client.predict(session, **args, api_name=api)
+    except Exception as exc:  # noqa: BLE001 - gradio_client raises the app's gr.Error as an AppError
+        return str(exc)
+    deadline = time.time() + timeout
+    while not any(word in status for word in DONE):
+        assert time.time() < deadline, f"no end in {timeout:.0f} s: {status}"
+        time.sleep(0.3)
+        status = client.predict(session, job_id, api_name=status_api)[1]
+    return status
+
+
+INIT_EXTRA = dict(methods=["qlora", "svd"], baselines=False, als_rounds=2, damping=0.01)
+TRAIN_EXTRA = dict(als_rounds=2, damping=0.01, arms=["qlora4"], steps=2, learning_rate=2e-4, batch_size=2,
+                   grad_accum=1, eval_every=1, warmup_ratio=0.0)
+
+# case -> (init or train, expected text in the message: a regular expression)
+CASES = {
+    "unknown-model-offline": ("init", "is not a local folder and the Hugging Face hub is not reachable"),
+    "not-causal": ("init", "is not a causal language model"),
+    "too-large-for-device": ("init", "needs about"),
+    "unknown-dataset": ("init", "no-such-org/no-such-dataset"),
+    "empty-upload": ("init", "empty"),
+    "binary-upload": ("init", "NUL bytes"),
+    "not-utf8-upload": ("init", "not UTF-8"),
+    "no-text-column": ("init", "has no text column"),
+    "few-calibration-tokens": ("init", "of the 5000 calibration sequences asked"),
+    # the form's sliders refuse out-of-range numbers themselves (gradio's own one-line message)
+    "rank-0": ("init", "rank must be at least 1|less than minimum value 1"),
+    "rank-too-large": ("init", "rank 100 is larger than"),
+    "alpha-0": ("init", "alpha must be positive|less than minimum value"),
+    "steps-0": ("train", "steps must be at least 1|less than minimum value 1"),
+    "seq-len-beyond-context": ("init", "beyond the context of model"),
+    "nan-weights": ("init", "has NaN values in the weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gets_one_clear_message(case, app, tiny_model_dir, text_file, tmp_path, monkeypatch):
+    client, session = app
+    kind, expect = CASES[case]
+    model, over = tiny_model_dir, {}
+    if case == "unknown-model-offline":
+        model = "no-such-org/no-such-model"
+    elif case == "not-causal":
+        from transformers import BertConfig, BertModel
+
+        model = tmp_path / "bert"
+        BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64)).save_pretrained(model)
+    elif case == "too-large-for-device":
+        model = huge_model(tmp_path / "huge")
+        monkeypatch.setenv("QUAILORA_MEMORY_LIMIT_GIB", "16")
+    elif case == "unknown-dataset":
+        over["dataset"] = "no-such-org/no-such-dataset"
+    elif case.endswith("-upload") or case == "no-text-column":
+        name, content = {"empty-upload": ("empty.txt", b""), "binary-upload": ("blob.txt", bytes(range(256)) * 8),
+                         "not-utf8-upload": ("latin1.txt", "caf\u00e9 na\u00efve ".encode("latin-1") + b"\xff" * 4),
+                         "no-text-column": ("d.jsonl", b'{"id": 1, "score": 0.5}\n' * 50)}[case]
+        (tmp_path / name).write_bytes(content)
+        over["upload"] = handle_file(str(tmp_path / name))
+    elif case == "few-calibration-tokens":
+        over["calib_samples"] = 5000
+    elif case == "rank-0":
+        over["rank"] = 0
+    elif case == "rank-too-large":
+        over["rank"] = 100
+    elif case == "alpha-0":
+        over["alpha"] = 0
+    elif case == "seq-len-beyond-context":
+        over["seq_len"], over["eval_tokens"] = 1024, 1024
+    elif case == "nan-weights":
+        model = with_weight(tiny_model_dir, tmp_path / "nan", float("nan"))
+    args = settings(model, text_file if "upload" not in over else None, **over)
+    if kind == "train":
+        args.update(TRAIN_EXTRA, steps=0)
+        message = answer(client, session, "/start_train", args, "/train_status")
+    else:
+        args.update(INIT_EXTRA)
+        message = answer(client, session, "/start_init", args, "/init_status")
+    assert re.search(expect, message), message
+    assert "Traceback" not in message and "File \"" not in message
+    if "failed" in message:  # a job's status: one line of reason after "failed"
+        reason = message.split("failed**:", 1)[1].split(" · run folder")[0]
+        assert "\n" not in reason.strip(), reason
+
+
+def test_the_app_still_works_after_bad_input(app, tiny_model_dir, text_file):
+    """Runs after the cases above (same module, same app, same session): a good init finishes."""
+    client, session = app
+    status = answer(client, session, "/start_init", {**settings(tiny_model_dir, text_file), **INIT_EXTRA}, "/init_status")
+    assert "finished" in status, status
