@@ -88,9 +88,10 @@ def _moved(value, device: torch.device):
     return value
 
 
-def calibration_batch_size(seq_len: int, tokens_per_batch: int = 8192, most: int = 8) -> int:
+def calibration_batch_size(seq_len: int, tokens_per_batch: int = 2048, most: int = 8) -> int:
     """Sequences per calibration forward pass: about `tokens_per_batch` tokens, at most `most` sequences
-    (8 x 256 on the CPU defaults, 4 x 2048 for a 7B model's 128 x 2048 calibration)."""
+    (8 x 256 on the CPU defaults, 1 x 2048 for a 7B model's 128 x 2048 calibration): enough rows for efficient
+    matrix products, few enough that a batch's activations stay small next to the model."""
     return max(1, min(most, tokens_per_batch // max(seq_len, 1)))
 
 

@@ -125,7 +125,7 @@ def initialize(
             mine = {local for (local, _), owner in zip(order, owners) if owner == processes.rank}
         computed: dict[str, tuple[LayerResult, dict[str, Factors]]] = {}
         spent = dict.fromkeys(methods, 0.0)
-        with one_cpu_thread(block.weights[next(iter(block.weights))].device):
+        with one_cpu_thread(device):
             for group in block.groups:
                 todo = [local for local in group.names if local in mine]
                 if not todo:
@@ -136,10 +136,12 @@ def initialize(
                 spectrum_seconds = time.perf_counter() - start
                 for local in todo:
                     name = f"{block.prefix}.{local}"
-                    W = block.weights[local]
-                    E = W - dequantized_weight(modules[name]).to(W.device)
+                    W = block.weights.pop(local)  # each full-precision weight is dropped once its E exists
+                    shape = tuple(W.shape)
+                    meter = init_math.LowRankErrors(W - dequantized_weight(modules[name]).to(W.device), spec)
+                    E = meter.E  # in the working precision, shared by the methods (no copy per method)
+                    del W
                     weight_err, calib_err = {"qlora": 1.0}, {"qlora": 1.0}
-                    meter = init_math.LowRankErrors(E, spec)
                     factors = {}
                     for method in methods:
                         start = time.perf_counter()
@@ -153,7 +155,7 @@ def initialize(
                         # measured on what the saved adapter really adds: C = s * B @ A
                         weight_err[method], calib_err[method] = meter.errors(s * B.to(E.dtype), A.to(E.dtype))
                         factors[method] = Factors(A.float().cpu(), B.float().cpu())
-                    computed[local] = (LayerResult(name, block.index, local, tuple(W.shape), weight_err, calib_err), factors)
+                    computed[local] = (LayerResult(name, block.index, local, shape, weight_err, calib_err), factors)
                     del E, meter  # before the next layer's are built: one n x n work set alive at a time
                 del spec
         if split:
