@@ -215,7 +215,7 @@ def svd_correction(E: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def closed_form_correction(
-    E: Tensor, h: DampedH | HSpectrum, rank: int, solver: str = "exact", power_iters: int = 4, oversample: int = 16
+    E: Tensor, h: DampedH | HSpectrum, rank: int, solver: str = "exact", power_iters: int = 6, oversample: int = 16
 ) -> tuple[Tensor, Tensor]:
     """Minimizer of tr((E - C)(H + lambda I)(E - C)^T) over rank-r C (H + lambda I written Hd below).
 
