@@ -222,6 +222,8 @@ def closed_form_correction(
     exact: with Hd = L L^T (Cholesky; any square root works) the objective is ||(E - C) L||_F^2 and L is
     invertible, so C L ranges over all rank-r matrices: C L = SVD_r(E L) = U_r S_r W_r^T, i.e.
     P = U_r sqrt(S_r), Rt = sqrt(S_r) W_r^T L^-1 (one triangular solve, no inverse formed). Cost m n^2 + n^3/3.
+    Equivalently C = U_r U_r^T E, with U_r the top-r eigenvectors of E Hd E^T: for m <= n that m x m route is
+    taken (no factorization of Hd at all).
     randomized: the same optimum is C = U_r U_r^T E with U_r the top-r eigenvectors of G = E Hd E^T (m x m).
     Subspace iteration finds them from products with E, E^T and Hd only (k = r + oversample columns,
     `power_iters` rounds of Y <- E Hd E^T Y, then Rayleigh-Ritz on span(Y)): cost (2 m n k + n^2 k) per round,
@@ -232,6 +234,8 @@ def closed_form_correction(
         return _closed_form_randomized(E, h, rank, power_iters, oversample)
     if solver != "exact":
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {solver!r}")
+    if E.shape[0] <= E.shape[1]:
+        return _closed_form_wide(E, h, rank)
     L = h.cholesky()
     M = E.to(L.dtype) @ L
     U, S, Wh = _truncated_svd(M, rank)
@@ -239,6 +243,23 @@ def closed_form_correction(
     # Rt = root W^T L^-1  <=>  L^T Rt^T = W root
     Rt = torch.linalg.solve_triangular(L.T, (Wh.T * root).to(L.dtype), upper=True).T
     return U * root, Rt.contiguous()
+
+
+def _closed_form_wide(E: Tensor, h: DampedH | HSpectrum, rank: int) -> tuple[Tensor, Tensor]:
+    """closed_form for m <= n without factorizing Hd: C = U_r U_r^T E with U_r the top-r eigenvectors of the
+    m x m matrix G = E Hd E^T (= (E L)(E L)^T, whose top left singular vectors the Cholesky route finds).
+    Cost m n^2 + m^2 n + eigh(m): no n^3 Cholesky and no triangular solve."""
+    Ew = _work(E)
+    G = Ew @ h.apply(Ew.T).to(Ew.dtype)  # (m x m)
+    G64 = G.to(torch.float64)
+    w, V = torch.linalg.eigh((G64 + G64.T) / 2)
+    k = min(rank, w.numel())
+    U = V.flip(1)[:, :k].to(Ew.dtype)
+    Rt = U.T @ Ew
+    if k < rank:
+        U = torch.cat([U, U.new_zeros(U.shape[0], rank - k)], dim=1)
+        Rt = torch.cat([Rt, Rt.new_zeros(rank - k, Rt.shape[1])], dim=0)
+    return U, Rt.contiguous()
 
 
 def _closed_form_randomized(E: Tensor, h: DampedH | HSpectrum, rank: int, power_iters: int, oversample: int):

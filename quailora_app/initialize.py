@@ -1,7 +1,7 @@
 """Compute every initialization's LoRA factors for every target layer, block by block.
 
 For each block from calibrate_blocks: E = W - Q per target layer (Q exactly as the quantized layer holds it),
-one damped H (and its Cholesky factor) per distinct input (shared by q/k/v and by gate/up), then per method a low-rank
+one damped H (and, for tall layers, its Cholesky factor, computed once) per distinct input (shared by q/k/v and by gate/up), then per method a low-rank
 correction C = P Rt, split into peft factors with s * B @ A == C, and the layer's error figures measured on
 the factors themselves. Used by the init report and by the fine-tuning arms that start from an initialization.
 """
@@ -145,8 +145,6 @@ def initialize(
                     factors = {}
                     for method in methods:
                         start = time.perf_counter()
-                        if method == "closed_form" and solver == "exact" and local == todo[0]:
-                            spec.cholesky()  # the group's shared factorization, timed with its first layer
                         P, Rt = correction(method, E, spec, r, als_rounds, solver)
                         A, B = init_math.split_factors(P, Rt, s)
                         # forming the group's H + lambda I is charged once to each calibrated method, as if run alone

@@ -246,9 +246,10 @@ def test_spectrum_handles_rank_deficient_and_zero_h():
         spectrum(torch.zeros(3, 4))
 
 
-@pytest.mark.parametrize("m,n,rank", [(48, 80, 4), (96, 64, 8), (40, 120, 16)])
+@pytest.mark.parametrize("m,n,rank", [(48, 80, 4), (96, 64, 8), (40, 120, 16), (64, 64, 8), (12, 20, 15), (20, 12, 15)])
 def test_cholesky_closed_form_equals_eigen_closed_form(m, n, rank):
-    """Any square root of H + lambda I gives the same optimum: Cholesky (the engine's) and the symmetric root."""
+    """The engine's exact routes (E Hd E^T for m <= n, Cholesky for m > n) give the optimum the symmetric root
+    gives, also for ranks beyond min(m, n)."""
     E, H = problem(m, n, seed=5)
     P1, Rt1 = closed_form_correction(E, damped(H), rank)
     P2, Rt2 = closed_form_correction(E, spectrum(H), rank)
