@@ -134,20 +134,21 @@ class DampedH:
         return self._chol
 
 
-def _damping_lambda(H64: Tensor, damping: float) -> float:
-    mean_diag = float(H64.diagonal().mean())
-    return damping * mean_diag if mean_diag > 0 else float(damping)
-
-
-def damped(H: Tensor, damping: float = 0.01) -> DampedH:
-    """H + lambda I with lambda = damping * mean(diag(H)) (lambda = damping if H is all zero), symmetrized."""
+def _symmetric64(H: Tensor, damping: float) -> tuple[Tensor, float]:
+    """(H symmetrized in float64, lambda = damping * mean(diag H), or damping itself if H is all zero)."""
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
     H64 = H.to(torch.float64)
     H64 = (H64 + H64.T) / 2
-    lam = _damping_lambda(H64, damping)
+    mean_diag = float(H64.diagonal().mean())
+    return H64, (damping * mean_diag if mean_diag > 0 else float(damping))
+
+
+def damped(H: Tensor, damping: float = 0.01) -> DampedH:
+    """H + lambda I with lambda = damping * mean(diag(H)) (lambda = damping if H is all zero), symmetrized."""
+    H64, lam = _symmetric64(H, damping)
     H64.diagonal().add_(lam)
     return DampedH(H64.to(_work_dtype(H.device)), lam)
 
@@ -159,13 +160,7 @@ def spectrum(H: Tensor, damping: float = 0.01) -> HSpectrum:
     lambda (H is PSD, so this only removes round-off). If H is all zero, lambda = damping, so the
     calibrated methods fall back to the plain SVD. damping = 0 keeps only a tiny relative floor.
     """
-    if H.ndim != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
-    H64 = H.to(torch.float64)
-    H64 = (H64 + H64.T) / 2
-    lam = _damping_lambda(H64, damping)
+    H64, lam = _symmetric64(H, damping)
     evals, evecs = torch.linalg.eigh(H64)
     evals = evals + lam
     top = float(evals.abs().max()) if evals.numel() else 0.0

@@ -5,44 +5,29 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from helpers import TINY_TEXT, huge_model, launched_app, with_weight  # noqa: E402
+from helpers import huge_model, launched_app, with_weight  # noqa: E402
 
 DONE = ("finished", "failed", "stopped")
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QUAILORA_ALLOWED_PATHS", str(tmp_path_factory.getbasetemp()))
-    mp.setenv("QUAILORA_UPLOADS", str(tmp_path_factory.mktemp("uploads")))
+def app(allowed, tmp_path_factory):
     with launched_app(tmp_path_factory.mktemp("runs")) as url:
         client = Client(url, verbose=False)
         session, *_ = client.predict({}, api_name="/attach")
         yield client, session
         client.close()
-    mp.undo()
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(TINY_TEXT).split()[: rng.randint(4, 12)]) for _ in range(400)))
-    return path
-
-
-def settings(model, text_file=None, **over) -> dict:
+def settings(model, short_docs_file=None, **over) -> dict:
     """The Setup form for a ~2 s init of the tiny model; `dataset` is typed unless an upload is given."""
-    args = dict(model=str(model), dataset=str(text_file) if text_file else "", upload=None, text_column=None,
+    args = dict(model=str(model), dataset=str(short_docs_file) if short_docs_file else "", upload=None, text_column=None,
                 quant="nf4", double_quant=True, block_size=64, rank=4, alpha=8, rslora=False, targets=["all-linear"],
                 calib_samples=4, seq_len=32, eval_tokens=128, seed=0)
     args.update(over)
@@ -89,7 +74,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_gets_one_clear_message(case, app, tiny_model_dir, text_file, tmp_path, monkeypatch):
+def test_bad_input_gets_one_clear_message(case, app, tiny_model_dir, short_docs_file, tmp_path, monkeypatch):
     client, session = app
     kind, expect = CASES[case]
     model, over = tiny_model_dir, {}
@@ -124,7 +109,7 @@ def test_bad_input_gets_one_clear_message(case, app, tiny_model_dir, text_file, 
         over["seq_len"], over["eval_tokens"] = 1024, 1024
     elif case == "nan-weights":
         model = with_weight(tiny_model_dir, tmp_path / "nan", float("nan"))
-    args = settings(model, text_file if "upload" not in over else None, **over)
+    args = settings(model, short_docs_file if "upload" not in over else None, **over)
     if kind == "train":
         args.update(TRAIN_EXTRA, steps=0)
         message = answer(client, session, "/start_train", args, "/train_status")
@@ -138,8 +123,8 @@ def test_bad_input_gets_one_clear_message(case, app, tiny_model_dir, text_file, 
         assert "\n" not in reason.strip(), reason
 
 
-def test_the_app_still_works_after_bad_input(app, tiny_model_dir, text_file):
+def test_the_app_still_works_after_bad_input(app, tiny_model_dir, short_docs_file):
     """Runs after the cases above (same module, same app, same session): a good init finishes."""
     client, session = app
-    status = answer(client, session, "/start_init", {**settings(tiny_model_dir, text_file), **INIT_EXTRA}, "/init_status")
+    status = answer(client, session, "/start_init", {**settings(tiny_model_dir, short_docs_file), **INIT_EXTRA}, "/init_status")
     assert "finished" in status, status

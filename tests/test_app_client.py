@@ -12,7 +12,7 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from helpers import TINY_TEXT, launched_app  # noqa: E402
+from helpers import launched_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +27,9 @@ def app_url(tmp_path_factory):
         mp.undo()
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(TINY_TEXT).split()[: rng.randint(4, 12)]) for _ in range(600)]
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text("\n\n".join(docs))
-    return path
-
-
-def setup_args(model_dir, text_file, **over):
+def setup_args(model_dir, short_docs_file, **over):
     """The 15 setup settings of /start_init and /start_train, by parameter name."""
-    args = dict(model=str(model_dir), dataset="", upload=handle_file(str(text_file)), text_column=None, quant="nf4",
+    args = dict(model=str(model_dir), dataset="", upload=handle_file(str(short_docs_file)), text_column=None, quant="nf4",
                 double_quant=True, block_size=64, rank=8, alpha=16, rslora=False, targets=["all-linear"],
                 calib_samples=4, seq_len=32, eval_tokens=128, seed=0)
     args.update(over)
@@ -79,14 +68,14 @@ def test_dataset_columns_from_an_uploaded_csv(app_url, tmp_path):
     assert column["value"] == "review" and ["label", "label"] in column["choices"] and "CSV" in info
 
 
-def test_init_flow_returns_figures_and_report(app_url, tiny_model_dir, text_file):
+def test_init_flow_returns_figures_and_report(app_url, tiny_model_dir, short_docs_file):
     client = Client(app_url, verbose=False)
     session, init_id, _, _ = client.predict({}, api_name="/attach")
     assert session["owner"] and init_id == ""
     with pytest.raises(Exception, match="eval-tokens"):
-        client.predict(session, **setup_args(tiny_model_dir, text_file, eval_tokens=16), methods=["svd"], baselines=False,
+        client.predict(session, **setup_args(tiny_model_dir, short_docs_file, eval_tokens=16), methods=["svd"], baselines=False,
                        als_rounds=2, damping=0.01, api_name="/start_init")
-    session, job_id, status = client.predict(session, **setup_args(tiny_model_dir, text_file),
+    session, job_id, status = client.predict(session, **setup_args(tiny_model_dir, short_docs_file),
                                              methods=["qlora", "svd", "quailora"], baselines=True, als_rounds=3,
                                              damping=0.01, api_name="/start_init")
     assert job_id and ("queued" in status or "running" in status)
@@ -111,13 +100,13 @@ def test_init_flow_returns_figures_and_report(app_url, tiny_model_dir, text_file
     assert "QuAILoRA" in summary
 
 
-def test_teaching_views_job_returns_seven_figures(app_url, tiny_model_dir, text_file):
+def test_teaching_views_job_returns_seven_figures(app_url, tiny_model_dir, short_docs_file):
     client = Client(app_url, verbose=False)
     layer = client.predict(str(tiny_model_dir), api_name="/view_layers")
     names = [c[1] for c in layer["choices"]]
     assert layer["value"] == "" and "model.layers.1.mlp.down_proj" in names and len(names) == 1 + 2 * 7
     session, init_id, *_ = client.predict({}, api_name="/attach")
-    setup = setup_args(tiny_model_dir, text_file)
+    setup = setup_args(tiny_model_dir, short_docs_file)
     args = {k: setup[k] for k in ("model", "dataset", "upload", "text_column", "quant", "double_quant", "block_size",
                                   "eval_tokens", "seed")}
     session, job_id, status = client.predict(session, init_id, **args, als_rounds=3, damping=0.01,
@@ -138,7 +127,7 @@ def test_teaching_views_job_returns_seven_figures(app_url, tiny_model_dir, text_
     assert "$$" in how and "rank-8" in how
 
 
-def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, text_file):
+def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, short_docs_file):
     from quailora_app.jobs import training_available
 
     if not training_available():
@@ -146,7 +135,7 @@ def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, 
     client = Client(app_url, verbose=False)
     alice, *_ = client.predict({}, api_name="/attach")
     bob, *_ = client.predict({}, api_name="/attach")
-    alice, job_id, _ = client.predict(alice, **setup_args(tiny_model_dir, text_file), als_rounds=2, damping=0.01,
+    alice, job_id, _ = client.predict(alice, **setup_args(tiny_model_dir, short_docs_file), als_rounds=2, damping=0.01,
                                       arms=["qlora4", "quailora4"], steps=400, learning_rate=1e-3, batch_size=2,
                                       grad_accum=1, eval_every=2, warmup_ratio=0.0, api_name="/start_train")
     seen = set()

@@ -17,21 +17,11 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from helpers import TINY_TEXT, launched_app  # noqa: E402
+from helpers import launched_app  # noqa: E402
 from quailora_app.errors import UserError  # noqa: E402
 from quailora_app.sources import paths  # noqa: E402
 
 DONE = ("finished", "failed", "stopped")
-
-
-@pytest.fixture(scope="module")
-def allowed(tmp_path_factory):
-    """Typed paths into pytest's temp folders (the tiny model) are allowed, as an operator would set it."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QUAILORA_ALLOWED_PATHS", str(tmp_path_factory.getbasetemp()))
-    mp.setenv("QUAILORA_UPLOADS", str(tmp_path_factory.mktemp("uploads")))
-    yield
-    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +30,9 @@ def app_url(allowed, tmp_path_factory):
         yield url
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(TINY_TEXT).split()[: rng.randint(4, 12)]) for _ in range(400)]
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text("\n\n".join(docs))
-    return path
-
-
-def init_args(model_dir, text_file=None, **over):
+def init_args(model_dir, short_docs_file=None, **over):
     """/start_init's settings for a ~2 s init of the tiny model (qlora + svd, no baselines)."""
-    args = dict(model=str(model_dir), dataset="", upload=handle_file(str(text_file)) if text_file else None,
+    args = dict(model=str(model_dir), dataset="", upload=handle_file(str(short_docs_file)) if short_docs_file else None,
                 text_column=None, quant="nf4", double_quant=True, block_size=64, rank=4, alpha=8, rslora=False,
                 targets=["all-linear"], calib_samples=4, seq_len=32, eval_tokens=128, seed=0,
                 methods=["qlora", "svd"], baselines=False, als_rounds=2, damping=0.01)
@@ -140,7 +119,7 @@ def test_typed_paths_stay_inside_allowed_folders(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ through the app
-def test_uploads_and_typed_paths_through_the_app(app_url, tiny_model_dir, text_file, tmp_path, monkeypatch):
+def test_uploads_and_typed_paths_through_the_app(app_url, tiny_model_dir, short_docs_file, tmp_path, monkeypatch):
     client = Client(app_url, verbose=False)
     session, *_ = client.predict({}, api_name="/attach")
     owner = session["owner"]
@@ -167,11 +146,11 @@ def test_uploads_and_typed_paths_through_the_app(app_url, tiny_model_dir, text_f
     assert "outside the folders" in client.predict("/etc/passwd", api_name="/describe_dataset")
     assert client.predict("/etc", api_name="/view_layers")["choices"] == [["default (chosen by the app)", ""]]
     # an accepted upload is copied into this session's folder and the run reads that copy
-    session, job_id, _ = client.predict(session, **init_args(tiny_model_dir, text_file), api_name="/start_init")
+    session, job_id, _ = client.predict(session, **init_args(tiny_model_dir, short_docs_file), api_name="/start_init")
     out = wait_status(client, session, job_id)
     assert "finished" in out[1], out[1]
     folder = paths.session_upload_dir(owner)
-    assert Path(out[6]["dataset"]).is_relative_to(folder) and Path(out[6]["dataset"]).read_text() == text_file.read_text()
+    assert Path(out[6]["dataset"]).is_relative_to(folder) and Path(out[6]["dataset"]).read_text() == short_docs_file.read_text()
     # closing the session (the page's tab; here the client's heartbeat) removes its upload folder
     client.close()
     deadline = time.time() + 15

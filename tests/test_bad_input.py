@@ -13,17 +13,6 @@ from helpers import HUGE_LLAMA, huge_model, with_weight
 from quailora_app.errors import ConfigError, ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    import random
-
-    from helpers import TINY_TEXT
-
-    rng = random.Random(0)
-    words = " ".join(TINY_TEXT).split()
-    path = tmp_path_factory.mktemp("data") / "docs.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(300)))
-    return path
 
 
 def remote_code_model(folder: Path) -> Path:

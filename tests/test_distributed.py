@@ -24,19 +24,6 @@ DATA = dict(seq_len=48, calib_samples=11, eval_tokens=512)
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    import random
-
-    from helpers import TINY_TEXT
-
-    rng = random.Random(0)
-    words = " ".join(TINY_TEXT).split()
-    path = tmp_path_factory.mktemp("data") / "docs.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(300)))
-    return path
-
-
-@pytest.fixture(scope="module")
 def runs(tiny_model_dir, text_file, tmp_path_factory):
     """(one-process run folder, two-process run folder, the two-process command's output)."""
     from helpers import free_port

@@ -16,19 +16,6 @@ REPORT_KEYS = {"model", "dataset", "device", "rank", "alpha", "methods", "perple
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    import random
-
-    from helpers import TINY_TEXT
-
-    rng = random.Random(0)
-    words = " ".join(TINY_TEXT).split()
-    path = tmp_path_factory.mktemp("data") / "docs.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(300)))
-    return path
-
-
 def tiny_cfg(model_dir, text_file, out, **kw) -> InitConfig:
     return InitConfig(ModelConfig(str(model_dir)), DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=512),
                       lora=LoraSettings(rank=4), methods=("svd", "quailora", "closed_form"), out=str(out), **kw)
