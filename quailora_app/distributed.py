@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -74,8 +75,8 @@ def share_layers(layers: Sequence[tuple[str, str, tuple[int, int]]], world: int,
     would finish soonest (greedy longest-processing-time).
 
     Cost estimate, in flops up to a constant: m n min(m, n) for the truncated SVD, + m n^2 for a calibrated
-    method's products with H's eigenvectors, + n^3 for the eigen-decomposition of the group's H, paid once
-    on each process that holds a layer of that group. The result depends on the shapes only, so every process
+    method's products with H, + n^3 for forming (and, for tall layers, factorizing) the group's damped H, paid
+    once on each process that holds a layer of that group. The result depends on the shapes only, so every process
     computes the same split without talking."""
     def own(m: int, n: int) -> float:
         return m * n * min(m, n) + (m * n * n if calibrated else 0)
@@ -125,9 +126,13 @@ def process_group(cfg: InitConfig) -> Iterator[tuple[Processes, InitConfig]]:
         torch.cuda.set_device(local_rank)  # gather_object on nccl sends through the current device
         backend = "nccl"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # the other processes wait while rank 0 evaluates and writes the run folder: allow it an hour
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=1))
     try:
         yield Processes(dist.get_rank(), dist.get_world_size(), backend), cfg
+        # leave together: a process that tears its connections down while another still uses the group can
+        # make gloo abort that one (seen once as a SIGABRT of a torchrun child here)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -166,5 +171,5 @@ def run_init_processes(cfg: InitConfig, consume: Callable) -> int:
             run_worker(cfg, processes)
         except UserError as exc:
             print(f"[rank {processes.rank}] error: {exc}", file=sys.stderr)
-            return 2
+            raise SystemExit(2) from None  # leaves without the closing barrier: rank 0 may be inside a collective
         return 0
