@@ -52,16 +52,9 @@ figures.
 """
 from __future__ import annotations
 
-import functools
-import html
-import json
-import math
 import os
-import shutil
 import tempfile
 import threading
-import uuid
-from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -70,32 +63,35 @@ import pandas as pd
 
 from . import config as _config
 from . import figures as F
-from .config import (
-    ALL_LINEAR,
-    INIT_METHODS,
-    DataConfig,
-    InitConfig,
-    LoraSettings,
-    ModelConfig,
-    QuantConfig,
-)
+from .config import ALL_LINEAR, INIT_METHODS
 from .errors import UserError
-from .jobs import (
-    CANCELLED,
-    DONE,
-    FAILED,
-    FINISHED,
-    QUEUED,
-    RUNNING,
-    Job,
-    JobManager,
-    ViewsConfig,
-    training_available,
-    zerogpu_available,
+from .forms import (
+    describe_source,
+    inspect_upload,
+    make_init_config,
+    make_train_config,
+    make_views_config,
+    one_line,
+    session_owner,
+    text_setting,
+    vetted_sources,
 )
-from .reopen import list_runs, open_run
+from .jobs import RUNNING, Job, JobManager, training_available, zerogpu_available
+from .presenters import (
+    VIEW_KEYS,
+    VIEW_TITLES,
+    init_views,
+    model_layers,
+    progress_html,
+    reopened_outputs,
+    report_of,
+    status_text,
+    summary_text,
+    view_defaults,
+    zip_run,
+)
+from .reopen import list_runs
 from .sources import paths
-from .sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset
 from .sources.models import EMBEDDED_NOTE
 from .teaching import how_it_works_markdown
 from .teaching_figures import CAPTIONS as VIEW_CAPTIONS
@@ -134,195 +130,7 @@ def default_settings(gpu: bool) -> dict[str, Any]:
                 learning_rate=2e-4)
 
 
-# ------------------------------------------------------------------------------------------------ settings
-def _one_line(text: Any, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _shown(value: Any) -> str:
-    return _one_line(repr(value), 60)
-
-
-def one_line_errors(fn):
-    """Settings handlers raise only UserError, in one line: a ValueError/TypeError/OverflowError from a
-    config check becomes one, and a multi-line message is folded."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            if "\n" in str(exc) or len(str(exc)) > 300:
-                raise type(exc)(_one_line(exc)) from None
-            raise
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise UserError(_one_line(exc) or f"invalid setting ({type(exc).__name__})") from None
-
-    return wrapped
-
-
-def _text(value: Any, name: str) -> str:
-    """A text field: None -> "", a string stripped, anything else a UserError."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise UserError(f"{name} must be text, got {_shown(value)}")
-    if "\x00" in value:
-        raise UserError(f"{name} must not contain NUL characters")
-    return value.strip()
-
-
-def _choices(value: Any, name: str) -> list[str]:
-    """A multi-choice field: a list of names (a single name is a list of one)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise UserError(f"{name} must be a list of names, got {_shown(value)}")
-    return [v.strip() for v in value if v and v.strip()]
-
-
-def _dataset_name(dataset: str | None, upload: Any) -> str:
-    if upload:
-        return str(getattr(upload, "name", None) or upload)
-    return _text(dataset, "dataset") or "embedded"
-
-
-def _num(value, name: str, kind=int):
-    """A finite number from a form field, or a UserError naming the field."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{name} must be a number, got {_shown(value)}") from None
-    if not math.isfinite(number):
-        raise UserError(f"{name} must be a finite number, got {_shown(value)}")
-    if kind is int:
-        if number != int(number):
-            raise UserError(f"{name} must be a whole number, got {_shown(value)}")
-        return int(number)
-    return number
-
-
-def _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
-                    targets, calib_samples, seq_len, eval_tokens, seed):
-    targets = _choices(targets, "target modules") or [ALL_LINEAR]
-    if ALL_LINEAR in targets:
-        targets = [ALL_LINEAR]
-    if not isinstance(quant, str):
-        raise UserError(f"4-bit data type must be nf4 or fp4, got {_shown(quant)}")
-    return (
-        ModelConfig(_text(model, "model") or "embedded"),
-        DataConfig(_dataset_name(dataset, upload), _text(text_column, "text column") or None,
-                   _num(seq_len, "tokens per sequence"),
-                   _num(calib_samples, "calibration sequences"), _num(eval_tokens, "held-out tokens"),
-                   _num(seed or 0, "seed")),
-        QuantConfig(quant, bool(double_quant), _num(block_size, "block size")),
-        LoraSettings(_num(rank, "rank"), _num(alpha, "alpha", float), bool(rslora), tuple(targets)),
-    )
-
-
-@one_line_errors
-def make_init_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
-                     targets, calib_samples, seq_len, eval_tokens, seed, methods, baselines, als_rounds,
-                     damping) -> InitConfig:
-    m, d, q, lora = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
-                                    alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed)
-    return InitConfig(m, d, q, lora, tuple(_choices(methods, "methods") or ("qlora",)), _num(als_rounds, "ALS rounds"),
-                      _num(damping, "damping", float), baselines=bool(baselines))
-
-
-@one_line_errors
-def make_train_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
-                      targets, calib_samples, seq_len, eval_tokens, seed, als_rounds, damping, arms, steps,
-                      learning_rate, batch_size, grad_accum, eval_every, warmup_ratio):
-    try:
-        from .config import TrainConfig
-    except ImportError:
-        raise UserError("fine-tuning is not available in this build yet (quailora_app.train has not landed)") from None
-    m, d, q, lora = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
-                                    alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed)
-    arms = _choices(arms, "arms")
-    if not arms:
-        raise UserError("choose at least one arm to fine-tune")
-    return TrainConfig(model=m, data=d, quant=q, lora=lora, arms=tuple(arms), steps=_num(steps, "steps"),
-                       learning_rate=_num(learning_rate, "learning rate", float),
-                       warmup_ratio=_num(warmup_ratio, "warm-up share", float),
-                       batch_size=_num(batch_size, "batch"), grad_accum=_num(grad_accum, "gradient accumulation"),
-                       eval_every=_num(eval_every, "evaluate every"), damping=_num(damping, "damping", float),
-                       als_rounds=_num(als_rounds, "ALS rounds"))
-
-
-def peek_columns(path: str) -> tuple[list[str], str | None]:
-    """(text-like columns, best guess) of an uploaded table; ([], None) for plain text. A .gz/.bz2/.xz file is
-    read by its inner format (pandas decompresses by the name)."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    if suffixes and suffixes[-1] in paths.COMPRESSED_SUFFIXES:
-        suffixes.pop()
-    suffix = suffixes[-1] if suffixes else ""
-    if suffix == ".txt":
-        return [], None
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        frame = next(pf.iter_batches(batch_size=200)).to_pandas() if pf.metadata.num_rows else pd.DataFrame(columns=pf.schema_arrow.names)
-    elif suffix in (".jsonl", ".json"):
-        frame = pd.read_json(path, lines=suffix == ".jsonl", nrows=200 if suffix == ".jsonl" else None)
-    else:
-        frame = pd.read_csv(path, nrows=200, sep="\t" if suffix == ".tsv" else ",")
-    texts = [c for c in frame.columns if frame[c].dtype == object or str(frame[c].dtype).startswith(("string", "str"))]
-    texts = [str(c) for c in texts if frame[c].dropna().map(lambda v: isinstance(v, str)).all()] or [str(c) for c in texts]
-    if not texts:
-        return [str(c) for c in frame.columns], None
-    guess = next((c for p in PREFERRED_TEXT_COLUMNS for c in texts if c.lower() == p), None)
-    if guess is None:
-        guess = max(texts, key=lambda c: frame[c].dropna().astype(str).str.len().mean() or 0)
-    return texts, guess
-
-
-def inspect_upload(path: Any) -> tuple[list[str], str | None, str]:
-    """(text columns, best guess, one line) for an uploaded file; a UserError (one line) for a file of the wrong
-    type, empty, too large, or unreadable."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise UserError(f"the upload must be a file, got {_shown(path)}")
-    src = paths.check_upload(path)
-    try:
-        cols, guess = peek_columns(str(src))
-    except Exception as exc:  # noqa: BLE001 - any reader error on a stranger's file is a one-line answer
-        raise UserError(f"could not read the file's columns: {type(exc).__name__}: {_one_line(exc, 200)}") from None
-    info = describe_dataset(str(src))
-    if not cols:
-        info += " · plain text: blank lines separate documents"
-    return cols, guess, _one_line(info)
-
-
-def describe_source(name: Any, owner: str | None = None) -> str:
-    """The dataset box's one-line description, after the path policy (a refused path is described as such)."""
-    try:
-        checked = paths.check_user_path(_text(name, "dataset"), "dataset", owner)
-    except UserError as exc:
-        return str(exc)
-    return _one_line(describe_dataset(checked))
-
-
-def vetted_sources(model: Any, dataset: Any, upload: Any, owner: str, upload_sources=()) -> tuple[str, str, str | None]:
-    """(model, dataset, stored upload) as the engine may read them: an upload is checked and copied into the
-    session's folder, typed paths must lie in the allowed folders (`sources.paths`)."""
-    stored = None
-    if upload:
-        if not isinstance(upload, (str, os.PathLike)):
-            upload = getattr(upload, "name", None) or getattr(upload, "path", None)
-            if not isinstance(upload, (str, os.PathLike)):
-                raise UserError("the upload must be a file; upload it again")
-        stored = str(paths.store_upload(upload, owner, sources=upload_sources))
-        dataset_name = stored
-    else:
-        dataset_name = paths.check_user_path(_text(dataset, "dataset"), "dataset", owner)
-    return paths.check_user_path(_text(model, "model"), "model", owner), dataset_name, stored
-
-
+# ------------------------------------------------------------------------------------------------ uploads
 def _gradio_upload_roots() -> list[str]:
     """Where gradio keeps uploaded files (the only place an upload may come from)."""
     roots = [os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")]
@@ -336,227 +144,6 @@ def _gradio_upload_roots() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ views
-INIT_STAGES = [("load", "load model", 0.04), ("data", "read text", 0.04), ("quantize", "quantize to 4-bit", 0.07),
-               ("calibrate", "calibrate + initialize", 0.55), ("evaluate", "perplexity per method", 0.2),
-               ("baseline", "8-bit & full-precision baselines", 0.1)]
-TRAIN_STAGES = [("load", "load model & text", 0.03), ("reference", "full-precision & 8-bit perplexity", 0.07),
-                ("setup", "set up arms (quantize, calibrate, initialize)", 0.2), ("train", "train + evaluate", 0.7)]
-
-
-def _stage_progress(job: Job) -> tuple[float, str]:
-    """Overall fraction done and a line for the current stage of an init job."""
-    names = [s for s, _, _ in INIT_STAGES]
-    weights = {s: w for s, _, w in INIT_STAGES}
-    stage = job.stage if job.stage in weights else ("calibrate" if job.stage == "initialize" else "load")
-    current = names.index(stage)
-    frac = sum(weights[s] for s in names[:current])
-    if stage == "baseline":
-        done = sum(1 for e in job.events if e.get("kind") == "metric" and e.get("name") in ("full", "int8"))
-        frac += weights[stage] * done / 2
-    elif job.total:
-        frac += weights[stage] * job.done / job.total
-    line = job.stage_message or stage
-    if stage == "calibrate" and job.total:
-        line = f"calibrate + initialize: block {job.done} of {job.total}"
-    return min(frac, 1.0), line
-
-
-def _train_stage(job: Job) -> str:
-    stage = job.stage.split()[0] if job.stage else "load"
-    return {"data": "load", "calibrate": "setup"}.get(stage, stage)
-
-
-def _train_progress(job: Job) -> tuple[float, str]:
-    """Overall fraction done and a line for a fine-tuning job (steps summed over the arms)."""
-    weights = {s: w for s, _, w in TRAIN_STAGES}
-    names = list(weights)
-    stage = _train_stage(job)
-    stage = stage if stage in weights else "load"
-    frac = sum(weights[s] for s in names[: names.index(stage)])
-    arms = list(getattr(job.config, "arms", ()) or F.arms_in(job.events))
-    last: dict[str, dict] = {}
-    for e in job.events:
-        if e.get("kind") == "train_step":
-            last[e["arm"]] = e
-    if stage != "train" or not last:
-        if stage == "setup":
-            ready = len({e["arm"] for e in job.events if e.get("kind") == "eval" and e.get("step") == 0})
-            frac += weights["setup"] * ready / max(1, len(arms))
-        line = job.stage_message or stage
-        if job.stage.startswith("calibrate") and job.total:
-            line = f"calibrate + initialize the 4-bit arms: block {job.done} of {job.total}"
-        return min(frac, 1.0), line
-    done = sum(last[a]["step"] / max(1, last[a]["total_steps"]) for a in last) / max(1, len(arms))
-    per_arm = ", ".join(f"{F.ARM_LABELS.get(a, a)} step {last[a]['step']}/{last[a]['total_steps']}" for a in last)
-    return min(frac + weights["train"] * done, 1.0), per_arm
-
-
-def progress_html(job: Job | None, manager: JobManager) -> str:
-    if job is None:
-        return "<div class='q-progress idle'><div class='q-label'>no job yet</div></div>"
-    if job.status == QUEUED:
-        running, waiting = manager.queue_length()
-        return (f"<div class='q-progress queued'><div class='q-bar'><span style='width:0%'></span></div>"
-                f"<div class='q-label'>queued: position {job.position} of {waiting} waiting"
-                f"{' (a job is running)' if running else ''}</div></div>")
-    if job.kind == "views":
-        return views_progress_html(job)
-    frac, line = (_stage_progress(job) if job.kind == "init" else _train_progress(job))
-    if job.status == FINISHED:
-        frac, line = 1.0, f"done in {job.elapsed:.0f} s"
-    stages = INIT_STAGES if job.kind == "init" else TRAIN_STAGES
-    cur = job.stage if job.kind == "init" else _train_stage(job)
-    names = [s for s, _, _ in stages]
-    idx = names.index(cur) if cur in names else (names.index("calibrate") if cur == "initialize" else 0)
-    chips = []
-    for i, (_, text, _) in enumerate(stages):
-        state = "done" if (i < idx or job.status == FINISHED) else ("now" if i == idx and job.status == RUNNING else "")
-        chips.append(f"<span class='q-step {state}'>{html.escape(text)}</span>")
-    cls = {FAILED: "failed", CANCELLED: "cancelled"}.get(job.status, "")
-    return (f"<div class='q-progress {cls}'><div class='q-steps'>{''.join(chips)}</div>"
-            f"<div class='q-bar' role='progressbar' aria-valuenow='{100 * frac:.0f}' aria-valuemin='0' aria-valuemax='100'>"
-            f"<span style='width:{100 * frac:.1f}%'></span></div>"
-            f"<div class='q-label'>{100 * frac:.0f}% · {html.escape(line)}</div></div>")
-
-
-def status_text(job: Job | None, manager: JobManager) -> str:
-    if job is None:
-        return "Nothing started yet in this session."
-    running, waiting = manager.queue_length()
-    what = {"init": "Quantize & initialize", "views": "Teaching views"}.get(job.kind, "Fine-tuning")
-    where = f" · run folder `{job.run_dir}`" if job.run_dir else ""
-    if job.status == QUEUED:
-        return (f"**{what}: queued**, position {job.position} in line ({running} running, {waiting} waiting). "
-                "It starts by itself; you may close this tab and come back.")
-    if job.status == RUNNING:
-        extra = f" · {job.message}" if job.message else ""
-        return f"**{what}: running** for {job.elapsed:.0f} s{extra}{where}. Closing the tab does not stop it."
-    if job.status == FINISHED:
-        return f"**{what}: finished** in {job.elapsed:.0f} s{where}."
-    if job.status == CANCELLED:
-        return f"**{what}: stopped** ({job.message}). Results computed before the stop are kept{where}."
-    return f"**{what}: failed**: {job.message}{where}"
-
-
-def _report_of(job: Job | None) -> dict | None:
-    """The job's final report, or the partial report.json a stopped or failed run left behind."""
-    if job is None:
-        return None
-    if job.report:
-        return job.report
-    if job.status in DONE and job.run_dir and (Path(job.run_dir) / "report.json").is_file():
-        try:
-            return json.loads((Path(job.run_dir) / "report.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-    return None
-
-
-def _note(report: dict | None, model_name: str) -> str:
-    note = (report or {}).get("model_note") or (EMBEDDED_NOTE if model_name in ("", "embedded") else "")
-    return f"**About this model:** {note}" if note else ""
-
-
-def init_views(job: Job | None, manager: JobManager, parts=("layers", "heatmap", "perplexity")) -> dict[str, Any]:
-    events = job.events if job else []
-    report = _report_of(job)
-    source = report if report and report.get("layers") else events
-    out: dict[str, Any] = {}
-    if "layers" in parts:
-        n_blocks = job.total if job and job.stage == "calibrate" and job.total else None
-        out["layers"] = F.layer_error_figure(source, n_blocks)
-    if "heatmap" in parts:
-        out["heatmap"] = F.removal_heatmap(source, "quailora")
-    if "perplexity" in parts:
-        methods = list(getattr(job.config, "methods", ()) or ()) if job else []
-        out["perplexity"] = F.perplexity_figure(report if report and report.get("perplexity") else events, methods)
-    if report:
-        out["numbers"] = pd.DataFrame(F.numbers_table(report), columns=F.NUMBERS_HEADER)
-    else:
-        live = {"layers": F.layers_from(events), "perplexity": F.perplexities_from(events),
-                "methods": list(getattr(job.config, "methods", ()) or ()) if job else []}
-        out["numbers"] = pd.DataFrame(F.numbers_table(live), columns=F.NUMBERS_HEADER)
-    out["report"] = report
-    out["note"] = _note(report, getattr(getattr(job, "config", None), "model", ModelConfig()).model if job else "embedded")
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ teaching views
-VIEW_KEYS = ("weights", "error", "spectrum", "energy", "channels", "rank_sweep", "precision")
-VIEW_TITLES = {
-    "weights": "1 · Inside a layer: the weights and the 16 levels of a 4-bit block",
-    "error": "2 · The quantization error E = W − Q, before and after each correction",
-    "spectrum": "3 · Which directions of the error matter: singular values of E and of E·H½",
-    "energy": "4 · How much of the error a rank-k correction can remove",
-    "channels": "5 · Outlier input channels and where the correction goes",
-    "rank_sweep": "6 · Error left against LoRA rank",
-    "precision": "7 · Precision trade-off: memory against perplexity",
-}
-
-
-def view_defaults(gpu: bool) -> dict[str, Any]:
-    """Teaching-view settings: on CPU 8 x 128 calibration tokens and ranks 1..32, about a minute with the
-    embedded model (no perplexity sweep: that needs a full initialization per rank)."""
-    if gpu:
-        return {"calib_samples": 64, "seq_len": 512, "rank": 16, "ranks": (1, 2, 4, 8, 16, 32, 64)}
-    return {"calib_samples": 8, "seq_len": 128, "rank": 16, "ranks": (1, 2, 4, 8, 16, 32)}
-
-
-@one_line_errors
-def make_views_config(model, dataset, upload, text_column, quant, double_quant, block_size, eval_tokens, seed,
-                      als_rounds, damping, layer, rank, calib_samples, seq_len, ranks, reports=()) -> ViewsConfig:
-    m, d, q, _ = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, 16, 16, False,
-                                 None, calib_samples, seq_len, eval_tokens, seed)
-    rank = _num(rank, "rank of the views")
-    if rank < 1:
-        raise UserError("the views' rank must be at least 1")
-    return ViewsConfig(m, d, q, (layer or "").strip() or None, rank, tuple(ranks), tuple(reports),
-                       _num(damping, "damping", float), _num(als_rounds, "ALS rounds"))
-
-
-def model_layers(model: str | None) -> tuple[list[str], str]:
-    """(linear layer names, default layer) of a model already on disk, from its config on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .sources.models import EMBEDDED, cache_dir, trust_remote_code
-    from .teaching import default_layer, layer_names
-
-    name = (model or "embedded").strip()
-    folder = cache_dir() / "models" / "smollm2-135m-instruct" if name in ("", EMBEDDED) else Path(name).expanduser()
-    if not (folder / "config.json").is_file():
-        return [], ""
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code())
-        with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code())
-    except Exception:  # noqa: BLE001 - no layer list for a config transformers cannot build; the job says why
-        return [], ""
-    return layer_names(meta), default_layer(meta)
-
-
-def views_progress_html(job: Job) -> str:
-    stages = [("load", "load 4-bit model & text"), ("compute", "calibrate, correct, sweep ranks"), ("figures", "draw")]
-    names = [s for s, _ in stages]
-    idx = names.index(job.stage) if job.stage in names else 0
-    if job.status == FINISHED:
-        frac, line = 1.0, f"done in {job.elapsed:.0f} s"
-    else:
-        frac = (0.05, 0.2, 0.95)[idx] if job.status == RUNNING else 0.0
-        if job.stage == "compute" and "rank sweep" in job.stage_message:
-            frac = 0.6
-        line = job.stage_message or job.stage or job.status
-    chips = []
-    for i, (_, text) in enumerate(stages):
-        state = "done" if (i < idx or job.status == FINISHED) else ("now" if i == idx and job.status == RUNNING else "")
-        chips.append(f"<span class='q-step {state}'>{html.escape(text)}</span>")
-    cls = {FAILED: "failed", CANCELLED: "cancelled"}.get(job.status, "")
-    return (f"<div class='q-progress {cls}'><div class='q-steps'>{''.join(chips)}</div>"
-            f"<div class='q-bar' role='progressbar' aria-valuenow='{100 * frac:.0f}' aria-valuemin='0' aria-valuemax='100'>"
-            f"<span style='width:{100 * frac:.1f}%'></span></div>"
-            f"<div class='q-label'>{100 * frac:.0f}% · {html.escape(line)}</div></div>")
-
-
 def _empty_view_figure(key: str):
     import plotly.graph_objects as go
 
@@ -571,7 +158,7 @@ def views_outputs(job: Job | None) -> dict[str, Any]:
     """Figures, precision table and layer picker update for a views job (placeholders until it finishes)."""
     import plotly.io as pio
 
-    report = _report_of(job) if job is not None and job.kind == "views" else None
+    report = report_of(job) if job is not None and job.kind == "views" else None
     figures = (report or {}).get("figures") or {}
     out: dict[str, Any] = {k: (pio.from_json(figures[k]) if k in figures else _empty_view_figure(k)) for k in VIEW_KEYS}
     header = list((report or {}).get("precision_header") or ["format"])
@@ -585,98 +172,7 @@ def views_outputs(job: Job | None) -> dict[str, Any]:
     return out
 
 
-def summary_text(init_job: Job | None, train_job: Job | None) -> str:
-    """A few plain sentences on what the runs found."""
-    lines = []
-    report = _report_of(init_job)
-    if report:
-        ppl = report.get("perplexity") or {}
-        lines.append(f"**Quantize & initialize** ({report.get('status', init_job.status)}): model `{report.get('model')}`, "
-                     f"data `{Path(str(report.get('dataset'))).name}`, rank {report.get('rank')}, on {report.get('device')}.\n")
-        if "qlora" in ppl:
-            parts = [f"full precision {ppl['full']:.2f}" if ppl.get("full") else None,
-                     f"8-bit {ppl['int8']:.2f}" if ppl.get("int8") else None, f"4-bit QLoRA {ppl['qlora']:.2f}"]
-            lines.append("- Perplexity: " + ", ".join(p for p in parts if p) + ".")
-        for m in report.get("methods", []):
-            if m == "qlora" or ppl.get(m) is None:
-                continue
-            gap = (report.get("gap_closed") or {}).get(m)
-            errs = [r["calibrated_error"][m] for r in report.get("layers", []) if m in r.get("calibrated_error", {})]
-            err = F._median(errs)
-            lines.append(f"- {F.label(m)}: perplexity {ppl[m]:.2f}"
-                         + (f", closes {100 * gap:.0f}% of the 4-bit→8-bit gap" if gap is not None else "")
-                         + (f"; median layer keeps {100 * err:.0f}% of QLoRA's activation error" if err is not None else "")
-                         + ".")
-        for m, why in (report.get("unavailable") or {}).items():
-            lines.append(f"- {m}: not computed ({why}).")
-        if report.get("model_note"):
-            lines.append(f"- Note on the model: {report['model_note']}")
-    if train_job is not None:
-        finished = [e for e in train_job.events if F._is_arm_finished(e)]
-        state = {CANCELLED: "stopped by the user"}.get(train_job.status, train_job.status)
-        lines.append(f"\n**Fine-tuning** ({state}), perplexity on the held-out text:\n")
-        for e in finished:
-            lines.append(f"- {F.label(e['arm'])}: final perplexity {e['final_perplexity']:.2f}, best "
-                         f"{e['best_perplexity']:.2f}, {e['seconds']:.0f} s.")
-        if not finished:
-            lines.append("- no arm has finished yet.")
-    return "\n".join(lines) or "No results yet: run step 2 (and 3) first."
-
-
-def zip_run(run_dir: str) -> str:
-    """Zip a run folder into the temp dir; returns the zip's path."""
-    src = Path(run_dir)
-    out_dir = Path(tempfile.gettempdir()) / "quailora-zips" / uuid.uuid4().hex[:8]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return shutil.make_archive(str(out_dir / src.name), "zip", root_dir=src.parent, base_dir=src.name)
-
-
-# ------------------------------------------------------------------------------------------------ reopen
-_REPORT_STATUS = {"finished": FINISHED, "cancelled": CANCELLED, "stopped": CANCELLED, "failed": FAILED}
-
-
-def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[str, Any]:
-    """Figures, tables, report and a zip of a run folder under the runs root (this owner's or the CLI's), read
-    back from report.json / events.jsonl: what a finished job shows, after a restart of the app."""
-    run = open_run(_text(name, "run folder"), owner)
-    report = run.report or {}
-    status = _REPORT_STATUS.get(run.status, FAILED)
-    arms = list(report.get("arms") or {}) if isinstance(report.get("arms"), dict) else list(report.get("arms") or [])
-    try:
-        model_cfg = ModelConfig(str(report.get("model") or "embedded"))
-    except UserError:
-        model_cfg = ModelConfig()
-    config = SimpleNamespace(methods=list(report.get("methods") or []), arms=arms, model=model_cfg)
-    message = report.get("error") or ("the app stopped before this run ended" if run.status == "running" else run.status)
-    job = Job(id="", kind=run.kind, owner=owner or "", config=config, status=status, events=run.events,
-              run_dir=str(run.run_dir), report=run.report, message=str(message))
-    out: dict[str, Any] = {"layers": F.layer_error_figure([]), "heatmap": F.removal_heatmap([]),
-                           "perplexity": F.perplexity_figure([]), "curves": F.train_figure([]),
-                           "table": pd.DataFrame(columns=F.NUMBERS_HEADER), "report": run.report}
-    what = {"init": "Quantize & initialize", "train": "Fine-tuning", "views": "Teaching views"}[run.kind]
-    head = f"**Reopened `{run.name}`** ({what}, {run.status}{': ' + _one_line(report['error']) if report.get('error') else ''})."
-    if run.kind == "init":
-        v = init_views(job, manager)
-        out.update(layers=v["layers"], heatmap=v["heatmap"], perplexity=v["perplexity"], table=v["numbers"])
-        out["summary"] = head + "\n\n" + summary_text(job, None)
-    elif run.kind == "train":
-        out["curves"] = F.train_figure(run.events, arms)
-        out["table"] = pd.DataFrame(F.train_table(run.events, arms), columns=F.TRAIN_HEADER)
-        out["summary"] = head + "\n\n" + summary_text(None, job)
-    else:
-        out["summary"] = head + " Its seven figures are in views.json inside the zip."
-    out["zip"] = zip_run(str(run.run_dir))
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ the app
-def _owner(session: dict | None) -> tuple[dict, str]:
-    session = dict(session) if isinstance(session, dict) else {}
-    if not session.get("owner") or not isinstance(session["owner"], str):
-        session["owner"] = uuid.uuid4().hex
-    return session, session["owner"]
-
-
 class _Tabs:
     """Open pages (gradio session hashes) per owner key, so a closed tab can clean up its owner's uploads."""
 
@@ -710,7 +206,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         if not job_id:
             return None, None
         job = manager.owned(job_id, (session or {}).get("owner"))
-        return job, (None if job else f"No job `{_one_line(job_id, 40)}` in this session: a session sees only its own jobs.")
+        return job, (None if job else f"No job `{one_line(job_id, 40)}` in this session: a session sees only its own jobs.")
 
     device, gpu = device_summary()
     d = default_settings(gpu)
@@ -912,7 +408,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
 
         # ---------------------------------------------------------------- wiring
         def attach(session, request: gr.Request):
-            session, owner = _owner(session)
+            session, owner = session_owner(session)
             tabs.seen(request, owner)
             paths.sweep_uploads(keep=manager.active_owners() | tabs.owners())
             ij, tj = manager.latest(owner, "init"), manager.latest(owner, "train")
@@ -947,7 +443,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         def start_init_fn(session, model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha,
                           rslora, targets, calib_samples, seq_len, eval_tokens, seed, methods, baselines, als_rounds,
                           damping, request: gr.Request):
-            session, owner = _owner(session)
+            session, owner = session_owner(session)
             tabs.seen(request, owner)
             try:
                 model, dataset, upload = vetted_sources(model, dataset, upload, owner, upload_roots)
@@ -963,7 +459,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
                          [session, init_job, init_status], api_name="start_init")
 
         def stop_fn(session, job_id):
-            _, owner = _owner(session)
+            _, owner = session_owner(session)
             if not (session or {}).get("owner"):
                 return "this session has no jobs to stop"
             return manager.stop(job_id, owner)
@@ -1014,7 +510,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         def start_train_fn(session, model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha,
                            rslora, targets, calib_samples, seq_len, eval_tokens, seed, als_rounds, damping, arms,
                            steps, learning_rate, batch_size, grad_accum, eval_every, warmup_ratio, request: gr.Request):
-            session, owner = _owner(session)
+            session, owner = session_owner(session)
             tabs.seen(request, owner)
             try:
                 model, dataset, upload = vetted_sources(model, dataset, upload, owner, upload_roots)
@@ -1108,7 +604,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         # ---------------------------------------------------------------- teaching views wiring
         def view_layers_fn(model):
             try:
-                names, default = model_layers(paths.check_user_path(_text(model, "model"), "model"))
+                names, default = model_layers(paths.check_user_path(text_setting(model, "model"), "model"))
             except Exception:  # noqa: BLE001 - the job checks the model properly; here only the picker is filled
                 names, default = [], ""
             if not names:
@@ -1130,7 +626,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         def start_views_fn(session, init_job_id, model, dataset, upload, text_column, quant, double_quant, block_size,
                            eval_tokens, seed, als_rounds, damping, layer, views_rank, views_calib_samples, views_seq_len,
                            request: gr.Request):
-            session, owner = _owner(session)
+            session, owner = session_owner(session)
             tabs.seen(request, owner)
             init = manager.owned(init_job_id, owner) if init_job_id else None
             if init is None or init.kind != "init":

@@ -161,7 +161,7 @@ def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, 
 def test_peek_columns_of_each_upload_format(tmp_path):
     import pandas as pd
 
-    from quailora_app.ui import peek_columns
+    from quailora_app.forms import peek_columns
 
     frame = pd.DataFrame({"n": [1, 2], "title": ["a", "b"], "body": ["a long review text", "another long one"]})
     frame.to_json(tmp_path / "t.jsonl", orient="records", lines=True)

@@ -13,7 +13,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from quailora_app import ui  # noqa: E402
+from quailora_app import forms  # noqa: E402
 from quailora_app.errors import UserError  # noqa: E402
 from quailora_app.reopen import open_run  # noqa: E402
 from quailora_app.sources import paths  # noqa: E402
@@ -55,26 +55,26 @@ def mutated(valid: dict):
 
 
 def test_valid_settings_pass():
-    assert ui.make_init_config(**INIT_VALID).lora.rank == 16
-    assert ui.make_train_config(**TRAIN_VALID).steps == 20
+    assert forms.make_init_config(**INIT_VALID).lora.rank == 16
+    assert forms.make_train_config(**TRAIN_VALID).steps == 20
 
 
 @FUZZ
 @given(mutated(INIT_VALID))
 def test_make_init_config(fields):
-    one_line_or_ok(ui.make_init_config, **fields)
+    one_line_or_ok(forms.make_init_config, **fields)
 
 
 @FUZZ
 @given(mutated(TRAIN_VALID))
 def test_make_train_config(fields):
-    one_line_or_ok(ui.make_train_config, **fields)
+    one_line_or_ok(forms.make_train_config, **fields)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(st.fixed_dictionaries({k: ANY for k in INIT_VALID if k != "upload"}))
 def test_make_init_config_from_anything(fields):
-    one_line_or_ok(ui.make_init_config, upload=None, **fields)
+    one_line_or_ok(forms.make_init_config, upload=None, **fields)
 
 
 CONTENTS = st.one_of(
@@ -96,7 +96,7 @@ def test_inspect_upload_of_any_file(name, content):
         old = os.environ.get("QUAILORA_MAX_UPLOAD_MB")
         os.environ["QUAILORA_MAX_UPLOAD_MB"] = "0.002"  # ~2 KB: some examples are over the limit
         try:
-            out = one_line_or_ok(ui.inspect_upload, str(path))
+            out = one_line_or_ok(forms.inspect_upload, str(path))
         finally:
             if old is None:
                 os.environ.pop("QUAILORA_MAX_UPLOAD_MB")
@@ -110,7 +110,7 @@ def test_inspect_upload_of_any_file(name, content):
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(ANY)
 def test_inspect_upload_of_anything(value):
-    one_line_or_ok(ui.inspect_upload, value)
+    one_line_or_ok(forms.inspect_upload, value)
 
 
 PATHISH = st.one_of(ANY, st.text(alphabet="./~-_:ab\\\x00 ", max_size=20),
@@ -129,14 +129,14 @@ def test_path_policy(text, kind, owner):
 @FUZZ
 @given(PATHISH)
 def test_describe_dataset_box(text):
-    line = ui.describe_source(text)
+    line = forms.describe_source(text)
     assert isinstance(line, str) and "\n" not in line
 
 
 @FUZZ
 @given(PATHISH, st.one_of(st.none(), st.text(max_size=10)))
 def test_vetted_sources_without_upload(dataset, owner):
-    one_line_or_ok(ui.vetted_sources, "embedded", dataset, None, owner or "someone")
+    one_line_or_ok(forms.vetted_sources, "embedded", dataset, None, owner or "someone")
 
 
 @FUZZ
@@ -145,7 +145,7 @@ def test_reopen_names_and_sessions(name, session):
     with tempfile.TemporaryDirectory() as root:
         (Path(root) / "init-1").mkdir()
         (Path(root) / "init-1" / "report.json").write_text("{}")
-        _, owner = ui._owner(session)
+        _, owner = forms.session_owner(session)
         run = one_line_or_ok(open_run, name if isinstance(name, str) or name is None else str(name), owner, root)
         if run is not None:
             assert run.run_dir.parent == Path(root).resolve()
