@@ -157,13 +157,35 @@ class InitRun:
         n_blocks = len(decoder_layers(model)[1])
         yield self._emit(Stage("calibrate", f"{len(calib_ids)} x {calib_ids.shape[1]} tokens through {n_blocks} full-precision blocks"))
         calib_dtype = torch.float32 if self.device.type == "cpu" else dtype
-        for event in initialize(model, Checkpoint(source.folder), calib_ids, cfg.lora, cfg.methods, result,
-                                device=self.device, calib_dtype=calib_dtype, damping=cfg.damping,
-                                als_rounds=cfg.als_rounds, should_stop=self.should_stop, solver=cfg.solver,
-                                processes=self.processes):
-            if isinstance(event, Progress):
-                self._save_report()
-            yield self._emit(event)
+        try:
+            for event in initialize(model, Checkpoint(source.folder), calib_ids, cfg.lora, cfg.methods, result,
+                                    device=self.device, calib_dtype=calib_dtype, damping=cfg.damping,
+                                    als_rounds=cfg.als_rounds, should_stop=self.should_stop, solver=cfg.solver,
+                                    processes=self.processes):
+                if isinstance(event, Progress):
+                    self._save_report()
+                yield self._emit(event)
+        except Cancelled:
+            self._save_partial_adapters(model, n_blocks)
+            raise
+
+    def _save_partial_adapters(self, model, n_blocks: int) -> None:
+        """After a stop during initialization: each method's adapter with the blocks already done (the other
+        layers keep peft's default, B = 0, i.e. plain QLoRA), so the work done is not lost. Not evaluated."""
+        done = {m: f for m, f in self.factors.items() if f}
+        if not done:
+            return
+        peft_model = attach_lora(model, self.cfg.lora, self.target_paths)
+        default = read_factors(peft_model)
+        for method, factors in done.items():
+            write_factors(peft_model, {**default, **factors})
+            save_adapter(peft_model, self.run_dir / "adapters" / method)
+        peft_model.unload()
+        blocks = len({row["block"] for row in self.report["layers"]})
+        self.report["partial_adapters"] = {"methods": sorted(done), "blocks_done": blocks, "blocks": n_blocks,
+                                           "note": "stopped during initialization: layers of the blocks not done "
+                                                   "keep B = 0 (plain QLoRA); not evaluated"}
+        self._save_report()
 
     def _evaluate_methods(self, model, source, eval_ids) -> Iterator[Event]:
         cfg = self.cfg

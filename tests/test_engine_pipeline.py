@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig
+from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
 from quailora_app.events import LayerResult, Progress, RunFailed, RunFinished
 from quailora_app.pipeline import run_init
 
@@ -58,7 +58,6 @@ def test_events_jsonl_mirrors_the_stream(finished):
 def test_adapters_reload_to_the_reported_perplexity(finished, tiny_model_dir, text_file):
     from peft import PeftModel
 
-    from quailora_app.config import QuantConfig
     from quailora_app.evaluate import perplexity
     from quailora_app.quantize import load_4bit
     from quailora_app.sources.data import load_splits
@@ -72,18 +71,44 @@ def test_adapters_reload_to_the_reported_perplexity(finished, tiny_model_dir, te
     assert perplexity(model, splits.eval) == pytest.approx(report["perplexity"]["quailora"], rel=1e-5)
 
 
-def test_stop_keeps_what_was_done(tiny_model_dir, text_file, tmp_path):
+# the pipeline asks should_stop() after data loading (1), after quantization (2), before each block's
+# calibration (3: block 0, 5: block 1), after each block's initialization (4) and before each evaluation (6...)
+@pytest.mark.parametrize("checks, where, partial", [(3, "during calibration at block 0 of 2", False),
+                                                    (4, "during initialization after block 1 of 2", True),
+                                                    (5, "during calibration at block 1 of 2", True),
+                                                    (6, "during evaluation", False)])
+def test_stop_keeps_what_was_done(tiny_model_dir, text_file, tmp_path, checks, where, partial):
+    """A stop during calibration, initialization or evaluation: the run ends cancelled with a valid run folder
+    (report.json, every events.jsonl line parses, the last is the stop), and a stop between blocks saves each
+    method's adapter for the blocks done, which peft loads."""
     calls = {"n": 0}
 
-    def stop_after_first_block():
+    def stop_at_check():
         calls["n"] += 1
-        return calls["n"] > 3
+        return calls["n"] >= checks
 
-    events = list(run_init(tiny_cfg(tiny_model_dir, text_file, tmp_path), should_stop=stop_after_first_block))
+    events = list(run_init(tiny_cfg(tiny_model_dir, text_file, tmp_path), should_stop=stop_at_check))
     assert isinstance(events[-1], RunFailed) and events[-1].cancelled
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["status"] == "cancelled"
-    assert "stopped" in report["error"]
+    assert report["status"] == "cancelled" and where in report["error"], report["error"]
+    lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert lines[-1]["kind"] == "failed" and lines[-1]["cancelled"]
+    assert len(report["layers"]) == sum(1 for e in lines if e["kind"] == "layer")
+    assert ("partial_adapters" in report) == partial
+    if partial:
+        from peft import PeftModel
+
+        from quailora_app.adapters import read_factors
+        from quailora_app.quantize import load_4bit
+        from quailora_app.sources.models import resolve_model
+
+        assert report["partial_adapters"]["blocks_done"] == 1 and report["partial_adapters"]["blocks"] == 2
+        assert report["partial_adapters"]["methods"] == ["closed_form", "quailora", "svd"]
+        base = load_4bit(resolve_model(str(tiny_model_dir)), QuantConfig(), torch.device("cpu"), torch.float32)
+        factors = read_factors(PeftModel.from_pretrained(base, tmp_path / "adapters" / "closed_form"))
+        done = {row["name"] for row in report["layers"]}
+        assert done and all(float(f.B.abs().max()) > 0 for name, f in factors.items() if name in done)
+        assert all(float(f.B.abs().max()) == 0 for name, f in factors.items() if name not in done)
 
 
 def run_cli_subprocess(*args, cwd=ROOT):
