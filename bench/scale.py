@@ -175,8 +175,13 @@ def run_stage(stage: str, args) -> dict:
         row["step_peak_bytes"] = mem.peak
     elif stage == "loftq":
         from quailora_app.adapters import attach_lora, loftq_factors
+        from quailora_app.calibrate import decoder_layers
 
-        peft_model = attach_lora(model, lora, target_paths(model, lora))
+        prefix, layers = decoder_layers(model)
+        blocks = min(args.loftq_blocks or len(layers), len(layers))
+        paths = [p for p in target_paths(model, lora) if int(p[len(prefix) + 1:].split(".")[0]) < blocks]
+        row["loftq_blocks"], row["blocks"] = blocks, len(layers)
+        peft_model = attach_lora(model, lora, paths)
         with PeakMemory(device) as mem, one_cpu_thread(device):
             t0 = time.perf_counter()
             try:
@@ -191,12 +196,15 @@ def run_stage(stage: str, args) -> dict:
 def child(stage: str, args, folder: Path, vocab: int) -> dict:
     cmd = [sys.executable, __file__, "--stage", stage, "--folder", str(folder), "--vocab", str(vocab),
            "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--rank", str(args.rank), "--device", args.device,
-           "--methods", *args.methods]
+           "--methods", *args.methods, "--loftq-blocks", str(args.loftq_blocks or 0)]
     # glibc would keep freed blocks of up to 32 MB in its heap after the first large free (dynamic mmap
     # threshold), so RSS would not fall back with the live tensors; a fixed threshold makes it follow them.
     env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.stage_timeout)
+    except subprocess.TimeoutExpired:
+        return {"stage": stage, "failed": f"timed out after {args.stage_timeout} s"}
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
@@ -228,7 +236,8 @@ def report(rows: dict, args, spec: dict) -> dict:
         print(f"|   svd (same run) | {rsec.get('svd', float('nan')):.2f} | |")
         print(f"|   closed_form, randomized | {rsec.get('closed_form', float('nan')):.2f} | |")
     if "loftq_s" in loftq:
-        print(f"| peft LoftQ, 1 iteration | {loftq['loftq_s']:.2f} | {gib(loftq.get('loftq_peak_bytes'))} |")
+        part = "" if loftq["loftq_blocks"] == loftq["blocks"] else f" ({loftq['loftq_blocks']} of {loftq['blocks']} blocks)"
+        print(f"| peft LoftQ, 1 iteration{part} | {loftq['loftq_s']:.2f} | {gib(loftq.get('loftq_peak_bytes'))} |")
     else:
         print(f"| peft LoftQ, 1 iteration | n/a: {loftq.get('unavailable', loftq.get('failed', 'not run'))} | (svd is its math) |")
     summary: dict = {}
@@ -243,8 +252,12 @@ def report(rows: dict, args, spec: dict) -> dict:
         summary["randomized_objective_gap_mean"] = sum(gaps) / len(gaps)
     if init.get("init_peak_bytes") and qlora.get("step_peak_bytes"):
         summary["init_peak_over_qlora_step_peak"] = init["init_peak_bytes"] / qlora["step_peak_bytes"]
-    if "loftq_s" in loftq and sec.get("closed_form"):
-        summary["closed_form_over_loftq"] = sec["closed_form"] / loftq["loftq_s"]
+    if "loftq_s" in loftq and sec.get("closed_form"):  # per block, as LoftQ may have run on the first blocks only
+        per_block = loftq["loftq_s"] / loftq["loftq_blocks"]
+        summary["loftq_s_per_block"] = per_block
+        summary["closed_form_over_loftq_per_block"] = sec["closed_form"] / spec["num_hidden_layers"] / per_block
+        if sec.get("svd"):
+            summary["svd_over_loftq_per_block"] = sec["svd"] / spec["num_hidden_layers"] / per_block
     print()
     for key, value in summary.items():
         print(f"- {key}: {value:.4g}")
@@ -266,6 +279,9 @@ def main() -> None:
                         choices=["qlora", "init", "randomized", "loftq"])
     parser.add_argument("--methods", nargs="+", default=["svd", "quailora", "closed_form"],
                         choices=["svd", "quailora", "closed_form"], help="methods of the init stage")
+    parser.add_argument("--loftq-blocks", type=int, default=None,
+                        help="run peft's LoftQ on the first N blocks only (it is slow on big models); seconds are per block too")
+    parser.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage is given up")
     parser.add_argument("--json", default=None, help="where to write the results")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
