@@ -93,8 +93,13 @@ def progress_html(job: Job | None, manager: JobManager) -> str:
     cur = job.stage if job.kind == "init" else _train_stage(job)
     names = [s for s, _, _ in stages]
     idx = names.index(cur) if cur in names else (names.index("calibrate") if cur == "initialize" else 0)
+    return _stages_bar(job, [text for _, text, _ in stages], idx, frac, line)
+
+
+def _stages_bar(job: Job, texts: list[str], idx: int, frac: float, line: str) -> str:
+    """The stage chips (done / now) above a progress bar at `frac`, with `line` under it."""
     chips = []
-    for i, (_, text, _) in enumerate(stages):
+    for i, text in enumerate(texts):
         state = "done" if (i < idx or job.status == FINISHED) else ("now" if i == idx and job.status == RUNNING else "")
         chips.append(f"<span class='q-step {state}'>{html.escape(text)}</span>")
     cls = {FAILED: "failed", CANCELLED: "cancelled"}.get(job.status, "")
@@ -219,15 +224,7 @@ def views_progress_html(job: Job) -> str:
         if job.stage == "compute" and "rank sweep" in job.stage_message:
             frac = 0.6
         line = job.stage_message or job.stage or job.status
-    chips = []
-    for i, (_, text) in enumerate(stages):
-        state = "done" if (i < idx or job.status == FINISHED) else ("now" if i == idx and job.status == RUNNING else "")
-        chips.append(f"<span class='q-step {state}'>{html.escape(text)}</span>")
-    cls = {FAILED: "failed", CANCELLED: "cancelled"}.get(job.status, "")
-    return (f"<div class='q-progress {cls}'><div class='q-steps'>{''.join(chips)}</div>"
-            f"<div class='q-bar' role='progressbar' aria-valuenow='{100 * frac:.0f}' aria-valuemin='0' aria-valuemax='100'>"
-            f"<span style='width:{100 * frac:.1f}%'></span></div>"
-            f"<div class='q-label'>{100 * frac:.0f}% · {html.escape(line)}</div></div>")
+    return _stages_bar(job, [text for _, text in stages], idx, frac, line)
 
 
 def summary_text(init_job: Job | None, train_job: Job | None) -> str:
