@@ -37,7 +37,9 @@ class BlockCalibration:
     index: int
     prefix: str  # module path of the block in the model, e.g. "model.layers.3"
     groups: list[InputGroup]
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # full-precision W (out x in), float32
+    # full-precision W (out x in) in the calibration dtype (bfloat16 on CUDA): callers take .float() one layer at a
+    # time, so a whole block's float32 copies never exist at once
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def decoder_layers(model) -> tuple[str, nn.ModuleList]:
@@ -225,7 +227,7 @@ def calibrate_blocks(
             reduce_sums(hooks)
         groups = hooks.groups() if names else []
         modules = dict(block.named_modules())
-        weights = {name: modules[name].weight.detach().float() for name in names}
+        weights = {name: modules[name].weight.detach() for name in names}
         # before the caller's math runs: drop the raw sums, the last pass's inputs the hooks still see, the
         # module (its target weights live on in `weights`) and this block's inputs (its outputs are next's)
         del hooks, block, modules

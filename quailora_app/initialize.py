@@ -136,7 +136,7 @@ def initialize(
                 spectrum_seconds = time.perf_counter() - start
                 for local in todo:
                     name = f"{block.prefix}.{local}"
-                    W = block.weights.pop(local)  # each full-precision weight is dropped once its E exists
+                    W = block.weights.pop(local).float()  # each full-precision weight is dropped once its E exists
                     shape = tuple(W.shape)
                     meter = init_math.LowRankErrors(W - dequantized_weight(modules[name]).to(W.device), spec)
                     E = meter.E  # in the working precision, shared by the methods (no copy per method)

@@ -220,7 +220,7 @@ def layer_snapshots(
                 layer = modules[full]
                 _, state = _quant_state(layer)
                 out[full] = LayerSnapshot(
-                    name=full, block=calibrated.index, W=calibrated.weights[loc].cpu(),
+                    name=full, block=calibrated.index, W=calibrated.weights[loc].float().cpu(),
                     Q=dequantized_weight(layer).cpu(), H=group.H.float().cpu(), tokens=group.tokens,
                     quant_type=state.quant_type, block_size=int(state.blocksize), double_quant=bool(state.nested),
                     absmax=block_absmax(state).cpu(), code=state.code.float().cpu(),
