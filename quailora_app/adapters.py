@@ -5,6 +5,7 @@ s = lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA); factors from init_math.sp
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,10 +90,27 @@ def scaling_of(peft_model, name: str) -> float:
 
 
 def save_adapter(peft_model, folder: str | Path) -> Path:
-    """A peft adapter folder that PeftModel.from_pretrained loads onto the same 4-bit base."""
+    """A peft adapter folder that PeftModel.from_pretrained loads onto the same 4-bit base.
+
+    Written next to its place and renamed into it, so a crash mid-save never leaves a half-written adapter:
+    `folder` holds the previous complete adapter or the new one."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        peft_model.save_pretrained(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        staging.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(folder)
     return folder
 
 

@@ -1,4 +1,6 @@
 """Factors written into peft honour its scaling exactly, and saved adapters reload to the same logits."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,3 +60,38 @@ def test_saved_adapter_reloads_to_same_logits(tiny_model_dir, tmp_path):
         got = reloaded(input_ids=ids).logits
     assert not torch.allclose(expected, _quantized(tiny_model_dir)(input_ids=ids).logits)  # the adapter matters
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_saving_over_an_adapter_is_all_or_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous complete adapter in place; a save that succeeds replaces it;
+    no staging folders are left behind."""
+    from safetensors.torch import load_file
+
+    lora = LoraSettings(4, 16.0)
+    model = _quantized(tiny_model_dir)
+    peft_model = attach_lora(model, lora, target_paths(model, lora))
+    folder = save_adapter(peft_model, tmp_path / "adapters" / "svd")
+    first = load_file(folder / "adapter_model.safetensors")
+    factors = read_factors(peft_model)
+    for f in factors.values():
+        f.B = torch.ones_like(f.B)
+    write_factors(peft_model, factors)
+
+    real = type(peft_model).save_pretrained
+
+    def dies_half_way(self, path, *args, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(peft_model), "save_pretrained", dies_half_way)
+    with pytest.raises(OSError):
+        save_adapter(peft_model, folder)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["svd"]  # no staging folder left
+    kept = load_file(folder / "adapter_model.safetensors")
+    assert kept.keys() == first.keys() and all(torch.equal(kept[k], first[k]) for k in first)
+    monkeypatch.setattr(type(peft_model), "save_pretrained", real)
+    save_adapter(peft_model, folder)
+    replaced = load_file(folder / "adapter_model.safetensors")
+    assert any(torch.all(v == 1) for k, v in replaced.items() if "lora_B" in k)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["svd"]
