@@ -210,7 +210,8 @@ def svd_correction(E: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def closed_form_correction(
-    E: Tensor, h: DampedH | HSpectrum, rank: int, solver: str = "exact", power_iters: int = 6, oversample: int = 16
+    E: Tensor, h: DampedH | HSpectrum, rank: int, solver: str = "exact", power_iters: int = 6, oversample: int = 16,
+    EHd: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Minimizer of tr((E - C)(H + lambda I)(E - C)^T) over rank-r C (H + lambda I written Hd below).
 
@@ -224,13 +225,15 @@ def closed_form_correction(
     `power_iters` rounds of Y <- E Hd E^T Y, then Rayleigh-Ritz on span(Y)): cost (2 m n k + n^2 k) per round,
     no factorization of Hd. Seeded, so it is deterministic. Its objective is measured against exact's in
     bench/scale.py.
+    `EHd`: E Hd if the caller already has it (LowRankErrors forms it for the error report); the m <= n route
+    then skips its m n^2 product.
     """
     if solver == "randomized":
         return _closed_form_randomized(E, h, rank, power_iters, oversample)
     if solver != "exact":
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {solver!r}")
     if E.shape[0] <= E.shape[1]:
-        return _closed_form_wide(E, h, rank)
+        return _closed_form_wide(E, h, rank, EHd)
     L = h.cholesky()
     M = E.to(L.dtype) @ L
     U, S, Wh = _truncated_svd(M, rank)
@@ -240,12 +243,12 @@ def closed_form_correction(
     return U * root, Rt.contiguous()
 
 
-def _closed_form_wide(E: Tensor, h: DampedH | HSpectrum, rank: int) -> tuple[Tensor, Tensor]:
+def _closed_form_wide(E: Tensor, h: DampedH | HSpectrum, rank: int, EHd: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """closed_form for m <= n without factorizing Hd: C = U_r U_r^T E with U_r the top-r eigenvectors of the
     m x m matrix G = E Hd E^T (= (E L)(E L)^T, whose top left singular vectors the Cholesky route finds).
     Cost m n^2 + m^2 n + eigh(m): no n^3 Cholesky and no triangular solve."""
     Ew = _work(E)
-    G = Ew @ h.apply(Ew.T).to(Ew.dtype)  # (m x m)
+    G = (EHd.to(Ew.dtype) @ Ew.T) if EHd is not None else Ew @ h.apply(Ew.T).to(Ew.dtype)  # (m x m), E Hd E^T
     G64 = G.to(torch.float64)
     w, V = torch.linalg.eigh((G64 + G64.T) / 2)
     k = min(rank, w.numel())

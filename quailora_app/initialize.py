@@ -66,14 +66,14 @@ def target_paths(model, lora: LoraSettings) -> list[str]:
 
 
 def correction(method: str, E: torch.Tensor, spec: init_math.DampedH | None, rank: int, als_rounds: int,
-               solver: str = "exact"):
-    """(P, Rt) with C = P @ Rt for one method."""
+               solver: str = "exact", EHd: torch.Tensor | None = None):
+    """(P, Rt) with C = P @ Rt for one method (`EHd` = E Hd when already formed, reused by closed_form)."""
     if method == "svd":
         return init_math.svd_correction(E, rank)
     if method == "quailora":
         return init_math.quailora_correction(E, spec, rank, als_rounds)
     if method == "closed_form":
-        return init_math.closed_form_correction(E, spec, rank, solver=solver)
+        return init_math.closed_form_correction(E, spec, rank, solver=solver, EHd=EHd)
     raise ValueError(f"{method} is not computed per layer")
 
 
@@ -138,17 +138,21 @@ def initialize(
                     name = f"{block.prefix}.{local}"
                     W = block.weights.pop(local).float()  # each full-precision weight is dropped once its E exists
                     shape = tuple(W.shape)
+                    start = time.perf_counter()
                     meter = init_math.LowRankErrors(W - dequantized_weight(modules[name]).to(W.device), spec)
+                    meter_seconds = time.perf_counter() - start  # mostly E Hd, which closed_form reuses
                     E = meter.E  # in the working precision, shared by the methods (no copy per method)
                     del W
                     weight_err, calib_err = {"qlora": 1.0}, {"qlora": 1.0}
                     factors = {}
                     for method in methods:
                         start = time.perf_counter()
-                        P, Rt = correction(method, E, spec, r, als_rounds, solver)
+                        reuse = method == "closed_form" and solver == "exact" and E.shape[0] <= E.shape[1]
+                        P, Rt = correction(method, E, spec, r, als_rounds, solver, meter.EH if reuse else None)
                         A, B = init_math.split_factors(P, Rt, s)
                         # forming the group's H + lambda I is charged once to each calibrated method, as if run alone
                         shared = spectrum_seconds if method in CALIBRATED and local == todo[0] else 0.0
+                        shared += meter_seconds if reuse else 0.0  # the E Hd it reused is charged to it
                         spent[method] += time.perf_counter() - start + shared
                         # measured on what the saved adapter really adds: C = s * B @ A
                         weight_err[method], calib_err[method] = meter.errors(s * B.to(E.dtype), A.to(E.dtype))

@@ -251,9 +251,12 @@ def test_cholesky_closed_form_equals_eigen_closed_form(m, n, rank):
     """The engine's exact routes (E Hd E^T for m <= n, Cholesky for m > n) give the optimum the symmetric root
     gives, also for ranks beyond min(m, n)."""
     E, H = problem(m, n, seed=5)
-    P1, Rt1 = closed_form_correction(E, damped(H), rank)
+    h = damped(H)
+    P1, Rt1 = closed_form_correction(E, h, rank)
     P2, Rt2 = closed_form_correction(E, spectrum(H), rank)
     assert torch.allclose(P1 @ Rt1, P2 @ Rt2, rtol=1e-8, atol=1e-9)
+    P3, Rt3 = closed_form_correction(E, h, rank, EHd=E @ h.damped())  # E Hd handed over by the error report
+    assert torch.allclose(P3 @ Rt3, P1 @ Rt1, rtol=1e-8, atol=1e-9)
 
 
 @pytest.mark.parametrize("m,n,rank", [(48, 80, 4), (96, 64, 8), (120, 40, 16), (200, 300, 8)])
