@@ -9,17 +9,15 @@ Any flag of `python -m quailora_app init` is accepted.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quailora_app.cli import build_parser, init_config  # noqa: E402
-from quailora_app.events import RunFailed, RunFinished  # noqa: E402
+from quailora_app.cli import init_config  # noqa: E402
 from quailora_app.pipeline import run_init  # noqa: E402
+from report_runner import run_or_reprint  # noqa: E402
 
 
 def table(report: dict) -> str:
@@ -51,22 +49,7 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--from-report")
-    known, rest = pre.parse_known_args(argv)
-    if known.from_report:
-        print(table(json.loads(Path(known.from_report).read_text())))
-        return 0
-    args = build_parser().parse_args(["init", *rest])
-    for event in run_init(init_config(args)):
-        if isinstance(event, RunFinished):
-            print(table(event.report))
-            print(f"\nrun folder: {event.run_dir}")
-            return 0
-        if isinstance(event, RunFailed):
-            print(f"error: {event.message}", file=sys.stderr)
-            return 1
-    return 1
+    return run_or_reprint(argv, "init", lambda args: run_init(init_config(args)), table)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,15 @@ quantization state + LoRA gradients + AdamW state + activations autograd saved f
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quailora_app.cli import build_parser, train_config  # noqa: E402
-from quailora_app.events import EvalPoint, Metric, RunFailed, RunFinished, TrainStep  # noqa: E402
+from quailora_app.cli import train_config  # noqa: E402
+from quailora_app.events import EvalPoint, Metric, TrainStep  # noqa: E402
 from quailora_app.train import run_train  # noqa: E402
+from report_runner import run_or_reprint  # noqa: E402
 
 
 def table(report: dict) -> str:
@@ -74,30 +73,18 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def progress(event) -> None:
+    if isinstance(event, Metric):
+        print(f"reference {event.name}: perplexity {event.value:.3f}", file=sys.stderr, flush=True)
+    elif isinstance(event, EvalPoint):
+        print(f"step {event.step:>4} {event.arm:<10} val perplexity {event.val_perplexity:.3f}", file=sys.stderr, flush=True)
+    elif isinstance(event, TrainStep) and (event.step == 1 or event.step % 5 == 0):
+        print(f"step {event.step:>4} {event.arm:<10} loss {event.train_loss:.3f}  {event.elapsed_s:.2f} s  "
+              f"{event.memory_bytes / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--from-report")
-    known, rest = pre.parse_known_args(argv)
-    if known.from_report:
-        print(table(json.loads(Path(known.from_report).read_text())))
-        return 0
-    args = build_parser().parse_args(["train", *rest])
-    for event in run_train(train_config(args)):
-        if isinstance(event, Metric):
-            print(f"reference {event.name}: perplexity {event.value:.3f}", file=sys.stderr, flush=True)
-        elif isinstance(event, EvalPoint):
-            print(f"step {event.step:>4} {event.arm:<10} val perplexity {event.val_perplexity:.3f}", file=sys.stderr, flush=True)
-        elif isinstance(event, TrainStep) and (event.step == 1 or event.step % 5 == 0):
-            print(f"step {event.step:>4} {event.arm:<10} loss {event.train_loss:.3f}  {event.elapsed_s:.2f} s  "
-                  f"{event.memory_bytes / 2**20:.0f} MiB", file=sys.stderr, flush=True)
-        elif isinstance(event, RunFinished):
-            print(table(event.report))
-            print(f"\nrun folder: {event.run_dir}")
-            return 0
-        elif isinstance(event, RunFailed):
-            print(f"error: {event.message}", file=sys.stderr)
-            return 1
-    return 1
+    return run_or_reprint(argv, "train", lambda args: run_train(train_config(args)), table, progress)
 
 
 if __name__ == "__main__":
