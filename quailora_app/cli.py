@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_data_quant_args(p)
     g = p.add_argument_group("initialization")
     g.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=INIT_METHODS, help="initializations to compute; qlora (no correction) is always included as the 1.0 baseline")
-    g.add_argument("--als-rounds", type=int, default=20, help=_help(InitConfig, "als_rounds"))
-    g.add_argument("--damping", type=float, default=0.01, help=_help(InitConfig, "damping"))
-    g.add_argument("--solver", choices=SOLVERS, default="exact", help=_help(InitConfig, "solver"))
+    g.add_argument("--als-rounds", type=int, default=InitConfig.als_rounds, help=_help(InitConfig, "als_rounds"))
+    g.add_argument("--damping", type=float, default=InitConfig.damping, help=_help(InitConfig, "damping"))
+    g.add_argument("--solver", choices=SOLVERS, default=InitConfig.solver, help=_help(InitConfig, "solver"))
     g.add_argument("--no-baselines", action="store_true", help="skip the 8-bit and full-precision perplexities")
     g.add_argument("--out", default=None, help="run folder (default: runs/init-<date>-<time>)")
     g.add_argument("--distributed", action="store_true",
@@ -91,8 +91,8 @@ def add_views_parser(sub) -> None:
     g.add_argument("--ranks", nargs="*", type=int, default=[1, 2, 4, 8, 16, 32, 64], help="ranks of the rank sweep; none to skip it (default: %(default)s)")
     g.add_argument("--perplexity-ranks", nargs="*", type=int, default=[], help="also measure held-out perplexity at these ranks (slow: a full initialization per rank)")
     g.add_argument("--report", nargs="*", default=[], help="init report.json files or run folders whose perplexities go into the precision trade-off")
-    g.add_argument("--als-rounds", type=int, default=20, help=_help(InitConfig, "als_rounds"))
-    g.add_argument("--damping", type=float, default=0.01, help=_help(InitConfig, "damping"))
+    g.add_argument("--als-rounds", type=int, default=InitConfig.als_rounds, help=_help(InitConfig, "als_rounds"))
+    g.add_argument("--damping", type=float, default=InitConfig.damping, help=_help(InitConfig, "damping"))
     g.add_argument("--out", default=None, help="output folder (default: runs/views-<date>-<time>)")
 
 
