@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -107,3 +108,33 @@ def huge_model(folder: Path) -> Path:
     (folder / "config.json").write_text(json.dumps(HUGE_LLAMA))
     (folder / "model.safetensors").write_bytes(b"not weights")
     return folder
+
+
+def form_settings(model_dir, **over) -> dict:
+    """The app's 15 Setup settings (/start_init, /start_train, by parameter name) for a ~2 s job on the tiny model;
+    `over` replaces any of them (e.g. upload=handle_file(path), rank=8) or adds a flow's own (methods, arms, ...)."""
+    args = dict(model=str(model_dir), dataset="", upload=None, text_column=None, quant="nf4", double_quant=True,
+                block_size=64, rank=4, alpha=8, rslora=False, targets=["all-linear"], calib_samples=4, seq_len=32,
+                eval_tokens=128, seed=0)
+    args.update(over)
+    return args
+
+
+def plot_of(value) -> dict:
+    """The plotly figure a gr.Plot output carries, as a dict."""
+    assert value["type"] == "plotly"
+    return json.loads(value["plot"])
+
+
+JOB_ENDED = ("finished", "failed", "stopped")
+
+
+def wait_for(client, session, api: str, job_id: str, done, timeout: float = 240.0, poll: float = 0.3):
+    """Poll a status endpoint (`api`, e.g. /init_status) for `job_id` until done(outputs) holds; the outputs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = client.predict(session, job_id, api_name=api)
+        if done(out):
+            return out
+        time.sleep(poll)
+    raise AssertionError(f"{api} for job {job_id} did not get there in {timeout:.0f} s; last status: {out[1]}")

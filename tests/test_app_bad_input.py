@@ -4,16 +4,14 @@ and the app still runs a good job afterwards. One launched app serves every case
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from helpers import huge_model, launched_app, with_weight  # noqa: E402
+from helpers import JOB_ENDED, form_settings, huge_model, launched_app, wait_for, with_weight  # noqa: E402
 
-DONE = ("finished", "failed", "stopped")
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +25,7 @@ def app(allowed, tmp_path_factory):
 
 def settings(model, short_docs_file=None, **over) -> dict:
     """The Setup form for a ~2 s init of the tiny model; `dataset` is typed unless an upload is given."""
-    args = dict(model=str(model), dataset=str(short_docs_file) if short_docs_file else "", upload=None, text_column=None,
-                quant="nf4", double_quant=True, block_size=64, rank=4, alpha=8, rslora=False, targets=["all-linear"],
-                calib_samples=4, seq_len=32, eval_tokens=128, seed=0)
-    args.update(over)
-    return args
+    return form_settings(model, **{"dataset": str(short_docs_file) if short_docs_file else "", **over})
 
 
 def answer(client, session, api: str, args: dict, status_api: str, timeout: float = 90.0) -> str:
@@ -40,12 +34,9 @@ def answer(client, session, api: str, args: dict, status_api: str, timeout: floa
         session, job_id, status = client.predict(session, **args, api_name=api)
     except Exception as exc:  # noqa: BLE001 - gradio_client raises the app's gr.Error as an AppError
         return str(exc)
-    deadline = time.time() + timeout
-    while not any(word in status for word in DONE):
-        assert time.time() < deadline, f"no end in {timeout:.0f} s: {status}"
-        time.sleep(0.3)
-        status = client.predict(session, job_id, api_name=status_api)[1]
-    return status
+    if any(word in status for word in JOB_ENDED):
+        return status
+    return wait_for(client, session, status_api, job_id, lambda out: any(w in out[1] for w in JOB_ENDED), timeout)[1]
 
 
 INIT_EXTRA = dict(methods=["qlora", "svd"], baselines=False, als_rounds=2, damping=0.01)

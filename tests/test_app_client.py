@@ -12,7 +12,7 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from helpers import launched_app  # noqa: E402
+from helpers import form_settings, launched_app, plot_of, wait_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,27 +28,8 @@ def app_url(tmp_path_factory):
 
 
 def setup_args(model_dir, short_docs_file, **over):
-    """The 15 setup settings of /start_init and /start_train, by parameter name."""
-    args = dict(model=str(model_dir), dataset="", upload=handle_file(str(short_docs_file)), text_column=None, quant="nf4",
-                double_quant=True, block_size=64, rank=8, alpha=16, rslora=False, targets=["all-linear"],
-                calib_samples=4, seq_len=32, eval_tokens=128, seed=0)
-    args.update(over)
-    return args
-
-
-def wait_for(client, session, api, job_id, done, timeout=240.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = client.predict(session, job_id, api_name=api)
-        if done(out):
-            return out
-        time.sleep(0.5)
-    raise AssertionError(f"{api} did not reach the expected state in {timeout:.0f} s; last status: {out[1]}")
-
-
-def plot_of(value) -> dict:
-    assert value["type"] == "plotly"
-    return json.loads(value["plot"])
+    """The Setup settings with the text uploaded, at rank 8 / alpha 16."""
+    return form_settings(model_dir, upload=handle_file(str(short_docs_file)), rank=8, alpha=16, **over)
 
 
 def test_endpoints_have_explicit_names(app_url):

@@ -17,11 +17,9 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from helpers import launched_app  # noqa: E402
+from helpers import JOB_ENDED as DONE, form_settings, launched_app, plot_of, wait_for  # noqa: E402
 from quailora_app.errors import UserError  # noqa: E402
 from quailora_app.sources import paths  # noqa: E402
-
-DONE = ("finished", "failed", "stopped")
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +30,14 @@ def app_url(allowed, tmp_path_factory):
 
 def init_args(model_dir, short_docs_file=None, **over):
     """/start_init's settings for a ~2 s init of the tiny model (qlora + svd, no baselines)."""
-    args = dict(model=str(model_dir), dataset="", upload=handle_file(str(short_docs_file)) if short_docs_file else None,
-                text_column=None, quant="nf4", double_quant=True, block_size=64, rank=4, alpha=8, rslora=False,
-                targets=["all-linear"], calib_samples=4, seq_len=32, eval_tokens=128, seed=0,
-                methods=["qlora", "svd"], baselines=False, als_rounds=2, damping=0.01)
-    args.update(over)
-    return args
+    upload = handle_file(str(short_docs_file)) if short_docs_file else None
+    return form_settings(model_dir, **{"upload": upload, "methods": ["qlora", "svd"], "baselines": False,
+                                       "als_rounds": 2, "damping": 0.01, **over})
 
 
 def wait_status(client, session, job_id, done=lambda status: any(w in status for w in DONE), timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = client.predict(session, job_id, api_name="/init_status")
-        if done(out[1]):
-            return out
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} did not get there in {timeout:.0f} s; last status: {out[1]}")
-
-
-def plot_of(value) -> dict:
-    assert value["type"] == "plotly"
-    return json.loads(value["plot"])
+    """/init_status's outputs once done(status line) holds."""
+    return wait_for(client, session, "/init_status", job_id, lambda out: done(out[1]), timeout)
 
 
 # ------------------------------------------------------------------------------------------------ policy units

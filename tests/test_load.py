@@ -13,19 +13,15 @@ gradio_client = pytest.importorskip("gradio_client")
 psutil = pytest.importorskip("psutil")
 from gradio_client import Client  # noqa: E402
 
-from helpers import launched_app  # noqa: E402
+from helpers import form_settings, launched_app  # noqa: E402
 
 N_JOBS = 5
 MB = 1024 * 1024
 
 
 def init_args(model_dir, **over):
-    args = dict(model=str(model_dir), dataset="", upload=None, text_column=None, quant="nf4", double_quant=True,
-                block_size=64, rank=4, alpha=8, rslora=False, targets=["all-linear"], calib_samples=4, seq_len=32,
-                eval_tokens=128, seed=0, methods=["qlora", "svd", "quailora"], baselines=False, als_rounds=2,
-                damping=0.01)
-    args.update(over)
-    return args
+    return form_settings(model_dir, **{"methods": ["qlora", "svd", "quailora"], "baselines": False, "als_rounds": 2,
+                                       "damping": 0.01, **over})
 
 
 def rss() -> int:
