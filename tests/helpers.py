@@ -138,3 +138,29 @@ def wait_for(client, session, api: str, job_id: str, done, timeout: float = 240.
             return out
         time.sleep(poll)
     raise AssertionError(f"{api} for job {job_id} did not get there in {timeout:.0f} s; last status: {out[1]}")
+
+
+#: Files the data reader must refuse, by case name: (file name, bytes).
+BAD_FILES = {
+    "empty": ("empty.txt", b""),
+    "binary": ("blob.txt", bytes(range(256)) * 8),
+    "not-utf8": ("latin1.txt", "caf\u00e9 na\u00efve ".encode("latin-1") + b"\xff" * 4),
+    "no-text-column": ("d.jsonl", b'{"id": 1, "score": 0.5}\n' * 50),
+}
+
+
+def bad_file(kind: str, folder: Path) -> Path:
+    """One of BAD_FILES written into `folder`."""
+    name, content = BAD_FILES[kind]
+    path = Path(folder) / name
+    path.write_bytes(content)
+    return path
+
+
+def non_causal_model(folder: Path) -> Path:
+    """A tiny BERT (an encoder, not a causal LM) saved to `folder`."""
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    return Path(folder)

@@ -10,7 +10,9 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from helpers import JOB_ENDED, form_settings, huge_model, launched_app, wait_for, with_weight  # noqa: E402
+from helpers import (  # noqa: E402
+    JOB_ENDED, bad_file, form_settings, huge_model, launched_app, non_causal_model, wait_for, with_weight,
+)
 
 
 
@@ -72,22 +74,14 @@ def test_bad_input_gets_one_clear_message(case, app, tiny_model_dir, short_docs_
     if case == "unknown-model-offline":
         model = "no-such-org/no-such-model"
     elif case == "not-causal":
-        from transformers import BertConfig, BertModel
-
-        model = tmp_path / "bert"
-        BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=64)).save_pretrained(model)
+        model = non_causal_model(tmp_path / "bert")
     elif case == "too-large-for-device":
         model = huge_model(tmp_path / "huge")
         monkeypatch.setenv("QUAILORA_MEMORY_LIMIT_GIB", "16")
     elif case == "unknown-dataset":
         over["dataset"] = "no-such-org/no-such-dataset"
     elif case.endswith("-upload") or case == "no-text-column":
-        name, content = {"empty-upload": ("empty.txt", b""), "binary-upload": ("blob.txt", bytes(range(256)) * 8),
-                         "not-utf8-upload": ("latin1.txt", "caf\u00e9 na\u00efve ".encode("latin-1") + b"\xff" * 4),
-                         "no-text-column": ("d.jsonl", b'{"id": 1, "score": 0.5}\n' * 50)}[case]
-        (tmp_path / name).write_bytes(content)
-        over["upload"] = handle_file(str(tmp_path / name))
+        over["upload"] = handle_file(str(bad_file(case.removesuffix("-upload"), tmp_path)))
     elif case == "few-calibration-tokens":
         over["calib_samples"] = 5000
     elif case == "rank-0":

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import HUGE_LLAMA, huge_model, with_weight
+from helpers import HUGE_LLAMA, bad_file, huge_model, non_causal_model, with_weight
 from quailora_app.errors import ConfigError, ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +64,7 @@ def test_bad_input_is_one_error_line(case, tiny_model_dir, text_file, tmp_path, 
     if case == "unknown-model-offline":
         model = "no-such-org/no-such-model"
     elif case == "not-causal":
-        from transformers import BertConfig, BertModel
-
-        model = str(tmp_path / "bert")
-        BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=64)).save_pretrained(model)
+        model = str(non_causal_model(tmp_path / "bert"))
     elif case == "too-large-for-device":
         model = str(huge_model(tmp_path / "huge"))
         monkeypatch.setenv("QUAILORA_MEMORY_LIMIT_GIB", "16")  # the same answer on a machine with more memory
@@ -76,20 +72,10 @@ def test_bad_input_is_one_error_line(case, tiny_model_dir, text_file, tmp_path, 
         monkeypatch.setenv("QUAILORA_MEMORY_LIMIT_GIB", "0.001")
     elif case == "unknown-dataset":
         dataset = "no-such-org/no-such-dataset"
-    elif case == "empty-file":
-        dataset = str(tmp_path / "empty.txt")
-        Path(dataset).write_text("")
-    elif case == "binary-file":
-        dataset = str(tmp_path / "blob.txt")
-        Path(dataset).write_bytes(bytes(range(256)) * 8)
-    elif case == "not-utf8":
-        dataset = str(tmp_path / "latin1.txt")
-        Path(dataset).write_bytes("caf\u00e9 na\u00efve ".encode("latin-1") + b"\xff" * 4)
+    elif case in ("empty-file", "binary-file", "not-utf8", "no-text-column"):
+        dataset = str(bad_file(case.removesuffix("-file"), tmp_path))
     elif case == "file-too-large":
         monkeypatch.setattr("quailora_app.sources.data.MAX_DATA_BYTES", 1000)
-    elif case == "no-text-column":
-        dataset = str(tmp_path / "d.jsonl")
-        Path(dataset).write_text('{"id": 1, "score": 0.5}\n' * 50)
     elif case == "few-calibration-tokens":
         extra = ["--calib-samples", "5000"]
     elif case == "rank-0":
