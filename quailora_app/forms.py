@@ -7,7 +7,6 @@ import functools
 import math
 import os
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -16,7 +15,7 @@ from .config import ALL_LINEAR, DataConfig, InitConfig, LoraSettings, ModelConfi
 from .errors import UserError
 from .jobs import ViewsConfig
 from .sources import paths
-from .sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset
+from .sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset, format_of
 
 def one_line(text: Any, limit: int = 300) -> str:
     text = " ".join(str(text).split())
@@ -140,10 +139,7 @@ def make_train_config(model, dataset, upload, text_column, quant, double_quant, 
 def peek_columns(path: str) -> tuple[list[str], str | None]:
     """(text-like columns, best guess) of an uploaded table; ([], None) for plain text. A .gz/.bz2/.xz file is
     read by its inner format (pandas decompresses by the name)."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    if suffixes and suffixes[-1] in paths.COMPRESSED_SUFFIXES:
-        suffixes.pop()
-    suffix = suffixes[-1] if suffixes else ""
+    suffix = format_of(path)[1]
     if suffix == ".txt":
         return [], None
     if suffix == ".parquet":

@@ -59,7 +59,10 @@ _FORMATS = {
     ".parquet": "parquet",
 }
 _SUPPORTED = ".txt, .jsonl, .json, .csv, .tsv (optionally .gz/.bz2/.xz compressed) or .parquet"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+#: file suffixes the reader takes, and the compressions it undoes (the upload checks use the same lists)
+FORMAT_SUFFIXES = tuple(_FORMATS)
+COMPRESSION_SUFFIXES = tuple(_COMPRESSIONS)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _CHUNK = 1 << 20
 #: the most bytes of text a run reads (files, folders, hub streams), checked before and while reading
 MAX_DATA_BYTES = 200_000_000
@@ -143,15 +146,23 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _file_format(path: Path) -> tuple[str, str | None]:
-    """(datasets builder, compression suffix or None) for a local file, or DataError if unsupported."""
+def format_of(name: str | Path) -> tuple[str | None, str, str | None, str]:
+    """(datasets builder or None if unsupported, format suffix, compression suffix or None, the suffixes as
+    written) of a file name: 'notes.csv.gz' -> ('csv', '.csv', '.gz', '.csv.gz'). Parquet is never compressed."""
+    path = Path(str(name))
     suffixes = [s.lower() for s in path.suffixes]
     compression = suffixes.pop() if suffixes and suffixes[-1] in _COMPRESSIONS else None
     ext = suffixes[-1] if suffixes else ""
     fmt = _FORMATS.get(ext)
-    if fmt is None or (compression and fmt == "parquet"):
-        kind = "".join(path.suffixes[-2:] if compression else path.suffixes[-1:]) or "(no extension)"
-        raise DataError(f"unsupported file type {kind} for {path.name}: use {_SUPPORTED}")
+    written = "".join(path.suffixes[-2:] if compression else path.suffixes[-1:])
+    return (None if compression and fmt == "parquet" else fmt), ext, compression, written
+
+
+def _file_format(path: Path) -> tuple[str, str | None]:
+    """(datasets builder, compression suffix or None) for a local file, or DataError if unsupported."""
+    fmt, _ext, compression, written = format_of(path)
+    if fmt is None:
+        raise DataError(f"unsupported file type {written or '(no extension)'} for {path.name}: use {_SUPPORTED}")
     return fmt, compression
 
 
@@ -345,7 +356,7 @@ def _looks_like_path(name: str) -> bool:
     suffix = Path(name).suffix.lower()
     if suffix in _FORMATS or suffix in _COMPRESSIONS:
         return True
-    return not _HUB_ID.match(name)
+    return not HUB_ID.match(name)
 
 
 def _load_hub(name: str, text_column: str | None, max_bytes: int) -> list[str]:

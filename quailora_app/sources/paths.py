@@ -28,15 +28,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import UserError
+from .data import COMPRESSION_SUFFIXES, FORMAT_SUFFIXES, HUB_ID, format_of
 
-ACCEPTED_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
-COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")
+ACCEPTED_SUFFIXES = FORMAT_SUFFIXES  # what the data reader takes
+COMPRESSED_SUFFIXES = COMPRESSION_SUFFIXES
 #: what the browser's file picker offers (it matches the last suffix only; `check_upload_name` is stricter)
 PICKER_TYPES = [*ACCEPTED_SUFFIXES, *COMPRESSED_SUFFIXES]
 DEFAULT_MAX_UPLOAD_MB = 100
 DEFAULT_UPLOAD_TTL_S = 6 * 3600
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _SAFE_NAME = re.compile(r"[^\w.-]+")
 
 
@@ -57,13 +57,10 @@ def _mb(n: int) -> str:
 
 def check_upload_name(name: str) -> str:
     """The file's format suffix (e.g. '.csv.gz'), or a UserError naming the accepted ones."""
-    suffixes = [s.lower() for s in Path(str(name)).suffixes]
-    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES else None
-    ext = suffixes[-1] if suffixes else ""
-    if ext not in ACCEPTED_SUFFIXES or (compression and ext == ".parquet"):
-        shown = "".join(Path(str(name)).suffixes[-2:] if compression else Path(str(name)).suffixes[-1:]) or "no extension"
+    fmt, ext, compression, written = format_of(name)
+    if fmt is None:
         raise UserError(f"uploads must be {', '.join(ACCEPTED_SUFFIXES)} (text formats optionally .gz/.bz2/.xz "
-                        f"compressed); got {shown[:40]}")
+                        f"compressed); got {(written or 'no extension')[:40]}")
     return ext + (compression or "")
 
 
@@ -206,7 +203,7 @@ def _inside(path: Path, roots: Iterable[Path]) -> bool:
 
 def is_hub_id(name: str) -> bool:
     """`org/name` or `org/name:config` (or a bare legacy id) that is not also a path on this disk."""
-    if not _HUB_ID.match(name) or any(part in (".", "..") for part in re.split(r"[/:]", name)):
+    if not HUB_ID.match(name) or any(part in (".", "..") for part in re.split(r"[/:]", name)):
         return False
     try:
         return not Path(name).exists()
