@@ -133,7 +133,7 @@ def initialize(
                 start = time.perf_counter()
                 spec = init_math.damped(group.H, damping)  # the calibrated methods' and the error report's H
                 group.H = None  # no longer needed: free it now rather than with the block
-                spectrum_seconds = time.perf_counter() - start
+                damping_seconds = time.perf_counter() - start
                 for local in todo:
                     name = f"{block.prefix}.{local}"
                     W = block.weights.pop(local).float()  # each full-precision weight is dropped once its E exists
@@ -151,7 +151,7 @@ def initialize(
                         P, Rt = correction(method, E, spec, r, als_rounds, solver, meter.EH if reuse else None)
                         A, B = init_math.split_factors(P, Rt, s)
                         # forming the group's H + lambda I is charged once to each calibrated method, as if run alone
-                        shared = spectrum_seconds if method in CALIBRATED and local == todo[0] else 0.0
+                        shared = damping_seconds if method in CALIBRATED and local == todo[0] else 0.0
                         shared += meter_seconds if reuse else 0.0  # the E Hd it reused is charged to it
                         spent[method] += time.perf_counter() - start + shared
                         # measured on what the saved adapter really adds: C = s * B @ A
