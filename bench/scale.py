@@ -287,6 +287,8 @@ def main() -> None:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.shape not in SHAPES and not args.stage and not Path(args.shape).is_file():
+        parser.error(f"--shape must be {' or '.join(SHAPES)} or a config.json file; {args.shape!r} is neither")
     defaults = DEFAULTS.get(args.shape, DEFAULTS["small"])
     for key, value in defaults.items():
         if getattr(args, key) is None:
