@@ -9,7 +9,7 @@ if os.environ.get("SPACE_ID") or os.environ.get("QUAILORA_INSTALL_EMBEDDED") == 
 
     install_missing()
 
-from quailora_app.ui import build_ui, launch_options  # noqa: E402
+from quailora_app.app.ui import build_ui, launch_options  # noqa: E402
 
 demo = build_ui()
 

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig  # noqa: E402
 from quailora_app.events import RunFailed, RunFinished  # noqa: E402
-from quailora_app.pipeline import run_init  # noqa: E402
+from quailora_app.flows.init import run_init  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp/gpu_check"))
 WORK = Path("/tmp/gpu_check_work")

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quailora_app.cli import init_config  # noqa: E402
-from quailora_app.pipeline import run_init  # noqa: E402
+from quailora_app.flows.init import run_init  # noqa: E402
 from report_runner import run_or_reprint  # noqa: E402
 
 

@@ -24,7 +24,7 @@ import psutil  # noqa: E402
 
 from helpers import TINY_TEXT, save_tiny_llama  # noqa: E402
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig  # noqa: E402
-from quailora_app.jobs import DONE, JobManager, release_memory  # noqa: E402
+from quailora_app.app.jobs import DONE, JobManager, release_memory  # noqa: E402
 
 MB = 2**20
 

@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quailora_app.cli import add_model_data_quant_args, parse_common  # noqa: E402
-from quailora_app.quiet import quiet_libraries  # noqa: E402
-from quailora_app.teaching import (  # noqa: E402
+from quailora_app.engine.quiet import quiet_libraries  # noqa: E402
+from quailora_app.teaching.views import (  # noqa: E402
     DEFAULT_RANKS, layer_names, layer_snapshots, open_context, rank_sweep, sweep_perplexity,
 )
 

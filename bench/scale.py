@@ -120,10 +120,10 @@ def run_stage(stage: str, args) -> dict:
     """One stage in this process; returns its row."""
     import torch
 
-    from quailora_app.checkpoint import Checkpoint
+    from quailora_app.engine.checkpoint import Checkpoint
     from quailora_app.config import LoraSettings, QuantConfig
-    from quailora_app.initialize import InitResult, initialize, one_cpu_thread, target_paths
-    from quailora_app.quantize import load_4bit
+    from quailora_app.engine.initialize import InitResult, initialize, one_cpu_thread, target_paths
+    from quailora_app.engine.quantize import load_4bit
     from quailora_app.sources.models import ModelSource, compute_dtype, pick_device
 
     device = pick_device(args.device)
@@ -153,7 +153,7 @@ def run_stage(stage: str, args) -> dict:
         row["seconds"] = dict(result.seconds)
         row["calibrated_error"] = {m: [layer["calibrated_error"][m] for layer in result.layers] for m in methods}
     elif stage == "qlora":
-        from quailora_app.adapters import attach_lora
+        from quailora_app.engine.adapters import attach_lora
 
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
@@ -174,8 +174,8 @@ def run_stage(stage: str, args) -> dict:
             row["step_s"] = time.perf_counter() - t0
         row["step_peak_bytes"] = mem.peak
     elif stage == "loftq":
-        from quailora_app.adapters import attach_lora, loftq_factors
-        from quailora_app.calibrate import decoder_layers
+        from quailora_app.engine.adapters import attach_lora, loftq_factors
+        from quailora_app.engine.calibrate import decoder_layers
 
         prefix, layers = decoder_layers(model)
         blocks = min(args.loftq_blocks or len(layers), len(layers))
@@ -294,7 +294,7 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.stage:  # child process
-        from quailora_app.quiet import quiet_libraries
+        from quailora_app.engine.quiet import quiet_libraries
 
         quiet_libraries()
         print(json.dumps(run_stage(args.stage, args)))

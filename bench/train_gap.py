@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quailora_app.cli import train_config  # noqa: E402
 from quailora_app.events import EvalPoint, Metric, TrainStep  # noqa: E402
-from quailora_app.train import run_train  # noqa: E402
+from quailora_app.flows.train import run_train  # noqa: E402
 from report_runner import run_or_reprint  # noqa: E402
 
 

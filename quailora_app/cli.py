@@ -8,12 +8,12 @@ import sys
 import threading
 from dataclasses import MISSING, fields
 
-from .config import (
+from quailora_app.config import (
     ALL_LINEAR, ARMS, DEFAULT_METHODS, INIT_METHODS, LR_SCHEDULES, SCHEDULES, SOLVERS, DataConfig, InitConfig, LoraSettings,
     ModelConfig, QuantConfig, TrainConfig,
 )
-from .errors import UserError
-from .events import (
+from quailora_app.errors import UserError
+from quailora_app.events import (
     ArmFinished, EvalPoint, LayerResult, Log, Metric, Progress, RunFailed, RunFinished, Stage, TrainStep,
 )
 
@@ -316,15 +316,39 @@ def train_table(report: dict) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def views_command(args) -> int:
+    """`python -m quailora_app views`: compute every teaching view for one layer and write the figures."""
+    from quailora_app.plots.teaching import write_views
+    from quailora_app.runs import new_run_dir
+    from quailora_app.teaching.views import compute_views, open_context
+
+    model_cfg, data_cfg, quant_cfg, lora = parse_common(args)
+    say = lambda msg: print(f"[views] {msg}", file=sys.stderr)  # noqa: E731
+    say(f"loading {model_cfg.model} in 4-bit {quant_cfg.quant} and reading {data_cfg.dataset}")
+    ctx = open_context(model_cfg, data_cfg, quant_cfg)
+    block = int(args.block) if str(args.block).isdigit() else args.block
+    views = compute_views(ctx, args.layer, lora.rank, block=block, sweep_layers=args.sweep_layers,
+                          ranks=args.ranks or None, perplexity_ranks=args.perplexity_ranks or (), reports=args.report or (),
+                          damping=args.damping, als_rounds=args.als_rounds, targets=lora.targets, progress=say)
+    out = new_run_dir("views", args.out)
+    written = write_views(views, out)
+    for note in [*views.precision.notes, *(views.sweep.notes if views.sweep else []), *written.notes]:
+        say(f"note: {note}")
+    print(views.precision.markdown())
+    print(f"{len(written.html) - 1} figures ({', '.join(p.stem for p in written.html[:-1])}) for {views.layer}, rank "
+          f"{views.rank}: open {out / 'index.html'}" + (f"; {len(written.png)} PNG files" if written.png else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .quiet import quiet_libraries
+    from quailora_app.engine.quiet import quiet_libraries
 
     quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "init":
-            from .distributed import launched, run_init_processes
-            from .pipeline import run_init
+            from quailora_app.flows.launch import launched, run_init_processes
+            from quailora_app.flows.init import run_init
 
             cfg = init_config(args)
             if args.distributed or launched():
@@ -332,14 +356,12 @@ def main(argv: list[str] | None = None) -> int:
             with StopOnInterrupt() as stop:
                 return consume_init(run_init(cfg, should_stop=stop.flag.is_set))
         if args.command == "train":
-            from .train import run_train
+            from quailora_app.flows.train import run_train
 
             cfg = train_config(args)
             with StopOnInterrupt() as stop:
                 return consume_train(run_train(cfg, should_stop=stop.flag.is_set))
         if args.command == "views":
-            from .teaching_figures import views_command
-
             return views_command(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

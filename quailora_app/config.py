@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from quailora_app.errors import ConfigError
 
 INIT_METHODS = ("qlora", "svd", "quailora", "closed_form", "loftq")
 DEFAULT_METHODS = ("qlora", "svd", "quailora", "closed_form", "loftq")

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .errors import Cancelled, UserError
-from .events import Event
+from quailora_app.errors import Cancelled, UserError
+from quailora_app.events import Event
 
 
 def default_runs_root() -> Path:

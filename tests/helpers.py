@@ -66,8 +66,8 @@ def free_port() -> int:
 @contextmanager
 def launched_app(runs_dir: Path):
     """The real app served on a free localhost port, run folders under `runs_dir`; yields its URL."""
-    from quailora_app.jobs import JobManager
-    from quailora_app.ui import build_ui, launch_options
+    from quailora_app.app.jobs import JobManager
+    from quailora_app.app.ui import build_ui, launch_options
 
     old = os.environ.get("QUAILORA_RUNS")
     os.environ["QUAILORA_RUNS"] = str(runs_dir)

@@ -109,10 +109,10 @@ def test_teaching_views_job_returns_seven_figures(app_url, tiny_model_dir, short
 
 
 def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, short_docs_file):
-    from quailora_app.jobs import training_available
+    from quailora_app.app.jobs import training_available
 
     if not training_available():
-        pytest.skip("quailora_app.train has not landed")
+        pytest.skip("quailora_app.flows.train has not landed")
     client = Client(app_url, verbose=False)
     alice, *_ = client.predict({}, api_name="/attach")
     bob, *_ = client.predict({}, api_name="/attach")
@@ -142,7 +142,7 @@ def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, 
 def test_peek_columns_of_each_upload_format(tmp_path):
     import pandas as pd
 
-    from quailora_app.forms import peek_columns
+    from quailora_app.app.forms import peek_columns
 
     frame = pd.DataFrame({"n": [1, 2], "title": ["a", "b"], "body": ["a long review text", "another long one"]})
     frame.to_json(tmp_path / "t.jsonl", orient="records", lines=True)
@@ -154,7 +154,7 @@ def test_peek_columns_of_each_upload_format(tmp_path):
 
 
 def test_launch_options_honour_port(monkeypatch):
-    from quailora_app.ui import launch_options
+    from quailora_app.app.ui import launch_options
 
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)

@@ -19,7 +19,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from helpers import JOB_ENDED as DONE, form_settings, launched_app, plot_of, wait_for  # noqa: E402
 from quailora_app.errors import UserError  # noqa: E402
-from quailora_app.sources import paths  # noqa: E402
+from quailora_app.app import uploads as paths  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_uploads_and_typed_paths_through_the_app(app_url, tiny_model_dir, short_
 def test_two_sessions_at_once_queue_and_stay_apart(app_url, tiny_model_dir, monkeypatch):
     """Alice's job holds the worker (gated in data loading) while Bob's waits in the queue with its position;
     neither sees, downloads or stops the other's job; both finish."""
-    from quailora_app import pipeline
+    from quailora_app.flows import init as pipeline
 
     gate, held = threading.Event(), []
     real = pipeline.load_splits
@@ -208,7 +208,7 @@ def test_a_job_that_dies_is_failed_keeps_its_files_and_the_next_runs(app_url, ti
     adapter written so far, leaves no model behind; then a normal job runs to the end."""
     import torch
 
-    from quailora_app import pipeline
+    from quailora_app.flows import init as pipeline
 
     real = pipeline.perplexity
     injected: dict[str, type | None] = {"exc": None}  # a class: a held exception instance would hold its frames

@@ -112,13 +112,13 @@ def test_memory_refusal_reads_no_weights_and_gives_figures(tmp_path, monkeypatch
 
     from quailora_app.config import DataConfig, InitConfig, ModelConfig
     from quailora_app.events import Log, RunFailed
-    from quailora_app.pipeline import run_init
+    from quailora_app.flows.init import run_init
 
     def no_weights(*_a, **_k):
         raise AssertionError("weights were opened")
 
     monkeypatch.setattr(safetensors, "safe_open", no_weights)
-    monkeypatch.setattr("quailora_app.checkpoint.safe_open", no_weights)
+    monkeypatch.setattr("quailora_app.engine.checkpoint.safe_open", no_weights)
     monkeypatch.setenv("QUAILORA_MEMORY_LIMIT_GIB", "16")
     folder = huge_model(tmp_path / "huge")
     events = list(run_init(InitConfig(ModelConfig(str(folder), device="cpu"), DataConfig("embedded"), baselines=False,
@@ -135,7 +135,7 @@ def test_memory_estimate_formula_on_the_70b_config():
     from transformers import LlamaConfig
 
     from quailora_app.config import InitConfig, ModelConfig, TrainConfig
-    from quailora_app.memory import GIB, base_bytes, init_estimate, model_shapes, train_estimate
+    from quailora_app.engine.preflight import GIB, base_bytes, init_estimate, model_shapes, train_estimate
 
     shapes = model_shapes(LlamaConfig(**{k: v for k, v in HUGE_LLAMA.items() if k not in ("model_type", "architectures")}))
     assert shapes.n_blocks == 80 and shapes.hidden == 8192 and shapes.vocab == 32000
@@ -158,7 +158,7 @@ def test_memory_estimate_formula_on_the_70b_config():
 def test_memory_estimate_is_in_the_events(tiny_model_dir, text_file, tmp_path):
     from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig
     from quailora_app.events import Log, Stage
-    from quailora_app.pipeline import run_init
+    from quailora_app.flows.init import run_init
 
     cfg = InitConfig(ModelConfig(str(tiny_model_dir)), DataConfig(str(text_file), seq_len=32, calib_samples=4, eval_tokens=256),
                      lora=LoraSettings(rank=4), methods=("svd",), out=str(tmp_path / "run"))
@@ -177,7 +177,7 @@ def test_memory_estimate_is_in_the_events(tiny_model_dir, text_file, tmp_path):
 
 
 def test_nan_check_streams_in_slices_and_names_the_tensor(tmp_path):
-    from quailora_app.checkpoint import Checkpoint
+    from quailora_app.engine.checkpoint import Checkpoint
 
     good = torch.randn(40, 8)
     bad = torch.randn(40, 8).to(torch.bfloat16)

@@ -22,7 +22,7 @@ def app_url(tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
     pytest.importorskip("playwright")
-    from quailora_app.jobs import training_available
+    from quailora_app.app.jobs import training_available
     from quailora_app.sources.models import embedded_gguf
 
     try:
@@ -30,7 +30,7 @@ def app_url(tmp_path_factory):
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"embedded model unavailable: {exc}")
     if not training_available():
-        pytest.skip("quailora_app.train has not landed")
+        pytest.skip("quailora_app.flows.train has not landed")
     from helpers import launched_app
 
     with launched_app(tmp_path_factory.mktemp("runs")) as url:

@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig
-from quailora_app.distributed import LAUNCHER_VARS, share_layers
+from quailora_app.engine.parallel import share_layers
+from quailora_app.flows.launch import LAUNCHER_VARS
 from quailora_app.events import RunFinished
-from quailora_app.pipeline import run_init
+from quailora_app.flows.init import run_init
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPUTED = ("svd", "quailora", "closed_form")
@@ -107,7 +108,7 @@ def test_exported_adapter_fine_tunes_with_trainer(runs, tiny_model_dir, text_fil
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments
 
-    from quailora_app.quantize import dequantized_weight, linear4bit_modules
+    from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules
 
     _, two, _ = runs
 

@@ -5,7 +5,7 @@ import pytest
 
 from quailora_app.config import DataConfig, InitConfig, LoraSettings
 from quailora_app.events import RunFinished
-from quailora_app.pipeline import run_init
+from quailora_app.flows.init import run_init
 
 REPORT_KEYS = {"model", "dataset", "device", "rank", "alpha", "methods", "perplexity", "gap_closed", "seconds",
                "peak_memory_bytes", "layers"}

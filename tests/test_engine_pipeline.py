@@ -9,7 +9,7 @@ import torch
 
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
 from quailora_app.events import LayerResult, Progress, RunFailed, RunFinished
-from quailora_app.pipeline import run_init
+from quailora_app.flows.init import run_init
 
 REPORT_KEYS = {"model", "dataset", "device", "rank", "alpha", "methods", "perplexity", "gap_closed", "seconds",
                "peak_memory_bytes", "layers"}
@@ -58,8 +58,8 @@ def test_events_jsonl_mirrors_the_stream(finished):
 def test_adapters_reload_to_the_reported_perplexity(finished, tiny_model_dir, text_file):
     from peft import PeftModel
 
-    from quailora_app.evaluate import perplexity
-    from quailora_app.quantize import load_4bit
+    from quailora_app.engine.evaluate import perplexity
+    from quailora_app.engine.quantize import load_4bit
     from quailora_app.sources.data import load_splits
     from quailora_app.sources.models import ModelSource, load_tokenizer
 
@@ -98,8 +98,8 @@ def test_stop_keeps_what_was_done(tiny_model_dir, text_file, tmp_path, checks, w
     if partial:
         from peft import PeftModel
 
-        from quailora_app.adapters import read_factors
-        from quailora_app.quantize import load_4bit
+        from quailora_app.engine.adapters import read_factors
+        from quailora_app.engine.quantize import load_4bit
         from quailora_app.sources.models import resolve_model
 
         assert report["partial_adapters"]["blocks_done"] == 1 and report["partial_adapters"]["blocks"] == 2

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quailora_app import figures as F
+from quailora_app.plots import figures as F
 
 MODULES = ["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"]
 

@@ -13,10 +13,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from quailora_app import forms  # noqa: E402
+from quailora_app.app import forms  # noqa: E402
 from quailora_app.errors import UserError  # noqa: E402
-from quailora_app.reopen import open_run  # noqa: E402
-from quailora_app.sources import paths  # noqa: E402
+from quailora_app.app.reopen import open_run  # noqa: E402
+from quailora_app.app import uploads as paths  # noqa: E402
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 

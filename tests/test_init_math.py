@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quailora_app.errors import ConfigError
-from quailora_app.init_math import (
+from quailora_app.engine.init_math import (
     HSpectrum,
     LowRankErrors,
     damped,

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from quailora_app import jobs
+from quailora_app.app import jobs
 from quailora_app.errors import UserError
 from quailora_app.events import Metric, Progress, RunFailed, RunFinished, Stage
 

@@ -25,7 +25,7 @@ def init_args(model_dir, **over):
 
 
 def rss() -> int:
-    from quailora_app.jobs import release_memory
+    from quailora_app.app.jobs import release_memory
 
     release_memory()  # what the worker does after each job: gc, CUDA cache, malloc_trim
     gc.collect()

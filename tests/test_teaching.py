@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from quailora_app import init_math
-from quailora_app import teaching as T
-from quailora_app import teaching_figures as TF
-from quailora_app.calibrate import calibrate_blocks
-from quailora_app.checkpoint import Checkpoint
+from quailora_app.engine import init_math
+from quailora_app.teaching import views as T
+from quailora_app.plots import teaching as TF
+from quailora_app.engine.calibrate import calibrate_blocks
+from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.config import QuantConfig
-from quailora_app.quantize import dequantized_weight, linear4bit_modules, load_4bit
+from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules, load_4bit
 from quailora_app.sources.models import ModelSource
 
 CPU = torch.device("cpu")

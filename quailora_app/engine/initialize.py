@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import init_math
-from .adapters import Factors
-from .calibrate import calibrate_blocks, decoder_layers, target_names
-from .checkpoint import Checkpoint
-from .config import LoraSettings
-from .distributed import Processes, share_layers
-from .errors import Cancelled
-from .events import Event, LayerResult, Progress
-from .quantize import dequantized_weight
+from quailora_app.engine import init_math
+from quailora_app.engine.adapters import Factors
+from quailora_app.engine.calibrate import calibrate_blocks, decoder_layers, target_names
+from quailora_app.engine.checkpoint import Checkpoint
+from quailora_app.config import LoraSettings
+from quailora_app.engine.parallel import Processes, share_layers
+from quailora_app.errors import Cancelled
+from quailora_app.events import Event, LayerResult, Progress
+from quailora_app.engine.quantize import dequantized_weight
 
 CALIBRATED = ("quailora", "closed_form")
 COMPUTED = ("svd", "quailora", "closed_form")

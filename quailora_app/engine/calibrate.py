@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint
-from .config import ALL_LINEAR
-from .errors import Cancelled, ConfigError, ModelError
+from quailora_app.engine.checkpoint import Checkpoint
+from quailora_app.config import ALL_LINEAR
+from quailora_app.errors import Cancelled, ConfigError, ModelError
 
 
 @dataclass

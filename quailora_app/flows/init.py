@@ -16,21 +16,21 @@ from pathlib import Path
 
 import torch
 
-from .adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
-from .calibrate import decoder_layers
-from .checkpoint import Checkpoint
-from .config import InitConfig
-from .distributed import Processes
-from .errors import Cancelled
-from .evaluate import gap_closed, perplexity
-from .events import Event, Log, Metric, Progress, RunFailed, RunFinished, Stage
-from .quiet import quiet_libraries
-from .initialize import InitResult, initialize, target_paths
-from .memory import preflight_init
-from .quantize import load_4bit, load_8bit
-from .runs import EventLog, ended_in_one_line, new_run_dir, write_json_atomic
-from .sources.data import load_splits
-from .sources.models import (
+from quailora_app.engine.adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
+from quailora_app.engine.calibrate import decoder_layers
+from quailora_app.engine.checkpoint import Checkpoint
+from quailora_app.config import InitConfig
+from quailora_app.engine.parallel import Processes
+from quailora_app.errors import Cancelled
+from quailora_app.engine.evaluate import gap_closed, perplexity
+from quailora_app.events import Event, Log, Metric, Progress, RunFailed, RunFinished, Stage
+from quailora_app.engine.quiet import quiet_libraries
+from quailora_app.engine.initialize import InitResult, initialize, target_paths
+from quailora_app.engine.preflight import preflight_init
+from quailora_app.engine.quantize import load_4bit, load_8bit
+from quailora_app.runs import EventLog, ended_in_one_line, new_run_dir, write_json_atomic
+from quailora_app.sources.data import load_splits
+from quailora_app.sources.models import (
     compute_dtype, device_label, load_config, load_full_precision, load_tokenizer, pick_device, resolve_model,
 )
 

@@ -45,7 +45,7 @@ Headless API (gradio_client; every endpoint below has this explicit api_name):
 Sessions are kept apart: the status, download and stop endpoints answer only for jobs of the calling session
 (another session's job id gets a refusal line and empty plots). Uploads are checked (type, size) and copied into
 the session's own folder, removed when its last tab closes; typed model and dataset paths are read only inside
-the allowed folders (`quailora_app.sources.paths`).
+the allowed folders (`quailora_app.app.uploads`).
 
 The page itself polls through three private timer endpoints (poll_init, poll_train, poll_views) that skip unchanged
 figures.
@@ -61,11 +61,11 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from . import config as _config
-from . import figures as F
-from .config import ALL_LINEAR, INIT_METHODS
-from .errors import UserError
-from .forms import (
+from quailora_app import config as _config
+from quailora_app.plots import figures as F
+from quailora_app.config import ALL_LINEAR, INIT_METHODS
+from quailora_app.errors import UserError
+from quailora_app.app.forms import (
     describe_source,
     inspect_upload,
     make_init_config,
@@ -76,8 +76,8 @@ from .forms import (
     text_setting,
     vetted_sources,
 )
-from .jobs import RUNNING, Job, JobManager, training_available, zerogpu_available
-from .presenters import (
+from quailora_app.app.jobs import RUNNING, Job, JobManager, training_available, zerogpu_available
+from quailora_app.app.presenters import (
     VIEW_KEYS,
     VIEW_TITLES,
     init_views,
@@ -90,13 +90,13 @@ from .presenters import (
     view_defaults,
     zip_run,
 )
-from .reopen import list_runs
-from .sources import paths
-from .sources.models import EMBEDDED_NOTE
-from .teaching import how_it_works_markdown
-from .teaching_figures import CAPTIONS as VIEW_CAPTIONS
+from quailora_app.app.reopen import list_runs
+from quailora_app.app import uploads as paths
+from quailora_app.sources.models import EMBEDDED_NOTE
+from quailora_app.teaching.views import how_it_works_markdown
+from quailora_app.plots.teaching import CAPTIONS as VIEW_CAPTIONS
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 ARMS = getattr(_config, "ARMS", ("qlora4", "quailora4", "closed4", "svd4", "qlora8", "quailora8", "lora16"))
 DEFAULT_ARMS = getattr(_config, "DEFAULT_ARMS", ("qlora4", "quailora4", "qlora8"))
 TARGET_CHOICES = (ALL_LINEAR, "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -28,21 +28,21 @@ from pathlib import Path
 
 import torch
 
-from .adapters import attach_lora, save_adapter, write_factors
-from .arms import ARM_SPECS, Arm, batch_hash
-from .checkpoint import Checkpoint
-from .config import TrainConfig
-from .errors import Cancelled
-from .evaluate import gap_closed, perplexity
-from .events import ArmFinished, EvalPoint, Event, Log, Metric, Progress, RunFailed, RunFinished, Stage, TrainStep
-from .initialize import InitResult, initialize, target_paths
-from .memory import available_bytes, preflight_train, train_estimate
-from .pipeline import free_memory
-from .quantize import load_4bit, load_8bit
-from .quiet import quiet_libraries
-from .runs import EventLog, ended_in_one_line, new_run_dir, write_json_atomic
-from .sources.data import load_splits
-from .sources.models import compute_dtype, device_label, load_config, load_full_precision, load_tokenizer, pick_device, resolve_model
+from quailora_app.engine.adapters import attach_lora, save_adapter, write_factors
+from quailora_app.engine.arms import ARM_SPECS, Arm, batch_hash
+from quailora_app.engine.checkpoint import Checkpoint
+from quailora_app.config import TrainConfig
+from quailora_app.errors import Cancelled
+from quailora_app.engine.evaluate import gap_closed, perplexity
+from quailora_app.events import ArmFinished, EvalPoint, Event, Log, Metric, Progress, RunFailed, RunFinished, Stage, TrainStep
+from quailora_app.engine.initialize import InitResult, initialize, target_paths
+from quailora_app.engine.preflight import available_bytes, preflight_train, train_estimate
+from quailora_app.flows.init import free_memory
+from quailora_app.engine.quantize import load_4bit, load_8bit
+from quailora_app.engine.quiet import quiet_libraries
+from quailora_app.runs import EventLog, ended_in_one_line, new_run_dir, write_json_atomic
+from quailora_app.sources.data import load_splits
+from quailora_app.sources.models import compute_dtype, device_label, load_config, load_full_precision, load_tokenizer, pick_device, resolve_model
 
 quiet_libraries()
 

@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .runs import default_runs_root, read_events
-from .sources.paths import owner_tag
+from quailora_app.errors import UserError
+from quailora_app.runs import default_runs_root, read_events
+from quailora_app.app.uploads import owner_tag
 
 OWNER_FILE = ".owner"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,199}$")

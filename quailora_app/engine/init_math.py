@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .config import SOLVERS
-from .errors import ConfigError
+from quailora_app.config import SOLVERS
+from quailora_app.errors import ConfigError
 
 __all__ = [
     "DampedH",

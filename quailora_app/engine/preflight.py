@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ALL_LINEAR, InitConfig, TrainConfig
-from .errors import ModelError
+from quailora_app.config import ALL_LINEAR, InitConfig, TrainConfig
+from quailora_app.errors import ModelError
 
 GIB = 2 ** 30
 LIMIT_ENV = "QUAILORA_MEMORY_LIMIT_GIB"
@@ -88,7 +88,7 @@ def model_shapes(config) -> ModelShapes:
     """Build the model on the meta device from its config (no weights, no storage) and read its shapes."""
     from transformers import AutoModelForCausalLM
 
-    from .sources.models import trust_remote_code
+    from quailora_app.sources.models import trust_remote_code
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code())
@@ -165,7 +165,7 @@ def views_estimate(shapes: ModelShapes, cfg_model, data, quant, device: torch.de
 
 def train_estimate(shapes: ModelShapes, cfg: TrainConfig, device: torch.device, interleaved: bool = False) -> Estimate:
     """Phases of `train`: the reference models, then the arms one at a time (or all together, interleaved)."""
-    from .arms import ARM_SPECS
+    from quailora_app.engine.arms import ARM_SPECS
 
     w = _bytes(cfg.model.compute_dtype, device)
     S, ev = cfg.data.seq_len, eval_bytes(shapes, cfg.eval_batch, cfg.data.seq_len)
@@ -235,7 +235,7 @@ NO_ESTIMATE = "memory estimate unavailable for this architecture (it could not b
 def preflight_init(name: str, config, cfg: InitConfig, device: torch.device) -> str:
     """Before any weight is read: seq-len within the context, and the init's memory within the device's.
     Returns the line for the run's events."""
-    from .sources.models import check_context
+    from quailora_app.sources.models import check_context
 
     check_context(config, cfg.data.seq_len, name)
     shapes = shapes_or_none(config)
@@ -251,7 +251,7 @@ def preflight_init(name: str, config, cfg: InitConfig, device: torch.device) -> 
 
 def preflight_train(name: str, config, cfg: TrainConfig, device: torch.device) -> tuple[str, ModelShapes | None]:
     """As preflight_init for `train` (all arms together only when the schedule is 'interleaved')."""
-    from .sources.models import check_context
+    from quailora_app.sources.models import check_context
 
     check_context(config, cfg.data.seq_len, name)
     shapes = shapes_or_none(config)
@@ -263,7 +263,7 @@ def preflight_train(name: str, config, cfg: TrainConfig, device: torch.device) -
 
 
 def preflight_views(name: str, config, model_cfg, data, quant, device: torch.device) -> str:
-    from .sources.models import check_context
+    from quailora_app.sources.models import check_context
 
     check_context(config, data.seq_len, name)
     shapes = shapes_or_none(config)

@@ -1,6 +1,6 @@
 """The web form's settings as typed configs: every value the browser sends is checked here and turned into
 InitConfig / TrainConfig / ViewsConfig, or refused with one line (UserError). Uploads and typed paths go through
-sources/paths.py first. No gradio here: the handlers are plain functions, fuzzed by tests/test_fuzz_handlers.py."""
+app/uploads.py first. No gradio here: the handlers are plain functions, fuzzed by tests/test_fuzz_handlers.py."""
 from __future__ import annotations
 
 import functools
@@ -11,11 +11,11 @@ from typing import Any
 
 import pandas as pd
 
-from .config import ALL_LINEAR, DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
-from .errors import UserError
-from .jobs import ViewsConfig
-from .sources import paths
-from .sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset, format_of
+from quailora_app.config import ALL_LINEAR, DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
+from quailora_app.errors import UserError
+from quailora_app.app.jobs import ViewsConfig
+from quailora_app.app import uploads as paths
+from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset, format_of
 
 def one_line(text: Any, limit: int = 300) -> str:
     text = " ".join(str(text).split())
@@ -120,7 +120,7 @@ def make_train_config(model, dataset, upload, text_column, quant, double_quant, 
                       targets, calib_samples, seq_len, eval_tokens, seed, als_rounds, damping, arms, steps,
                       learning_rate, batch_size, grad_accum, eval_every, warmup_ratio):
     try:
-        from .config import TrainConfig
+        from quailora_app.config import TrainConfig
     except ImportError:
         raise UserError("fine-tuning is not available in this build yet (quailora_app.train has not landed)") from None
     m, d, q, lora = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
@@ -188,7 +188,7 @@ def describe_source(name: Any, owner: str | None = None) -> str:
 
 def vetted_sources(model: Any, dataset: Any, upload: Any, owner: str, upload_sources=()) -> tuple[str, str, str | None]:
     """(model, dataset, stored upload) as the engine may read them: an upload is checked and copied into the
-    session's folder, typed paths must lie in the allowed folders (`sources.paths`)."""
+    session's folder, typed paths must lie in the allowed folders (`app.uploads`)."""
     stored = None
     if upload:
         if not isinstance(upload, (str, os.PathLike)):

@@ -27,8 +27,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import UserError
-from .data import COMPRESSION_SUFFIXES, FORMAT_SUFFIXES, HUB_ID, format_of
+from quailora_app.errors import UserError
+from quailora_app.sources.data import COMPRESSION_SUFFIXES, FORMAT_SUFFIXES, HUB_ID, format_of
 
 ACCEPTED_SUFFIXES = FORMAT_SUFFIXES  # what the data reader takes
 COMPRESSED_SUFFIXES = COMPRESSION_SUFFIXES
@@ -183,7 +183,7 @@ def env_allowed_paths() -> list[Path]:
 
 def allowed_roots(owner: str | None = None) -> list[Path]:
     """The folders a typed path may point into, for this owner's session."""
-    from .models import cache_dir
+    from quailora_app.sources.models import cache_dir
 
     roots = [cache_dir()]
     if owner:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import ModelError
+from quailora_app.errors import ModelError
 
 #: (file, size, mtime_ns) of safetensors files already found finite in this process
 _FINITE: set[tuple[str, int, int]] = set()

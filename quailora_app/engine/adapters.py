@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LoraSettings
+from quailora_app.config import LoraSettings
 
 ADAPTER = "default"
 

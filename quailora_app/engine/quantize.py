@@ -9,10 +9,10 @@ import warnings
 
 import torch
 
-from .checkpoint import Checkpoint
-from .config import QuantConfig
-from .errors import ModelError
-from .sources.models import ModelSource, _load
+from quailora_app.engine.checkpoint import Checkpoint
+from quailora_app.config import QuantConfig
+from quailora_app.errors import ModelError
+from quailora_app.sources.models import ModelSource, _load
 
 
 def bnb_4bit_config(quant: QuantConfig, compute_dtype: torch.dtype):

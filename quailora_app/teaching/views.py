@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import init_math
-from .calibrate import (
+from quailora_app.engine import init_math
+from quailora_app.engine.calibrate import (
     calibrate_blocks, decoder_layers, target_names,
 )
-from .checkpoint import Checkpoint
-from .config import ALL_LINEAR, DataConfig, LoraSettings, ModelConfig, QuantConfig
-from .errors import ConfigError
-from .quantize import dequantized_weight, linear4bit_modules, load_4bit
+from quailora_app.engine.checkpoint import Checkpoint
+from quailora_app.config import ALL_LINEAR, DataConfig, LoraSettings, ModelConfig, QuantConfig
+from quailora_app.errors import ConfigError
+from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules, load_4bit
 
 COMPUTED = ("svd", "quailora", "closed_form")
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -246,9 +246,9 @@ class ViewsContext:
 
 def open_context(model_cfg: ModelConfig, data_cfg: DataConfig, quant_cfg: QuantConfig) -> ViewsContext:
     """Resolve the model, read and split the dataset, and load the 4-bit model (the slow part, a few seconds)."""
-    from .memory import preflight_views
-    from .sources.data import load_splits
-    from .sources.models import compute_dtype, load_config, load_tokenizer, pick_device, resolve_model
+    from quailora_app.engine.preflight import preflight_views
+    from quailora_app.sources.data import load_splits
+    from quailora_app.sources.models import compute_dtype, load_config, load_tokenizer, pick_device, resolve_model
 
     source = resolve_model(model_cfg.model)
     config = load_config(source)
@@ -266,7 +266,7 @@ def layer_snapshot(source, quant: QuantConfig, layer_name: str, calib_ids: torch
                    *, model=None) -> LayerSnapshot:
     """One layer's snapshot; loads the 4-bit model from `source` (a ModelSource) unless `model` is given."""
     if model is None:
-        from .sources.models import compute_dtype
+        from quailora_app.sources.models import compute_dtype
 
         model = load_4bit(source, quant, device, compute_dtype("auto", device))
     return layer_snapshots(model, Checkpoint(source.folder), calib_ids, [layer_name], device)[layer_name]
@@ -522,7 +522,7 @@ def rank_sweep(snaps: Sequence[LayerSnapshot], ranks: Iterable[int] = DEFAULT_RA
                should_stop: Callable[[], bool] | None = None) -> RankSweep:
     """View 3: per layer and rank, each method's correction (the same math as initialize()), averaged over layers.
     svd and closed_form reuse one decomposition per layer across ranks (truncations of the same SVD)."""
-    from .errors import Cancelled
+    from quailora_app.errors import Cancelled
 
     snaps = list(snaps)
     if not snaps:
@@ -562,9 +562,9 @@ def sweep_perplexity(ctx: ViewsContext, ranks: Sequence[int], methods: Sequence[
     """Held-out perplexity of the 4-bit model + each method's initialization at each rank (every target layer
     initialized, as the init run does). Slow: one full calibration pass and one evaluation per method per rank.
     Returns {method: {rank: ppl}} plus "qlora": {0: ppl of the 4-bit model without correction}."""
-    from .adapters import attach_lora, write_factors
-    from .evaluate import perplexity
-    from .initialize import InitResult, initialize, target_paths
+    from quailora_app.engine.adapters import attach_lora, write_factors
+    from quailora_app.engine.evaluate import perplexity
+    from quailora_app.engine.initialize import InitResult, initialize, target_paths
 
     model, out = ctx.model, {m: {} for m in methods}
     out["qlora"] = {0: perplexity(model, ctx.eval_ids, eval_batch)}

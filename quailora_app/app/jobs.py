@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .reopen import mark_owner
-from .runs import new_run_dir, read_events, write_json_atomic
+from quailora_app.errors import UserError
+from quailora_app.app.reopen import mark_owner
+from quailora_app.runs import new_run_dir, read_events, write_json_atomic
 
 #: (config, should_stop, run_dir) -> event stream
 Runner = Callable[[Any, Callable[[], bool], Path], Iterator[Any]]
@@ -42,14 +42,14 @@ STOP_FILE = "STOP"
 
 
 def _run_init(cfg, should_stop, run_dir):
-    from .pipeline import run_init
+    from quailora_app.flows.init import run_init
 
     return run_init(cfg, should_stop=should_stop, run_dir=run_dir)
 
 
 def _run_train(cfg, should_stop, run_dir):
     try:
-        from .train import run_train
+        from quailora_app.flows.train import run_train
     except ImportError as exc:  # the fine-tuning engine is optional until it lands
         raise UserError(f"fine-tuning is not available in this build ({exc})") from None
     return run_train(cfg, should_stop=should_stop, run_dir=run_dir)
@@ -77,10 +77,10 @@ def _run_views(cfg: ViewsConfig, should_stop, run_dir):
     stream as stage events; the finished event's report holds the 7 figures as plotly JSON (also views.json)."""
     import queue
 
-    from .errors import Cancelled
-    from .runs import write_json_atomic
-    from .teaching import compute_views, default_layer, layer_names, open_context
-    from .teaching_figures import CAPTIONS, view_figures
+    from quailora_app.errors import Cancelled
+    from quailora_app.runs import write_json_atomic
+    from quailora_app.teaching.views import compute_views, default_layer, layer_names, open_context
+    from quailora_app.plots.teaching import CAPTIONS, view_figures
 
     started = time.time()
     yield {"kind": "stage", "stage": "load", "message": "load the 4-bit model and the calibration text"}
@@ -161,7 +161,7 @@ def _malloc_trim() -> None:
 def training_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("quailora_app.train") is not None
+    return importlib.util.find_spec("quailora_app.flows.train") is not None
 
 
 # ------------------------------------------------------------------------------------------------ ZeroGPU

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .config import ARMS
-from .evaluate import perplexity
+from quailora_app.config import ARMS
+from quailora_app.engine.evaluate import perplexity
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ from typing import Any
 
 import pandas as pd
 
-from . import figures as F
-from .config import ModelConfig
-from .errors import UserError
-from .forms import one_line, text_setting
-from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobManager
-from .reopen import open_run
-from .sources.models import EMBEDDED_NOTE
+from quailora_app.plots import figures as F
+from quailora_app.config import ModelConfig
+from quailora_app.errors import UserError
+from quailora_app.app.forms import one_line, text_setting
+from quailora_app.app.jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobManager
+from quailora_app.app.reopen import open_run
+from quailora_app.sources.models import EMBEDDED_NOTE
 
 INIT_STAGES = [("load", "load model", 0.04), ("data", "read text", 0.04), ("quantize", "quantize to 4-bit", 0.07),
                ("calibrate", "calibrate + initialize", 0.55), ("evaluate", "perplexity per method", 0.2),
@@ -197,8 +197,8 @@ def model_layers(model: str | None) -> tuple[list[str], str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .sources.models import EMBEDDED, cache_dir, trust_remote_code
-    from .teaching import default_layer, layer_names
+    from quailora_app.sources.models import EMBEDDED, cache_dir, trust_remote_code
+    from quailora_app.teaching.views import default_layer, layer_names
 
     name = (model or "embedded").strip()
     folder = cache_dir() / "models" / "smollm2-135m-instruct" if name in ("", EMBEDDED) else Path(name).expanduser()

@@ -16,7 +16,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .teaching import CalibrationView, InsideLayer, PrecisionTable, RankSweep
+from quailora_app.teaching.views import CalibrationView, InsideLayer, PrecisionTable, RankSweep
 
 LABELS = {
     "qlora": "QLoRA (no correction)",
@@ -392,35 +392,9 @@ def write_figures(figs: Mapping[str, go.Figure], out: str | Path, *, markdown: s
 
 def write_views(views, out: str | Path, png: bool = True) -> Written:
     """All figures of a teaching.Views bundle, how_it_works.md and precision_table.md into `out`."""
-    from .teaching import how_it_works_markdown
+    from quailora_app.teaching.views import how_it_works_markdown
 
     figs = view_figures(views.inside, views.calibration, views.sweep, views.precision)
     table = views.precision.markdown() + "".join(f"\n\nnote: {n}" for n in views.precision.notes)
     return write_figures(figs, out, markdown=how_it_works_markdown(views.rank), extra_text={"precision_table": table},
                          png=png)
-
-
-def views_command(args) -> int:
-    """`python -m quailora_app views`: compute every teaching view for one layer and write the figures."""
-    import sys
-
-    from .cli import parse_common
-    from .runs import new_run_dir
-    from .teaching import compute_views, open_context
-
-    model_cfg, data_cfg, quant_cfg, lora = parse_common(args)
-    say = lambda msg: print(f"[views] {msg}", file=sys.stderr)  # noqa: E731
-    say(f"loading {model_cfg.model} in 4-bit {quant_cfg.quant} and reading {data_cfg.dataset}")
-    ctx = open_context(model_cfg, data_cfg, quant_cfg)
-    block = int(args.block) if str(args.block).isdigit() else args.block
-    views = compute_views(ctx, args.layer, lora.rank, block=block, sweep_layers=args.sweep_layers,
-                          ranks=args.ranks or None, perplexity_ranks=args.perplexity_ranks or (), reports=args.report or (),
-                          damping=args.damping, als_rounds=args.als_rounds, targets=lora.targets, progress=say)
-    out = new_run_dir("views", args.out)
-    written = write_views(views, out)
-    for note in [*views.precision.notes, *(views.sweep.notes if views.sweep else []), *written.notes]:
-        say(f"note: {note}")
-    print(views.precision.markdown())
-    print(f"{len(written.html) - 1} figures ({', '.join(p.stem for p in written.html[:-1])}) for {views.layer}, rank "
-          f"{views.rank}: open {out / 'index.html'}" + (f"; {len(written.png)} PNG files" if written.png else ""))
-    return 0
