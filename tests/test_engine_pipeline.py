@@ -115,6 +115,7 @@ def run_cli_subprocess(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "quailora_app", "init", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_cli_process_exits_nonzero_without_traceback(tmp_path):
     result = run_cli_subprocess("--model", "no-such-org/no-such-model", "--out", str(tmp_path / "run"))
     assert result.returncode == 1

@@ -41,7 +41,10 @@ from dataclasses import dataclass, field
 import torch
 
 from quailora_app.config import ALL_LINEAR, InitConfig, TrainConfig
+from quailora_app.engine.arms import ARM_SPECS
+from quailora_app.engine.init_math import check_rank
 from quailora_app.errors import ModelError
+from quailora_app.sources.models import check_context, trust_remote_code
 
 GIB = 2 ** 30
 LIMIT_ENV = "QUAILORA_MEMORY_LIMIT_GIB"
@@ -86,9 +89,7 @@ def gib(n: float) -> str:
 
 def model_shapes(config) -> ModelShapes:
     """Build the model on the meta device from its config (no weights, no storage) and read its shapes."""
-    from transformers import AutoModelForCausalLM
-
-    from quailora_app.sources.models import trust_remote_code
+    from transformers import AutoModelForCausalLM  # heavy: only when an estimate is made
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code())
@@ -165,8 +166,6 @@ def views_estimate(shapes: ModelShapes, cfg_model, data, quant, device: torch.de
 
 def train_estimate(shapes: ModelShapes, cfg: TrainConfig, device: torch.device, interleaved: bool = False) -> Estimate:
     """Phases of `train`: the reference models, then the arms one at a time (or all together, interleaved)."""
-    from quailora_app.engine.arms import ARM_SPECS
-
     w = _bytes(cfg.model.compute_dtype, device)
     S, ev = cfg.data.seq_len, eval_bytes(shapes, cfg.eval_batch, cfg.data.seq_len)
     lora = lora_params(shapes, cfg.lora.rank, cfg.lora.targets) * 16
@@ -232,15 +231,22 @@ def shapes_or_none(config) -> ModelShapes | None:
 NO_ESTIMATE = "memory estimate unavailable for this architecture (it could not be built from its config)"
 
 
-def preflight_init(name: str, config, cfg: InitConfig, device: torch.device) -> str:
-    """Before any weight is read: seq-len within the context, and the init's memory within the device's.
-    Returns the line for the run's events."""
-    from quailora_app.sources.models import check_context
+def check_rank_fits(shapes: ModelShapes, lora) -> None:
+    """The LoRA rank against every adapted layer's min(out, in), from the config alone (before the memory
+    estimate, which a huge rank would otherwise turn into a misleading 'needs 500 GiB')."""
+    for leaf, n_in, n_out in shapes.block_linears:
+        if ALL_LINEAR in lora.targets or leaf in lora.targets:
+            check_rank(lora.rank, (n_out, n_in), f"{leaf} (in every decoder block)")
 
+
+def preflight_init(name: str, config, cfg: InitConfig, device: torch.device) -> str:
+    """Before any weight is read: seq-len within the context, the rank within every adapted layer, and the
+    init's memory within the device's. Returns the line for the run's events."""
     check_context(config, cfg.data.seq_len, name)
     shapes = shapes_or_none(config)
     if shapes is None:
         return NO_ESTIMATE
+    check_rank_fits(shapes, cfg.lora)
     est = init_estimate(shapes, cfg, device)
     only_baselines = est.peak[0] == "full-precision baseline" and \
         est.phases["4-bit + calibration"] <= available_bytes(device)[0]
@@ -251,20 +257,18 @@ def preflight_init(name: str, config, cfg: InitConfig, device: torch.device) -> 
 
 def preflight_train(name: str, config, cfg: TrainConfig, device: torch.device) -> tuple[str, ModelShapes | None]:
     """As preflight_init for `train` (all arms together only when the schedule is 'interleaved')."""
-    from quailora_app.sources.models import check_context
-
     check_context(config, cfg.data.seq_len, name)
     shapes = shapes_or_none(config)
     if shapes is None:
         return NO_ESTIMATE, None
+    check_rank_fits(shapes, cfg.lora)
     est = train_estimate(shapes, cfg, device, interleaved=cfg.schedule == "interleaved")
     hint = "choose a smaller model, fewer arms, --schedule sequential, a smaller batch or a shorter seq-len"
     return check_fits(name, "fine-tuning", est, device, hint), shapes
 
 
 def preflight_views(name: str, config, model_cfg, data, quant, device: torch.device) -> str:
-    from quailora_app.sources.models import check_context
-
+    """Before any weight is read: seq-len within the context, the views' memory within the device's."""
     check_context(config, data.seq_len, name)
     shapes = shapes_or_none(config)
     if shapes is None:

@@ -1,0 +1,82 @@
+"""The shape of the package: the import-linter contracts of pyproject.toml hold (layers; gradio only in the UI),
+no module takes part in an import cycle, and imports inside functions say why they are there."""
+import ast
+from pathlib import Path
+
+import grimp
+from importlinter import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "quailora_app"
+
+
+def test_import_contracts_hold(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    assert cli.lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True) == 0
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Tarjan's strongly connected components of a directed graph {node: successors}."""
+    index, low, on_stack, stack, out = {}, {}, set(), [], []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in graph.get(node, ()):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            out.append(component)
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return out
+
+
+def test_strongly_connected_finds_a_cycle():
+    components = strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
+    assert {frozenset(c) for c in components} == {frozenset("abc"), frozenset("d")}
+
+
+def test_no_import_cycles():
+    """Every import counts, those inside functions included."""
+    graph = grimp.build_graph("quailora_app")
+    edges = {m: {i for i in graph.find_modules_directly_imported_by(m) if i.startswith("quailora_app")}
+             for m in graph.modules}
+    # a package's __init__ importing its own modules is not a cycle of concerns; drop parent <- child edges
+    edges = {m: {i for i in targets if not m.startswith(i + ".")} for m, targets in edges.items()}
+    cycles = [sorted(c) for c in strongly_connected(edges) if len(c) > 1]
+    assert cycles == []
+
+
+def local_imports_without_reason(path: Path) -> list[str]:
+    """Import statements inside functions with no comment on their line or on the line above."""
+    source = path.read_text()
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for inner in ast.walk(node):
+            if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                here, above = lines[inner.lineno - 1], lines[inner.lineno - 2] if inner.lineno > 1 else ""
+                if "#" not in here and not above.strip().startswith("#"):
+                    found.append(f"{path.relative_to(ROOT)}:{inner.lineno}: {here.strip()}")
+    return sorted(set(found))
+
+
+def test_imports_inside_functions_say_why():
+    missing = [line for path in sorted(PACKAGE.rglob("*.py")) for line in local_imports_without_reason(path)]
+    assert missing == []
