@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
+from helpers import TINY_TEXT, free_port, save_tiny_llama  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from helpers import TINY_TEXT, free_port, save_tiny_llama  # noqa: E402
+from quailora_app.runs import RunFolder  # noqa: E402
 
 METHODS = ("svd", "quailora", "closed_form")
 
@@ -61,7 +62,7 @@ def main() -> int:
             return 1
     print(f"## 1 process vs {args.processes} processes (gloo, CPU): tiny Llama, {args.calib_samples} x 48 calibration "
           "tokens, rank 4\n\n| method | layers | max relative difference of s B A | perplexity 1 / N |\n|---|---|---|---|")
-    r1, rn = (json.loads((tmp / d / "report.json").read_text())["perplexity"] for d in ("one", "many"))
+    r1, rn = (RunFolder(tmp / d).read_report()["perplexity"] for d in ("one", "many"))
     for m in METHODS:
         a, b = corrections(tmp / "one", m), corrections(tmp / "many", m)
         diff = max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a)

@@ -15,9 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from report_runner import run_or_reprint  # noqa: E402
+
 from quailora_app.cli import init_config  # noqa: E402
 from quailora_app.flows.init import run_init  # noqa: E402
-from report_runner import run_or_reprint  # noqa: E402
+from quailora_app.units import format_bytes  # noqa: E402
 
 
 def table(report: dict) -> str:
@@ -44,7 +46,7 @@ def table(report: dict) -> str:
         for m in ("quailora", "closed_form"):
             if seconds.get(m):
                 rows.append(f"{m} seconds / svd seconds: {seconds[m] / seconds['svd']:.2f}")
-    rows.append(f"peak memory: {report['peak_memory_bytes'] / 2**20:.0f} MiB ({'CUDA allocated' if 'cuda' in report['device'] else 'process RSS'})")
+    rows.append(f"peak memory: {format_bytes(report['peak_memory_bytes'])} ({'CUDA allocated' if 'cuda' in report['device'] else 'process RSS'})")
     return "\n".join(rows)
 
 

@@ -21,10 +21,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil  # noqa: E402
-
 from helpers import TINY_TEXT, save_tiny_llama  # noqa: E402
-from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig  # noqa: E402
+
 from quailora_app.app.jobs import DONE, JobManager, release_memory  # noqa: E402
+from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig  # noqa: E402
 
 MB = 2**20
 

@@ -16,10 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quailora_app.cli import add_model_data_quant_args, parse_common  # noqa: E402
+from quailora_app.engine.preflight import preflight_views  # noqa: E402
 from quailora_app.engine.quiet import quiet_libraries  # noqa: E402
-from quailora_app.teaching.views import (  # noqa: E402
-    DEFAULT_RANKS, layer_names, layer_snapshots, open_context, rank_sweep, sweep_perplexity,
-)
+from quailora_app.flows.prepare import drain, prepare  # noqa: E402
+from quailora_app.sources.models import pick_device  # noqa: E402
+from quailora_app.teaching.rank_sweep import DEFAULT_RANKS, rank_sweep, sweep_perplexity  # noqa: E402
+from quailora_app.teaching.snapshot import ViewsContext, layer_names, layer_snapshots  # noqa: E402
 
 
 def table(sweep, seconds: float) -> str:
@@ -52,7 +54,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     quiet_libraries()
     model_cfg, data_cfg, quant_cfg, _ = parse_common(args)
-    ctx = open_context(model_cfg, data_cfg, quant_cfg)
+    device = pick_device(model_cfg.device)
+    prepared = drain(prepare(model_cfg, data_cfg, quant_cfg, device, lambda name, config: preflight_views(
+        name, config, model_cfg, data_cfg, quant_cfg, device)))
+    ctx = ViewsContext(prepared.source, prepared.model, prepared.checkpoint, prepared.splits.calib,
+                       prepared.splits.eval, device, quant_cfg, data_cfg, model_cfg)
     names = [n for n in layer_names(ctx.model) if any(f".{b}." in n for b in args.blocks)]
     start = time.perf_counter()
     snaps = layer_snapshots(ctx.model, ctx.checkpoint, ctx.calib_ids, names, ctx.device)

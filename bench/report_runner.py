@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quailora_app.cli import build_parser  # noqa: E402
 from quailora_app.errors import UserError  # noqa: E402
 from quailora_app.events import RunFailed, RunFinished  # noqa: E402
+from quailora_app.runs import read_report_at  # noqa: E402
 
 
 def run_or_reprint(argv, command: str, run: Callable[[argparse.Namespace], Iterator], table: Callable[[dict], str],
@@ -23,7 +23,7 @@ def run_or_reprint(argv, command: str, run: Callable[[argparse.Namespace], Itera
     pre.add_argument("--from-report")
     known, rest = pre.parse_known_args(argv)
     if known.from_report:
-        print(table(json.loads(Path(known.from_report).read_text())))
+        print(table(read_report_at(known.from_report)))
         return 0
     try:
         events = run(build_parser().parse_args([command, *rest]))

@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quailora_app.units import GIB  # noqa: E402
+
 SHAPES = {
     # Llama-2-7B: 32 blocks of hidden 4096, MLP 11008, 32 heads, vocabulary 32000
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -39,7 +41,6 @@ SHAPES = {
 }
 DEFAULTS = {"7b": dict(samples=128, seq_len=2048, rank=64), "small": dict(samples=32, seq_len=512, rank=16)}
 WORK = Path(os.environ.get("QUAILORA_BENCH_WORK", "/tmp/quailora_bench"))
-GiB = 2**30
 
 
 def anonymous_rss() -> int:
@@ -120,8 +121,8 @@ def run_stage(stage: str, args) -> dict:
     """One stage in this process; returns its row."""
     import torch
 
-    from quailora_app.engine.checkpoint import Checkpoint
     from quailora_app.config import LoraSettings, QuantConfig
+    from quailora_app.engine.checkpoint import Checkpoint
     from quailora_app.engine.initialize import InitResult, initialize, one_cpu_thread, target_paths
     from quailora_app.engine.quantize import load_4bit
     from quailora_app.sources.models import ModelSource, compute_dtype, pick_device
@@ -176,6 +177,7 @@ def run_stage(stage: str, args) -> dict:
     elif stage == "loftq":
         from quailora_app.engine.adapters import attach_lora, loftq_factors
         from quailora_app.engine.calibrate import decoder_layers
+        from quailora_app.errors import one_line
 
         prefix, layers = decoder_layers(model)
         blocks = min(args.loftq_blocks or len(layers), len(layers))
@@ -188,7 +190,7 @@ def run_stage(stage: str, args) -> dict:
                 loftq_factors(peft_model, folder)
                 row["loftq_s"] = time.perf_counter() - t0
             except Exception as exc:  # noqa: BLE001 - peft needs CUDA; say why it did not run
-                row["unavailable"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                row["unavailable"] = f"{type(exc).__name__}: {one_line(exc, 120)}"
         row["loftq_peak_bytes"] = mem.peak
     return row
 
@@ -213,7 +215,7 @@ def child(stage: str, args, folder: Path, vocab: int) -> dict:
 
 
 def gib(value) -> str:
-    return f"{value / GiB:.2f}" if isinstance(value, (int, float)) else "-"
+    return f"{value / GIB:.2f}" if isinstance(value, (int, float)) else "-"
 
 
 def report(rows: dict, args, spec: dict) -> dict:

@@ -19,10 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from report_runner import run_or_reprint  # noqa: E402
+
 from quailora_app.cli import train_config  # noqa: E402
 from quailora_app.events import EvalPoint, Metric, TrainStep  # noqa: E402
 from quailora_app.flows.train import run_train  # noqa: E402
-from report_runner import run_or_reprint  # noqa: E402
+from quailora_app.units import MIB, format_bytes  # noqa: E402
 
 
 def table(report: dict) -> str:
@@ -54,7 +56,7 @@ def table(report: dict) -> str:
         init_gap = (report.get("gap_closed_init") or {}).get(name, {}).get("int8")
         rows.append(f"| {name} | {num(r.get('final_perplexity'), '.3f')} | {num(r.get('best_perplexity'), '.3f')} | "
                     f"{pct(report['gap_closed'].get(name))} | {pct(init_gap)} | {num(r.get('median_step_seconds'), '.2f')} | "
-                    f"{num(r.get('tokens_per_s'), '.0f')} | {num(mem / 2**20 if mem else None, '.1f')} |")
+                    f"{num(r.get('tokens_per_s'), '.0f')} | {num(mem / MIB if mem else None, '.1f')} |")
     if "qlora4" in a and "quailora4" in a and a["qlora4"].get("evals") and a["quailora4"].get("evals"):
         q4, qa = dict(map(tuple, a["qlora4"]["evals"])), dict(map(tuple, a["quailora4"]["evals"]))
         common = sorted(set(q4) & set(qa))
@@ -80,7 +82,7 @@ def progress(event) -> None:
         print(f"step {event.step:>4} {event.arm:<10} val perplexity {event.val_perplexity:.3f}", file=sys.stderr, flush=True)
     elif isinstance(event, TrainStep) and (event.step == 1 or event.step % 5 == 0):
         print(f"step {event.step:>4} {event.arm:<10} loss {event.train_loss:.3f}  {event.elapsed_s:.2f} s  "
-              f"{event.memory_bytes / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+              f"{format_bytes(event.memory_bytes)}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

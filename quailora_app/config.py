@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from quailora_app.engine.arms import arm_names, default_arm_names
+from quailora_app.engine.init_math import SOLVERS
+from quailora_app.engine.methods import QLORA, default_method_names, method_names
 from quailora_app.errors import ConfigError
 
-INIT_METHODS = ("qlora", "svd", "quailora", "closed_form", "loftq")
-DEFAULT_METHODS = ("qlora", "svd", "quailora", "closed_form", "loftq")
 QUANT_TYPES = ("nf4", "fp4")
-SOLVERS = ("exact", "randomized")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: Shorthand accepted by --targets; "all-linear" means every nn.Linear inside the decoder blocks.
 ALL_LINEAR = "all-linear"
 
@@ -18,14 +19,17 @@ ALL_LINEAR = "all-linear"
 class ModelConfig:
     """Which model to load and where to run it."""
 
-    model: str = field(default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct shipped in a PyPI package), a local folder, or a hub id"})
+    model: str = field(default="embedded", metadata={
+        "help": "'embedded' (SmolLM2-135M-Instruct shipped in a PyPI package), a local folder, or a hub id"})
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu' or 'cuda[:N]'"})
-    compute_dtype: str = field(default="auto", metadata={"help": "'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16' or 'float16'"})
+    compute_dtype: str = field(default="auto", metadata={
+        "help": "'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16' or 'float16'",
+        "choices": COMPUTE_DTYPES})
 
     def __post_init__(self) -> None:
         if not self.model or not str(self.model).strip():
             raise ConfigError("model must not be empty")
-        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"compute dtype must be auto, float32, bfloat16 or float16, not {self.compute_dtype!r}")
 
 
@@ -33,7 +37,9 @@ class ModelConfig:
 class DataConfig:
     """Which text to read and how to cut it into calibration, training and evaluation tokens."""
 
-    dataset: str = field(default="embedded", metadata={"help": "'embedded' (rotten-tomatoes text), 'embedded:speeches', a .txt/.jsonl/.csv/.parquet file, or a hub dataset id"})
+    dataset: str = field(default="embedded", metadata={
+        "help": "'embedded' (rotten-tomatoes text), 'embedded:speeches', a .txt/.jsonl/.csv/.parquet file, or a hub "
+                "dataset id"})
     text_column: str | None = field(default=None, metadata={"help": "column holding the text; guessed when not given"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed sequence"})
     calib_samples: int = field(default=64, metadata={"help": "calibration sequences of seq_len tokens"})
@@ -53,9 +59,10 @@ class DataConfig:
 class QuantConfig:
     """bitsandbytes 4-bit settings (the QLoRA recipe: nf4, double quantization, blocks of 64)."""
 
-    quant: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4"})
+    quant: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4", "choices": QUANT_TYPES})
     double_quant: bool = field(default=True, metadata={"help": "quantize the per-block scales too"})
-    block_size: int = field(default=64, metadata={"help": "weights per quantization block: a power of two from 32 to 4096"})
+    block_size: int = field(default=64, metadata={
+        "help": "weights per quantization block: a power of two from 32 to 4096"})
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_TYPES:
@@ -70,8 +77,11 @@ class LoraSettings:
 
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "lora_alpha"})
-    rslora: bool = field(default=False, metadata={"help": "rank-stabilized scaling alpha / sqrt(r)"})
-    targets: tuple[str, ...] = field(default=(ALL_LINEAR,), metadata={"help": "module names to adapt (e.g. q_proj v_proj) or all-linear"})
+    rslora: bool = field(default=False, metadata={
+        "help": "rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r"})
+    targets: tuple[str, ...] = field(default=(ALL_LINEAR,), metadata={
+        "help": "modules to adapt: all-linear (every linear layer of the decoder blocks) or leaf names such as "
+                "q_proj v_proj"})
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -94,20 +104,25 @@ class InitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] = field(default=default_method_names(), metadata={
+        "help": "initializations to compute; qlora (no correction) is always included as the 1.0 baseline",
+        "choices": method_names})
     als_rounds: int = field(default=20, metadata={"help": "alternating least squares rounds of quailora"})
     damping: float = field(default=0.01, metadata={"help": "lambda = damping * mean(diag H), keeps H invertible"})
-    solver: str = field(default="exact", metadata={"help": "closed_form's solver: exact (Cholesky + truncated SVD) or randomized (subspace iteration, faster on large layers; see bench/scale.py for its objective)"})
-    eval_batch: int = field(default=4, metadata={"help": "sequences per forward pass when measuring perplexity"})
+    solver: str = field(default="exact", metadata={
+        "choices": SOLVERS, "help": "closed_form's solver: exact (Cholesky + truncated SVD) or randomized (subspace "
+                                    "iteration, faster on large layers; see bench/scale.py for its objective)"})
+    eval_batch: int = field(default=4, metadata={
+        "help": "sequences per forward pass when measuring perplexity", "cli": False})
     baselines: bool = field(default=True, metadata={"help": "also measure full-precision and 8-bit perplexity"})
-    out: str | None = field(default=None, metadata={"help": "run folder (default: runs/init-<time>)"})
+    out: str | None = field(default=None, metadata={"help": "run folder (default: runs/init-<date>-<time>)"})
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in INIT_METHODS]
+        unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
-            raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(INIT_METHODS)}")
-        if "qlora" not in self.methods:
-            self.methods = ("qlora", *self.methods)  # the baseline every figure is relative to
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(method_names())}")
+        if QLORA not in self.methods:
+            self.methods = (QLORA, *self.methods)  # the baseline every figure is relative to
         self.methods = tuple(dict.fromkeys(self.methods))
         if self.als_rounds < 1:
             raise ConfigError("als-rounds must be at least 1")
@@ -117,11 +132,6 @@ class InitConfig:
             raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}")
 
 
-#: Fine-tuning arms: base precision and LoRA initialization. 4-bit arms share one NF4/FP4 base and one
-#: calibration; quailora8 is initialized against the 8-bit Q; lora16 is the unquantized (float32 on CPU,
-#: bfloat16 on CUDA) reference.
-ARMS = ("qlora4", "quailora4", "closed4", "svd4", "qlora8", "quailora8", "lora16")
-DEFAULT_ARMS = ("qlora4", "quailora4", "qlora8")
 SCHEDULES = ("auto", "interleaved", "sequential")
 LR_SCHEDULES = ("constant", "linear")
 
@@ -141,28 +151,35 @@ class TrainConfig:
     data: DataConfig = field(default_factory=_train_data)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    arms: tuple[str, ...] = field(default=DEFAULT_ARMS, metadata={"help": f"arms to train side by side: {', '.join(ARMS)}"})
+    arms: tuple[str, ...] = field(default=default_arm_names(), metadata={
+        "help": "arms to train side by side", "choices": arm_names, "metavar": "ARM"})
     steps: int = field(default=30, metadata={"help": "optimizer steps per arm"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW peak learning rate (the QLoRA recipe)"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "share of the steps over which the learning rate ramps up linearly"})
-    lr_schedule: str = field(default="constant", metadata={"help": "after warm-up: constant or linear (decay to 0)"})
+    learning_rate: float = field(default=2e-4, metadata={
+        "help": "AdamW peak learning rate (the QLoRA recipe)", "flag": "--lr"})
+    warmup_ratio: float = field(default=0.03, metadata={
+        "help": "share of the steps over which the learning rate ramps up linearly"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "after warm-up: constant or linear (decay to 0)", "choices": LR_SCHEDULES})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA factors"})
     batch_size: int = field(default=4, metadata={"help": "sequences of seq-len tokens per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    eval_every: int = field(default=10, metadata={"help": "steps between held-out perplexity evaluations (also at step 0 and at the end)"})
+    eval_every: int = field(default=10, metadata={
+        "help": "steps between held-out perplexity evaluations (also at step 0 and at the end)"})
     eval_batch: int = field(default=4, metadata={"help": "sequences per forward pass when measuring perplexity"})
     damping: float = field(default=0.01, metadata={"help": "lambda = damping * mean(diag H), keeps H invertible"})
     als_rounds: int = field(default=20, metadata={"help": "alternating least squares rounds of quailora"})
-    schedule: str = field(default="auto", metadata={"help": "interleaved (one step of each arm in turn), sequential, or auto (interleaved when all arms fit in memory)"})
-    out: str | None = field(default=None, metadata={"help": "run folder (default: runs/train-<time>)"})
+    schedule: str = field(default="auto", metadata={
+        "help": "interleaved (one step of each arm in turn), sequential, or auto (interleaved when all arms fit in "
+                "memory)", "choices": SCHEDULES})
+    out: str | None = field(default=None, metadata={"help": "run folder (default: runs/train-<date>-<time>)"})
 
     def __post_init__(self) -> None:
         self.arms = tuple(dict.fromkeys(self.arms))
         if not self.arms:
             raise ConfigError("choose at least one arm")
-        unknown = [a for a in self.arms if a not in ARMS]
+        unknown = [a for a in self.arms if a not in arm_names()]
         if unknown:
-            raise ConfigError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+            raise ConfigError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arm_names())}")
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch", "als_rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -193,3 +210,55 @@ class TrainConfig:
         if self.lr_schedule == "linear":
             return self.learning_rate * (self.steps - step + 1) / (self.steps - warm)
         return self.learning_rate
+
+
+VIEW_BLOCKS = ("typical", "outlier")
+
+
+@dataclass
+class ViewsConfig:
+    """Everything `python -m quailora_app views` and the app's teaching views need: the views of one layer at
+    LoRA rank lora.rank, a rank sweep, and the precision trade-off against finished init runs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    layer: str | None = field(default=None, metadata={
+        "help": "module path of the layer, e.g. model.layers.3.mlp.down_proj (default: block 3's down_proj)"})
+    block: str = field(default="typical", metadata={
+        "help": "quantization block whose 16 levels are shown: an index, 'typical' (median absmax) or 'outlier' "
+                "(largest absmax)"})
+    sweep_layers: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "layers averaged in the rank sweep (default: every linear layer of --layer's block)"})
+    ranks: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64), metadata={
+        "help": "ranks of the rank sweep; none to skip it", "nargs": "*"})
+    perplexity_ranks: tuple[int, ...] = field(default=(), metadata={
+        "help": "also measure held-out perplexity at these ranks (slow: a full initialization per rank)", "nargs": "*"})
+    reports: tuple[str, ...] = field(default=(), metadata={
+        "help": "init report.json files or run folders whose perplexities go into the precision trade-off",
+        "flag": "--report", "metavar": "REPORT", "nargs": "*"})
+    als_rounds: int = field(default=20, metadata={"help": "alternating least squares rounds of quailora"})
+    damping: float = field(default=0.01, metadata={"help": "lambda = damping * mean(diag H), keeps H invertible"})
+    out: str | None = field(default=None, metadata={"help": "output folder (default: runs/views-<date>-<time>)"})
+
+    def __post_init__(self) -> None:
+        self.layer = (self.layer or "").strip() or None
+        self.block = str(self.block).strip()
+        if not (self.block.isdigit() or self.block in VIEW_BLOCKS):
+            raise ConfigError(f"block must be an index, 'typical' or 'outlier', not {self.block!r}")
+        self.ranks, self.perplexity_ranks = tuple(self.ranks), tuple(self.perplexity_ranks)
+        if any(r < 1 for r in (*self.ranks, *self.perplexity_ranks)):
+            raise ConfigError("ranks must be at least 1")
+        self.reports = tuple(self.reports)
+        if self.sweep_layers is not None:
+            self.sweep_layers = tuple(self.sweep_layers)
+        if self.als_rounds < 1:
+            raise ConfigError("als-rounds must be at least 1")
+        if not 0 <= self.damping < 1:
+            raise ConfigError("damping must be in [0, 1)")
+
+    @property
+    def block_choice(self) -> int | str:
+        """`block` as the views take it: an index, 'typical' or 'outlier'."""
+        return int(self.block) if self.block.isdigit() else self.block

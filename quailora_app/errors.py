@@ -20,3 +20,10 @@ class ConfigError(UserError):
 
 class Cancelled(UserError):
     """The run was stopped by the user; what was computed so far is kept."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """`text` (a message or an exception) as one line of at most `limit` characters: every run of whitespace,
+    newlines included, becomes one space; a longer text is cut and ends with '...'."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

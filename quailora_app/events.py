@@ -61,6 +61,16 @@ class Metric(Event):
 
 
 @dataclass
+class LayerChoices(Event):
+    """The linear layers of the loaded model a layer picker offers, its default, and the layer this run shows."""
+
+    kind: ClassVar[str] = "layers"
+    names: list[str]
+    default: str
+    layer: str
+
+
+@dataclass
 class Log(Event):
     kind: ClassVar[str] = "log"
     message: str

@@ -9,11 +9,16 @@ import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
-
 from helpers import (  # noqa: E402
-    JOB_ENDED, bad_file, form_settings, huge_model, launched_app, non_causal_model, wait_for, with_weight,
+    JOB_ENDED,
+    bad_file,
+    form_settings,
+    huge_model,
+    launched_app,
+    non_causal_model,
+    wait_for,
+    with_weight,
 )
-
 
 
 @pytest.fixture(scope="module")
@@ -111,5 +116,6 @@ def test_bad_input_gets_one_clear_message(case, app, tiny_model_dir, short_docs_
 def test_the_app_still_works_after_bad_input(app, tiny_model_dir, short_docs_file):
     """Runs after the cases above (same module, same app, same session): a good init finishes."""
     client, session = app
-    status = answer(client, session, "/start_init", {**settings(tiny_model_dir, short_docs_file), **INIT_EXTRA}, "/init_status")
+    args = {**settings(tiny_model_dir, short_docs_file), **INIT_EXTRA}
+    status = answer(client, session, "/start_init", args, "/init_status")
     assert "finished" in status, status

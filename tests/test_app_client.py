@@ -11,7 +11,6 @@ import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
-
 from helpers import form_settings, launched_app, plot_of, wait_for  # noqa: E402
 
 
@@ -35,9 +34,9 @@ def setup_args(model_dir, short_docs_file, **over):
 def test_endpoints_have_explicit_names(app_url):
     client = Client(app_url, verbose=False)
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/attach", "/dataset_columns", "/describe_dataset", "/model_note", "/start_init", "/init_status", "/stop_init",
-            "/start_train", "/train_status", "/stop_train", "/download_run", "/view_layers", "/start_views",
-            "/views_status", "/stop_views", "/how_it_works", "/list_runs", "/reopen_run"} <= names
+    assert {"/attach", "/dataset_columns", "/describe_dataset", "/model_note", "/start_init", "/init_status",
+            "/stop_init", "/start_train", "/train_status", "/stop_train", "/download_run", "/view_layers",
+            "/start_views", "/views_status", "/stop_views", "/how_it_works", "/list_runs", "/reopen_run"} <= names
     assert not client.view_api(print_info=False, return_format="dict")["unnamed_endpoints"]
 
 
@@ -54,8 +53,8 @@ def test_init_flow_returns_figures_and_report(app_url, tiny_model_dir, short_doc
     session, init_id, _, _ = client.predict({}, api_name="/attach")
     assert session["owner"] and init_id == ""
     with pytest.raises(Exception, match="eval-tokens"):
-        client.predict(session, **setup_args(tiny_model_dir, short_docs_file, eval_tokens=16), methods=["svd"], baselines=False,
-                       als_rounds=2, damping=0.01, api_name="/start_init")
+        client.predict(session, **setup_args(tiny_model_dir, short_docs_file, eval_tokens=16), methods=["svd"],
+                       baselines=False, als_rounds=2, damping=0.01, api_name="/start_init")
     session, job_id, status = client.predict(session, **setup_args(tiny_model_dir, short_docs_file),
                                              methods=["qlora", "svd", "quailora"], baselines=True, als_rounds=3,
                                              damping=0.01, api_name="/start_init")
@@ -94,7 +93,8 @@ def test_teaching_views_job_returns_seven_figures(app_url, tiny_model_dir, short
                                              layer="model.layers.0.self_attn.q_proj", views_rank=4,
                                              views_calib_samples=4, views_seq_len=32, api_name="/start_views")
     assert job_id and ("queued" in status or "running" in status)
-    out = wait_for(client, session, "/views_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1], timeout=180)
+    out = wait_for(client, session, "/views_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1],
+                   timeout=180)
     progress, status, *plots, table, picked = out
     assert "finished" in status and "100%" in progress, status
     assert len(plots) == 7
@@ -109,10 +109,6 @@ def test_teaching_views_job_returns_seven_figures(app_url, tiny_model_dir, short
 
 
 def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, short_docs_file):
-    from quailora_app.app.jobs import training_available
-
-    if not training_available():
-        pytest.skip("quailora_app.flows.train has not landed")
     client = Client(app_url, verbose=False)
     alice, *_ = client.predict({}, api_name="/attach")
     bob, *_ = client.predict({}, api_name="/attach")

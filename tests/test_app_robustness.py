@@ -16,10 +16,11 @@ import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
+from helpers import JOB_ENDED as DONE  # noqa: E402
+from helpers import form_settings, launched_app, plot_of, wait_for  # noqa: E402
 
-from helpers import JOB_ENDED as DONE, form_settings, launched_app, plot_of, wait_for  # noqa: E402
-from quailora_app.errors import UserError  # noqa: E402
 from quailora_app.app import uploads as paths  # noqa: E402
+from quailora_app.errors import UserError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_upload_checks_and_session_folders(tmp_path, monkeypatch):
         (tmp_path / "empty.txt").touch()
         paths.check_upload(tmp_path / "empty.txt")
     monkeypatch.setenv("QUAILORA_MAX_UPLOAD_MB", "0.001")
-    with pytest.raises(UserError, match=r"at most 1 KB.*QUAILORA_MAX_UPLOAD_MB"):
+    with pytest.raises(UserError, match=r"at most 1.0 KiB.*QUAILORA_MAX_UPLOAD_MB"):
         paths.store_upload(src, "alice")
     monkeypatch.setenv("QUAILORA_MAX_UPLOAD_MB", "1")
     with pytest.raises(UserError, match="not in the upload folder"):
@@ -135,7 +136,8 @@ def test_uploads_and_typed_paths_through_the_app(app_url, tiny_model_dir, short_
     out = wait_status(client, session, job_id)
     assert "finished" in out[1], out[1]
     folder = paths.session_upload_dir(owner)
-    assert Path(out[6]["dataset"]).is_relative_to(folder) and Path(out[6]["dataset"]).read_text() == short_docs_file.read_text()
+    stored = Path(out[6]["dataset"])
+    assert stored.is_relative_to(folder) and stored.read_text() == short_docs_file.read_text()
     # closing the session (the page's tab; here the client's heartbeat) removes its upload folder
     client.close()
     deadline = time.time() + 15
@@ -147,10 +149,10 @@ def test_uploads_and_typed_paths_through_the_app(app_url, tiny_model_dir, short_
 def test_two_sessions_at_once_queue_and_stay_apart(app_url, tiny_model_dir, monkeypatch):
     """Alice's job holds the worker (gated in data loading) while Bob's waits in the queue with its position;
     neither sees, downloads or stops the other's job; both finish."""
-    from quailora_app.flows import init as pipeline
+    from quailora_app.flows import prepare
 
     gate, held = threading.Event(), []
-    real = pipeline.load_splits
+    real = prepare.load_splits
 
     def gated(*args, **kwargs):
         if not held:
@@ -158,7 +160,7 @@ def test_two_sessions_at_once_queue_and_stay_apart(app_url, tiny_model_dir, monk
             gate.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "load_splits", gated)
+    monkeypatch.setattr(prepare, "load_splits", gated)
     alice_c, bob_c = Client(app_url, verbose=False), Client(app_url, verbose=False)
     try:
         alice, *_ = alice_c.predict({}, api_name="/attach")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import HUGE_LLAMA, bad_file, huge_model, non_causal_model, with_weight
 from safetensors.torch import save_file
 
-from helpers import HUGE_LLAMA, bad_file, huge_model, non_causal_model, with_weight
 from quailora_app.errors import ConfigError, ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,8 @@ CASES = {
     "not-causal": ("init", "is not a causal language model"),
     "too-large-for-device": ("init", "needs about"),
     "too-large-for-limit": ("train", "needs about"),
-    "unknown-dataset": ("init", "dataset 'no-such-org/no-such-dataset' is not a local file and the Hugging Face hub is not reachable"),
+    "unknown-dataset": ("init", "dataset 'no-such-org/no-such-dataset' is not a local file and the Hugging Face hub "
+                                "is not reachable"),
     "empty-file": ("init", "is empty"),
     "binary-file": ("init", "is not a text file (it contains NUL bytes"),
     "not-utf8": ("init", "is not UTF-8 text (byte 0xe9 at offset 3)"),
@@ -91,7 +92,8 @@ def test_bad_input_is_one_error_line(case, tiny_model_dir, text_file, tmp_path, 
     elif case == "seq-len-beyond-context":
         extra = ["--seq-len", "1024", "--eval-tokens", "2048"]
     elif case in ("nan-weights", "inf-weights"):
-        model = str(with_weight(tiny_model_dir, tmp_path / "bad", float("nan") if case == "nan-weights" else float("inf")))
+        bad = float("nan") if case == "nan-weights" else float("inf")
+        model = str(with_weight(tiny_model_dir, tmp_path / "bad", bad))
     elif case == "remote-code":
         model = str(remote_code_model(tmp_path / "custom"))
     argv = [command, "--model", model, "--dataset", dataset, "--seq-len", "32", "--calib-samples", "4",
@@ -125,8 +127,9 @@ def test_memory_refusal_reads_no_weights_and_gives_figures(tmp_path, monkeypatch
                                       out=str(tmp_path / "run"))))
     assert isinstance(events[-1], RunFailed) and not events[-1].cancelled
     assert not any(isinstance(e, Log) for e in events)
-    m = re.fullmatch(rf"model '{re.escape(str(folder))}' needs about ([\d.]+) GiB for init on cpu \(peak: 4-bit \+ calibration\); "
-                     r"[\d.]+ GiB (allowed by QUAILORA_MEMORY_LIMIT_GIB|available): choose a smaller model.*", events[-1].message)
+    m = re.fullmatch(rf"model '{re.escape(str(folder))}' needs about ([\d.]+) GiB for init on cpu \(peak: 4-bit \+ "
+                     r"calibration\); [\d.]+ GiB (allowed by QUAILORA_MEMORY_LIMIT_GIB|available): choose a smaller "
+                     r"model.*", events[-1].message)
     assert m, events[-1].message
     assert 34 < float(m.group(1)) < 50  # 69e9 weights at ~0.52 B + embeddings and head in float32 + one block
 
@@ -137,7 +140,8 @@ def test_memory_estimate_formula_on_the_70b_config():
     from quailora_app.config import InitConfig, ModelConfig, TrainConfig
     from quailora_app.engine.preflight import GIB, base_bytes, init_estimate, model_shapes, train_estimate
 
-    shapes = model_shapes(LlamaConfig(**{k: v for k, v in HUGE_LLAMA.items() if k not in ("model_type", "architectures")}))
+    shapes = model_shapes(LlamaConfig(**{k: v for k, v in HUGE_LLAMA.items()
+                                         if k not in ("model_type", "architectures")}))
     assert shapes.n_blocks == 80 and shapes.hidden == 8192 and shapes.vocab == 32000
     assert abs(shapes.total_params - 68.98e9) < 0.01e9
     assert shapes.other_params == 2 * 32000 * 8192 + 8192 * (2 * 80 + 1)  # embeddings, head, norms
@@ -160,7 +164,8 @@ def test_memory_estimate_is_in_the_events(tiny_model_dir, text_file, tmp_path):
     from quailora_app.events import Log, Stage
     from quailora_app.flows.init import run_init
 
-    cfg = InitConfig(ModelConfig(str(tiny_model_dir)), DataConfig(str(text_file), seq_len=32, calib_samples=4, eval_tokens=256),
+    cfg = InitConfig(ModelConfig(str(tiny_model_dir)),
+                     DataConfig(str(text_file), seq_len=32, calib_samples=4, eval_tokens=256),
                      lora=LoraSettings(rank=4), methods=("svd",), out=str(tmp_path / "run"))
     stream = run_init(cfg)
     seen = []
@@ -170,7 +175,7 @@ def test_memory_estimate_is_in_the_events(tiny_model_dir, text_file, tmp_path):
             break
     stream.close()
     logs = [e.message for e in seen if isinstance(e, Log)]
-    size = r"[\d.]+ [MG]iB"
+    size = r"[\d.]+ (?:[KMGT]i)?B"  # units.format_bytes
     assert len(logs) == 1 and re.match(rf"memory estimate for init of '.*' on cpu: about {size} at the peak "
                                        rf"\(4-bit \+ calibration {size}, full-precision baseline {size}\); "
                                        rf"{size} available", logs[0]), logs
@@ -214,7 +219,8 @@ def test_remote_code_only_with_the_operator_env_var(tmp_path, monkeypatch):
 
 
 def test_every_engine_from_pretrained_passes_trust_remote_code_explicitly():
-    """Every AutoConfig / AutoTokenizer / AutoModel* .from_pretrained call in the package (engine and UI) names trust_remote_code."""
+    """Every AutoConfig / AutoTokenizer / AutoModel* .from_pretrained call in the package (engine and UI) names
+    trust_remote_code."""
     calls = []
     for file in sorted((ROOT / "quailora_app").rglob("*.py")):
         text = file.read_text()

@@ -1,5 +1,6 @@
 """End to end in headless Chromium with the embedded SmolLM2: set small settings, quantize & initialize,
-watch the per-layer plot render, compute the teaching views and open How it works, start a short two-arm fine-tuning, see the live curve gain points, stop it.
+watch the per-layer plot render, compute the teaching views and open How it works, start a short two-arm
+fine-tuning, see the live curve gain points, stop it.
 Screenshots go to test-output/ (ignored by git)."""
 from __future__ import annotations
 
@@ -22,15 +23,12 @@ def app_url(tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
     pytest.importorskip("playwright")
-    from quailora_app.app.jobs import training_available
     from quailora_app.sources.models import embedded_gguf
 
     try:
         embedded_gguf()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"embedded model unavailable: {exc}")
-    if not training_available():
-        pytest.skip("quailora_app.flows.train has not landed")
     from helpers import launched_app
 
     with launched_app(tmp_path_factory.mktemp("runs")) as url:

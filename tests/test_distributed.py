@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig
 from quailora_app.engine.parallel import share_layers
-from quailora_app.flows.launch import LAUNCHER_VARS
 from quailora_app.events import RunFinished
 from quailora_app.flows.init import run_init
+from quailora_app.flows.launch import LAUNCHER_VARS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPUTED = ("svd", "quailora", "closed_form")

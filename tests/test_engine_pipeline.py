@@ -33,7 +33,7 @@ def test_report_has_every_key_and_layer(finished):
     assert isinstance(events[-1], RunFinished), events[-1]
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report)
-    assert report["status"] == "finished"
+    assert report["status"] == "finished" and report["kind"] == "init"
     assert set(report["perplexity"]) == {"full", "int8", "qlora", "svd", "quailora", "closed_form"}
     assert len(report["layers"]) == 14 and len([e for e in events if isinstance(e, LayerResult)]) == 14
     for row in report["layers"]:
@@ -134,9 +134,9 @@ def test_cli_process_exits_nonzero_without_traceback(tmp_path):
     ("not-causal", "is not a causal language model"),
 ])
 def test_cli_bad_input_is_one_clear_line(case, expect, tiny_model_dir, text_file, tmp_path, capsys):
-    from quailora_app.cli import main
-
     from transformers import BertConfig, BertModel
+
+    from quailora_app.cli import main
 
     model, dataset, extra = str(tiny_model_dir), str(text_file), []
     if case == "unknown-model":

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from quailora_app.app import forms  # noqa: E402
-from quailora_app.errors import UserError  # noqa: E402
-from quailora_app.app.reopen import open_run  # noqa: E402
 from quailora_app.app import uploads as paths  # noqa: E402
+from quailora_app.app.reopen import open_run  # noqa: E402
+from quailora_app.errors import UserError  # noqa: E402
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -37,6 +37,10 @@ INIT_VALID = dict(model="embedded", dataset="embedded", upload=None, text_column
 TRAIN_VALID = {**{k: v for k, v in INIT_VALID.items() if k not in ("methods", "baselines")},
                "arms": ["qlora4", "quailora4"], "steps": 20, "learning_rate": 2e-4, "batch_size": 2, "grad_accum": 1,
                "eval_every": 5, "warmup_ratio": 0.03}
+VIEWS_VALID = {**{k: INIT_VALID[k] for k in ("model", "dataset", "upload", "text_column", "quant", "double_quant",
+                                             "block_size", "eval_tokens", "seed", "als_rounds", "damping")},
+               "layer": "model.layers.0.self_attn.q_proj", "views_rank": 8, "views_calib_samples": 8,
+               "views_seq_len": 128}
 
 
 def one_line_or_ok(fn, *args, **kwargs):
@@ -55,33 +59,42 @@ def mutated(valid: dict):
 
 
 def test_valid_settings_pass():
-    assert forms.make_init_config(**INIT_VALID).lora.rank == 16
-    assert forms.make_train_config(**TRAIN_VALID).steps == 20
+    assert forms.make_init_config(INIT_VALID).lora.rank == 16
+    assert forms.make_train_config(TRAIN_VALID).steps == 20
+    views = forms.make_views_config({**VIEWS_VALID, "layer": " "}, ranks=(1, 2))
+    assert views.lora.rank == 8 and views.data.seq_len == 128 and views.layer is None and views.ranks == (1, 2)
 
 
 @FUZZ
 @given(mutated(INIT_VALID))
 def test_make_init_config(fields):
-    one_line_or_ok(forms.make_init_config, **fields)
+    one_line_or_ok(forms.make_init_config, fields)
 
 
 @FUZZ
 @given(mutated(TRAIN_VALID))
 def test_make_train_config(fields):
-    one_line_or_ok(forms.make_train_config, **fields)
+    one_line_or_ok(forms.make_train_config, fields)
+
+
+@FUZZ
+@given(mutated(VIEWS_VALID))
+def test_make_views_config(fields):
+    one_line_or_ok(forms.make_views_config, fields, (1, 2, 4))
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(st.fixed_dictionaries({k: ANY for k in INIT_VALID if k != "upload"}))
 def test_make_init_config_from_anything(fields):
-    one_line_or_ok(forms.make_init_config, upload=None, **fields)
+    one_line_or_ok(forms.make_init_config, {"upload": None, **fields})
 
 
 CONTENTS = st.one_of(
     st.binary(max_size=600),
     st.text(max_size=400).map(lambda t: t.encode("utf-8", "surrogatepass")),
     st.sampled_from([b"", b"text\nhello\n", b"\xff\xfe\x00bad", b'{"text": "a"}\n{"text": 1}\n', b"PAR1\x00\x00PAR1",
-                     b"a,b\n1,2\n", b"\x1f\x8b\x08\x00garbage", b"col\n" + b"x" * 3000, "é,ü\nà,ß\n".encode("latin-1")]),
+                     b"a,b\n1,2\n", b"\x1f\x8b\x08\x00garbage", b"col\n" + b"x" * 3000,
+                     "é,ü\nà,ß\n".encode("latin-1")]),
 )
 NAMES = st.sampled_from(["t.txt", "t.csv", "t.tsv", "t.jsonl", "t.json", "t.parquet", "t.csv.gz", "t.txt.bz2",
                          "t.jsonl.xz", "t.parquet.gz", "t.exe", "t", "t.CSV", "..csv", "t.txt.gz"])
@@ -120,8 +133,10 @@ PATHISH = st.one_of(ANY, st.text(alphabet="./~-_:ab\\\x00 ", max_size=20),
 @FUZZ
 @given(PATHISH, st.sampled_from(["model", "dataset"]), st.one_of(st.none(), st.text(max_size=10)))
 def test_path_policy(text, kind, owner):
-    value = one_line_or_ok(paths.check_user_path, text if isinstance(text, str) or text is None else str(text), kind, owner)
-    if value is not None and value not in ("embedded",) and not value.startswith("embedded:") and paths.is_hub_id(value) is False:
+    text = text if isinstance(text, str) or text is None else str(text)
+    value = one_line_or_ok(paths.check_user_path, text, kind, owner)
+    embedded = value == "embedded" or str(value).startswith("embedded:")
+    if value is not None and not embedded and paths.is_hub_id(value) is False:
         resolved = Path(value)
         assert any(resolved.is_relative_to(r.resolve()) for r in paths.allowed_roots(owner)), value
 

@@ -1,4 +1,4 @@
-"""Behaviour of the pure initialization math (quailora_app.init_math)."""
+"""Behaviour of the pure initialization math (quailora_app.engine.init_math)."""
 from __future__ import annotations
 
 import math
@@ -6,21 +6,20 @@ import math
 import pytest
 import torch
 
-from quailora_app.errors import ConfigError
 from quailora_app.engine.init_math import (
-    HSpectrum,
+    DampedH,
     LowRankErrors,
-    damped,
     calibrated_error,
     calibrated_objective,
     check_rank,
     closed_form_correction,
+    damped,
     quailora_correction,
-    spectrum,
     split_factors,
     svd_correction,
     weight_error,
 )
+from quailora_app.errors import ConfigError
 
 
 def correlated_inputs(n: int, N: int, seed: int, outliers: int = 3) -> torch.Tensor:
@@ -44,14 +43,23 @@ def problem(m: int, n: int, seed: int = 0, N: int = 4000, outliers: int = 3) -> 
     return E, X @ X.T / N
 
 
-def damped_objective(E, C, spec: HSpectrum) -> float:
+def damped_objective(E, C, spec: DampedH) -> float:
     return calibrated_objective(E, C, spec.damped())
 
 
-@pytest.mark.parametrize("m,n,rank,seed,outliers", [(48, 80, 4, 0, 3), (96, 64, 8, 1, 3), (40, 120, 16, 2, 3), (96, 64, 16, 3, 0)])
+def symmetric_root_closed_form(E: torch.Tensor, H: torch.Tensor, rank: int) -> torch.Tensor:
+    """Reference optimum through the symmetric root S = (H + lambda I)^1/2 (eigh): C* = SVD_r(E S) S^-1."""
+    w, V = torch.linalg.eigh(damped(H).damped())
+    S, S_inv = (V * w.sqrt()) @ V.T, (V * w.rsqrt()) @ V.T
+    U, s, Wh = torch.linalg.svd(E @ S, full_matrices=False)
+    return (U[:, :rank] * s[:rank]) @ Wh[:rank] @ S_inv
+
+
+@pytest.mark.parametrize("m,n,rank,seed,outliers",
+                         [(48, 80, 4, 0, 3), (96, 64, 8, 1, 3), (40, 120, 16, 2, 3), (96, 64, 16, 3, 0)])
 def test_als_reaches_closed_form_optimum(m, n, rank, seed, outliers):
     E, H = problem(m, n, seed, outliers=outliers)
-    spec = spectrum(H, damping=0.01)
+    spec = damped(H, damping=0.01)
     P, Rt = quailora_correction(E, spec, rank, rounds=20)
     Pc, Rtc = closed_form_correction(E, spec, rank)
     assert P.shape == (m, rank) and Rt.shape == (rank, n)
@@ -68,7 +76,7 @@ def test_als_reaches_closed_form_optimum(m, n, rank, seed, outliers):
 
 def test_closed_form_is_optimal_against_random_rank_r_corrections():
     E, H = problem(50, 70, seed=3)
-    spec = spectrum(H)
+    spec = damped(H)
     Pc, Rtc = closed_form_correction(E, spec, 6)
     opt = damped_objective(E, Pc @ Rtc, spec)
     g = torch.Generator().manual_seed(7)
@@ -80,7 +88,7 @@ def test_closed_form_is_optimal_against_random_rank_r_corrections():
 
 def test_als_objective_never_increases():
     E, H = problem(60, 90, seed=4)
-    spec = spectrum(H)
+    spec = damped(H)
     values = [damped_objective(E, torch.matmul(*quailora_correction(E, spec, 5, rounds=k)), spec) for k in range(0, 8)]
     assert all(b <= a * (1 + 1e-12) for a, b in zip(values, values[1:]))
     assert values[-1] < values[0]  # round 0 is the plain svd start
@@ -90,7 +98,7 @@ def test_als_objective_never_increases():
 
 def test_error_ordering_on_correlated_inputs():
     E, H = problem(64, 96, seed=5)
-    spec = spectrum(H)
+    spec = damped(H)
     r = 8
     c_svd = torch.matmul(*svd_correction(E, r))
     c_q = torch.matmul(*quailora_correction(E, spec, r))
@@ -122,7 +130,7 @@ def test_corrections_pad_when_e_has_low_rank():
     g = torch.Generator().manual_seed(11)
     E = torch.randn(40, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 60, generator=g, dtype=torch.float64)
     _, H = problem(40, 60, seed=6)
-    spec = spectrum(H)
+    spec = damped(H)
     for P, Rt in (svd_correction(E, 8), closed_form_correction(E, spec, 8), quailora_correction(E, spec, 8)):
         assert P.shape == (40, 8) and Rt.shape == (8, 60)
         assert torch.isfinite(P).all() and torch.isfinite(Rt).all()
@@ -134,7 +142,7 @@ def test_corrections_pad_when_e_has_low_rank():
 @pytest.mark.parametrize("rslora", [False, True])
 def test_split_factors_reproduces_correction(rank, alpha, rslora):
     E, H = problem(48, 72, seed=rank)
-    P, Rt = closed_form_correction(E, spectrum(H), rank)
+    P, Rt = closed_form_correction(E, damped(H), rank)
     s = alpha / math.sqrt(rank) if rslora else alpha / rank
     A, B = split_factors(P, Rt, s)
     assert A.shape == (rank, 72) and B.shape == (48, rank)
@@ -153,7 +161,8 @@ def test_split_factors_reproduces_correction(rank, alpha, rslora):
 def test_split_factors_with_true_rank_below_r():
     g = torch.Generator().manual_seed(12)
     r, true_rank = 8, 3
-    P = torch.randn(30, true_rank, generator=g, dtype=torch.float64) @ torch.randn(true_rank, r, generator=g, dtype=torch.float64)
+    P = (torch.randn(30, true_rank, generator=g, dtype=torch.float64)
+         @ torch.randn(true_rank, r, generator=g, dtype=torch.float64))
     Rt = torch.randn(r, 45, generator=g, dtype=torch.float64)
     s = 16 / r
     A, B = split_factors(P, Rt, s)
@@ -173,7 +182,7 @@ def test_split_factors_with_true_rank_below_r():
 
 def test_split_factors_float32_inputs():
     E, H = problem(32, 48, seed=9)
-    P, Rt = closed_form_correction(E, spectrum(H), 4)
+    P, Rt = closed_form_correction(E, damped(H), 4)
     A, B = split_factors(P.float(), Rt.float(), 2.0)
     C = (P @ Rt).float()
     assert torch.linalg.matrix_norm(2.0 * B @ A - C) / torch.linalg.matrix_norm(C) < 1e-5
@@ -195,10 +204,10 @@ def test_calibrated_error_definitions():
     assert calibrated_error(E.float(), C.float(), H.float()) == pytest.approx(calibrated_error(E, C, H), rel=1e-4)
 
 
-def test_with_undamped_identity_closed_form_equals_svd():
+def test_with_identity_h_closed_form_equals_svd():
     g = torch.Generator().manual_seed(14)
     E = torch.randn(25, 35, generator=g, dtype=torch.float64)
-    spec = spectrum(torch.eye(35, dtype=torch.float64))
+    spec = damped(torch.eye(35, dtype=torch.float64))
     Pc, Rtc = closed_form_correction(E, spec, 5)
     Ps, Rts = svd_correction(E, 5)
     assert torch.allclose(Pc @ Rtc, Ps @ Rts, atol=1e-10)
@@ -207,54 +216,32 @@ def test_with_undamped_identity_closed_form_equals_svd():
 def test_check_rank():
     check_rank(8, (64, 32), "model.layers.0.self_attn.q_proj")
     check_rank(32, (64, 32), "x")
-    with pytest.raises(ConfigError, match=r"rank 33 is larger than layer model\.layers\.0\.mlp\.down_proj allows \(min\(out, in\) = 32\)"):
+    message = r"rank 33 is larger than layer model\.layers\.0\.mlp\.down_proj allows \(min\(out, in\) = 32\)"
+    with pytest.raises(ConfigError, match=message):
         check_rank(33, (64, 32), "model.layers.0.mlp.down_proj")
     with pytest.raises(ConfigError, match="k_proj"):
         check_rank(0, (64, 32), "k_proj")
 
 
-def test_spectrum_roots():
-    _, H = problem(10, 64, seed=10)
-    spec = spectrum(H, damping=0.01)
-    lam = 0.01 * float(H.diagonal().mean())
-    assert spec.damping_lambda == pytest.approx(lam)
-    Hd = H + lam * torch.eye(64, dtype=torch.float64)
-    S, Si = spec.sqrt(), spec.inv_sqrt()
-    assert torch.allclose(spec.damped(), Hd, rtol=0, atol=1e-10 * float(Hd.abs().max()))
-    assert torch.allclose(S @ S, Hd, rtol=0, atol=1e-10 * float(Hd.abs().max()))
-    assert torch.allclose(S, S.T, atol=1e-10 * float(S.abs().max()))
-    assert torch.allclose(S @ Si, torch.eye(64, dtype=torch.float64), atol=1e-9)
-    assert (spec.eigvals >= lam * (1 - 1e-12)).all()
-    R = torch.randn(64, 3, dtype=torch.float64)
-    assert torch.allclose(spec.apply(R), Hd @ R, atol=1e-9 * float(Hd.abs().max()))
-
-
-def test_spectrum_handles_rank_deficient_and_zero_h():
-    X = torch.randn(40, 5, dtype=torch.float64)  # fewer samples than channels: H is singular
-    H = X @ X.T / 5
-    spec = spectrum(H)
-    assert (spec.eigvals > 0).all()
-    S, Si = spec.sqrt(), spec.inv_sqrt()
-    assert torch.allclose(S @ Si, torch.eye(40, dtype=torch.float64), atol=1e-8)
-    zero = spectrum(torch.zeros(6, 6))
-    assert zero.damping_lambda > 0 and torch.isfinite(zero.inv_sqrt()).all()
+def test_damped_h_of_a_zero_h_falls_back_to_the_svd():
+    zero = damped(torch.zeros(6, 6))
+    assert zero.damping_lambda > 0
     E = torch.randn(4, 6, dtype=torch.float64)
     Pc, Rtc = closed_form_correction(E, zero, 2)
     Ps, Rts = svd_correction(E, 2)
     assert torch.allclose(Pc @ Rtc, Ps @ Rts, atol=1e-10)
     with pytest.raises(ValueError):
-        spectrum(torch.zeros(3, 4))
+        damped(torch.zeros(3, 4))
 
 
 @pytest.mark.parametrize("m,n,rank", [(48, 80, 4), (96, 64, 8), (40, 120, 16), (64, 64, 8), (12, 20, 15), (20, 12, 15)])
-def test_cholesky_closed_form_equals_eigen_closed_form(m, n, rank):
+def test_cholesky_closed_form_equals_symmetric_root_closed_form(m, n, rank):
     """The engine's exact routes (E Hd E^T for m <= n, Cholesky for m > n) give the optimum the symmetric root
     gives, also for ranks beyond min(m, n)."""
     E, H = problem(m, n, seed=5)
     h = damped(H)
     P1, Rt1 = closed_form_correction(E, h, rank)
-    P2, Rt2 = closed_form_correction(E, spectrum(H), rank)
-    assert torch.allclose(P1 @ Rt1, P2 @ Rt2, rtol=1e-8, atol=1e-9)
+    assert torch.allclose(P1 @ Rt1, symmetric_root_closed_form(E, H, rank), rtol=1e-8, atol=1e-9)
     P3, Rt3 = closed_form_correction(E, h, rank, EHd=E @ h.damped())  # E Hd handed over by the error report
     assert torch.allclose(P3 @ Rt3, P1 @ Rt1, rtol=1e-8, atol=1e-9)
 
@@ -288,7 +275,8 @@ def test_low_rank_errors_match_the_direct_formulas():
         w, c = meter.errors(P, Rt)
         assert w == pytest.approx(weight_error(E, P @ Rt), rel=1e-9)
         assert c == pytest.approx(calibrated_error(E, P @ Rt, H), rel=1e-9)
-    assert meter.errors(torch.zeros(40, 3, dtype=torch.float64), torch.zeros(3, 64, dtype=torch.float64)) == pytest.approx((1.0, 1.0))
+    zero = meter.errors(torch.zeros(40, 3, dtype=torch.float64), torch.zeros(3, 64, dtype=torch.float64))
+    assert zero == pytest.approx((1.0, 1.0))
 
 
 def test_damped_h_cholesky_survives_a_singular_h_without_damping():

@@ -19,19 +19,24 @@ def runs_root(tmp_path, monkeypatch):
     monkeypatch.setenv("QUAILORA_NO_SPACES", "1")
 
 
-def slow_runner(gate: threading.Event | None = None, steps: int = 200):
-    """Emits progress until should_stop() or `steps`; waits on `gate` first if given."""
+def slow_runner(gate: threading.Event | None = None, steps: int | None = 3, started: threading.Event | None = None):
+    """A fake engine: sets `started` when it runs, waits on `gate` if given, then emits progress step by step
+    until should_stop() or `steps` steps (None: until stopped, at most 30 s)."""
 
     def run(cfg, should_stop, run_dir):
+        if started is not None:
+            started.set()
         if gate is not None:
             gate.wait(10)
         yield Stage("calibrate", "fake")
-        for i in range(steps):
+        total = steps or 3000
+        for i in range(total):
             if should_stop():
                 yield RunFailed(str(run_dir), "stopped by the user", cancelled=True)
                 return
-            yield Progress("calibrate", i + 1, steps)
-            time.sleep(0.01)
+            yield Progress("calibrate", i + 1, total)
+            if steps is None:
+                time.sleep(0.01)  # a step's work: the stop request lands between steps
         yield Metric("qlora", 10.0)
         yield RunFinished(str(run_dir), {"status": "finished", "cfg": cfg})
 
@@ -39,16 +44,16 @@ def slow_runner(gate: threading.Event | None = None, steps: int = 200):
 
 
 def test_runs_one_at_a_time_in_order_with_positions():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     order = []
 
     def run(cfg, should_stop, run_dir):
         order.append(cfg)
-        yield from slow_runner(gate if cfg == "a" else None, steps=3)(cfg, should_stop, run_dir)
+        yield from slow_runner(gate if cfg == "a" else None, started=started)(cfg, should_stop, run_dir)
 
     m = jobs.JobManager({"init": run})
     a, b, c = (m.submit("init", name, owner) for name, owner in (("a", "u1"), ("b", "u2"), ("c", "u3")))
-    time.sleep(0.2)
+    assert started.wait(10)
     assert m.snapshot(a.id).status == jobs.RUNNING
     assert m.snapshot(b.id).position == 1 and m.snapshot(c.id).position == 2
     assert m.queue_length() == (1, 2)
@@ -62,10 +67,11 @@ def test_runs_one_at_a_time_in_order_with_positions():
 
 
 def test_stop_only_by_owner_and_only_that_job():
-    m = jobs.JobManager({"init": slow_runner()})
+    started = threading.Event()
+    m = jobs.JobManager({"init": slow_runner(steps=None, started=started)})
     a = m.submit("init", "a", "alice")
     b = m.submit("init", "b", "bob")
-    time.sleep(0.1)
+    assert started.wait(10)
     assert "another session" in m.stop(a.id, "bob")
     assert m.snapshot(a.id).status == jobs.RUNNING
     assert m.stop(b.id, "bob") == "removed from the queue"  # bob's queued job leaves the queue
@@ -78,10 +84,10 @@ def test_stop_only_by_owner_and_only_that_job():
 
 def test_stop_file_reaches_the_runner(tmp_path):
     """What a ZeroGPU child process sees: only the STOP file in the run folder."""
-    m = jobs.JobManager({"init": slow_runner()})
+    started = threading.Event()
+    m = jobs.JobManager({"init": slow_runner(steps=None, started=started)})
     a = m.submit("init", "a", "alice")
-    while m.snapshot(a.id).run_dir is None:
-        time.sleep(0.01)
+    assert started.wait(10)  # the run folder exists before the runner starts
     from pathlib import Path
 
     (Path(m.snapshot(a.id).run_dir) / jobs.STOP_FILE).touch()
@@ -89,10 +95,12 @@ def test_stop_file_reaches_the_runner(tmp_path):
 
 
 def test_one_active_job_per_owner_and_latest():
-    m = jobs.JobManager({"init": slow_runner(steps=5), "train": slow_runner(steps=5)})
+    gate = threading.Event()
+    m = jobs.JobManager({"init": slow_runner(gate), "train": slow_runner()})
     a = m.submit("init", "a", "alice")
     with pytest.raises(UserError, match="already have"):
         m.submit("train", "t", "alice")
+    gate.set()
     m.wait(a.id, 10)
     t = m.submit("train", "t", "alice")
     assert m.latest("alice", "init").id == a.id and m.latest("alice").id == t.id and m.latest("bob") is None
@@ -169,19 +177,18 @@ def test_zerogpu_wrapping_with_a_fake_spaces_module(monkeypatch):
     monkeypatch.delenv("QUAILORA_NO_SPACES")
     try:
         gpu_jobs = importlib.reload(jobs)
-        seen_stop = []
+        seen_stop, started = [], threading.Event()
 
         def fake_init(cfg, should_stop, run_dir):
             seen_stop.append(should_stop)
-            yield from slow_runner()(cfg, should_stop, run_dir)
+            yield from slow_runner(steps=None, started=started)(cfg, should_stop, run_dir)
 
         monkeypatch.setitem(gpu_jobs.DEFAULT_RUNNERS, "init", fake_init)
         m = gpu_jobs.JobManager()
         cfg = SimpleNamespace(data=SimpleNamespace(calib_samples=16, seq_len=256, eval_tokens=4096),
                               methods=("qlora",), baselines=False)
         job = m.submit("init", cfg, "alice")
-        while not seen_stop:
-            time.sleep(0.01)
+        assert started.wait(10)
         assert calls == [gpu_jobs.estimate_seconds("init", cfg)]
         assert getattr(seen_stop[0], "__self__", None) is not None  # Path(run_dir / STOP).exists, not the Event
         m.stop(job.id, "alice")
@@ -198,10 +205,10 @@ def test_a_dying_runner_leaves_a_failed_run_folder_and_the_worker_goes_on():
     import json
     from pathlib import Path
 
-    from quailora_app.runs import write_json_atomic
+    from quailora_app.runs import RunFolder
 
     def dies(cfg, should_stop, run_dir):
-        write_json_atomic(Path(run_dir) / "report.json", {"status": "running", "perplexity": {"qlora": 9.0}})
+        RunFolder(run_dir).write_report({"status": "running", "perplexity": {"qlora": 9.0}})
         (Path(run_dir) / "adapters" / "qlora").mkdir(parents=True)
         (Path(run_dir) / "adapters" / "qlora" / "adapter_config.json").write_text("{}")
         with open(Path(run_dir) / "events.jsonl", "a") as f:
@@ -209,15 +216,16 @@ def test_a_dying_runner_leaves_a_failed_run_folder_and_the_worker_goes_on():
         yield Metric("qlora", 9.0)
         raise cfg("injected\nfailure")
 
-    m = jobs.JobManager({"init": dies, "train": slow_runner(steps=3)})
+    m = jobs.JobManager({"init": dies, "train": slow_runner()})
     for exc in (SystemExit, MemoryError, KeyError):
         job = m.wait(m.submit("init", exc, "alice").id, 10)
         assert job.status == jobs.FAILED and "\n" not in job.message
         assert ("out of memory" if exc is MemoryError else exc.__name__) in job.message, job.message
         run_dir = Path(job.run_dir)
-        report = json.loads((run_dir / "report.json").read_text())
-        assert report["status"] == "failed" and report["error"] == job.message and report["perplexity"] == {"qlora": 9.0}
-        events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+        report = RunFolder(run_dir).read_report()
+        assert report["status"] == "failed" and report["error"] == job.message
+        assert report["perplexity"] == {"qlora": 9.0} and report["kind"] == "init"
+        events = RunFolder(run_dir).read_events()
         assert [e["kind"] for e in events] == ["metric", "failed"] and events[-1]["message"] == job.message
         assert (run_dir / "adapters" / "qlora" / "adapter_config.json").is_file()
         assert "Traceback" in (run_dir / "error.txt").read_text()

@@ -12,7 +12,6 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 psutil = pytest.importorskip("psutil")
 from gradio_client import Client  # noqa: E402
-
 from helpers import form_settings, launched_app  # noqa: E402
 
 N_JOBS = 5

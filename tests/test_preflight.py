@@ -3,9 +3,9 @@ refused as such (naming the rank and the layer's limit), before the memory estim
 'needs 500 GiB'."""
 import pytest
 import torch
+from helpers import huge_model
 from transformers import AutoConfig
 
-from helpers import huge_model
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, TrainConfig
 from quailora_app.engine.preflight import preflight_init, preflight_train
 from quailora_app.errors import ConfigError, ModelError

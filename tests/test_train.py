@@ -7,14 +7,14 @@ import random
 
 import pytest
 import torch
-
 from helpers import TINY_TEXT
+
 from quailora_app import cli
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig, TrainConfig
 from quailora_app.errors import ConfigError
 from quailora_app.flows.init import run_init
-from quailora_app.runs import read_events
 from quailora_app.flows.train import run_train
+from quailora_app.runs import RunFolder
 
 ARMS4 = ("qlora4", "quailora4", "closed4", "svd4")
 INIT_NAME = {"qlora4": "qlora", "quailora4": "quailora", "closed4": "closed_form", "svd4": "svd"}
@@ -117,7 +117,7 @@ def test_default_init_leaves_the_base_output_unchanged(base, tiny_model_dir, tex
 def test_training_lowers_val_perplexity(run4):
     events, run_dir = run4
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["status"] == "finished"
+    assert report["status"] == "finished" and report["kind"] == "train"
     for arm in (*ARMS4, "qlora8"):
         evals = report["arms"][arm]["evals"]
         assert [s for s, _ in evals] == [0, 2, 4]
@@ -135,7 +135,7 @@ def test_training_lowers_val_perplexity(run4):
 
 def test_events_jsonl_records_the_stream(run4):
     events, run_dir = run4
-    assert read_events(run_dir) == [json.loads(json.dumps(e.to_dict())) for e in events]
+    assert RunFolder(run_dir).read_events() == [json.loads(json.dumps(e.to_dict())) for e in events]
 
 
 def _signature(records: list[dict]) -> list[tuple]:
@@ -155,7 +155,7 @@ def test_cli_stream_equals_the_library_stream(run4, tiny_model_dir, text_file, t
     assert code == 0
     printed = capsys.readouterr().out
     assert "quailora4" in printed and "run folder" in printed
-    assert _signature(read_events(out)) == _signature([e.to_dict() for e in events])
+    assert _signature(RunFolder(out).read_events()) == _signature([e.to_dict() for e in events])
 
 
 def test_stop_mid_run_saves_loadable_adapters(tiny_model_dir, text_file, tmp_path):

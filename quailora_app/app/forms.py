@@ -1,25 +1,45 @@
 """The web form's settings as typed configs: every value the browser sends is checked here and turned into
-InitConfig / TrainConfig / ViewsConfig, or refused with one line (UserError). Uploads and typed paths go through
-app/uploads.py first. No gradio here: the handlers are plain functions, fuzzed by tests/test_fuzz_handlers.py."""
+InitConfig / TrainConfig / ViewsConfig, or refused with one line (UserError). Values come by setting name (the
+config's field names, `quailora_app.settings`), so no two places keep an order in step; each is read as its
+field's type. Uploads and typed paths go through app/uploads.py first. No gradio here: the handlers are plain
+functions, fuzzed by tests/test_fuzz_handlers.py."""
 from __future__ import annotations
 
 import functools
 import math
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
-from quailora_app.config import ALL_LINEAR, DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
-from quailora_app.errors import UserError
-from quailora_app.app.jobs import ViewsConfig
 from quailora_app.app import uploads as paths
+from quailora_app.config import (
+    ALL_LINEAR,
+    DataConfig,
+    InitConfig,
+    LoraSettings,
+    ModelConfig,
+    QuantConfig,
+    TrainConfig,
+    ViewsConfig,
+)
+from quailora_app.engine.arms import ARM_SPECS
+from quailora_app.engine.methods import BASELINE, all_methods
+from quailora_app.errors import UserError, one_line
+from quailora_app.settings import Setting, build, settings
 from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset, format_of
 
-def one_line(text: Any, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+#: How the form names a setting in its one-line refusals (default: the name with spaces).
+LABELS = {"quant": "4-bit data type", "text_column": "text column", "targets": "target modules",
+          "calib_samples": "calibration sequences", "seq_len": "tokens per sequence", "eval_tokens": "held-out tokens",
+          "als_rounds": "ALS rounds", "warmup_ratio": "warm-up share", "batch_size": "batch",
+          "grad_accum": "gradient accumulation"}
+#: Settings whose empty box means their default.
+BLANK_IS_DEFAULT = ("seed",)
+#: The views form's own names for settings the Setup also has.
+VIEWS_NAMES = {"views_rank": "rank", "views_calib_samples": "calib_samples", "views_seq_len": "seq_len"}
 
 
 def _shown(value: Any) -> str:
@@ -66,12 +86,6 @@ def _choices(value: Any, name: str) -> list[str]:
     return [v.strip() for v in value if v and v.strip()]
 
 
-def _dataset_name(dataset: str | None, upload: Any) -> str:
-    if upload:
-        return str(getattr(upload, "name", None) or upload)
-    return text_setting(dataset, "dataset") or "embedded"
-
-
 def _num(value, name: str, kind=int):
     """A finite number from a form field, or a UserError naming the field."""
     try:
@@ -87,53 +101,53 @@ def _num(value, name: str, kind=int):
     return number
 
 
-def _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
-                    targets, calib_samples, seq_len, eval_tokens, seed):
-    targets = _choices(targets, "target modules") or [ALL_LINEAR]
-    if ALL_LINEAR in targets:
-        targets = [ALL_LINEAR]
-    if not isinstance(quant, str):
-        raise UserError(f"4-bit data type must be nf4 or fp4, got {_shown(quant)}")
-    return (
-        ModelConfig(text_setting(model, "model") or "embedded"),
-        DataConfig(_dataset_name(dataset, upload), text_setting(text_column, "text column") or None,
-                   _num(seq_len, "tokens per sequence"),
-                   _num(calib_samples, "calibration sequences"), _num(eval_tokens, "held-out tokens"),
-                   _num(seed or 0, "seed")),
-        QuantConfig(quant, bool(double_quant), _num(block_size, "block size")),
-        LoraSettings(_num(rank, "rank"), _num(alpha, "alpha", float), bool(rslora), tuple(targets)),
-    )
+def form_value(s: Setting, value: Any) -> Any:
+    """One browser value as setting `s` takes it (its field's type), or a UserError naming the field. Empty
+    text is the setting's default; a value with fixed choices must be one of them."""
+    name = LABELS.get(s.name, s.name.replace("_", " "))
+    if s.many:
+        return tuple(_choices(value, name))
+    if s.kind is bool:
+        return bool(value)
+    if s.kind is str:
+        choices = s.choices()
+        if choices is not None:
+            if not isinstance(value, str) or value not in choices:
+                raise UserError(f"{name} must be {' or '.join(choices)}, got {_shown(value)}")
+            return value
+        return text_setting(value, name) or s.default
+    if value is None and s.name in BLANK_IS_DEFAULT:
+        return s.default
+    return _num(value, name, s.kind)
+
+
+def form_values(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The form's values for config `cls`, each read as its setting's type (`dataset` is the stored upload when
+    there is one); a name that is not a setting of `cls` is refused."""
+    known = settings(cls)
+    values = dict(values)
+    upload = values.pop("upload", None)
+    if upload:
+        values["dataset"] = str(getattr(upload, "name", None) or upload)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(map(str, unknown))}")
+    typed = {name: form_value(known[name], value) for name, value in values.items()}
+    if ALL_LINEAR in typed.get("targets", ()):
+        typed["targets"] = (ALL_LINEAR,)
+    return typed
 
 
 @one_line_errors
-def make_init_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
-                     targets, calib_samples, seq_len, eval_tokens, seed, methods, baselines, als_rounds,
-                     damping) -> InitConfig:
-    m, d, q, lora = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
-                                    alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed)
-    return InitConfig(m, d, q, lora, tuple(_choices(methods, "methods") or ("qlora",)), _num(als_rounds, "ALS rounds"),
-                      _num(damping, "damping", float), baselines=bool(baselines))
+def make_init_config(values: Mapping[str, Any]) -> InitConfig:
+    """The Setup and step 2 fields by setting name -> InitConfig."""
+    return build(InitConfig, form_values(InitConfig, values))
 
 
 @one_line_errors
-def make_train_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora,
-                      targets, calib_samples, seq_len, eval_tokens, seed, als_rounds, damping, arms, steps,
-                      learning_rate, batch_size, grad_accum, eval_every, warmup_ratio):
-    try:
-        from quailora_app.config import TrainConfig
-    except ImportError:
-        raise UserError("fine-tuning is not available in this build yet (quailora_app.train has not landed)") from None
-    m, d, q, lora = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
-                                    alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed)
-    arms = _choices(arms, "arms")
-    if not arms:
-        raise UserError("choose at least one arm to fine-tune")
-    return TrainConfig(model=m, data=d, quant=q, lora=lora, arms=tuple(arms), steps=_num(steps, "steps"),
-                       learning_rate=_num(learning_rate, "learning rate", float),
-                       warmup_ratio=_num(warmup_ratio, "warm-up share", float),
-                       batch_size=_num(batch_size, "batch"), grad_accum=_num(grad_accum, "gradient accumulation"),
-                       eval_every=_num(eval_every, "evaluate every"), damping=_num(damping, "damping", float),
-                       als_rounds=_num(als_rounds, "ALS rounds"))
+def make_train_config(values: Mapping[str, Any]) -> TrainConfig:
+    """The Setup and step 3 fields by setting name -> TrainConfig."""
+    return build(TrainConfig, form_values(TrainConfig, values))
 
 
 def peek_columns(path: str) -> tuple[list[str], str | None]:
@@ -143,16 +157,18 @@ def peek_columns(path: str) -> tuple[list[str], str | None]:
     if suffix == ".txt":
         return [], None
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # only for a parquet upload
 
         pf = pq.ParquetFile(path)
-        frame = next(pf.iter_batches(batch_size=200)).to_pandas() if pf.metadata.num_rows else pd.DataFrame(columns=pf.schema_arrow.names)
+        empty = pd.DataFrame(columns=pf.schema_arrow.names)
+        frame = next(pf.iter_batches(batch_size=200)).to_pandas() if pf.metadata.num_rows else empty
     elif suffix in (".jsonl", ".json"):
         frame = pd.read_json(path, lines=suffix == ".jsonl", nrows=200 if suffix == ".jsonl" else None)
     else:
         frame = pd.read_csv(path, nrows=200, sep="\t" if suffix == ".tsv" else ",")
     texts = [c for c in frame.columns if frame[c].dtype == object or str(frame[c].dtype).startswith(("string", "str"))]
-    texts = [str(c) for c in texts if frame[c].dropna().map(lambda v: isinstance(v, str)).all()] or [str(c) for c in texts]
+    all_text = [str(c) for c in texts if frame[c].dropna().map(lambda v: isinstance(v, str)).all()]
+    texts = all_text or [str(c) for c in texts]
     if not texts:
         return [str(c) for c in frame.columns], None
     guess = next((c for p in PREFERRED_TEXT_COLUMNS for c in texts if c.lower() == p), None)
@@ -203,15 +219,19 @@ def vetted_sources(model: Any, dataset: Any, upload: Any, owner: str, upload_sou
 
 
 @one_line_errors
-def make_views_config(model, dataset, upload, text_column, quant, double_quant, block_size, eval_tokens, seed,
-                      als_rounds, damping, layer, rank, calib_samples, seq_len, ranks, reports=()) -> ViewsConfig:
-    m, d, q, _ = _common_configs(model, dataset, upload, text_column, quant, double_quant, block_size, 16, 16, False,
-                                 None, calib_samples, seq_len, eval_tokens, seed)
-    rank = _num(rank, "rank of the views")
+def make_views_config(values: Mapping[str, Any], ranks: Sequence[int], reports: Sequence[str] = ()) -> ViewsConfig:
+    """The Setup's model, text and 4-bit fields and the views' own (layer, views_rank, views_calib_samples,
+    views_seq_len, als_rounds, damping) by name -> ViewsConfig; `ranks` of the rank sweep and init run folders
+    (`reports`) for the precision trade-off come from the app."""
+    values = {VIEWS_NAMES.get(k, k): v for k, v in values.items()}
+    layer = text_setting(values.pop("layer", None), "layer") or None
+    rank = _num(values.pop("rank", LoraSettings.rank), "rank of the views")
     if rank < 1:
         raise UserError("the views' rank must be at least 1")
-    return ViewsConfig(m, d, q, (layer or "").strip() or None, rank, tuple(ranks), tuple(reports),
-                       _num(damping, "damping", float), _num(als_rounds, "ALS rounds"))
+    typed = form_values(InitConfig, values)
+    own = {name: typed[name] for name in ("damping", "als_rounds") if name in typed}
+    return ViewsConfig(model=build(ModelConfig, typed), data=build(DataConfig, typed), quant=build(QuantConfig, typed),
+                       lora=LoraSettings(rank=rank), layer=layer, ranks=tuple(ranks), reports=tuple(reports), **own)
 
 
 def session_owner(session: dict | None) -> tuple[dict, str]:
@@ -220,3 +240,19 @@ def session_owner(session: dict | None) -> tuple[dict, str]:
     if not session.get("owner") or not isinstance(session["owner"], str):
         session["owner"] = uuid.uuid4().hex
     return session, session["owner"]
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """(label, name) of every registered method for the form's checkboxes (engine/methods.py), read when the
+    form is built."""
+    return [(m.short + (" (baseline, always on)" if m.kind == BASELINE else ""), m.name) for m in all_methods()]
+
+
+def method_info() -> str:
+    """One line under the method checkboxes: what each correcting method does."""
+    return "; ".join(f"{m.name.replace('_', ' ')}: {m.help}" for m in all_methods() if m.kind != BASELINE)
+
+
+def arm_choices() -> list[tuple[str, str]]:
+    """(label, name) of every registered fine-tuning arm (engine/arms.py), read when the form is built."""
+    return [(spec.short, name) for name, spec in ARM_SPECS.items()]

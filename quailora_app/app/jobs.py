@@ -15,8 +15,7 @@ the run had written (events, adapters), frees memory and goes on with the next j
 """
 from __future__ import annotations
 
-import gc
-import json
+import importlib.util
 import os
 import sys
 import threading
@@ -29,121 +28,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quailora_app.errors import UserError
 from quailora_app.app.reopen import mark_owner
-from quailora_app.runs import new_run_dir, read_events, write_json_atomic
+from quailora_app.errors import UserError, one_line
+from quailora_app.events import Event, RunFailed
+from quailora_app.flows.init import run_init
+from quailora_app.flows.recorder import free_memory
+from quailora_app.flows.train import run_train
+from quailora_app.flows.views import run_views
+from quailora_app.runs import RunFolder
 
 #: (config, should_stop, run_dir) -> event stream
-Runner = Callable[[Any, Callable[[], bool], Path], Iterator[Any]]
+Runner = Callable[[Any, Callable[[], bool], Path], Iterator[Event]]
 
 QUEUED, RUNNING, FINISHED, FAILED, CANCELLED = "queued", "running", "finished", "failed", "cancelled"
 DONE = (FINISHED, FAILED, CANCELLED)
 STOP_FILE = "STOP"
 
-
-def _run_init(cfg, should_stop, run_dir):
-    from quailora_app.flows.init import run_init
-
-    return run_init(cfg, should_stop=should_stop, run_dir=run_dir)
-
-
-def _run_train(cfg, should_stop, run_dir):
-    try:
-        from quailora_app.flows.train import run_train
-    except ImportError as exc:  # the fine-tuning engine is optional until it lands
-        raise UserError(f"fine-tuning is not available in this build ({exc})") from None
-    return run_train(cfg, should_stop=should_stop, run_dir=run_dir)
-
-
-@dataclass
-class ViewsConfig:
-    """A teaching-views job: the Setup's model, text and 4-bit settings, one layer (None = default_layer), the
-    LoRA rank, the rank sweep's ranks, and init run folders / report.json files for the precision trade-off."""
-
-    model: Any  # ModelConfig
-    data: Any  # DataConfig
-    quant: Any  # QuantConfig
-    layer: str | None = None
-    rank: int = 16
-    ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    reports: tuple[str, ...] = ()
-    damping: float = 0.01
-    als_rounds: int = 20
-    out: str | None = None
-
-
-def _run_views(cfg: ViewsConfig, should_stop, run_dir):
-    """The teaching views as an event stream: `compute_views` runs in a helper thread so its progress lines
-    stream as stage events; the finished event's report holds the 7 figures as plotly JSON (also views.json)."""
-    import queue
-
-    from quailora_app.errors import Cancelled
-    from quailora_app.runs import write_json_atomic
-    from quailora_app.teaching.views import compute_views, default_layer, layer_names, open_context
-    from quailora_app.plots.teaching import CAPTIONS, view_figures
-
-    started = time.time()
-    yield {"kind": "stage", "stage": "load", "message": "load the 4-bit model and the calibration text"}
-    if should_stop():
-        yield {"kind": "failed", "cancelled": True, "message": "stopped before the model was loaded"}
-        return
-    ctx = open_context(cfg.model, cfg.data, cfg.quant)
-    names = layer_names(ctx.model)
-    layer = cfg.layer or default_layer(ctx.model)
-    if layer not in names:
-        raise UserError(f"layer '{layer}' is not a linear layer of this model; e.g. {', '.join(names[:3])}")
-    yield {"kind": "layers", "names": names, "default": default_layer(ctx.model), "layer": layer}
-    lines: queue.Queue = queue.Queue()
-    result: dict[str, Any] = {}
-
-    def work():
-        try:
-            result["views"] = compute_views(ctx, layer, cfg.rank, ranks=cfg.ranks, perplexity_ranks=(),
-                                            reports=list(cfg.reports), damping=cfg.damping, als_rounds=cfg.als_rounds,
-                                            progress=lambda msg: lines.put(msg), should_stop=should_stop)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the job's thread below
-            result["error"] = exc
-        finally:
-            lines.put(None)
-
-    thread = threading.Thread(target=work, name="quailora-views", daemon=True)
-    thread.start()
-    while (msg := lines.get()) is not None:
-        yield {"kind": "stage", "stage": "compute", "message": msg}
-    thread.join()
-    if isinstance(result.get("error"), Cancelled):
-        yield {"kind": "failed", "cancelled": True, "message": str(result["error"]), "run_dir": str(run_dir)}
-        return
-    if "error" in result:
-        raise result["error"]
-    views = result["views"]
-    figs = view_figures(views.inside, views.calibration, views.sweep, views.precision)
-    report = {"kind": "views", "status": "finished", "model": cfg.model.model, "layer": views.layer, "rank": views.rank,
-              "layers": names, "default_layer": default_layer(ctx.model), "reports": list(cfg.reports),
-              "calibration": f"{cfg.data.calib_samples} x {cfg.data.seq_len} tokens", "ranks": list(cfg.ranks),
-              "seconds": {**views.seconds, "total": time.time() - started},
-              "precision_header": list(views.precision.HEADER), "precision_rows": views.precision.table_rows(),
-              "precision_notes": list(views.precision.notes), "captions": {k: CAPTIONS[k] for k in figs},
-              "figures": {k: fig.to_json() for k, fig in figs.items()}}
-    write_json_atomic(Path(run_dir) / "views.json", report)
-    yield {"kind": "finished", "report": report, "run_dir": str(run_dir)}
-
-
-DEFAULT_RUNNERS: dict[str, Runner] = {"init": _run_init, "train": _run_train, "views": _run_views}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
+DEFAULT_RUNNERS: dict[str, Runner] = {"init": run_init, "train": run_train, "views": run_views}
 
 
 def release_memory() -> None:
     """After every job: collect what the finished (or dead) run left behind, hand cached GPU memory back, and
     (glibc) return freed heap pages to the system, so a long-running app's memory goes back to its level."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     _malloc_trim()
 
 
@@ -151,17 +58,11 @@ def _malloc_trim() -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        import ctypes
+        import ctypes  # only on Linux, for glibc's malloc_trim
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
         pass
-
-
-def training_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("quailora_app.flows.train") is not None
 
 
 # ------------------------------------------------------------------------------------------------ ZeroGPU
@@ -169,8 +70,6 @@ def zerogpu_available() -> bool:
     """True on a Hugging Face ZeroGPU Space (the `spaces` package is importable and not switched off)."""
     if os.environ.get("QUAILORA_NO_SPACES"):
         return False
-    import importlib.util
-
     return importlib.util.find_spec("spaces") is not None
 
 
@@ -270,7 +169,8 @@ class JobManager:
         self._queue: deque[str] = deque()
         self._running: str | None = None
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._wake = threading.Condition(self._lock)  # the worker waits on it for a queued job
+        self._ended = threading.Condition(self._lock)  # `wait` waits on it for a job to end
         self._worker: threading.Thread | None = None
 
     # -- submitting and stopping ------------------------------------------------------------------------
@@ -283,7 +183,8 @@ class JobManager:
         with self._lock:
             mine = [j for j in self._jobs.values() if j.owner == owner and j.active]
             if mine:
-                raise UserError(f"you already have a {mine[0].kind} job {mine[0].status} ({mine[0].id}); stop it or wait for it")
+                raise UserError(f"you already have a {mine[0].kind} job {mine[0].status} ({mine[0].id}); "
+                                "stop it or wait for it")
             job = Job(uuid.uuid4().hex[:12], kind, owner, config)
             self._jobs[job.id] = job
             self._queue.append(job.id)
@@ -304,6 +205,7 @@ class JobManager:
                 self._queue.remove(job.id)
                 job.status, job.ended, job.message = CANCELLED, time.time(), "removed from the queue before it started"
                 job.version += 1
+                self._ended.notify_all()
                 return "removed from the queue"
             if job.status == RUNNING:
                 job.stop_event.set()
@@ -361,14 +263,15 @@ class JobManager:
             return None
 
     def wait(self, job_id: str, timeout: float = 60.0) -> Job | None:
-        """Block until the job is done (tests, scripts)."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            job = self.get(job_id)
-            if job is None or not job.active:
-                return self.snapshot(job_id)
-            time.sleep(0.05)
+        """Block until the job is done, or `timeout` seconds (tests, scripts)."""
+        with self._lock:
+            self._ended.wait_for(lambda: self._ended_for_good(job_id), timeout)
         return self.snapshot(job_id)
+
+    def _ended_for_good(self, job_id: str) -> bool:
+        """The job is done and the worker has finished with it (run folder marked, memory released)."""
+        job = self._jobs.get(job_id or "")
+        return job is None or (not job.active and self._running != job.id)
 
     # -- the worker -------------------------------------------------------------------------------------
     def _forget_old(self) -> None:
@@ -394,7 +297,6 @@ class JobManager:
                 self._execute(job)
             finally:
                 with self._lock:
-                    self._running = None
                     if job.status == RUNNING:  # the stream ended without saying how
                         job.status, job.message = FAILED, job.message or "the run ended without a result"
                     job.ended = job.ended or time.time()
@@ -402,31 +304,35 @@ class JobManager:
                 if job.status == FAILED:
                     self._mark_folder_failed(job)
                 release_memory()
+                with self._lock:
+                    self._running = None
+                    self._ended.notify_all()
 
     def _execute(self, job: Job) -> None:
         stream = None
+        folder = None
         try:
-            run_dir = new_run_dir(job.kind, getattr(job.config, "out", None))
-            mark_owner(run_dir, job.owner)
+            folder = RunFolder.create(job.kind, getattr(job.config, "out", None))
+            mark_owner(folder.path, job.owner)
             with self._lock:
-                job.run_dir = str(run_dir)
+                job.run_dir = str(folder.path)
             if job.stop_event.is_set():
-                (run_dir / STOP_FILE).touch()
-            stream = self.runners[job.kind](job.config, job.should_stop, run_dir)
+                (folder.path / STOP_FILE).touch()
+            stream = self.runners[job.kind](job.config, job.should_stop, folder.path)
             for event in stream:
                 self._record(job, event)
         except UserError as exc:
             self._fail(job, str(exc))
         except BaseException as exc:  # noqa: BLE001 - the worker outlives any job; one line for the UI
-            if job.run_dir:
+            if folder is not None:
                 try:
-                    (Path(job.run_dir) / "error.txt").write_text(traceback.format_exc())
+                    folder.write_error(traceback.format_exc())
                 except OSError:
                     pass
             if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-                self._fail(job, f"out of memory: {type(exc).__name__}: {_one_line(exc)}")
+                self._fail(job, f"out of memory: {type(exc).__name__}: {one_line(exc)}")
             else:
-                self._fail(job, f"internal error: {type(exc).__name__}: {_one_line(exc)}")
+                self._fail(job, f"internal error: {type(exc).__name__}: {one_line(exc)}")
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
@@ -441,22 +347,20 @@ class JobManager:
         with a failed event, where the engine died before writing them. Nothing already written is removed."""
         if not job.run_dir:
             return
-        run_dir = Path(job.run_dir)
+        folder = RunFolder(Path(job.run_dir))
         try:
-            report_path = run_dir / "report.json"
-            report = json.loads(report_path.read_text()) if report_path.is_file() else {"kind": job.kind}
-            if not isinstance(report, dict):
-                report = {"kind": job.kind}
+            report = folder.read_report() or {}
             if report.get("status") not in ("failed", "cancelled", "stopped"):
+                report.setdefault("kind", job.kind)
                 report["status"], report["error"] = "failed", job.message
-                write_json_atomic(report_path, report)
-            events = read_events(run_dir)
+                folder.write_report(report)
+            events = folder.read_events()
             if not events or events[-1].get("kind") not in ("failed", "finished"):
-                with open(run_dir / "events.jsonl", "a") as f:
-                    f.write(json.dumps({"kind": "failed", "run_dir": str(run_dir), "message": job.message,
-                                        "cancelled": False}) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                log = folder.open_log()
+                try:
+                    log.append(RunFailed(str(folder.path), job.message))
+                finally:
+                    log.close()
         except (OSError, ValueError):
             pass
 
@@ -465,8 +369,8 @@ class JobManager:
             job.status, job.message, job.ended = FAILED, message, time.time()
             job.version += 1
 
-    def _record(self, job: Job, event: Any) -> None:
-        data = event.to_dict() if hasattr(event, "to_dict") else dict(event)
+    def _record(self, job: Job, event: Event) -> None:
+        data = event.to_dict()
         kind = data.get("kind")
         with self._lock:
             job.events.append(data)

@@ -3,7 +3,6 @@ reopened run folder's outputs, built from the job's events and report. No gradio
 from __future__ import annotations
 
 import html
-import json
 import shutil
 import tempfile
 import uuid
@@ -12,14 +11,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
+import torch
 
-from quailora_app.plots import figures as F
-from quailora_app.config import ModelConfig
-from quailora_app.errors import UserError
-from quailora_app.app.forms import one_line, text_setting
+from quailora_app.app.forms import text_setting
 from quailora_app.app.jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobManager
 from quailora_app.app.reopen import open_run
-from quailora_app.sources.models import EMBEDDED_NOTE
+from quailora_app.config import ModelConfig
+from quailora_app.errors import UserError, one_line
+from quailora_app.plots import figures as F
+from quailora_app.runs import RunFolder
+from quailora_app.sources.models import EMBEDDED, EMBEDDED_NOTE, cache_dir, trust_remote_code
+from quailora_app.teaching.snapshot import default_layer, layer_names
 
 INIT_STAGES = [("load", "load model", 0.04), ("data", "read text", 0.04), ("quantize", "quantize to 4-bit", 0.07),
                ("calibrate", "calibrate + initialize", 0.55), ("evaluate", "perplexity per method", 0.2),
@@ -72,7 +74,7 @@ def _train_progress(job: Job) -> tuple[float, str]:
             line = f"calibrate + initialize the 4-bit arms: block {job.done} of {job.total}"
         return min(frac, 1.0), line
     done = sum(last[a]["step"] / max(1, last[a]["total_steps"]) for a in last) / max(1, len(arms))
-    per_arm = ", ".join(f"{F.ARM_LABELS.get(a, a)} step {last[a]['step']}/{last[a]['total_steps']}" for a in last)
+    per_arm = ", ".join(f"{F.label(a)} step {last[a]['step']}/{last[a]['total_steps']}" for a in last)
     return min(frac + weights["train"] * done, 1.0), per_arm
 
 
@@ -104,7 +106,8 @@ def _stages_bar(job: Job, texts: list[str], idx: int, frac: float, line: str) ->
         chips.append(f"<span class='q-step {state}'>{html.escape(text)}</span>")
     cls = {FAILED: "failed", CANCELLED: "cancelled"}.get(job.status, "")
     return (f"<div class='q-progress {cls}'><div class='q-steps'>{''.join(chips)}</div>"
-            f"<div class='q-bar' role='progressbar' aria-valuenow='{100 * frac:.0f}' aria-valuemin='0' aria-valuemax='100'>"
+            f"<div class='q-bar' role='progressbar' aria-valuenow='{100 * frac:.0f}' aria-valuemin='0' "
+            f"aria-valuemax='100'>"
             f"<span style='width:{100 * frac:.1f}%'></span></div>"
             f"<div class='q-label'>{100 * frac:.0f}% · {html.escape(line)}</div></div>")
 
@@ -134,11 +137,8 @@ def report_of(job: Job | None) -> dict | None:
         return None
     if job.report:
         return job.report
-    if job.status in DONE and job.run_dir and (Path(job.run_dir) / "report.json").is_file():
-        try:
-            return json.loads((Path(job.run_dir) / "report.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+    if job.status in DONE and job.run_dir:
+        return RunFolder(Path(job.run_dir)).read_report()
     return None
 
 
@@ -167,7 +167,8 @@ def init_views(job: Job | None, manager: JobManager, parts=("layers", "heatmap",
                 "methods": list(getattr(job.config, "methods", ()) or ()) if job else []}
         out["numbers"] = pd.DataFrame(F.numbers_table(live), columns=F.NUMBERS_HEADER)
     out["report"] = report
-    out["note"] = _note(report, getattr(getattr(job, "config", None), "model", ModelConfig()).model if job else "embedded")
+    model = getattr(getattr(job, "config", None), "model", ModelConfig()).model if job else "embedded"
+    out["note"] = _note(report, model)
     return out
 
 
@@ -194,11 +195,7 @@ def view_defaults(gpu: bool) -> dict[str, Any]:
 
 def model_layers(model: str | None) -> tuple[list[str], str]:
     """(linear layer names, default layer) of a model already on disk, from its config on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from quailora_app.sources.models import EMBEDDED, cache_dir, trust_remote_code
-    from quailora_app.teaching.views import default_layer, layer_names
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: only when the layer picker reads a model
 
     name = (model or "embedded").strip()
     folder = cache_dir() / "models" / "smollm2-135m-instruct" if name in ("", EMBEDDED) else Path(name).expanduser()
@@ -233,8 +230,9 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
     report = report_of(init_job)
     if report:
         ppl = report.get("perplexity") or {}
-        lines.append(f"**Quantize & initialize** ({report.get('status', init_job.status)}): model `{report.get('model')}`, "
-                     f"data `{Path(str(report.get('dataset'))).name}`, rank {report.get('rank')}, on {report.get('device')}.\n")
+        lines.append(f"**Quantize & initialize** ({report.get('status', init_job.status)}): model "
+                     f"`{report.get('model')}`, data `{Path(str(report.get('dataset'))).name}`, rank "
+                     f"{report.get('rank')}, on {report.get('device')}.\n")
         if "qlora" in ppl:
             parts = [f"full precision {ppl['full']:.2f}" if ppl.get("full") else None,
                      f"8-bit {ppl['int8']:.2f}" if ppl.get("int8") else None, f"4-bit QLoRA {ppl['qlora']:.2f}"]
@@ -247,7 +245,8 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
             err = F._median(errs)
             lines.append(f"- {F.label(m)}: perplexity {ppl[m]:.2f}"
                          + (f", closes {100 * gap:.0f}% of the 4-bit→8-bit gap" if gap is not None else "")
-                         + (f"; median layer keeps {100 * err:.0f}% of QLoRA's activation error" if err is not None else "")
+                         + (f"; median layer keeps {100 * err:.0f}% of QLoRA's activation error"
+                            if err is not None else "")
                          + ".")
         for m, why in (report.get("unavailable") or {}).items():
             lines.append(f"- {m}: not computed ({why}).")
@@ -289,14 +288,16 @@ def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[
     except UserError:
         model_cfg = ModelConfig()
     config = SimpleNamespace(methods=list(report.get("methods") or []), arms=arms, model=model_cfg)
-    message = report.get("error") or ("the app stopped before this run ended" if run.status == "running" else run.status)
+    ended = "the app stopped before this run ended" if run.status == "running" else run.status
+    message = report.get("error") or ended
     job = Job(id="", kind=run.kind, owner=owner or "", config=config, status=status, events=run.events,
               run_dir=str(run.run_dir), report=run.report, message=str(message))
     out: dict[str, Any] = {"layers": F.layer_error_figure([]), "heatmap": F.removal_heatmap([]),
                            "perplexity": F.perplexity_figure([]), "curves": F.train_figure([]),
                            "table": pd.DataFrame(columns=F.NUMBERS_HEADER), "report": run.report}
     what = {"init": "Quantize & initialize", "train": "Fine-tuning", "views": "Teaching views"}[run.kind]
-    head = f"**Reopened `{run.name}`** ({what}, {run.status}{': ' + one_line(report['error']) if report.get('error') else ''})."
+    error = f": {one_line(report['error'])}" if report.get("error") else ""
+    head = f"**Reopened `{run.name}`** ({what}, {run.status}{error})."
     if run.kind == "init":
         v = init_views(job, manager)
         out.update(layers=v["layers"], heatmap=v["heatmap"], perplexity=v["perplexity"], table=v["numbers"])
@@ -306,6 +307,6 @@ def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[
         out["table"] = pd.DataFrame(F.train_table(run.events, arms), columns=F.TRAIN_HEADER)
         out["summary"] = head + "\n\n" + summary_text(None, job)
     else:
-        out["summary"] = head + " Its seven figures are in views.json inside the zip."
+        out["summary"] = head + " Its seven figures are in report.json inside the zip."
     out["zip"] = zip_run(str(run.run_dir))
     return out

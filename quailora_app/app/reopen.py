@@ -6,14 +6,13 @@ Only direct children of the runs root are reachable: a name is a plain folder na
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quailora_app.errors import UserError
-from quailora_app.runs import default_runs_root, read_events
 from quailora_app.app.uploads import owner_tag
+from quailora_app.errors import UserError
+from quailora_app.runs import Report, RunFolder, RunKind, default_runs_root
 
 OWNER_FILE = ".owner"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,199}$")
@@ -34,26 +33,6 @@ def _visible(run_dir: Path, owner: str | None) -> bool:
         return False
 
 
-def _read_report(run_dir: Path) -> dict:
-    for name in ("report.json", "views.json"):
-        try:
-            data = json.loads((run_dir / name).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            return data
-    return {}
-
-
-def run_kind(run_dir: Path, report: dict, events: list[dict]) -> str:
-    """'init', 'train' or 'views'."""
-    if report.get("kind") == "views" or (run_dir / "views.json").is_file() or run_dir.name.startswith("views-"):
-        return "views"
-    if run_dir.name.startswith("train-") or "arms" in report or any(e.get("kind") == "train_step" for e in events):
-        return "train"
-    return "init"
-
-
 def list_runs(owner: str | None, root: str | Path | None = None, limit: int = 100) -> list[tuple[str, str]]:
     """(label, folder name) of the runs under the runs root this owner may reopen, newest first."""
     root = Path(root) if root is not None else default_runs_root()
@@ -63,13 +42,11 @@ def list_runs(owner: str | None, root: str | Path | None = None, limit: int = 10
     for child in root.iterdir():
         if child.is_symlink() or not child.is_dir() or not _RUN_NAME.match(child.name):
             continue
-        if not ((child / "report.json").is_file() or (child / "events.jsonl").is_file()):
-            continue
-        if _visible(child, owner):
+        if RunFolder(child).has_results() and _visible(child, owner):
             runs.append((child.stat().st_mtime, child))
     out = []
     for _, child in sorted(runs, key=lambda r: r[0], reverse=True)[:limit]:
-        report = _read_report(child)
+        report = RunFolder(child).read_report() or {}
         status = report.get("status") or "no report"
         model = Path(str(report.get("model") or "?")).name
         out.append((f"{child.name} · {status} · {model}", child.name))
@@ -79,9 +56,9 @@ def list_runs(owner: str | None, root: str | Path | None = None, limit: int = 10
 @dataclass
 class ReopenedRun:
     name: str
-    kind: str
+    kind: RunKind
     run_dir: Path
-    report: dict | None
+    report: Report | None
     events: list[dict] = field(default_factory=list)
 
     @property
@@ -99,8 +76,9 @@ def open_run(name: str | None, owner: str | None, root: str | Path | None = None
     run_dir = (root / name).resolve()
     if run_dir.parent != root or not run_dir.is_dir() or not _visible(run_dir, owner):
         raise missing
-    report = _read_report(run_dir) or None
-    events = read_events(run_dir)
+    folder = RunFolder(run_dir)
+    report = folder.read_report() or None  # an empty report says nothing
+    events = folder.read_events()
     if report is None and not events:
         raise UserError(f"run folder '{name}' holds neither report.json nor events.jsonl")
-    return ReopenedRun(name, run_kind(run_dir, report or {}, events), run_dir, report, events)
+    return ReopenedRun(name, folder.kind(report or {}, events), run_dir, report, events)

@@ -1,11 +1,16 @@
 """The QuAILoRA Studio web app (the only module that imports gradio).
 
-One page, top to bottom: 1 Setup, 2 Quantize & initialize, 3 Fine-tune, 4 Results. Compute runs in the
-process-wide `JobManager` worker (one job at a time, FIFO); the page only submits jobs and polls them, so a
-closed tab does not stop a run and a reopened page re-attaches (the session's owner key lives in the
-browser's localStorage through gr.BrowserState). No model is ever held in gradio state.
+One page, top to bottom: 1 Setup, 2 Quantize & initialize (with the teaching views), 3 Fine-tune, 4 Results.
+Compute runs in the process-wide `JobManager` worker (one job at a time, FIFO); the page only submits jobs and
+polls them, so a closed tab does not stop a run and a reopened page re-attaches (the session's owner key lives
+in the browser's localStorage through gr.BrowserState). No model is ever held in gradio state.
 
-Headless API (gradio_client; every endpoint below has this explicit api_name):
+The page is built by one function per section (layout only) and wired to the handlers of `Studio`; the
+settings reach the start handlers by name (gradio's `inputs_kwargs`: setting name -> component, the names of
+`quailora_app.settings`), so nothing keeps a parameter order in step.
+
+Headless API (gradio_client; every endpoint below has this explicit api_name). The start endpoints take the
+settings by name, e.g. ``client.predict(session, model=..., rank=8, ..., api_name="/start_init")``:
 
 - ``/attach(session) -> (session, init_job_id, train_job_id, queue_text)``
     `session` is a dict {"owner": key}; an empty dict gets a fresh owner key. Returns the owner's latest
@@ -22,7 +27,7 @@ Headless API (gradio_client; every endpoint below has this explicit api_name):
     report.json dict once the run has ended (partial for a stopped run).
 - ``/stop_init(session, job_id) -> status`` and ``/stop_train(session, job_id) -> status``: ask a job to
     stop after its current step; only the session that started it can.
-- ``/start_train(session, <the 19 setup settings of start_init, methods excluded>, arms, steps,
+- ``/start_train(session, <the 15 setup settings of start_init>, als_rounds, damping, arms, steps,
     learning_rate, batch_size, grad_accum, eval_every, warmup_ratio) -> (session, train_job_id, status)``
 - ``/train_status(session, job_id) -> (progress_html, status, curves_plot, throughput)``
 - ``/download_run(session, which, init_job_id, train_job_id) -> (zip_file, summary)``: which = "init" or "train";
@@ -47,36 +52,39 @@ Sessions are kept apart: the status, download and stop endpoints answer only for
 the session's own folder, removed when its last tab closes; typed model and dataset paths are read only inside
 the allowed folders (`quailora_app.app.uploads`).
 
-The page itself polls through three private timer endpoints (poll_init, poll_train, poll_views) that skip unchanged
-figures.
+The page itself polls through three private timer endpoints (poll_init, poll_train, poll_views), made by one
+factory (`Studio.poller`), that skip unchanged figures.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
 
-from quailora_app import config as _config
-from quailora_app.plots import figures as F
-from quailora_app.config import ALL_LINEAR, INIT_METHODS
-from quailora_app.errors import UserError
+from quailora_app.app import uploads as paths
 from quailora_app.app.forms import (
+    arm_choices,
     describe_source,
     inspect_upload,
     make_init_config,
     make_train_config,
     make_views_config,
-    one_line,
+    method_choices,
+    method_info,
     session_owner,
     text_setting,
     vetted_sources,
 )
-from quailora_app.app.jobs import RUNNING, Job, JobManager, training_available, zerogpu_available
+from quailora_app.app.jobs import RUNNING, Job, JobManager, zerogpu_available
 from quailora_app.app.presenters import (
     VIEW_KEYS,
     VIEW_TITLES,
@@ -91,22 +99,33 @@ from quailora_app.app.presenters import (
     zip_run,
 )
 from quailora_app.app.reopen import list_runs
-from quailora_app.app import uploads as paths
-from quailora_app.sources.models import EMBEDDED_NOTE
-from quailora_app.teaching.views import how_it_works_markdown
+from quailora_app.config import ALL_LINEAR, InitConfig, TrainConfig
+from quailora_app.errors import UserError, one_line
+from quailora_app.plots import figures as F
 from quailora_app.plots.teaching import CAPTIONS as VIEW_CAPTIONS
+from quailora_app.runs import RunFolder
+from quailora_app.settings import settings
+from quailora_app.sources.models import EMBEDDED_NOTE
+from quailora_app.teaching.how_it_works import how_it_works_markdown
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
-ARMS = getattr(_config, "ARMS", ("qlora4", "quailora4", "closed4", "svd4", "qlora8", "quailora8", "lora16"))
-DEFAULT_ARMS = getattr(_config, "DEFAULT_ARMS", ("qlora4", "quailora4", "qlora8"))
 TARGET_CHOICES = (ALL_LINEAR, "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 UPLOAD_TYPES = paths.PICKER_TYPES
+
+#: The settings each start endpoint takes, by name and in its API order (session first, not listed).
+SETUP_NAMES = ("model", "dataset", "upload", "text_column", "quant", "double_quant", "block_size", "rank", "alpha",
+               "rslora", "targets", "calib_samples", "seq_len", "eval_tokens", "seed")
+INIT_NAMES = (*SETUP_NAMES, "methods", "baselines", "als_rounds", "damping")
+TRAIN_NAMES = (*SETUP_NAMES, "als_rounds", "damping", "arms", "steps", "learning_rate", "batch_size", "grad_accum",
+               "eval_every", "warmup_ratio")
+VIEWS_NAMES = ("model", "dataset", "upload", "text_column", "quant", "double_quant", "block_size", "eval_tokens",
+               "seed", "als_rounds", "damping", "layer", "views_rank", "views_calib_samples", "views_seq_len")
 
 
 # ------------------------------------------------------------------------------------------------ device
 def device_summary() -> tuple[str, bool]:
     """(a line naming the device, whether it is a GPU)."""
-    import torch
+    import torch  # heavy: only when a page is built
 
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)}", True
@@ -116,26 +135,26 @@ def device_summary() -> tuple[str, bool]:
 
 
 def default_settings(gpu: bool) -> dict[str, Any]:
-    """Settings sized to the device.
+    """Settings sized to the device (the others are the config dataclasses' defaults).
 
     CPU (measured on 2 shared cores with the embedded SmolLM2): 16 x 256 calibration tokens already give the
     same per-layer errors as 256 x 256; held-out perplexity of five models (4-bit + each method, 8-bit, full)
     and calibration dominate the time, so the CPU defaults adapt q_proj and v_proj (the original LoRA recipe)
     and evaluate on 2048 tokens: about 2-3 minutes for step 2, against about 6 for all-linear."""
     if gpu:
-        return dict(calib_samples=128, seq_len=512, eval_tokens=32768, methods=list(INIT_METHODS), baselines=True,
-                    targets=[ALL_LINEAR], steps=200, batch_size=8, eval_every=20, learning_rate=2e-4)
+        return dict(calib_samples=128, seq_len=512, eval_tokens=32768,
+                    methods=list(settings(InitConfig)["methods"].choices()), baselines=True, targets=[ALL_LINEAR],
+                    steps=200, batch_size=8, eval_every=20, learning_rate=2e-4)
     return dict(calib_samples=16, seq_len=256, eval_tokens=2048, methods=["qlora", "svd", "quailora"],
                 baselines=True, targets=["q_proj", "v_proj"], steps=20, batch_size=2, eval_every=5,
                 learning_rate=2e-4)
 
 
-# ------------------------------------------------------------------------------------------------ uploads
 def _gradio_upload_roots() -> list[str]:
     """Where gradio keeps uploaded files (the only place an upload may come from)."""
     roots = [os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")]
     try:
-        from gradio.utils import get_upload_folder
+        from gradio.utils import get_upload_folder  # not in every gradio release
 
         roots.append(str(get_upload_folder()))
     except Exception:  # noqa: BLE001 - older/newer gradio: the default above still holds
@@ -143,10 +162,8 @@ def _gradio_upload_roots() -> list[str]:
     return roots
 
 
-# ------------------------------------------------------------------------------------------------ views
+# ------------------------------------------------------------------------------------------------ what a job shows
 def _empty_view_figure(key: str):
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     fig.update_layout(title=VIEW_TITLES[key], height=220, template="plotly_white", xaxis_visible=False,
                       yaxis_visible=False, annotations=[{"text": "press “Compute views”", "showarrow": False,
@@ -156,8 +173,6 @@ def _empty_view_figure(key: str):
 
 def views_outputs(job: Job | None) -> dict[str, Any]:
     """Figures, precision table and layer picker update for a views job (placeholders until it finishes)."""
-    import plotly.io as pio
-
     report = report_of(job) if job is not None and job.kind == "views" else None
     figures = (report or {}).get("figures") or {}
     out: dict[str, Any] = {k: (pio.from_json(figures[k]) if k in figures else _empty_view_figure(k)) for k in VIEW_KEYS}
@@ -172,7 +187,57 @@ def views_outputs(job: Job | None) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ the app
+def _views_tuple(job: Job | None) -> tuple:
+    v = views_outputs(job)
+    return (*[v[k] for k in VIEW_KEYS], v["table"], v["layer"])
+
+
+def train_outputs(job: Job | None) -> tuple:
+    """(curves figure, speed and memory table) of a fine-tuning job."""
+    arms = list(getattr(job.config, "arms", ()) or ()) if job else []
+    events = job.events if job else []
+    return F.train_figure(events, arms), pd.DataFrame(F.train_table(events, arms), columns=F.TRAIN_HEADER)
+
+
+# ------------------------------------------------------------------------------------------------ stateless handlers
+def dataset_columns(upload):
+    if not upload:
+        return gr.update(choices=[], value=None), ""
+    try:
+        cols, guess, info = inspect_upload(upload)
+    except UserError as exc:
+        return gr.update(choices=[], value=None), f"**Refused:** {exc}"
+    return gr.update(choices=cols, value=guess), info
+
+
+def describe_dataset(dataset):
+    return describe_source(dataset)
+
+
+def model_note(model):
+    return f"<small>{EMBEDDED_NOTE}</small>" if (model or "embedded") == "embedded" else ""
+
+
+def view_layers(model):
+    try:
+        names, default = model_layers(paths.check_user_path(text_setting(model, "model"), "model"))
+    except Exception:  # noqa: BLE001 - the job checks the model properly; here only the picker is filled
+        names, default = [], ""
+    if not names:
+        return gr.update(choices=[("default (chosen by the app)", "")], value="")
+    return gr.update(choices=[(f"default: {default}", "")] + names, value="")
+
+
+def how_it_works(views_rank):
+    return how_it_works_markdown(int(views_rank) if views_rank and views_rank >= 1 else None)
+
+
+def runs_to_reopen(session):
+    choices = list_runs((session or {}).get("owner") if isinstance(session, dict) else None)
+    return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+
+# ------------------------------------------------------------------------------------------------ session handlers
 class _Tabs:
     """Open pages (gradio session hashes) per owner key, so a closed tab can clean up its owner's uploads."""
 
@@ -195,30 +260,483 @@ class _Tabs:
             return set(self._owner_of.values())
 
 
-def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) -> gr.Blocks:
-    """The whole page. `manager` defaults to a process-wide JobManager running the real engine."""
-    manager = manager or _default_manager()
-    tabs = _Tabs()
-    upload_roots = _gradio_upload_roots()
+def _skips(n: int) -> list:
+    return [gr.skip()] * n
 
-    def session_job(session: dict | None, job_id: str | None) -> tuple[Job | None, str | None]:
+
+class Studio:
+    """The page's handlers: each reads the job manager, the open tabs and gradio's upload folders."""
+
+    def __init__(self, manager: JobManager, view_ranks: tuple[int, ...]) -> None:
+        self.manager = manager
+        self.tabs = _Tabs()
+        self.upload_roots = _gradio_upload_roots()
+        self.view_ranks = view_ranks
+
+    def session_job(self, session: dict | None, job_id: str | None) -> tuple[Job | None, str | None]:
         """(the job if this session owns it, else None; a refusal line when the id is someone else's or unknown)."""
         if not job_id:
             return None, None
-        job = manager.owned(job_id, (session or {}).get("owner"))
-        return job, (None if job else f"No job `{one_line(job_id, 40)}` in this session: a session sees only its own jobs.")
+        job = self.manager.owned(job_id, (session or {}).get("owner"))
+        refusal = f"No job `{one_line(job_id, 40)}` in this session: a session sees only its own jobs."
+        return job, (None if job else refusal)
 
+    def progress(self, job: Job | None) -> str:
+        return progress_html(job, self.manager)
+
+    def status(self, job: Job | None) -> str:
+        return status_text(job, self.manager)
+
+    # ---------------------------------------------------------------- sessions
+    def attach(self, session, request: gr.Request):
+        session, owner = session_owner(session)
+        self.tabs.seen(request, owner)
+        paths.sweep_uploads(keep=self.manager.active_owners() | self.tabs.owners())
+        ij, tj = self.manager.latest(owner, "init"), self.manager.latest(owner, "train")
+        running, waiting = self.manager.queue_length()
+        return session, ij.id if ij else "", tj.id if tj else "", f"Server queue: {running} running, {waiting} waiting."
+
+    def attach_views(self, session):
+        owner = (session or {}).get("owner")
+        job = self.manager.latest(owner, "views") if owner else None
+        return job.id if job else ""
+
+    def session_ended(self, request: gr.Request):
+        """A tab closed: its owner's uploads go, unless another tab or a queued/running job still needs them
+        (then the idle sweep removes them later)."""
+        owner = self.tabs.closed(request)
+        if owner and owner not in self.tabs.owners() and owner not in self.manager.active_owners():
+            paths.remove_session_uploads(owner)
+
+    # ---------------------------------------------------------------- starting and stopping jobs
+    def _submit(self, kind: str, session, request, form: Mapping[str, Any], make: Callable[[dict], Any]):
+        """Check the form's settings (sources first), queue the job; (session, job id, status line)."""
+        session, owner = session_owner(session)
+        self.tabs.seen(request, owner)
+        try:
+            model, dataset, upload = vetted_sources(form.get("model"), form.get("dataset"), form.get("upload"), owner,
+                                                    self.upload_roots)
+            job = self.manager.submit(kind, make({**form, "model": model, "dataset": dataset, "upload": upload}), owner)
+        except (UserError, ValueError, TypeError) as exc:
+            raise gr.Error(str(exc)) from None
+        return session, job.id, self.status(self.manager.snapshot(job.id))
+
+    def start_init(self, session, request: gr.Request, **form):
+        return self._submit("init", session, request, form, make_init_config)
+
+    def start_train(self, session, request: gr.Request, **form):
+        return self._submit("train", session, request, form, make_train_config)
+
+    def start_views(self, session, init_job_id, request: gr.Request, **form):
+        session, owner = session_owner(session)
+        reports = self._init_reports(owner, init_job_id)
+        return self._submit("views", session, request, form,
+                            lambda values: make_views_config(values, self.view_ranks, reports))
+
+    def _init_reports(self, owner: str, init_job_id: str | None) -> list[str]:
+        """The init run folder whose perplexities go into the views' precision table: `init_job_id`'s, else the
+        owner's latest init (none before a report.json exists)."""
+        init = self.manager.owned(init_job_id, owner) if init_job_id else None
+        if init is None or init.kind != "init":
+            init = self.manager.latest(owner, "init")
+        return [init.run_dir] if init and init.run_dir and RunFolder(Path(init.run_dir)).report_path.is_file() else []
+
+    def stop(self, session, job_id):
+        if not (session or {}).get("owner"):
+            return "this session has no jobs to stop"
+        return self.manager.stop(job_id, session_owner(session)[1])
+
+    # ---------------------------------------------------------------- status
+    def init_status(self, session, job_id):
+        job, refused = self.session_job(session, job_id)
+        v = init_views(job, self.manager)
+        return (self.progress(job), refused or self.status(job), v["layers"], v["heatmap"], v["perplexity"],
+                v["numbers"], v["report"], v["note"])
+
+    def train_status(self, session, job_id):
+        job, refused = self.session_job(session, job_id)
+        return (self.progress(job), refused or self.status(job), *train_outputs(job))
+
+    def views_status(self, session, job_id):
+        job, refused = self.session_job(session, job_id)
+        return (self.progress(job), refused or self.status(job), *_views_tuple(job))
+
+    # ---------------------------------------------------------------- polling
+    def poller(self, counts: Callable[[Job], dict[str, int]], draw: Callable[..., tuple], n_outputs: int,
+               idle: bool = True) -> Callable:
+        """The timer handler of one job panel: (session, job_id, seen[, other_job_id]) -> (progress, status,
+        n_outputs more, seen). Nothing is sent while the job's state key (id, version, status, elapsed second,
+        and `counts(job)`) is unchanged; otherwise `draw(job, other_job, fresh, changed)` gives the n_outputs
+        (gr.skip() for a part that need not be redrawn), where fresh = another job or status than last time and
+        changed = the names of `counts` that moved. A missing job shows the idle panel once (`idle`) or nothing."""
+
+        def poll(session, job_id, seen, other_job_id=""):
+            job, refused = self.session_job(session, job_id)
+            unchanged = (*_skips(2 + n_outputs), seen)
+            if job is None:
+                if not idle or seen.get("job") == job_id:
+                    return unchanged
+                return (self.progress(None), refused or self.status(None), *_skips(n_outputs), {"job": job_id})
+            counted = counts(job)
+            key = {"job": job.id, "version": job.version, "status": job.status,
+                   "tick": int(job.elapsed) if job.status == RUNNING else -1, **counted}
+            if key == seen:
+                return unchanged
+            fresh = seen.get("job") != job.id or seen.get("status") != job.status
+            changed = {name for name, n in counted.items() if fresh or seen.get(name) != n}
+            other = self.session_job(session, other_job_id)[0] if fresh else None  # for the results summary
+            return (self.progress(job), self.status(job), *draw(job, other, fresh, changed), key)
+
+        return poll
+
+    def draw_init(self, job: Job, other: Job | None, fresh: bool, changed: set[str]) -> tuple:
+        """Init panel after progress and status: the three figures, numbers, report, note, results summary."""
+        parts = [p for p, count in (("layers", "layers"), ("heatmap", "layers"), ("perplexity", "metrics"))
+                 if count in changed]
+        v = init_views(job, self.manager, parts) if parts else {}
+        return (v.get("layers", gr.skip()), v.get("heatmap", gr.skip()), v.get("perplexity", gr.skip()),
+                v.get("numbers", gr.skip()), v.get("report", gr.skip()) if fresh else gr.skip(),
+                v.get("note", gr.skip()) if fresh else gr.skip(), summary_text(job, other) if fresh else gr.skip())
+
+    @staticmethod
+    def draw_train(job: Job, other: Job | None, fresh: bool, changed: set[str]) -> tuple:
+        """Fine-tuning panel after progress and status: curves, speed table, results summary."""
+        fig, table = train_outputs(job) if "points" in changed else (gr.skip(), gr.skip())
+        return fig, table, summary_text(other, job) if fresh else gr.skip()
+
+    @staticmethod
+    def draw_views(job: Job, other: Job | None, fresh: bool, changed: set[str]) -> tuple:
+        """Views panel after progress and status: redrawn only for another job or a new status."""
+        return _views_tuple(job) if fresh else tuple(_skips(len(VIEW_KEYS) + 2))
+
+    # ---------------------------------------------------------------- results
+    def download_run(self, session, which, init_job_id, train_job_id):
+        job, refused = self.session_job(session, init_job_id if which == "init" else train_job_id)
+        summary = summary_text(self.session_job(session, init_job_id)[0], self.session_job(session, train_job_id)[0])
+        if refused:
+            raise gr.Error(refused)
+        if job is None or not job.run_dir:
+            raise gr.Error("that run has not started yet")
+        if job.active:
+            gr.Warning("the run is still going: the zip holds what it has written so far")
+        return zip_run(job.run_dir), summary
+
+    def reopen_run(self, session, name):
+        owner = (session or {}).get("owner") if isinstance(session, dict) else None
+        try:
+            v = reopened_outputs(name, owner, self.manager)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        return v["summary"], v["layers"], v["heatmap"], v["perplexity"], v["curves"], v["table"], v["report"], v["zip"]
+
+
+def _count_init(job: Job) -> dict[str, int]:
+    return {"layers": sum(1 for e in job.events if e.get("kind") == "layer"),
+            "metrics": sum(1 for e in job.events if e.get("kind") == "metric")}
+
+
+def _count_train(job: Job) -> dict[str, int]:
+    return {"points": sum(1 for e in job.events
+                          if e.get("kind") in ("train_step", "eval", "metric") or F._is_arm_finished(e))}
+
+
+# ------------------------------------------------------------------------------------------------ sections (layout)
+@dataclass
+class JobPanel:
+    """Start / stop buttons, the job id, its progress bar and status line, and a hidden refresh button (the
+    status endpoint's trigger)."""
+
+    start: gr.Button
+    stop: gr.Button
+    job: gr.Textbox
+    progress: gr.HTML
+    status: gr.Markdown
+    refresh: gr.Button
+
+
+def _job_row(start_label: str, key: str) -> tuple[gr.Button, gr.Button, gr.Textbox]:
+    with gr.Row():
+        start = gr.Button(start_label, variant="primary", scale=2, elem_id=f"start-{key}")
+        stop = gr.Button("Stop", variant="stop", scale=1, elem_id=f"stop-{key}")
+        job = gr.Textbox("", label="job id", interactive=False, scale=1, max_lines=1, elem_classes="jobid")
+    return start, stop, job
+
+
+@dataclass
+class Setup:
+    """Step 1 and the initialization choices: one input per setting name, and the lines about the choices."""
+
+    fields: dict[str, gr.components.Component]
+    model_note: gr.Markdown
+    data_info: gr.Markdown
+
+    def named(self, names: tuple[str, ...], more: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The inputs of `names`, from here or `more` (a later section's fields), for `inputs_kwargs`."""
+        pool = {**self.fields, **(more or {})}
+        return {name: pool[name] for name in names}
+
+
+def setup_section(d: dict[str, Any]) -> Setup:
+    """1 · Setup: model, text, 4-bit and LoRA settings, calibration text, initializations, advanced."""
+    init = settings(InitConfig)
+    gr.Markdown("## 1 · Setup", elem_classes="step")
+    f: dict[str, Any] = {}
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            f["model"] = gr.Dropdown(["embedded"], value="embedded", allow_custom_value=True, label="Model",
+                                     info="'embedded' = SmolLM2-135M-Instruct, works offline; or type a hub id / "
+                                          "local folder")
+            note = gr.Markdown(f"<small>{EMBEDDED_NOTE}</small>", elem_classes="note")
+        with gr.Column():
+            f["dataset"] = gr.Dropdown(["embedded", "embedded:speeches"], value="embedded", allow_custom_value=True,
+                                       label="Text", info="embedded = Rotten Tomatoes snippets; embedded:speeches = "
+                                                          "2012 convention speeches; or a hub dataset id / local path")
+            f["upload"] = gr.File(label="…or upload a text file (overrides the choice above)", file_types=UPLOAD_TYPES,
+                                  type="filepath", height=150)
+            f["text_column"] = gr.Dropdown([], value=None, allow_custom_value=True, label="Text column",
+                                           info="filled from the uploaded file; empty = guess")
+            info = gr.Markdown("", elem_classes="note")
+    with gr.Row(equal_height=False):
+        with gr.Column(min_width=220):
+            gr.Markdown("**4-bit quantization** (bitsandbytes)")
+            f["quant"] = gr.Radio(list(init["quant"].choices()), value=init["quant"].default, label="4-bit data type")
+            f["double_quant"] = gr.Checkbox(value=init["double_quant"].default,
+                                            label="double quantization (quantize the scales too)")
+            f["block_size"] = gr.Dropdown([32, 64, 128, 256], value=init["block_size"].default,
+                                          label="block size (weights per scale)")
+        with gr.Column(min_width=220):
+            gr.Markdown("**LoRA adapter**")
+            f["rank"] = gr.Slider(1, 128, value=init["rank"].default, step=1, label="rank r")
+            f["alpha"] = gr.Number(value=init["alpha"].default, label="alpha (scale s = alpha / r)")
+            f["rslora"] = gr.Checkbox(value=init["rslora"].default, label="rsLoRA (s = alpha / √r)")
+            f["targets"] = gr.Dropdown(list(TARGET_CHOICES), value=d["targets"], multiselect=True,
+                                       allow_custom_value=True, label="target modules", elem_id="targets",
+                                       info="all-linear = every linear layer of the decoder blocks")
+        with gr.Column(min_width=220):
+            gr.Markdown("**Calibration and evaluation text**")
+            f["calib_samples"] = gr.Number(value=d["calib_samples"], precision=0, label="calibration sequences")
+            f["seq_len"] = gr.Number(value=d["seq_len"], precision=0, label="tokens per sequence")
+            f["eval_tokens"] = gr.Number(value=d["eval_tokens"], precision=0, label="held-out tokens for perplexity")
+            f["seed"] = gr.Number(value=init["seed"].default, precision=0, label="seed (fixes the data splits)")
+    with gr.Row(equal_height=False):
+        f["methods"] = gr.CheckboxGroup(method_choices(), value=d["methods"], label="initializations to compare",
+                                        info=method_info())
+        f["baselines"] = gr.Checkbox(value=d["baselines"], label="also measure full-precision and 8-bit perplexity")
+    with gr.Accordion("Advanced", open=False):
+        with gr.Row():
+            f["als_rounds"] = gr.Number(value=init["als_rounds"].default, precision=0, label="QuAILoRA ALS rounds")
+            f["damping"] = gr.Number(value=init["damping"].default, label="damping λ (× mean diagonal of H)")
+    return Setup(f, note, info)
+
+
+@dataclass
+class InitPanel:
+    """2 · Quantize & initialize: the job panel and what the run shows."""
+
+    panel: JobPanel
+    note: gr.Markdown
+    layers: gr.Plot
+    heatmap: gr.Plot
+    perplexity: gr.Plot
+    numbers: gr.Dataframe
+    report: gr.JSON
+
+    @property
+    def outputs(self) -> list:
+        """In the order of /init_status's outputs."""
+        p = self.panel
+        return [p.progress, p.status, self.layers, self.heatmap, self.perplexity, self.numbers, self.report, self.note]
+
+
+def init_section(studio: Studio) -> InitPanel:
+    gr.Markdown("## 2 · Quantize & initialize", elem_classes="step")
+    start, stop, job = _job_row("Quantize & initialize", "init")
+    progress = gr.HTML(studio.progress(None), elem_id="init-progress")
+    status = gr.Markdown("Nothing started yet in this session.", elem_id="init-status")
+    note = gr.Markdown("", elem_classes="note")
+    layers = gr.Plot(F.layer_error_figure([]), label="per-layer error", show_label=False, elem_id="layer-plot")
+    gr.Markdown(F.CAPTIONS["layers"], elem_classes="caption")
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            heatmap = gr.Plot(F.removal_heatmap([]), label="error removed", show_label=False, elem_id="heatmap-plot")
+            gr.Markdown(F.CAPTIONS["heatmap"], elem_classes="caption")
+        with gr.Column():
+            ppl = gr.Plot(F.perplexity_figure([]), label="perplexity", show_label=False, elem_id="ppl-plot")
+            gr.Markdown(F.CAPTIONS["perplexity"], elem_classes="caption")
+    numbers = gr.Dataframe(pd.DataFrame(columns=F.NUMBERS_HEADER), label="numbers per variant", interactive=False,
+                           wrap=True, column_widths=["28%", "14%", "12%", "10%", "12%", "12%", "12%"])
+    with gr.Accordion("report.json", open=False):
+        report = gr.JSON(label="report")
+    refresh = gr.Button("refresh", visible=False)
+    return InitPanel(JobPanel(start, stop, job, progress, status, refresh), note, layers, heatmap, ppl, numbers, report)
+
+
+@dataclass
+class ViewsPanel:
+    """The teaching views of one layer and the How-it-works page."""
+
+    panel: JobPanel
+    fields: dict[str, gr.components.Component]  # layer, views_rank, views_calib_samples, views_seq_len
+    plots: dict[str, gr.Plot]
+    table: gr.Dataframe
+    how: gr.Markdown
+
+    @property
+    def outputs(self) -> list:
+        """In the order of /views_status's outputs."""
+        p = self.panel
+        return [p.progress, p.status, *self.plots.values(), self.table, self.fields["layer"]]
+
+
+def views_section(vd: dict[str, Any]) -> ViewsPanel:
+    with gr.Tabs(elem_id="teaching-tabs"):
+        with gr.Tab("Teaching views", elem_id="tab-views"):
+            gr.Markdown(
+                "Look inside **one layer** of the 4-bit model: its weights and quantization grid, the error, "
+                "which directions of it the next layer actually feels, and how much each rank-r initialization "
+                "removes. Uses the Setup's model, text and 4-bit settings; the precision table also reads the "
+                "latest *Quantize & initialize* run when there is one. Runs in the same job queue.",
+                elem_classes="note")
+            f: dict[str, Any] = {}
+            with gr.Row(equal_height=False):
+                f["layer"] = gr.Dropdown([("default (chosen by the app)", "")], value="", allow_custom_value=True,
+                                         label="layer", elem_id="view-layer", scale=3,
+                                         info="every linear layer of the decoder blocks; the rank sweep averages "
+                                              "over the chosen layer's block")
+                f["views_rank"] = gr.Number(value=vd["rank"], precision=0, label="rank r of the views", scale=1,
+                                            elem_id="view-rank")
+                f["views_calib_samples"] = gr.Number(value=vd["calib_samples"], precision=0,
+                                                     label="calibration sequences (views)", scale=1)
+                f["views_seq_len"] = gr.Number(value=vd["seq_len"], precision=0, label="tokens per sequence (views)",
+                                               scale=1)
+            start, stop, job = _job_row("Compute views", "views")
+            progress = gr.HTML("<div class='q-progress idle'><div class='q-label'>no views yet</div></div>",
+                               elem_id="views-progress")
+            status = gr.Markdown("", elem_id="views-status")
+            plots = {}
+            for key in VIEW_KEYS:
+                plots[key] = gr.Plot(_empty_view_figure(key), label=VIEW_TITLES[key], show_label=False,
+                                     elem_id=f"view-{key.replace('_', '-')}")
+                gr.Markdown(VIEW_CAPTIONS[key], elem_classes="caption")
+            table = gr.Dataframe(pd.DataFrame(columns=["format"]), interactive=False, wrap=True,
+                                 label="precision trade-off: memory of the weights per storage format (perplexity from "
+                                       "the latest Quantize & initialize run; – = not measured)",
+                                 elem_id="precision-table")
+            refresh = gr.Button("refresh", visible=False)
+        with gr.Tab("How it works", elem_id="tab-how"):
+            how = gr.Markdown(how_it_works_markdown(vd["rank"]), elem_id="how-it-works",
+                              latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+                                                {"left": "$", "right": "$", "display": False}])
+    return ViewsPanel(JobPanel(start, stop, job, progress, status, refresh), f, plots, table, how)
+
+
+@dataclass
+class TrainPanel:
+    """3 · Fine-tune: the arms and training settings, the job panel, the curves and the speed table."""
+
+    panel: JobPanel
+    fields: dict[str, gr.components.Component]  # arms, steps, learning_rate, batch_size, eval_every, ...
+    curves: gr.Plot
+    throughput: gr.Dataframe
+
+    @property
+    def outputs(self) -> list:
+        """In the order of /train_status's outputs."""
+        return [self.panel.progress, self.panel.status, self.curves, self.throughput]
+
+
+def train_section(studio: Studio, d: dict[str, Any]) -> TrainPanel:
+    train = settings(TrainConfig)
+    gr.Markdown("## 3 · Fine-tune", elem_classes="step")
+    f: dict[str, Any] = {}
+    with gr.Row(equal_height=False):
+        f["arms"] = gr.CheckboxGroup(arm_choices(), value=list(train["arms"].default),
+                                     label="arms to compare (same data, seed and steps)")
+    with gr.Row():
+        f["steps"] = gr.Number(value=d["steps"], precision=0, label="steps")
+        f["learning_rate"] = gr.Number(value=d["learning_rate"], label="learning rate")
+        f["batch_size"] = gr.Number(value=d["batch_size"], precision=0, label="batch (sequences per step)")
+        f["eval_every"] = gr.Number(value=d["eval_every"], precision=0, label="evaluate every (steps)")
+    with gr.Accordion("More training settings", open=False):
+        with gr.Row():
+            f["grad_accum"] = gr.Number(value=train["grad_accum"].default, precision=0, label="gradient accumulation")
+            f["warmup_ratio"] = gr.Number(value=train["warmup_ratio"].default, label="warm-up share of steps")
+    start, stop, job = _job_row("Start fine-tuning", "train")
+    progress = gr.HTML(studio.progress(None), elem_id="train-progress")
+    status = gr.Markdown("Nothing started yet in this session.", elem_id="train-status")
+    curves = gr.Plot(F.train_figure([]), label="fine-tuning curves", show_label=False, elem_id="curves-plot")
+    gr.Markdown(F.CAPTIONS["train"], elem_classes="caption")
+    throughput = gr.Dataframe(pd.DataFrame(columns=F.TRAIN_HEADER), label="speed and memory per arm",
+                              interactive=False)
+    refresh = gr.Button("refresh", visible=False)
+    return TrainPanel(JobPanel(start, stop, job, progress, status, refresh), f, curves, throughput)
+
+
+@dataclass
+class Results:
+    """4 · Results: download a run folder, the summary, the queue line, and reopening a run folder."""
+
+    which: gr.Radio
+    zip_button: gr.Button
+    zip_file: gr.File
+    summary: gr.Markdown
+    queue_text: gr.Markdown
+    run_pick: gr.Dropdown
+    refresh_runs: gr.Button
+    reopen: gr.Button
+    reopened: list  # in the order of /reopen_run's outputs
+
+
+def results_section() -> Results:
+    gr.Markdown("## 4 · Results", elem_classes="step")
+    with gr.Row():
+        which = gr.Radio([("quantize & initialize run", "init"), ("fine-tuning run", "train")], value="init",
+                         label="run folder to download", elem_id="which-run")
+        zip_button = gr.Button("Zip the run folder (report, events, adapters)", elem_id="zip-run")
+    zip_file = gr.File(label="download", interactive=False, elem_id="zip-file")
+    summary = gr.Markdown("No results yet: run step 2 (and 3) first.", elem_id="summary")
+    queue_text = gr.Markdown("", elem_classes="note")
+    with gr.Accordion("Reopen a run folder (also after a restart of the app)", open=False, elem_id="reopen"):
+        with gr.Row(equal_height=True):
+            # custom values allowed: the choices are per session; /reopen_run checks the name itself
+            run_pick = gr.Dropdown([], value=None, label="run folder", scale=3, elem_id="run-pick",
+                                   allow_custom_value=True,
+                                   info="this session's runs under the runs root (QUAILORA_RUNS), newest first")
+            refresh_runs = gr.Button("Refresh list", scale=1, elem_id="refresh-runs")
+            reopen = gr.Button("Reopen", variant="primary", scale=1, elem_id="reopen-run")
+        reopen_summary = gr.Markdown("", elem_id="reopen-summary")
+        layers = gr.Plot(F.layer_error_figure([]), show_label=False, elem_id="reopen-layers")
+        with gr.Row(equal_height=False):
+            heatmap = gr.Plot(F.removal_heatmap([]), show_label=False, elem_id="reopen-heatmap")
+            ppl = gr.Plot(F.perplexity_figure([]), show_label=False, elem_id="reopen-ppl")
+        curves = gr.Plot(F.train_figure([]), show_label=False, elem_id="reopen-curves")
+        table = gr.Dataframe(pd.DataFrame(columns=F.NUMBERS_HEADER), interactive=False, wrap=True,
+                             label="numbers of the reopened run")
+        with gr.Accordion("report.json of the reopened run", open=False):
+            report = gr.JSON(label="report")
+        reopen_zip = gr.File(label="download the reopened run folder", interactive=False, elem_id="reopen-zip")
+    return Results(which, zip_button, zip_file, summary, queue_text, run_pick, refresh_runs, reopen,
+                   [reopen_summary, layers, heatmap, ppl, curves, table, report, reopen_zip])
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+_PRIVATE = dict(api_visibility="private", show_progress="hidden")
+
+
+def _poll_timer(seconds: float, handler: Callable, inputs: list, outputs: list, name: str) -> None:
+    gr.Timer(seconds).tick(handler, inputs, outputs, api_name=name, queue=False, **_PRIVATE)
+
+
+def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) -> gr.Blocks:
+    """The whole page. `manager` defaults to a process-wide JobManager running the real engine."""
     device, gpu = device_summary()
-    d = default_settings(gpu)
-    train_ready = training_available()
+    d, vd = default_settings(gpu), view_defaults(gpu)
+    studio = Studio(manager or _default_manager(), tuple(vd["ranks"]))
 
     # gradio's own copies of uploads are deleted after an hour (and at shutdown); ours live per session
     with gr.Blocks(title="QuAILoRA Studio", fill_width=False, delete_cache=(3600, 3600)) as demo:
         session = gr.BrowserState({"owner": ""}, storage_key="quailora-studio-session")
-        init_seen = gr.State({})
-        train_seen = gr.State({})
-        views_seen = gr.State({})
-
+        seen = {kind: gr.State({}) for kind in ("init", "train", "views")}
         gr.Markdown(
             "# QuAILoRA Studio\n"
             "Quantizing a language model to 4 bits saves memory but adds error to every weight. A LoRA adapter "
@@ -230,456 +748,80 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
                     + (": on CPU, LoRA on q_proj and v_proj and 2048 held-out tokens, so step 2 takes about "
                        "2–3 minutes with the embedded model (all-linear: about 6)." if not gpu else "."),
                     elem_classes="device")
+        setup = setup_section(d)
+        init = init_section(studio)
+        views = views_section(vd)
+        train = train_section(studio, d)
+        results = results_section()
 
-        # ---------------------------------------------------------------- 1 setup
-        gr.Markdown("## 1 · Setup", elem_classes="step")
-        with gr.Row(equal_height=False):
-            with gr.Column():
-                model = gr.Dropdown(["embedded"], value="embedded", allow_custom_value=True, label="Model",
-                                    info="'embedded' = SmolLM2-135M-Instruct, works offline; or type a hub id / local folder")
-                model_note = gr.Markdown(f"<small>{EMBEDDED_NOTE}</small>", elem_classes="note")
-            with gr.Column():
-                dataset = gr.Dropdown(["embedded", "embedded:speeches"], value="embedded", allow_custom_value=True,
-                                      label="Text", info="embedded = Rotten Tomatoes snippets; embedded:speeches = 2012 "
-                                                         "convention speeches; or a hub dataset id / local path")
-                upload = gr.File(label="…or upload a text file (overrides the choice above)", file_types=UPLOAD_TYPES,
-                                 type="filepath", height=150)
-                text_column = gr.Dropdown([], value=None, allow_custom_value=True, label="Text column",
-                                          info="filled from the uploaded file; empty = guess")
-                data_info = gr.Markdown("", elem_classes="note")
-        with gr.Row(equal_height=False):
-            with gr.Column(min_width=220):
-                gr.Markdown("**4-bit quantization** (bitsandbytes)")
-                quant = gr.Radio(["nf4", "fp4"], value="nf4", label="4-bit data type")
-                double_quant = gr.Checkbox(value=True, label="double quantization (quantize the scales too)")
-                block_size = gr.Dropdown([32, 64, 128, 256], value=64, label="block size (weights per scale)")
-            with gr.Column(min_width=220):
-                gr.Markdown("**LoRA adapter**")
-                rank = gr.Slider(1, 128, value=16, step=1, label="rank r")
-                alpha = gr.Number(value=16, label="alpha (scale s = alpha / r)")
-                rslora = gr.Checkbox(value=False, label="rsLoRA (s = alpha / √r)")
-                targets = gr.Dropdown(list(TARGET_CHOICES), value=d["targets"], multiselect=True, allow_custom_value=True,
-                                      label="target modules", elem_id="targets",
-                                      info="all-linear = every linear layer of the decoder blocks")
-            with gr.Column(min_width=220):
-                gr.Markdown("**Calibration and evaluation text**")
-                calib_samples = gr.Number(value=d["calib_samples"], precision=0, label="calibration sequences")
-                seq_len = gr.Number(value=d["seq_len"], precision=0, label="tokens per sequence")
-                eval_tokens = gr.Number(value=d["eval_tokens"], precision=0, label="held-out tokens for perplexity")
-                seed = gr.Number(value=0, precision=0, label="seed (fixes the data splits)")
-        with gr.Row(equal_height=False):
-            methods = gr.CheckboxGroup(
-                [(F.SHORT_LABELS[m] + (" (baseline, always on)" if m == "qlora" else ""), m) for m in INIT_METHODS],
-                value=d["methods"], label="initializations to compare",
-                info="svd: best low-rank fit of the weight error; quailora: the paper's calibrated ALS; closed form: "
-                     "its exact optimum; loftq: peft's implementation")
-            baselines = gr.Checkbox(value=d["baselines"], label="also measure full-precision and 8-bit perplexity")
-        with gr.Accordion("Advanced", open=False):
-            with gr.Row():
-                als_rounds = gr.Number(value=20, precision=0, label="QuAILoRA ALS rounds")
-                damping = gr.Number(value=0.01, label="damping λ (× mean diagonal of H)")
-        setup = [model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha, rslora, targets,
-                 calib_samples, seq_len, eval_tokens, seed]
-
-        # ---------------------------------------------------------------- 2 init
-        gr.Markdown("## 2 · Quantize & initialize", elem_classes="step")
-        with gr.Row():
-            start_init = gr.Button("Quantize & initialize", variant="primary", scale=2, elem_id="start-init")
-            stop_init = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-init")
-            init_job = gr.Textbox("", label="job id", interactive=False, scale=1, max_lines=1, elem_classes="jobid")
-        init_progress = gr.HTML(progress_html(None, manager), elem_id="init-progress")
-        init_status = gr.Markdown("Nothing started yet in this session.", elem_id="init-status")
-        init_note = gr.Markdown("", elem_classes="note")
-        layer_plot = gr.Plot(F.layer_error_figure([]), label="per-layer error", show_label=False, elem_id="layer-plot")
-        gr.Markdown(F.CAPTIONS["layers"], elem_classes="caption")
-        with gr.Row(equal_height=False):
-            with gr.Column():
-                heatmap_plot = gr.Plot(F.removal_heatmap([]), label="error removed", show_label=False, elem_id="heatmap-plot")
-                gr.Markdown(F.CAPTIONS["heatmap"], elem_classes="caption")
-            with gr.Column():
-                ppl_plot = gr.Plot(F.perplexity_figure([]), label="perplexity", show_label=False, elem_id="ppl-plot")
-                gr.Markdown(F.CAPTIONS["perplexity"], elem_classes="caption")
-        numbers = gr.Dataframe(pd.DataFrame(columns=F.NUMBERS_HEADER), label="numbers per variant", interactive=False,
-                               wrap=True, column_widths=["28%", "14%", "12%", "10%", "12%", "12%", "12%"])
-        with gr.Accordion("report.json", open=False):
-            report_json = gr.JSON(label="report")
-        refresh_init = gr.Button("refresh", visible=False)
-
-        # ---------------------------------------------------------------- teaching views + how it works
-        vd = view_defaults(gpu)
-        with gr.Tabs(elem_id="teaching-tabs"):
-            with gr.Tab("Teaching views", elem_id="tab-views"):
-                gr.Markdown(
-                    "Look inside **one layer** of the 4-bit model: its weights and quantization grid, the error, "
-                    "which directions of it the next layer actually feels, and how much each rank-r initialization "
-                    "removes. Uses the Setup's model, text and 4-bit settings; the precision table also reads the "
-                    "latest *Quantize & initialize* run when there is one. Runs in the same job queue.",
-                    elem_classes="note")
-                with gr.Row(equal_height=False):
-                    view_layer = gr.Dropdown([("default (chosen by the app)", "")], value="", allow_custom_value=True,
-                                             label="layer", elem_id="view-layer", scale=3,
-                                             info="every linear layer of the decoder blocks; the rank sweep averages "
-                                                  "over the chosen layer's block")
-                    view_rank = gr.Number(value=vd["rank"], precision=0, label="rank r of the views", scale=1,
-                                          elem_id="view-rank")
-                    view_calib = gr.Number(value=vd["calib_samples"], precision=0, label="calibration sequences (views)",
-                                           scale=1)
-                    view_seq = gr.Number(value=vd["seq_len"], precision=0, label="tokens per sequence (views)", scale=1)
-                with gr.Row():
-                    start_views = gr.Button("Compute views", variant="primary", scale=2, elem_id="start-views")
-                    stop_views = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-views")
-                    views_job = gr.Textbox("", label="job id", interactive=False, scale=1, max_lines=1,
-                                           elem_classes="jobid")
-                views_progress = gr.HTML("<div class='q-progress idle'><div class='q-label'>no views yet</div></div>",
-                                         elem_id="views-progress")
-                views_status = gr.Markdown("", elem_id="views-status")
-                view_plots = {}
-                for key in VIEW_KEYS:
-                    view_plots[key] = gr.Plot(_empty_view_figure(key), label=VIEW_TITLES[key], show_label=False,
-                                              elem_id=f"view-{key.replace('_', '-')}")
-                    gr.Markdown(VIEW_CAPTIONS[key], elem_classes="caption")
-                precision_table = gr.Dataframe(pd.DataFrame(columns=["format"]), interactive=False, wrap=True,
-                                               label="precision trade-off: memory of the weights per storage format (perplexity from "
-                                                     "the latest Quantize & initialize run; – = not measured)",
-                                               elem_id="precision-table")
-                refresh_views = gr.Button("refresh", visible=False)
-            with gr.Tab("How it works", elem_id="tab-how"):
-                how = gr.Markdown(how_it_works_markdown(vd["rank"]), elem_id="how-it-works",
-                                  latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
-                                                    {"left": "$", "right": "$", "display": False}])
-
-        # ---------------------------------------------------------------- 3 train
-        gr.Markdown("## 3 · Fine-tune", elem_classes="step")
-        if not train_ready:
-            gr.Markdown("_The fine-tuning engine is not part of this build yet; starting a run will say so._",
-                        elem_classes="note")
-        with gr.Row(equal_height=False):
-            arms = gr.CheckboxGroup([(F.ARM_LABELS[a], a) for a in ARMS], value=list(DEFAULT_ARMS),
-                                    label="arms to compare (same data, seed and steps)")
-        with gr.Row():
-            steps = gr.Number(value=d["steps"], precision=0, label="steps")
-            learning_rate = gr.Number(value=d["learning_rate"], label="learning rate")
-            batch_size = gr.Number(value=d["batch_size"], precision=0, label="batch (sequences per step)")
-            eval_every = gr.Number(value=d["eval_every"], precision=0, label="evaluate every (steps)")
-        with gr.Accordion("More training settings", open=False):
-            with gr.Row():
-                grad_accum = gr.Number(value=1, precision=0, label="gradient accumulation")
-                warmup_ratio = gr.Number(value=0.03, label="warm-up share of steps")
-        with gr.Row():
-            start_train = gr.Button("Start fine-tuning", variant="primary", scale=2, elem_id="start-train")
-            stop_train = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-train")
-            train_job = gr.Textbox("", label="job id", interactive=False, scale=1, max_lines=1, elem_classes="jobid")
-        train_progress = gr.HTML(progress_html(None, manager), elem_id="train-progress")
-        train_status = gr.Markdown("Nothing started yet in this session.", elem_id="train-status")
-        curves_plot = gr.Plot(F.train_figure([]), label="fine-tuning curves", show_label=False, elem_id="curves-plot")
-        gr.Markdown(F.CAPTIONS["train"], elem_classes="caption")
-        throughput = gr.Dataframe(pd.DataFrame(columns=F.TRAIN_HEADER), label="speed and memory per arm",
-                                  interactive=False)
-        refresh_train = gr.Button("refresh", visible=False)
-
-        # ---------------------------------------------------------------- 4 results
-        gr.Markdown("## 4 · Results", elem_classes="step")
-        with gr.Row():
-            which = gr.Radio([("quantize & initialize run", "init"), ("fine-tuning run", "train")], value="init",
-                             label="run folder to download", elem_id="which-run")
-            zip_btn = gr.Button("Zip the run folder (report, events, adapters)", elem_id="zip-run")
-        zip_file = gr.File(label="download", interactive=False, elem_id="zip-file")
-        summary = gr.Markdown("No results yet: run step 2 (and 3) first.", elem_id="summary")
-        queue_text = gr.Markdown("", elem_classes="note")
-        with gr.Accordion("Reopen a run folder (also after a restart of the app)", open=False, elem_id="reopen"):
-            with gr.Row(equal_height=True):
-                # custom values allowed: the choices are per session; /reopen_run checks the name itself
-                run_pick = gr.Dropdown([], value=None, label="run folder", scale=3, elem_id="run-pick",
-                                       allow_custom_value=True,
-                                       info="this session's runs under the runs root (QUAILORA_RUNS), newest first")
-                refresh_runs = gr.Button("Refresh list", scale=1, elem_id="refresh-runs")
-                reopen_btn = gr.Button("Reopen", variant="primary", scale=1, elem_id="reopen-run")
-            reopen_summary = gr.Markdown("", elem_id="reopen-summary")
-            reopen_layers = gr.Plot(F.layer_error_figure([]), show_label=False, elem_id="reopen-layers")
-            with gr.Row(equal_height=False):
-                reopen_heatmap = gr.Plot(F.removal_heatmap([]), show_label=False, elem_id="reopen-heatmap")
-                reopen_ppl = gr.Plot(F.perplexity_figure([]), show_label=False, elem_id="reopen-ppl")
-            reopen_curves = gr.Plot(F.train_figure([]), show_label=False, elem_id="reopen-curves")
-            reopen_table = gr.Dataframe(pd.DataFrame(columns=F.NUMBERS_HEADER), interactive=False, wrap=True,
-                                        label="numbers of the reopened run")
-            with gr.Accordion("report.json of the reopened run", open=False):
-                reopen_report = gr.JSON(label="report")
-            reopen_zip = gr.File(label="download the reopened run folder", interactive=False, elem_id="reopen-zip")
-
-        # ---------------------------------------------------------------- wiring
-        def attach(session, request: gr.Request):
-            session, owner = session_owner(session)
-            tabs.seen(request, owner)
-            paths.sweep_uploads(keep=manager.active_owners() | tabs.owners())
-            ij, tj = manager.latest(owner, "init"), manager.latest(owner, "train")
-            running, waiting = manager.queue_length()
-            return session, ij.id if ij else "", tj.id if tj else "", f"Server queue: {running} running, {waiting} waiting."
-
-        demo.load(attach, [session], [session, init_job, train_job, queue_text], api_name="attach")
-
-        def session_ended(request: gr.Request):
-            """A tab closed: its owner's uploads go, unless another tab or a queued/running job still needs them
-            (then the idle sweep removes them later)."""
-            owner = tabs.closed(request)
-            if owner and owner not in tabs.owners() and owner not in manager.active_owners():
-                paths.remove_session_uploads(owner)
-
-        demo.unload(session_ended)
-
-        def dataset_columns(upload):
-            if not upload:
-                return gr.update(choices=[], value=None), ""
-            try:
-                cols, guess, info = inspect_upload(upload)
-            except UserError as exc:
-                return gr.update(choices=[], value=None), f"**Refused:** {exc}"
-            return gr.update(choices=cols, value=guess), info
-
-        upload.change(dataset_columns, [upload], [text_column, data_info], api_name="dataset_columns")
-        dataset.change(lambda name: describe_source(name), [dataset], [data_info], api_name="describe_dataset")
-        model.change(lambda m: f"<small>{EMBEDDED_NOTE}</small>" if (m or "embedded") == "embedded" else "",
-                     [model], [model_note], api_name="model_note")
-
-        def start_init_fn(session, model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha,
-                          rslora, targets, calib_samples, seq_len, eval_tokens, seed, methods, baselines, als_rounds,
-                          damping, request: gr.Request):
-            session, owner = session_owner(session)
-            tabs.seen(request, owner)
-            try:
-                model, dataset, upload = vetted_sources(model, dataset, upload, owner, upload_roots)
-                cfg = make_init_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
-                                       alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed, methods,
-                                       baselines, als_rounds, damping)
-                job = manager.submit("init", cfg, owner)
-            except (UserError, ValueError, TypeError) as exc:
-                raise gr.Error(str(exc)) from None
-            return session, job.id, status_text(manager.snapshot(job.id), manager)
-
-        start_init.click(start_init_fn, [session, *setup, methods, baselines, als_rounds, damping],
-                         [session, init_job, init_status], api_name="start_init")
-
-        def stop_fn(session, job_id):
-            _, owner = session_owner(session)
-            if not (session or {}).get("owner"):
-                return "this session has no jobs to stop"
-            return manager.stop(job_id, owner)
-
-        stop_init.click(stop_fn, [session, init_job], [init_status], api_name="stop_init")
-        stop_train.click(stop_fn, [session, train_job], [train_status], api_name="stop_train")
-
-        init_outputs = [init_progress, init_status, layer_plot, heatmap_plot, ppl_plot, numbers, report_json, init_note]
-
-        def init_status_fn(session, job_id):
-            job, refused = session_job(session, job_id)
-            v = init_views(job, manager)
-            return (progress_html(job, manager), refused or status_text(job, manager), v["layers"], v["heatmap"],
-                    v["perplexity"], v["numbers"], v["report"], v["note"])
-
-        refresh_init.click(init_status_fn, [session, init_job], init_outputs, api_name="init_status")
-
-        def poll_init(session, job_id, seen, other_job_id):
-            job, refused = session_job(session, job_id)
-            if job is None:
-                if seen.get("job") == job_id:
-                    return (*[gr.skip()] * (len(init_outputs) + 1), seen)
-                return (progress_html(None, manager), refused or status_text(None, manager), *[gr.skip()] * 7,
-                        {"job": job_id})
-            n_layers = sum(1 for e in job.events if e.get("kind") == "layer")
-            n_metrics = sum(1 for e in job.events if e.get("kind") == "metric")
-            key = {"job": job.id, "version": job.version, "layers": n_layers, "metrics": n_metrics,
-                   "status": job.status, "tick": int(job.elapsed) if job.status == RUNNING else -1}
-            if key == seen:
-                return (*[gr.skip()] * (len(init_outputs) + 1), seen)
-            fresh = seen.get("job") != job.id or seen.get("status") != job.status
-            parts = [p for p, changed in (("layers", fresh or seen.get("layers") != n_layers),
-                                          ("heatmap", fresh or seen.get("layers") != n_layers),
-                                          ("perplexity", fresh or seen.get("metrics") != n_metrics)) if changed]
-            v = init_views(job, manager, parts) if parts or fresh else {}
-            tables_changed = fresh or seen.get("layers") != n_layers or seen.get("metrics") != n_metrics
-            return (progress_html(job, manager), status_text(job, manager),
-                    v.get("layers", gr.skip()), v.get("heatmap", gr.skip()), v.get("perplexity", gr.skip()),
-                    v["numbers"] if tables_changed and "numbers" in v else gr.skip(),
-                    v["report"] if fresh and "report" in v else gr.skip(),
-                    v["note"] if fresh and "note" in v else gr.skip(),
-                    summary_text(job, session_job(session, other_job_id)[0]) if fresh else gr.skip(), key)
-
-        init_timer = gr.Timer(poll_seconds)
-        init_timer.tick(poll_init, [session, init_job, init_seen, train_job], [*init_outputs, summary, init_seen], api_name="poll_init",
-                        api_visibility="private", show_progress="hidden", queue=False)
-
-        def start_train_fn(session, model, dataset, upload, text_column, quant, double_quant, block_size, rank, alpha,
-                           rslora, targets, calib_samples, seq_len, eval_tokens, seed, als_rounds, damping, arms,
-                           steps, learning_rate, batch_size, grad_accum, eval_every, warmup_ratio, request: gr.Request):
-            session, owner = session_owner(session)
-            tabs.seen(request, owner)
-            try:
-                model, dataset, upload = vetted_sources(model, dataset, upload, owner, upload_roots)
-                cfg = make_train_config(model, dataset, upload, text_column, quant, double_quant, block_size, rank,
-                                        alpha, rslora, targets, calib_samples, seq_len, eval_tokens, seed, als_rounds,
-                                        damping, arms, steps, learning_rate, batch_size, grad_accum, eval_every,
-                                        warmup_ratio)
-                job = manager.submit("train", cfg, owner)
-            except (UserError, ValueError, TypeError) as exc:
-                raise gr.Error(str(exc)) from None
-            return session, job.id, status_text(manager.snapshot(job.id), manager)
-
-        start_train.click(start_train_fn, [session, *setup, als_rounds, damping, arms, steps, learning_rate,
-                                           batch_size, grad_accum, eval_every, warmup_ratio],
-                          [session, train_job, train_status], api_name="start_train")
-
-        train_outputs = [train_progress, train_status, curves_plot, throughput]
-
-        def train_views(job):
-            arms_cfg = list(getattr(job.config, "arms", ()) or ()) if job else []
-            events = job.events if job else []
-            return (F.train_figure(events, arms_cfg),
-                    pd.DataFrame(F.train_table(events, arms_cfg), columns=F.TRAIN_HEADER))
-
-        def train_status_fn(session, job_id):
-            job, refused = session_job(session, job_id)
-            fig, table = train_views(job)
-            return progress_html(job, manager), refused or status_text(job, manager), fig, table
-
-        refresh_train.click(train_status_fn, [session, train_job], train_outputs, api_name="train_status")
-
-        def poll_train(session, job_id, seen, other_job_id):
-            job, refused = session_job(session, job_id)
-            if job is None:
-                if seen.get("job") == job_id:
-                    return (*[gr.skip()] * (len(train_outputs) + 1), seen)
-                return (progress_html(None, manager), refused or status_text(None, manager), *[gr.skip()] * 3,
-                        {"job": job_id})
-            n_points = sum(1 for e in job.events if e.get("kind") in ("train_step", "eval", "metric") or F._is_arm_finished(e))
-            key = {"job": job.id, "version": job.version, "status": job.status, "points": n_points,
-                   "tick": int(job.elapsed) if job.status == RUNNING else -1}
-            if key == seen:
-                return (*[gr.skip()] * (len(train_outputs) + 1), seen)
-            fresh = seen.get("job") != job.id or seen.get("status") != job.status
-            if fresh or seen.get("points") != n_points:
-                fig, table = train_views(job)
-            else:
-                fig, table = gr.skip(), gr.skip()
-            text = summary_text(session_job(session, other_job_id)[0], job) if fresh else gr.skip()
-            return progress_html(job, manager), status_text(job, manager), fig, table, text, key
-
-        train_timer = gr.Timer(poll_seconds)
-        train_timer.tick(poll_train, [session, train_job, train_seen, init_job], [*train_outputs, summary, train_seen], api_name="poll_train",
-                         api_visibility="private", show_progress="hidden", queue=False)
-
-        def download_run(session, which, init_job_id, train_job_id):
-            job, refused = session_job(session, init_job_id if which == "init" else train_job_id)
-            summary = summary_text(session_job(session, init_job_id)[0], session_job(session, train_job_id)[0])
-            if refused:
-                raise gr.Error(refused)
-            if job is None or not job.run_dir:
-                raise gr.Error("that run has not started yet")
-            if job.active:
-                gr.Warning("the run is still going: the zip holds what it has written so far")
-            return zip_run(job.run_dir), summary
-
-        zip_btn.click(download_run, [session, which, init_job, train_job], [zip_file, summary], api_name="download_run")
-
-        # ---------------------------------------------------------------- reopen wiring
-        def list_runs_fn(session):
-            choices = list_runs((session or {}).get("owner") if isinstance(session, dict) else None)
-            return gr.update(choices=choices, value=choices[0][1] if choices else None)
-
-        refresh_runs.click(list_runs_fn, [session], [run_pick], api_name="list_runs")
-        demo.load(list_runs_fn, [session], [run_pick], api_name="list_runs_on_load", api_visibility="private",
-                  show_progress="hidden")
-
-        def reopen_fn(session, name):
-            owner = (session or {}).get("owner") if isinstance(session, dict) else None
-            try:
-                v = reopened_outputs(name, owner, manager)
-            except UserError as exc:
-                raise gr.Error(str(exc)) from None
-            return (v["summary"], v["layers"], v["heatmap"], v["perplexity"], v["curves"], v["table"], v["report"],
-                    v["zip"])
-
-        reopen_btn.click(reopen_fn, [session, run_pick],
-                         [reopen_summary, reopen_layers, reopen_heatmap, reopen_ppl, reopen_curves, reopen_table,
-                          reopen_report, reopen_zip], api_name="reopen_run")
-
-        # ---------------------------------------------------------------- teaching views wiring
-        def view_layers_fn(model):
-            try:
-                names, default = model_layers(paths.check_user_path(text_setting(model, "model"), "model"))
-            except Exception:  # noqa: BLE001 - the job checks the model properly; here only the picker is filled
-                names, default = [], ""
-            if not names:
-                return gr.update(choices=[("default (chosen by the app)", "")], value="")
-            return gr.update(choices=[(f"default: {default}", "")] + names, value="")
-
-        model.change(view_layers_fn, [model], [view_layer], api_name="view_layers")
-        demo.load(view_layers_fn, [model], [view_layer], api_name="view_layers_on_load", api_visibility="private",
-                  show_progress="hidden")
-
-        def attach_views(session):
-            owner = (session or {}).get("owner")
-            job = manager.latest(owner, "views") if owner else None
-            return job.id if job else ""
-
-        demo.load(attach_views, [session], [views_job], api_name="attach_views", api_visibility="private",
-                  show_progress="hidden")
-
-        def start_views_fn(session, init_job_id, model, dataset, upload, text_column, quant, double_quant, block_size,
-                           eval_tokens, seed, als_rounds, damping, layer, views_rank, views_calib_samples, views_seq_len,
-                           request: gr.Request):
-            session, owner = session_owner(session)
-            tabs.seen(request, owner)
-            init = manager.owned(init_job_id, owner) if init_job_id else None
-            if init is None or init.kind != "init":
-                init = manager.latest(owner, "init")
-            reports = [init.run_dir] if init and init.run_dir and (Path(init.run_dir) / "report.json").is_file() else []
-            try:
-                model, dataset, upload = vetted_sources(model, dataset, upload, owner, upload_roots)
-                cfg = make_views_config(model, dataset, upload, text_column, quant, double_quant, block_size,
-                                        eval_tokens, seed, als_rounds, damping, layer, views_rank, views_calib_samples,
-                                        views_seq_len, vd["ranks"], reports)
-                job = manager.submit("views", cfg, owner)
-            except (UserError, ValueError, TypeError) as exc:
-                raise gr.Error(str(exc)) from None
-            return session, job.id, status_text(manager.snapshot(job.id), manager)
-
-        start_views.click(start_views_fn, [session, init_job, model, dataset, upload, text_column, quant, double_quant,
-                                           block_size, eval_tokens, seed, als_rounds, damping, view_layer, view_rank,
-                                           view_calib, view_seq],
-                          [session, views_job, views_status], api_name="start_views")
-        stop_views.click(stop_fn, [session, views_job], [views_status], api_name="stop_views")
-
-        views_out = [views_progress, views_status, *view_plots.values(), precision_table, view_layer]
-
-        def views_status_fn(session, job_id):
-            job, refused = session_job(session, job_id)
-            v = views_outputs(job)
-            return (progress_html(job, manager) if job else progress_html(None, manager),
-                    refused or status_text(job, manager), *[v[k] for k in VIEW_KEYS], v["table"], v["layer"])
-
-        refresh_views.click(views_status_fn, [session, views_job], views_out, api_name="views_status")
-
-        def poll_views(session, job_id, seen):
-            job, _ = session_job(session, job_id)
-            if job is None:
-                return (*[gr.skip()] * len(views_out), seen)
-            key = {"job": job.id, "version": job.version, "status": job.status,
-                   "tick": int(job.elapsed) if job.status == RUNNING else -1}
-            if key == seen:
-                return (*[gr.skip()] * len(views_out), seen)
-            head = (progress_html(job, manager), status_text(job, manager))
-            if seen.get("job") == job.id and seen.get("status") == job.status:
-                return (*head, *[gr.skip()] * (len(views_out) - 2), key)
-            v = views_outputs(job)
-            return (*head, *[v[k] for k in VIEW_KEYS], v["table"], v["layer"], key)
-
-        views_timer = gr.Timer(poll_seconds)
-        views_timer.tick(poll_views, [session, views_job, views_seen], [*views_out, views_seen], api_name="poll_views",
-                         api_visibility="private", show_progress="hidden", queue=False)
-        view_rank.change(lambda r: how_it_works_markdown(int(r) if r and r >= 1 else None), [view_rank], [how],
-                         api_name="how_it_works")
+        _wire_setup(demo, studio, session, setup, init, train, results)
+        _wire_init(studio, session, seen["init"], setup, init, train, results, poll_seconds)
+        _wire_train(studio, session, seen["train"], setup, init, train, results, poll_seconds)
+        _wire_views(demo, studio, session, seen["views"], setup, init, views, poll_seconds)
+        _wire_results(demo, studio, session, init, train, results)
     # status calls are cheap and compute never runs inside a request: let many requests run side by side
     demo.queue(default_concurrency_limit=16)
     return demo
+
+
+def _wire_setup(demo: gr.Blocks, studio: Studio, session, setup: Setup, init: InitPanel, train: TrainPanel,
+                results: Results) -> None:
+    f = setup.fields
+    demo.load(studio.attach, [session], [session, init.panel.job, train.panel.job, results.queue_text],
+              api_name="attach")
+    demo.unload(studio.session_ended)
+    f["upload"].change(dataset_columns, [f["upload"]], [f["text_column"], setup.data_info], api_name="dataset_columns")
+    f["dataset"].change(describe_dataset, [f["dataset"]], [setup.data_info], api_name="describe_dataset")
+    f["model"].change(model_note, [f["model"]], [setup.model_note], api_name="model_note")
+
+
+def _wire_job(studio: Studio, session, panel: JobPanel, start: Callable, start_inputs: list,
+              named: dict[str, Any], status: Callable, outputs: list, kind: str) -> None:
+    """Start (settings by name), stop and status of one job panel."""
+    panel.start.click(start, start_inputs, [session, panel.job, panel.status], inputs_kwargs=named,
+                      api_name=f"start_{kind}")
+    panel.stop.click(studio.stop, [session, panel.job], [panel.status], api_name=f"stop_{kind}")
+    panel.refresh.click(status, [session, panel.job], outputs, api_name=f"{kind}_status")
+
+
+def _wire_init(studio: Studio, session, seen, setup: Setup, init: InitPanel, train: TrainPanel, results: Results,
+               poll_seconds: float) -> None:
+    _wire_job(studio, session, init.panel, studio.start_init, [session], setup.named(INIT_NAMES), studio.init_status,
+              init.outputs, "init")
+    poll = studio.poller(_count_init, studio.draw_init, len(init.outputs) - 1)
+    _poll_timer(poll_seconds, poll, [session, init.panel.job, seen, train.panel.job],
+                [*init.outputs, results.summary, seen], "poll_init")
+
+
+def _wire_train(studio: Studio, session, seen, setup: Setup, init: InitPanel, train: TrainPanel, results: Results,
+                poll_seconds: float) -> None:
+    _wire_job(studio, session, train.panel, studio.start_train, [session], setup.named(TRAIN_NAMES, train.fields),
+              studio.train_status, train.outputs, "train")
+    poll = studio.poller(_count_train, studio.draw_train, len(train.outputs) - 1)
+    _poll_timer(poll_seconds, poll, [session, train.panel.job, seen, init.panel.job],
+                [*train.outputs, results.summary, seen], "poll_train")
+
+
+def _wire_views(demo: gr.Blocks, studio: Studio, session, seen, setup: Setup, init: InitPanel, views: ViewsPanel,
+                poll_seconds: float) -> None:
+    model, layer = setup.fields["model"], views.fields["layer"]
+    model.change(view_layers, [model], [layer], api_name="view_layers")
+    demo.load(view_layers, [model], [layer], api_name="view_layers_on_load", **_PRIVATE)
+    demo.load(studio.attach_views, [session], [views.panel.job], api_name="attach_views", **_PRIVATE)
+    _wire_job(studio, session, views.panel, studio.start_views, [session, init.panel.job],
+              setup.named(VIEWS_NAMES, views.fields), studio.views_status, views.outputs, "views")
+    poll = studio.poller(lambda job: {}, studio.draw_views, len(views.outputs) - 2, idle=False)
+    _poll_timer(poll_seconds, poll, [session, views.panel.job, seen], [*views.outputs, seen], "poll_views")
+    views.fields["views_rank"].change(how_it_works, [views.fields["views_rank"]], [views.how], api_name="how_it_works")
+
+
+def _wire_results(demo: gr.Blocks, studio: Studio, session, init: InitPanel, train: TrainPanel,
+                  results: Results) -> None:
+    results.zip_button.click(studio.download_run, [session, results.which, init.panel.job, train.panel.job],
+                             [results.zip_file, results.summary], api_name="download_run")
+    results.refresh_runs.click(runs_to_reopen, [session], [results.run_pick], api_name="list_runs")
+    demo.load(runs_to_reopen, [session], [results.run_pick], api_name="list_runs_on_load", **_PRIVATE)
+    results.reopen.click(studio.reopen_run, [session, results.run_pick], results.reopened, api_name="reopen_run")
 
 
 _MANAGER: JobManager | None = None

@@ -28,7 +28,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from quailora_app.errors import UserError
+from quailora_app.runs import write_atomic
 from quailora_app.sources.data import COMPRESSION_SUFFIXES, FORMAT_SUFFIXES, HUB_ID, format_of
+from quailora_app.sources.models import cache_dir
+from quailora_app.units import MIB, format_bytes
 
 ACCEPTED_SUFFIXES = FORMAT_SUFFIXES  # what the data reader takes
 COMPRESSED_SUFFIXES = COMPRESSION_SUFFIXES
@@ -48,11 +51,7 @@ def max_upload_bytes() -> int:
         mb = float(raw) if raw.strip() else DEFAULT_MAX_UPLOAD_MB
     except ValueError:
         mb = DEFAULT_MAX_UPLOAD_MB
-    return int(max(mb, 0) * 1024 * 1024)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1024 / 1024:.1f} MB" if n >= 1024 * 1024 else f"{max(1, round(n / 1024))} KB"
+    return int(max(mb, 0) * MIB)
 
 
 def check_upload_name(name: str) -> str:
@@ -79,7 +78,7 @@ def check_upload(path: str | os.PathLike) -> Path:
         raise UserError(f"the uploaded file {src.name[:80]} is empty")
     limit = max_upload_bytes()
     if size > limit:
-        raise UserError(f"the uploaded file is {_mb(size)}; this app accepts at most {_mb(limit)} "
+        raise UserError(f"the uploaded file is {format_bytes(size)}; this app accepts at most {format_bytes(limit)} "
                         "(QUAILORA_MAX_UPLOAD_MB)")
     return src
 
@@ -120,15 +119,7 @@ def store_upload(path: str | os.PathLike, owner: str, *, sources: Iterable[str |
     name = _SAFE_NAME.sub("_", src.name)[-120:] or "upload.txt"
     dest = session / digest / name
     if not dest.is_file() or dest.stat().st_size != src.stat().st_size:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dest.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(resolved, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(dest, lambda tmp: shutil.copyfile(resolved, tmp))
     os.utime(session)  # the session is alive: `sweep_uploads` goes by this time
     return dest
 
@@ -183,8 +174,6 @@ def env_allowed_paths() -> list[Path]:
 
 def allowed_roots(owner: str | None = None) -> list[Path]:
     """The folders a typed path may point into, for this owner's session."""
-    from quailora_app.sources.models import cache_dir
-
     roots = [cache_dir()]
     if owner:
         roots.append(session_upload_dir(owner))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, replace_lora_weights_loftq
+from peft.tuners.lora import LoraLayer
 
 from quailora_app.config import LoraSettings
 
@@ -26,8 +28,6 @@ class Factors:
 
 
 def lora_config(lora: LoraSettings, leaf_targets: Sequence[str]):
-    from peft import LoraConfig
-
     return LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora, lora_dropout=0.0, bias="none",
         target_modules=sorted(set(leaf_targets)), task_type="CAUSAL_LM",
@@ -39,8 +39,6 @@ def attach_lora(model, lora: LoraSettings, module_names: Sequence[str]):
 
     Targets are given to peft as leaf names (q_proj, ...) restricted to the decoder blocks, so the saved
     adapter_config.json stays readable; the result is checked against the intended set."""
-    from peft import get_peft_model
-
     leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names})
     peft_model = get_peft_model(model, lora_config(lora, leaves))
     adapted = set(lora_layers(peft_model))
@@ -52,8 +50,6 @@ def attach_lora(model, lora: LoraSettings, module_names: Sequence[str]):
 
 def lora_layers(peft_model) -> dict[str, torch.nn.Module]:
     """Module path in the base model -> peft LoRA layer."""
-    from peft.tuners.lora import LoraLayer
-
     prefix = "base_model.model."
     return {
         name[len(prefix):] if name.startswith(prefix) else name: module
@@ -120,8 +116,6 @@ def loftq_factors(peft_model, model_folder: str | Path) -> dict[str, Factors]:
     peft writes factors that assume a scaling of 1 (peft issue 1982); they are rescaled here by 1/sqrt(s)
     each so that s * B @ A equals the correction LoftQ computed, a fair comparison at any alpha/r.
     Raises whatever peft raises (on CPU: 'Torch not compiled with CUDA enabled')."""
-    from peft import replace_lora_weights_loftq
-
     before = read_factors(peft_model)
     try:
         replace_lora_weights_loftq(peft_model, model_path=str(model_folder))

@@ -14,27 +14,81 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from quailora_app.config import ARMS
 from quailora_app.engine.evaluate import perplexity
+from quailora_app.engine.methods import ANCHOR, get_method
+
+BASES = ("4bit", "8bit", "full")
 
 
 @dataclass(frozen=True)
 class ArmSpec:
-    base: str  # "4bit", "8bit" or "full"
-    init: str  # "qlora" (peft default: A random, B = 0), "quailora", "closed_form" or "svd"
-    label: str
+    """One fine-tuning arm: the base it trains on and the initialization its LoRA factors start from."""
+
+    name: str
+    base: str  # "4bit" (the config's NF4/FP4), "8bit" (LLM.int8) or "full" (unquantized)
+    init: str  # a method of engine/methods.py computed per layer, or its qlora baseline (peft default: B = 0)
+    label: str  # the report's label
+    short: str  # legend and checkbox label
+    colour: str
+    help: str  # one line
+    default: bool = False  # in the default arm list of `train`
+
+    def __post_init__(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"arm {self.name!r}: base must be one of {', '.join(BASES)}, not {self.base!r}")
+        if get_method(self.init).kind == ANCHOR:
+            raise ValueError(f"arm {self.name!r}: {self.init} is not computed per layer, so no arm can start from it")
 
 
-ARM_SPECS: dict[str, ArmSpec] = {
-    "qlora4": ArmSpec("4bit", "qlora", "4-bit QLoRA (peft default init)"),
-    "quailora4": ArmSpec("4bit", "quailora", "4-bit + QuAILoRA init"),
-    "closed4": ArmSpec("4bit", "closed_form", "4-bit + closed-form init"),
-    "svd4": ArmSpec("4bit", "svd", "4-bit + SVD (uncalibrated) init"),
-    "qlora8": ArmSpec("8bit", "qlora", "8-bit LLM.int8 QLoRA (peft default init)"),
-    "quailora8": ArmSpec("8bit", "quailora", "8-bit + QuAILoRA init (against the 8-bit Q)"),
-    "lora16": ArmSpec("full", "qlora", "unquantized base, LoRA (peft default init)"),
-}
-assert set(ARM_SPECS) == set(ARMS)
+#: The one arms registry: name -> ArmSpec, in the order of every table, figure and choice list. 4-bit arms share
+#: one NF4/FP4 base and one calibration; quailora8 is initialized against the 8-bit Q; lora16 is the unquantized
+#: (float32 on CPU, bfloat16 on CUDA) reference.
+ARM_SPECS: dict[str, ArmSpec] = {}
+
+
+def register_arm(spec: ArmSpec) -> ArmSpec:
+    """Add an arm (a name is registered once)."""
+    if spec.name in ARM_SPECS:
+        raise ValueError(f"arm {spec.name!r} is already registered")
+    ARM_SPECS[spec.name] = spec
+    return spec
+
+
+def unregister_arm(name: str) -> None:
+    """Remove an arm (for tests that register a toy one)."""
+    del ARM_SPECS[name]
+
+
+def find_arm(name: str) -> ArmSpec | None:
+    return ARM_SPECS.get(name)
+
+
+def arm_names() -> tuple[str, ...]:
+    """Every registered arm (the CLI and form choices; read when a parser or form is built)."""
+    return tuple(ARM_SPECS)
+
+
+def default_arm_names() -> tuple[str, ...]:
+    return tuple(name for name, spec in ARM_SPECS.items() if spec.default)
+
+
+for _spec in (
+    ArmSpec("qlora4", "4bit", "qlora", "4-bit QLoRA (peft default init)", "4-bit QLoRA", "#d62728",
+            "4-bit base, peft's default init (B = 0)", default=True),
+    ArmSpec("quailora4", "4bit", "quailora", "4-bit + QuAILoRA init", "4-bit QuAILoRA", "#1f77b4",
+            "4-bit base, QuAILoRA's calibrated init", default=True),
+    ArmSpec("closed4", "4bit", "closed_form", "4-bit + closed-form init", "4-bit closed-form init", "#2ca02c",
+            "4-bit base, the calibrated objective's exact optimum as init"),
+    ArmSpec("svd4", "4bit", "svd", "4-bit + SVD (uncalibrated) init", "4-bit SVD init", "#ff7f0e",
+            "4-bit base, the SVD of the weight error as init"),
+    ArmSpec("qlora8", "8bit", "qlora", "8-bit LLM.int8 QLoRA (peft default init)", "8-bit QLoRA", "#7f7f7f",
+            "8-bit LLM.int8 base, peft's default init", default=True),
+    ArmSpec("quailora8", "8bit", "quailora", "8-bit + QuAILoRA init (against the 8-bit Q)", "8-bit QuAILoRA",
+            "#17becf", "8-bit base, QuAILoRA's init against the 8-bit Q"),
+    ArmSpec("lora16", "full", "qlora", "unquantized base, LoRA (peft default init)", "16-bit LoRA", "#4d4d4d",
+            "unquantized base, plain LoRA: the reference"),
+):
+    register_arm(_spec)
 
 
 def batch_hash(micro_batches: list[torch.Tensor]) -> str:
@@ -128,7 +182,8 @@ class Arm:
             raise RuntimeError(f"arm {self.name}: no trainable LoRA parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
         self.weights_bytes = model_bytes(self.model)
-        self._weight_keys = {_storage_key(p) for p in self.model.parameters()} | {_storage_key(b) for b in self.model.buffers()}
+        self._weight_keys = ({_storage_key(p) for p in self.model.parameters()}
+                             | {_storage_key(b) for b in self.model.buffers()})
         self.trainable = sum(p.numel() for p in self.params)
 
     def optimizer_bytes(self) -> int:
@@ -171,9 +226,11 @@ class Arm:
         seconds = time.perf_counter() - start
         if cuda and measure_cuda == "peak":
             memory = int(torch.cuda.max_memory_allocated(self.device))
-            self.memory_method = "measured: torch.cuda.max_memory_allocated during the arm's step (arm alone on the device)"
+            self.memory_method = ("measured: torch.cuda.max_memory_allocated during the arm's step "
+                                  "(arm alone on the device)")
         elif cuda:
-            memory = self.weights_bytes + self.optimizer_bytes() + int(torch.cuda.max_memory_allocated(self.device)) - before
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            memory = self.weights_bytes + self.optimizer_bytes() + peak - before
             self.memory_method = ("arm's weights + AdamW state (accounted) + the step's measured rise of "
                                   "torch.cuda.max_memory_allocated above the memory allocated before it")
         else:

@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.config import ALL_LINEAR
+from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.errors import Cancelled, ConfigError, ModelError
 
 
@@ -53,8 +54,6 @@ def decoder_layers(model) -> tuple[str, nn.ModuleList]:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    import bitsandbytes as bnb
-
     return isinstance(module, (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 

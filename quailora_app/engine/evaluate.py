@@ -25,9 +25,13 @@ def perplexity(model, eval_ids: torch.Tensor, batch_size: int = 4) -> float:
     return math.exp(total_nll / total_tokens)
 
 
-def gap_closed(ppl_method: float, ppl_baseline: float, ppl_target: float) -> float | None:
-    """(ppl_qlora - ppl_method) / (ppl_qlora - ppl_target): 0 = no better than plain 4-bit, 1 = as good as the target."""
+def gap_closed(ppl_method: float | None, ppl_baseline: float | None, ppl_target: float | None) -> float | None:
+    """(ppl_qlora - ppl_method) / (ppl_qlora - ppl_target): 0 = no better than plain 4-bit, 1 = as good as the target.
+    None when a perplexity is missing, the baseline is as good as the target, or the share is not finite."""
+    if None in (ppl_method, ppl_baseline, ppl_target):
+        return None
     gap = ppl_baseline - ppl_target
     if not math.isfinite(gap) or abs(gap) < 1e-9:
         return None
-    return (ppl_baseline - ppl_method) / gap
+    share = (ppl_baseline - ppl_method) / gap
+    return share if math.isfinite(share) else None

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from quailora_app.config import SOLVERS
 from quailora_app.errors import ConfigError
+
+#: closed_form's solvers: exact (Cholesky + truncated SVD) or randomized (subspace iteration).
+SOLVERS = ("exact", "randomized")
 
 __all__ = [
     "DampedH",
     "damped",
-    "HSpectrum",
-    "spectrum",
     "svd_correction",
     "closed_form_correction",
     "SOLVERS",
@@ -47,52 +47,6 @@ def _work(t: Tensor) -> Tensor:
     return t.to(_work_dtype(t.device))
 
 
-@dataclass
-class HSpectrum:
-    """Eigen-decomposition of one damped H: H + lambda I = V diag(l) V^T.
-
-    Computed once per distinct layer input and reused (q/k/v share one input, so do gate/up).
-    `sqrt()` and `inv_sqrt()` are cached after their first call.
-    """
-
-    eigvals: Tensor  # (n,) of H + lambda I, clamped > 0
-    eigvecs: Tensor  # (n, n), columns are the eigenvectors
-    damping_lambda: float
-    _sqrt: Tensor | None = field(default=None, init=False, repr=False, compare=False)
-    _inv_sqrt: Tensor | None = field(default=None, init=False, repr=False, compare=False)
-
-    def _fn(self, values: Tensor) -> Tensor:
-        v = self.eigvecs
-        return (v * values.to(v.dtype)) @ v.T
-
-    def sqrt(self) -> Tensor:
-        """S = V diag(sqrt(l)) V^T, the symmetric square root: S @ S = H + lambda I."""
-        if self._sqrt is None:
-            self._sqrt = self._fn(self.eigvals.sqrt())
-        return self._sqrt
-
-    def inv_sqrt(self) -> Tensor:
-        """S^-1 = V diag(1 / sqrt(l)) V^T."""
-        if self._inv_sqrt is None:
-            self._inv_sqrt = self._fn(self.eigvals.rsqrt())
-        return self._inv_sqrt
-
-    def damped(self) -> Tensor:
-        """H + lambda I = V diag(l) V^T (not cached)."""
-        return self._fn(self.eigvals)
-
-    def apply(self, R: Tensor) -> Tensor:
-        """(H + lambda I) @ R = V (l * (V^T R)) for an (n x k) R, without forming the n x n product."""
-        v = self.eigvecs
-        R = R.to(v.dtype)
-        return v @ (self.eigvals.to(v.dtype)[:, None] * (v.T @ R))
-
-    def cholesky(self) -> Tensor:
-        """Lower-triangular L with L L^T = H + lambda I (not cached)."""
-        Hd = self.damped()
-        return _cholesky((Hd + Hd.T) / 2).to(self.eigvecs.dtype)
-
-
 def _cholesky(M: Tensor) -> Tensor:
     """Cholesky factor of a symmetric PD matrix, in float64. If round-off makes it fail (damping 0 on a
     singular H), a jitter of 1e-12, 1e-10, ... times the mean diagonal is added until it succeeds."""
@@ -103,7 +57,8 @@ def _cholesky(M: Tensor) -> Tensor:
     while int(info) != 0:
         if jitter > 1e-2:
             raise ValueError("H + lambda I is not positive definite even with jitter")
-        L, info = torch.linalg.cholesky_ex(M64 + jitter * scale * torch.eye(M64.shape[0], dtype=M64.dtype, device=M64.device))
+        eye = torch.eye(M64.shape[0], dtype=M64.dtype, device=M64.device)
+        L, info = torch.linalg.cholesky_ex(M64 + jitter * scale * eye)
         jitter *= 100
     return L
 
@@ -153,22 +108,6 @@ def damped(H: Tensor, damping: float = 0.01) -> DampedH:
     return DampedH(H64.to(_work_dtype(H.device)), lam)
 
 
-def spectrum(H: Tensor, damping: float = 0.01) -> HSpectrum:
-    """Eigen-decompose H + lambda I with lambda = damping * mean(diag(H)).
-
-    The decomposition runs in float64 (H is symmetrized first); eigenvalues are clamped to at least
-    lambda (H is PSD, so this only removes round-off). If H is all zero, lambda = damping, so the
-    calibrated methods fall back to the plain SVD. damping = 0 keeps only a tiny relative floor.
-    """
-    H64, lam = _symmetric64(H, damping)
-    evals, evecs = torch.linalg.eigh(H64)
-    evals = evals + lam
-    top = float(evals.abs().max()) if evals.numel() else 0.0
-    floor = lam if lam > 0 else 1e-12 * (top if top > 0 else 1.0)
-    evals = evals.clamp(min=floor)
-    return HSpectrum(eigvals=evals.to(_work_dtype(H.device)), eigvecs=evecs.to(_work_dtype(H.device)), damping_lambda=lam)
-
-
 def _truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-`rank` singular triplets of M through the eigen-decomposition of its smaller Gram matrix.
 
@@ -210,7 +149,7 @@ def svd_correction(E: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def closed_form_correction(
-    E: Tensor, h: DampedH | HSpectrum, rank: int, solver: str = "exact", power_iters: int = 6, oversample: int = 16,
+    E: Tensor, h: DampedH, rank: int, solver: str = "exact", power_iters: int = 6, oversample: int = 16,
     EHd: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Minimizer of tr((E - C)(H + lambda I)(E - C)^T) over rank-r C (H + lambda I written Hd below).
@@ -243,7 +182,7 @@ def closed_form_correction(
     return U * root, Rt.contiguous()
 
 
-def _closed_form_wide(E: Tensor, h: DampedH | HSpectrum, rank: int, EHd: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _closed_form_wide(E: Tensor, h: DampedH, rank: int, EHd: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """closed_form for m <= n without factorizing Hd: C = U_r U_r^T E with U_r the top-r eigenvectors of the
     m x m matrix G = E Hd E^T (= (E L)(E L)^T, whose top left singular vectors the Cholesky route finds).
     Cost m n^2 + m^2 n + eigh(m): no n^3 Cholesky and no triangular solve."""
@@ -260,7 +199,7 @@ def _closed_form_wide(E: Tensor, h: DampedH | HSpectrum, rank: int, EHd: Tensor 
     return U, Rt.contiguous()
 
 
-def _closed_form_randomized(E: Tensor, h: DampedH | HSpectrum, rank: int, power_iters: int, oversample: int):
+def _closed_form_randomized(E: Tensor, h: DampedH, rank: int, power_iters: int, oversample: int):
     Ew = _work(E)
     m, n = Ew.shape
     k = min(rank + oversample, m, n)
@@ -303,7 +242,7 @@ def _psd_solve(G: Tensor, rhs: Tensor) -> Tensor:
     return ((V * inv) @ (V.T @ rhs64)).to(rhs.dtype)
 
 
-def quailora_correction(E: Tensor, spec: DampedH | HSpectrum, rank: int, rounds: int = 20) -> tuple[Tensor, Tensor]:
+def quailora_correction(E: Tensor, spec: DampedH, rank: int, rounds: int = 20) -> tuple[Tensor, Tensor]:
     """The paper's alternating least squares for min tr((E - C) Hd (E - C)^T), C = P R^T, Hd = H + lambda I.
 
     Starts from the truncated SVD of E (R = V_r), then `rounds` times:

@@ -1,9 +1,10 @@
 """Compute every initialization's LoRA factors for every target layer, block by block.
 
 For each block from calibrate_blocks: E = W - Q per target layer (Q exactly as the quantized layer holds it),
-one damped H (and, for tall layers, its Cholesky factor, computed once) per distinct input (shared by q/k/v and by gate/up), then per method a low-rank
-correction C = P Rt, split into peft factors with s * B @ A == C, and the layer's error figures measured on
-the factors themselves. Used by the init report and by the fine-tuning arms that start from an initialization.
+one damped H (and, for tall layers, its Cholesky factor, computed once) per distinct input (shared by q/k/v and
+by gate/up), then per method of engine/methods.py computed per layer a low-rank correction C = P Rt, split into
+peft factors with s * B @ A == C, and the layer's error figures measured on the factors themselves. Used by the
+init report and by the fine-tuning arms that start from an initialization.
 """
 from __future__ import annotations
 
@@ -14,18 +15,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quailora_app.config import LoraSettings
 from quailora_app.engine import init_math
 from quailora_app.engine.adapters import Factors
 from quailora_app.engine.calibrate import calibrate_blocks, decoder_layers, target_names
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.config import LoraSettings
+from quailora_app.engine.methods import QLORA, get_method
 from quailora_app.engine.parallel import Processes, share_layers
+from quailora_app.engine.quantize import dequantized_weight
 from quailora_app.errors import Cancelled
 from quailora_app.events import Event, LayerResult, Progress
-from quailora_app.engine.quantize import dequantized_weight
-
-CALIBRATED = ("quailora", "closed_form")
-COMPUTED = ("svd", "quailora", "closed_form")
 
 
 @dataclass
@@ -65,18 +64,6 @@ def target_paths(model, lora: LoraSettings) -> list[str]:
     return names
 
 
-def correction(method: str, E: torch.Tensor, spec: init_math.DampedH | None, rank: int, als_rounds: int,
-               solver: str = "exact", EHd: torch.Tensor | None = None):
-    """(P, Rt) with C = P @ Rt for one method (`EHd` = E Hd when already formed, reused by closed_form)."""
-    if method == "svd":
-        return init_math.svd_correction(E, rank)
-    if method == "quailora":
-        return init_math.quailora_correction(E, spec, rank, als_rounds)
-    if method == "closed_form":
-        return init_math.closed_form_correction(E, spec, rank, solver=solver, EHd=EHd)
-    raise ValueError(f"{method} is not computed per layer")
-
-
 def initialize(
     model,
     checkpoint: Checkpoint,
@@ -95,20 +82,22 @@ def initialize(
 ) -> Iterator[Event]:
     """Yield a LayerResult per layer and a Progress per block while filling `result`.
 
-    With `processes` (several processes of a torch.distributed group, see distributed.py), each process is given
+    `methods`: names of engine/methods.py; those computed per layer run here (the others are skipped).
+
+    With `processes` (several processes of a torch.distributed group, see engine/parallel.py), each process is given
     the same `calib_ids`, runs its share of them, and computes its share of each block's layers; H is summed
     over the processes and every result is gathered on rank 0, whose `result` and events equal one process's.
     The other processes yield only Progress. `seconds` per method are then summed over the processes."""
-    methods = [m for m in methods if m in COMPUTED]
+    methods = [m for m in map(get_method, methods) if m.per_layer]
     s, r = lora.scaling, lora.rank
     modules = dict(model.named_modules())
     n_blocks = len(decoder_layers(model)[1])
     seconds = result.seconds
     seconds.setdefault("calibrate", 0.0)
     for m in methods:
-        seconds.setdefault(m, 0.0)
-        result.factors.setdefault(m, {})
-    calibrated = any(m in CALIBRATED for m in methods)
+        seconds.setdefault(m.name, 0.0)
+        result.factors.setdefault(m.name, {})
+    calibrated = any(m.calibrated for m in methods)
     split = processes is not None and processes.world > 1
     if split:
         calib_ids = processes.shard(calib_ids)
@@ -120,11 +109,11 @@ def initialize(
         order = [(local, group) for group in block.groups for local in group.names]
         mine = {local for local, _ in order}
         if split:
-            owners = share_layers([(local, group.names[0], tuple(block.weights[local].shape)) for local, group in order],
-                                  processes.world, calibrated)
+            shapes = [(local, group.names[0], tuple(block.weights[local].shape)) for local, group in order]
+            owners = share_layers(shapes, processes.world, calibrated)
             mine = {local for (local, _), owner in zip(order, owners) if owner == processes.rank}
         computed: dict[str, tuple[LayerResult, dict[str, Factors]]] = {}
-        spent = dict.fromkeys(methods, 0.0)
+        spent = dict.fromkeys([m.name for m in methods], 0.0)
         with one_cpu_thread(device):
             for group in block.groups:
                 todo = [local for local in group.names if local in mine]
@@ -143,20 +132,22 @@ def initialize(
                     meter_seconds = time.perf_counter() - start  # mostly E Hd, which closed_form reuses
                     E = meter.E  # in the working precision, shared by the methods (no copy per method)
                     del W
-                    weight_err, calib_err = {"qlora": 1.0}, {"qlora": 1.0}
+                    weight_err, calib_err = {QLORA: 1.0}, {QLORA: 1.0}
                     factors = {}
                     for method in methods:
                         start = time.perf_counter()
-                        reuse = method == "closed_form" and solver == "exact" and E.shape[0] <= E.shape[1]
-                        P, Rt = correction(method, E, spec, r, als_rounds, solver, meter.EH if reuse else None)
+                        reuse = method.uses_EHd is not None and method.uses_EHd(*E.shape, solver)
+                        P, Rt = method.correction(E, spec, r, als_rounds=als_rounds, solver=solver,
+                                                  EHd=meter.EH if reuse else None)
                         A, B = init_math.split_factors(P, Rt, s)
                         # forming the group's H + lambda I is charged once to each calibrated method, as if run alone
-                        shared = damping_seconds if method in CALIBRATED and local == todo[0] else 0.0
+                        shared = damping_seconds if method.calibrated and local == todo[0] else 0.0
                         shared += meter_seconds if reuse else 0.0  # the E Hd it reused is charged to it
-                        spent[method] += time.perf_counter() - start + shared
+                        key = method.name
+                        spent[key] += time.perf_counter() - start + shared
                         # measured on what the saved adapter really adds: C = s * B @ A
-                        weight_err[method], calib_err[method] = meter.errors(s * B.to(E.dtype), A.to(E.dtype))
-                        factors[method] = Factors(A.float().cpu(), B.float().cpu())
+                        weight_err[key], calib_err[key] = meter.errors(s * B.to(E.dtype), A.to(E.dtype))
+                        factors[key] = Factors(A.float().cpu(), B.float().cpu())
                     computed[local] = (LayerResult(name, block.index, local, shape, weight_err, calib_err), factors)
                     del E, meter  # before the next layer's are built: one n x n work set alive at a time
                 del spec

@@ -45,8 +45,8 @@ from quailora_app.engine.arms import ARM_SPECS
 from quailora_app.engine.init_math import check_rank
 from quailora_app.errors import ModelError
 from quailora_app.sources.models import check_context, trust_remote_code
+from quailora_app.units import GIB, format_bytes
 
-GIB = 2 ** 30
 LIMIT_ENV = "QUAILORA_MEMORY_LIMIT_GIB"
 
 
@@ -78,13 +78,8 @@ class Estimate:
         return max(self.phases.items(), key=lambda kv: kv[1])
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {gib(value)}" for name, value in self.phases.items())
-        return f"about {gib(self.peak[1])} at the peak ({parts})"
-
-
-def gib(n: float) -> str:
-    """Bytes as 'x.y GiB' (or 'n MiB' under 1 GiB, so small models do not read 0.0 GiB)."""
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2 ** 20:.0f} MiB"
+        parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in self.phases.items())
+        return f"about {format_bytes(self.peak[1])} at the peak ({parts})"
 
 
 def model_shapes(config) -> ModelShapes:
@@ -192,7 +187,7 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
         free, where = int(torch.cuda.mem_get_info(device)[0]), "free on the GPU"
     else:
         try:
-            import psutil
+            import psutil  # optional: present with gradio; without it the limit alone applies
 
             free, where = int(psutil.virtual_memory().available), "available"
         except ImportError:
@@ -213,10 +208,11 @@ def check_fits(name: str, job: str, estimate: Estimate, device: torch.device, hi
     return the line to show in the run's events."""
     free, where = available_bytes(device)
     phase, need = estimate.peak
-    line = f"memory estimate for {job} of '{name}' on {device.type}: {estimate.describe()}; {gib(free)} {where}"
+    line = (f"memory estimate for {job} of '{name}' on {device.type}: {estimate.describe()}; "
+            f"{format_bytes(free)} {where}")
     if need > free:
-        raise ModelError(f"model '{name}' needs about {gib(need)} for {job} on {device.type} (peak: {phase}); "
-                         f"{gib(free)} {where}" + (f": {hint}" if hint else ""))
+        raise ModelError(f"model '{name}' needs about {format_bytes(need)} for {job} on {device.type} (peak: {phase}); "
+                         f"{format_bytes(free)} {where}" + (f": {hint}" if hint else ""))
     return line
 
 

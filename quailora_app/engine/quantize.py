@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import warnings
 
+import bitsandbytes as bnb
+import bitsandbytes.functional as F
 import torch
+from transformers import BitsAndBytesConfig
 
-from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.config import QuantConfig
+from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.errors import ModelError
 from quailora_app.sources.models import ModelSource, _load
 
 
 def bnb_4bit_config(quant: QuantConfig, compute_dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant,
@@ -27,8 +28,6 @@ def bnb_4bit_config(quant: QuantConfig, compute_dtype: torch.dtype):
 
 
 def linear4bit_modules(model) -> dict[str, torch.nn.Module]:
-    import bitsandbytes as bnb
-
     return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
 
@@ -49,15 +48,14 @@ def dequantized_weight(layer) -> torch.Tensor:
 
     4-bit: blockwise NF4/FP4 codes times their (double-quantized) absmax. 8-bit (LLM.int8): int8 rows CB
     times their row scale SCB / 127."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return layer.weight.data.float() * layer.weight.SCB.float()[:, None] / 127.0
 
     data, state = layer.weight.data, layer.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+        from bitsandbytes.nn.modules import (
+            _convert_weight_packed_for_cpu_inverse,  # private: only on the repacked CPU path
+        )
 
         data, state = _convert_weight_packed_for_cpu_inverse(data, state)
     return F.dequantize_4bit(data, state).float()
@@ -66,9 +64,6 @@ def dequantized_weight(layer) -> torch.Tensor:
 def requantize_block_size(model, source: ModelSource, quant: QuantConfig) -> None:
     """transformers always quantizes with blocks of 64; for another block size, quantize each 4-bit layer
     again with bitsandbytes from the full-precision weight streamed from the checkpoint."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
     checkpoint = Checkpoint(source.folder)
     for name, layer in linear4bit_modules(model).items():
         device = layer.weight.device
@@ -97,8 +92,6 @@ def load_4bit(source: ModelSource, quant: QuantConfig, device: torch.device, com
 
 def load_8bit(source: ModelSource, device: torch.device):
     """LLM.int8 (bitsandbytes 8-bit), the comparison arm QLoRA's 4-bit tries to match."""
-    from transformers import BitsAndBytesConfig
-
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     return _load(source, device, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=dtype)

@@ -5,6 +5,9 @@ import logging
 import os
 import warnings
 
+from huggingface_hub.utils import disable_progress_bars
+from transformers.utils import logging as hf_logging
+
 
 def quiet_libraries() -> None:
     """bitsandbytes logs a warning per 8-bit matmul on CPU and a hub-kernel miss at import; transformers and
@@ -13,16 +16,6 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()

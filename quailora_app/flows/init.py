@@ -6,8 +6,6 @@ computed is written to the run folder as it happens (events.jsonl, report.json, 
 """
 from __future__ import annotations
 
-import gc
-import math
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -16,26 +14,23 @@ from pathlib import Path
 
 import torch
 
+from quailora_app.config import InitConfig
 from quailora_app.engine.adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
 from quailora_app.engine.calibrate import decoder_layers
-from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.config import InitConfig
-from quailora_app.engine.parallel import Processes
-from quailora_app.errors import Cancelled
 from quailora_app.engine.evaluate import gap_closed, perplexity
-from quailora_app.events import Event, Log, Metric, Progress, RunFailed, RunFinished, Stage
-from quailora_app.engine.quiet import quiet_libraries
 from quailora_app.engine.initialize import InitResult, initialize, target_paths
+from quailora_app.engine.parallel import Processes
 from quailora_app.engine.preflight import preflight_init
-from quailora_app.engine.quantize import load_4bit, load_8bit
-from quailora_app.runs import EventLog, ended_in_one_line, new_run_dir, write_json_atomic
-from quailora_app.sources.data import load_splits
-from quailora_app.sources.models import (
-    compute_dtype, device_label, load_config, load_full_precision, load_tokenizer, pick_device, resolve_model,
-)
+from quailora_app.engine.quantize import load_8bit
+from quailora_app.engine.quiet import quiet_libraries
+from quailora_app.errors import Cancelled, one_line
+from quailora_app.events import Event, Log, Metric, Progress, RunFinished, Stage
+from quailora_app.flows.prepare import prepare
+from quailora_app.flows.recorder import Recorder, free_memory
+from quailora_app.runs import Report, RunFolder
+from quailora_app.sources.models import device_label, load_full_precision, pick_device
 
 quiet_libraries()
-
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -45,23 +40,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class InitRun:
     """One run of the init flow. Iterate `events()`; results land in `run_dir` as they are computed."""
 
     def __init__(self, cfg: InitConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None,
                  processes: Processes | None = None):
         self.cfg = cfg
-        self.processes = processes  # rank 0 of several (distributed.py): the init's work is shared, the rest is ours
-        self.should_stop = should_stop or (lambda: False)
-        self.run_dir = Path(run_dir) if run_dir else new_run_dir("init", cfg.out)
+        self.processes = processes  # rank 0 of several (flows/launch.py): the init's work is shared, the rest is ours
+        folder = RunFolder.create("init", run_dir or cfg.out)
+        self.run_dir = folder.path
         self.device = pick_device(cfg.model.device)
-        self.report: dict = {
+        self.report: Report = {
+            "kind": "init",
             "status": "running",
             "model": cfg.model.model,
             "dataset": cfg.data.dataset,
@@ -83,88 +73,60 @@ class InitRun:
         if processes is not None:
             self.report["processes"] = {"world_size": processes.world, "backend": processes.backend,
                                         "note": "seconds per method are summed over the processes; memory is rank 0's"}
-        self._log = EventLog(self.run_dir)
+        self.rec = Recorder(folder, self.report, should_stop, before_save=self._note_peak_memory)
+        self.should_stop = self.rec.should_stop
         self.factors: dict[str, dict[str, Factors]] = {}
 
-    # -- plumbing ---------------------------------------------------------------------------------------
-    def _emit(self, event: Event) -> Event:
-        self._log.append(event)
-        return event
-
-    def _save_report(self) -> None:
+    def _note_peak_memory(self) -> None:
         self.report["peak_memory_bytes"] = max(self.report["peak_memory_bytes"], peak_memory_bytes(self.device))
-        write_json_atomic(self.run_dir / "report.json", self.report)
-
-    def _check_stop(self, where: str) -> None:
-        if self.should_stop():
-            raise Cancelled(f"stopped by the user during {where}")
 
     def events(self) -> Iterator[Event]:
-        try:
-            yield from ended_in_one_line(
-                self._run(), self._finish_failed, self.run_dir, self.report["device"],
-                "try a smaller model, fewer calibration samples or a shorter seq-len", free_memory)
-        finally:
-            self._log.close()
-            free_memory()
-
-    def _finish_failed(self, message: str, cancelled: bool = False) -> Event:
-        self.report["status"] = "cancelled" if cancelled else "failed"
-        self.report["error"] = message
-        self._save_report()
-        return self._emit(RunFailed(str(self.run_dir), message, cancelled))
+        return self.rec.run(self._run(), self.report["device"],
+                            "try a smaller model, fewer calibration samples or a shorter seq-len")
 
     # -- the flow ---------------------------------------------------------------------------------------
     def _run(self) -> Iterator[Event]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        yield self._emit(Stage("load", f"resolving model '{cfg.model.model}'"))
-        source = resolve_model(cfg.model.model)
-        config = load_config(source)
-        yield self._emit(Log(preflight_init(source.name, config, cfg, self.device)))  # before any weight is read
-        tokenizer = load_tokenizer(source)
+        prepared = yield from self.rec.relay(prepare(
+            cfg.model, cfg.data, cfg.quant, self.device,
+            lambda name, config: preflight_init(name, config, cfg, self.device), should_stop=self.should_stop))
+        source, splits, model = prepared.source, prepared.splits, prepared.model
         self.report["model_note"] = source.note
-        yield self._emit(Stage("data", f"reading dataset '{cfg.data.dataset}'"))
-        splits = load_splits(cfg.data, tokenizer)
         self.report["tokens"] = {"calibration": int(splits.calib.numel()), "eval": int(splits.eval.numel())}
-        self._check_stop("data loading")
-        Checkpoint(source.folder).check_finite(source.name)  # NaN / Inf refused before quantizing
-
-        yield self._emit(Stage("quantize", f"loading {source.name} in 4-bit {cfg.quant.quant} on {self.report['device']}"))
-        dtype = compute_dtype(cfg.model.compute_dtype, self.device)
-        model = load_4bit(source, cfg.quant, self.device, dtype)
         self.report["seconds"]["load"] = time.perf_counter() - t0
         self.target_paths = target_paths(model, cfg.lora)
         self.report["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in self.target_paths})
-        self._save_report()
-        self._check_stop("quantization")
+        self.rec.save()
+        self.rec.check_stop("quantization")
 
-        yield from self._calibrate_and_initialize(model, source, splits.calib, dtype)
+        yield from self._calibrate_and_initialize(model, prepared.checkpoint, splits.calib, prepared.dtype)
         yield from self._evaluate_methods(model, source, splits.eval)
-        del model
+        del model, prepared
         free_memory()
         if cfg.baselines:
             yield from self._baselines(source, splits.eval)
         self._gap_figures()
         self.report["status"] = "finished"
         self.report["seconds"]["total"] = time.perf_counter() - t0
-        self._save_report()
-        yield self._emit(RunFinished(str(self.run_dir), self.report))
+        self.rec.save()
+        yield self.rec.emit(RunFinished(str(self.run_dir), self.report))
 
-    def _calibrate_and_initialize(self, model, source, calib_ids, dtype) -> Iterator[Event]:
+    def _calibrate_and_initialize(self, model, checkpoint, calib_ids, dtype) -> Iterator[Event]:
         cfg = self.cfg
         result = InitResult(factors=self.factors, layers=self.report["layers"], seconds=self.report["seconds"])
         n_blocks = len(decoder_layers(model)[1])
-        yield self._emit(Stage("calibrate", f"{len(calib_ids)} x {calib_ids.shape[1]} tokens through {n_blocks} full-precision blocks"))
+        yield self.rec.emit(Stage("calibrate", f"{len(calib_ids)} x {calib_ids.shape[1]} tokens through {n_blocks} "
+                                               "full-precision blocks"))
         calib_dtype = torch.float32 if self.device.type == "cpu" else dtype
         try:
-            for event in initialize(model, Checkpoint(source.folder), calib_ids, cfg.lora, cfg.methods, result,
+            for event in initialize(model, checkpoint, calib_ids, cfg.lora, cfg.methods, result,
                                     device=self.device, calib_dtype=calib_dtype, damping=cfg.damping,
                                     als_rounds=cfg.als_rounds, should_stop=self.should_stop, solver=cfg.solver,
                                     processes=self.processes):
                 if isinstance(event, Progress):
-                    self._save_report()
-                yield self._emit(event)
+                    self.rec.save()
+                yield self.rec.emit(event)
         except Cancelled:
             self._save_partial_adapters(model, n_blocks)
             raise
@@ -185,11 +147,12 @@ class InitRun:
         self.report["partial_adapters"] = {"methods": sorted(done), "blocks_done": blocks, "blocks": n_blocks,
                                            "note": "stopped during initialization: layers of the blocks not done "
                                                    "keep B = 0 (plain QLoRA); not evaluated"}
-        self._save_report()
+        self.rec.save()
 
     def _evaluate_methods(self, model, source, eval_ids) -> Iterator[Event]:
         cfg = self.cfg
-        yield self._emit(Stage("evaluate", f"held-out perplexity on {eval_ids.numel()} tokens, adapters saved per method"))
+        yield self.rec.emit(Stage("evaluate", f"held-out perplexity on {eval_ids.numel()} tokens, "
+                                              "adapters saved per method"))
         peft_model = attach_lora(model, cfg.lora, self.target_paths)
         self.factors["qlora"] = read_factors(peft_model)  # peft's default: A random, B = 0
         if "loftq" in cfg.methods:
@@ -198,36 +161,38 @@ class InitRun:
                 self.factors["loftq"] = loftq_factors(peft_model, source.folder)
                 self.report["seconds"]["loftq"] = time.perf_counter() - start
             except Exception as exc:  # noqa: BLE001 - peft's anchor is optional; say why it did not run
-                reason = f"peft's replace_lora_weights_loftq did not run here: {str(exc).splitlines()[0][:160]}"
+                reason = f"peft's replace_lora_weights_loftq did not run here: {one_line(exc, 160)}"
                 self.report["unavailable"]["loftq"] = reason
-                yield self._emit(Log(reason, "warning"))
+                yield self.rec.emit(Log(reason, "warning"))
         methods = [m for m in cfg.methods if m in self.factors]
         for i, method in enumerate(methods):
-            self._check_stop("evaluation")
+            self.rec.check_stop("evaluation")
             write_factors(peft_model, self.factors[method])
             ppl = perplexity(peft_model, eval_ids, cfg.eval_batch)
             self.report["perplexity"][method] = ppl
             save_adapter(peft_model, self.run_dir / "adapters" / method)
-            self._save_report()
-            yield self._emit(Metric(method, ppl, "perplexity", "4-bit + " + method))
-            yield self._emit(Progress("evaluate", i + 1, len(methods), method))
+            self.rec.save()
+            yield self.rec.emit(Metric(method, ppl, "perplexity", "4-bit + " + method))
+            yield self.rec.emit(Progress("evaluate", i + 1, len(methods), method))
         write_factors(peft_model, self.factors["qlora"])
         peft_model.unload()
 
     def _baselines(self, source, eval_ids) -> Iterator[Event]:
         for name, loader in (("int8", lambda: load_8bit(source, self.device)),
                              ("full", lambda: load_full_precision(source, self.device))):
-            self._check_stop("baselines")
-            yield self._emit(Stage("baseline", f"perplexity of the {'8-bit' if name == 'int8' else 'full-precision'} model"))
+            self.rec.check_stop("baselines")
+            what = "8-bit" if name == "int8" else "full-precision"
+            yield self.rec.emit(Stage("baseline", f"perplexity of the {what} model"))
             start = time.perf_counter()
             model = loader()
             ppl = perplexity(model, eval_ids, self.cfg.eval_batch)
             self.report["seconds"][f"eval_{name}"] = time.perf_counter() - start
             self.report["perplexity"][name] = ppl
-            self._save_report()
+            self.rec.save()
             del model
             free_memory()
-            yield self._emit(Metric(name, ppl, "perplexity", "8-bit LLM.int8" if name == "int8" else "full precision"))
+            note = "8-bit LLM.int8" if name == "int8" else "full precision"
+            yield self.rec.emit(Metric(name, ppl, "perplexity", note))
 
     def _gap_figures(self) -> None:
         ppl = self.report["perplexity"]
@@ -239,9 +204,6 @@ class InitRun:
                 self.report["gap_closed"][method] = gap_closed(ppl[method], base, ppl["int8"])
             if "full" in ppl:
                 self.report["gap_closed_full"][method] = gap_closed(ppl[method], base, ppl["full"])
-        for method, value in list(self.report["gap_closed"].items()):
-            if value is not None and not math.isfinite(value):
-                self.report["gap_closed"][method] = None
 
 
 def run_init(cfg: InitConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None,

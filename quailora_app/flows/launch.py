@@ -16,8 +16,13 @@ import torch
 import torch.distributed as dist
 
 from quailora_app.config import InitConfig
+from quailora_app.engine.initialize import InitResult, initialize, target_paths
 from quailora_app.engine.parallel import Processes
+from quailora_app.engine.preflight import preflight_init
 from quailora_app.errors import ConfigError, UserError
+from quailora_app.flows.init import run_init
+from quailora_app.flows.prepare import drain, prepare
+from quailora_app.sources.models import pick_device
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -46,8 +51,8 @@ def process_group(cfg: InitConfig) -> Iterator[tuple[Processes, InitConfig]]:
     """Join the process group the launcher describes (env://) and leave it at the end."""
     missing = [v for v in LAUNCHER_VARS if v not in os.environ]
     if missing:
-        raise ConfigError(f"--distributed needs a launcher ({', '.join(missing)} not set): "
-                          "torchrun --nproc_per_node N -m quailora_app init ... or accelerate launch -m quailora_app init ...")
+        raise ConfigError(f"--distributed needs a launcher ({', '.join(missing)} not set): torchrun "
+                          "--nproc_per_node N -m quailora_app init ... or accelerate launch -m quailora_app init ...")
     local_rank = int(os.environ["LOCAL_RANK"])
     cfg = on_own_device(cfg, local_rank)
     backend = "gloo"
@@ -67,22 +72,15 @@ def process_group(cfg: InitConfig) -> Iterator[tuple[Processes, InitConfig]]:
 
 
 def run_worker(cfg: InitConfig, processes: Processes) -> None:
-    """What a process other than rank 0 does: load, read the same split, and take its part in the
-    calibration and the per-layer math; rank 0 keeps every result."""
-    from quailora_app.engine.checkpoint import Checkpoint
-    from quailora_app.engine.initialize import InitResult, initialize, target_paths
-    from quailora_app.engine.quantize import load_4bit
-    from quailora_app.sources.data import load_splits
-    from quailora_app.sources.models import compute_dtype, load_tokenizer, pick_device, resolve_model
-
-    source = resolve_model(cfg.model.model)
-    splits = load_splits(cfg.data, load_tokenizer(source))
+    """What a process other than rank 0 does: the same preparation (so a bad input fails here too, rather than
+    leaving this process waiting in a collective), then its part in the calibration and the per-layer math;
+    rank 0 keeps every result."""
     device = pick_device(cfg.model.device)
-    dtype = compute_dtype(cfg.model.compute_dtype, device)
-    model = load_4bit(source, cfg.quant, device, dtype)
-    target_paths(model, cfg.lora)
-    calib_dtype = torch.float32 if device.type == "cpu" else dtype
-    for _ in initialize(model, Checkpoint(source.folder), splits.calib, cfg.lora, cfg.methods, InitResult(),
+    prepared = drain(prepare(cfg.model, cfg.data, cfg.quant, device,
+                             lambda name, config: preflight_init(name, config, cfg, device)))
+    target_paths(prepared.model, cfg.lora)
+    calib_dtype = torch.float32 if device.type == "cpu" else prepared.dtype
+    for _ in initialize(prepared.model, prepared.checkpoint, prepared.splits.calib, cfg.lora, cfg.methods, InitResult(),
                         device=device, calib_dtype=calib_dtype, damping=cfg.damping, als_rounds=cfg.als_rounds,
                         solver=cfg.solver, processes=processes):
         pass
@@ -93,8 +91,6 @@ def run_init_processes(cfg: InitConfig, consume: Callable) -> int:
     prints them); the others work for it and stay silent unless they fail. Returns the exit code."""
     with process_group(cfg) as (processes, cfg):
         if processes.is_main:
-            from quailora_app.flows.init import run_init
-
             return consume(run_init(cfg, processes=processes))
         try:
             run_worker(cfg, processes)

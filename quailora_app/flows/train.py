@@ -28,21 +28,19 @@ from pathlib import Path
 
 import torch
 
+from quailora_app.config import TrainConfig
 from quailora_app.engine.adapters import attach_lora, save_adapter, write_factors
 from quailora_app.engine.arms import ARM_SPECS, Arm, batch_hash
-from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.config import TrainConfig
-from quailora_app.errors import Cancelled
 from quailora_app.engine.evaluate import gap_closed, perplexity
-from quailora_app.events import ArmFinished, EvalPoint, Event, Log, Metric, Progress, RunFailed, RunFinished, Stage, TrainStep
 from quailora_app.engine.initialize import InitResult, initialize, target_paths
 from quailora_app.engine.preflight import available_bytes, preflight_train, train_estimate
-from quailora_app.flows.init import free_memory
 from quailora_app.engine.quantize import load_4bit, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
-from quailora_app.runs import EventLog, ended_in_one_line, new_run_dir, write_json_atomic
-from quailora_app.sources.data import load_splits
-from quailora_app.sources.models import compute_dtype, device_label, load_config, load_full_precision, load_tokenizer, pick_device, resolve_model
+from quailora_app.events import ArmFinished, EvalPoint, Event, Log, Metric, Progress, RunFinished, Stage, TrainStep
+from quailora_app.flows.prepare import prepare
+from quailora_app.flows.recorder import Recorder, free_memory
+from quailora_app.runs import Report, RunFolder
+from quailora_app.sources.models import device_label, load_full_precision, pick_device
 
 quiet_libraries()
 
@@ -65,11 +63,11 @@ class TrainRun:
 
     def __init__(self, cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None):
         self.cfg = cfg
-        self.should_stop = should_stop or (lambda: False)
-        self.run_dir = Path(run_dir) if run_dir else new_run_dir("train", cfg.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        folder = RunFolder.create("train", run_dir or cfg.out)
+        self.run_dir = folder.path
         self.device = pick_device(cfg.model.device)
-        self.report: dict = {
+        self.report: Report = {
+            "kind": "train",
             "status": "running",
             "model": cfg.model.model,
             "dataset": cfg.data.dataset,
@@ -84,30 +82,22 @@ class TrainRun:
             "gap_closed_full": {},
             "seconds": {},
         }
-        self._log = EventLog(self.run_dir)
+        self.rec = Recorder(folder, self.report, should_stop, before_save=self._summarize, on_fail=self._arms_ended,
+                            stopped_status="stopped")
+        self.should_stop = self.rec.should_stop
         self.arms: dict[str, Arm] = {}
         self.factors: dict[str, dict] = {}  # base -> method -> module path -> Factors
         self._spare: dict[str, object] = {}  # base -> a loaded bare base model waiting for its first arm
 
     # -- plumbing ---------------------------------------------------------------------------------------
-    def _emit(self, event: Event) -> Event:
-        self._log.append(event)
-        return event
-
-    def _save_report(self) -> None:
+    def _summarize(self) -> None:
         for name, arm in self.arms.items():
             self.report["arms"][name].update(self._arm_summary(arm))
         self._gap_figures()
-        write_json_atomic(self.run_dir / "report.json", self.report)
 
     def events(self) -> Iterator[Event]:
-        try:
-            yield from ended_in_one_line(
-                self._run(), self._finish_failed, self.run_dir, self.report["device"],
-                "try --schedule sequential, fewer arms, a smaller batch or a shorter seq-len", self._drop_models)
-        finally:
-            self._log.close()
-            self._drop_models()
+        hint = "try --schedule sequential, fewer arms, a smaller batch or a shorter seq-len"
+        return self.rec.run(self._run(), self.report["device"], hint, self._drop_models)
 
     def _drop_models(self) -> None:
         for arm in self.arms.values():
@@ -116,51 +106,42 @@ class TrainRun:
         self._spare.clear()
         free_memory()
 
-    def _finish_failed(self, message: str, cancelled: bool = False) -> Event:
-        self.report["status"] = "stopped" if cancelled else "failed"
-        self.report["error"] = message
+    def _arms_ended(self, cancelled: bool) -> None:
+        """The run ended early: arms still running or pending are stopped or failed with it."""
         for entry in self.report["arms"].values():
             if entry["status"] in ("running", "pending"):
                 entry["status"] = "stopped" if cancelled else "failed"
-        self._save_report()
-        return self._emit(RunFailed(str(self.run_dir), message, cancelled))
 
     # -- the flow ---------------------------------------------------------------------------------------
     def _run(self) -> Iterator[Event]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        yield self._emit(Stage("load", f"resolving model '{cfg.model.model}'"))
-        self.source = resolve_model(cfg.model.model)
-        config = load_config(self.source)
-        line, self.shapes = preflight_train(self.source.name, config, cfg, self.device)  # before any weight is read
-        yield self._emit(Log(line))
-        tokenizer = load_tokenizer(self.source)
-        self.report["model_note"] = self.source.note
-        self.dtype = compute_dtype(cfg.model.compute_dtype, self.device)
-
-        yield self._emit(Stage("data", f"reading dataset '{cfg.data.dataset}'"))
         per_step = cfg.batch_size * cfg.grad_accum
-        splits = load_splits(cfg.data, tokenizer, min_train_seqs=min(per_step, 4096), max_train_seqs=max(min(cfg.steps * per_step, 4096), 1))
+        sizes = {"min_train_seqs": min(per_step, 4096), "max_train_seqs": max(min(cfg.steps * per_step, 4096), 1)}
+        prepared = yield from self.rec.relay(prepare(cfg.model, cfg.data, cfg.quant, self.device, self._preflight,
+                                                     should_stop=self.should_stop, split_sizes=sizes, load_base=False))
+        self.source, self.dtype, self.checkpoint = prepared.source, prepared.dtype, prepared.checkpoint
+        splits = prepared.splits
+        self.report["model_note"] = self.source.note
         self.eval_ids, self.calib_ids = splits.eval, splits.calib
         order = training_order(len(splits.train), cfg.steps * per_step, cfg.data.seed)
-        self.batches = [[splits.train[order[(k * cfg.grad_accum + j) * cfg.batch_size:(k * cfg.grad_accum + j + 1) * cfg.batch_size]]
-                         for j in range(cfg.grad_accum)] for k in range(cfg.steps)]
+        micro = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(cfg.steps * cfg.grad_accum)]
+        self.batches = [[splits.train[micro[k * cfg.grad_accum + j]] for j in range(cfg.grad_accum)]
+                        for k in range(cfg.steps)]
         epochs = cfg.steps * per_step / len(splits.train)
         self.report["tokens"] = {"calibration": int(splits.calib.numel()), "eval": int(splits.eval.numel()),
                                  "train_windows": int(len(splits.train)), "per_step": per_step * cfg.data.seq_len,
                                  "epochs": round(epochs, 3)}
         self._choose_schedule()
-        self._save_report()
-        yield self._emit(Log(f"{splits.summary()}; {cfg.steps} steps of {per_step} x {cfg.data.seq_len} tokens "
-                             f"({epochs:.2f} epochs); schedule {self.schedule}"))
-        self._check_stop("data loading")
-        Checkpoint(self.source.folder).check_finite(self.source.name)  # NaN / Inf refused before quantizing
+        self.rec.save()
+        yield self.rec.emit(Log(f"{splits.summary()}; {cfg.steps} steps of {per_step} x {cfg.data.seq_len} tokens "
+                                f"({epochs:.2f} epochs); schedule {self.schedule}"))
 
         yield from self._references()
         if self.schedule == "interleaved":
             for name in cfg.arms:
                 yield from self._setup_arm(name)
-            yield self._emit(Stage("train", f"{len(cfg.arms)} arms interleaved, {cfg.steps} steps each"))
+            yield self.rec.emit(Stage("train", f"{len(cfg.arms)} arms interleaved, {cfg.steps} steps each"))
             n = len(cfg.arms)
             for step in range(1, cfg.steps + 1):
                 if self.should_stop():
@@ -179,7 +160,7 @@ class TrainRun:
                     break
                 yield from self._setup_arm(name)
                 arm = self.arms[name]
-                yield self._emit(Stage("train", f"arm {name}: {cfg.steps} steps"))
+                yield self.rec.emit(Stage("train", f"arm {name}: {cfg.steps} steps"))
                 for step in range(1, cfg.steps + 1):
                     if self.should_stop():
                         break
@@ -195,12 +176,12 @@ class TrainRun:
                 entry["status"] = "not started"
         self.report["status"] = "stopped" if stopped else "finished"
         self.report["seconds"]["total"] = time.perf_counter() - t0
-        self._save_report()
-        yield self._emit(RunFinished(str(self.run_dir), self.report))
+        self.rec.save()
+        yield self.rec.emit(RunFinished(str(self.run_dir), self.report))
 
-    def _check_stop(self, where: str) -> None:
-        if self.should_stop():
-            raise Cancelled(f"stopped by the user during {where}")
+    def _preflight(self, name: str, config) -> str:
+        line, self.shapes = preflight_train(name, config, self.cfg, self.device)
+        return line
 
     def _eval_due(self, step: int) -> bool:
         return step % self.cfg.eval_every == 0 or step == self.cfg.steps
@@ -230,8 +211,9 @@ class TrainRun:
         """Full-precision and 8-bit perplexities first, so every face can draw them as reference lines."""
         bases = {ARM_SPECS[a].base for a in self.cfg.arms}
         for name, base, note in REFERENCES:
-            self._check_stop("the reference perplexities")
-            yield self._emit(Stage("reference", f"perplexity of the {note} model on {self.eval_ids.numel()} held-out tokens"))
+            self.rec.check_stop("the reference perplexities")
+            yield self.rec.emit(Stage("reference", f"perplexity of the {note} model on {self.eval_ids.numel()} "
+                                                   "held-out tokens"))
             start = time.perf_counter()
             model = self._load_base(base)
             ppl = perplexity(model, self.eval_ids, self.cfg.eval_batch)
@@ -241,8 +223,8 @@ class TrainRun:
                 self._spare[base] = model  # the first arm on this base takes it over
             del model
             free_memory()
-            self._save_report()
-            yield self._emit(Metric(name, ppl, "perplexity", note))
+            self.rec.save()
+            yield self.rec.emit(Metric(name, ppl, "perplexity", note))
 
     def _init_factors(self, base: str, method: str, model) -> Iterator[Event]:
         """Factors of `method` for every target layer of a `base` model; the first call per base calibrates
@@ -252,15 +234,15 @@ class TrainRun:
         methods = sorted({ARM_SPECS[a].init for a in self.cfg.arms if ARM_SPECS[a].base == base} - {"qlora"})
         result = InitResult()
         n = len(self.calib_ids)
-        yield self._emit(Stage("calibrate", f"{n} x {self.calib_ids.shape[1]} tokens through the full-precision blocks; "
-                                            f"{', '.join(methods)} against the {base} Q"))
+        yield self.rec.emit(Stage("calibrate", f"{n} x {self.calib_ids.shape[1]} tokens through the full-precision "
+                                               f"blocks; {', '.join(methods)} against the {base} Q"))
         start = time.perf_counter()
         calib_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        for event in initialize(model, Checkpoint(self.source.folder), self.calib_ids, self.cfg.lora, methods, result,
+        for event in initialize(model, self.checkpoint, self.calib_ids, self.cfg.lora, methods, result,
                                 device=self.device, calib_dtype=calib_dtype, damping=self.cfg.damping,
                                 als_rounds=self.cfg.als_rounds, should_stop=self.should_stop):
             if isinstance(event, Progress):
-                yield self._emit(Progress(f"calibrate {base}", event.done, event.total, event.message))
+                yield self.rec.emit(Progress(f"calibrate {base}", event.done, event.total, event.message))
         self.factors[base] = result.factors
         self.report["seconds"][f"calibrate_{base}"] = time.perf_counter() - start  # calibration + every method
         self.report["seconds"][f"init_{base}"] = dict(result.seconds)  # the split, as initialize() measures it
@@ -269,8 +251,8 @@ class TrainRun:
 
     def _setup_arm(self, name: str) -> Iterator[Event]:
         cfg, spec = self.cfg, ARM_SPECS[name]
-        self._check_stop(f"the setup of arm {name}")
-        yield self._emit(Stage("setup", f"arm {name}: {spec.label}"))
+        self.rec.check_stop(f"the setup of arm {name}")
+        yield self.rec.emit(Stage("setup", f"arm {name}: {spec.label}"))
         start = time.perf_counter()
         model = self._load_base(spec.base)
         paths = target_paths(model, cfg.lora)
@@ -283,13 +265,14 @@ class TrainRun:
         arm = Arm(name, spec, peft_model, self.device, cfg.learning_rate, cfg.weight_decay)
         arm.setup_seconds = time.perf_counter() - start
         self.arms[name] = arm
-        self.report["arms"][name].update(status="running", trainable_parameters=arm.trainable, weights_bytes=arm.weights_bytes)
+        self.report["arms"][name].update(status="running", trainable_parameters=arm.trainable,
+                                         weights_bytes=arm.weights_bytes)
         reference = {"8bit": "int8", "full": "full"}.get(spec.base)
         if spec.init == "qlora" and reference in self.report["reference_perplexity"]:
             # B = 0 adds exactly zero to every layer's output: the step-0 model is the reference model, bit for bit
             arm.evals.append((0, self.report["reference_perplexity"][reference]))
-            self._save_report()
-            yield self._emit(EvalPoint(arm.name, 0, arm.evals[-1][1]))
+            self.rec.save()
+            yield self.rec.emit(EvalPoint(arm.name, 0, arm.evals[-1][1]))
         else:
             yield from self._evaluate(arm, 0)
 
@@ -300,23 +283,24 @@ class TrainRun:
         loss, seconds, memory = arm.step(micro, lr, measure)
         tokens = sum(ids.numel() for ids in micro)
         if not math.isfinite(loss) and all(math.isfinite(x) for x in arm.losses[:-1]):
-            yield self._emit(Log(f"arm {arm.name}: the training loss is {loss} at step {step}; its LoRA factors are "
+            yield self.rec.emit(Log(f"arm {arm.name}: the training loss is {loss} at step {step}; its LoRA factors are "
                                  "no longer finite (try a lower learning rate)", "warning"))
-        yield self._emit(TrainStep(arm.name, step, self.cfg.steps, loss, lr, tokens / seconds, seconds, memory, batch_hash(micro)))
+        yield self.rec.emit(TrainStep(arm.name, step, self.cfg.steps, loss, lr, tokens / seconds, seconds, memory,
+                                      batch_hash(micro)))
 
     def _evaluate(self, arm: Arm, step: int) -> Iterator[Event]:
         ppl = arm.evaluate(step, self.eval_ids, self.cfg.eval_batch)
-        self._save_report()
-        yield self._emit(EvalPoint(arm.name, step, ppl))
+        self.rec.save()
+        yield self.rec.emit(EvalPoint(arm.name, step, ppl))
 
     def _finish_arm(self, arm: Arm) -> Iterator[Event]:
         stopped = arm.steps_done < self.cfg.steps
         folder = save_adapter(arm.model, self.run_dir / "adapters" / arm.name)
         arm.adapter_dir = str(folder)
         arm.status = "stopped" if stopped else "finished"
-        self._save_report()
-        yield self._emit(ArmFinished(arm.name, arm.final_perplexity, arm.best_perplexity, arm.seconds, arm.adapter_dir,
-                                     arm.steps_done, stopped))
+        self.rec.save()
+        yield self.rec.emit(ArmFinished(arm.name, arm.final_perplexity, arm.best_perplexity, arm.seconds,
+                                        arm.adapter_dir, arm.steps_done, stopped))
 
     # -- figures ----------------------------------------------------------------------------------------
     def _arm_summary(self, arm: Arm) -> dict:
@@ -345,21 +329,18 @@ class TrainRun:
         After fine-tuning (latest evaluations): target qlora8 ("gap_closed") and lora16 ("gap_closed_full"),
         each only when that arm runs. At initialization (step 0, "gap_closed_init"): target the 8-bit and
         full-precision models before fine-tuning, as in the init report."""
-        def gap(ppl, base, target):
-            value = gap_closed(ppl, base, target) if None not in (ppl, base, target) else None
-            return value if value is None or math.isfinite(value) else None
-
         final = {n: a.final_perplexity for n, a in self.arms.items() if a.final_perplexity is not None}
         for name, ppl in final.items():
-            self.report["gap_closed"][name] = gap(ppl, final.get("qlora4"), final.get("qlora8"))
-            self.report["gap_closed_full"][name] = gap(ppl, final.get("qlora4"), final.get("lora16"))
+            self.report["gap_closed"][name] = gap_closed(ppl, final.get("qlora4"), final.get("qlora8"))
+            self.report["gap_closed_full"][name] = gap_closed(ppl, final.get("qlora4"), final.get("lora16"))
         ref = self.report["reference_perplexity"]
         start = {n: a.evals[0][1] for n, a in self.arms.items() if a.evals and a.evals[0][0] == 0}
         self.report["gap_closed_init"] = {
-            n: {"int8": gap(p, start.get("qlora4"), ref.get("int8")), "full": gap(p, start.get("qlora4"), ref.get("full"))}
+            n: {target: gap_closed(p, start.get("qlora4"), ref.get(target)) for target in ("int8", "full")}
             for n, p in start.items()}
 
 
-def run_train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, run_dir: Path | None = None) -> Iterator[Event]:
+def run_train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None,
+              run_dir: Path | None = None) -> Iterator[Event]:
     """The fine-tuning flow's event stream (see TrainRun)."""
     return TrainRun(cfg, should_stop, run_dir).events()

@@ -13,29 +13,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-METHOD_LABELS = {
-    "full": "full precision",
-    "int8": "8-bit (LLM.int8)",
-    "qlora": "4-bit + QLoRA init (no correction)",
-    "svd": "4-bit + SVD of the error (uncalibrated)",
-    "quailora": "4-bit + QuAILoRA (calibrated)",
-    "closed_form": "4-bit + closed form (calibrated optimum)",
-    "loftq": "4-bit + LoftQ (peft)",
-}
-SHORT_LABELS = {
-    "full": "full precision", "int8": "8-bit", "qlora": "QLoRA", "svd": "SVD", "quailora": "QuAILoRA",
-    "closed_form": "closed form", "loftq": "LoftQ",
-}
-ARM_LABELS = {
-    "qlora4": "4-bit QLoRA", "quailora4": "4-bit QuAILoRA", "closed4": "4-bit closed-form init",
-    "svd4": "4-bit SVD init", "qlora8": "8-bit QLoRA", "quailora8": "8-bit QuAILoRA", "lora16": "16-bit LoRA",
-}
-COLORS = {
-    "full": "#4d4d4d", "int8": "#8c8c8c", "qlora": "#d62728", "svd": "#ff7f0e", "quailora": "#1f77b4",
-    "closed_form": "#2ca02c", "loftq": "#9467bd",
-    "qlora4": "#d62728", "quailora4": "#1f77b4", "closed4": "#2ca02c", "svd4": "#ff7f0e", "qlora8": "#7f7f7f",
-    "quailora8": "#17becf", "lora16": "#4d4d4d",
-}
+from quailora_app.engine.arms import find_arm
+from quailora_app.engine.evaluate import gap_closed
+from quailora_app.engine.methods import QLORA, find_method, method_names
+from quailora_app.units import format_bytes
+
+#: The reference models measured beside the methods: name -> (label, short label, colour). Methods and arms
+#: take theirs from engine/methods.py and engine/arms.py.
+REFERENCES = {"full": ("full precision", "full precision", "#4d4d4d"), "int8": ("8-bit (LLM.int8)", "8-bit", "#8c8c8c")}
 _FALLBACK = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#9467bd")
 
 CAPTIONS = {
@@ -44,19 +29,37 @@ CAPTIONS = {
               "bottom: error of the weights alone.",
     "heatmap": "Share of each layer's quantization error (measured on calibration activations) that the initialization "
                "removes before any training: 100% would restore full precision, 0% = plain QLoRA.",
-    "perplexity": "Perplexity on held-out text (lower is better), before any fine-tuning. 'Gap closed' = how much of the "
-                  "distance from 4-bit QLoRA to the 8-bit model the initialization recovers (100% = as good as 8-bit).",
+    "perplexity": "Perplexity on held-out text (lower is better), before any fine-tuning. 'Gap closed' = how much of "
+                  "the distance from 4-bit QLoRA to the 8-bit model the initialization recovers (100% = as good as "
+                  "8-bit).",
     "train": "Left: perplexity on held-out text measured every few steps (lower is better; dashed lines: the "
-             "full-precision and 8-bit models without fine-tuning). Right: training loss, smoothed (EMA), faint dots raw.",
+             "full-precision and 8-bit models without fine-tuning). Right: training loss, smoothed (EMA), faint dots "
+             "raw.",
 }
 
 
 def label(name: str) -> str:
-    return METHOD_LABELS.get(name) or ARM_LABELS.get(name) or name
+    """The legend of a reference model, a method or an arm."""
+    method, arm = find_method(name), find_arm(name)
+    return REFERENCES[name][0] if name in REFERENCES else method.label if method else arm.short if arm else name
+
+
+def short_label(name: str) -> str:
+    """A reference model's or a method's short name (bar ticks, heatmap titles, checkboxes)."""
+    method = find_method(name)
+    return REFERENCES[name][1] if name in REFERENCES else method.short if method else name
 
 
 def color(name: str, i: int = 0) -> str:
-    return COLORS.get(name, _FALLBACK[i % len(_FALLBACK)])
+    method, arm = find_method(name), find_arm(name)
+    if name in REFERENCES:
+        return REFERENCES[name][2]
+    return method.colour if method else arm.colour if arm else _FALLBACK[i % len(_FALLBACK)]
+
+
+def variant_order() -> list[str]:
+    """The order of every table and figure: the reference models, then the methods as registered."""
+    return [*REFERENCES, *method_names()]
 
 
 def _layout(fig: go.Figure, title: str, height: int, legend_rows: int = 1) -> go.Figure:
@@ -103,7 +106,7 @@ def _methods_in(layers: Sequence[Mapping], key: str) -> list[str]:
     seen: dict[str, None] = {}
     for row in layers:
         seen.update(dict.fromkeys(row.get(key, {})))
-    order = list(METHOD_LABELS)
+    order = variant_order()
     return sorted(seen, key=lambda m: order.index(m) if m in order else len(order))
 
 
@@ -117,7 +120,7 @@ def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None
     if not layers:
         return empty_figure(title, "per-layer errors appear here while the blocks are calibrated")
     modules = module_types(layers)
-    methods = [m for m in _methods_in(layers, "calibrated_error") if m != "qlora"]
+    methods = [m for m in _methods_in(layers, "calibrated_error") if m != QLORA]
     fig = make_subplots(rows=2, cols=len(modules), shared_xaxes=True, shared_yaxes=True,
                         horizontal_spacing=0.012, vertical_spacing=0.09,
                         subplot_titles=[_short_module(m) for m in modules])
@@ -141,8 +144,8 @@ def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None
     for r in (1, 2):
         for c in range(1, len(modules) + 1):
             fig.add_trace(go.Scatter(x=[x0, x1], y=[1.0, 1.0], mode="lines", name="QLoRA = 1.0 (no correction)",
-                                     legendgroup="qlora", showlegend=(r == 1 and c == 1), hoverinfo="skip",
-                                     line={"color": color("qlora"), "dash": "dash", "width": 1}), row=r, col=c)
+                                     legendgroup=QLORA, showlegend=(r == 1 and c == 1), hoverinfo="skip",
+                                     line={"color": color(QLORA), "dash": "dash", "width": 1}), row=r, col=c)
     fig.update_yaxes(title_text="on activations<br>(ratio to QLoRA)", row=1, col=1)
     fig.update_yaxes(title_text="in the weights<br>(ratio to QLoRA)", row=2, col=1)
     fig.update_xaxes(showgrid=True, range=[x0 - 0.5, x1 + 0.5] if x1 > x0 else None)
@@ -157,10 +160,10 @@ def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None
 def removal_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora") -> go.Figure:
     """Block x module heatmap of 1 - calibrated error: the share of the (activation-weighted) quantization
     error the method removes."""
-    title = f"Share of the quantization error {SHORT_LABELS.get(method, method)} removes, per layer (%)"
+    title = f"Share of the quantization error {short_label(method)} removes, per layer (%)"
     layers = [row for row in layers_from(source) if method in row.get("calibrated_error", {})]
     if not layers:
-        return empty_figure(title, f"appears once {SHORT_LABELS.get(method, method)} has initialized a block")
+        return empty_figure(title, f"appears once {short_label(method)} has initialized a block")
     modules = module_types(layers)
     blocks = sorted({row["block"] for row in layers})
     grid = {(row["block"], row["module"]): 100.0 * (1.0 - row["calibrated_error"][method]) for row in layers}
@@ -170,7 +173,7 @@ def removal_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora
         colorbar={"title": {"text": "% of the error removed", "side": "right"}, "ticksuffix": "%"},
         texttemplate="%{z:.0f}" if len(blocks) * len(modules) <= 400 else None,
         hovertemplate="block %{y}, %{x}: %{z:.1f}% of the calibrated error removed<extra></extra>",
-        name=SHORT_LABELS.get(method, method), showscale=True,
+        name=short_label(method), showscale=True,
     ))
     fig.update_xaxes(title_text="module type (inside each decoder block)", side="bottom")
     fig.update_yaxes(title_text="decoder block", autorange="reversed", dtick=1 if len(blocks) <= 12 else 2)
@@ -178,18 +181,16 @@ def removal_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora
 
 
 def _gap(ppl: Mapping, method: str, ref: str) -> float | None:
-    base, value, target = ppl.get("qlora"), ppl.get(method), ppl.get(ref)
-    if None in (base, value, target) or abs(base - target) < 1e-9:
-        return None
-    return (base - value) / (base - target)
+    """The share of the QLoRA -> `ref` perplexity gap `method` closes."""
+    return gap_closed(ppl.get(method), ppl.get(QLORA), ppl.get(ref))
 
 
 def perplexities_from(source: Mapping | Iterable[Mapping]) -> dict[str, float]:
     """{name: perplexity} from a report or from the "metric" events of an event list."""
     if isinstance(source, Mapping):
         return {k: v for k, v in (source.get("perplexity") or {}).items() if v is not None}
-    return {e["name"]: e["value"] for e in source
-            if e.get("kind") == "metric" and e.get("group", "perplexity") == "perplexity" and e.get("value") is not None}
+    return {e["name"]: e["value"] for e in source if e.get("kind") == "metric"
+            and e.get("group", "perplexity") == "perplexity" and e.get("value") is not None}
 
 
 def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] | None = None) -> go.Figure:
@@ -199,7 +200,7 @@ def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str
     ppl = perplexities_from(source)
     if not ppl:
         return empty_figure(title, "perplexities appear here after the evaluation stage")
-    order = ["full", "int8", "qlora", *(methods or []), *METHOD_LABELS]
+    order = [*REFERENCES, QLORA, *(methods or []), *variant_order()]
     names = [n for n in dict.fromkeys(order) if n in ppl]
     texts = []
     for n in names:
@@ -211,7 +212,7 @@ def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str
     fig = go.Figure()
     for i, n in enumerate(names):
         fig.add_trace(go.Bar(
-            x=[SHORT_LABELS.get(n, n)], y=[ppl[n]], name=label(n), marker_color=color(n, i),
+            x=[short_label(n)], y=[ppl[n]], name=label(n), marker_color=color(n, i),
             text=[texts[i]], textposition="outside", cliponaxis=False, constraintext="none", textfont={"size": 12},
             hovertemplate=f"{label(n)}: perplexity %{{y:.3f}}<extra></extra>",
         ))
@@ -291,13 +292,15 @@ def train_figure(events: Sequence[Mapping], arms: Sequence[str] | None = None) -
                    [e.get("step", 0) for e in events if e.get("kind") == "eval"] + [1])
     for i, arm in enumerate(arms):
         c = color(arm, i)
-        evals = [e for e in events if e.get("kind") == "eval" and e.get("arm") == arm and e.get("val_perplexity") is not None]
+        evals = [e for e in events if e.get("kind") == "eval" and e.get("arm") == arm
+                 and e.get("val_perplexity") is not None]
         fig.add_trace(go.Scatter(
             x=[e["step"] for e in evals], y=[e["val_perplexity"] for e in evals], mode="lines+markers",
             name=label(arm), legendgroup=arm, line={"color": c, "width": 2}, marker={"size": 7},
             hovertemplate=f"{label(arm)}<br>step %{{x}}: perplexity %{{y:.2f}}<extra></extra>",
         ), row=1, col=1)
-        steps = [e for e in events if e.get("kind") == "train_step" and e.get("arm") == arm and e.get("train_loss") is not None]
+        steps = [e for e in events if e.get("kind") == "train_step" and e.get("arm") == arm
+                 and e.get("train_loss") is not None]
         xs, ys = [e["step"] for e in steps], [e["train_loss"] for e in steps]
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", marker={"color": c, "size": 4, "opacity": 0.3},
                                  legendgroup=arm, showlegend=False, hoverinfo="skip"), row=1, col=2)
@@ -312,24 +315,16 @@ def train_figure(events: Sequence[Mapping], arms: Sequence[str] | None = None) -
         if name in refs:
             fig.add_trace(go.Scatter(
                 x=[0, max_step], y=[refs[name], refs[name]], mode="lines",
-                name=f"{label(name)}, no fine-tuning ({refs[name]:.1f})", line={"color": color(name), "dash": dash, "width": 1.5},
+                name=f"{label(name)}, no fine-tuning ({refs[name]:.1f})",
+                line={"color": color(name), "dash": dash, "width": 1.5},
                 hovertemplate=f"{label(name)}: %{{y:.2f}}<extra></extra>",
             ), row=1, col=1)
-    fig.update_xaxes(title_text="training step (optimizer updates)", range=[-0.3, max_step + 0.3] if max_step <= 10 else None)
+    fig.update_xaxes(title_text="training step (optimizer updates)",
+                     range=[-0.3, max_step + 0.3] if max_step <= 10 else None)
     fig.update_yaxes(title_text="perplexity (unitless)", row=1, col=1)
     fig.update_yaxes(title_text="loss (nats per token)", row=1, col=2)
     fig.update_annotations(font={"size": 13})
     return _layout(fig, title, 440, legend_rows=2)
-
-
-def _human_bytes(n: float | None) -> str:
-    if not n:
-        return "–"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KiB") else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 TRAIN_HEADER = ["arm", "step", "tokens / s", "memory (peak)", "val perplexity (last)", "best", "seconds training"]
@@ -345,11 +340,12 @@ def train_table(events: Sequence[Mapping], arms: Sequence[str] | None = None) ->
         done = next((e for e in events if _is_arm_finished(e) and e.get("arm") == arm), None)
         recent = [e["tokens_per_s"] for e in steps[-5:] if e.get("tokens_per_s")]
         last = steps[-1] if steps else {}
+        peak = max((e.get("memory_bytes") or 0 for e in steps), default=0)
         rows.append([
             label(arm),
             f"{last.get('step', 0)} / {last.get('total_steps', '?')}" if steps else "waiting",
             f"{sum(recent) / len(recent):,.0f}" if recent else "–",
-            _human_bytes(max((e.get("memory_bytes") or 0) for e in steps) if steps else None),
+            format_bytes(peak, 2) if peak else "–",
             f"{evals[-1]:.2f}" if evals else "–",
             f"{min(evals):.2f}" if evals else "–",
             f"{done['seconds']:.0f}" if done and done.get("seconds") is not None else

@@ -14,42 +14,67 @@ from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.offline
 from plotly.subplots import make_subplots
 
-from quailora_app.teaching.views import CalibrationView, InsideLayer, PrecisionTable, RankSweep
+from quailora_app.engine.methods import QLORA, find_method
+from quailora_app.errors import one_line
+from quailora_app.teaching.how_it_works import how_it_works_markdown
+from quailora_app.teaching.layer_views import CalibrationView, InsideLayer
+from quailora_app.teaching.precision import PrecisionTable
+from quailora_app.teaching.rank_sweep import RankSweep
+from quailora_app.teaching.views import Views
+from quailora_app.units import MIB
 
-LABELS = {
-    "qlora": "QLoRA (no correction)",
-    "svd": "SVD of E (uncalibrated)",
-    "quailora": "QuAILoRA (calibrated ALS)",
-    "closed_form": "closed form (calibrated optimum)",
-}
-COLORS = {"qlora": "#d62728", "svd": "#ff7f0e", "quailora": "#1f77b4", "closed_form": "#2ca02c"}
-DASH = {"quailora": "solid", "closed_form": "dash", "svd": "solid", "qlora": "solid"}
+_NEUTRAL = "#555"  # anything the method registry does not know
 
 CAPTIONS = {
     "weights": "Left: every weight of the layer (grey) and the 16 values one 4-bit block can store (its code table x "
-               "the block's absmax, dotted). Right: that block's weights, each snapped to the nearest of its 16 levels.",
+               "the block's absmax, dotted). Right: that block's weights, each snapped to the nearest of its 16 "
+               "levels.",
     "error": "Distribution of the quantization error E = W - Q before any correction (red) and what is left, E - C, "
-             "after each rank-r LoRA initialization; the legend gives the share left in the weights and on real activations.",
+             "after each rank-r LoRA initialization; the legend gives the share left in the weights and on real "
+             "activations.",
     "spectrum": "Singular values of the error E (what an uncalibrated SVD sees) and of E H^1/2 (the error as the next "
                 "layer feels it on calibration text), each relative to its largest: the faster a curve falls, the more "
                 "of it the first r directions hold.",
     "energy": "Share of the calibrated error tr(E H E^T) a rank-k correction removes: the calibrated optimum (top-k "
               "directions of E H^1/2) against the SVD of E; markers: the actual rank-r initializations.",
-    "channels": "Left: mean squared activation of each input channel (diag H), sorted; the title gives the top channels' "
-                "share of the total. Right: share of the error left in the weight columns of those channels after each "
-                "initialization (calibrated methods spend their rank where the activations are large).",
+    "channels": "Left: mean squared activation of each input channel (diag H), sorted; the title gives the top "
+                "channels' share of the total. Right: share of the error left in the weight columns of those channels "
+                "after each initialization (calibrated methods spend their rank where the activations are large).",
     "rank_sweep": "Calibrated error (1.0 = plain QLoRA, lower is better) against LoRA rank, averaged over the chosen "
                   "layers; right panel (when computed): held-out perplexity of the 4-bit model + each initialization.",
     "precision": "Left: bits each linear-layer weight really costs in bitsandbytes' storage (codes, block scales, "
-                 "nested statistics, code tables, LoRA adapter). Right: total weight memory against held-out perplexity "
-                 "from init runs.",
+                 "nested statistics, code tables, LoRA adapter). Right: total weight memory against held-out "
+                 "perplexity from init runs.",
 }
 
 
 def label(name: str) -> str:
-    return LABELS.get(name, name)
+    """The method's legend in the teaching views (engine/methods.py)."""
+    method = find_method(name)
+    return method.legend if method else name
+
+
+def colour(name: str) -> str:
+    method = find_method(name)
+    return method.colour if method else _NEUTRAL
+
+
+def dash(name: str) -> str | None:
+    method = find_method(name)
+    return method.dash if method else None
+
+
+def marker(name: str) -> str:
+    method = find_method(name)
+    return method.marker if method else "circle"
+
+
+def _open(name: str) -> bool:
+    """An open marker: drawn larger and last, so that it rings the others' markers at the same point."""
+    return marker(name).endswith("-open")
 
 
 def _layout(fig: go.Figure, title: str, height: int, top: int = 100, legend_y: float = 1.03) -> go.Figure:
@@ -87,8 +112,10 @@ def weights_figure(view: InsideLayer) -> go.Figure:
     q = view.quant_type.upper()
     title = f"Inside {view.layer}: its weights and the {q} grid of block {view.block}"
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.09,
-                        subplot_titles=[f"all {view.weights.total:,} weights of the layer ({view.shape[0]} x {view.shape[1]})",
-                                        f"block {view.block}: {len(view.block_weights)} weights, absmax {view.block_absmax:.3g}"])
+                        subplot_titles=[f"all {view.weights.total:,} weights of the layer "
+                                        f"({view.shape[0]} x {view.shape[1]})",
+                                        f"block {view.block}: {len(view.block_weights)} weights, "
+                                        f"absmax {view.block_absmax:.3g}"])
     h = view.weights
     fig.add_trace(go.Bar(x=h.centers, y=h.counts, width=h.width, name="weights of the layer", marker_color="#9e9e9e",
                          hovertemplate="weight %{x:.4f}: %{y:,} weights<extra></extra>"), row=1, col=1)
@@ -99,7 +126,8 @@ def weights_figure(view: InsideLayer) -> go.Figure:
             legendgroup="levels", showlegend=i == 0, line={"color": "#1f77b4", "dash": "dot", "width": 1.3},
             hovertemplate=f"level {i + 1} of 16: {level:.4f}<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Scatter(
-        x=view.block_weights, y=np.full(len(view.block_weights), 0.9), mode="markers", name=f"weights of block {view.block}",
+        x=view.block_weights, y=np.full(len(view.block_weights), 0.9), mode="markers",
+        name=f"weights of block {view.block}",
         marker={"symbol": "line-ns-open", "size": 12, "color": "#d62728", "line": {"width": 1.5}},
         hovertemplate="W = %{x:.4f}<extra></extra>"), row=1, col=1)
     fig.update_yaxes(type="log", dtick=1, title_text="number of weights (log scale)", row=1, col=1)
@@ -108,11 +136,13 @@ def weights_figure(view: InsideLayer) -> go.Figure:
     lo, hi = float(view.levels.min()), float(view.levels.max())
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="no error (Q = W)", showlegend=True,
                              line={"color": "#bbb", "width": 1}, hoverinfo="skip"), row=1, col=2)
-    for i, level in enumerate(view.levels):
+    for level in view.levels:
         fig.add_trace(go.Scatter(x=[lo, hi], y=[level, level], mode="lines", legendgroup="levels", showlegend=False,
-                                 line={"color": "#1f77b4", "dash": "dot", "width": 0.8}, hoverinfo="skip"), row=1, col=2)
+                                 line={"color": "#1f77b4", "dash": "dot", "width": 0.8}, hoverinfo="skip"),
+                      row=1, col=2)
     fig.add_trace(go.Scatter(
-        x=view.block_weights, y=view.block_quantized, mode="markers", name=f"block {view.block}: W -> its 4-bit value Q",
+        x=view.block_weights, y=view.block_quantized, mode="markers",
+        name=f"block {view.block}: W -> its 4-bit value Q",
         marker={"color": "#d62728", "size": 7},
         hovertemplate="W = %{x:.4f} -> Q = %{y:.4f}<extra></extra>"), row=1, col=2)
     fig.update_xaxes(title_text="full-precision weight W", row=1, col=2)
@@ -127,18 +157,18 @@ def error_figure(view: InsideLayer) -> go.Figure:
     for name, h in view.error.items():
         left = (f"{100 * view.weight_error[name]:.1f}% of the error left in the weights, "
                 f"{100 * view.calibrated_error[name]:.1f}% on activations")
-        legend = "E (no correction): " + left if name == "qlora" else f"E - C, {label(name)}: {left}"
+        legend = "E (no correction): " + left if name == QLORA else f"E - C, {label(name)}: {left}"
         fig.add_trace(go.Scatter(
             x=h.centers, y=h.counts, mode="lines", line_shape="hvh", name=legend,
-            line={"color": COLORS.get(name, "#555"), "width": 2.2 if name == "qlora" else 1.6, "dash": DASH.get(name)},
+            line={"color": colour(name), "width": 2.2 if name == QLORA else 1.6, "dash": dash(name)},
             hovertemplate=f"{label(name)}<br>error %{{x:.2e}}: %{{y:,}} weights<extra></extra>"))
-    base = view.error["qlora"]
+    base = view.error[QLORA]
     cum = np.cumsum(base.counts) / max(base.total, 1)
     lo = base.edges[int(np.searchsorted(cum, 0.0005))]
     hi = base.edges[min(int(np.searchsorted(cum, 0.9995)) + 1, len(base.edges) - 1)]
     reach = max(abs(lo), abs(hi))
-    fig.update_xaxes(title_text="error per weight (same units as the weights; central 99.9% shown, zoom out for the tails)",
-                     range=[-reach, reach])
+    fig.update_xaxes(title_text="error per weight (same units as the weights; central 99.9% shown, zoom out for the "
+                                "tails)", range=[-reach, reach])
     fig.update_yaxes(title_text="number of weights")
     _layout(fig, title, 520, top=160)
     fig.update_layout(legend={"orientation": "v", "y": 1.02, "yanchor": "bottom", "x": 0, "xanchor": "left"})
@@ -149,11 +179,12 @@ def error_figure(view: InsideLayer) -> go.Figure:
 def spectrum_figure(view: CalibrationView) -> go.Figure:
     title = f"Singular values of E and E H½ for {view.layer}"
     fig = go.Figure()
-    for name, values, colour in (("E: the error in the weights (what SVD sees)", view.singular_plain, COLORS["svd"]),
-                                 ("E H½: the error on calibration activations", view.singular_weighted, COLORS["closed_form"])):
+    for name, values, tint in (
+            ("E: the error in the weights (what SVD sees)", view.singular_plain, colour("svd")),
+            ("E H½: the error on calibration activations", view.singular_weighted, colour("closed_form"))):
         rel = values / values[0] if values[0] > 0 else values
         fig.add_trace(go.Scatter(x=np.arange(1, len(rel) + 1), y=rel, mode="lines", name=name,
-                                 line={"color": colour, "width": 2},
+                                 line={"color": tint, "width": 2},
                                  hovertemplate="direction %{x}: %{y:.3g} of the largest<extra></extra>"))
     rel_min = min(float(np.min(v[v > 0] / v[0])) for v in (view.singular_plain, view.singular_weighted) if v[0] > 0)
     _rank_marker(fig, view.rank, f"r = {view.rank}", (rel_min, 1.0), log_y=True)
@@ -168,19 +199,21 @@ def energy_figure(view: CalibrationView) -> go.Figure:
     k = np.arange(1, len(view.captured_calibrated_best) + 1)
     fig = go.Figure()
     curves = (
-        ("calibrated optimum: top-k directions of E H½ (on activations)", view.captured_calibrated_best, COLORS["closed_form"], "solid"),
-        ("SVD of E: its effect on activations", view.captured_calibrated_svd, COLORS["svd"], "solid"),
+        ("calibrated optimum: top-k directions of E H½ (on activations)", view.captured_calibrated_best,
+         colour("closed_form"), "solid"),
+        ("SVD of E: its effect on activations", view.captured_calibrated_svd, colour("svd"), "solid"),
         ("SVD of E: its effect on the weights ||E||² (what it optimizes)", view.captured_weight_svd, "#7f7f7f", "dot"),
     )
-    for name, y, colour, dash in curves:
-        fig.add_trace(go.Scatter(x=k, y=100 * y, mode="lines", name=name, line={"color": colour, "dash": dash, "width": 2},
+    for name, y, tint, style in curves:
+        fig.add_trace(go.Scatter(x=k, y=100 * y, mode="lines", name=name,
+                                 line={"color": tint, "dash": style, "width": 2},
                                  hovertemplate="rank %{x}: %{y:.1f}% removed<extra></extra>"))
     for m, removed in view.removed_at_rank.items():
         fig.add_trace(go.Scatter(
-            x=[view.rank], y=[100 * removed], mode="markers", name=f"{label(m)} at r = {view.rank}: {100 * removed:.1f}%",
-            marker={"color": COLORS.get(m, "#555"), "size": 11 if m == "quailora" else 8,
-                    "symbol": {"svd": "square", "quailora": "circle-open", "closed_form": "x"}.get(m, "circle"),
-                    "line": {"width": 2, "color": COLORS.get(m, "#555")}},
+            x=[view.rank], y=[100 * removed], mode="markers",
+            name=f"{label(m)} at r = {view.rank}: {100 * removed:.1f}%",
+            marker={"color": colour(m), "size": 11 if _open(m) else 8, "symbol": marker(m),
+                    "line": {"width": 2, "color": colour(m)}},
             hovertemplate=f"{label(m)}: %{{y:.2f}}% of tr(E H Eᵀ) removed<extra></extra>"))
     _rank_marker(fig, view.rank, f"r = {view.rank}", (0, 100))
     fig.update_xaxes(title_text="rank k of the correction (log scale)", type="log", range=_log_range(len(k)))
@@ -207,13 +240,14 @@ def channels_figure(view: CalibrationView) -> go.Figure:
     fig.update_yaxes(title_text="mean squared activation (log scale)", type="log", dtick=1, row=1, col=1)
     names = [f"ch {c}" for c in view.top_channels]
     for m, err in view.channel_error.items():
-        if m == "qlora":
+        if m == QLORA:
             continue
-        fig.add_trace(go.Bar(x=names, y=100 * err, name=label(m), marker_color=COLORS.get(m, "#555"),
-                             hovertemplate=f"{label(m)}<br>%{{x}}: %{{y:.0f}}% of the column's error left<extra></extra>"),
+        fig.add_trace(go.Bar(x=names, y=100 * err, name=label(m), marker_color=colour(m),
+                             hovertemplate=f"{label(m)}<br>%{{x}}: %{{y:.0f}}% of the column's error left"
+                                           "<extra></extra>"),
                       row=1, col=2)
     fig.add_trace(go.Scatter(x=[names[0], names[-1]], y=[100, 100], mode="lines", name="QLoRA = 100% (no correction)",
-                             line={"color": COLORS["qlora"], "dash": "dash", "width": 1}, hoverinfo="skip"), row=1, col=2)
+                             line={"color": colour(QLORA), "dash": "dash", "width": 1}, hoverinfo="skip"), row=1, col=2)
     fig.update_xaxes(title_text="input channel (largest diag(H) first)", tickangle=-45, row=1, col=2)
     fig.update_yaxes(title_text="||(E - C)[:, j]|| / ||E[:, j]|| (%)", range=[0, 110], row=1, col=2)
     fig.update_layout(barmode="group", bargap=0.25)
@@ -225,40 +259,42 @@ def rank_sweep_figure(sweep: RankSweep) -> go.Figure:
     n = len(sweep.layers)
     what = _short(sweep.layers[0]) if n == 1 else f"mean over {n} layers"
     title = f"Calibrated error against LoRA rank ({what})"
-    has_ppl = any(v for k, v in sweep.perplexity.items() if k != "qlora")
+    has_ppl = any(v for k, v in sweep.perplexity.items() if k != QLORA)
     fig = make_subplots(rows=1, cols=2 if has_ppl else 1, horizontal_spacing=0.1,
-                        subplot_titles=["calibrated error (1.0 = plain QLoRA)", "held-out perplexity"] if has_ppl else None)
-    fig.add_trace(go.Scatter(x=[sweep.ranks[0], sweep.ranks[-1]], y=[1, 1], mode="lines", name=label("qlora"),
-                             line={"color": COLORS["qlora"], "dash": "dash", "width": 1}, hoverinfo="skip"), row=1, col=1)
-    order = sorted(sweep.calibrated_error, key=lambda m: m == "quailora")  # QuAILoRA's open markers on top
+                        subplot_titles=(["calibrated error (1.0 = plain QLoRA)", "held-out perplexity"] if has_ppl
+                                        else None))
+    fig.add_trace(go.Scatter(x=[sweep.ranks[0], sweep.ranks[-1]], y=[1, 1], mode="lines", name=label(QLORA),
+                             line={"color": colour(QLORA), "dash": "dash", "width": 1}, hoverinfo="skip"), row=1, col=1)
+    order = sorted(sweep.calibrated_error, key=_open)  # open markers on top
     for m in order:
         ys = sweep.calibrated_error[m]
         fig.add_trace(go.Scatter(
             x=sweep.ranks, y=ys, mode="lines+markers", name=label(m), legendgroup=m,
-            line={"color": COLORS.get(m, "#555"), "dash": DASH.get(m), "width": 2},
-            marker={"size": 11 if m == "quailora" else 7, "symbol": "circle-open" if m == "quailora" else "circle",
-                    "line": {"width": 2, "color": COLORS.get(m, "#555")}},
+            line={"color": colour(m), "dash": dash(m), "width": 2},
+            marker={"size": 11 if _open(m) else 7, "symbol": "circle-open" if _open(m) else "circle",
+                    "line": {"width": 2, "color": colour(m)}},
             hovertemplate=f"{label(m)}<br>rank %{{x}}: calibrated error %{{y:.3f}}<extra></extra>"), row=1, col=1)
     for m, ys in sweep.weight_error.items():
         fig.add_trace(go.Scatter(
-            x=sweep.ranks, y=ys, mode="lines", name=f"{label(m)}: error in the weights", legendgroup=m, visible="legendonly",
-            line={"color": COLORS.get(m, "#555"), "dash": "dot", "width": 1},
+            x=sweep.ranks, y=ys, mode="lines", name=f"{label(m)}: error in the weights", legendgroup=m,
+            visible="legendonly",
+            line={"color": colour(m), "dash": "dot", "width": 1},
             hovertemplate=f"{label(m)}<br>rank %{{x}}: weight error %{{y:.3f}}<extra></extra>"), row=1, col=1)
     ticks = {"tickvals": sweep.ranks, "ticktext": [str(r) for r in sweep.ranks]}
     fig.update_xaxes(title_text="LoRA rank r (log scale)", type="log", **ticks)
     fig.update_yaxes(title_text="calibrated error (ratio to QLoRA)", range=[0, 1.05], row=1, col=1)
     if has_ppl:
-        base = sweep.perplexity.get("qlora", {}).get(0)
+        base = sweep.perplexity.get(QLORA, {}).get(0)
         for m, by_rank in sweep.perplexity.items():
-            if m == "qlora" or not by_rank:
+            if m == QLORA or not by_rank:
                 continue
             rs = sorted(by_rank)
             fig.add_trace(go.Scatter(
                 x=rs, y=[by_rank[r] for r in rs], mode="lines+markers", name=label(m), legendgroup=m, showlegend=False,
-                line={"color": COLORS.get(m, "#555"), "dash": DASH.get(m), "width": 2},
+                line={"color": colour(m), "dash": dash(m), "width": 2},
                 hovertemplate=f"{label(m)}<br>rank %{{x}}: perplexity %{{y:.2f}}<extra></extra>"), row=1, col=2)
         if base is not None:
-            fig.add_hline(y=base, line={"color": COLORS["qlora"], "dash": "dash", "width": 1}, row=1, col=2,
+            fig.add_hline(y=base, line={"color": colour(QLORA), "dash": "dash", "width": 1}, row=1, col=2,
                           annotation_text=f"4-bit, no correction: {base:.2f}", annotation_position="top left")
         fig.update_yaxes(title_text="perplexity (lower is better)", row=1, col=2)
     return _layout(fig, title, 500, top=130, legend_y=1.06 if has_ppl else 1.03)
@@ -275,25 +311,27 @@ def precision_figure(table: PrecisionTable) -> go.Figure:
     rated = [r for r in table.rows if r.perplexity is not None]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.22,
                         subplot_titles=[f"bits per linear-layer weight ({table.linear_params / 1e6:,.1f} M weights)",
-                                        "total weight memory vs perplexity" + ("" if rated else " (no init report given)")])
+                                        "total weight memory vs perplexity"
+                                        + ("" if rated else " (no init report given)")])
     labels = [r.label for r in table.rows]
-    for key, name, colour in _PARTS:
+    for key, name, tint in _PARTS:
         xs = [8.0 * (r.adapter_bytes if key == "adapter" else r.breakdown.get(key, 0)) / max(table.linear_params, 1)
               for r in table.rows]
         if not any(xs):
             continue
-        fig.add_trace(go.Bar(y=labels, x=xs, orientation="h", name=name, marker_color=colour,
-                             hovertemplate=f"%{{y}}<br>{name}: %{{x:.3f}} bits per weight<extra></extra>"), row=1, col=1)
+        fig.add_trace(go.Bar(y=labels, x=xs, orientation="h", name=name, marker_color=tint,
+                             hovertemplate=f"%{{y}}<br>{name}: %{{x:.3f}} bits per weight<extra></extra>"),
+                      row=1, col=1)
     totals = [table.bits_per_param(r) for r in table.rows]
-    fig.add_trace(go.Scatter(y=labels, x=totals, mode="text", text=[f"{t:.2f}" for t in totals], textposition="middle right",
-                             showlegend=False, hoverinfo="skip"), row=1, col=1)
+    fig.add_trace(go.Scatter(y=labels, x=totals, mode="text", text=[f"{t:.2f}" for t in totals],
+                             textposition="middle right", showlegend=False, hoverinfo="skip"), row=1, col=1)
     fig.update_layout(barmode="stack", legend={"traceorder": "normal"})
     fig.update_xaxes(range=[0, max(totals) * 1.18], row=1, col=1)
     fig.update_yaxes(autorange="reversed", title_text="storage format", row=1, col=1)
     fig.update_xaxes(title_text="bits per weight of the linear layers", row=1, col=1)
     if rated:
         fig.add_trace(go.Scatter(
-            x=[r.total_bytes / 2**20 for r in rated], y=[r.perplexity for r in rated], mode="markers+text",
+            x=[r.total_bytes / MIB for r in rated], y=[r.perplexity for r in rated], mode="markers+text",
             text=[r.label.replace(" + double quant", " + DQ") for r in rated], textposition="top center",
             name="measured models",
             marker={"size": 11, "color": "#333"}, showlegend=False,
@@ -301,10 +339,11 @@ def precision_figure(table: PrecisionTable) -> go.Figure:
         ys = [r.perplexity for r in rated]
         pad = 0.12 * (max(ys) - min(ys) or 1.0)
         fig.update_yaxes(range=[min(ys) - pad, max(ys) + 2 * pad], row=1, col=2)
-        xs = [r.total_bytes / 2**20 for r in rated]
+        xs = [r.total_bytes / MIB for r in rated]
         fig.update_xaxes(range=[0, max(xs) * 1.35], row=1, col=2)
     else:
-        fig.add_annotation(text="run `python -m quailora_app init` and pass its report.json<br>to place measured models here",
+        fig.add_annotation(text="run `python -m quailora_app init` and pass its report.json<br>"
+                                "to place measured models here",
                            xref="x2 domain", yref="y2 domain", x=0.5, y=0.5, showarrow=False, font={"color": "#777"})
     fig.update_xaxes(title_text="weight memory, whole model (MiB)", row=1, col=2)
     fig.update_yaxes(title_text="held-out perplexity (lower is better)", row=1, col=2)
@@ -339,7 +378,8 @@ class Written:
 
 _PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{title}</title><script src="plotly.min.js"></script>
-<style>body{{font-family:sans-serif;max-width:1250px;margin:1em auto}} p.caption{{color:#444;margin:0.2em 1em 2em}}</style>
+<style>body{{font-family:sans-serif;max-width:1250px;margin:1em auto}}
+p.caption{{color:#444;margin:0.2em 1em 2em}}</style>
 </head><body>
 {body}
 </body></html>
@@ -351,8 +391,6 @@ def write_figures(figs: Mapping[str, go.Figure], out: str | Path, *, markdown: s
     """Write each figure as <name>.html (offline: plotly.min.js is written once into `out`), an index.html with
     every figure and its caption, how_it_works.md when `markdown` is given, and <name>.png when kaleido is
     installed (skipped with a note otherwise). `extra_text`: name -> text to write as <name>.md (e.g. a table)."""
-    import plotly.offline
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = Written()
@@ -377,7 +415,8 @@ def write_figures(figs: Mapping[str, go.Figure], out: str | Path, *, markdown: s
         try:
             import kaleido  # noqa: F401
         except ImportError:
-            result.notes.append("PNG files skipped: the static image renderer kaleido is not installed (pip install kaleido)")
+            result.notes.append("PNG files skipped: the static image renderer kaleido is not installed "
+                                "(pip install kaleido)")
         else:
             for name, fig in figs.items():
                 try:
@@ -385,15 +424,13 @@ def write_figures(figs: Mapping[str, go.Figure], out: str | Path, *, markdown: s
                     fig.write_image(path, width=1200, height=fig.layout.height or 500, scale=1)
                     result.png.append(path)
                 except Exception as exc:  # noqa: BLE001 - kaleido needs a browser; a missing one is not fatal
-                    result.notes.append(f"PNG files skipped: kaleido could not render ({str(exc).splitlines()[0][:160]})")
+                    result.notes.append(f"PNG files skipped: kaleido could not render ({one_line(exc, 160)})")
                     break
     return result
 
 
-def write_views(views, out: str | Path, png: bool = True) -> Written:
+def write_views(views: Views, out: str | Path, png: bool = True) -> Written:
     """All figures of a teaching.Views bundle, how_it_works.md and precision_table.md into `out`."""
-    from quailora_app.teaching.views import how_it_works_markdown
-
     figs = view_figures(views.inside, views.calibration, views.sweep, views.precision)
     table = views.precision.markdown() + "".join(f"\n\nnote: {n}" for n in views.precision.notes)
     return write_figures(figs, out, markdown=how_it_works_markdown(views.rank), extra_text={"precision_table": table},

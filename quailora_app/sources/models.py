@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from quailora_app.errors import ConfigError, ModelError
+from quailora_app.errors import ConfigError, ModelError, one_line
 from quailora_app.sources.hub import hub_reachable
 
 EMBEDDED = "embedded"
@@ -78,7 +81,6 @@ def embedded_model_folder() -> Path:
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     gguf = embedded_gguf()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
@@ -129,20 +131,18 @@ def resolve_model(name: str) -> ModelSource:
     if not hub_reachable():
         raise ModelError(f"model '{name}' is not a local folder and the Hugging Face hub is not reachable from here")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only for a hub id: a download
 
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"] + (["*.py"] if trust_remote_code() else [])
         folder = snapshot_download(name, allow_patterns=patterns)
     except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; the user needs one line
-        raise ModelError(f"model '{name}' could not be downloaded from the hub: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        raise ModelError(f"model '{name}' could not be downloaded from the hub: {type(exc).__name__}: {one_line(exc, 200)}") from None
     return ModelSource(name, Path(folder))
 
 
 def refuse_remote_code(source: ModelSource) -> None:
     """A config.json whose model_type transformers does not know and that maps to code in the model's own
     repository (auto_map) needs trust_remote_code: refuse it unless the operator allowed remote code."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
     try:
         raw = json.loads((source.folder / "config.json").read_text())
     except (OSError, ValueError):
@@ -157,14 +157,11 @@ def refuse_remote_code(source: ModelSource) -> None:
 
 def load_config(source: ModelSource):
     """The model's config, refusing models that need remote code (unless allowed) or are not causal LMs."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     refuse_remote_code(source)
     try:
         config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code())
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"model '{source.name}': config.json could not be read ({str(exc).splitlines()[0][:200]})") from None
+        raise ModelError(f"model '{source.name}': config.json could not be read ({one_line(exc, 200)})") from None
     if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) and trust_remote_code():
         return config  # the model's own code provides the causal LM class
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -196,12 +193,10 @@ def check_context(config, seq_len: int, name: str) -> None:
 
 
 def load_tokenizer(source: ModelSource):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code())
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"model '{source.name}': tokenizer could not be loaded ({str(exc).splitlines()[0][:200]})") from None
+        raise ModelError(f"model '{source.name}': tokenizer could not be loaded ({one_line(exc, 200)})") from None
     if tokenizer.eos_token_id is None:
         tokenizer.eos_token = tokenizer.pad_token or tokenizer.unk_token
     return tokenizer
@@ -232,8 +227,6 @@ def device_label(device: torch.device) -> str:
 
 
 def _load(source: ModelSource, device: torch.device, **kwargs):
-    from transformers import AutoModelForCausalLM
-
     load_config(source)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,0 +1,190 @@
+"""The one registry of LoRA initialization methods: name -> correction function and how every reader shows it.
+
+A method computed per layer is one function (E, spec, rank, *, als_rounds, solver, EHd) -> (P, Rt), with the
+low-rank correction C = P @ Rt of the quantization error E = W - Q (m x n) and spec the damped H = H + lambda I
+of the layer's inputs (init_math.DampedH). Registering it is all it takes to appear in the config's checks, the
+CLI and form choices, initialize(), the init report, the teaching views and the plots:
+
+    @register_method("half_svd", label="4-bit + half the SVD correction", colour="#8c564b", help="...")
+    def half_svd(E, spec, rank, **options):
+        P, Rt = init_math.svd_correction(E, rank)
+        return P / 2, Rt
+
+Two built-ins are not computed per layer: the `qlora` baseline (peft's default init, B = 0, C = 0: every error
+figure is relative to it) and `loftq` (peft's replace_lora_weights_loftq, run on the peft model by the init flow).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from quailora_app.engine import init_math
+from quailora_app.engine.init_math import DampedH
+
+LAYER = "layer"  # computed per layer by initialize() through `correct`
+BASELINE = "baseline"  # the no-correction reference (qlora)
+ANCHOR = "anchor"  # peft's LoftQ, computed on the peft model by the init flow
+KINDS = (LAYER, BASELINE, ANCHOR)
+QLORA = "qlora"  # the baseline's name: always run, 1.0 in every error figure
+
+
+class CorrectionFn(Protocol):
+    """A per-layer initialization: the rank-`rank` correction C = P @ Rt of E (P: m x r, Rt: r x n)."""
+
+    def __call__(self, E: Tensor, spec: DampedH, rank: int, *, als_rounds: int, solver: str,
+                 EHd: Tensor | None) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """One initialization method as every reader needs it."""
+
+    name: str
+    label: str  # legend of the init figures and tables ("4-bit + ...")
+    short: str  # checkbox, axis tick and heatmap title
+    colour: str  # one colour in every figure
+    help: str  # one line: what the method does
+    kind: str = LAYER
+    correct: CorrectionFn | None = None  # None unless kind == LAYER
+    calibrated: bool = False  # reads spec (H): the time of forming H + lambda I is charged to it
+    nested: bool = False  # (exact solver) its rank-r factors are the leading r of P's columns / Rt's rows at any
+    # larger rank, so a rank sweep computes it once
+    uses_EHd: Callable[[int, int, str], bool] | None = None  # (m, n, solver) -> given the meter's E Hd
+    layer_label: str = ""  # legend of the teaching views (what the correction does to one layer); default: short
+    dash: str = "solid"  # line style in the teaching views
+    marker: str = "circle"  # plotly marker symbol in the teaching views
+    default: bool = False  # in the default method list of `init`
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if (self.kind == LAYER) != (self.correct is not None):
+            raise ValueError(f"method {self.name!r}: a correction function is needed exactly when kind is {LAYER!r}")
+
+    @property
+    def per_layer(self) -> bool:
+        return self.kind == LAYER
+
+    @property
+    def legend(self) -> str:
+        """The teaching views' legend."""
+        return self.layer_label or self.short
+
+    def correction(self, E: Tensor, spec: DampedH, rank: int, *, als_rounds: int = 20, solver: str = "exact",
+                   EHd: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(P, Rt) of this method's rank-`rank` correction of E."""
+        if self.correct is None:
+            raise ValueError(f"method {self.name!r} is not computed per layer")
+        return self.correct(E, spec, rank, als_rounds=als_rounds, solver=solver, EHd=EHd)
+
+    def sweep(self, E: Tensor, spec: DampedH, ranks: Sequence[int], *,
+              als_rounds: int = 20) -> list[tuple[Tensor, Tensor]]:
+        """(P, Rt) at each of `ranks` (exact solver). A nested method is computed once, at the largest rank, and
+        truncated: P[:, :r], Rt[:r] is its rank-r correction."""
+        if self.nested:
+            P, Rt = self.correction(E, spec, max(ranks), als_rounds=als_rounds)
+            return [(P[:, :r], Rt[:r]) for r in ranks]
+        return [self.correction(E, spec, r, als_rounds=als_rounds) for r in ranks]
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add `method` to the registry (a name is registered once)."""
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def register_method(name: str, *, label: str, colour: str, help: str, calibrated: bool = False,
+                    short: str | None = None, **fields) -> Callable[[CorrectionFn], CorrectionFn]:
+    """Decorator: register a per-layer correction function under `name` (`short` defaults to the name; further
+    `fields`: see Method)."""
+
+    def wrap(fn: CorrectionFn) -> CorrectionFn:
+        register(Method(name, label, short or name, colour, help, correct=fn, calibrated=calibrated, **fields))
+        return fn
+
+    return wrap
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method (for tests that register a toy one)."""
+    del _METHODS[name]
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(_METHODS)}") from None
+
+
+def find_method(name: str) -> Method | None:
+    """The method called `name`, or None (figures also show references such as "full" and "int8")."""
+    return _METHODS.get(name)
+
+
+def all_methods() -> list[Method]:
+    """Every registered method, in registration order (the order of every table and figure)."""
+    return list(_METHODS.values())
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered name (the CLI and form choices; read when a parser or form is built)."""
+    return tuple(_METHODS)
+
+
+def default_method_names() -> tuple[str, ...]:
+    return tuple(m.name for m in _METHODS.values() if m.default)
+
+
+def per_layer_names() -> tuple[str, ...]:
+    """The methods initialize() computes layer by layer."""
+    return tuple(m.name for m in _METHODS.values() if m.per_layer)
+
+
+# ------------------------------------------------------------------------------------------------- built-ins
+register(Method(QLORA, "4-bit + QLoRA init (no correction)", "QLoRA", "#d62728",
+                "peft's default init (A random, B = 0): no correction, the 1.0 baseline", kind=BASELINE,
+                layer_label="QLoRA (no correction)", default=True))
+
+
+@register_method("svd", label="4-bit + SVD of the error (uncalibrated)", short="SVD", colour="#ff7f0e",
+                 help="best low-rank fit of the weight error", nested=True, layer_label="SVD of E (uncalibrated)",
+                 marker="square", default=True)
+def svd(E: Tensor, spec: DampedH, rank: int, **options) -> tuple[Tensor, Tensor]:
+    """Truncated SVD of E: argmin ||E - C||_F over rank-r C (Eckart-Young)."""
+    return init_math.svd_correction(E, rank)
+
+
+@register_method("quailora", label="4-bit + QuAILoRA (calibrated)", short="QuAILoRA", colour="#1f77b4",
+                 help="the paper's calibrated alternating least squares", calibrated=True,
+                 layer_label="QuAILoRA (calibrated ALS)", marker="circle-open", default=True)
+def quailora(E: Tensor, spec: DampedH, rank: int, *, als_rounds: int = 20, **options) -> tuple[Tensor, Tensor]:
+    """ALS on min tr((E - C) Hd (E - C)^T), C = P R^T, from the SVD of E (`als_rounds` rounds)."""
+    return init_math.quailora_correction(E, spec, rank, als_rounds)
+
+
+def _wide_and_exact(m: int, n: int, solver: str) -> bool:
+    """closed_form's m <= n route forms E Hd E^T: the error meter's E Hd spares its m n^2 product."""
+    return solver == "exact" and m <= n
+
+
+@register_method("closed_form", label="4-bit + closed form (calibrated optimum)", short="closed form",
+                 colour="#2ca02c", help="the exact optimum of QuAILoRA's calibrated objective", calibrated=True,
+                 nested=True, uses_EHd=_wide_and_exact, layer_label="closed form (calibrated optimum)", dash="dash",
+                 marker="x", default=True)
+def closed_form(E: Tensor, spec: DampedH, rank: int, *, solver: str = "exact", EHd: Tensor | None = None,
+                **options) -> tuple[Tensor, Tensor]:
+    """argmin tr((E - C) Hd (E - C)^T) over rank-r C: SVD_r(E L) L^-1 with Hd = L L^T."""
+    return init_math.closed_form_correction(E, spec, rank, solver=solver, EHd=EHd)
+
+
+register(Method("loftq", "4-bit + LoftQ (peft)", "LoftQ", "#9467bd", "peft's implementation of LoftQ (one iteration)",
+                kind=ANCHOR, default=True))

@@ -1,0 +1,79 @@
+"""The page's one poller factory (`Studio.poller`), called directly (no server): a poll sends only what changed,
+and a job of another session is refused with one line."""
+from __future__ import annotations
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+from quailora_app.app.jobs import FINISHED, RUNNING, Job  # noqa: E402
+from quailora_app.app.ui import Studio, _count_init, _count_train  # noqa: E402
+
+
+class Manager:
+    """The part of JobManager the handlers read: jobs by id for their owner, and the queue line."""
+
+    def __init__(self, *jobs: Job) -> None:
+        self.jobs = {job.id: job for job in jobs}
+
+    def owned(self, job_id, owner):
+        job = self.jobs.get(job_id)
+        return job if job is not None and job.owner == owner else None
+
+    def queue_length(self):
+        return 1, 0
+
+
+def skipped(value) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+
+def init_job(**kw) -> Job:
+    return Job(id="j1", kind="init", owner="alice", config=None, status=RUNNING, started=0.0, stage="calibrate", **kw)
+
+
+def test_init_poll_draws_once_then_only_what_moved():
+    job = init_job(events=[{"kind": "layer", "module": "model.layers.0.mlp.down_proj", "block": 0,
+                            "calibrated_error": {"qlora": 1.0, "svd": 0.5}, "weight_error": {"qlora": 1.0}}])
+    studio = Studio(Manager(job), (1, 2))
+    poll = studio.poller(_count_init, studio.draw_init, 7)
+    alice = {"owner": "alice"}
+    first = poll(alice, "j1", {}, "")
+    assert len(first) == 10 and "calibrate" in first[0] and not any(skipped(v) for v in first[2:5])
+    seen = first[-1]
+    assert seen["layers"] == 1 and seen["metrics"] == 0
+    job.version += 1  # a new log line: progress and status only
+    second = poll(alice, "j1", seen, "")
+    assert all(skipped(v) for v in second[2:9]) and not skipped(second[1])
+    assert all(skipped(v) for v in poll(alice, "j1", second[-1], "")[:-1])  # nothing moved: nothing sent
+    job.events.append({"kind": "metric", "name": "qlora", "value": 20.0, "group": "perplexity"})
+    job.version += 1
+    third = poll(alice, "j1", second[-1], "")
+    assert skipped(third[2]) and skipped(third[3]) and not skipped(third[4])  # only the perplexity figure
+    job.status, job.ended, job.version = FINISHED, 1.0, job.version + 1
+    assert not skipped(poll(alice, "j1", third[-1], "")[8])  # a new status redraws the results summary
+
+
+def test_poll_of_another_sessions_job_is_refused_once():
+    studio = Studio(Manager(init_job()), (1, 2))
+    poll = studio.poller(_count_init, studio.draw_init, 7)
+    out = poll({"owner": "bob"}, "j1", {}, "")
+    assert "No job" in out[1] and out[-1] == {"job": "j1"}
+    assert all(skipped(v) for v in poll({"owner": "bob"}, "j1", out[-1], "")[:-1])
+
+
+def test_views_poll_without_a_job_sends_nothing():
+    studio = Studio(Manager(), (1, 2))
+    poll = studio.poller(lambda job: {}, studio.draw_views, 9, idle=False)
+    out = poll({"owner": "alice"}, "", {})
+    assert len(out) == 12 and all(skipped(v) for v in out[:-1]) and out[-1] == {}
+
+
+def test_train_poll_redraws_the_curves_when_points_arrive():
+    job = Job(id="t1", kind="train", owner="alice", config=None, status=RUNNING, started=0.0, stage="train")
+    studio = Studio(Manager(job), (1, 2))
+    poll = studio.poller(_count_train, studio.draw_train, 3)
+    first = poll({"owner": "alice"}, "t1", {}, "")
+    job.events.append({"kind": "train_step", "arm": "qlora4", "step": 1, "total_steps": 4, "train_loss": 2.0})
+    job.version += 1
+    second = poll({"owner": "alice"}, "t1", first[-1], "")
+    assert not skipped(second[2]) and skipped(second[4])  # the curves, not the summary
