@@ -61,7 +61,8 @@ def main() -> int:
             print(f"{n}-process run failed:\n{done.stderr[-2000:]}", file=sys.stderr)
             return 1
     print(f"## 1 process vs {args.processes} processes (gloo, CPU): tiny Llama, {args.calib_samples} x 48 calibration "
-          "tokens, rank 4\n\n| method | layers | max relative difference of s B A | perplexity 1 / N |\n|---|---|---|---|")
+          "tokens, rank 4\n\n| method | layers | max relative difference of s B A | perplexity 1 / N |\n"
+          "|---|---|---|---|")
     r1, rn = (RunFolder(tmp / d).read_report()["perplexity"] for d in ("one", "many"))
     for m in METHODS:
         a, b = corrections(tmp / "one", m), corrections(tmp / "many", m)

@@ -40,7 +40,8 @@ def small_model_and_text() -> tuple[Path, Path]:
 
 
 def init_on(device: str, folder: Path, text: Path, methods, dtype="float32") -> dict:
-    cfg = InitConfig(ModelConfig(str(folder), device, dtype), DataConfig(str(text), seq_len=128, calib_samples=32, eval_tokens=4096),
+    cfg = InitConfig(ModelConfig(str(folder), device, dtype),
+                     DataConfig(str(text), seq_len=128, calib_samples=32, eval_tokens=4096),
                      lora=LoraSettings(rank=16), methods=methods, out=str(WORK / f"run-{device}-{dtype}"))
     for event in run_init(cfg):
         if isinstance(event, RunFailed):
@@ -57,18 +58,22 @@ def check_cpu_vs_cuda() -> dict:
     gpu_bf16 = init_on("cuda", folder, text, ("svd", "quailora", "closed_form"), "bfloat16")
     worst = {}
     for m in ("svd", "quailora", "closed_form"):
-        ratios = [g["calibrated_error"][m] ** 2 / c["calibrated_error"][m] ** 2 for c, g in zip(cpu["layers"], gpu["layers"])]
+        ratios = [g["calibrated_error"][m] ** 2 / c["calibrated_error"][m] ** 2
+                  for c, g in zip(cpu["layers"], gpu["layers"])]
         worst[m] = max(abs(r - 1) for r in ratios)
-    print("\n## CPU vs CUDA (float32 compute), small Llama (4 blocks, hidden 256), rank 16, 32 x 128 calibration tokens")
-    print("| method | max per-layer |objective ratio - 1| | ppl CPU | ppl CUDA fp32 | ppl CUDA bf16 | seconds CPU | seconds CUDA |")
+    print("\n## CPU vs CUDA (float32 compute), small Llama (4 blocks, hidden 256), rank 16, "
+          "32 x 128 calibration tokens")
+    print("| method | max per-layer |objective ratio - 1| | ppl CPU | ppl CUDA fp32 | ppl CUDA bf16 "
+          "| seconds CPU | seconds CUDA |")
     print("|---|---|---|---|---|---|---|")
     for m in ("qlora", "svd", "quailora", "closed_form", "loftq", "int8", "full"):
         w = f"{100 * worst[m]:.3f}%" if m in worst else "-"
-        f = lambda r: f"{r['perplexity'][m]:.3f}" if m in r["perplexity"] else "-"  # noqa: E731
-        s = lambda r: f"{r['seconds'][m]:.2f}" if m in r["seconds"] else "-"  # noqa: E731
+        f = lambda r, m=m: f"{r['perplexity'][m]:.3f}" if m in r["perplexity"] else "-"  # noqa: E731
+        s = lambda r, m=m: f"{r['seconds'][m]:.2f}" if m in r["seconds"] else "-"  # noqa: E731
         print(f"| {m} | {w} | {f(cpu)} | {f(gpu)} | {f(gpu_bf16)} | {s(cpu)} | {s(gpu)} |")
     print("loftq unavailable:", gpu["unavailable"].get("loftq", "no, it ran"))
-    return {"cpu": cpu["perplexity"], "cuda": gpu["perplexity"], "cuda_bf16": gpu_bf16["perplexity"], "worst_objective_ratio": worst,
+    return {"cpu": cpu["perplexity"], "cuda": gpu["perplexity"], "cuda_bf16": gpu_bf16["perplexity"],
+            "worst_objective_ratio": worst,
             "seconds_cpu": cpu["seconds"], "seconds_cuda": gpu["seconds"], "unavailable": gpu["unavailable"]}
 
 

@@ -49,7 +49,8 @@ def main() -> int:
     manager = JobManager(gpu=False)
 
     def run(seed: int) -> str:
-        cfg = InitConfig(ModelConfig(str(model)), DataConfig(str(text), seq_len=32, calib_samples=4, eval_tokens=128, seed=seed),
+        cfg = InitConfig(ModelConfig(str(model)),
+                         DataConfig(str(text), seq_len=32, calib_samples=4, eval_tokens=128, seed=seed),
                          lora=LoraSettings(rank=4), methods=("qlora", "svd", "quailora"), baselines=False, als_rounds=2)
         job = manager.submit("init", cfg, "bench")
         while manager.snapshot(job.id).status not in DONE:
@@ -64,9 +65,11 @@ def main() -> int:
     t1 = time.perf_counter()
     statuses += [run(seed) for seed in range(1, args.jobs + 1)]
     after = rss_mb()
-    print(f"| jobs | finished | warm-up s | s per job | RSS before (MB) | after warm-up | after {args.jobs} more | growth |\n"
+    print(f"| jobs | finished | warm-up s | s per job | RSS before (MB) | after warm-up | after {args.jobs} more "
+          f"| growth |\n"
           f"|---|---|---|---|---|---|---|---|\n"
-          f"| 1 + {args.jobs} | {statuses.count('finished')} | {warm_s:.1f} | {(time.perf_counter() - t1) / args.jobs:.1f} | "
+          f"| 1 + {args.jobs} | {statuses.count('finished')} | {warm_s:.1f} | "
+          f"{(time.perf_counter() - t1) / args.jobs:.1f} | "
           f"{start:.1f} | {warm:.1f} | {after:.1f} | {after - warm:+.1f} MB |")
     # leave without interpreter teardown: tearing it down under the idle worker thread aborted ("terminate called")
     os._exit(0 if statuses.count("finished") == len(statuses) else 1)

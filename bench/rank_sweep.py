@@ -30,7 +30,8 @@ def table(sweep, seconds: float) -> str:
             "| rank | " + " | ".join(methods) + " | quailora - closed_form |", "|---" * (len(methods) + 2) + "|"]
     for i, r in enumerate(sweep.ranks):
         gap = sweep.calibrated_error["quailora"][i] - sweep.calibrated_error["closed_form"][i]
-        rows.append(f"| {r} | " + " | ".join(f"{sweep.calibrated_error[m][i]:.4f}" for m in methods) + f" | {gap:+.5f} |")
+        rows.append(f"| {r} | " + " | ".join(f"{sweep.calibrated_error[m][i]:.4f}" for m in methods)
+                    + f" | {gap:+.5f} |")
     if sweep.perplexity:
         base = sweep.perplexity.get("qlora", {}).get(0)
         rows += ["", f"# held-out perplexity (4-bit, no correction: {base:.3f})", "",
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     snaps = layer_snapshots(ctx.model, ctx.checkpoint, ctx.calib_ids, names, ctx.device)
     sweep = rank_sweep(list(snaps.values()), args.ranks, damping=args.damping, als_rounds=args.als_rounds)
     if args.perplexity_ranks:
-        sweep.perplexity = sweep_perplexity(ctx, args.perplexity_ranks, damping=args.damping, als_rounds=args.als_rounds)
+        sweep.perplexity = sweep_perplexity(ctx, args.perplexity_ranks, damping=args.damping,
+                                            als_rounds=args.als_rounds)
     print(table(sweep, time.perf_counter() - start))
     return 0
 

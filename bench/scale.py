@@ -197,7 +197,8 @@ def run_stage(stage: str, args) -> dict:
 
 def child(stage: str, args, folder: Path, vocab: int) -> dict:
     cmd = [sys.executable, __file__, "--stage", stage, "--folder", str(folder), "--vocab", str(vocab),
-           "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--rank", str(args.rank), "--device", args.device,
+           "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
+           "--device", args.device,
            "--methods", *args.methods, "--loftq-blocks", str(args.loftq_blocks or 0)]
     # glibc would keep freed blocks of up to 32 MB in its heap after the first large free (dynamic mmap
     # threshold), so RSS would not fall back with the live tensors; a fixed threshold makes it follow them.
@@ -222,26 +223,34 @@ def report(rows: dict, args, spec: dict) -> dict:
     init, rand, qlora, loftq = (rows.get(k, {}) for k in ("init", "randomized", "qlora", "loftq"))
     sec = init.get("seconds", {})
     rsec = rand.get("seconds", {})
-    print(f"\n## {args.shape} shape: {spec['num_hidden_layers']} blocks, hidden {spec['hidden_size']}, MLP {spec['intermediate_size']}; "
-          f"nf4; rank {args.rank} all-linear; calibration {args.samples} x {args.seq_len} tokens; device {init.get('device', '?')}")
+    print(f"\n## {args.shape} shape: {spec['num_hidden_layers']} blocks, hidden {spec['hidden_size']}, "
+          f"MLP {spec['intermediate_size']}; "
+          f"nf4; rank {args.rank} all-linear; calibration {args.samples} x {args.seq_len} tokens; "
+          f"device {init.get('device', '?')}")
     print("| stage | seconds | peak memory (GiB) |\n|---|---|---|")
     print(f"| load + quantize (4-bit) | {init.get('load_s', float('nan')):.1f} | {gib(init.get('load_peak_bytes'))} |")
-    print(f"| plain QLoRA set-up (attach LoRA) | {qlora.get('setup_s', float('nan')):.2f} | {gib(qlora.get('setup_peak_bytes'))} |")
-    print(f"| one QLoRA step, batch 1 x {args.seq_len} | {qlora.get('step_s', float('nan')):.2f} | {gib(qlora.get('step_peak_bytes'))} |")
-    print(f"| init: calibration + {' + '.join(args.methods)} (closed_form exact) | {init.get('init_s', float('nan')):.1f} | {gib(init.get('init_peak_bytes'))} |")
+    print(f"| plain QLoRA set-up (attach LoRA) | {qlora.get('setup_s', float('nan')):.2f} | "
+          f"{gib(qlora.get('setup_peak_bytes'))} |")
+    print(f"| one QLoRA step, batch 1 x {args.seq_len} | {qlora.get('step_s', float('nan')):.2f} | "
+          f"{gib(qlora.get('step_peak_bytes'))} |")
+    print(f"| init: calibration + {' + '.join(args.methods)} (closed_form exact) | "
+          f"{init.get('init_s', float('nan')):.1f} | {gib(init.get('init_peak_bytes'))} |")
     for key, label in (("calibrate", "  of which calibration"), ("svd", "  svd (exact truncated SVD)"),
                        ("quailora", "  quailora (20 ALS rounds)"), ("closed_form", "  closed_form, exact")):
         if key in sec:
             print(f"| {label} | {sec[key]:.2f} | |")
     if rsec:
-        print(f"| init: calibration + svd + closed_form (randomized) | {rand.get('init_s', float('nan')):.1f} | {gib(rand.get('init_peak_bytes'))} |")
+        print(f"| init: calibration + svd + closed_form (randomized) | {rand.get('init_s', float('nan')):.1f} | "
+              f"{gib(rand.get('init_peak_bytes'))} |")
         print(f"|   svd (same run) | {rsec.get('svd', float('nan')):.2f} | |")
         print(f"|   closed_form, randomized | {rsec.get('closed_form', float('nan')):.2f} | |")
     if "loftq_s" in loftq:
-        part = "" if loftq["loftq_blocks"] == loftq["blocks"] else f" ({loftq['loftq_blocks']} of {loftq['blocks']} blocks)"
+        part = ("" if loftq["loftq_blocks"] == loftq["blocks"]
+                else f" ({loftq['loftq_blocks']} of {loftq['blocks']} blocks)")
         print(f"| peft LoftQ, 1 iteration{part} | {loftq['loftq_s']:.2f} | {gib(loftq.get('loftq_peak_bytes'))} |")
     else:
-        print(f"| peft LoftQ, 1 iteration | n/a: {loftq.get('unavailable', loftq.get('failed', 'not run'))} | (svd is its math) |")
+        print(f"| peft LoftQ, 1 iteration | n/a: {loftq.get('unavailable', loftq.get('failed', 'not run'))} "
+              f"| (svd is its math) |")
     summary: dict = {}
     if sec.get("svd"):
         summary["closed_form_exact_over_svd"] = sec["closed_form"] / sec["svd"]
@@ -274,7 +283,8 @@ def main() -> None:
     parser.add_argument("--shape", default="small", help="small, 7b, or a config.json of a Llama-like model")
     parser.add_argument("--blocks", type=int, default=None, help="override the number of decoder blocks")
     parser.add_argument("--samples", type=int, default=None, help="calibration sequences")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (calibration and the QLoRA step)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (calibration and the QLoRA step)")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--stages", nargs="+", default=["qlora", "init", "randomized", "loftq"],
@@ -282,7 +292,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["svd", "quailora", "closed_form"],
                         choices=["svd", "quailora", "closed_form"], help="methods of the init stage")
     parser.add_argument("--loftq-blocks", type=int, default=None,
-                        help="run peft's LoftQ on the first N blocks only (it is slow on big models); seconds are per block too")
+                        help="run peft's LoftQ on the first N blocks only (it is slow on big models); "
+                             "seconds are per block too")
     parser.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage is given up")
     parser.add_argument("--json", default=None, help="where to write the results")
     parser.add_argument("--stage", help=argparse.SUPPRESS)

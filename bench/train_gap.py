@@ -32,8 +32,10 @@ def table(report: dict) -> str:
     a = report["arms"]
     s = report["settings"]
     head = (f"# {report['model']} on {report['dataset']} | {report['device']} | schedule {report['schedule']} | "
-            f"{s['steps']} steps of {s['batch_size'] * s['grad_accum']} x {s['data']['seq_len']} tokens, lr {s['learning_rate']}, "
-            f"rank {s['lora']['rank']}, alpha {s['lora']['alpha']} | eval {report.get('tokens', {}).get('eval', '?')} tokens | "
+            f"{s['steps']} steps of {s['batch_size'] * s['grad_accum']} x {s['data']['seq_len']} tokens, "
+            f"lr {s['learning_rate']}, "
+            f"rank {s['lora']['rank']}, alpha {s['lora']['alpha']} | "
+            f"eval {report.get('tokens', {}).get('eval', '?')} tokens | "
             f"status {report['status']}")
     ref = report.get("reference_perplexity", {})
     rows = [head, "", "reference perplexity before fine-tuning: " +
@@ -46,7 +48,8 @@ def table(report: dict) -> str:
             p = dict(map(tuple, a[name].get("evals", []))).get(st)
             cells.append(f"{p:.3f}" if p is not None else "-")
         rows.append(f"| {st} | " + " | ".join(cells) + " |")
-    rows += ["", "| arm | final ppl | best ppl | gap closed vs qlora8 | gap closed at init vs int8 | median s/step | tokens/s | peak memory MiB |",
+    rows += ["", "| arm | final ppl | best ppl | gap closed vs qlora8 | gap closed at init vs int8 | median s/step "
+                 "| tokens/s | peak memory MiB |",
              "|---|---|---|---|---|---|---|---|"]
     pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
     num = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
@@ -55,7 +58,8 @@ def table(report: dict) -> str:
         mem = r.get("peak_memory_bytes")
         init_gap = (report.get("gap_closed_init") or {}).get(name, {}).get("int8")
         rows.append(f"| {name} | {num(r.get('final_perplexity'), '.3f')} | {num(r.get('best_perplexity'), '.3f')} | "
-                    f"{pct(report['gap_closed'].get(name))} | {pct(init_gap)} | {num(r.get('median_step_seconds'), '.2f')} | "
+                    f"{pct(report['gap_closed'].get(name))} | {pct(init_gap)} | "
+                    f"{num(r.get('median_step_seconds'), '.2f')} | "
                     f"{num(r.get('tokens_per_s'), '.0f')} | {num(mem / MIB if mem else None, '.1f')} |")
     if "qlora4" in a and "quailora4" in a and a["qlora4"].get("evals") and a["quailora4"].get("evals"):
         q4, qa = dict(map(tuple, a["qlora4"]["evals"])), dict(map(tuple, a["quailora4"]["evals"]))
@@ -70,7 +74,8 @@ def table(report: dict) -> str:
         for key, what in (("median_step_seconds", "median step time"), ("peak_memory_bytes", "peak memory")):
             x, y = a["quailora4"].get(key), a["qlora4"].get(key)
             if x and y:
-                rows.append(f"quailora4 / qlora4 {what}: {x / y:.3f} ({'within' if abs(x / y - 1) <= 0.05 else 'NOT within'} 5%)")
+                rows.append(f"quailora4 / qlora4 {what}: {x / y:.3f} "
+                            f"({'within' if abs(x / y - 1) <= 0.05 else 'NOT within'} 5%)")
         rows.append(f"memory: {a['qlora4'].get('memory_method', '?')}")
     return "\n".join(rows)
 
@@ -79,7 +84,8 @@ def progress(event) -> None:
     if isinstance(event, Metric):
         print(f"reference {event.name}: perplexity {event.value:.3f}", file=sys.stderr, flush=True)
     elif isinstance(event, EvalPoint):
-        print(f"step {event.step:>4} {event.arm:<10} val perplexity {event.val_perplexity:.3f}", file=sys.stderr, flush=True)
+        print(f"step {event.step:>4} {event.arm:<10} val perplexity {event.val_perplexity:.3f}",
+              file=sys.stderr, flush=True)
     elif isinstance(event, TrainStep) and (event.step == 1 or event.step % 5 == 0):
         print(f"step {event.step:>4} {event.arm:<10} loss {event.train_loss:.3f}  {event.elapsed_s:.2f} s  "
               f"{format_bytes(event.memory_bytes)}", file=sys.stderr, flush=True)

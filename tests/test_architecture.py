@@ -62,7 +62,7 @@ def test_no_import_cycles():
 
 
 def local_imports_without_reason(path: Path) -> list[str]:
-    """Import statements inside functions with no comment on their line or on the line above."""
+    """Import statements inside functions with no comment on their lines or on the line above."""
     source = path.read_text()
     lines = source.splitlines()
     found = []
@@ -71,9 +71,10 @@ def local_imports_without_reason(path: Path) -> list[str]:
             continue
         for inner in ast.walk(node):
             if isinstance(inner, (ast.Import, ast.ImportFrom)):
-                here, above = lines[inner.lineno - 1], lines[inner.lineno - 2] if inner.lineno > 1 else ""
+                here = "\n".join(lines[inner.lineno - 1:inner.end_lineno])
+                above = lines[inner.lineno - 2] if inner.lineno > 1 else ""
                 if "#" not in here and not above.strip().startswith("#"):
-                    found.append(f"{path.relative_to(ROOT)}:{inner.lineno}: {here.strip()}")
+                    found.append(f"{path.relative_to(ROOT)}:{inner.lineno}: {lines[inner.lineno - 1].strip()}")
     return sorted(set(found))
 
 

@@ -215,7 +215,8 @@ def test_hub_id_offline_is_quick(monkeypatch):
     for name in ("wikitext", "Salesforce/wikitext", "Salesforce/wikitext:wikitext-2-raw-v1"):
         with pytest.raises(DataError) as err:
             load_texts(name)
-        assert one_line(err) == f"dataset '{name}' is not a local file and the Hugging Face hub is not reachable from here"
+        assert one_line(err) == (f"dataset '{name}' is not a local file "
+                                 "and the Hugging Face hub is not reachable from here")
     assert time.monotonic() - t0 < 5
     assert "offline" in describe_dataset("org/name")
 

@@ -38,10 +38,12 @@ def runs(tiny_model_dir, text_file, tmp_path_factory):
         env.pop(var, None)
     init = ["-m", "quailora_app", "init", "--model", str(tiny_model_dir), "--dataset", str(text_file),
             "--seq-len", str(DATA["seq_len"]), "--calib-samples", str(DATA["calib_samples"]),
-            "--eval-tokens", str(DATA["eval_tokens"]), "--rank", "4", "--methods", *COMPUTED, "--no-baselines", "--out", str(two)]
+            "--eval-tokens", str(DATA["eval_tokens"]), "--rank", "4", "--methods", *COMPUTED, "--no-baselines",
+            "--out", str(two)]
     for _ in range(2):  # a free port can be taken by another process before torchrun binds it: one more try
         shutil.rmtree(two)
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                  "--master_port", str(free_port())]
         done = subprocess.run(launch + init, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
         if done.returncode == 0 or "address already in use" not in done.stderr.lower():
             break
@@ -69,7 +71,8 @@ def test_two_processes_give_the_one_process_adapters(runs):
 
 def test_two_processes_write_the_one_process_run_folder(runs):
     one, two, done = runs
-    assert sorted(p.relative_to(two).as_posix() for p in two.rglob("*")) == sorted(p.relative_to(one).as_posix() for p in one.rglob("*"))
+    assert (sorted(p.relative_to(two).as_posix() for p in two.rglob("*"))
+            == sorted(p.relative_to(one).as_posix() for p in one.rglob("*")))
     r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, two))
     assert r2["status"] == "finished" and r2["processes"]["world_size"] == 2 and r2["processes"]["backend"] == "gloo"
     assert [row["name"] for row in r2["layers"]] == [row["name"] for row in r1["layers"]]
@@ -127,7 +130,8 @@ def test_exported_adapter_fine_tunes_with_trainer(runs, tiny_model_dir, text_fil
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert before and all("lora_" in n for n in before)
     ids = AutoTokenizer.from_pretrained(tiny_model_dir)(text_file.read_text()[:4000])["input_ids"]
-    data = [{"input_ids": torch.tensor(ids[i:i + 32]), "labels": torch.tensor(ids[i:i + 32])} for i in range(0, 8 * 32, 32)]
+    data = [{"input_ids": torch.tensor(ids[i:i + 32]), "labels": torch.tensor(ids[i:i + 32])}
+            for i in range(0, 8 * 32, 32)]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
                              use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=data)

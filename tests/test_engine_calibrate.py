@@ -37,7 +37,8 @@ def test_blockwise_weights_are_the_full_precision_ones(tiny_model_dir):
 
     quantized = load_4bit(ModelSource("tiny", tiny_model_dir), QuantConfig(), torch.device("cpu"), torch.float32)
     ids = torch.randint(0, 250, (2, 16))
-    block = next(calibrate_blocks(quantized, Checkpoint(tiny_model_dir), ids, ("q_proj", "down_proj"), torch.device("cpu")))
+    block = next(calibrate_blocks(quantized, Checkpoint(tiny_model_dir), ids, ("q_proj", "down_proj"),
+                                  torch.device("cpu")))
     weights = load_file(tiny_model_dir / "model.safetensors")
     assert set(block.weights) == {"self_attn.q_proj", "mlp.down_proj"}
     for name, W in block.weights.items():

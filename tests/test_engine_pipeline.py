@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(model_dir, text_file, out, **kw) -> InitConfig:
-    return InitConfig(ModelConfig(str(model_dir)), DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=512),
+    return InitConfig(ModelConfig(str(model_dir)),
+                      DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=512),
                       lora=LoraSettings(rank=4), methods=("svd", "quailora", "closed_form"), out=str(out), **kw)
 
 
@@ -66,8 +67,10 @@ def test_adapters_reload_to_the_reported_perplexity(finished, tiny_model_dir, te
     out, _ = finished
     report = json.loads((out / "report.json").read_text())
     source = ModelSource("tiny", tiny_model_dir)
-    splits = load_splits(DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=512), load_tokenizer(source))
-    model = PeftModel.from_pretrained(load_4bit(source, QuantConfig(), torch.device("cpu"), torch.float32), out / "adapters" / "quailora")
+    splits = load_splits(DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=512),
+                         load_tokenizer(source))
+    model = PeftModel.from_pretrained(load_4bit(source, QuantConfig(), torch.device("cpu"), torch.float32),
+                                      out / "adapters" / "quailora")
     assert perplexity(model, splits.eval) == pytest.approx(report["perplexity"]["quailora"], rel=1e-5)
 
 
@@ -112,7 +115,8 @@ def test_stop_keeps_what_was_done(tiny_model_dir, text_file, tmp_path, checks, w
 
 
 def run_cli_subprocess(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "quailora_app", "init", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, "-m", "quailora_app", "init", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
 
 
 @pytest.mark.subprocess
@@ -121,7 +125,8 @@ def test_cli_process_exits_nonzero_without_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: model 'no-such-org/no-such-model' is not a local folder and the Hugging Face hub is not reachable from here")
+        "error: model 'no-such-org/no-such-model' is not a local folder "
+        "and the Hugging Face hub is not reachable from here")
 
 
 @pytest.mark.parametrize("case,expect", [
@@ -156,7 +161,8 @@ def test_cli_bad_input_is_one_clear_line(case, expect, tiny_model_dir, text_file
         extra = ["--rank", "100"]
     elif case == "not-causal":
         model = str(tmp_path / "bert")
-        BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(model)
+        BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64)).save_pretrained(model)
     code = main(["init", "--model", model, "--dataset", dataset, "--seq-len", "32", "--calib-samples", "4",
                  "--eval-tokens", "256", "--out", str(tmp_path / "run"), *extra])
     stderr = capsys.readouterr().err

@@ -7,7 +7,8 @@ from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules,
 from quailora_app.sources.models import ModelSource
 
 
-@pytest.mark.parametrize("quant", [QuantConfig("nf4", True, 64), QuantConfig("fp4", False, 64), QuantConfig("nf4", False, 128)])
+@pytest.mark.parametrize("quant", [QuantConfig("nf4", True, 64), QuantConfig("fp4", False, 64),
+                                   QuantConfig("nf4", False, 128)])
 def test_dequantized_weight_is_what_the_4bit_layer_multiplies_by(tiny_model_dir, quant):
     model = load_4bit(ModelSource("tiny", tiny_model_dir), quant, torch.device("cpu"), torch.float32)
     layers = linear4bit_modules(model)
@@ -27,7 +28,8 @@ def test_4bit_error_is_real_and_block_size_changes_it(tiny_model_dir):
     weights = load_file(tiny_model_dir / "model.safetensors")
     errors = {}
     for bs in (64, 256):
-        model = load_4bit(ModelSource("tiny", tiny_model_dir), QuantConfig(block_size=bs), torch.device("cpu"), torch.float32)
+        model = load_4bit(ModelSource("tiny", tiny_model_dir), QuantConfig(block_size=bs), torch.device("cpu"),
+                          torch.float32)
         name = "model.layers.0.mlp.down_proj"
         W = weights[name + ".weight"]
         Q = dequantized_weight(linear4bit_modules(model)[name])

@@ -19,7 +19,8 @@ def huge_config(tmp_path_factory):
 def test_rank_beyond_the_layers_is_named_before_memory(huge_config, monkeypatch):
     monkeypatch.setenv("QUAILORA_MEMORY_LIMIT_GIB", "16")  # the memory check alone would refuse this model too
     cfg = InitConfig(lora=LoraSettings(rank=100_000))
-    with pytest.raises(ConfigError, match=r"rank 100000 is larger than layer \w+_proj .* allows \(min\(out, in\) = 8192\)"):
+    with pytest.raises(ConfigError,
+                       match=r"rank 100000 is larger than layer \w+_proj .* allows \(min\(out, in\) = 8192\)"):
         preflight_init("huge", huge_config, cfg, torch.device("cpu"))
     train = TrainConfig(lora=LoraSettings(rank=100_000), data=DataConfig(seq_len=128, calib_samples=8, eval_tokens=256))
     with pytest.raises(ConfigError, match="rank 100000 is larger than"):

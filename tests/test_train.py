@@ -43,7 +43,8 @@ def text_file(tmp_path_factory):
 
 
 def settings(model_dir, text_file):
-    return (ModelConfig(str(model_dir), "cpu"), DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=256),
+    return (ModelConfig(str(model_dir), "cpu"),
+            DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=256),
             QuantConfig(), LoraSettings(rank=4, alpha=8.0))
 
 
@@ -82,7 +83,8 @@ def test_arms_see_identical_batches(run4):
 def test_step0_perplexity_matches_the_init_engine(run4, tiny_model_dir, text_file, tmp_path):
     events, _ = run4
     model, data, quant, lora = settings(tiny_model_dir, text_file)
-    init = list(run_init(InitConfig(model, data, quant, lora, methods=("qlora", "svd", "quailora", "closed_form")), run_dir=tmp_path))
+    init = list(run_init(InitConfig(model, data, quant, lora, methods=("qlora", "svd", "quailora", "closed_form")),
+                         run_dir=tmp_path))
     report = init[-1].report
     step0 = {e.arm: e.val_perplexity for e in of_kind(events, "eval") if e.step == 0}
     for arm, method in INIT_NAME.items():
@@ -142,7 +144,9 @@ def _signature(records: list[dict]) -> list[tuple]:
     """What must not depend on the consumer: order, kinds, arms, steps and the computed values."""
     out = []
     for r in records:
-        values = tuple(round(r[k], 9) for k in ("train_loss", "learning_rate", "val_perplexity", "value", "final_perplexity") if r.get(k) is not None)
+        values = tuple(round(r[k], 9)
+                       for k in ("train_loss", "learning_rate", "val_perplexity", "value", "final_perplexity")
+                       if r.get(k) is not None)
         out.append((r["kind"], r.get("arm"), r.get("step"), r.get("batch_hash"), r.get("name"), values))
     return out
 
@@ -195,7 +199,8 @@ def test_stop_mid_run_saves_loadable_adapters(tiny_model_dir, text_file, tmp_pat
 
 def test_sequential_schedule_gives_the_same_figures(run4, tiny_model_dir, text_file, tmp_path):
     events, _ = run4
-    cfg = TrainConfig(*settings(tiny_model_dir, text_file), arms=("qlora4", "qlora8"), schedule="sequential", **TRAIN_KW)
+    cfg = TrainConfig(*settings(tiny_model_dir, text_file), arms=("qlora4", "qlora8"), schedule="sequential",
+                      **TRAIN_KW)
     seq = list(run_train(cfg, run_dir=tmp_path))
     assert seq[-1].report["schedule"] == "sequential"
     evals = lambda evs, arm: [(e.step, round(e.val_perplexity, 6)) for e in evs if e.kind == "eval" and e.arm == arm]  # noqa: E731

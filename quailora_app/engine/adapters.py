@@ -61,7 +61,8 @@ def lora_layers(peft_model) -> dict[str, torch.nn.Module]:
 def read_factors(peft_model) -> dict[str, Factors]:
     """The adapter's current factors, copied to CPU float32."""
     return {
-        name: Factors(layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(), layer.lora_B[ADAPTER].weight.detach().float().cpu().clone())
+        name: Factors(layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
+                      layer.lora_B[ADAPTER].weight.detach().float().cpu().clone())
         for name, layer in lora_layers(peft_model).items()
     }
 
@@ -76,7 +77,8 @@ def write_factors(peft_model, factors: dict[str, Factors]) -> None:
         for name, f in factors.items():
             A, B = layers[name].lora_A[ADAPTER].weight, layers[name].lora_B[ADAPTER].weight
             if A.shape != f.A.shape or B.shape != f.B.shape:
-                raise ValueError(f"{name}: factor shapes {tuple(f.A.shape)}, {tuple(f.B.shape)} do not fit LoRA {tuple(A.shape)}, {tuple(B.shape)}")
+                raise ValueError(f"{name}: factor shapes {tuple(f.A.shape)}, {tuple(f.B.shape)} "
+                                 f"do not fit LoRA {tuple(A.shape)}, {tuple(B.shape)}")
             A.copy_(f.A)
             B.copy_(f.B)
 

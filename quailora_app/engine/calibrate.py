@@ -66,7 +66,8 @@ def target_names(block: nn.Module, targets: Sequence[str]) -> list[str]:
     leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
     missing = [t for t in targets if not any(n == t or n.rsplit(".", 1)[-1] == t for n in linears)]
     if missing:
-        raise ConfigError(f"target module(s) {', '.join(missing)} not found; this model's block has {', '.join(leaves)}")
+        raise ConfigError(f"target module(s) {', '.join(missing)} not found; "
+                          f"this model's block has {', '.join(leaves)}")
     return chosen
 
 
@@ -96,7 +97,8 @@ def calibration_batch_size(seq_len: int, tokens_per_batch: int = 2048, most: int
     return max(1, min(most, tokens_per_batch // max(seq_len, 1)))
 
 
-def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, device: torch.device) -> list[tuple[torch.Tensor, dict]]:
+def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int,
+                         device: torch.device) -> list[tuple[torch.Tensor, dict]]:
     """Run the model up to block 0 for each calibration batch; return (hidden_states, block kwargs) per batch,
     kept in CPU memory (STORE)."""
     _, layers = decoder_layers(model)
@@ -104,7 +106,8 @@ def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, device
 
     def catch(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache", "past_key_value")}
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k not in ("hidden_states", "past_key_values", "cache", "past_key_value")}
         captured.append((hidden.detach().to(STORE), _moved(kwargs, STORE)))
         raise _BlockInputsCaught
 
@@ -121,7 +124,8 @@ def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, device
     return captured
 
 
-def build_full_precision_block(model, index: int, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_full_precision_block(model, index: int, checkpoint: Checkpoint, device: torch.device,
+                               dtype: torch.dtype) -> nn.Module:
     """Decoder block `index` with its full-precision weights streamed from the checkpoint (nothing else loaded)."""
     prefix, layers = decoder_layers(model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -132,7 +136,8 @@ def build_full_precision_block(model, index: int, checkpoint: Checkpoint, device
         raise ModelError(f"the checkpoint has no weights under '{prefix}.{index}.'")
     block.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in [*block.parameters(), *block.buffers()]):
-        raise ModelError(f"{type(block).__name__} keeps state outside its checkpoint; block-by-block calibration does not support it")
+        raise ModelError(f"{type(block).__name__} keeps state outside its checkpoint; "
+                         "block-by-block calibration does not support it")
     return block.eval()
 
 
@@ -172,7 +177,8 @@ class HessianAccumulator:
         members: dict[str, list[str]] = {}
         for name, leader in self.group_of.items():
             members.setdefault(leader, []).append(name)
-        return [InputGroup(names, self.sums[lead] / self.tokens[lead], self.tokens[lead]) for lead, names in members.items()]
+        return [InputGroup(names, self.sums[lead] / self.tokens[lead], self.tokens[lead])
+                for lead, names in members.items()]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -238,7 +244,8 @@ def calibrate_blocks(
             torch.cuda.empty_cache()  # hand the block's and H's memory back before the next block is built
 
 
-def hessians_by_hooks(full_model, calib_ids: torch.Tensor, targets: Sequence[str], batch_size: int = 8) -> dict[str, torch.Tensor]:
+def hessians_by_hooks(full_model, calib_ids: torch.Tensor, targets: Sequence[str],
+                      batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Reference: H for every target linear from hooks on the whole full-precision model (module name -> H).
     Holds the whole model at once; used to check calibrate_blocks."""
     prefix, layers = decoder_layers(full_model)

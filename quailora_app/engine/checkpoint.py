@@ -39,7 +39,8 @@ class Checkpoint:
             tensor = f.get_tensor(key)
         return tensor if dtype is None else tensor.to(dtype)
 
-    def with_prefix(self, prefix: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def with_prefix(self, prefix: str, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """All tensors under `prefix` (e.g. 'model.layers.3.'), keys stripped of it."""
         return {key[len(prefix):]: self.get(key, device, dtype) for key in self._file_of if key.startswith(prefix)}
 

@@ -47,7 +47,8 @@ class Processes:
         for name in names:
             dist.all_reduce(hooks.sums[name])
         if names:
-            counts = torch.tensor([hooks.tokens[n] for n in names], dtype=torch.int64, device=hooks.sums[names[0]].device)
+            counts = torch.tensor([hooks.tokens[n] for n in names], dtype=torch.int64,
+                                  device=hooks.sums[names[0]].device)
             dist.all_reduce(counts)
             hooks.tokens.update(zip(names, counts.tolist()))
 
@@ -75,7 +76,7 @@ def share_layers(layers: Sequence[tuple[str, str, tuple[int, int]]], world: int,
     for i in sorted(range(len(layers)), key=lambda i: -own(*layers[i][2])):
         _, group, (m, n) = layers[i]
 
-        def finish(k: int) -> float:
+        def finish(k: int, m: int = m, n: int = n, group: str = group) -> float:
             return load[k] + own(m, n) + (n ** 3 if calibrated and group not in groups_on[k] else 0)
 
         k = min(range(world), key=finish)

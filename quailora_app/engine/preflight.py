@@ -91,7 +91,8 @@ def model_shapes(config) -> ModelShapes:
     head = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
-    blocks = next((m for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and name.endswith("layers")
+    blocks = next((m for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.ModuleList) and name.endswith("layers")
                    and len(m) == getattr(config.get_text_config(), "num_hidden_layers", -1)), None)
     if blocks is None or len(blocks) == 0:
         raise ValueError("no decoder blocks found")
@@ -112,13 +113,13 @@ def _bytes(dtype_spec: str, device: torch.device) -> int:
 
 def base_bytes(shapes: ModelShapes, base: str, w: int, block_size: int = 64, double_quant: bool = True) -> int:
     """Resident bytes of a base model: '4bit', '8bit' or 'full' (see the module docstring)."""
-    L, O = shapes.linear_params, shapes.other_params
+    L, other = shapes.linear_params, shapes.other_params
     if base == "4bit":
         q = (1 + 4 / 256) / block_size if double_quant else 4 / block_size
-        return int(L * (0.5 + q) + O * w)
+        return int(L * (0.5 + q) + other * w)
     if base == "8bit":
-        return int(L + O * w)
-    return int((L + O) * w)
+        return int(L + other * w)
+    return int((L + other) * w)
 
 
 def calibration_bytes(shapes: ModelShapes, n_seqs: int, seq_len: int, c: int, device: torch.device) -> int:
@@ -164,7 +165,8 @@ def train_estimate(shapes: ModelShapes, cfg: TrainConfig, device: torch.device, 
     w = _bytes(cfg.model.compute_dtype, device)
     S, ev = cfg.data.seq_len, eval_bytes(shapes, cfg.eval_batch, cfg.data.seq_len)
     lora = lora_params(shapes, cfg.lora.rank, cfg.lora.targets) * 16
-    acts = cfg.batch_size * S * (shapes.n_blocks * sum(n + m for _, n, m in shapes.block_linears) * w + 3 * shapes.vocab * 4)
+    acts = cfg.batch_size * S * (shapes.n_blocks * sum(n + m for _, n, m in shapes.block_linears) * w
+                                 + 3 * shapes.vocab * 4)
     calib = calibration_bytes(shapes, cfg.data.calib_samples, S, w, device)
     arms = {}
     for name in cfg.arms:

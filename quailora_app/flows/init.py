@@ -9,7 +9,6 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from quailora_app.engine.quiet import quiet_libraries
 from quailora_app.errors import Cancelled, one_line
 from quailora_app.events import Event, Log, Metric, Progress, RunFinished, Stage
 from quailora_app.flows.prepare import prepare
-from quailora_app.flows.recorder import Recorder, free_memory
+from quailora_app.flows.recorder import Recorder, free_memory, opening_report
 from quailora_app.runs import Report, RunFolder
 from quailora_app.sources.models import device_label, load_full_precision, pick_device
 
@@ -50,26 +49,10 @@ class InitRun:
         folder = RunFolder.create("init", run_dir or cfg.out)
         self.run_dir = folder.path
         self.device = pick_device(cfg.model.device)
-        self.report: Report = {
-            "kind": "init",
-            "status": "running",
-            "model": cfg.model.model,
-            "dataset": cfg.data.dataset,
-            "device": device_label(self.device),
-            "rank": cfg.lora.rank,
-            "alpha": cfg.lora.alpha,
-            "rslora": cfg.lora.rslora,
-            "scaling": cfg.lora.scaling,
-            "methods": list(cfg.methods),
-            "settings": asdict(cfg),
-            "perplexity": {},
-            "gap_closed": {},
-            "gap_closed_full": {},
-            "seconds": {},
-            "unavailable": {},
-            "peak_memory_bytes": 0,
-            "layers": [],
-        }
+        self.report: Report = opening_report(
+            "init", cfg, device_label(self.device), rank=cfg.lora.rank, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
+            scaling=cfg.lora.scaling, methods=list(cfg.methods), perplexity={}, gap_closed={}, gap_closed_full={},
+            seconds={}, unavailable={}, peak_memory_bytes=0, layers=[])
         if processes is not None:
             self.report["processes"] = {"world_size": processes.world, "backend": processes.backend,
                                         "note": "seconds per method are summed over the processes; memory is rank 0's"}

@@ -7,16 +7,24 @@ from __future__ import annotations
 import gc
 import traceback
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import asdict
 from typing import TypeVar
 
 import torch
 
 from quailora_app.errors import Cancelled, UserError
 from quailora_app.events import Event, RunFailed
-from quailora_app.runs import Report, RunFolder
+from quailora_app.runs import Report, RunFolder, RunKind
 
 E = TypeVar("E", bound=Event)
 T = TypeVar("T")
+
+
+def opening_report(kind: RunKind, cfg, device: str, **fields) -> Report:
+    """A run's report as it starts: its kind, status "running", what it runs on (model, dataset, device), every
+    setting, then the flow's own `fields`."""
+    return {"kind": kind, "status": "running", "model": cfg.model.model, "dataset": cfg.data.dataset,
+            "device": device, "settings": asdict(cfg), **fields}
 
 
 def free_memory() -> None:

@@ -23,7 +23,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from quailora_app.engine.quantize import load_4bit, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
 from quailora_app.events import ArmFinished, EvalPoint, Event, Log, Metric, Progress, RunFinished, Stage, TrainStep
 from quailora_app.flows.prepare import prepare
-from quailora_app.flows.recorder import Recorder, free_memory
+from quailora_app.flows.recorder import Recorder, free_memory, opening_report
 from quailora_app.runs import Report, RunFolder
 from quailora_app.sources.models import device_label, load_full_precision, pick_device
 
@@ -66,22 +65,11 @@ class TrainRun:
         folder = RunFolder.create("train", run_dir or cfg.out)
         self.run_dir = folder.path
         self.device = pick_device(cfg.model.device)
-        self.report: Report = {
-            "kind": "train",
-            "status": "running",
-            "model": cfg.model.model,
-            "dataset": cfg.data.dataset,
-            "device": device_label(self.device),
-            "arm_names": list(cfg.arms),
-            "schedule": None,
-            "settings": asdict(cfg),
-            "reference_perplexity": {},
-            "arms": {name: {"label": ARM_SPECS[name].label, "base": ARM_SPECS[name].base, "init": ARM_SPECS[name].init,
-                            "status": "pending"} for name in cfg.arms},
-            "gap_closed": {},
-            "gap_closed_full": {},
-            "seconds": {},
-        }
+        arms = {name: {"label": ARM_SPECS[name].label, "base": ARM_SPECS[name].base, "init": ARM_SPECS[name].init,
+                       "status": "pending"} for name in cfg.arms}
+        self.report: Report = opening_report(
+            "train", cfg, device_label(self.device), arm_names=list(cfg.arms), schedule=None, reference_perplexity={},
+            arms=arms, gap_closed={}, gap_closed_full={}, seconds={})
         self.rec = Recorder(folder, self.report, should_stop, before_save=self._summarize, on_fail=self._arms_ended,
                             stopped_status="stopped")
         self.should_stop = self.rec.should_stop

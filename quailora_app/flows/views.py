@@ -13,7 +13,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 from quailora_app.config import ViewsConfig
@@ -21,7 +20,7 @@ from quailora_app.engine.preflight import preflight_views
 from quailora_app.errors import Cancelled, ConfigError
 from quailora_app.events import Event, LayerChoices, Log, RunFinished, Stage
 from quailora_app.flows.prepare import prepare
-from quailora_app.flows.recorder import Recorder
+from quailora_app.flows.recorder import Recorder, opening_report
 from quailora_app.plots.teaching import CAPTIONS, view_figures, write_views
 from quailora_app.runs import Report, RunFolder, read_report_at
 from quailora_app.sources.models import device_label, pick_device
@@ -39,14 +38,7 @@ class ViewsRun:
         folder = RunFolder.create("views", run_dir or cfg.out)
         self.run_dir = folder.path
         self.device = pick_device(cfg.model.device)
-        self.report: Report = {
-            "kind": "views",
-            "status": "running",
-            "model": cfg.model.model,
-            "dataset": cfg.data.dataset,
-            "device": device_label(self.device),
-            "settings": asdict(cfg),
-        }
+        self.report: Report = opening_report("views", cfg, device_label(self.device))
         self.rec = Recorder(folder, self.report, should_stop)
         self.should_stop = self.rec.should_stop
 

