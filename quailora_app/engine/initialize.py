@@ -153,7 +153,7 @@ def initialize(
                 del spec
         if split:
             parts = processes.gather((computed, spent))
-            computed, spent = {}, dict.fromkeys(methods, 0.0)
+            computed, spent = {}, dict.fromkeys([m.name for m in methods], 0.0)
             for part_computed, part_spent in parts or ():
                 computed.update(part_computed)
                 for method, value in part_spent.items():
