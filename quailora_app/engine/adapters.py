@@ -5,10 +5,12 @@ s = lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA); factors from init_math.sp
 """
 from __future__ import annotations
 
+import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model, replace_lora_weights_loftq
@@ -17,6 +19,8 @@ from peft.tuners.lora import LoraLayer
 from quailora_app.config import LoraSettings
 
 ADAPTER = "default"
+#: how an adapter was initialized, beside peft's own files (peft never reads it)
+RECORD = "quailora.json"
 
 
 @dataclass
@@ -58,16 +62,16 @@ def lora_layers(peft_model) -> dict[str, torch.nn.Module]:
     }
 
 
-def read_factors(peft_model) -> dict[str, Factors]:
+def read_factors(peft_model, adapter: str = ADAPTER) -> dict[str, Factors]:
     """The adapter's current factors, copied to CPU float32."""
     return {
-        name: Factors(layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
-                      layer.lora_B[ADAPTER].weight.detach().float().cpu().clone())
+        name: Factors(layer.lora_A[adapter].weight.detach().float().cpu().clone(),
+                      layer.lora_B[adapter].weight.detach().float().cpu().clone())
         for name, layer in lora_layers(peft_model).items()
     }
 
 
-def write_factors(peft_model, factors: dict[str, Factors]) -> None:
+def write_factors(peft_model, factors: dict[str, Factors], adapter: str = ADAPTER) -> None:
     """Copy factors into lora_A / lora_B (keeping their dtype and device)."""
     layers = lora_layers(peft_model)
     missing = set(factors) - set(layers)
@@ -75,7 +79,7 @@ def write_factors(peft_model, factors: dict[str, Factors]) -> None:
         raise KeyError(f"no LoRA layer for {sorted(missing)[:3]}")
     with torch.no_grad():
         for name, f in factors.items():
-            A, B = layers[name].lora_A[ADAPTER].weight, layers[name].lora_B[ADAPTER].weight
+            A, B = layers[name].lora_A[adapter].weight, layers[name].lora_B[adapter].weight
             if A.shape != f.A.shape or B.shape != f.B.shape:
                 raise ValueError(f"{name}: factor shapes {tuple(f.A.shape)}, {tuple(f.B.shape)} "
                                  f"do not fit LoRA {tuple(A.shape)}, {tuple(B.shape)}")
@@ -87,17 +91,27 @@ def scaling_of(peft_model, name: str) -> float:
     return float(lora_layers(peft_model)[name].scaling[ADAPTER])
 
 
-def save_adapter(peft_model, folder: str | Path) -> Path:
+def save_adapter(peft_model, folder: str | Path, record: Mapping[str, Any] | None = None,
+                 adapter: str = ADAPTER) -> Path:
     """A peft adapter folder that PeftModel.from_pretrained loads onto the same 4-bit base.
 
-    Written next to its place and renamed into it, so a crash mid-save never leaves a half-written adapter:
+    With `record` (how the adapter was initialized: method, rank, calibration, data, figures), the folder also
+    holds it as `quailora.json` (a file peft never reads) and a model card (README.md: peft's metadata header, our
+    text). Written next to its place and renamed into it, so a crash mid-save never leaves a half-written adapter:
     `folder` holds the previous complete adapter or the new one."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(f".{folder.name}.saving")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        peft_model.save_pretrained(staging)
+        peft_model.save_pretrained(staging, selected_adapters=[adapter])
+        if adapter != ADAPTER:  # peft puts a non-default adapter in a subfolder of its name
+            for item in (staging / adapter).iterdir():
+                item.rename(staging / item.name)
+            (staging / adapter).rmdir()
+        if record is not None:
+            (staging / RECORD).write_text(json.dumps(record, indent=2, default=str))
+            write_model_card(staging, record)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -110,6 +124,32 @@ def save_adapter(peft_model, folder: str | Path) -> Path:
     else:
         staging.rename(folder)
     return folder
+
+
+def write_model_card(folder: Path, record: Mapping[str, Any]) -> None:
+    """README.md of an adapter folder: the YAML header peft wrote (library, base model, tags), then how the
+    adapter was initialized and how to load it."""
+    card = folder / "README.md"
+    text = card.read_text() if card.exists() else ""
+    header = text[:text.index("\n---", 3) + 4] + "\n" if text.startswith("---") and "\n---" in text[3:] else ""
+    method = record.get("method", "?")
+    lines = [f"# LoRA adapter initialized with `{method}` (QuAILoRA Studio)", "",
+             "A plain peft LoRA adapter whose factors start at a quantization-aware initialization: s B A cancels "
+             "part of the 4-bit quantization error E = W - Q of each layer, measured on calibration text "
+             "(Lawton et al., 2024, arXiv:2410.14713). Load it onto the base quantized with the same settings:", "",
+             "```python", "from peft import PeftModel",
+             "model = PeftModel.from_pretrained(base_4bit, adapter_folder, is_trainable=True)", "```", "",
+             "| initialization | value |", "|---|---|"]
+    lines += [f"| {key} | {_cell(value)} |" for key, value in record.items() if key not in ("layers", "settings")]
+    card.write_text(header + "\n".join(lines) + "\n")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}: {_cell(v)}" for k, v in value.items())
+    return str(value)
 
 
 def loftq_factors(peft_model, model_folder: str | Path) -> dict[str, Factors]:

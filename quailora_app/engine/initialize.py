@@ -9,9 +9,10 @@ init report and by the fine-tuning arms that start from an initialization.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -23,7 +24,7 @@ from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.engine.methods import QLORA, get_method
 from quailora_app.engine.parallel import Processes, share_layers
 from quailora_app.engine.quantize import dequantized_weight
-from quailora_app.errors import Cancelled
+from quailora_app.errors import Cancelled, ConfigError
 from quailora_app.events import Event, LayerResult, Progress
 
 
@@ -34,6 +35,21 @@ class InitResult:
     factors: dict[str, dict[str, Factors]] = field(default_factory=dict)  # method -> module path -> factors
     layers: list[dict] = field(default_factory=list)  # one row per layer, as in report.json
     seconds: dict[str, float] = field(default_factory=dict)  # calibrate and one entry per method
+
+
+class LayerLoRA(NamedTuple):
+    """One layer's LoRA shape: rank r and scaling s (peft adds s * B @ A)."""
+
+    rank: int
+    scaling: float
+
+
+def split_path(prefix: str, name: str) -> tuple[int, str]:
+    """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj') for blocks under `prefix` ('model.layers')."""
+    head, _, local = name[len(prefix) + 1:].partition(".") if name.startswith(prefix + ".") else ("", "", "")
+    if not head.isdigit() or not local:
+        raise ConfigError(f"layer '{name}' is not inside the decoder blocks '{prefix}.<i>'")
+    return int(head), local
 
 
 @contextmanager
@@ -79,19 +95,28 @@ def initialize(
     should_stop: Callable[[], bool] | None = None,
     solver: str = "exact",
     processes: Processes | None = None,
+    plan: Mapping[str, LayerLoRA] | None = None,
 ) -> Iterator[Event]:
     """Yield a LayerResult per layer and a Progress per block while filling `result`.
 
     `methods`: names of engine/methods.py; those computed per layer run here (the others are skipped).
+    `plan`: the layers to initialize (full module paths) with each one's rank and scaling s, when they differ from
+    `lora`'s (peft's rank_pattern / alpha_pattern); default: every target layer of `lora` at its rank and scaling.
 
     With `processes` (several processes of a torch.distributed group, see engine/parallel.py), each process is given
     the same `calib_ids`, runs its share of them, and computes its share of each block's layers; H is summed
     over the processes and every result is gathered on rank 0, whose `result` and events equal one process's.
     The other processes yield only Progress. `seconds` per method are then summed over the processes."""
     methods = [m for m in map(get_method, methods) if m.per_layer]
-    s, r = lora.scaling, lora.rank
+    if plan is None:
+        plan = {name: LayerLoRA(lora.rank, lora.scaling) for name in target_paths(model, lora)}
     modules = dict(model.named_modules())
-    n_blocks = len(decoder_layers(model)[1])
+    prefix, blocks_of_model = decoder_layers(model)
+    n_blocks = len(blocks_of_model)
+    only: dict[int, list[str]] = {}
+    for name in plan:
+        index, local = split_path(prefix, name)
+        only.setdefault(index, []).append(local)
     seconds = result.seconds
     seconds.setdefault("calibrate", 0.0)
     for m in methods:
@@ -102,7 +127,7 @@ def initialize(
     if split:
         calib_ids = processes.shard(calib_ids)
     blocks = calibrate_blocks(model, checkpoint, calib_ids, lora.targets, device, calib_dtype, should_stop=should_stop,
-                              reduce_sums=processes.reduce_sums if split else None)
+                              only=only, reduce_sums=processes.reduce_sums if split else None)
     tick = time.perf_counter()
     for block in blocks:
         seconds["calibrate"] += time.perf_counter() - tick
@@ -125,6 +150,7 @@ def initialize(
                 damping_seconds = time.perf_counter() - start
                 for local in todo:
                     name = f"{block.prefix}.{local}"
+                    r, s = plan[name]
                     W = block.weights.pop(local).float()  # each full-precision weight is dropped once its E exists
                     shape = tuple(W.shape)
                     start = time.perf_counter()

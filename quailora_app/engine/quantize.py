@@ -5,6 +5,7 @@ every initialization is computed against it.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import bitsandbytes as bnb
@@ -27,6 +28,11 @@ def bnb_4bit_config(quant: QuantConfig, compute_dtype: torch.dtype):
     )
 
 
+def is_quantized(layer) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer."""
+    return isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
 def linear4bit_modules(model) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
@@ -43,21 +49,32 @@ def keep_cpu_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def plain_codes(layer) -> tuple[torch.Tensor, F.QuantState]:
+    """(packed 4-bit codes, QuantState) of a Linear4bit layer in bitsandbytes' plain layout, without touching the
+    layer. After bitsandbytes repacked the layer for its AVX512-BF16 CPU kernel (at an inference forward; the
+    absmax is then rounded to bfloat16, so Q changes), the codes are unpacked through bitsandbytes' own inverse,
+    applied to a copy of the state: the inverse rewrites the state it is given, which would leave the layer's
+    repacked data described as plain and the layer computing garbage."""
+    data, state = layer.weight.data, layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import (
+            _convert_weight_packed_for_cpu_inverse,  # private: only on the repacked CPU path
+        )
+
+        data, state = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+    return data, state
+
+
 def dequantized_weight(layer) -> torch.Tensor:
     """Q = dequant(quant(W)) exactly as the bitsandbytes layer holds it, in float32, (out x in).
 
     4-bit: blockwise NF4/FP4 codes times their (double-quantized) absmax. 8-bit (LLM.int8): int8 rows CB
-    times their row scale SCB / 127."""
+    times their row scale SCB / 127. A peft LoRA layer is read through its quantized base layer."""
+    layer = getattr(layer, "base_layer", layer)
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return layer.weight.data.float() * layer.weight.SCB.float()[:, None] / 127.0
 
-    data, state = layer.weight.data, layer.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.nn.modules import (
-            _convert_weight_packed_for_cpu_inverse,  # private: only on the repacked CPU path
-        )
-
-        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    data, state = plain_codes(layer)
     return F.dequantize_4bit(data, state).float()
 
 

@@ -7,6 +7,7 @@ computed is written to the run folder as it happens (events.jsonl, report.json, 
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from quailora_app.engine.adapters import Factors, attach_lora, loftq_factors, re
 from quailora_app.engine.calibrate import decoder_layers
 from quailora_app.engine.evaluate import gap_closed, perplexity
 from quailora_app.engine.initialize import InitResult, initialize, target_paths
+from quailora_app.engine.methods import QLORA
 from quailora_app.engine.parallel import Processes
 from quailora_app.engine.preflight import preflight_init
 from quailora_app.engine.quantize import load_8bit
@@ -124,13 +126,28 @@ class InitRun:
         default = read_factors(peft_model)
         for method, factors in done.items():
             write_factors(peft_model, {**default, **factors})
-            save_adapter(peft_model, self.run_dir / "adapters" / method)
+            save_adapter(peft_model, self.run_dir / "adapters" / method,
+                         {**self._adapter_record(method), "partial": "stopped: only the blocks done are initialized"})
         peft_model.unload()
         blocks = len({row["block"] for row in self.report["layers"]})
         self.report["partial_adapters"] = {"methods": sorted(done), "blocks_done": blocks, "blocks": n_blocks,
                                            "note": "stopped during initialization: layers of the blocks not done "
                                                    "keep B = 0 (plain QLoRA); not evaluated"}
         self.rec.save()
+
+    def _adapter_record(self, method: str) -> dict:
+        """What adapters/<method>/quailora.json and its model card say of the initialization."""
+        cfg, report = self.cfg, self.report
+        errors = [row["calibrated_error"][method] for row in report["layers"] if method in row["calibrated_error"]]
+        ppl = report["perplexity"]
+        return {"method": method, "model": cfg.model.model, "data": cfg.data.dataset, "rank": cfg.lora.rank,
+                "lora_alpha": cfg.lora.alpha, "use_rslora": cfg.lora.rslora,
+                "quantization": f"{cfg.quant.quant}, double quant {cfg.quant.double_quant}, blocks of "
+                                f"{cfg.quant.block_size}",
+                "calibration": f"{cfg.data.calib_samples} x {cfg.data.seq_len} tokens",
+                "calibrated_error_median": statistics.median(errors) if errors else None,
+                "held_out_perplexity": ppl.get(method), "held_out_perplexity_qlora": ppl.get(QLORA),
+                "eval_tokens": report.get("tokens", {}).get("eval"), "run": str(self.run_dir)}
 
     def _evaluate_methods(self, model, source, eval_ids) -> Iterator[Event]:
         cfg = self.cfg
@@ -153,7 +170,7 @@ class InitRun:
             write_factors(peft_model, self.factors[method])
             ppl = perplexity(peft_model, eval_ids, cfg.eval_batch)
             self.report["perplexity"][method] = ppl
-            save_adapter(peft_model, self.run_dir / "adapters" / method)
+            save_adapter(peft_model, self.run_dir / "adapters" / method, self._adapter_record(method))
             self.rec.save()
             yield self.rec.emit(Metric(method, ppl, "perplexity", "4-bit + " + method))
             yield self.rec.emit(Progress("evaluate", i + 1, len(methods), method))

@@ -245,7 +245,7 @@ def _choose_column(
     return max(string_columns, key=mean_length)
 
 
-def _texts_from_dataset(ds: Any, text_column: str | None, source: str) -> list[str]:
+def texts_of_dataset(ds: Any, text_column: str | None, source: str) -> list[str]:
     """Text of one column of a map-style datasets.Dataset."""
     columns = list(ds.column_names)
     string_columns = [c for c in columns if _is_string_feature(ds.features[c])]
@@ -309,7 +309,7 @@ def _load_local_file(path: Path, text_column: str | None, max_bytes: int) -> lis
         raise DataError(f"cannot read {source} as {fmt.upper()}: {_short_reason(e)}") from e
     if len(ds) == 0:
         raise DataError(f"{source} is empty: no rows")
-    return _clean(_texts_from_dataset(ds, text_column, source), source)
+    return _clean(texts_of_dataset(ds, text_column, source), source)
 
 
 def _load_local_folder(path: Path, text_column: str | None, max_bytes: int) -> list[str]:
@@ -334,7 +334,7 @@ def _load_local_folder(path: Path, text_column: str | None, max_bytes: int) -> l
     ds = _pick_split(loaded, source) if hasattr(loaded, "keys") else loaded
     if len(ds) == 0:
         raise DataError(f"{source} is empty: no rows")
-    return _clean(_texts_from_dataset(ds, text_column, source), source)
+    return _clean(texts_of_dataset(ds, text_column, source), source)
 
 
 # --------------------------------------------------------------------------------------------- hub
@@ -466,7 +466,8 @@ class TokenSplits:
         )
 
 
-def _pack(docs: list[list[int]], sep: int | None, seq_len: int, max_seqs: int) -> torch.LongTensor:
+def pack_windows(docs: list[list[int]], sep: int | None, seq_len: int, max_seqs: int) -> torch.LongTensor:
+    """Token lists joined by `sep` into one stream, cut into at most `max_seqs` windows of `seq_len` (tail dropped)."""
     stream: list[int] = []
     for i, ids in enumerate(docs):
         if i and sep is not None:
@@ -554,9 +555,9 @@ def make_splits(
             f"or lower eval-tokens / calib-samples"
         )
     return TokenSplits(
-        calib=_pack(assigned["calib"], sep, seq_len, calib_samples),
-        train=_pack(assigned["train"], sep, seq_len, max_train_seqs),
-        eval=_pack(assigned["eval"], sep, seq_len, n_eval),
+        calib=pack_windows(assigned["calib"], sep, seq_len, calib_samples),
+        train=pack_windows(assigned["train"], sep, seq_len, max_train_seqs),
+        eval=pack_windows(assigned["eval"], sep, seq_len, n_eval),
         seq_len=seq_len,
         seed=seed,
         docs={k: len(v) for k, v in assigned.items()},

@@ -13,9 +13,8 @@ from safetensors import safe_open
 
 from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.engine.methods import QLORA
-from quailora_app.engine.quantize import linear4bit_modules
+from quailora_app.engine.quantize import linear4bit_modules, plain_codes
 from quailora_app.errors import ConfigError
-from quailora_app.teaching.snapshot import quant_state
 from quailora_app.units import MIB
 
 
@@ -76,7 +75,7 @@ def model_storage(model) -> dict[str, int]:
     """Summed storage breakdown of every Linear4bit layer of a loaded model, plus 'params' (their weights count)."""
     total = {"codes": 0, "absmax": 0, "nested": 0, "tables": 0, "params": 0}
     for layer in linear4bit_modules(model).values():
-        data, state = quant_state(layer)
+        data, state = plain_codes(layer)
         for k, v in storage_of_quant_state(data, state).items():
             total[k] += v
         total["params"] += layer.out_features * layer.in_features

@@ -14,7 +14,7 @@ from quailora_app.config import ALL_LINEAR, DataConfig, ModelConfig, QuantConfig
 from quailora_app.engine import init_math
 from quailora_app.engine.calibrate import calibrate_blocks, decoder_layers, target_names
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules
+from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules, plain_codes
 from quailora_app.errors import ConfigError
 
 
@@ -91,17 +91,6 @@ class LayerSnapshot:
         return self._get(("meter", damping), lambda: init_math.LowRankErrors(self.E64, self.damped(damping)))
 
 
-def quant_state(layer):
-    """(packed codes, QuantState) of a Linear4bit layer, unpacked from bitsandbytes' CPU layout when needed."""
-    data, state = layer.weight.data, layer.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes is imported only where its tensors are read (a heavy import)
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
-    return data, state
-
-
 def block_absmax(state) -> torch.Tensor:
     """The per-block scale bitsandbytes multiplies the codes by: absmax, or with double quantization the
     8-bit absmax dequantized through the nested state plus its offset (what dequantize_4bit does)."""
@@ -176,7 +165,7 @@ def layer_snapshots(
             for loc in group.names:
                 full = f"{calibrated.prefix}.{loc}"
                 layer = modules[full]
-                _, state = quant_state(layer)
+                _, state = plain_codes(layer)
                 out[full] = LayerSnapshot(
                     name=full, block=calibrated.index, W=calibrated.weights[loc].float().cpu(),
                     Q=dequantized_weight(layer).cpu(), H=group.H.float().cpu(), tokens=group.tokens,

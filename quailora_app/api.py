@@ -1,0 +1,286 @@
+"""QuAILoRA in your own training script, in one call, the way peft's `replace_lora_weights_loftq` works:
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(model_folder, quantization_config=bnb)
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
+    result = replace_lora_weights_quailora(peft_model, texts, tokenizer=tokenizer)   # then train as usual
+
+For every LoRA layer of the adapter, with W its full-precision weight (read block by block from the model's
+safetensors checkpoint, never a second model in memory), Q the weight its bitsandbytes layer holds (4-bit or
+8-bit), E = W - Q, H = X X^T / N of its inputs in the full-precision model on the calibration text, and s the
+layer's own scaling (lora_alpha / r, or / sqrt(r) with rsLoRA; rank_pattern and alpha_pattern honoured), the
+chosen method writes factors with s * B @ A = C, the method's rank-r correction of E (closed_form: the minimizer
+of tr((E - C) H (E - C)^T)). The base weights are not touched; the adapter saves and loads with plain peft.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, PeftType
+from peft.tuners.lora import LoraLayer
+from tqdm import tqdm
+
+from quailora_app.config import LoraSettings
+from quailora_app.engine.adapters import Factors, loftq_factors, lora_layers, write_factors
+from quailora_app.engine.adapters import save_adapter as save_engine_adapter
+from quailora_app.engine.calibrate import decoder_layers
+from quailora_app.engine.checkpoint import Checkpoint
+from quailora_app.engine.initialize import InitResult, LayerLoRA, initialize, split_path
+from quailora_app.engine.methods import QLORA, get_method, method_names
+from quailora_app.engine.quantize import is_quantized
+from quailora_app.errors import ConfigError, DataError, ModelError, one_line
+from quailora_app.events import Progress
+from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, pack_windows, texts_of_dataset
+
+
+@dataclass
+class QuailoraResult:
+    """What `replace_lora_weights_quailora` did: per layer the error left by plain QLoRA (1.0) and by the method,
+    as the init report's rows (`name`, `block`, `module`, `shape`, `weight_error`, `calibrated_error`)."""
+
+    method: str
+    layers: list[dict]
+    seconds: dict[str, float]
+    calibration: dict[str, int]  # windows, seq_len, tokens
+    skipped: list[str] = field(default_factory=list)  # LoRA layers outside the decoder blocks, left as they were
+
+    @property
+    def calibrated_error_median(self) -> float:
+        """Median over layers of sqrt(tr((E - C) H (E - C)^T) / tr(E H E^T)) (1.0 = no correction; NaN when the
+        method reports no per-layer figures, as peft's LoftQ)."""
+        errors = [row["calibrated_error"][self.method] for row in self.layers]
+        return statistics.median(errors) if errors else float("nan")
+
+    def record(self) -> dict[str, Any]:
+        """What an adapter folder records of its initialization (see `save_adapter`)."""
+        return {"method": self.method, "calibration": self.calibration, "seconds": self.seconds,
+                "calibrated_error_median": self.calibrated_error_median,
+                "layers": {row["name"]: row["calibrated_error"][self.method] for row in self.layers}}
+
+
+def replace_lora_weights_quailora(
+    peft_model,
+    calibration,
+    method: str = "closed_form",
+    *,
+    tokenizer=None,
+    model_path: str | Path | None = None,
+    adapter_name: str = "default",
+    seq_len: int = 256,
+    max_samples: int = 64,
+    text_column: str | None = None,
+    damping: float = 0.01,
+    als_rounds: int = 20,
+    solver: str = "exact",
+    progress: bool = True,
+) -> QuailoraResult:
+    """Replace the LoRA factors of `peft_model` (a PeftModel with LoRA on a bitsandbytes 4-bit or 8-bit base)
+    by a quantization-aware initialization, in place.
+
+    calibration: a list of strings (needs `tokenizer`), a `datasets.Dataset` with a text column (`text_column`,
+        guessed when None; needs `tokenizer`), a LongTensor of token ids (windows x length, used as given), or a
+        list of token-id sequences. Texts and sequences are joined by the EOS token and cut into at most
+        `max_samples` windows of `seq_len` tokens.
+    method: any per-layer method of the registry (`quailora_app.method_names()`: svd, quailora, closed_form, ...)
+        or "loftq" (peft's replace_lora_weights_loftq, rescaled so that s * B @ A is its correction; CUDA only).
+    model_path: the folder of the full-precision safetensors checkpoint (default: the model's `name_or_path`, a
+        local folder or the hub cache, as peft's LoftQ finds it).
+    Returns a QuailoraResult with the per-layer errors. Raises ConfigError / DataError / ModelError (one line)."""
+    name = _check_method(method)
+    layers = _lora_layers(peft_model, adapter_name)
+    base = peft_model.get_base_model()
+    prefix, _ = decoder_layers(base)
+    plan, skipped = {}, []
+    for path, layer in layers.items():
+        try:
+            split_path(prefix, path)
+        except ConfigError:
+            skipped.append(path)
+            continue
+        plan[path] = LayerLoRA(int(layer.r[adapter_name]), float(layer.scaling[adapter_name]))
+    if not plan:
+        raise ConfigError(f"no LoRA layer of adapter '{adapter_name}' is inside the decoder blocks '{prefix}.<i>'")
+    folder = checkpoint_folder(base, model_path)
+    if name == "loftq":
+        return _loftq(peft_model, folder, plan, adapter_name, skipped)
+    ids = calibration_ids(calibration, tokenizer, seq_len, max_samples, text_column)
+    checkpoint = _checkpoint(folder, plan)
+    device = next(base.parameters()).device
+    result = InitResult()
+    stream = initialize(base, checkpoint, ids, LoraSettings(), [name], result, device=device,
+                        calib_dtype=torch.float32 if device.type == "cpu" else _compute_dtype(base),
+                        damping=damping, als_rounds=als_rounds, solver=solver, plan=plan)
+    bar = tqdm(total=len(decoder_layers(base)[1]), desc=f"QuAILoRA {name}", unit="block", disable=not progress)
+    with torch.no_grad(), bar:
+        for event in stream:
+            if isinstance(event, Progress):
+                bar.update(event.done - bar.n)
+    write_factors(peft_model, result.factors[name], adapter_name)
+    return QuailoraResult(name, result.layers, dict(result.seconds),
+                          {"windows": len(ids), "seq_len": int(ids.shape[1]), "tokens": int(ids.numel())}, skipped)
+
+
+def save_adapter(peft_model, folder: str | Path, result: QuailoraResult | None = None, *,
+                 adapter_name: str = "default", data: str | None = None) -> Path:
+    """peft's save_pretrained of one adapter (loads with PeftModel.from_pretrained), plus, with `result`, how it
+    was initialized: quailora.json (method, rank, calibration, data, per-layer errors; peft never reads it) and a
+    model card (README.md) with those figures."""
+    record = None
+    if result is not None:
+        config = peft_model.peft_config[adapter_name]
+        record = {"method": result.method, "rank": config.r, "lora_alpha": config.lora_alpha,
+                  "use_rslora": config.use_rslora, "rank_pattern": dict(config.rank_pattern or {}),
+                  "alpha_pattern": dict(config.alpha_pattern or {}), "data": data or "not given",
+                  "model": getattr(peft_model.get_base_model().config, "_name_or_path", "") or "not given",
+                  **result.record()}
+        record["calibration"] = (f"{result.calibration['windows']} x {result.calibration['seq_len']} tokens"
+                                 if result.calibration else "none")
+    return save_engine_adapter(peft_model, folder, record, adapter_name)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_method(method: str) -> str:
+    if method == QLORA:
+        raise ConfigError("'qlora' is peft's default initialization (B = 0): there is nothing to replace; "
+                          f"choose one of {', '.join(m for m in method_names() if m != QLORA)}")
+    try:
+        get_method(method)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return method
+
+
+def _lora_layers(peft_model, adapter: str) -> dict[str, LoraLayer]:
+    """The adapter's LoRA layers by module path in the base model, after checking the model is one we can
+    initialize: a PeftModel, a LoRA adapter without DoRA, on bitsandbytes-quantized linear layers."""
+    if not isinstance(peft_model, PeftModel):
+        raise ConfigError(f"expected a peft PeftModel (get_peft_model(model, LoraConfig(...))), got "
+                          f"{type(peft_model).__name__}")
+    config = peft_model.peft_config.get(adapter)
+    if config is None:
+        raise ConfigError(f"the model has no adapter '{adapter}'; it has {', '.join(peft_model.peft_config)}")
+    if config.peft_type != PeftType.LORA:
+        raise ConfigError(f"adapter '{adapter}' is a {config.peft_type.value} adapter; QuAILoRA initializes LoRA "
+                          "adapters only")
+    if getattr(config, "use_dora", False):
+        raise ConfigError(f"adapter '{adapter}' uses DoRA (use_dora=True): its magnitude vector changes what B A "
+                          "corrects, which QuAILoRA's closed form does not model; use plain LoRA")
+    layers = {path: layer for path, layer in lora_layers(peft_model).items() if adapter in layer.lora_A}
+    if not layers:
+        raise ConfigError(f"adapter '{adapter}' has no LoRA linear layers")
+    plain = [path for path, layer in layers.items() if not is_quantized(layer.get_base_layer())]
+    if plain:
+        raise ModelError(f"the base model is not quantized with bitsandbytes (layer {plain[0]} is a "
+                         f"{type(layers[plain[0]].get_base_layer()).__name__}): load it with "
+                         "BitsAndBytesConfig(load_in_4bit=True) or load_in_8bit=True; QuAILoRA corrects the "
+                         "quantization error, which a full-precision base does not have")
+    return layers
+
+
+def checkpoint_folder(model, model_path: str | Path | None = None) -> Path:
+    """The folder of the model's full-precision safetensors: `model_path`, else the model's name_or_path as a
+    local folder or a snapshot in the hub cache (no download)."""
+    where = str(model_path or getattr(model.config, "_name_or_path", "") or "")
+    folder = Path(where).expanduser() if where else None
+    if folder is None or not folder.is_dir():
+        folder = None
+        if where and model_path is None:
+            from huggingface_hub import snapshot_download  # only for a hub id: its cached snapshot
+
+            try:
+                folder = Path(snapshot_download(where, local_files_only=True, allow_patterns=["*.json",
+                                                                                           "*.safetensors"]))
+            except Exception:  # noqa: BLE001 - not in the cache (or not a hub id): said below, in one line
+                folder = None
+    if folder is None or not any(folder.glob("*.safetensors")):
+        raise ModelError(f"no safetensors checkpoint to read the full-precision weights from "
+                         f"({where or 'the model has no name_or_path'}): pass model_path= the folder holding the "
+                         "model's *.safetensors (pickle .bin checkpoints cannot be read layer by layer)")
+    return folder
+
+
+def _checkpoint(folder: Path, plan: Mapping[str, LayerLoRA]) -> Checkpoint:
+    checkpoint = Checkpoint(folder)
+    keys = set(checkpoint.keys())
+    missing = [path for path in plan if f"{path}.weight" not in keys]
+    if missing:
+        raise ModelError(f"the checkpoint in {folder} has no weight for the LoRA layer {missing[0]} "
+                         f"({len(missing)} of {len(plan)} missing): is it the model this PeftModel was loaded from?")
+    return checkpoint
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """The 4-bit layers' compute dtype (bfloat16 in the QLoRA recipe), else the model's."""
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return model.dtype
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def calibration_ids(calibration, tokenizer=None, seq_len: int = 256, max_samples: int = 64,
+                    text_column: str | None = None) -> torch.LongTensor:
+    """Calibration windows (n x seq_len) from strings, a datasets.Dataset, token-id sequences or a tensor."""
+    if seq_len < 2 or max_samples < 1:
+        raise ConfigError(f"need seq_len >= 2 and max_samples >= 1; got {seq_len}, {max_samples}")
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+            raise DataError(f"a calibration tensor must hold token ids as (windows x length) integers; got "
+                            f"{tuple(calibration.shape)} {calibration.dtype}")
+        if calibration.shape[0] < 1 or calibration.shape[1] < 2:
+            raise DataError(f"calibration tensor of shape {tuple(calibration.shape)} is too short")
+        return calibration[:max_samples].long()
+    sequences = _token_sequences(calibration, tokenizer, text_column)
+    sep = getattr(tokenizer, "eos_token_id", None)
+    windows = pack_windows(sequences, sep, seq_len, max_samples)
+    if len(windows) == 0:
+        tokens = sum(len(s) for s in sequences)
+        raise DataError(f"the calibration data holds {tokens:,} tokens, fewer than one window of seq_len={seq_len}: "
+                        "give more text or a smaller seq_len")
+    return windows
+
+
+def _token_sequences(calibration, tokenizer, text_column: str | None) -> list[list[int]]:
+    if _is_dataset(calibration):
+        calibration = texts_of_dataset(calibration, text_column, "the calibration dataset")
+    if isinstance(calibration, str) or not isinstance(calibration, Sequence) or not calibration:
+        raise DataError("calibration must be a non-empty list of strings, a datasets.Dataset with a text column "
+                        f"({', '.join(PREFERRED_TEXT_COLUMNS[:4])}, ...), token-id sequences or a LongTensor")
+    if all(isinstance(item, str) for item in calibration):
+        if tokenizer is None:
+            raise ConfigError("calibration text needs tokenizer= (the model's tokenizer)")
+        texts = [t for t in calibration if t.strip()]
+        if not texts:
+            raise DataError("the calibration text is empty")
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    try:
+        return [[int(i) for i in (seq.tolist() if isinstance(seq, torch.Tensor) else seq)] for seq in calibration]
+    except (TypeError, ValueError):
+        raise DataError("calibration items must all be strings or all be sequences of token ids") from None
+
+
+def _is_dataset(value) -> bool:
+    return type(value).__module__.startswith("datasets.") and hasattr(value, "column_names")
+
+
+# ---------------------------------------------------------------------------------------------- LoftQ
+def _loftq(peft_model, folder: Path, plan: Mapping[str, LayerLoRA], adapter: str,
+           skipped: list[str]) -> QuailoraResult:
+    """peft's own LoftQ (one iteration), rescaled per layer so that s * B @ A is LoftQ's correction."""
+    if adapter != "default":
+        raise ConfigError("method 'loftq' runs peft's replace_lora_weights_loftq, which initializes the 'default' "
+                          "adapter only")
+    start = time.perf_counter()
+    try:
+        factors: dict[str, Factors] = loftq_factors(peft_model, folder)
+    except Exception as exc:  # noqa: BLE001 - peft's error, in one line (on CPU: it needs CUDA)
+        raise ModelError(f"peft's replace_lora_weights_loftq failed: {one_line(exc, 200)}") from None
+    write_factors(peft_model, {p: f for p, f in factors.items() if p in plan}, adapter)
+    return QuailoraResult("loftq", [], {"loftq": time.perf_counter() - start}, {}, skipped)

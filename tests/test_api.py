@@ -1,0 +1,230 @@
+"""The public API on a user's own PeftModel (issue 12): `replace_lora_weights_quailora` gives the factors the
+CLI's init gives, honours rank_pattern / alpha_pattern / rsLoRA, leaves the base untouched, works on 8-bit bases
+and on a model that already ran forward passes, refuses bad input in one line, and its adapters load and merge
+with plain peft."""
+import json
+
+import pytest
+import torch
+from bitsandbytes.functional import has_avx512bf16
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+import quailora_app
+from quailora_app import replace_lora_weights_quailora, save_adapter
+from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig
+from quailora_app.engine.calibrate import hessians_by_hooks
+from quailora_app.engine.init_math import closed_form_correction, damped, svd_correction
+from quailora_app.engine.quantize import dequantized_weight, keep_cpu_layout
+from quailora_app.errors import ConfigError, DataError, ModelError
+from quailora_app.flows.init import run_init
+from quailora_app.sources.data import load_splits
+
+DATA = dict(seq_len=32, calib_samples=8, eval_tokens=256)
+
+
+def four_bit(folder, *, forward_first: bool = False):
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=torch.float32)
+    if forward_first:  # as a user's script may: bitsandbytes repacks on AVX512-BF16 CPUs at an inference forward
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    else:
+        keep_cpu_layout(model)
+    return model
+
+
+def lora(folder, **config):
+    return get_peft_model(four_bit(folder), LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear",
+                                                          "task_type": "CAUSAL_LM", **config}))
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_model_dir, text_file):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return load_splits(DataConfig(str(text_file), **DATA), tokenizer).calib
+
+
+def factors(peft_model, adapter="default"):
+    out = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and adapter in module.lora_A:
+            out[name.removeprefix("base_model.model.")] = (module.lora_A[adapter].weight.detach().clone(),
+                                                           module.lora_B[adapter].weight.detach().clone(),
+                                                           float(module.scaling[adapter]))
+    return out
+
+
+def test_same_factors_as_the_command_line_init(tiny_model_dir, text_file, calib, tmp_path):
+    cfg = InitConfig(ModelConfig(str(tiny_model_dir)), DataConfig(str(text_file), **DATA),
+                     lora=LoraSettings(rank=4, alpha=8.0), methods=("closed_form", "quailora"), baselines=False,
+                     out=str(tmp_path / "run"))
+    assert list(run_init(cfg))[-1].kind == "finished"
+    for method in ("closed_form", "quailora"):
+        model = lora(tiny_model_dir)
+        result = replace_lora_weights_quailora(model, calib, method, progress=False)
+        assert result.calibration == {"windows": 8, "seq_len": 32, "tokens": 256}
+        saved = load_file(tmp_path / "run" / "adapters" / method / "adapter_model.safetensors")
+        mine = factors(model)
+        assert len(mine) == 14
+        for name, (A, B, _) in mine.items():
+            key = f"base_model.model.{name}"
+            torch.testing.assert_close(A, saved[f"{key}.lora_A.weight"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(B, saved[f"{key}.lora_B.weight"], rtol=1e-5, atol=1e-6)
+        assert result.calibrated_error_median < 0.9
+
+
+def test_base_weights_untouched_and_patterns_honoured(tiny_model_dir, calib):
+    """rank_pattern / alpha_pattern / rsLoRA: each layer's s * B @ A is the closed form at its own rank,
+    checked against H from hooks on the whole full-precision model (another path than the block-by-block one)."""
+    model = lora(tiny_model_dir, use_rslora=True, rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6},
+                 alpha_pattern={"v_proj": 3})
+    bases = {n: m.get_base_layer().weight.data.clone() for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    replace_lora_weights_quailora(model, calib, "closed_form", progress=False)
+    for n, m in model.named_modules():
+        if n in bases:
+            assert torch.equal(m.get_base_layer().weight.data, bases[n])
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    H = hessians_by_hooks(full, calib, ("all-linear",))
+    modules = dict(model.get_base_model().named_modules())
+    ranks = set()
+    for name, (A, B, s) in factors(model).items():
+        r = A.shape[0]
+        ranks.add(r)
+        expect_r = 2 if name.endswith("q_proj") else 6 if name == "model.layers.1.mlp.down_proj" else 4
+        expect_alpha = 3 if name.endswith("v_proj") else 8
+        assert r == expect_r and s == pytest.approx(expect_alpha / r ** 0.5)
+        W = dict(full.named_parameters())[f"{name}.weight"].detach().double()
+        E = W - dequantized_weight(modules[name]).double()
+        P, Rt = closed_form_correction(E, damped(H[name].double(), 0.01), r)
+        torch.testing.assert_close((s * B.double() @ A.double()), P @ Rt, rtol=1e-4, atol=1e-6)
+    assert ranks == {2, 4, 6}
+
+
+def test_8bit_base(tiny_model_dir, calib):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=BitsAndBytesConfig(
+        load_in_8bit=True), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
+    result = replace_lora_weights_quailora(model, calib, "svd", progress=False)
+    assert len(result.layers) == 4
+    full = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).named_parameters())
+    modules = dict(model.get_base_model().named_modules())
+    for name, (A, B, s) in factors(model).items():
+        E = full[f"{name}.weight"].detach().double() - dequantized_weight(modules[name]).double()
+        P, Rt = svd_correction(E, 4)
+        torch.testing.assert_close(s * B.double() @ A.double(), P @ Rt, rtol=1e-4, atol=1e-6)
+
+
+def test_after_forward_passes_the_correction_still_helps(tiny_model_dir, calib, text_file):
+    """On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights at the first inference forward (absmax rounded to
+    bfloat16, a new layout): Q is then read back through bitsandbytes' inverse, so the correction fits the Q the
+    layer now holds, and the logits move toward full precision (corrections computed from the repacked data as
+    if it were the plain layout made them 28x worse)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    held_out = load_splits(DataConfig(str(text_file), **DATA), tokenizer).eval[:4]
+    with torch.no_grad():
+        target = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(input_ids=held_out).logits
+    for forward_first in (False, True):
+        model = get_peft_model(four_bit(tiny_model_dir, forward_first=forward_first),
+                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        layer = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
+        if forward_first and has_avx512bf16():  # the case this test is for
+            assert layer.weight.quant_state.packing_format_for_cpu
+        with torch.no_grad():
+            before = (model(input_ids=held_out).logits - target).norm()
+            replace_lora_weights_quailora(model, calib, "closed_form", progress=False)
+            after = (model(input_ids=held_out).logits - target).norm()
+        assert after < 0.9 * before, (forward_first, float(after / before))
+
+
+def test_calibration_as_texts_dataset_or_ids(tiny_model_dir, text_file):
+    import datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = text_file.read_text().splitlines()[:60]
+    seen = []
+    for calibration in (texts, datasets.Dataset.from_dict({"id": list(range(60)), "review": texts}),
+                        [tokenizer(t)["input_ids"] for t in texts]):
+        model = lora(tiny_model_dir, target_modules=["v_proj"])
+        result = replace_lora_weights_quailora(model, calibration, "svd", tokenizer=tokenizer, seq_len=32,
+                                               max_samples=4, progress=False)
+        seen.append(result.calibration)
+    assert seen[0] == seen[1] == {"windows": 4, "seq_len": 32, "tokens": 128}
+
+
+def test_save_adapter_loads_and_merges_with_plain_peft(tiny_model_dir, calib, tmp_path):
+    model = lora(tiny_model_dir)
+    result = replace_lora_weights_quailora(model, calib, "closed_form", progress=False)
+    folder = save_adapter(model, tmp_path / "adapter", result, data="tiny docs")
+    record = json.loads((folder / "quailora.json").read_text())
+    assert record["method"] == "closed_form" and record["rank"] == 4 and record["calibration"] == "8 x 32 tokens"
+    assert record["data"] == "tiny docs" and len(record["layers"]) == 14
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---") and "library_name: peft" in card and "closed_form" in card
+    loaded = PeftModel.from_pretrained(four_bit(tiny_model_dir), folder, is_trainable=True)
+    for (A1, B1, _), (A2, B2, _) in zip(factors(model).values(), factors(loaded).values()):
+        assert torch.equal(A1, A2) and torch.equal(B1, B2)
+    base16 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    W16 = base16.model.layers[0].mlp.down_proj.weight.detach().float().clone()
+    merged = PeftModel.from_pretrained(base16, folder).merge_and_unload()
+    A, B, s = factors(model)["model.layers.0.mlp.down_proj"]
+    expected = W16 + s * B @ A
+    torch.testing.assert_close(merged.model.layers[0].mlp.down_proj.weight.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_top_level_exports():
+    assert quailora_app.replace_lora_weights_quailora is replace_lora_weights_quailora
+    assert "closed_form" in quailora_app.method_names()
+    assert {"run_init", "run_train", "InitConfig", "TrainConfig"} <= set(quailora_app.__all__)
+    with pytest.raises(AttributeError):
+        quailora_app.no_such_name  # noqa: B018
+
+
+# -- bad input: each one clear exception message --------------------------------------------------------------
+def test_refuses_a_base_that_is_not_quantized(tiny_model_dir, calib):
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    with pytest.raises(ModelError, match="not quantized with bitsandbytes .* BitsAndBytesConfig"):
+        replace_lora_weights_quailora(plain, calib, progress=False)
+
+
+def test_refuses_missing_checkpoint(tiny_model_dir, calib, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no safetensors checkpoint .* pass model_path="):
+        replace_lora_weights_quailora(lora(tiny_model_dir), calib, model_path=tmp_path / "empty", progress=False)
+
+
+def test_refuses_a_checkpoint_without_the_target_modules(tiny_model_dir, calib, tmp_path):
+    from helpers import save_tiny_llama
+
+    other = save_tiny_llama(tmp_path / "one-block", layers=1)
+    with pytest.raises(ModelError, match="has no weight for the LoRA layer model.layers.1"):
+        replace_lora_weights_quailora(lora(tiny_model_dir), calib, model_path=other, progress=False)
+
+
+def test_refuses_bad_calibration(tiny_model_dir):
+    import datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = lora(tiny_model_dir)
+    with pytest.raises(DataError, match="fewer than one window of seq_len=256"):
+        replace_lora_weights_quailora(model, ["a few words"], tokenizer=tokenizer, progress=False)
+    with pytest.raises(DataError, match="has no text column; columns: id, score"):
+        replace_lora_weights_quailora(model, datasets.Dataset.from_dict({"id": [1, 2], "score": [0.5, 0.7]}),
+                                      tokenizer=tokenizer, progress=False)
+    with pytest.raises(ConfigError, match="needs tokenizer="):
+        replace_lora_weights_quailora(model, ["some text"] * 100, progress=False)
+
+
+def test_refuses_dora_and_other_adapters(tiny_model_dir, calib):
+    with pytest.raises(ConfigError, match="uses DoRA"):
+        replace_lora_weights_quailora(lora(tiny_model_dir, use_dora=True), calib, progress=False)
+    ia3 = get_peft_model(four_bit(tiny_model_dir), IA3Config(target_modules=["k_proj", "down_proj"],
+                                                              feedforward_modules=["down_proj"]))
+    with pytest.raises(ConfigError, match="is a IA3 adapter; QuAILoRA initializes LoRA adapters only"):
+        replace_lora_weights_quailora(ia3, calib, progress=False)
+    with pytest.raises(ConfigError, match="expected a peft PeftModel"):
+        replace_lora_weights_quailora(four_bit(tiny_model_dir), calib, progress=False)
+    with pytest.raises(ConfigError, match="nothing to replace"):
+        replace_lora_weights_quailora(lora(tiny_model_dir), calib, "qlora", progress=False)
