@@ -184,7 +184,8 @@ def test_top_level_exports():
 
 # -- bad input: each one clear exception message --------------------------------------------------------------
 def test_refuses_a_base_that_is_not_quantized(tiny_model_dir, calib):
-    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear"))
     with pytest.raises(ModelError, match="not quantized with bitsandbytes .* BitsAndBytesConfig"):
         replace_lora_weights_quailora(plain, calib, progress=False)
 

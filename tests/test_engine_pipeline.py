@@ -74,6 +74,34 @@ def test_adapters_reload_to_the_reported_perplexity(finished, tiny_model_dir, te
     assert perplexity(model, splits.eval) == pytest.approx(report["perplexity"]["quailora"], rel=1e-5)
 
 
+def test_run_adapters_are_plain_peft_folders_that_merge(finished, tiny_model_dir):
+    """adapters/<method>/ loads with plain peft onto the stock 4-bit base (transformers' own BitsAndBytesConfig),
+    merges onto a 16-bit base, and records how it was initialized where peft does not look."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    out, _ = finished
+    folder = out / "adapters" / "closed_form"
+    record = json.loads((folder / "quailora.json").read_text())
+    assert record["method"] == "closed_form" and record["rank"] == 4 and record["calibration"] == "8 x 32 tokens"
+    assert record["held_out_perplexity"] == pytest.approx(json.loads((out / "report.json").read_text())
+                                                          ["perplexity"]["closed_form"])
+    card = (folder / "README.md").read_text()
+    assert "library_name: peft" in card and "closed_form" in card and "8 x 32 tokens" in card
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb),
+                                      folder, is_trainable=True)
+    assert any(p.requires_grad for p in stock.parameters())
+    base16 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    W = base16.model.layers[1].self_attn.o_proj.weight.detach().float().clone()
+    peft16 = PeftModel.from_pretrained(base16, folder)
+    layer = peft16.base_model.model.model.layers[1].self_attn.o_proj
+    delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).float() * layer.scaling["default"]
+    merged = peft16.merge_and_unload()
+    torch.testing.assert_close(merged.model.layers[1].self_attn.o_proj.weight.float(), W + delta, rtol=2e-2, atol=2e-2)
+    assert delta.abs().max() > 0.01  # the merge really added the initialization
+
+
 # the pipeline asks should_stop() after data loading (1), after quantization (2), before each block's
 # calibration (3: block 0, 5: block 1), after each block's initialization (4) and before each evaluation (6...)
 @pytest.mark.parametrize("checks, where, partial", [(3, "during calibration at block 0 of 2", False),

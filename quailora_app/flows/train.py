@@ -283,7 +283,13 @@ class TrainRun:
 
     def _finish_arm(self, arm: Arm) -> Iterator[Event]:
         stopped = arm.steps_done < self.cfg.steps
-        folder = save_adapter(arm.model, self.run_dir / "adapters" / arm.name)
+        cfg = self.cfg
+        record = {"arm": arm.name, "method": arm.spec.init, "base": arm.spec.base, "model": cfg.model.model,
+                  "data": cfg.data.dataset, "rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
+                  "use_rslora": cfg.lora.rslora, "calibration": f"{cfg.data.calib_samples} x {cfg.data.seq_len} tokens",
+                  "steps": f"{arm.steps_done} of {cfg.steps}", "held_out_perplexity": arm.final_perplexity,
+                  "run": str(self.run_dir)}
+        folder = save_adapter(arm.model, self.run_dir / "adapters" / arm.name, record)
         arm.adapter_dir = str(folder)
         arm.status = "stopped" if stopped else "finished"
         self.rec.save()
