@@ -123,7 +123,8 @@ def run_stage(stage: str, args) -> dict:
 
     from quailora_app.config import LoraSettings, QuantConfig
     from quailora_app.engine.checkpoint import Checkpoint
-    from quailora_app.engine.initialize import InitResult, initialize, one_cpu_thread, target_paths
+    from quailora_app.engine.initialize import InitResult, initialize, one_cpu_thread
+    from quailora_app.engine.plan import target_paths
     from quailora_app.engine.quantize import load_4bit
     from quailora_app.sources.models import ModelSource, compute_dtype, pick_device
 

@@ -12,7 +12,12 @@ The public API (imported on first use, so `import quailora_app` stays light):
   `run_init(InitConfig(...))`, `run_train(TrainConfig(...))`, `run_views(ViewsConfig(...))`, with their configs
   `InitConfig`, `TrainConfig`, `ViewsConfig`, `ModelConfig`, `DataConfig`, `QuantConfig`, `LoraSettings`.
 """
+import logging
 from importlib import import_module
+
+# bitsandbytes (imported by peft and by the engine) warns at import that an optional kernels package is missing:
+# nothing a user can act on. Set before any module of this package imports it; flows and the CLI quiet the rest.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 __version__ = "0.2.0"
 

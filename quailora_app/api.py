@@ -31,8 +31,9 @@ from quailora_app.engine.adapters import Factors, loftq_factors, lora_layers, wr
 from quailora_app.engine.adapters import save_adapter as save_engine_adapter
 from quailora_app.engine.calibrate import decoder_layers
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.initialize import InitResult, LayerLoRA, initialize, split_path
-from quailora_app.engine.methods import QLORA, get_method, method_names
+from quailora_app.engine.initialize import InitResult, initialize
+from quailora_app.engine.methods import MODEL, QLORA, get_method, method_names
+from quailora_app.engine.plan import LayerLoRA, ModelContext, split_path
 from quailora_app.engine.quantize import is_quantized
 from quailora_app.errors import ConfigError, DataError, ModelError, one_line
 from quailora_app.events import Progress
@@ -79,6 +80,7 @@ def replace_lora_weights_quailora(
     als_rounds: int = 20,
     solver: str = "exact",
     progress: bool = True,
+    options: Mapping[str, Any] | None = None,
 ) -> QuailoraResult:
     """Replace the LoRA factors of `peft_model` (a PeftModel with LoRA on a bitsandbytes 4-bit or 8-bit base)
     by a quantization-aware initialization, in place.
@@ -91,6 +93,7 @@ def replace_lora_weights_quailora(
         or "loftq" (peft's replace_lora_weights_loftq, rescaled so that s * B @ A is its correction; CUDA only).
     model_path: the folder of the full-precision safetensors checkpoint (default: the model's `name_or_path`, a
         local folder or the hub cache, as peft's LoftQ finds it).
+    options: settings of a whole-model method (e.g. {"distill_steps": 40}; the InitConfig fields of that name).
     Returns a QuailoraResult with the per-layer errors. Raises ConfigError / DataError / ModelError (one line)."""
     name = _check_method(method)
     layers = _lora_layers(peft_model, adapter_name)
@@ -112,9 +115,13 @@ def replace_lora_weights_quailora(
     ids = calibration_ids(calibration, tokenizer, seq_len, max_samples, text_column)
     checkpoint = _checkpoint(folder, plan)
     device = next(base.parameters()).device
+    calib_dtype = torch.float32 if device.type == "cpu" else _compute_dtype(base)
+    if get_method(name).kind == MODEL:
+        return _whole_model(peft_model, name, adapter_name, ModelContext(
+            base, checkpoint, ids, plan, _lora_settings(peft_model, adapter_name), device, calib_dtype, damping,
+            als_rounds, solver, options=dict(options or {}), peft_model=peft_model), skipped)
     result = InitResult()
-    stream = initialize(base, checkpoint, ids, LoraSettings(), [name], result, device=device,
-                        calib_dtype=torch.float32 if device.type == "cpu" else _compute_dtype(base),
+    stream = initialize(base, checkpoint, ids, LoraSettings(), [name], result, device=device, calib_dtype=calib_dtype,
                         damping=damping, als_rounds=als_rounds, solver=solver, plan=plan)
     bar = tqdm(total=len(decoder_layers(base)[1]), desc=f"QuAILoRA {name}", unit="block", disable=not progress)
     with torch.no_grad(), bar:
@@ -268,6 +275,42 @@ def _token_sequences(calibration, tokenizer, text_column: str | None) -> list[li
 
 def _is_dataset(value) -> bool:
     return type(value).__module__.startswith("datasets.") and hasattr(value, "column_names")
+
+
+# ---------------------------------------------------------------------------------------------- whole-model methods
+def _lora_settings(peft_model, adapter: str) -> LoraSettings:
+    config = peft_model.peft_config[adapter]
+    return LoraSettings(rank=int(config.r), alpha=float(config.lora_alpha), rslora=bool(config.use_rslora))
+
+
+def _whole_model(peft_model, name: str, adapter: str, ctx: ModelContext, skipped: list[str]) -> QuailoraResult:
+    """A method of kind "model" (engine/plan.py): its factors, at ranks of its own where it chooses them (the
+    LoRA layers are then resized, and the adapter's rank_pattern / alpha_pattern say so, keeping s)."""
+    built = get_method(name).build(ctx)
+    if built.ranks:
+        resize_lora(peft_model, adapter, built.ranks)
+    write_factors(peft_model, built.factors, adapter)
+    rows = [{"name": path, "rank": (built.ranks or {}).get(path, ctx.plan[path].rank),
+             "weight_error": {QLORA: 1.0, name: errors[0]}, "calibrated_error": {QLORA: 1.0, name: errors[1]}}
+            for path, errors in built.layers.items()]
+    windows, length = ctx.calib_ids.shape
+    return QuailoraResult(name, rows, {name: built.seconds},
+                          {"windows": int(windows), "seq_len": int(length), "tokens": int(windows * length)}, skipped)
+
+
+def resize_lora(peft_model, adapter: str, ranks: Mapping[str, int]) -> None:
+    """Give each listed LoRA layer its own rank (new A, B from peft's own update_layer), keeping its scaling s, and
+    record the ranks in the adapter's rank_pattern / alpha_pattern so that save_pretrained / from_pretrained agree."""
+    config = peft_model.peft_config[adapter]
+    layers = lora_layers(peft_model)
+    for path, rank in ranks.items():
+        layer = layers[path]
+        s = float(layer.scaling[adapter])
+        alpha = s * (rank ** 0.5 if config.use_rslora else rank)
+        if int(layer.r[adapter]) != rank:
+            layer.update_layer(adapter, rank, alpha, config)
+        config.rank_pattern = {**(config.rank_pattern or {}), path: rank}
+        config.alpha_pattern = {**(config.alpha_pattern or {}), path: alpha}
 
 
 # ---------------------------------------------------------------------------------------------- LoftQ

@@ -103,7 +103,7 @@ def test_default_init_leaves_the_base_output_unchanged(base, tiny_model_dir, tex
     """Why a default-init arm's step-0 perplexity can reuse its base's reference perplexity: B = 0 adds exactly 0."""
     from quailora_app.engine.adapters import attach_lora
     from quailora_app.engine.evaluate import perplexity
-    from quailora_app.engine.initialize import target_paths
+    from quailora_app.engine.plan import target_paths
     from quailora_app.engine.quantize import load_8bit
     from quailora_app.sources.models import ModelSource, load_full_precision
 

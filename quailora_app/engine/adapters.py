@@ -31,24 +31,29 @@ class Factors:
     B: torch.Tensor  # (m, r)
 
 
-def lora_config(lora: LoraSettings, leaf_targets: Sequence[str]):
+def lora_config(lora: LoraSettings, leaf_targets: Sequence[str], ranks: Mapping[str, int] | None = None):
+    """peft's LoraConfig for `lora` on `leaf_targets`; `ranks` (module path -> rank) become rank_pattern, with an
+    alpha_pattern that keeps each layer's scaling s = alpha / r (alpha / sqrt(r) with rsLoRA) as at rank r."""
+    ranks = dict(ranks or {})
+    alphas = {path: lora.scaling * (k ** 0.5 if lora.rslora else k) for path, k in ranks.items()}
     return LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora, lora_dropout=0.0, bias="none",
-        target_modules=sorted(set(leaf_targets)), task_type="CAUSAL_LM",
+        target_modules=sorted(set(leaf_targets)), task_type="CAUSAL_LM", rank_pattern=ranks, alpha_pattern=alphas,
     )
 
 
-def attach_lora(model, lora: LoraSettings, module_names: Sequence[str]):
-    """Wrap the quantized model with peft LoRA on exactly `module_names` (full module paths in `model`).
+def attach_lora(model, lora: LoraSettings, module_names: Sequence[str], ranks: Mapping[str, int] | None = None):
+    """Wrap the quantized model with peft LoRA on exactly `module_names` (full module paths in `model`), at rank
+    `lora.rank` or, per layer, `ranks[path]`.
 
     Targets are given to peft as leaf names (q_proj, ...) restricted to the decoder blocks, so the saved
     adapter_config.json stays readable; the result is checked against the intended set."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names})
-    peft_model = get_peft_model(model, lora_config(lora, leaves))
+    peft_model = get_peft_model(model, lora_config(lora, leaves, ranks))
     adapted = set(lora_layers(peft_model))
     unexpected = adapted - set(module_names)
     if unexpected or adapted != set(module_names):  # leaf names also used elsewhere: use exact paths
-        peft_model = get_peft_model(peft_model.unload(), lora_config(lora, module_names))
+        peft_model = get_peft_model(peft_model.unload(), lora_config(lora, module_names, ranks))
     return peft_model
 
 

@@ -12,19 +12,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from quailora_app.config import LoraSettings
 from quailora_app.engine import init_math
 from quailora_app.engine.adapters import Factors
-from quailora_app.engine.calibrate import calibrate_blocks, decoder_layers, target_names
+from quailora_app.engine.calibrate import calibrate_blocks, decoder_layers
 from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.engine.methods import QLORA, get_method
 from quailora_app.engine.parallel import Processes, share_layers
+from quailora_app.engine.plan import LayerLoRA, split_path, target_paths
 from quailora_app.engine.quantize import dequantized_weight
-from quailora_app.errors import Cancelled, ConfigError
+from quailora_app.errors import Cancelled
 from quailora_app.events import Event, LayerResult, Progress
 
 
@@ -35,21 +35,6 @@ class InitResult:
     factors: dict[str, dict[str, Factors]] = field(default_factory=dict)  # method -> module path -> factors
     layers: list[dict] = field(default_factory=list)  # one row per layer, as in report.json
     seconds: dict[str, float] = field(default_factory=dict)  # calibrate and one entry per method
-
-
-class LayerLoRA(NamedTuple):
-    """One layer's LoRA shape: rank r and scaling s (peft adds s * B @ A)."""
-
-    rank: int
-    scaling: float
-
-
-def split_path(prefix: str, name: str) -> tuple[int, str]:
-    """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj') for blocks under `prefix` ('model.layers')."""
-    head, _, local = name[len(prefix) + 1:].partition(".") if name.startswith(prefix + ".") else ("", "", "")
-    if not head.isdigit() or not local:
-        raise ConfigError(f"layer '{name}' is not inside the decoder blocks '{prefix}.<i>'")
-    return int(head), local
 
 
 @contextmanager
@@ -68,16 +53,6 @@ def one_cpu_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def target_paths(model, lora: LoraSettings) -> list[str]:
-    """Full module paths of the layers LoRA adapts, checked against the rank."""
-    prefix, layers = decoder_layers(model)
-    names = [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for n in target_names(layer, lora.targets)]
-    modules = dict(model.named_modules())
-    for name in names:
-        init_math.check_rank(lora.rank, (modules[name].out_features, modules[name].in_features), name)
-    return names
 
 
 def initialize(

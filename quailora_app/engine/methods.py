@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -27,7 +27,8 @@ from quailora_app.engine.init_math import DampedH
 LAYER = "layer"  # computed per layer by initialize() through `correct`
 BASELINE = "baseline"  # the no-correction reference (qlora)
 ANCHOR = "anchor"  # peft's LoftQ, computed on the peft model by the init flow
-KINDS = (LAYER, BASELINE, ANCHOR)
+MODEL = "model"  # computed over the whole model by `build(ModelContext) -> ModelInit`, after the per-layer pass
+KINDS = (LAYER, BASELINE, ANCHOR, MODEL)
 QLORA = "qlora"  # the baseline's name: always run, 1.0 in every error figure
 
 
@@ -49,6 +50,7 @@ class Method:
     help: str  # one line: what the method does
     kind: str = LAYER
     correct: CorrectionFn | None = None  # None unless kind == LAYER
+    build: Callable[..., Any] | None = None  # (plan.ModelContext) -> plan.ModelInit; None unless kind == MODEL
     calibrated: bool = False  # reads spec (H): the time of forming H + lambda I is charged to it
     nested: bool = False  # (exact solver) its rank-r factors are the leading r of P's columns / Rt's rows at any
     # larger rank, so a rank sweep computes it once
@@ -63,6 +65,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         if (self.kind == LAYER) != (self.correct is not None):
             raise ValueError(f"method {self.name!r}: a correction function is needed exactly when kind is {LAYER!r}")
+        if (self.kind == MODEL) != (self.build is not None):
+            raise ValueError(f"method {self.name!r}: a build function is needed exactly when kind is {MODEL!r}")
 
     @property
     def per_layer(self) -> bool:
@@ -142,6 +146,11 @@ def method_names() -> tuple[str, ...]:
 
 def default_method_names() -> tuple[str, ...]:
     return tuple(m.name for m in _METHODS.values() if m.default)
+
+
+def model_method_names() -> tuple[str, ...]:
+    """The methods built over the whole model after the per-layer pass."""
+    return tuple(m.name for m in _METHODS.values() if m.kind == MODEL)
 
 
 def per_layer_names() -> tuple[str, ...]:

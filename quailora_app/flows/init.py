@@ -10,6 +10,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,9 +19,10 @@ from quailora_app.config import InitConfig
 from quailora_app.engine.adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
 from quailora_app.engine.calibrate import decoder_layers
 from quailora_app.engine.evaluate import gap_closed, perplexity
-from quailora_app.engine.initialize import InitResult, initialize, target_paths
-from quailora_app.engine.methods import QLORA
+from quailora_app.engine.initialize import InitResult, initialize
+from quailora_app.engine.methods import MODEL, QLORA, get_method
 from quailora_app.engine.parallel import Processes
+from quailora_app.engine.plan import ModelContext, target_paths, uniform_plan
 from quailora_app.engine.preflight import preflight_init
 from quailora_app.engine.quantize import load_8bit
 from quailora_app.engine.quiet import quiet_libraries
@@ -61,6 +63,7 @@ class InitRun:
         self.rec = Recorder(folder, self.report, should_stop, before_save=self._note_peak_memory)
         self.should_stop = self.rec.should_stop
         self.factors: dict[str, dict[str, Factors]] = {}
+        self.ranks: dict[str, dict[str, int]] = {}  # method -> module path -> rank, where ranks differ per layer
 
     def _note_peak_memory(self) -> None:
         self.report["peak_memory_bytes"] = max(self.report["peak_memory_bytes"], peak_memory_bytes(self.device))
@@ -86,6 +89,7 @@ class InitRun:
         self.rec.check_stop("quantization")
 
         yield from self._calibrate_and_initialize(model, prepared.checkpoint, splits.calib, prepared.dtype)
+        yield from self._whole_model_methods(model, prepared.checkpoint, splits.calib, prepared.dtype)
         yield from self._evaluate_methods(model, source, splits.eval)
         del model, prepared
         free_memory()
@@ -115,6 +119,30 @@ class InitRun:
         except Cancelled:
             self._save_partial_adapters(model, n_blocks)
             raise
+
+    def _whole_model_methods(self, model, checkpoint, calib_ids, dtype) -> Iterator[Event]:
+        """The registry's whole-model methods (kind "model"), each after the per-layer pass, which gives them
+        closed_form's factors as a starting point when it ran."""
+        cfg = self.cfg
+        for method in [get_method(name) for name in cfg.methods if get_method(name).kind == MODEL]:
+            self.rec.check_stop(f"initialization ({method.name})")
+            yield self.rec.emit(Stage("initialize", f"{method.label}: {method.help}"))
+            ctx = ModelContext(model, checkpoint, calib_ids, uniform_plan(model, cfg.lora), cfg.lora, self.device,
+                               torch.float32 if self.device.type == "cpu" else dtype, cfg.damping, cfg.als_rounds,
+                               cfg.solver, self.should_stop, asdict(cfg), self.factors.get("closed_form"))
+            built = method.build(ctx)
+            self.factors[method.name] = built.factors
+            if built.ranks:
+                self.ranks[method.name] = built.ranks
+                self.report.setdefault("ranks", {})[method.name] = built.ranks
+            if built.details:
+                self.report.setdefault("method_details", {})[method.name] = built.details
+            for row in self.report["layers"]:
+                if row["name"] in built.layers:
+                    row["weight_error"][method.name], row["calibrated_error"][method.name] = built.layers[row["name"]]
+            self.report["seconds"][method.name] = built.seconds
+            self.rec.save()
+            yield self.rec.emit(Log(f"{method.name}: initialized in {built.seconds:.1f} s"))
 
     def _save_partial_adapters(self, model, n_blocks: int) -> None:
         """After a stop during initialization: each method's adapter with the blocks already done (the other
@@ -167,14 +195,18 @@ class InitRun:
         methods = [m for m in cfg.methods if m in self.factors]
         for i, method in enumerate(methods):
             self.rec.check_stop("evaluation")
-            write_factors(peft_model, self.factors[method])
-            ppl = perplexity(peft_model, eval_ids, cfg.eval_batch)
+            ranked = attach_lora(peft_model.unload(), cfg.lora, self.target_paths, self.ranks[method]) \
+                if method in self.ranks else None  # ranks per layer (peft's rank_pattern): an adapter of its own
+            evaluated = ranked or peft_model
+            write_factors(evaluated, self.factors[method])
+            ppl = perplexity(evaluated, eval_ids, cfg.eval_batch)
             self.report["perplexity"][method] = ppl
-            save_adapter(peft_model, self.run_dir / "adapters" / method, self._adapter_record(method))
+            save_adapter(evaluated, self.run_dir / "adapters" / method, self._adapter_record(method))
+            if ranked is not None:
+                peft_model = attach_lora(ranked.unload(), cfg.lora, self.target_paths)
             self.rec.save()
             yield self.rec.emit(Metric(method, ppl, "perplexity", "4-bit + " + method))
             yield self.rec.emit(Progress("evaluate", i + 1, len(methods), method))
-        write_factors(peft_model, self.factors["qlora"])
         peft_model.unload()
 
     def _baselines(self, source, eval_ids) -> Iterator[Event]:

@@ -31,7 +31,8 @@ from quailora_app.config import TrainConfig
 from quailora_app.engine.adapters import attach_lora, save_adapter, write_factors
 from quailora_app.engine.arms import ARM_SPECS, Arm, batch_hash
 from quailora_app.engine.evaluate import gap_closed, perplexity
-from quailora_app.engine.initialize import InitResult, initialize, target_paths
+from quailora_app.engine.initialize import InitResult, initialize
+from quailora_app.engine.plan import target_paths
 from quailora_app.engine.preflight import available_bytes, preflight_train, train_estimate
 from quailora_app.engine.quantize import load_4bit, load_8bit
 from quailora_app.engine.quiet import quiet_libraries

@@ -11,8 +11,9 @@ import torch
 from quailora_app.config import ALL_LINEAR, LoraSettings
 from quailora_app.engine.adapters import attach_lora, write_factors
 from quailora_app.engine.evaluate import perplexity
-from quailora_app.engine.initialize import InitResult, initialize, target_paths
+from quailora_app.engine.initialize import InitResult, initialize
 from quailora_app.engine.methods import QLORA, per_layer_names
+from quailora_app.engine.plan import target_paths
 from quailora_app.engine.quantize import linear4bit_modules
 from quailora_app.errors import Cancelled, ConfigError
 from quailora_app.teaching.layer_views import per_layer_method
