@@ -45,6 +45,10 @@ class DataConfig:
     calib_samples: int = field(default=64, metadata={"help": "calibration sequences of seq_len tokens"})
     eval_tokens: int = field(default=16384, metadata={"help": "held-out tokens for perplexity"})
     seed: int = field(default=0, metadata={"help": "seed of the document shuffle that fixes the splits"})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "measure perplexity on held-out text of another dataset (e.g. 'embedded:speeches'), to see whether "
+                "an initialization fitted to the calibration text holds elsewhere; default: held-out documents of "
+                "the dataset"})
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
@@ -112,6 +116,10 @@ class InitConfig:
     solver: str = field(default="exact", metadata={
         "choices": SOLVERS, "help": "closed_form's solver: exact (Cholesky + truncated SVD) or randomized (subspace "
                                     "iteration, faster on large layers; see bench/scale.py for its objective)"})
+    distill_steps: int = field(default=20, metadata={
+        "help": "distill: AdamW steps on the LoRA factors toward the full-precision model's next-token distribution"})
+    distill_lr: float = field(default=2e-4, metadata={"help": "distill: AdamW learning rate (decays linearly to 0)"})
+    distill_batch: int = field(default=4, metadata={"help": "distill: calibration windows per step"})
     eval_batch: int = field(default=4, metadata={
         "help": "sequences per forward pass when measuring perplexity", "cli": False})
     baselines: bool = field(default=True, metadata={"help": "also measure full-precision and 8-bit perplexity"})
@@ -130,6 +138,10 @@ class InitConfig:
             raise ConfigError("damping must be in [0, 1)")
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}")
+        if self.distill_steps < 1 or self.distill_batch < 1:
+            raise ConfigError("distill-steps and distill-batch must be at least 1")
+        if not 0 < self.distill_lr < math.inf:
+            raise ConfigError(f"distill-lr must be positive, got {self.distill_lr}")
 
 
 SCHEDULES = ("auto", "interleaved", "sequential")

