@@ -119,7 +119,8 @@ def replace_lora_weights_quailora(
     if get_method(name).kind == MODEL:
         return _whole_model(peft_model, name, adapter_name, ModelContext(
             base, checkpoint, ids, plan, _lora_settings(peft_model, adapter_name), device, calib_dtype, damping,
-            als_rounds, solver, options=dict(options or {}), peft_model=peft_model), skipped)
+            als_rounds, solver, options=dict(options or {}), peft_model=peft_model,
+            adapter=adapter_name), skipped)
     result = InitResult()
     stream = initialize(base, checkpoint, ids, LoraSettings(), [name], result, device=device, calib_dtype=calib_dtype,
                         damping=damping, als_rounds=als_rounds, solver=solver, plan=plan)

@@ -116,10 +116,11 @@ class InitConfig:
     solver: str = field(default="exact", metadata={
         "choices": SOLVERS, "help": "closed_form's solver: exact (Cholesky + truncated SVD) or randomized (subspace "
                                     "iteration, faster on large layers; see bench/scale.py for its objective)"})
-    distill_steps: int = field(default=20, metadata={
+    distill_steps: int = field(default=8, metadata={
         "help": "distill: AdamW steps on the LoRA factors toward the full-precision model's next-token distribution"})
-    distill_lr: float = field(default=2e-4, metadata={"help": "distill: AdamW learning rate (decays linearly to 0)"})
-    distill_batch: int = field(default=4, metadata={"help": "distill: calibration windows per step"})
+    distill_lr: float = field(default=5e-4, metadata={
+        "help": "distill: AdamW peak learning rate (linear warm-up over a quarter of the steps, then linear decay)"})
+    distill_batch: int = field(default=2, metadata={"help": "distill: calibration windows per step"})
     eval_batch: int = field(default=4, metadata={
         "help": "sequences per forward pass when measuring perplexity", "cli": False})
     baselines: bool = field(default=True, metadata={"help": "also measure full-precision and 8-bit perplexity"})

@@ -156,7 +156,7 @@ def init_views(job: Job | None, manager: JobManager, parts=("layers", "heatmap",
         n_blocks = job.total if job and job.stage == "calibrate" and job.total else None
         out["layers"] = F.layer_error_figure(source, n_blocks)
     if "heatmap" in parts:
-        out["heatmap"] = F.removal_heatmap(source, "quailora")
+        out["heatmap"] = F.init_heatmap(source, "quailora")  # with the budget method's ranks when it ran
     if "perplexity" in parts:
         methods = list(getattr(job.config, "methods", ()) or ()) if job else []
         out["perplexity"] = F.perplexity_figure(report if report and report.get("perplexity") else events, methods)
@@ -248,6 +248,13 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
                          + (f"; median layer keeps {100 * err:.0f}% of QLoRA's activation error"
                             if err is not None else "")
                          + ".")
+        for m, details in (report.get("method_details") or {}).items():  # a model-level method's KL (distill)
+            kl = details.get("kl") if isinstance(details, dict) else None
+            held = {k: (v or {}).get("holdout") for k, v in kl.items()} if isinstance(kl, dict) else {}
+            if held.get(m) is not None and held.get("closed_form") is not None:
+                lines.append(f"- {F.label(m)}: KL to the full-precision model on held-out calibration windows "
+                             f"{held['closed_form']:.4f} → {held[m]:.4f} (closed form → {m}); "
+                             f"{details.get('overfitting', '')}.")
         for m, why in (report.get("unavailable") or {}).items():
             lines.append(f"- {m}: not computed ({why}).")
         if report.get("model_note"):

@@ -347,6 +347,32 @@ class LowRankErrors:
         c = max(calib, 0.0) ** 0.5 / self.calib_base**0.5 if self.calib_base > 0 else 0.0
         return w, c
 
+    def errors_by_rank(self, P: Tensor, Rt: Tensor) -> tuple[Tensor, Tensor]:
+        """(weight errors, calibrated errors), float64 tensors of K + 1 entries: those of every nested correction
+        C_k = P[:, :k] @ Rt[:k] for k = 0..K (k = 0: C = 0, i.e. 1.0), as fractions of C = 0's, as errors() gives.
+
+        With P_k, Rt_k the leading k columns / rows, each term is a prefix sum over K x K matrices:
+            ||E - C_k||_F^2 = ||E||_F^2 - 2 sum_{i<k} (P^T E Rt^T)_ii + sum_{i,j<k} (P^T P)_ij (Rt Rt^T)_ij
+        and the same with Hd (E Hd Rt^T, Rt Hd Rt^T); the diagonal terms are cumulative sums, the double sums the
+        diagonal of a 2-D cumulative sum. O(m n K + n^2 K) once, O(K^2) for all the ranks together."""
+        P, Rt = P.to(self.E.dtype), Rt.to(self.E.dtype)
+        gram = P.T @ P
+        lam = self.h.damping_lambda
+        zero = P.new_zeros(1)
+
+        def prefix(cross: Tensor, quad: Tensor) -> Tensor:
+            diag = cross.cumsum(0)
+            double = quad.cumsum(0).cumsum(1).diagonal()
+            return torch.cat([zero, -2 * diag + double]).to(torch.float64)
+
+        weight = self.weight_base + prefix((P * (self.E @ Rt.T)).sum(0), gram * (Rt @ Rt.T))
+        damped = (self.calib_base + lam * self.weight_base
+                  + prefix((P * (self.EH @ Rt.T)).sum(0), gram * (Rt @ self.h.apply(Rt.T).to(Rt.dtype))))
+        calib = damped - lam * weight
+        w = (weight.clamp(min=0.0) / self.weight_base).sqrt() if self.weight_base > 0 else torch.zeros_like(weight)
+        c = (calib.clamp(min=0.0) / self.calib_base).sqrt() if self.calib_base > 0 else torch.zeros_like(calib)
+        return w, c
+
 
 def weight_error(E: Tensor, C: Tensor) -> float:
     """||E - C||_F / ||E||_F (1.0 for C = 0; 0.0 when E = 0)."""

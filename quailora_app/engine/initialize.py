@@ -37,6 +37,19 @@ class InitResult:
     seconds: dict[str, float] = field(default_factory=dict)  # calibrate and one entry per method
 
 
+@dataclass
+class LayerCurve:
+    """One layer's correction C = P @ Rt at its plan's rank K, kept with its errors at every rank k = 0..K of the
+    nested corrections P[:, :k] @ Rt[:k] (initialize(curves=...); what a rank allocation reads, engine/budget.py)."""
+
+    P: torch.Tensor  # (m, K), float32 on CPU
+    Rt: torch.Tensor  # (K, n)
+    weight_error: torch.Tensor  # (K + 1,) float64 fractions of C = 0's (index 0: 1.0)
+    calibrated_error: torch.Tensor  # (K + 1,) the same with the undamped H
+    weight_base: float  # ||E||_F^2
+    calibrated_base: float  # tr(E H E^T), undamped: calibrated_error[k]^2 * calibrated_base is the objective left
+
+
 @contextmanager
 def one_cpu_thread(device: torch.device):
     """Run the per-layer matrix math on one CPU thread.
@@ -71,12 +84,15 @@ def initialize(
     solver: str = "exact",
     processes: Processes | None = None,
     plan: Mapping[str, LayerLoRA] | None = None,
+    curves: dict[str, dict[str, LayerCurve]] | None = None,
 ) -> Iterator[Event]:
     """Yield a LayerResult per layer and a Progress per block while filling `result`.
 
     `methods`: names of engine/methods.py; those computed per layer run here (the others are skipped).
     `plan`: the layers to initialize (full module paths) with each one's rank and scaling s, when they differ from
     `lora`'s (peft's rank_pattern / alpha_pattern); default: every target layer of `lora` at its rank and scaling.
+    `curves` (method -> module path -> LayerCurve): given, each method's (P, Rt) is also kept there with its errors
+    at every rank up to the plan's (meaningful for the nested methods; one process only).
 
     With `processes` (several processes of a torch.distributed group, see engine/parallel.py), each process is given
     the same `calib_ids`, runs its share of them, and computes its share of each block's layers; H is summed
@@ -149,6 +165,11 @@ def initialize(
                         # measured on what the saved adapter really adds: C = s * B @ A
                         weight_err[key], calib_err[key] = meter.errors(s * B.to(E.dtype), A.to(E.dtype))
                         factors[key] = Factors(A.float().cpu(), B.float().cpu())
+                        if curves is not None:
+                            by_rank = meter.errors_by_rank(P, Rt)
+                            curves.setdefault(key, {})[name] = LayerCurve(
+                                P.float().cpu(), Rt.float().cpu(), *(e.cpu() for e in by_rank), meter.weight_base,
+                                meter.calib_base)
                     computed[local] = (LayerResult(name, block.index, local, shape, weight_err, calib_err), factors)
                     del E, meter  # before the next layer's are built: one n x n work set alive at a time
                 del spec

@@ -117,6 +117,18 @@ def register_method(name: str, *, label: str, colour: str, help: str, calibrated
     return wrap
 
 
+def register_model_method(name: str, *, label: str, colour: str, help: str, short: str | None = None,
+                          **fields) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register a whole-model method (kind "model") whose `build(plan.ModelContext) -> plan.ModelInit`
+    runs after the per-layer pass. Import its module from engine/__init__.py (not from here: no import cycle)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        register(Method(name, label, short or name, colour, help, kind=MODEL, build=fn, **fields))
+        return fn
+
+    return wrap
+
+
 def unregister_method(name: str) -> None:
     """Remove a method (for tests that register a toy one)."""
     del _METHODS[name]

@@ -65,6 +65,7 @@ class ModelContext:
     options: Mapping[str, Any] = field(default_factory=dict)  # the method's own settings (distill_steps, ...)
     start: dict[str, Factors] | None = None  # closed_form's factors when the per-layer pass computed them
     peft_model: Any = None  # the user's PeftModel (the Python API): use its LoRA layers instead of attaching new ones
+    adapter: str = "default"  # the user's adapter in peft_model that the factors are for
 
 
 @dataclass

@@ -28,7 +28,12 @@ CAPTIONS = {
               "lower = the initialization cancels more of it. Top: error on real activations (what the model feels); "
               "bottom: error of the weights alone.",
     "heatmap": "Share of each layer's quantization error (measured on calibration activations) that the initialization "
-               "removes before any training: 100% would restore full precision, 0% = plain QLoRA.",
+               "removes before any training: 100% would restore full precision, 0% = plain QLoRA. When the budget "
+               "method ran, the right panel shows the rank it gives each layer (blue: above the uniform rank, red: "
+               "below), at the same LoRA parameter count.",
+    "ranks": "The rank the budget method gives each layer, chosen to remove the most calibrated error at the LoRA "
+             "parameter count of uniform rank r (blue: above r, red: below); the column titles give each module "
+             "type's mean rank.",
     "perplexity": "Perplexity on held-out text (lower is better), before any fine-tuning. 'Gap closed' = how much of "
                   "the distance from 4-bit QLoRA to the 8-bit model the initialization recovers (100% = as good as "
                   "8-bit).",
@@ -178,6 +183,85 @@ def removal_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora
     fig.update_xaxes(title_text="module type (inside each decoder block)", side="bottom")
     fig.update_yaxes(title_text="decoder block", autorange="reversed", dtick=1 if len(blocks) <= 12 else 2)
     return _layout(fig, title, max(340, 120 + 17 * len(blocks)))
+
+
+def ranks_of(report: Mapping | Iterable[Mapping], method: str = "budget") -> dict[str, int]:
+    """The per-layer ranks a method chose (report["ranks"][method]); {} for an event list or a uniform method."""
+    return dict((report.get("ranks") or {}).get(method) or {}) if isinstance(report, Mapping) else {}
+
+
+def _where(path: str, rows: Mapping[str, Mapping]) -> tuple[int, str] | None:
+    """(block, module) of a layer path, from its report row or from 'model.layers.<i>.<module>'."""
+    if path in rows:
+        return int(rows[path]["block"]), str(rows[path]["module"])
+    parts = path.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return (int(parts[index]), ".".join(parts[index + 1:])) if index is not None and index + 1 < len(parts) else None
+
+
+def rank_heatmap(report: Mapping | Iterable[Mapping], method: str = "budget") -> go.Figure:
+    """Block x module heatmap of the rank a budgeted method gives each layer, coloured around the run's uniform
+    rank r (blue: more than r, red: fewer); the column titles carry each module type's mean rank, and the hover the
+    share of the layer's calibrated error removed."""
+    ranks = ranks_of(report, method)
+    r = report.get("rank") if isinstance(report, Mapping) else None
+    title = f"Ranks per layer: {short_label(method)}" + (f" (uniform r = {r} at the same LoRA parameter count)"
+                                                        if r else "")
+    rows = {row["name"]: row for row in layers_from(report)}
+    cells = {where: (k, path) for path, k in ranks.items() if (where := _where(path, rows)) is not None}
+    if not cells:
+        return empty_figure(title, f"appears once {short_label(method)} has chosen its ranks")
+    order, present = module_types(list(rows.values())), {module for _, module in cells}
+    modules = [m for m in order if m in present] + sorted(present - set(order))
+    blocks = sorted({block for block, _ in cells})
+    z = [[cells[(b, m)][0] if (b, m) in cells else None for m in modules] for b in blocks]
+
+    def removed(b: int, m: str) -> str:
+        row = rows.get(cells[(b, m)][1]) if (b, m) in cells else None
+        error = (row or {}).get("calibrated_error", {}).get(method)
+        return f"{100 * (1 - error):.0f}%" if error is not None else "n/a"
+
+    custom = [[removed(b, m) for m in modules] for b in blocks]
+    means = {m: sum(cells[(b, m)][0] for b in blocks if (b, m) in cells) / sum((b, m) in cells for b in blocks)
+             for m in modules}
+    top = max(k for k, _ in cells.values())
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"{_short_module(m)}<br>mean {means[m]:.1f}" for m in modules], y=blocks, customdata=custom,
+        colorscale="RdBu", zmid=r if r else None, zmin=0, zmax=max(top, 2 * r if r else top),
+        colorbar={"title": {"text": "rank", "side": "right"}},
+        texttemplate="%{z}" if len(blocks) * len(modules) <= 400 else None,
+        hovertemplate="block %{y}, %{x}: rank %{z}, removes %{customdata} of its calibrated error<extra></extra>",
+        name=short_label(method), showscale=True,
+    ))
+    fig.update_xaxes(title_text="module type (mean rank over the blocks)", side="bottom")
+    fig.update_yaxes(title_text="decoder block", autorange="reversed", dtick=1 if len(blocks) <= 12 else 2)
+    return _layout(fig, title, max(340, 120 + 17 * len(blocks)))
+
+
+def init_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora", ranked: str = "budget") -> go.Figure:
+    """The init results' heatmap: the share of the error `method` removes per layer and, when `ranked` chose
+    per-layer ranks in this run (report["ranks"]), the ranks it gave beside it."""
+    removal = removal_heatmap(source, method)
+    if not ranks_of(source, ranked):
+        return removal
+    ranks = rank_heatmap(source, ranked)
+    if not removal.data:
+        return ranks
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.16,
+                        subplot_titles=[f"% of the error {short_label(method)} removes",
+                                        short_label(ranked) + (f" (uniform r = {source['rank']})"
+                                                               if source.get("rank") else "")])
+    fig.add_trace(removal.data[0].update(colorbar={"x": 0.42, "len": 0.9}), row=1, col=1)
+    fig.add_trace(ranks.data[0].update(colorbar={"x": 1.0, "len": 0.9}), row=1, col=2)
+    fig.update_xaxes(side="bottom")
+    fig.update_xaxes(title_text="module type", row=1, col=1)
+    fig.update_xaxes(title_text="module type (mean rank)", row=1, col=2)
+    fig.update_yaxes(title_text="decoder block", autorange="reversed", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", row=1, col=2)
+    fig.update_annotations(font={"size": 13})
+    n_blocks = len(ranks.data[0].y)
+    return _layout(fig, f"Per layer: the error {short_label(method)} removes, and the {short_label(ranked)}",
+                   max(360, 140 + 17 * n_blocks))
 
 
 def _gap(ppl: Mapping, method: str, ref: str) -> float | None:

@@ -50,6 +50,51 @@ each step the exact least-squares optimum of one factor with the other fixed, so
 converges to the closed form. Finally $C = U\Sigma V^\top$ is split as $B = U\Sigma^{{1/2}}/\sqrt s$,
 $A = \Sigma^{{1/2}}V^\top/\sqrt s$, so that $sBA = C$ exactly.
 
+**Error feedback (method *sequential*).** Every method above fits a layer to its inputs $X$ in the full-precision
+model. In the 4-bit model the layer sees other inputs, $\tilde X$: those left by the 4-bit layers before it and their
+corrections. Error feedback (as GPTQ, AutoRound and ApiQ do for quantization) fits what the layer should output
+there, the full-precision output:
+$$\min_{{\operatorname{{rank}}(C) \le r}} \; \tfrac{{1}}{{N}}\big\|WX - (Q + C)\tilde X\big\|_F^2 + \lambda\,\|E - C\|_F^2 .$$
+With $\tilde H = \tilde X\tilde X^\top/N$, $D = (X - \tilde X)\tilde X^\top/N$ and $S = \tilde H + \lambda I$, the
+unconstrained least-squares fit is $C^\ast = E + W D S^{{-1}}$, and the objective equals
+$\mathrm{{tr}}\big((C^\ast - C)\,S\,(C^\ast - C)^\top\big)$ plus a constant: the same problem as the closed form's, with
+$E \to C^\ast$ and $H \to \tilde H$, so $C = \big[\mathrm{{SVD}}_r(C^\ast S^{{1/2}})\big]S^{{-1/2}}$. Where
+$\tilde X = X$ (block 0's q/k/v read the same embeddings in both models) $D = 0$ and it is the closed form; further
+in, the term $WDS^{{-1}}$ undoes the part of the upstream error that this layer's input space can reach. Two streams
+pass the model block by block (full precision, and the 4-bit model with the corrections computed so far), one input
+group at a time in forward order, so o_proj is fitted after q/k/v's corrections and down_proj after gate/up's. The
+report's calibrated error for this method is measured in the streams: the layer's output distance to the
+full-precision output in the corrected 4-bit model, relative to the plain 4-bit model's.
+
+**Ranks under a budget (method *budgeted ranks*; figure: *Ranks per layer*).** Uniform rank gives
+every layer the same {r} directions, yet the layers' spectra differ: a few directions capture most of $EH^{{1/2}}$ in
+some layers, many are needed in others. With $H + \lambda I = LL^\top$, the best rank-$k$ correction of layer $l$
+leaves $\sum_{{i>k}} \sigma_{{l,i}}^2$, the tail of the squared singular values of $E_l L_l$, and costs $k(m_l + n_l)$
+LoRA parameters. The *budget* method gives each layer its own rank $k_l \le 4r$:
+$$\max_{{k_1,\dots,k_L}} \sum_l g_l(k_l) \quad \text{{s.t.}} \quad \sum_l k_l\,(m_l + n_l) \le {r} \sum_l (m_l + n_l),$$
+with $g_l(k)$ the share of the layer's own $\mathrm{{tr}}(E_l H_l E_l^\top)$ that a rank-$k$ closed form removes
+(the share, not the absolute amount: activations grow with depth, and absolute units sent the rank to the last blocks
+and served the model worse); the right side is exactly the LoRA parameter count of uniform rank {r}. Giving rank by largest gain per parameter is near-optimal, but not exact
+when layers cost different amounts per rank (a leftover that the best step does not fit); a dynamic program over the
+layers, in units $c_l$ of the gcd of the $m_l + n_l$,
+$$V_l(b) = \max_{{k}}\ V_{{l-1}}(b - k\,c_l) + g_l(k),$$
+is exact. The closed forms are nested (rank $k$ is the leading $k$ directions of any larger-rank one), so one
+correction at rank $4r$ per layer gives every $g_l(k)$. peft stores the ranks as `rank_pattern` and $\alpha_l = s\,k_l$
+as `alpha_pattern`, which keeps each layer's scaling $s$.
+
+**A short model-level refinement (method *distill*).** The methods above fit each layer on its own; what the adapter
+serves is the whole model. With $p_t$ the full-precision model's next-token distribution at position $t$ of the
+calibration text and $q_t$ that of the 4-bit model with its LoRA, *distill* starts from the closed form and takes a
+few AdamW steps on the factors $A, B$ only ($Q$ stays frozen) to lower
+$$\mathcal{{L}} = \frac{{1}}{{T}} \sum_t \mathrm{{KL}}(p_t \,\|\, q_t) = \frac{{1}}{{T}} \sum_t \sum_v p_t(v)\,\big(\log p_t(v) - \log q_t(v)\big).$$
+Its gradient with respect to the 4-bit model's logits is $(q_t - p_t)/T$: the target is the full model's whole
+distribution, not only the next token of the text, and errors of all layers are corrected together, through the
+nonlinearities between them. The full-precision logits need no second model in memory: the calibration windows pass
+the full-precision blocks one at a time (as calibration does), and their last hidden states go through the model's
+own final norm and lm_head, which QLoRA does not quantize. A few windows are held out of the steps: the KL before and
+after on them (in the report) says whether the steps fitted the model or only the windows they saw. No per-layer
+errors are shown for this method: it optimizes none of them.
+
 **Outlier channels (plot: *Input channels that dominate H*).** $H_{{jj}}$ is the mean squared activation of input
 channel $j$. In transformers a handful of channels often carry activations far larger than the rest; an error in the
 weight column of such a channel is amplified in every output. The calibrated methods concentrate their correction
