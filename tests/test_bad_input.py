@@ -220,16 +220,16 @@ def test_remote_code_only_with_the_operator_env_var(tmp_path, monkeypatch):
 
 def test_every_engine_from_pretrained_passes_trust_remote_code_explicitly():
     """Every AutoConfig / AutoTokenizer / AutoModel* .from_pretrained call in the package (engine and UI) names
-    trust_remote_code."""
+    trust_remote_code (calls in code, read with ast: a docstring's example of user code is not one)."""
+    import ast
+
     calls = []
     for file in sorted((ROOT / "quailora_app").rglob("*.py")):
-        text = file.read_text()
-        for m in re.finditer(r"Auto\w+\.from_pretrained\(", text):
-            depth, i = 1, m.end()
-            while depth:
-                depth += {"(": 1, ")": -1}.get(text[i], 0)
-                i += 1
-            calls.append((file.name, text[m.start():i]))
+        for node in ast.walk(ast.parse(file.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id.startswith("Auto")):
+                calls.append((file.name, ast.unparse(node), {k.arg for k in node.keywords}))
     assert len(calls) >= 5, calls
-    missing = [c for c in calls if "trust_remote_code=" not in c[1]]
+    missing = [c[:2] for c in calls if "trust_remote_code" not in c[2]]
     assert not missing, missing
