@@ -34,7 +34,7 @@ from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.engine.initialize import InitResult, initialize
 from quailora_app.engine.methods import MODEL, QLORA, get_method, method_names
 from quailora_app.engine.plan import LayerLoRA, ModelContext, split_path
-from quailora_app.engine.quantize import is_quantized
+from quailora_app.engine.quantize import calibration_dtype, is_quantized
 from quailora_app.errors import ConfigError, DataError, ModelError, one_line
 from quailora_app.events import Progress
 from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, pack_windows, texts_of_dataset
@@ -115,7 +115,7 @@ def replace_lora_weights_quailora(
     ids = calibration_ids(calibration, tokenizer, seq_len, max_samples, text_column)
     checkpoint = _checkpoint(folder, plan)
     device = next(base.parameters()).device
-    calib_dtype = torch.float32 if device.type == "cpu" else _compute_dtype(base)
+    calib_dtype = calibration_dtype(base, device)
     if get_method(name).kind == MODEL:
         return _whole_model(peft_model, name, adapter_name, ModelContext(
             base, checkpoint, ids, plan, _lora_settings(peft_model, adapter_name), device, calib_dtype, damping,
@@ -221,15 +221,6 @@ def _checkpoint(folder: Path, plan: Mapping[str, LayerLoRA]) -> Checkpoint:
         raise ModelError(f"the checkpoint in {folder} has no weight for the LoRA layer {missing[0]} "
                          f"({len(missing)} of {len(plan)} missing): is it the model this PeftModel was loaded from?")
     return checkpoint
-
-
-def _compute_dtype(model) -> torch.dtype:
-    """The 4-bit layers' compute dtype (bfloat16 in the QLoRA recipe), else the model's."""
-    for module in model.modules():
-        dtype = getattr(module, "compute_dtype", None)
-        if isinstance(dtype, torch.dtype):
-            return dtype
-    return model.dtype
 
 
 # ---------------------------------------------------------------------------------------------- calibration

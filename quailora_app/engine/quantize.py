@@ -33,6 +33,18 @@ def is_quantized(layer) -> bool:
     return isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
+def calibration_dtype(model, device: torch.device) -> torch.dtype:
+    """The dtype calibration runs the full-precision blocks in: float32 on CPU; on an accelerator the compute
+    dtype of the model's 4-bit layers (bfloat16 in the QLoRA recipe), else the model's own dtype."""
+    if device.type == "cpu":
+        return torch.float32
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return model.dtype
+
+
 def linear4bit_modules(model) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 

@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from quailora_app.config import ALL_LINEAR, LoraSettings
 from quailora_app.engine.adapters import attach_lora, write_factors
@@ -14,7 +13,7 @@ from quailora_app.engine.evaluate import perplexity
 from quailora_app.engine.initialize import InitResult, initialize
 from quailora_app.engine.methods import QLORA, per_layer_names
 from quailora_app.engine.plan import target_paths
-from quailora_app.engine.quantize import linear4bit_modules
+from quailora_app.engine.quantize import calibration_dtype
 from quailora_app.errors import Cancelled, ConfigError
 from quailora_app.teaching.layer_views import per_layer_method
 from quailora_app.teaching.snapshot import LayerSnapshot, ViewsContext
@@ -85,7 +84,7 @@ def sweep_perplexity(ctx: ViewsContext, ranks: Sequence[int], methods: Sequence[
     methods = per_layer_names() if methods is None else tuple(methods)
     model, out = ctx.model, {m: {} for m in methods}
     out[QLORA] = {0: perplexity(model, ctx.eval_ids, eval_batch)}
-    calib_dtype = torch.float32 if ctx.device.type == "cpu" else compute_dtype_of(model)
+    calib_dtype = calibration_dtype(model, ctx.device)
     for r in sorted(set(ranks)):
         lora = LoraSettings(rank=r, alpha=float(r), targets=tuple(targets))
         paths = target_paths(model, lora)
@@ -102,10 +101,3 @@ def sweep_perplexity(ctx: ViewsContext, ranks: Sequence[int], methods: Sequence[
             model = peft_model.unload()
     ctx.model = model
     return out
-
-
-def compute_dtype_of(model) -> torch.dtype:
-    """The compute dtype of the model's 4-bit layers (float32 when it has none)."""
-    for layer in linear4bit_modules(model).values():
-        return layer.compute_dtype or torch.float32
-    return torch.float32
