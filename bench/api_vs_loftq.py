@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,9 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale import WORK, PeakMemory  # noqa: E402
-
-from quailora_app.units import GIB  # noqa: E402
+from scale import WORK, PeakMemory, gib, run_child  # noqa: E402
 
 ANCHORS = ("full", "int8", "qlora")
 ARMS = (*ANCHORS, "loftq", "loftq_rescaled", "svd", "svd_as_peft_writes_it", "closed_form")
@@ -189,27 +186,14 @@ def prepare_tokens(args) -> tuple[Path, Path, dict]:
 
 
 def child(arm: str, args, folder: Path, tokens: Path) -> dict:
-    cmd = [sys.executable, __file__, "--arm", arm, "--folder", str(folder), "--tokens", str(tokens),
-           "--rank", str(args.rank), "--alpha", str(args.alpha), "--seed", str(args.seed), "--device", args.device]
-    # as bench/scale.py: a fixed mmap threshold makes RSS follow the live tensors after large frees
-    env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ,
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.arm_timeout)
-    except subprocess.TimeoutExpired:
-        return {"arm": arm, "failed": f"timed out after {args.arm_timeout} s"}
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        return {"arm": arm, "failed": " | ".join(tail)}
-    row = json.loads(lines[-1])
+    row = run_child([__file__, "--arm", arm, "--folder", str(folder), "--tokens", str(tokens), "--rank",
+                     str(args.rank), "--alpha", str(args.alpha), "--seed", str(args.seed), "--device", args.device],
+                    args.arm_timeout)
+    if "failed" in row:
+        return {"arm": arm, **row}
     row["wall_s"] = time.perf_counter() - t0
     return row
-
-
-def gib(value) -> str:
-    return f"{value / GIB:.2f}" if isinstance(value, (int, float)) else "-"
 
 
 def table(result: dict) -> str:

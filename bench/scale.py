@@ -196,24 +196,30 @@ def run_stage(stage: str, args) -> dict:
     return row
 
 
-def child(stage: str, args, folder: Path, vocab: int) -> dict:
-    cmd = [sys.executable, __file__, "--stage", stage, "--folder", str(folder), "--vocab", str(vocab),
-           "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
-           "--device", args.device,
-           "--methods", *args.methods, "--loftq-blocks", str(args.loftq_blocks or 0)]
+def run_child(cmd: list[str], timeout: float) -> dict:
+    """Run one bench stage in a fresh Python process (its peak memory is its own); its last JSON line, or
+    {"failed": why} in one line."""
     # glibc would keep freed blocks of up to 32 MB in its heap after the first large free (dynamic mmap
     # threshold), so RSS would not fall back with the live tensors; a fixed threshold makes it follow them.
     env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.stage_timeout)
+        out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"stage": stage, "failed": f"timed out after {args.stage_timeout} s"}
+        return {"failed": f"timed out after {timeout} s"}
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        return {"stage": stage, "failed": " | ".join(tail)}
+        return {"failed": " | ".join(tail)}
     return json.loads(lines[-1])
+
+
+def child(stage: str, args, folder: Path, vocab: int) -> dict:
+    row = run_child([__file__, "--stage", stage, "--folder", str(folder), "--vocab", str(vocab),
+                     "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
+                     "--device", args.device,
+                     "--methods", *args.methods, "--loftq-blocks", str(args.loftq_blocks or 0)], args.stage_timeout)
+    return row if "failed" not in row else {"stage": stage, **row}
 
 
 def gib(value) -> str:
