@@ -180,9 +180,14 @@ def removal_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora
         hovertemplate="block %{y}, %{x}: %{z:.1f}% of the calibrated error removed<extra></extra>",
         name=short_label(method), showscale=True,
     ))
-    fig.update_xaxes(title_text="module type (inside each decoder block)", side="bottom")
-    fig.update_yaxes(title_text="decoder block", autorange="reversed", dtick=1 if len(blocks) <= 12 else 2)
-    return _layout(fig, title, max(340, 120 + 17 * len(blocks)))
+    return _block_module_layout(fig, title, "module type (inside each decoder block)", len(blocks))
+
+
+def _block_module_layout(fig: go.Figure, title: str, x_title: str, n_blocks: int) -> go.Figure:
+    """Axes and size of a decoder block x module type heatmap (block 0 at the top)."""
+    fig.update_xaxes(title_text=x_title, side="bottom")
+    fig.update_yaxes(title_text="decoder block", autorange="reversed", dtick=1 if n_blocks <= 12 else 2)
+    return _layout(fig, title, max(340, 120 + 17 * n_blocks))
 
 
 def ranks_of(report: Mapping | Iterable[Mapping], method: str = "budget") -> dict[str, int]:
@@ -233,9 +238,7 @@ def rank_heatmap(report: Mapping | Iterable[Mapping], method: str = "budget") ->
         hovertemplate="block %{y}, %{x}: rank %{z}, removes %{customdata} of its calibrated error<extra></extra>",
         name=short_label(method), showscale=True,
     ))
-    fig.update_xaxes(title_text="module type (mean rank over the blocks)", side="bottom")
-    fig.update_yaxes(title_text="decoder block", autorange="reversed", dtick=1 if len(blocks) <= 12 else 2)
-    return _layout(fig, title, max(340, 120 + 17 * len(blocks)))
+    return _block_module_layout(fig, title, "module type (mean rank over the blocks)", len(blocks))
 
 
 def init_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora", ranked: str = "budget") -> go.Figure:
