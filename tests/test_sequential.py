@@ -40,16 +40,20 @@ def problem(m=8, n=12, N=300, seed=0, same_inputs=False):
     return W, Q, X, X_tilde, H_tilde, D
 
 
-def test_the_objective_is_closed_forms_with_c_star_and_h_tilde():
-    """f(C) = ||W X - (Q + C) X~||^2 / N + lambda ||E - C||^2 = const + tr((C* - C) S (C* - C)^T) for any C."""
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_objective_is_closed_forms_with_c_star_and_h_tilde(residual):
+    """f(C) = ||W X + R - (Q + C) X~||^2 / N + lambda ||E - C||^2 = const + tr((C* - C) S (C* - C)^T) for any C."""
     W, Q, X, X_tilde, H_tilde, D = problem()
+    R = torch.randn(W.shape[0], X.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64) \
+        if residual else None
+    G = R @ X_tilde.T / X.shape[1] if residual else None
     spec = damped(H_tilde, 0.01)
-    target = feedback_target(W - Q, W, D, spec)
+    target = feedback_target(W - Q, W, D, spec, G)
     g = torch.Generator().manual_seed(1)
     values = []
     for _ in range(3):
         C = torch.randn(*W.shape, generator=g, dtype=torch.float64)
-        f = feedback_objective(W, Q, C, X, X_tilde, spec.damping_lambda)
+        f = feedback_objective(W, Q, C, X, X_tilde, spec.damping_lambda, R)
         values.append(f - float(((target - C) @ spec.matrix * (target - C)).sum()))
     assert max(values) - min(values) < 1e-9 * abs(values[0]) + 1e-9
 
@@ -127,6 +131,8 @@ def test_init_flow_end_to_end(flow_run):
     assert report["seconds"]["sequential"] > 0
     details = report["method_details"]["sequential"]
     assert len(details["seconds_per_block"]) == 2 and len(details["local_calibrated_error"]) == 14
+    assert details["residual_layers"] == [f"model.layers.{i}.{name}" for i in (0, 1)
+                                          for name in ("mlp.down_proj", "self_attn.o_proj")]
     assert len(report["layers"]) == 14
     for row in report["layers"]:
         weight, calibrated = row["weight_error"]["sequential"], row["calibrated_error"]["sequential"]
@@ -208,3 +214,32 @@ def test_python_api_on_a_users_peft_model(flow_run, tiny_model_dir, text_file):
     assert len(mine) == 14
     for name, (A, B, s) in mine.items():
         assert close(s * B.double() @ A.double(), saved[name]), name
+
+
+def test_residual_writers_and_the_option_that_turns_them_off(tiny_model_dir, text_file):
+    """The tiny Llama's blocks add o_proj and down_proj to the residual stream (checked on a forward pass); with
+    options {"sequential_residual": False} every layer aims at its own full-precision output: the same fits up to
+    block 0's gate/up (the residual error o_proj sees there is zero: both streams start from the same embeddings),
+    different from block 0's down_proj on."""
+    from quailora_app.engine.calibrate import build_full_precision_block, capture_block_inputs
+    from quailora_app.engine.sequential import residual_writers
+
+    source = ModelSource("tiny", tiny_model_dir)
+    model = load_4bit(source, QuantConfig(), CPU, torch.float32)
+    checkpoint = Checkpoint(tiny_model_dir)
+    calib = load_splits(DataConfig(str(text_file), **DATA), AutoTokenizer.from_pretrained(tiny_model_dir)).calib
+    hidden, kwargs = capture_block_inputs(model, calib, 8, CPU)[0]
+    block = build_full_precision_block(model, 0, checkpoint, CPU, torch.float32)
+    assert residual_writers(block, hidden, kwargs) == {"self_attn.o_proj": "", "mlp.down_proj":
+                                                       "post_attention_layernorm"}
+    lora = LoraSettings(rank=4, alpha=8.0)
+    plan = uniform_plan(model, lora)
+    built = {flag: get_method("sequential").build(ModelContext(model, checkpoint, calib, plan, lora, CPU, torch.float32,
+                                                               options={"sequential_residual": flag}))
+             for flag in (True, False)}
+    assert built[False].details["residual_layers"] == [] and len(built[True].details["residual_layers"]) == 4
+    prod = {flag: {p: f.B.double() @ f.A.double() for p, f in b.factors.items()} for flag, b in built.items()}
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj"):
+        assert close(prod[True][path], prod[False][path], 1e-6), path
+    for path in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj"):
+        assert not close(prod[True][path], prod[False][path], 1e-3), path

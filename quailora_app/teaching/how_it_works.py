@@ -52,19 +52,23 @@ $A = \Sigma^{{1/2}}V^\top/\sqrt s$, so that $sBA = C$ exactly.
 
 **Error feedback (method *sequential*).** Every method above fits a layer to its inputs $X$ in the full-precision
 model. In the 4-bit model the layer sees other inputs, $\tilde X$: those left by the 4-bit layers before it and their
-corrections. Error feedback (as GPTQ, AutoRound and ApiQ do for quantization) fits what the layer should output
-there, the full-precision output:
-$$\min_{{\operatorname{{rank}}(C) \le r}} \; \tfrac{{1}}{{N}}\big\|WX - (Q + C)\tilde X\big\|_F^2 + \lambda\,\|E - C\|_F^2 .$$
-With $\tilde H = \tilde X\tilde X^\top/N$, $D = (X - \tilde X)\tilde X^\top/N$ and $S = \tilde H + \lambda I$, the
-unconstrained least-squares fit is $C^\ast = E + W D S^{{-1}}$, and the objective equals
-$\mathrm{{tr}}\big((C^\ast - C)\,S\,(C^\ast - C)^\top\big)$ plus a constant: the same problem as the closed form's, with
-$E \to C^\ast$ and $H \to \tilde H$, so $C = \big[\mathrm{{SVD}}_r(C^\ast S^{{1/2}})\big]S^{{-1/2}}$. Where
-$\tilde X = X$ (block 0's q/k/v read the same embeddings in both models) $D = 0$ and it is the closed form; further
-in, the term $WDS^{{-1}}$ undoes the part of the upstream error that this layer's input space can reach. Two streams
-pass the model block by block (full precision, and the 4-bit model with the corrections computed so far), one input
-group at a time in forward order, so o_proj is fitted after q/k/v's corrections and down_proj after gate/up's. The
-report's calibrated error for this method is measured in the streams: the layer's output distance to the
-full-precision output in the corrected 4-bit model, relative to the plain 4-bit model's.
+corrections. Error feedback (as GPTQ, AutoRound and ApiQ do for quantization) fits what the layer should produce
+there, the full-precision model's value:
+$$\min_{{\operatorname{{rank}}(C) \le r}} \; \tfrac{{1}}{{N}}\big\|WX + R - (Q + C)\tilde X\big\|_F^2 + \lambda\,\|E - C\|_F^2 ,$$
+with $R = 0$ for q/k/v and gate/up, and for o_proj and down_proj, which add their output to the residual stream
+$h$, the error that stream carries there, $R = h - \tilde h$: they aim at the full-precision stream after the add,
+not only at their own output. With $\tilde H = \tilde X\tilde X^\top/N$, $D = (X - \tilde X)\tilde X^\top/N$,
+$G = R\tilde X^\top/N$ and $S = \tilde H + \lambda I$, the unconstrained least-squares fit is
+$C^\ast = E + (W D + G)\, S^{{-1}}$, and the objective equals $\mathrm{{tr}}\big((C^\ast - C)\,S\,(C^\ast - C)^\top\big)$
+plus a constant: the same problem as the closed form's, with $E \to C^\ast$ and $H \to \tilde H$, so
+$C = \big[\mathrm{{SVD}}_r(C^\ast S^{{1/2}})\big]S^{{-1/2}}$. With no error upstream ($\tilde X = X$, $\tilde h = h$:
+block 0's q/k/v read the same embeddings in both models) it is the closed form. Two streams pass the model block by
+block (full precision, and the 4-bit model with the corrections computed so far), one input group at a time in
+forward order, so o_proj is fitted after q/k/v's corrections and down_proj after gate/up's. Without $R$ the layers
+match their own outputs better yet the model does not improve: the error carried by the residual stream is what
+reaches the logits. The report's calibrated error for this method is measured in the streams: the distance of
+what the layer aims at to the full-precision model's, in the corrected 4-bit model, relative to the plain 4-bit
+model's.
 
 **Ranks under a budget (method *budgeted ranks*; figure: *Ranks per layer*).** Uniform rank gives
 every layer the same {r} directions, yet the layers' spectra differ: a few directions capture most of $EH^{{1/2}}$ in
