@@ -126,3 +126,9 @@ def test_a_registered_method_is_in_the_teaching_views(half_svd, tiny_model_dir):
     assert len(sweep.calibrated_error[TOY]) == 3
     legends = [t.name for t in TF.rank_sweep_figure(sweep).data]
     assert TF.label(TOY) == "half SVD" and TF.label(TOY) in legends
+
+
+def test_every_method_has_its_own_colour():
+    """One colour per method in every figure: two methods drawn in the same colour cannot be told apart."""
+    colours = {name: get_method(name).colour.lower() for name in method_names()}
+    assert len(set(colours.values())) == len(colours), colours

@@ -74,7 +74,7 @@ SEED = 0  # the order of the training windows
 
 
 @register_model_method(
-    NAME, label="4-bit + closed form, then distilled (model-level KL)", short="distill", colour="#17becf",
+    NAME, label="4-bit + closed form, then distilled (model-level KL)", short="distill", colour="#e377c2",
     help="closed form, then a few AdamW steps on the LoRA factors (Q frozen) toward the full-precision model's "
          "next-token distribution (KL) on the calibration text")
 def build(ctx: ModelContext) -> ModelInit:
