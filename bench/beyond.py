@@ -117,20 +117,25 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--json", default="runs/bench/beyond.json")
     parser.add_argument("--from-json", help="reprint a finished run's table")
+    parser.add_argument("--resume", action="store_true", help="keep the settings already in --json and run the rest")
     args = parser.parse_args(argv)
     if args.from_json:
         print(table(json.loads(Path(args.from_json).read_text())))
         return 0
     work = Path(args.json).with_suffix("")
-    settings = [(r, "embedded", "embedded") for r in args.ranks]
-    if not args.no_cross:
-        settings += [(args.cross_rank, "embedded", "embedded:speeches"),
-                     (args.cross_rank, "embedded:speeches", "embedded")]
+    settings = []
+    for r in args.ranks:  # the across-texts runs right after their rank's own run: the most telling rows first
+        settings.append((r, "embedded", "embedded"))
+        if r == args.cross_rank and not args.no_cross:
+            settings += [(r, "embedded", "embedded:speeches"), (r, "embedded:speeches", "embedded")]
     result = {"settings": f"embedded SmolLM2, nf4, all-linear, alpha = r, {args.calib_samples} x {args.seq_len} "
                           f"calibration tokens, {args.eval_tokens} held-out tokens",
               "runs": [], "references": {}}
+    if args.resume and Path(args.json).exists():  # keep the settings a stopped run finished
+        result = json.loads(Path(args.json).read_text())
+    done = {(run["rank"], run["dataset"], run["eval_dataset"]) for run in result["runs"]}
     start = time.perf_counter()
-    for rank, dataset, eval_dataset in settings:
+    for rank, dataset, eval_dataset in [s for s in settings if s not in done]:
         print(f"rank {rank}: calibrate on {dataset}, evaluate on {eval_dataset}", file=sys.stderr)
         fresh = eval_dataset not in result["references"]
         run = one_run(args, rank, dataset, eval_dataset, fresh, work / f"r{rank}-{dataset}-{eval_dataset}")

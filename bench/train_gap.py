@@ -5,6 +5,8 @@ gap each arm closes at the end, and quailora4's cost against qlora4: median step
     python bench/train_gap.py                                  # defaults of `python -m quailora_app train`
     python bench/train_gap.py --steps 60 --arms qlora4 quailora4 closed4 qlora8 lora16
     python bench/train_gap.py --from-report runs/train-.../report.json   # reprint a finished run
+    python bench/train_gap.py --arms qlora4 quailora4 distill4 qlora8 --steps 40 --eval-every 8 --head-start 8
+        # distill4 (8 distillation steps before step 0) against qlora4 / quailora4 given 8 more ordinary steps
 Any flag of `python -m quailora_app train` is accepted.
 
 Memory: on CUDA, measured (torch.cuda.max_memory_allocated, reset before each step; with the interleaved
@@ -14,6 +16,7 @@ quantization state + LoRA gradients + AdamW state + activations autograd saved f
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -77,7 +80,36 @@ def table(report: dict) -> str:
                 rows.append(f"quailora4 / qlora4 {what}: {x / y:.3f} "
                             f"({'within' if abs(x / y - 1) <= 0.05 else 'NOT within'} 5%)")
         rows.append(f"memory: {a['qlora4'].get('memory_method', '?')}")
+    rows += head_start_rows(report, HEAD_START)
     return "\n".join(rows)
+
+
+#: --head-start K: the refinement a whole-model init arm (distill4, sequential4) ran before step 0, counted as K
+#: ordinary steps (distill: distill_steps steps of distill_batch x seq_len tokens; at the defaults 8 x 2 x 256 =
+#: 8 x 4 x 128, the same tokens as 8 training steps); 0: compare at the same step.
+HEAD_START = 0
+
+
+def head_start_rows(report: dict, head_start: int) -> list[str]:
+    """Each other 4-bit arm against quailora4 and qlora4 at every evaluation, and the fair comparison: the
+    other arm at step t against them at step t + head_start (they get the refinement's steps as ordinary
+    fine-tuning steps)."""
+    a, rows = report["arms"], []
+    evals = {name: dict(map(tuple, arm.get("evals", []))) for name, arm in a.items()}
+    for name in [n for n in report["arm_names"] if n not in ("qlora4", "quailora4") and a[n].get("base") == "4bit"]:
+        for anchor in ("quailora4", "qlora4"):
+            if anchor not in evals:
+                continue
+            for shift in sorted({0, head_start}):
+                pairs = [(t, evals[name][t], evals[anchor][t + shift]) for t in sorted(evals[name])
+                         if t + shift in evals[anchor]]
+                if not pairs:
+                    continue
+                below = [t for t, x, y in pairs if x < y]
+                cells = ", ".join(f"{t}: {x:.2f} vs {y:.2f}" for t, x, y in pairs)
+                rows.append(f"{name} at step t vs {anchor} at step t + {shift}: below at {len(below)} of "
+                            f"{len(pairs)} ({cells})")
+    return [""] + rows if rows else []
 
 
 def progress(event) -> None:
@@ -92,7 +124,12 @@ def progress(event) -> None:
 
 
 def main(argv=None) -> int:
-    return run_or_reprint(argv, "train", lambda args: run_train(train_config(args)), table, progress)
+    global HEAD_START
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--head-start", type=int, default=0, help="steps of refinement a whole-model init arm ran")
+    known, rest = pre.parse_known_args(argv)
+    HEAD_START = known.head_start
+    return run_or_reprint(rest, "train", lambda args: run_train(train_config(args)), table, progress)
 
 
 if __name__ == "__main__":

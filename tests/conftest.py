@@ -7,6 +7,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# every test measures its perplexities (tests/test_perplexity_cache.py points the cache at a temp folder)
+os.environ["QUAILORA_PERPLEXITY_CACHE"] = "off"
 sys.path.insert(0, str(Path(__file__).parent))
 
 

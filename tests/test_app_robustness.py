@@ -188,13 +188,18 @@ def test_two_sessions_at_once_queue_and_stay_apart(app_url, tiny_model_dir, monk
         assert "another session" in alice_c.predict(alice, b_id, api_name="/stop_init")
         out = wait_status(bob_c, bob, b_id)
         assert "finished" in out[1] and out[6]["rank"] == 2
-        a_runs = [name for _, name in alice_c.predict(alice, api_name="/list_runs")["choices"]]
-        b_runs = [name for _, name in bob_c.predict(bob, api_name="/list_runs")["choices"]]
+        a_runs = own_runs(alice_c.predict(alice, api_name="/list_runs"))
+        b_runs = own_runs(bob_c.predict(bob, api_name="/list_runs"))
         assert a_runs and b_runs and not set(a_runs) & set(b_runs)
     finally:
         gate.set()
         alice_c.close()
         bob_c.close()
+
+
+def own_runs(pick: dict) -> list[str]:
+    """The run folders of a /list_runs answer, without the shipped example (listed for every session)."""
+    return [name for _, name in pick["choices"] if not name.startswith("shipped:")]
 
 
 def _live_models() -> int:
@@ -262,7 +267,7 @@ def test_reopen_a_run_folder_after_a_restart(allowed, tiny_model_dir, tmp_path):
         client = Client(url, verbose=False)
         assert client.predict(session, api_name="/attach")[1] == ""
         pick = client.predict(session, api_name="/list_runs")
-        names = [name for _, name in pick["choices"]]
+        names = own_runs(pick)
         assert len(names) == 1 and names[0].startswith("init-") and pick["value"] == names[0]
         summary, layers, heatmap, ppl, curves, table, report, zip_path = client.predict(
             session, names[0], api_name="/reopen_run")
@@ -276,7 +281,7 @@ def test_reopen_a_run_folder_after_a_restart(allowed, tiny_model_dir, tmp_path):
         # another session neither lists nor opens it; names are folder names, never paths
         stranger = Client(url, verbose=False)
         other, *_ = stranger.predict({}, api_name="/attach")
-        assert stranger.predict(other, api_name="/list_runs")["choices"] == []
+        assert own_runs(stranger.predict(other, api_name="/list_runs")) == []
         for name in (names[0], f"../{runs.name}/{names[0]}", str(runs / names[0]), "..", "/etc", ""):
             with pytest.raises(Exception, match="no run folder"):
                 stranger.predict(other, name, api_name="/reopen_run")

@@ -1,9 +1,11 @@
-"""End to end in headless Chromium with the embedded SmolLM2: set small settings, quantize & initialize,
-watch the per-layer plot render, compute the teaching views and open How it works, start a short two-arm
-fine-tuning, see the live curve gain points, stop it.
+"""End to end in headless Chromium with the embedded SmolLM2: the first visit shows the shipped example run
+(plots, numbers and curves, labelled) without pressing anything; set small settings, quantize & initialize (the
+live run replaces the shipped one), watch the per-layer plot render, compute the teaching views and open How it
+works, start a short two-arm fine-tuning, see the live curve gain points, stop it.
 Screenshots go to test-output/ (ignored by git)."""
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -16,6 +18,12 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 SHOTS = Path(__file__).resolve().parent.parent / "test-output"
+#: QUAILORA_TEST_SLOWDOWN=4 stretches every wait on a busy machine (then also pass pytest --timeout)
+SLOWDOWN = float(os.environ.get("QUAILORA_TEST_SLOWDOWN") or 1)
+
+
+def ms(milliseconds: int) -> int:
+    return int(milliseconds * SLOWDOWN)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +51,36 @@ def set_number(page, label: str, value) -> None:
 
 #: markers of the validation-perplexity panel (plotly's first subplot, "xy") of the fine-tuning figure
 VAL_POINTS = "#curves-plot .js-plotly-plot .subplot.xy g.trace.scatter path.point"
+#: the per-layer plot shows points and no down_proj panel: the live run (q_proj, v_proj), not the shipped one
+LIVE_LAYERS = """() => { const p = document.querySelector('#layer-plot .js-plotly-plot');
+  return !!p && !!p.querySelector('g.trace.scatter path.point')
+    && ![...p.querySelectorAll('.annotation-text')].some(a => a.textContent === 'down_proj'); }"""
+#: the curves legend lacks the 8-bit arm: the live fine-tuning (two 4-bit arms), not the shipped one
+LIVE_CURVES = """() => { const t = [...document.querySelectorAll('#curves-plot .legendtext')].map(e => e.textContent);
+  return t.length > 0 && !t.includes('8-bit QLoRA'); }"""
+
+
+def shipped_example_shown(page, expect) -> None:
+    """The first visit: the shipped example run's headline, labelled plots, numbers and curves, drawn at once."""
+    from quailora_app.app.reopen import EXAMPLE_DIR
+    from quailora_app.runs import RunFolder
+
+    report = RunFolder(EXAMPLE_DIR / "init").read_report()
+    assert report, "no shipped example run (python bench/make_example.py)"
+    expect(page.locator("#example-headline")).to_contain_text("shipped example run", ignore_case=True,
+                                                              timeout=ms(60_000))
+    expect(page.locator("#example-init")).to_contain_text("Shipped example run")
+    expect(page.locator("#example-init")).to_contain_text("bench/make_example.py")
+    expect(page.locator("#live-init")).to_be_visible()
+    page.wait_for_selector("#layer-plot .js-plotly-plot g.trace.scatter path.point", timeout=ms(60_000))
+    expect(page.locator("#layer-plot .annotation-text", has_text="down_proj")).to_have_count(1)  # all linear
+    page.wait_for_selector("#heatmap-plot .js-plotly-plot g.hm", state="attached", timeout=ms(60_000))
+    bars = len([v for v in report["perplexity"].values() if v is not None])
+    expect(page.locator("#ppl-plot .js-plotly-plot g.trace.bars")).to_have_count(bars, timeout=ms(60_000))
+    expect(page.locator("#ppl-plot")).to_contain_text("gap closed")
+    expect(page.locator("#example-train")).to_contain_text("Shipped example run")
+    page.wait_for_selector(VAL_POINTS, timeout=ms(60_000))
+    expect(page.locator("#summary")).to_contain_text("Shipped example run")
 
 
 def test_init_then_finetune_in_the_browser(app_url):
@@ -53,7 +91,16 @@ def test_init_then_finetune_in_the_browser(app_url):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(app_url, wait_until="load")
-        expect(page.locator("#start-init")).to_be_visible(timeout=30_000)
+        expect(page.locator("#start-init")).to_be_visible(timeout=ms(30_000))
+
+        # the first visit shows the shipped example run at once: nothing pressed, nothing computed
+        shipped_example_shown(page, expect)
+        page.screenshot(path=str(SHOTS / "browser-0-first-screen.png"))
+        page.locator("#example-init").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "browser-0-shipped-init.png"))
+        page.locator("#example-train").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "browser-0-shipped-train.png"))
+        page.screenshot(path=str(SHOTS / "browser-0-first-visit.png"), full_page=True)
 
         # small settings: 4 x 128 calibration tokens, 1024 eval tokens, svd + quailora on q_proj and v_proj
         set_number(page, "calibration sequences", 4)
@@ -78,29 +125,31 @@ def test_init_then_finetune_in_the_browser(app_url):
 
         start = time.time()
         page.locator("#start-init").click()
-        expect(page.locator("#init-status")).to_contain_text("running", timeout=30_000)
-        page.wait_for_selector("#layer-plot .js-plotly-plot g.trace.scatter path.point", timeout=240_000)
+        expect(page.locator("#init-status")).to_contain_text("running", timeout=ms(30_000))
+        expect(page.locator("#example-init")).to_be_hidden(timeout=ms(10_000))  # the live run replaces the shipped one
+        expect(page.locator("#example-headline")).to_be_hidden()
+        page.wait_for_function(LIVE_LAYERS, timeout=ms(240_000))
         page.screenshot(path=str(SHOTS / "browser-2-calibrating.png"), full_page=True)
-        expect(page.locator("#init-status")).to_contain_text("finished", timeout=300_000)
+        expect(page.locator("#init-status")).to_contain_text("finished", timeout=ms(300_000))
         init_seconds = time.time() - start
-        expect(page.locator("#ppl-plot .js-plotly-plot g.trace.bars")).to_have_count(5, timeout=10_000)
-        expect(page.locator("#summary")).to_contain_text("QuAILoRA", timeout=10_000)
+        expect(page.locator("#ppl-plot .js-plotly-plot g.trace.bars")).to_have_count(5, timeout=ms(10_000))
+        expect(page.locator("#summary")).to_contain_text("QuAILoRA", timeout=ms(10_000))
         page.locator("#layer-plot").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "browser-3-init-done.png"), full_page=True)
 
         # teaching views of the default layer (8 x 128 calibration tokens, ranks 1..32), then the method page
         page.get_by_role("tab", name="Teaching views").click()
-        expect(page.locator("#view-layer input")).to_have_value(re.compile("default"), timeout=10_000)
+        expect(page.locator("#view-layer input")).to_have_value(re.compile("default"), timeout=ms(10_000))
         start = time.time()
         page.locator("#start-views").click()
-        expect(page.locator("#views-status")).to_contain_text("finished", timeout=180_000)
+        expect(page.locator("#views-status")).to_contain_text("finished", timeout=ms(180_000))
         views_seconds = time.time() - start
         for key in ("weights", "error", "spectrum", "energy", "channels", "rank-sweep", "precision"):
-            page.wait_for_selector(f"#view-{key} .js-plotly-plot g.trace", state="attached", timeout=20_000)
-        expect(page.locator("#precision-table")).to_contain_text("NF4 + double quant", timeout=10_000)
+            page.wait_for_selector(f"#view-{key} .js-plotly-plot g.trace", state="attached", timeout=ms(20_000))
+        expect(page.locator("#precision-table")).to_contain_text("NF4 + double quant", timeout=ms(10_000))
         page.locator("#tab-views").screenshot(path=str(SHOTS / "browser-views.png"))
         page.get_by_role("tab", name="How it works").click()
-        expect(page.locator("#how-it-works .katex").first).to_be_visible(timeout=10_000)
+        expect(page.locator("#how-it-works .katex").first).to_be_visible(timeout=ms(10_000))
         page.locator("#tab-how").screenshot(path=str(SHOTS / "browser-how.png"))
 
         # fine-tune two arms a few steps, evaluating after every step
@@ -108,25 +157,30 @@ def test_init_then_finetune_in_the_browser(app_url):
         set_number(page, "steps", 8)
         set_number(page, "batch (sequences per step)", 1)
         set_number(page, "evaluate every (steps)", 2)
-        page.locator("#start-train").click()
-        expect(page.locator("#train-status")).to_contain_text(re.compile("running|queued"), timeout=30_000)
+        page.locator("#live-train").click()  # "Compute it live" beside the shipped curves presses Start fine-tuning
+        expect(page.locator("#train-status")).to_contain_text(re.compile("running|queued"), timeout=ms(30_000))
+        expect(page.locator("#example-train")).to_be_hidden(timeout=ms(10_000))
+        page.wait_for_function(LIVE_CURVES, timeout=ms(30_000))
         # the left panel (validation perplexity) first shows step 0 of both arms, then gains the step-2 points
-        page.wait_for_function(f"() => document.querySelectorAll('{VAL_POINTS}').length >= 2", timeout=300_000)
+        page.wait_for_function(f"() => document.querySelectorAll('{VAL_POINTS}').length >= 2", timeout=ms(300_000))
         first = page.locator(VAL_POINTS).count()
-        page.wait_for_function(f"() => document.querySelectorAll('{VAL_POINTS}').length > {first}", timeout=180_000)
+        page.wait_for_function(f"() => document.querySelectorAll('{VAL_POINTS}').length > {first}", timeout=ms(180_000))
         assert page.locator(VAL_POINTS).count() > first
         page.locator("#curves-plot").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "browser-4-training.png"), full_page=True)
         page.locator("#stop-train").click()
-        expect(page.locator("#train-status")).to_contain_text(re.compile("stopp|finished"), timeout=120_000)
-        expect(page.locator("#train-status")).to_contain_text(re.compile("stopped|finished"), timeout=120_000)
+        expect(page.locator("#train-status")).to_contain_text(re.compile("stopp|finished"), timeout=ms(120_000))
+        expect(page.locator("#train-status")).to_contain_text(re.compile("stopped|finished"), timeout=ms(120_000))
         page.screenshot(path=str(SHOTS / "browser-5-stopped.png"), full_page=True)
 
         # a reopened page re-attaches to this browser's jobs (owner key in localStorage) and redraws them
         page.reload(wait_until="load")
-        expect(page.locator("#init-status")).to_contain_text("finished", timeout=30_000)
-        expect(page.locator("#train-status")).to_contain_text(re.compile("stopped|finished"), timeout=30_000)
-        page.wait_for_selector("#layer-plot .js-plotly-plot g.trace.scatter path.point", timeout=30_000)
-        page.wait_for_selector(VAL_POINTS, timeout=30_000)
+        expect(page.locator("#init-status")).to_contain_text("finished", timeout=ms(30_000))
+        expect(page.locator("#train-status")).to_contain_text(re.compile("stopped|finished"), timeout=ms(30_000))
+        expect(page.locator("#example-init")).to_be_hidden(timeout=ms(10_000))
+        expect(page.locator("#example-train")).to_be_hidden(timeout=ms(10_000))
+        page.wait_for_function(LIVE_LAYERS, timeout=ms(30_000))
+        page.wait_for_function(LIVE_CURVES, timeout=ms(30_000))
+        page.wait_for_selector(VAL_POINTS, timeout=ms(30_000))
         browser.close()
     print(f"init flow in the browser: {init_seconds:.0f} s, teaching views: {views_seconds:.0f} s")

@@ -81,17 +81,14 @@ def test_equal_costs_make_greedy_exact_and_the_budget_is_checked():
         allocate_dp(gains, [8] * 4, 20, [1, 1, 1, 1])
 
 
-def test_the_table_runs_at_a_real_models_size_in_seconds():
-    """210 layers of SmolLM2-135M's shapes, ranks 0..64, the budget of uniform rank 16: 25,440 units of 192."""
-    import time
-
+def test_the_table_runs_at_a_real_models_size():
+    """210 layers of SmolLM2-135M's shapes, ranks 0..64, the budget of uniform rank 16: 25,440 units of 192 (its
+    seconds are bench/beyond.py's concern)."""
     rng = np.random.default_rng(0)
     costs = [1152, 768, 768, 1152, 2112, 2112, 2112] * 30
     gains = [concave_curve(rng, 64) for _ in costs]
     budget = 16 * sum(costs)
-    start = time.perf_counter()
     dp = allocate_dp(gains, costs, budget, [1] * len(costs))
-    assert time.perf_counter() - start < 30
     greedy = allocate_greedy(gains, costs, budget, [1] * len(costs))
     assert dp.parameters <= budget and greedy.value <= dp.value + 1e-9
     assert greedy.value >= 0.999 * dp.value  # near-optimal on concave curves

@@ -1,11 +1,13 @@
-"""What the page shows of a job: stage progress, status lines, the init figures, the results summary, and a
-reopened run folder's outputs, built from the job's events and report. No gradio here."""
+"""What the page shows of a job: stage progress, status lines, the init figures, the results summary, a
+reopened run folder's outputs and the shipped example run's (the same figures, labelled), built from the job's
+events and report. No gradio here."""
 from __future__ import annotations
 
 import html
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,12 +17,21 @@ import torch
 
 from quailora_app.app.forms import text_setting
 from quailora_app.app.jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobManager
-from quailora_app.app.reopen import open_run
-from quailora_app.config import ModelConfig
+from quailora_app.app.reopen import (
+    EXAMPLE_DIR,
+    ReopenedRun,
+    example_manifest,
+    example_runs,
+    is_example_name,
+    open_example,
+    open_run,
+)
+from quailora_app.config import ALL_LINEAR, ModelConfig
+from quailora_app.engine.methods import QLORA, method_names
 from quailora_app.errors import UserError, one_line
 from quailora_app.plots import figures as F
 from quailora_app.runs import RunFolder
-from quailora_app.sources.models import EMBEDDED, EMBEDDED_NOTE, cache_dir, trust_remote_code
+from quailora_app.sources.models import converted_folder, embedded_model, embedded_note, trust_remote_code
 from quailora_app.teaching.snapshot import default_layer, layer_names
 
 INIT_STAGES = [("load", "load model", 0.04), ("data", "read text", 0.04), ("quantize", "quantize to 4-bit", 0.07),
@@ -143,7 +154,7 @@ def report_of(job: Job | None) -> dict | None:
 
 
 def _note(report: dict | None, model_name: str) -> str:
-    note = (report or {}).get("model_note") or (EMBEDDED_NOTE if model_name in ("", "embedded") else "")
+    note = (report or {}).get("model_note") or embedded_note(model_name)
     return f"**About this model:** {note}" if note else ""
 
 
@@ -198,7 +209,7 @@ def model_layers(model: str | None) -> tuple[list[str], str]:
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy: only when the layer picker reads a model
 
     name = (model or "embedded").strip()
-    folder = cache_dir() / "models" / "smollm2-135m-instruct" if name in ("", EMBEDDED) else Path(name).expanduser()
+    folder = converted_folder(name) or Path(name).expanduser()
     if not (folder / "config.json").is_file():
         return [], ""
     try:
@@ -271,22 +282,20 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
     return "\n".join(lines) or "No results yet: run step 2 (and 3) first."
 
 
-def zip_run(run_dir: str) -> str:
-    """Zip a run folder into the temp dir; returns the zip's path."""
+def zip_run(run_dir: str, name: str | None = None) -> str:
+    """Zip a run folder into the temp dir (as `name`.zip, default the folder's name); returns the zip's path."""
     src = Path(run_dir)
     out_dir = Path(tempfile.gettempdir()) / "quailora-zips" / uuid.uuid4().hex[:8]
     out_dir.mkdir(parents=True, exist_ok=True)
-    return shutil.make_archive(str(out_dir / src.name), "zip", root_dir=src.parent, base_dir=src.name)
+    return shutil.make_archive(str(out_dir / (name or src.name)), "zip", root_dir=src.parent, base_dir=src.name)
 
 
 # ------------------------------------------------------------------------------------------------ reopen
 _REPORT_STATUS = {"finished": FINISHED, "cancelled": CANCELLED, "stopped": CANCELLED, "failed": FAILED}
 
 
-def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[str, Any]:
-    """Figures, tables, report and a zip of a run folder under the runs root (this owner's or the CLI's), read
-    back from report.json / events.jsonl: what a finished job shows, after a restart of the app."""
-    run = open_run(text_setting(name, "run folder"), owner)
+def reopened_job(run: ReopenedRun, owner: str | None = None) -> Job:
+    """A finished job as the presenters read one, made from a run folder's report.json / events.jsonl."""
     report = run.report or {}
     status = _REPORT_STATUS.get(run.status, FAILED)
     arms = list(report.get("arms") or {}) if isinstance(report.get("arms"), dict) else list(report.get("arms") or [])
@@ -297,23 +306,138 @@ def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[
     config = SimpleNamespace(methods=list(report.get("methods") or []), arms=arms, model=model_cfg)
     ended = "the app stopped before this run ended" if run.status == "running" else run.status
     message = report.get("error") or ended
-    job = Job(id="", kind=run.kind, owner=owner or "", config=config, status=status, events=run.events,
-              run_dir=str(run.run_dir), report=run.report, message=str(message))
+    return Job(id="", kind=run.kind, owner=owner or "", config=config, status=status, events=run.events,
+               run_dir=str(run.run_dir), report=run.report, message=str(message))
+
+
+def run_outputs(run: ReopenedRun, manager: JobManager, owner: str | None = None) -> dict[str, Any]:
+    """What a finished job of the run's kind shows, read back from its folder: the init figures (layers,
+    heatmap, perplexity) and numbers, or the fine-tuning curves and speed table; the report, the model note and
+    a summary headed by the run's name."""
+    job = reopened_job(run, owner)
+    report = run.report or {}
     out: dict[str, Any] = {"layers": F.layer_error_figure([]), "heatmap": F.removal_heatmap([]),
                            "perplexity": F.perplexity_figure([]), "curves": F.train_figure([]),
-                           "table": pd.DataFrame(columns=F.NUMBERS_HEADER), "report": run.report}
+                           "table": pd.DataFrame(columns=F.NUMBERS_HEADER), "report": run.report, "note": "",
+                           "job": job}
     what = {"init": "Quantize & initialize", "train": "Fine-tuning", "views": "Teaching views"}[run.kind]
     error = f": {one_line(report['error'])}" if report.get("error") else ""
-    head = f"**Reopened `{run.name}`** ({what}, {run.status}{error})."
+    shipped = " (the shipped example, read-only)" if is_example_name(run.name) else ""
+    head = f"**Reopened `{run.name}`**{shipped} ({what}, {run.status}{error})."
     if run.kind == "init":
         v = init_views(job, manager)
-        out.update(layers=v["layers"], heatmap=v["heatmap"], perplexity=v["perplexity"], table=v["numbers"])
+        out.update(layers=v["layers"], heatmap=v["heatmap"], perplexity=v["perplexity"], table=v["numbers"],
+                   note=v["note"])
         out["summary"] = head + "\n\n" + summary_text(job, None)
     elif run.kind == "train":
-        out["curves"] = F.train_figure(run.events, arms)
-        out["table"] = pd.DataFrame(F.train_table(run.events, arms), columns=F.TRAIN_HEADER)
+        out["curves"], out["table"] = train_outputs(job)
         out["summary"] = head + "\n\n" + summary_text(None, job)
     else:
         out["summary"] = head + " Its seven figures are in report.json inside the zip."
-    out["zip"] = zip_run(str(run.run_dir))
     return out
+
+
+def train_outputs(job: Job | None) -> tuple[Any, pd.DataFrame]:
+    """(curves figure, speed and memory table) of a fine-tuning job."""
+    arms = list(getattr(job.config, "arms", ()) or ()) if job else []
+    events = job.events if job else []
+    return F.train_figure(events, arms), pd.DataFrame(F.train_table(events, arms), columns=F.TRAIN_HEADER)
+
+
+def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[str, Any]:
+    """Figures, tables, report and a zip of a run folder under the runs root (this owner's or the CLI's), or of
+    the shipped example ("shipped:init", "shipped:train"), read back from report.json / events.jsonl: what a
+    finished job shows, after a restart of the app."""
+    name = text_setting(name, "run folder")
+    run = open_example(name) if is_example_name(name) else open_run(name, owner)
+    out = run_outputs(run, manager, owner)
+    zip_name = f"quailora-example-{run.kind}" if is_example_name(run.name) else None
+    out["zip"] = zip_run(str(run.run_dir), zip_name)  # into the temp folder: a shipped run is never written
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ shipped example
+def _model_name(report: dict) -> str:
+    model = str(report.get("model") or "?")
+    embedded = embedded_model(model)
+    return f"the embedded {embedded.title}" if embedded else f"`{Path(model).name}`"
+
+
+def _made_by(manifest: dict) -> str:
+    command = manifest.get("command") or "python bench/make_example.py"
+    when = f", {str(manifest['date']).split(' ')[0]}" if manifest.get("date") else ""
+    return f"made by `{command}` (seed {manifest.get('seed', 0)}{when})"
+
+
+def example_label(kind: str, report: dict, manifest: dict) -> str:
+    """The line over a shipped run's plots: that it is the shipped example, its settings, how it was made."""
+    s = report.get("settings") or {}
+    data, lora = s.get("data") or {}, s.get("lora") or {}
+    targets = list(lora.get("targets") or [])
+    where = "all linear layers" if targets == [ALL_LINEAR] else ", ".join(targets)
+    quick = " (a quick development run, small settings)" if manifest.get("preset") == "quick" else ""
+    device = "CPU" if str(report.get("device", "")).startswith("cpu") else report.get("device", "?")
+    if kind == "init":
+        methods = [m for m in report.get("methods") or [] if m != QLORA]
+        every = set(report.get("methods") or []) >= set(method_names())
+        what = f"every initialization ({len(methods)} beside QLoRA)" if every else ", ".join(methods)
+        missing = "; ".join(f"{m} not run here" for m in (report.get("unavailable") or {}))
+        body = (f"{_model_name(report)}, {str(s.get('quant', {}).get('quant', 'nf4')).upper()} 4-bit, LoRA rank "
+                f"{lora.get('rank')} on {where}, {data.get('calib_samples')} × {data.get('seq_len')} calibration "
+                f"tokens, {data.get('eval_tokens', 0):,} held-out tokens, {what}{f' ({missing})' if missing else ''}, "
+                f"{device}")
+    else:
+        arms = ", ".join(F.label(a) for a in (report.get("arm_names") or report.get("arms") or []))
+        body = (f"{arms}: {s.get('steps')} steps of {s.get('batch_size')} × {data.get('seq_len')} tokens, learning "
+                f"rate {s.get('learning_rate')}, perplexity every {s.get('eval_every')} steps on "
+                f"{data.get('eval_tokens', 0):,} held-out tokens, {device}")
+    return f"**Shipped example run{quick}**: {body}; {_made_by(manifest)}. Shown until you start your own."
+
+
+def example_headline(init: dict | None, train: dict | None, manifest: dict) -> str:
+    """Two sentences for the top of the page: what the shipped run found, in numbers."""
+    ppl = (init or {}).get("perplexity") or {}
+    parts = []
+    if ppl.get("qlora") is not None and ppl.get("quailora") is not None:
+        ref = (f"{ppl['full']:.1f} (full precision) to " if ppl.get("full") else "")
+        gap = (init.get("gap_closed") or {}).get("quailora")
+        parts.append(f"4-bit quantization takes held-out perplexity from {ref}{ppl['qlora']:.1f}; QuAILoRA's "
+                     f"initialization brings it back to **{ppl['quailora']:.1f}** before any training"
+                     + (f", **{100 * gap:.0f}% of the 4-bit → 8-bit gap closed**" if gap is not None else "") + ".")
+    arms = (train or {}).get("arms") or {}
+    finals = [(a, e.get("final_perplexity")) for a, e in arms.items() if isinstance(e, dict)
+              and e.get("final_perplexity") is not None]
+    if finals:
+        steps = (train.get("settings") or {}).get("steps")
+        parts.append(f"After {steps} fine-tuning steps: "
+                     + ", ".join(f"{F.label(a)} {p:.1f}" for a, p in finals) + ".")
+    if not parts:
+        return ""
+    model = _model_name(init or train or {}).replace("the embedded ", "")
+    quick = ", a quick development run" if manifest.get("preset") == "quick" else ""
+    return (f"**The shipped example run** ({model}{quick}): " + " ".join(parts)
+            + " [Its plots](#example-init) are in step 2 and [its curves](#example-train) in step 3 below; press "
+              "*Compute it live* there to run it yourself.")
+
+
+def example_outputs(manager: JobManager, root: str | Path = EXAMPLE_DIR) -> dict[str, Any] | None:
+    """What the page shows before a visitor computes anything: the shipped example's init and fine-tuning runs,
+    drawn by `run_outputs` (the same figures as a live or reopened run), each with its label; a headline and a
+    results summary. None when the app ships no example (or it does not read back)."""
+    try:
+        runs = example_runs(root)
+        if not runs:
+            return None
+        manifest = example_manifest(root)
+        out: dict[str, Any] = {}
+        for kind, run in runs.items():
+            out[kind] = {**run_outputs(run, manager), "label": example_label(kind, run.report or {}, manifest)}
+        init_job, train_job = (out[k]["job"] if k in out else None for k in ("init", "train"))
+        out["headline"] = example_headline(runs["init"].report if "init" in runs else None,
+                                           runs["train"].report if "train" in runs else None, manifest)
+        out["summary"] = ("**Shipped example run** (" + _made_by(manifest) + "; your own runs replace it):\n\n"
+                          + summary_text(init_job, train_job))
+        return out
+    except Exception as exc:  # noqa: BLE001 - a damaged example must not keep the app from starting
+        warnings.warn(f"the shipped example in {root} is not shown: {one_line(exc)}", stacklevel=2)
+        return None

@@ -43,7 +43,8 @@ settings by name, e.g. ``client.predict(session, model=..., rank=8, ..., api_nam
 - ``/stop_views(session, job_id) -> status``.
 - ``/how_it_works(views_rank) -> markdown``: the method in one page (LaTeX in $$...$$ and $...$).
 - ``/list_runs(session) -> run_folder``: the run folders under the runs root (QUAILORA_RUNS) this session may
-    reopen (its own, and the command line's), newest first.
+    reopen (its own, and the command line's), newest first; then the shipped example run ("shipped:init",
+    "shipped:train": assets/example, made by bench/make_example.py, read-only).
 - ``/reopen_run(session, run_folder) -> (summary, layer_plot, heatmap_plot, perplexity_plot, curves_plot, table,
     report, zip_file)``: redraw a run folder from its report.json / events.jsonl, also after a restart of the app.
 
@@ -51,6 +52,10 @@ Sessions are kept apart: the status, download and stop endpoints answer only for
 (another session's job id gets a refusal line and empty plots). Uploads are checked (type, size) and copied into
 the session's own folder, removed when its last tab closes; typed model and dataset paths are read only inside
 the allowed folders (`quailora_app.app.uploads`).
+
+On a first visit (no job of the session's own yet) steps 2 and 3 show the shipped example run, drawn by the same
+presenters as a reopened run and labelled as such, with "Compute it live" beside; a job of the session's own
+replaces it (`_wire_example`). Without assets/example the page starts with empty plots, as before.
 
 The page itself polls through three private timer endpoints (poll_init, poll_train, poll_views), made by one
 factory (`Studio.poller`), that skip unchanged figures.
@@ -88,6 +93,7 @@ from quailora_app.app.jobs import RUNNING, Job, JobManager, zerogpu_available
 from quailora_app.app.presenters import (
     VIEW_KEYS,
     VIEW_TITLES,
+    example_outputs,
     init_views,
     model_layers,
     progress_html,
@@ -95,17 +101,18 @@ from quailora_app.app.presenters import (
     report_of,
     status_text,
     summary_text,
+    train_outputs,
     view_defaults,
     zip_run,
 )
-from quailora_app.app.reopen import list_runs
+from quailora_app.app.reopen import EXAMPLE_DIR, list_runs
 from quailora_app.config import ALL_LINEAR, InitConfig, TrainConfig
 from quailora_app.errors import UserError, one_line
 from quailora_app.plots import figures as F
 from quailora_app.plots.teaching import CAPTIONS as VIEW_CAPTIONS
 from quailora_app.runs import RunFolder
 from quailora_app.settings import settings
-from quailora_app.sources.models import EMBEDDED_NOTE
+from quailora_app.sources.models import EMBEDDED_MODELS, EMBEDDED_NOTE, embedded_note
 from quailora_app.teaching.how_it_works import how_it_works_markdown
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -137,16 +144,17 @@ def device_summary() -> tuple[str, bool]:
 def default_settings(gpu: bool) -> dict[str, Any]:
     """Settings sized to the device (the others are the config dataclasses' defaults).
 
-    CPU (measured on 2 shared cores with the embedded SmolLM2): 16 x 256 calibration tokens already give the
-    same per-layer errors as 256 x 256; held-out perplexity of five models (4-bit + each method, 8-bit, full)
-    and calibration dominate the time, so the CPU defaults adapt q_proj and v_proj (the original LoRA recipe)
-    and evaluate on 2048 tokens: about 2-3 minutes for step 2, against about 6 for all-linear."""
+    CPU, with the embedded SmolLM2: every linear layer (as on a GPU), 16 x 256 calibration tokens (on 2 shared cores
+    they already give the same per-layer errors as 256 x 256) and 2048 held-out tokens, sized for step 2 to finish
+    within a minute on 2 idle cores. The 4-bit base's, the 8-bit and the full-precision perplexities, which no
+    method changes, are measured once per model, text and settings and then read from the perplexity cache.
+    `python bench/demo_time.py` runs exactly this configuration and times each stage."""
     if gpu:
         return dict(calib_samples=128, seq_len=512, eval_tokens=32768,
                     methods=list(settings(InitConfig)["methods"].choices()), baselines=True, targets=[ALL_LINEAR],
                     steps=200, batch_size=8, eval_every=20, learning_rate=2e-4)
     return dict(calib_samples=16, seq_len=256, eval_tokens=2048, methods=["qlora", "svd", "quailora"],
-                baselines=True, targets=["q_proj", "v_proj"], steps=20, batch_size=2, eval_every=5,
+                baselines=True, targets=[ALL_LINEAR], steps=20, batch_size=2, eval_every=5,
                 learning_rate=2e-4)
 
 
@@ -192,13 +200,6 @@ def _views_tuple(job: Job | None) -> tuple:
     return (*[v[k] for k in VIEW_KEYS], v["table"], v["layer"])
 
 
-def train_outputs(job: Job | None) -> tuple:
-    """(curves figure, speed and memory table) of a fine-tuning job."""
-    arms = list(getattr(job.config, "arms", ()) or ()) if job else []
-    events = job.events if job else []
-    return F.train_figure(events, arms), pd.DataFrame(F.train_table(events, arms), columns=F.TRAIN_HEADER)
-
-
 # ------------------------------------------------------------------------------------------------ stateless handlers
 def dataset_columns(upload):
     if not upload:
@@ -215,7 +216,7 @@ def describe_dataset(dataset):
 
 
 def model_note(model):
-    return f"<small>{EMBEDDED_NOTE}</small>" if (model or "embedded") == "embedded" else ""
+    return f"<small>{embedded_note(model)}</small>" if embedded_note(model) else ""
 
 
 def view_layers(model):
@@ -233,7 +234,7 @@ def how_it_works(views_rank):
 
 
 def runs_to_reopen(session):
-    choices = list_runs((session or {}).get("owner") if isinstance(session, dict) else None)
+    choices = list_runs((session or {}).get("owner") if isinstance(session, dict) else None, example=EXAMPLE_DIR)
     return gr.update(choices=choices, value=choices[0][1] if choices else None)
 
 
@@ -463,6 +464,23 @@ def _job_row(start_label: str, key: str) -> tuple[gr.Button, gr.Button, gr.Textb
 
 
 @dataclass
+class ExampleBanner:
+    """The line over a section's plots while they show the shipped example run (`example_outputs`), with a
+    'Compute it live' button beside it (it presses the section's start button: the same start, the Setup's
+    settings); both go once the visitor has a job of that kind."""
+
+    row: gr.Row
+    live: gr.Button
+
+
+def _example_banner(key: str, label: str | None) -> ExampleBanner:
+    with gr.Row(visible=bool(label), equal_height=True, elem_id=f"example-{key}", elem_classes="example") as row:
+        gr.Markdown(label or "", elem_classes="example-label")
+        live = gr.Button("Compute it live", variant="primary", size="sm", scale=0, min_width=150, elem_id=f"live-{key}")
+    return ExampleBanner(row, live)
+
+
+@dataclass
 class Setup:
     """Step 1 and the initialization choices: one input per setting name, and the lines about the choices."""
 
@@ -483,9 +501,9 @@ def setup_section(d: dict[str, Any]) -> Setup:
     f: dict[str, Any] = {}
     with gr.Row(equal_height=False):
         with gr.Column():
-            f["model"] = gr.Dropdown(["embedded"], value="embedded", allow_custom_value=True, label="Model",
-                                     info="'embedded' = SmolLM2-135M-Instruct, works offline; or type a hub id / "
-                                          "local folder")
+            f["model"] = gr.Dropdown(list(EMBEDDED_MODELS), value="embedded", allow_custom_value=True, label="Model",
+                                     info="'embedded' = SmolLM2-135M-Instruct, 'embedded:gemma3' = Gemma 3 270M "
+                                          "(Gemma Terms of Use), both offline; or type a hub id / local folder")
             note = gr.Markdown(f"<small>{EMBEDDED_NOTE}</small>", elem_classes="note")
         with gr.Column():
             f["dataset"] = gr.Dropdown(["embedded", "embedded:speeches"], value="embedded", allow_custom_value=True,
@@ -540,6 +558,7 @@ class InitPanel:
     perplexity: gr.Plot
     numbers: gr.Dataframe
     report: gr.JSON
+    example: ExampleBanner | None = None
 
     @property
     def outputs(self) -> list:
@@ -548,27 +567,35 @@ class InitPanel:
         return [p.progress, p.status, self.layers, self.heatmap, self.perplexity, self.numbers, self.report, self.note]
 
 
-def init_section(studio: Studio) -> InitPanel:
+def init_section(studio: Studio, shipped: dict[str, Any] | None = None) -> InitPanel:
+    """`shipped`: the shipped example's init run (`example_outputs`), shown until the visitor has a job."""
     gr.Markdown("## 2 · Quantize & initialize", elem_classes="step")
     start, stop, job = _job_row("Quantize & initialize", "init")
     progress = gr.HTML(studio.progress(None), elem_id="init-progress")
     status = gr.Markdown("Nothing started yet in this session.", elem_id="init-status")
-    note = gr.Markdown("", elem_classes="note")
-    layers = gr.Plot(F.layer_error_figure([]), label="per-layer error", show_label=False, elem_id="layer-plot")
+    sv = shipped or {}
+    example = _example_banner("init", sv.get("label"))
+    note = gr.Markdown(sv.get("note", ""), elem_classes="note")
+    layers = gr.Plot(sv.get("layers") or F.layer_error_figure([]), label="per-layer error", show_label=False,
+                     elem_id="layer-plot")
     gr.Markdown(F.CAPTIONS["layers"], elem_classes="caption")
     with gr.Row(equal_height=False):
         with gr.Column():
-            heatmap = gr.Plot(F.removal_heatmap([]), label="error removed", show_label=False, elem_id="heatmap-plot")
+            heatmap = gr.Plot(sv.get("heatmap") or F.removal_heatmap([]), label="error removed", show_label=False,
+                              elem_id="heatmap-plot")
             gr.Markdown(F.CAPTIONS["heatmap"], elem_classes="caption")
         with gr.Column():
-            ppl = gr.Plot(F.perplexity_figure([]), label="perplexity", show_label=False, elem_id="ppl-plot")
+            ppl = gr.Plot(sv.get("perplexity") or F.perplexity_figure([]), label="perplexity", show_label=False,
+                          elem_id="ppl-plot")
             gr.Markdown(F.CAPTIONS["perplexity"], elem_classes="caption")
-    numbers = gr.Dataframe(pd.DataFrame(columns=F.NUMBERS_HEADER), label="numbers per variant", interactive=False,
-                           wrap=True, column_widths=["28%", "14%", "12%", "10%", "12%", "12%", "12%"])
+    numbers = gr.Dataframe(sv["table"] if shipped else pd.DataFrame(columns=F.NUMBERS_HEADER),
+                           label="numbers per variant", interactive=False, wrap=True,
+                           column_widths=["28%", "14%", "12%", "10%", "12%", "12%", "12%"])
     with gr.Accordion("report.json", open=False):
-        report = gr.JSON(label="report")
+        report = gr.JSON(sv.get("report"), label="report")
     refresh = gr.Button("refresh", visible=False)
-    return InitPanel(JobPanel(start, stop, job, progress, status, refresh), note, layers, heatmap, ppl, numbers, report)
+    return InitPanel(JobPanel(start, stop, job, progress, status, refresh), note, layers, heatmap, ppl, numbers, report,
+                     example)
 
 
 @dataclass
@@ -638,6 +665,7 @@ class TrainPanel:
     fields: dict[str, gr.components.Component]  # arms, steps, learning_rate, batch_size, eval_every, ...
     curves: gr.Plot
     throughput: gr.Dataframe
+    example: ExampleBanner | None = None
 
     @property
     def outputs(self) -> list:
@@ -645,7 +673,8 @@ class TrainPanel:
         return [self.panel.progress, self.panel.status, self.curves, self.throughput]
 
 
-def train_section(studio: Studio, d: dict[str, Any]) -> TrainPanel:
+def train_section(studio: Studio, d: dict[str, Any], shipped: dict[str, Any] | None = None) -> TrainPanel:
+    """`shipped`: the shipped example's fine-tuning run (`example_outputs`), shown until the visitor has a job."""
     train = settings(TrainConfig)
     gr.Markdown("## 3 · Fine-tune", elem_classes="step")
     f: dict[str, Any] = {}
@@ -664,12 +693,15 @@ def train_section(studio: Studio, d: dict[str, Any]) -> TrainPanel:
     start, stop, job = _job_row("Start fine-tuning", "train")
     progress = gr.HTML(studio.progress(None), elem_id="train-progress")
     status = gr.Markdown("Nothing started yet in this session.", elem_id="train-status")
-    curves = gr.Plot(F.train_figure([]), label="fine-tuning curves", show_label=False, elem_id="curves-plot")
+    sv = shipped or {}
+    example = _example_banner("train", sv.get("label"))
+    curves = gr.Plot(sv.get("curves") or F.train_figure([]), label="fine-tuning curves", show_label=False,
+                     elem_id="curves-plot")
     gr.Markdown(F.CAPTIONS["train"], elem_classes="caption")
-    throughput = gr.Dataframe(pd.DataFrame(columns=F.TRAIN_HEADER), label="speed and memory per arm",
-                              interactive=False)
+    throughput = gr.Dataframe(sv["table"] if shipped else pd.DataFrame(columns=F.TRAIN_HEADER),
+                              label="speed and memory per arm", interactive=False)
     refresh = gr.Button("refresh", visible=False)
-    return TrainPanel(JobPanel(start, stop, job, progress, status, refresh), f, curves, throughput)
+    return TrainPanel(JobPanel(start, stop, job, progress, status, refresh), f, curves, throughput, example)
 
 
 @dataclass
@@ -687,21 +719,23 @@ class Results:
     reopened: list  # in the order of /reopen_run's outputs
 
 
-def results_section() -> Results:
+def results_section(shipped_summary: str | None = None) -> Results:
+    """`shipped_summary`: what the shipped example run found, shown until the visitor's own runs replace it."""
     gr.Markdown("## 4 · Results", elem_classes="step")
     with gr.Row():
         which = gr.Radio([("quantize & initialize run", "init"), ("fine-tuning run", "train")], value="init",
                          label="run folder to download", elem_id="which-run")
         zip_button = gr.Button("Zip the run folder (report, events, adapters)", elem_id="zip-run")
     zip_file = gr.File(label="download", interactive=False, elem_id="zip-file")
-    summary = gr.Markdown("No results yet: run step 2 (and 3) first.", elem_id="summary")
+    summary = gr.Markdown(shipped_summary or "No results yet: run step 2 (and 3) first.", elem_id="summary")
     queue_text = gr.Markdown("", elem_classes="note")
     with gr.Accordion("Reopen a run folder (also after a restart of the app)", open=False, elem_id="reopen"):
         with gr.Row(equal_height=True):
             # custom values allowed: the choices are per session; /reopen_run checks the name itself
             run_pick = gr.Dropdown([], value=None, label="run folder", scale=3, elem_id="run-pick",
                                    allow_custom_value=True,
-                                   info="this session's runs under the runs root (QUAILORA_RUNS), newest first")
+                                   info="this session's runs under the runs root (QUAILORA_RUNS), newest first; "
+                                        "then the shipped example run (read-only)")
             refresh_runs = gr.Button("Refresh list", scale=1, elem_id="refresh-runs")
             reopen = gr.Button("Reopen", variant="primary", scale=1, elem_id="reopen-run")
         reopen_summary = gr.Markdown("", elem_id="reopen-summary")
@@ -732,6 +766,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
     device, gpu = device_summary()
     d, vd = default_settings(gpu), view_defaults(gpu)
     studio = Studio(manager or _default_manager(), tuple(vd["ranks"]))
+    shipped = example_outputs(studio.manager) or {}  # the shipped example run (assets/example), if this app has one
 
     # gradio's own copies of uploads are deleted after an hour (and at shutdown); ours live per session
     with gr.Blocks(title="QuAILoRA Studio", fill_width=False, delete_cache=(3600, 3600)) as demo:
@@ -745,20 +780,24 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
             "each initialization removes, what that does to perplexity, and how fine-tuning then proceeds.",
             elem_classes="intro")
         gr.Markdown(f"**Device:** {device}. Defaults are sized for it"
-                    + (": on CPU, LoRA on q_proj and v_proj and 2048 held-out tokens, so step 2 takes about "
-                       "2–3 minutes with the embedded model (all-linear: about 6)." if not gpu else "."),
+                    + (": on CPU, LoRA on every linear layer, 16 x 256 calibration tokens and 2048 held-out tokens, "
+                       "so step 2 takes about a minute with the embedded model (the 8-bit and full-precision "
+                       "perplexities are measured once, then read from a cache)." if not gpu else "."),
                     elem_classes="device")
+        headline = gr.Markdown(shipped.get("headline", ""), visible=bool(shipped.get("headline")),
+                               elem_id="example-headline", elem_classes="example")
         setup = setup_section(d)
-        init = init_section(studio)
+        init = init_section(studio, shipped.get("init"))
         views = views_section(vd)
-        train = train_section(studio, d)
-        results = results_section()
+        train = train_section(studio, d, shipped.get("train"))
+        results = results_section(shipped.get("summary"))
 
         _wire_setup(demo, studio, session, setup, init, train, results)
         _wire_init(studio, session, seen["init"], setup, init, train, results, poll_seconds)
         _wire_train(studio, session, seen["train"], setup, init, train, results, poll_seconds)
         _wire_views(demo, studio, session, seen["views"], setup, init, views, poll_seconds)
         _wire_results(demo, studio, session, init, train, results)
+        _wire_example(init, train, headline)
     # status calls are cheap and compute never runs inside a request: let many requests run side by side
     demo.queue(default_concurrency_limit=16)
     return demo
@@ -822,6 +861,30 @@ def _wire_results(demo: gr.Blocks, studio: Studio, session, init: InitPanel, tra
     results.refresh_runs.click(runs_to_reopen, [session], [results.run_pick], api_name="list_runs")
     demo.load(runs_to_reopen, [session], [results.run_pick], api_name="list_runs_on_load", **_PRIVATE)
     results.reopen.click(studio.reopen_run, [session, results.run_pick], results.reopened, api_name="reopen_run")
+
+
+def _wire_example(init: InitPanel, train: TrainPanel, headline: gr.Markdown) -> None:
+    """While a section shows the shipped example run: its 'Compute it live' presses the section's start button;
+    its banner (and, for step 2, the headline at the top) goes once the visitor has a job there (started, or
+    re-attached on load), whose own figures then replace the shipped ones (the pollers draw them)."""
+    for key, panel, more in (("init", init, [headline]), ("train", train, [])):
+        if panel.example is None:
+            continue
+        panel.example.live.click(None, js=f"() => document.getElementById('start-{key}').click()",
+                                 api_name=f"live_{key}", **_PRIVATE)
+        outputs = [panel.example.row, *more]
+        panel.panel.job.change(_shown_without_job(len(outputs)), [panel.panel.job], outputs,
+                               api_name=f"example_{key}", queue=False, **_PRIVATE)
+
+
+def _shown_without_job(n: int) -> Callable:
+    """job id -> `n` visibility updates: shown while the id is empty."""
+
+    def shown(job_id):
+        update = gr.update(visible=not job_id)
+        return update if n == 1 else [update] * n
+
+    return shown
 
 
 _MANAGER: JobManager | None = None

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model, replace_lora_weights_loftq
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
 
 from quailora_app.config import LoraSettings
 
@@ -90,6 +91,30 @@ def write_factors(peft_model, factors: dict[str, Factors], adapter: str = ADAPTE
                                  f"do not fit LoRA {tuple(A.shape)}, {tuple(B.shape)}")
             A.copy_(f.A)
             B.copy_(f.B)
+
+
+def load_factors(folder: str | Path) -> tuple[dict[str, Factors], dict[str, int]]:
+    """The factors of an adapter folder that save_adapter wrote (peft's adapter_model.safetensors), by module path,
+    CPU float32, and the layers whose rank is not the adapter's r (peft's rank_pattern; {} when uniform).
+
+    They are peft's A and B as trained or initialized, so write_factors puts the same correction s * B @ A back
+    into an adapter of the same rank and alpha (the same s): nothing is rescaled here."""
+    folder = Path(folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    prefix, parts = "base_model.model.", {}
+    for key, tensor in tensors.items():
+        for which in ("lora_A", "lora_B"):
+            path, found, _ = key.partition(f".{which}.")
+            if found:
+                path = path[len(prefix):] if path.startswith(prefix) else path
+                parts.setdefault(path, {})[which] = tensor.float()
+    incomplete = sorted(path for path, pair in parts.items() if len(pair) != 2)
+    if incomplete or not parts:
+        raise ValueError(f"{folder}: no complete LoRA factors for {incomplete[:1] or 'any layer'}")
+    factors = {path: Factors(pair["lora_A"], pair["lora_B"]) for path, pair in parts.items()}
+    ranks = {path: int(f.A.shape[0]) for path, f in factors.items() if f.A.shape[0] != config.get("r")}
+    return factors, ranks
 
 
 def scaling_of(peft_model, name: str) -> float:

@@ -4,6 +4,11 @@ An arm is a peft LoRA model on a base (4-bit NF4/FP4, 8-bit LLM.int8, or unquant
 optimizer over the LoRA factors. Its step is the same for every arm:
     loss = mean over tokens of -log p(x_t | x_<t)  (the perplexity objective, on the step's micro-batches)
     grads accumulated over grad_accum micro-batches, then one AdamW step at the scheduled learning rate.
+
+An arm's initialization is any method of the registry that the engine computes: per layer (quailora, closed_form,
+svd, ...), over the whole model after the per-layer pass (distill, sequential, budget: kind "model"), or the qlora
+baseline. budget's arm gets per-layer ranks (peft's rank_pattern) at uniform rank r's parameter count, so it
+trains as many LoRA parameters as the others: the flow attaches its LoRA with those ranks (adapters.attach_lora).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from quailora_app.engine.evaluate import perplexity
-from quailora_app.engine.methods import ANCHOR, get_method
+from quailora_app.engine.methods import ANCHOR, BASELINE, get_method
 
 BASES = ("4bit", "8bit", "full")
 
@@ -26,7 +31,8 @@ class ArmSpec:
 
     name: str
     base: str  # "4bit" (the config's NF4/FP4), "8bit" (LLM.int8) or "full" (unquantized)
-    init: str  # a method of engine/methods.py computed per layer, or its qlora baseline (peft default: B = 0)
+    init: str  # a method of engine/methods.py computed per layer or over the whole model, or its qlora baseline
+    # (peft default: B = 0)
     label: str  # the report's label
     short: str  # legend and checkbox label
     colour: str
@@ -36,13 +42,19 @@ class ArmSpec:
     def __post_init__(self) -> None:
         if self.base not in BASES:
             raise ValueError(f"arm {self.name!r}: base must be one of {', '.join(BASES)}, not {self.base!r}")
-        if get_method(self.init).kind == ANCHOR:
-            raise ValueError(f"arm {self.name!r}: {self.init} is not computed per layer, so no arm can start from it")
+        kind = get_method(self.init).kind
+        if kind == ANCHOR:  # peft's LoftQ runs on the init flow's peft model, not in the engine's passes
+            raise ValueError(f"arm {self.name!r}: {self.init} is not computed per layer nor over the whole model by "
+                             "the engine, so no arm can start from it")
+        if self.base == "full" and kind != BASELINE:
+            raise ValueError(f"arm {self.name!r}: an unquantized base has no quantization error for {self.init} "
+                             "to correct; use the qlora init there")
 
 
 #: The one arms registry: name -> ArmSpec, in the order of every table, figure and choice list. 4-bit arms share
-#: one NF4/FP4 base and one calibration; quailora8 is initialized against the 8-bit Q; lora16 is the unquantized
-#: (float32 on CPU, bfloat16 on CUDA) reference.
+#: one NF4/FP4 base and one calibration (the whole-model arms distill4, sequential4 and budget4 run after it);
+#: quailora8 is initialized against the 8-bit Q; lora16 is the unquantized (float32 on CPU, bfloat16 on CUDA)
+#: reference.
 ARM_SPECS: dict[str, ArmSpec] = {}
 
 
@@ -81,6 +93,13 @@ for _spec in (
             "4-bit base, the calibrated objective's exact optimum as init"),
     ArmSpec("svd4", "4bit", "svd", "4-bit + SVD (uncalibrated) init", "4-bit SVD init", "#ff7f0e",
             "4-bit base, the SVD of the weight error as init"),
+    ArmSpec("distill4", "4bit", "distill", "4-bit + closed form, then distilled", "4-bit distilled init", "#e377c2",
+            "4-bit base, the closed form refined by a few KL steps toward the full-precision model"),
+    ArmSpec("sequential4", "4bit", "sequential", "4-bit + error feedback (sequential closed form)",
+            "4-bit error-feedback init", "#bcbd22",
+            "4-bit base, the closed form fitted block by block to the corrected 4-bit model's inputs"),
+    ArmSpec("budget4", "4bit", "budget", "4-bit + closed form, ranks under a budget", "4-bit budgeted ranks",
+            "#8c564b", "4-bit base, the closed form at per-layer ranks with uniform rank r's parameter count"),
     ArmSpec("qlora8", "8bit", "qlora", "8-bit LLM.int8 QLoRA (peft default init)", "8-bit QLoRA", "#7f7f7f",
             "8-bit LLM.int8 base, peft's default init", default=True),
     ArmSpec("quailora8", "8bit", "quailora", "8-bit + QuAILoRA init (against the 8-bit Q)", "8-bit QuAILoRA",

@@ -1,7 +1,8 @@
 """Block-by-block calibration (as in GPTQ): H = X X^T / N for every distinct linear input, one block at a time.
 
-1. Run the quantized model up to decoder block 0 and keep block 0's inputs (hidden states plus whatever
-   keyword arguments the model passes its blocks: rotary embeddings, masks).
+1. Run the quantized model up to decoder block 0 and keep block 0's inputs (hidden states), and the keyword
+   arguments the model passes each block (rotary embeddings, masks: Gemma's sliding-window and global blocks
+   each get their own).
 2. For each block i: build the FULL-PRECISION block i from the safetensors checkpoint, run the calibration
    inputs through it with hooks that accumulate H for each linear input (q/k/v read one tensor and share one H,
    gate/up share one), hand H and the block's weights W to the caller, and keep the block's outputs as
@@ -97,30 +98,81 @@ def calibration_batch_size(seq_len: int, tokens_per_batch: int = 2048, most: int
     return max(1, min(most, tokens_per_batch // max(seq_len, 1)))
 
 
+class BlockKwargs(dict):
+    """Block 0's keyword arguments (rotary embeddings, mask, ...), with every block's own in `by_block`: models whose
+    blocks differ in kind (Gemma 2 and 3: sliding-window and global attention, each with its own mask and rotary
+    embeddings) pass each block its own. `for_block(kwargs, i)` picks block i's."""
+
+    by_block: list[dict] | None = None
+
+
+def for_block(kwargs: dict, index: int) -> dict:
+    """Block `index`'s keyword arguments from a captured BlockKwargs (a plain dict serves every block)."""
+    by_block = getattr(kwargs, "by_block", None)
+    return by_block[index] if by_block is not None and index < len(by_block) else kwargs
+
+
+_DROPPED_KWARGS = ("hidden_states", "past_key_values", "cache", "past_key_value")
+
+
 def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int,
-                         device: torch.device) -> list[tuple[torch.Tensor, dict]]:
-    """Run the model up to block 0 for each calibration batch; return (hidden_states, block kwargs) per batch,
-    kept in CPU memory (STORE)."""
+                         device: torch.device) -> list[tuple[torch.Tensor, BlockKwargs]]:
+    """Run the model up to its blocks for each calibration batch; return (block 0's hidden states, the block
+    keyword arguments: block 0's, and in `.by_block` each block's) per batch, kept in CPU memory (STORE).
+
+    While capturing, every block's forward is replaced by one that records its keyword arguments and hands its
+    input on unchanged (the last one stops the pass): no block computes, and each block's arguments are exactly
+    what the model passes it."""
     _, layers = decoder_layers(model)
-    captured: list[tuple[torch.Tensor, dict]] = []
+    captured: list[tuple[torch.Tensor, BlockKwargs]] = []
+    batch: list = []  # the current batch: [hidden, [kwargs per block]]
+    stored: dict[int, tuple] = {}  # id -> (tensor, its copy): blocks sharing a tensor share its copy
 
-    def catch(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items()
-                  if k not in ("hidden_states", "past_key_values", "cache", "past_key_value")}
-        captured.append((hidden.detach().to(STORE), _moved(kwargs, STORE)))
-        raise _BlockInputsCaught
+    def store(value):
+        if isinstance(value, torch.Tensor):
+            if id(value) not in stored:  # (the tensor is kept alive with its copy, so its id is not reused)
+                stored[id(value)] = (value, value.detach().to(STORE))
+            return stored[id(value)][1]
+        if isinstance(value, (tuple, list)):
+            return type(value)(store(v) for v in value)
+        if isinstance(value, dict):
+            return {k: store(v) for k, v in value.items()}
+        return value
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                batch.extend([hidden.detach().to(STORE), []])
+            batch[1].append(store({k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}))
+            if index == len(layers) - 1:
+                raise _BlockInputsCaught
+            return hidden
+        return forward
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance forward (accelerate's hooks) if any
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)
     try:
         with torch.no_grad():
             for start in range(0, len(calib_ids), batch_size):
+                batch.clear()
+                stored.clear()
                 try:
                     model(input_ids=calib_ids[start:start + batch_size].to(device), use_cache=False)
                 except _BlockInputsCaught:
                     pass
+                if len(batch) != 2 or len(batch[1]) != len(layers):
+                    raise ModelError(f"{type(model).__name__} did not run its {len(layers)} decoder blocks in order")
+                kwargs = BlockKwargs(batch[1][0])
+                kwargs.by_block = batch[1]
+                captured.append((batch[0], kwargs))
     finally:
-        handle.remove()
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return captured
 
 
@@ -224,7 +276,7 @@ def calibrate_blocks(
         with torch.no_grad():
             for hidden, kwargs in inputs:
                 hooks.new_pass()
-                out = block(hidden.to(device=device, dtype=dtype), **_moved(kwargs, device))
+                out = block(hidden.to(device=device, dtype=dtype), **_moved(for_block(kwargs, index), device))
                 outputs.append((_block_output(out).detach().to(STORE), kwargs))
                 del out
         hooks.remove()

@@ -236,6 +236,7 @@ def full_precision_hidden(model, checkpoint, calib_ids: torch.Tensor, device: to
         calibration_batch_size,
         capture_block_inputs,
         decoder_layers,
+        for_block,
     )
 
     _, layers = decoder_layers(model)
@@ -246,7 +247,8 @@ def full_precision_hidden(model, checkpoint, calib_ids: torch.Tensor, device: to
             if should_stop is not None and should_stop():
                 raise Cancelled(f"stopped during distill's full-precision pass at block {index} of {len(layers)}")
             block = build_full_precision_block(model, index, checkpoint, device, dtype)
-            states = [(_block_output(block(hidden.to(device=device, dtype=dtype), **_moved(kwargs, device)))
+            states = [(_block_output(block(hidden.to(device=device, dtype=dtype),
+                                                **_moved(for_block(kwargs, index), device)))
                        .detach().to(STORE), kwargs) for hidden, kwargs in states]
             del block
             if device.type == "cuda":

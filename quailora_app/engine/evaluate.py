@@ -6,6 +6,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+#: The version of the numbers perplexity() gives: bump it with any change that moves them (the windows, the
+#: batching, the reduction), so the perplexities cached on disk (engine/perplexity_cache.py) are measured again.
+PERPLEXITY_VERSION = 1
+
 
 @torch.no_grad()
 def perplexity(model, eval_ids: torch.Tensor, batch_size: int = 4) -> float:

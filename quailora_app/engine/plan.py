@@ -14,6 +14,7 @@ from quailora_app.engine import init_math
 from quailora_app.engine.adapters import Factors
 from quailora_app.engine.calibrate import decoder_layers, target_names
 from quailora_app.engine.checkpoint import Checkpoint
+from quailora_app.engine.methods import MODEL, get_method
 from quailora_app.errors import ConfigError
 
 
@@ -77,3 +78,22 @@ class ModelInit:
     layers: dict[str, tuple[float, float]] = field(default_factory=dict)  # path -> (weight, calibrated error)
     ranks: dict[str, int] | None = None  # per-layer ranks when they differ from the plan's (peft rank_pattern)
     details: dict[str, Any] = field(default_factory=dict)  # what the report keeps of the method (curves, ...)
+
+
+def run_model_method(name: str, model, checkpoint: Checkpoint, calib_ids: torch.Tensor, lora: LoraSettings,
+                     device: torch.device, calib_dtype: torch.dtype, *, damping: float = 0.01, als_rounds: int = 20,
+                     solver: str = "exact", should_stop: Callable[[], bool] = lambda: False,
+                     options: Mapping[str, Any] | None = None, start: dict[str, Factors] | None = None) -> ModelInit:
+    """Whole-model method `name` (kind "model") on `model` (the quantized base, no LoRA attached), every target layer
+    of `lora` at its rank and scaling: its factors, per-layer ranks, details and seconds.
+
+    Written once for the two flows that run these methods after their per-layer pass: init (every method it is
+    asked for) and train (the arms that start from one). `start` is closed_form's factors from that pass, which
+    distill refines (without it, distill computes them itself); `options` the method's own settings by name
+    (distill_steps, ...: the config's fields)."""
+    method = get_method(name)
+    if method.kind != MODEL:
+        raise ValueError(f"method {name!r} is not a whole-model method")
+    ctx = ModelContext(model, checkpoint, calib_ids, uniform_plan(model, lora), lora, device, calib_dtype, damping,
+                       als_rounds, solver, should_stop, dict(options or {}), start)
+    return method.build(ctx)

@@ -84,7 +84,9 @@ def dequantized_weight(layer) -> torch.Tensor:
     times their row scale SCB / 127. A peft LoRA layer is read through its quantized base layer."""
     layer = getattr(layer, "base_layer", layer)
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        return layer.weight.data.float() * layer.weight.SCB.float()[:, None] / 127.0
+        # the first forward pass moves the row scales from the weight to the layer's state (init_8bit_state)
+        scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        return layer.weight.data.float() * scb.float()[:, None] / 127.0
 
     data, state = plain_codes(layer)
     return F.dequantize_4bit(data, state).float()
@@ -119,8 +121,12 @@ def load_4bit(source: ModelSource, quant: QuantConfig, device: torch.device, com
     return model
 
 
+def int8_dtype(device: torch.device) -> torch.dtype:
+    """The dtype load_8bit holds the 8-bit model's other weights in: float32 on CPU, bfloat16 on an accelerator."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
 def load_8bit(source: ModelSource, device: torch.device):
     """LLM.int8 (bitsandbytes 8-bit), the comparison arm QLoRA's 4-bit tries to match."""
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    return _load(source, device, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=dtype)
+    return _load(source, device, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=int8_dtype(device))

@@ -376,6 +376,7 @@ def build(ctx: ModelContext) -> ModelInit:
         calibration_batch_size,
         capture_block_inputs,
         decoder_layers,
+        for_block,
     )
     from quailora_app.engine.plan import ModelInit, split_path  # (the same reason)
 
@@ -393,7 +394,7 @@ def build(ctx: ModelContext) -> ModelInit:
     seconds_per_block: list[float] = []
     with _quantized_model_as_is(ctx.model, ctx.peft_model), torch.no_grad():
         captured = capture_block_inputs(ctx.model, ctx.calib_ids, batch_size, device)
-        kwargs = [kw for _, kw in captured]
+        captured_kwargs = [kw for _, kw in captured]
         full = [hidden for hidden, _ in captured]  # the full-precision stream (cast to calib_dtype per batch)
         fixed = list(full)  # the corrected 4-bit stream (the 4-bit model's own dtype)
         plain = fixed  # the plain 4-bit stream: the same list until the first correction
@@ -402,6 +403,7 @@ def build(ctx: ModelContext) -> ModelInit:
             if ctx.should_stop():
                 raise Cancelled(f"stopped during error-feedback initialization at block {index} of {last + 1}")
             tick = time.perf_counter()
+            kwargs = [for_block(kw, index) for kw in captured_kwargs]  # this block's own (masks, rotary embeddings)
             fp_block = build_full_precision_block(ctx.model, index, ctx.checkpoint, device, dtype)
             q_block = layers[index]
             names = todo.get(index, [])

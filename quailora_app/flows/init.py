@@ -22,16 +22,24 @@ from quailora_app.engine.evaluate import gap_closed, perplexity
 from quailora_app.engine.initialize import InitResult, initialize
 from quailora_app.engine.methods import MODEL, QLORA, get_method
 from quailora_app.engine.parallel import Processes
-from quailora_app.engine.plan import ModelContext, target_paths, uniform_plan
+from quailora_app.engine.perplexity_cache import (
+    four_bit_variant,
+    full_variant,
+    int8_variant,
+    perplexity_key,
+    read_cached,
+    write_cached,
+)
+from quailora_app.engine.plan import run_model_method, target_paths
 from quailora_app.engine.preflight import preflight_init
-from quailora_app.engine.quantize import load_8bit
+from quailora_app.engine.quantize import int8_dtype, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
 from quailora_app.errors import Cancelled, one_line
 from quailora_app.events import Event, Log, Metric, Progress, RunFinished, Stage
 from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory, opening_report
 from quailora_app.runs import Report, RunFolder
-from quailora_app.sources.models import device_label, load_full_precision, pick_device
+from quailora_app.sources.models import compute_dtype, device_label, load_full_precision, pick_device
 
 quiet_libraries()
 
@@ -127,10 +135,10 @@ class InitRun:
         for method in [get_method(name) for name in cfg.methods if get_method(name).kind == MODEL]:
             self.rec.check_stop(f"initialization ({method.name})")
             yield self.rec.emit(Stage("initialize", f"{method.name}: {method.help}"))
-            ctx = ModelContext(model, checkpoint, calib_ids, uniform_plan(model, cfg.lora), cfg.lora, self.device,
-                               torch.float32 if self.device.type == "cpu" else dtype, cfg.damping, cfg.als_rounds,
-                               cfg.solver, self.should_stop, asdict(cfg), self.factors.get("closed_form"))
-            built = method.build(ctx)
+            built = run_model_method(method.name, model, checkpoint, calib_ids, cfg.lora, self.device,
+                                     torch.float32 if self.device.type == "cpu" else dtype, damping=cfg.damping,
+                                     als_rounds=cfg.als_rounds, solver=cfg.solver, should_stop=self.should_stop,
+                                     options=asdict(cfg), start=self.factors.get("closed_form"))
             self.factors[method.name] = built.factors
             if built.ranks:
                 self.ranks[method.name] = built.ranks
@@ -178,20 +186,27 @@ class InitRun:
                 "eval_tokens": report.get("tokens", {}).get("eval"), "run": str(self.run_dir)}
 
     def _evaluate_methods(self, model, source, eval_ids) -> Iterator[Event]:
-        cfg = self.cfg
+        """Each method's held-out perplexity on the one 4-bit base, its factors swapped into one peft model, and
+        its adapter saved. qlora's (B = 0: the plain 4-bit base) comes from the perplexity cache when measured
+        before with the same weights, tokens and numerics (engine/perplexity_cache.py)."""
+        cfg, seconds = self.cfg, self.report["seconds"]
         yield self.rec.emit(Stage("evaluate", f"held-out perplexity on {eval_ids.numel()} tokens, "
                                               "adapters saved per method"))
+        start = time.perf_counter()
         peft_model = attach_lora(model, cfg.lora, self.target_paths)
         self.factors["qlora"] = read_factors(peft_model)  # peft's default: A random, B = 0
+        seconds["attach"] = time.perf_counter() - start
         if "loftq" in cfg.methods:
             start = time.perf_counter()
             try:
                 self.factors["loftq"] = loftq_factors(peft_model, source.folder)
-                self.report["seconds"]["loftq"] = time.perf_counter() - start
+                seconds["loftq"] = time.perf_counter() - start
             except Exception as exc:  # noqa: BLE001 - peft's anchor is optional; say why it did not run
                 reason = f"peft's replace_lora_weights_loftq did not run here: {one_line(exc, 160)}"
                 self.report["unavailable"]["loftq"] = reason
                 yield self.rec.emit(Log(reason, "warning"))
+        base_key = perplexity_key(four_bit_variant(cfg.quant, compute_dtype(cfg.model.compute_dtype, self.device)),
+                                  source.folder, eval_ids, cfg.eval_batch, self.device)
         methods = [m for m in cfg.methods if m in self.factors]
         for i, method in enumerate(methods):
             self.rec.check_stop("evaluation")
@@ -199,31 +214,56 @@ class InitRun:
                 if method in self.ranks else None  # ranks per layer (peft's rank_pattern): an adapter of its own
             evaluated = ranked or peft_model
             write_factors(evaluated, self.factors[method])
-            ppl = perplexity(evaluated, eval_ids, cfg.eval_batch)
+            start = time.perf_counter()
+            cached = read_cached(base_key) if method == QLORA else None
+            if cached is not None:
+                ppl = cached.perplexity
+                self.report.setdefault("perplexity_cached", {})[method] = cached.record()
+            else:
+                ppl = perplexity(evaluated, eval_ids, cfg.eval_batch)
+                if method == QLORA:
+                    write_cached(base_key, ppl, time.perf_counter() - start)
+            seconds[f"eval_{method}"] = time.perf_counter() - start
             self.report["perplexity"][method] = ppl
+            start = time.perf_counter()
             save_adapter(evaluated, self.run_dir / "adapters" / method, self._adapter_record(method))
+            seconds[f"save_{method}"] = time.perf_counter() - start
             if ranked is not None:
                 peft_model = attach_lora(ranked.unload(), cfg.lora, self.target_paths)
             self.rec.save()
-            yield self.rec.emit(Metric(method, ppl, "perplexity", "4-bit + " + method))
+            yield self.rec.emit(Metric(method, ppl, "perplexity",
+                                       "4-bit + " + method + (" (cached)" if cached is not None else "")))
             yield self.rec.emit(Progress("evaluate", i + 1, len(methods), method))
         peft_model.unload()
 
     def _baselines(self, source, eval_ids) -> Iterator[Event]:
-        for name, loader in (("int8", lambda: load_8bit(source, self.device)),
-                             ("full", lambda: load_full_precision(source, self.device))):
+        """8-bit and full-precision perplexity: from the perplexity cache when measured before with the same
+        weights, tokens and numerics (no model loaded then), else loaded, measured and stored."""
+        for name, variant, loader in (
+                ("int8", int8_variant(int8_dtype(self.device)), lambda: load_8bit(source, self.device)),
+                ("full", full_variant(), lambda: load_full_precision(source, self.device))):
             self.rec.check_stop("baselines")
             what = "8-bit" if name == "int8" else "full-precision"
-            yield self.rec.emit(Stage("baseline", f"perplexity of the {what} model"))
+            note = "8-bit LLM.int8" if name == "int8" else "full precision"
             start = time.perf_counter()
-            model = loader()
-            ppl = perplexity(model, eval_ids, self.cfg.eval_batch)
+            key = perplexity_key(variant, source.folder, eval_ids, self.cfg.eval_batch, self.device)
+            cached = read_cached(key)
+            if cached is not None:
+                yield self.rec.emit(Stage("baseline", f"perplexity of the {what} model: measured before "
+                                                      f"({cached.measured_at}), read from the cache"))
+                ppl = cached.perplexity
+                self.report.setdefault("perplexity_cached", {})[name] = cached.record()
+                note += " (cached)"
+            else:
+                yield self.rec.emit(Stage("baseline", f"perplexity of the {what} model"))
+                model = loader()
+                ppl = perplexity(model, eval_ids, self.cfg.eval_batch)
+                del model
+                free_memory()
+                write_cached(key, ppl, time.perf_counter() - start)
             self.report["seconds"][f"eval_{name}"] = time.perf_counter() - start
             self.report["perplexity"][name] = ppl
             self.rec.save()
-            del model
-            free_memory()
-            note = "8-bit LLM.int8" if name == "int8" else "full precision"
             yield self.rec.emit(Metric(name, ppl, "perplexity", note))
 
     def _gap_figures(self) -> None:

@@ -1,8 +1,18 @@
 """Short LoRA fine-tuning of several arms side by side, as one event stream (`run_train(cfg)`).
 
 Flow: load -> data -> reference perplexities (full precision, 8-bit) -> per arm: base model, its
-initialization (one block-by-block calibration per base precision computes every calibrated method at
-once), LoRA attached, step-0 perplexity -> training -> per arm: adapter saved, ArmFinished -> report.
+initialization (one block-by-block calibration per base precision computes every per-layer method at
+once; the whole-model methods, distill, sequential and budget, run after it, distill from closed_form's factors),
+LoRA attached (at per-layer ranks for budget), step-0 perplexity -> training -> per arm: adapter saved,
+ArmFinished -> report.
+
+From a finished init run (cfg.from_init, engine/from_init.py): its settings fix the model, the data cut, the
+quantization and the LoRA shape, so the held-out and calibration windows are the init run's. Then the reference
+perplexities and the step-0 perplexities of qlora4 and of every arm whose factors are loaded are the init report's
+(no measurement, when measured on the same kind of device and compute dtype), and the 4-bit arms whose method the
+init run saved load its adapters/<method>/ factors instead of calibrating. Arms whose initialization it lacks
+(quailora8, against the 8-bit Q; a method it did not compute) are computed as without it, with a Log line saying
+so. What is left before the first step is loading the arms' base models. report["from_init"] names the run.
 
 Every arm shares the seed (data.seed), the training batches in the same order (a seeded permutation of
 TokenSplits.train, epoch after epoch), the hyperparameters and the held-out evaluation tokens. peft's default
@@ -19,23 +29,29 @@ give RunFailed with one line (status "failed"; internal errors leave their trace
 """
 from __future__ import annotations
 
+import collections
+import copy
 import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from quailora_app.config import TrainConfig
-from quailora_app.engine.adapters import attach_lora, save_adapter, write_factors
-from quailora_app.engine.arms import ARM_SPECS, Arm, batch_hash
+from quailora_app.engine.adapters import attach_lora, load_factors, save_adapter, write_factors
+from quailora_app.engine.arms import ARM_SPECS, Arm, ArmSpec, batch_hash
 from quailora_app.engine.evaluate import gap_closed, perplexity
+from quailora_app.engine.from_init import InitSource, check_against_init, read_init_run, same_held_out
 from quailora_app.engine.initialize import InitResult, initialize
-from quailora_app.engine.plan import target_paths
+from quailora_app.engine.methods import MODEL, QLORA, get_method
+from quailora_app.engine.plan import run_model_method, target_paths
 from quailora_app.engine.preflight import available_bytes, preflight_train, train_estimate
 from quailora_app.engine.quantize import load_4bit, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
+from quailora_app.errors import ConfigError, one_line
 from quailora_app.events import ArmFinished, EvalPoint, Event, Log, Metric, Progress, RunFinished, Stage, TrainStep
 from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory, opening_report
@@ -70,13 +86,19 @@ class TrainRun:
                        "status": "pending"} for name in cfg.arms}
         self.report: Report = opening_report(
             "train", cfg, device_label(self.device), arm_names=list(cfg.arms), schedule=None, reference_perplexity={},
-            arms=arms, gap_closed={}, gap_closed_full={}, seconds={})
+            arms=arms, gap_closed={}, gap_closed_full={}, seconds={}, from_init=cfg.from_init)
         self.rec = Recorder(folder, self.report, should_stop, before_save=self._summarize, on_fail=self._arms_ended,
                             stopped_status="stopped")
         self.should_stop = self.rec.should_stop
         self.arms: dict[str, Arm] = {}
         self.factors: dict[str, dict] = {}  # base -> method -> module path -> Factors
-        self._spare: dict[str, object] = {}  # base -> a loaded bare base model waiting for its first arm
+        self.ranks: dict[str, dict[str, dict[str, int]]] = {}  # base -> method -> module path -> rank (budget)
+        self.origin: InitSource | None = None  # the init run this run starts from
+        self.loaded: set[str] = set()  # 4-bit initializations loaded from it
+        self.reuse = False  # its perplexities are this run's (same held-out tokens, device kind and dtype)
+        self.calib_dtype = torch.float32 if self.device.type == "cpu" else None  # else the compute dtype, once known
+        self._spare: dict[str, object] = {}  # base -> a loaded bare base model waiting for its next arm
+        self._waiting = collections.Counter(ARM_SPECS[a].base for a in cfg.arms)  # base -> arms not set up yet
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _summarize(self) -> None:
@@ -105,11 +127,14 @@ class TrainRun:
     def _run(self) -> Iterator[Event]:
         cfg = self.cfg
         t0 = time.perf_counter()
+        if cfg.from_init:
+            yield from self._from_init()
         per_step = cfg.batch_size * cfg.grad_accum
         sizes = {"min_train_seqs": min(per_step, 4096), "max_train_seqs": max(min(cfg.steps * per_step, 4096), 1)}
         prepared = yield from self.rec.relay(prepare(cfg.model, cfg.data, cfg.quant, self.device, self._preflight,
                                                      should_stop=self.should_stop, split_sizes=sizes, load_base=False))
         self.source, self.dtype, self.checkpoint = prepared.source, prepared.dtype, prepared.checkpoint
+        self.calib_dtype = self.calib_dtype or self.dtype
         splits = prepared.splits
         self.report["model_note"] = self.source.note
         self.eval_ids, self.calib_ids = splits.eval, splits.calib
@@ -125,6 +150,8 @@ class TrainRun:
         self.rec.save()
         yield self.rec.emit(Log(f"{splits.summary()}; {cfg.steps} steps of {per_step} x {cfg.data.seq_len} tokens "
                                 f"({epochs:.2f} epochs); schedule {self.schedule}"))
+        if self.origin is not None:
+            yield from self._reuse_check()
 
         yield from self._references()
         if self.schedule == "interleaved":
@@ -168,6 +195,62 @@ class TrainRun:
         self.rec.save()
         yield self.rec.emit(RunFinished(str(self.run_dir), self.report))
 
+    def _from_init(self) -> Iterator[Event]:
+        """Read the init run, refuse a config that differs from it, and load the 4-bit initializations it saved
+        that the arms start from (peft's A and B: the same correction at the same rank and alpha)."""
+        self.origin = origin = read_init_run(self.cfg.from_init)
+        check_against_init(self.cfg, origin)
+        self.report["from_init"] = str(origin.folder)
+        for method in self._inits("4bit"):
+            folder = origin.adapter(method) if method in origin.saved else None
+            if folder is None:
+                continue
+            try:
+                factors, ranks = load_factors(folder)
+            except Exception as exc:  # noqa: BLE001 - a damaged adapter file of the user's run: say which, one line
+                raise ConfigError(f"init run {origin.name}: adapters/{method} cannot be read: {one_line(exc, 160)}") \
+                    from None
+            self.factors.setdefault("4bit", {})[method] = factors
+            if ranks:
+                self.ranks.setdefault("4bit", {})[method] = ranks
+            self.loaded.add(method)
+            errors = [row["calibrated_error"][method] for row in origin.report.get("layers", [])
+                      if method in row.get("calibrated_error", {})]
+            if errors:
+                self.report.setdefault("calibrated_error_median", {}).setdefault("4bit", {})[method] = \
+                    statistics.median(errors)
+        loaded = [m for m in self._inits("4bit") if m in self.loaded]
+        what = f"the factors of {', '.join(loaded)} loaded from its adapters" if loaded else "no factors to load"
+        v = origin.values
+        yield self.rec.emit(Stage("load", f"from init run {origin.name}: {v.get('model')} on {v.get('dataset')}, "
+                                          f"{v.get('seq_len')}-token windows, rank {v.get('rank')}; {what}"))
+
+    def _inits(self, base: str) -> list[str]:
+        """The initializations the arms on `base` start from (qlora aside), in arm order."""
+        return list(dict.fromkeys(ARM_SPECS[a].init for a in self.cfg.arms
+                                  if ARM_SPECS[a].base == base and ARM_SPECS[a].init != QLORA))
+
+    def _reuse_check(self) -> Iterator[Event]:
+        """Whether the init run's perplexities are this run's: the same held-out tokens (the init run's eval-tokens,
+        and as many tokens as it counted), measured on the same kind of device in the same compute dtype."""
+        origin, cfg = self.origin, self.cfg
+        n = int(self.eval_ids.numel())
+        reasons = []
+        if not same_held_out(cfg, origin):
+            reasons.append(f"eval-tokens {cfg.data.eval_tokens} (the init run's: {origin.values.get('eval_tokens')}) "
+                           "evaluates on the first of its held-out windows only")
+        elif origin.eval_tokens != n:
+            reasons.append(f"{n} held-out tokens here, {origin.eval_tokens} in the init run (has its text changed?)")
+        if origin.device_type != self.device.type or origin.values.get("compute_dtype") != cfg.model.compute_dtype:
+            reasons.append(f"the init run ran on {origin.report.get('device')} in compute dtype "
+                           f"{origin.values.get('compute_dtype')}, this one on {self.report['device']} in "
+                           f"{cfg.model.compute_dtype}")
+        self.reuse = not reasons
+        self.report["perplexities_from_init"] = self.reuse
+        if reasons:
+            yield self.rec.emit(Log(f"perplexities are measured here, not taken from init run {origin.name}: "
+                                    + "; ".join(reasons)))
+
     def _preflight(self, name: str, config) -> str:
         line, self.shapes = preflight_train(name, config, self.cfg, self.device)
         return line
@@ -187,9 +270,24 @@ class TrainRun:
         self.report["schedule"] = self.schedule
         self.report["memory_estimate"] = {"all_arms_bytes": need, "free_bytes": free, "fits_interleaved": fits}
 
+    def _arm_base(self, base: str):
+        """A bare `base` model for the arm set up next.
+
+        Quantizing is most of an arm's setup (about 18 s of CPU time for the embedded model's 4-bit base, 9 s for
+        its 8-bit one, against under 2 s to copy one), and bitsandbytes quantizes deterministically. So in the
+        interleaved schedule, where every arm stays resident anyway, a base is loaded once (or taken over from the
+        reference measured on it) and kept while more arms on it wait: they get deep copies of it, the same Q bit
+        for bit (test_train's step-0 perplexities match the init engine's), and the last one the model itself, so
+        that no more models are resident than arms. The sequential schedule keeps one arm resident at a time: it
+        loads each arm's base anew."""
+        model = self._spare.pop(base) if base in self._spare else self._load_base(base)
+        self._waiting[base] -= 1
+        if self.schedule == "interleaved" and self._waiting[base] > 0:
+            self._spare[base] = model
+            model = copy.deepcopy(model)
+        return model
+
     def _load_base(self, base: str):
-        if base in self._spare:
-            return self._spare.pop(base)
         if base == "4bit":
             return load_4bit(self.source, self.cfg.quant, self.device, self.dtype)
         if base == "8bit":
@@ -200,6 +298,13 @@ class TrainRun:
         """Full-precision and 8-bit perplexities first, so every face can draw them as reference lines."""
         bases = {ARM_SPECS[a].base for a in self.cfg.arms}
         for name, base, note in REFERENCES:
+            known = self.origin.perplexity(name) if self.reuse else None
+            if known is not None:  # measured by the init run on these held-out tokens
+                self.report["reference_perplexity"][name] = known
+                self.report.setdefault("reference_from", {})[name] = str(self.origin.folder)
+                self.rec.save()
+                yield self.rec.emit(Metric(name, known, "perplexity", f"{note}, from init run {self.origin.name}"))
+                continue
             self.rec.check_stop("the reference perplexities")
             yield self.rec.emit(Stage("reference", f"perplexity of the {note} model on {self.eval_ids.numel()} "
                                                    "held-out tokens"))
@@ -209,59 +314,118 @@ class TrainRun:
             self.report["seconds"][f"reference_{name}"] = time.perf_counter() - start
             self.report["reference_perplexity"][name] = ppl
             if base in bases and self.schedule == "interleaved":
-                self._spare[base] = model  # the first arm on this base takes it over
+                self._spare[base] = model  # the arms on this base take it over (_arm_base)
             del model
             free_memory()
             self.rec.save()
             yield self.rec.emit(Metric(name, ppl, "perplexity", note))
 
-    def _init_factors(self, base: str, method: str, model) -> Iterator[Event]:
-        """Factors of `method` for every target layer of a `base` model; the first call per base calibrates
-        once and computes every method the arms on that base need."""
-        if method in self.factors.get(base, {}):
+    def _init_factors(self, base: str, model) -> Iterator[Event]:
+        """Factors of every initialization the arms on `base` start from that is not there yet (loaded from an init
+        run, or computed by an earlier arm): one calibration pass computes the per-layer methods at once, with
+        closed_form when a whole-model method needs its start; then each whole-model method runs."""
+        have = self.factors.setdefault(base, {})
+        missing = [m for m in self._inits(base) if m not in have]
+        if not missing:
             return
-        methods = sorted({ARM_SPECS[a].init for a in self.cfg.arms if ARM_SPECS[a].base == base} - {"qlora"})
+        if self.origin is not None:
+            why = "it initialized against the 4-bit Q" if base != "4bit" else "it did not save them"
+            yield self.rec.emit(Log(f"{', '.join(missing)} against the {base} Q: not in init run {self.origin.name} "
+                                    f"({why}), computed here"))
+        whole = [m for m in missing if get_method(m).kind == MODEL]
+        per_layer = {m for m in missing if m not in whole}
+        if whole and "closed_form" not in have:
+            per_layer.add("closed_form")  # the whole-model methods' start (distill refines it), in the same pass
+        if per_layer:
+            yield from self._calibrate(base, sorted(per_layer), model)
+        for name in whole:
+            yield from self._whole_model(base, name, model)
+
+    def _calibrate(self, base: str, methods: list[str], model) -> Iterator[Event]:
+        """One block-by-block calibration of `model` computing every per-layer method of `methods`."""
         result = InitResult()
         n = len(self.calib_ids)
         yield self.rec.emit(Stage("calibrate", f"{n} x {self.calib_ids.shape[1]} tokens through the full-precision "
                                                f"blocks; {', '.join(methods)} against the {base} Q"))
         start = time.perf_counter()
-        calib_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         for event in initialize(model, self.checkpoint, self.calib_ids, self.cfg.lora, methods, result,
-                                device=self.device, calib_dtype=calib_dtype, damping=self.cfg.damping,
+                                device=self.device, calib_dtype=self.calib_dtype, damping=self.cfg.damping,
                                 als_rounds=self.cfg.als_rounds, should_stop=self.should_stop):
             if isinstance(event, Progress):
                 yield self.rec.emit(Progress(f"calibrate {base}", event.done, event.total, event.message))
-        self.factors[base] = result.factors
+        self.factors[base].update(result.factors)
         self.report["seconds"][f"calibrate_{base}"] = time.perf_counter() - start  # calibration + every method
-        self.report["seconds"][f"init_{base}"] = dict(result.seconds)  # the split, as initialize() measures it
-        self.report.setdefault("calibrated_error_median", {})[base] = {
-            m: statistics.median(row["calibrated_error"][m] for row in result.layers) for m in methods}
+        self.report["seconds"].setdefault(f"init_{base}", {}).update(result.seconds)  # initialize()'s split
+        self.report.setdefault("calibrated_error_median", {}).setdefault(base, {}).update({
+            m: statistics.median(row["calibrated_error"][m] for row in result.layers) for m in methods})
+
+    def _whole_model(self, base: str, name: str, model) -> Iterator[Event]:
+        """Whole-model method `name` on the `base` model (engine/plan.run_model_method, as the init flow runs it),
+        from the closed_form factors of the calibration pass."""
+        method = get_method(name)
+        self.rec.check_stop(f"initialization ({name})")
+        yield self.rec.emit(Stage("setup", f"{name} against the {base} Q: {method.help}"))
+        built = run_model_method(name, model, self.checkpoint, self.calib_ids, self.cfg.lora, self.device,
+                                 self.calib_dtype, damping=self.cfg.damping, als_rounds=self.cfg.als_rounds,
+                                 should_stop=self.should_stop, options=asdict(self.cfg),
+                                 start=self.factors[base].get("closed_form"))
+        self.factors[base][name] = built.factors
+        if built.ranks:
+            self.ranks.setdefault(base, {})[name] = built.ranks
+        if built.details:
+            self.report.setdefault("method_details", {}).setdefault(base, {})[name] = built.details
+        self.report["seconds"].setdefault(f"init_{base}", {})[name] = built.seconds
+        self.rec.save()
+        yield self.rec.emit(Log(f"{name}: initialized against the {base} Q in {built.seconds:.1f} s"))
+
+    def _known_step0(self, spec: ArmSpec) -> float | None:
+        """An arm's step-0 perplexity when it is known without measuring (None otherwise, or with measure_step0).
+        B = 0 adds exactly zero to every layer's output: a default-init arm on a reference base starts at that
+        reference, bit for bit. From an init run with the same held-out tokens, device kind and dtype: qlora4 starts
+        at its qlora perplexity, an arm with loaded factors at its perplexity of that method (the same Q, the same
+        factors, the same tokens)."""
+        if self.cfg.measure_step0:
+            return None
+        reference = {"8bit": "int8", "full": "full"}.get(spec.base)
+        if spec.init == QLORA and reference in self.report["reference_perplexity"]:
+            return self.report["reference_perplexity"][reference]
+        if self.reuse and spec.base == "4bit" and (spec.init == QLORA or spec.init in self.loaded):
+            return self.origin.perplexity(spec.init)
+        return None
 
     def _setup_arm(self, name: str) -> Iterator[Event]:
         cfg, spec = self.cfg, ARM_SPECS[name]
         self.rec.check_stop(f"the setup of arm {name}")
         yield self.rec.emit(Stage("setup", f"arm {name}: {spec.label}"))
         start = time.perf_counter()
-        model = self._load_base(spec.base)
+        model = self._arm_base(spec.base)
         paths = target_paths(model, cfg.lora)
-        if spec.init != "qlora":
-            yield from self._init_factors(spec.base, spec.init, model)
+        if spec.init != QLORA:
+            yield from self._init_factors(spec.base, model)
+        ranks = self.ranks.get(spec.base, {}).get(spec.init)  # budget's per-layer ranks (peft's rank_pattern)
         torch.manual_seed(cfg.data.seed)  # the same random A in every default-init arm
-        peft_model = attach_lora(model, cfg.lora, paths)
-        if spec.init != "qlora":
-            write_factors(peft_model, self.factors[spec.base][spec.init])
+        peft_model = attach_lora(model, cfg.lora, paths, ranks)
+        if spec.init != QLORA:
+            try:
+                write_factors(peft_model, self.factors[spec.base][spec.init])
+            except (KeyError, ValueError) as exc:
+                if spec.base != "4bit" or spec.init not in self.loaded:
+                    raise
+                raise ConfigError(f"init run {self.origin.name}: adapters/{spec.init} does not fit this model's LoRA "
+                                  f"layers: {one_line(exc, 160)}") from None
         arm = Arm(name, spec, peft_model, self.device, cfg.learning_rate, cfg.weight_decay)
         arm.setup_seconds = time.perf_counter() - start
         self.arms[name] = arm
+        init_from = "peft default (B = 0)" if spec.init == QLORA else (
+            f"init run {self.report['from_init']}" if spec.base == "4bit" and spec.init in self.loaded
+            else "computed in this run")
         self.report["arms"][name].update(status="running", trainable_parameters=arm.trainable,
-                                         weights_bytes=arm.weights_bytes)
-        reference = {"8bit": "int8", "full": "full"}.get(spec.base)
-        if spec.init == "qlora" and reference in self.report["reference_perplexity"]:
-            # B = 0 adds exactly zero to every layer's output: the step-0 model is the reference model, bit for bit
-            arm.evals.append((0, self.report["reference_perplexity"][reference]))
+                                         weights_bytes=arm.weights_bytes, init_from=init_from)
+        known = self._known_step0(spec)
+        if known is not None:
+            arm.evals.append((0, known))
             self.rec.save()
-            yield self.rec.emit(EvalPoint(arm.name, 0, arm.evals[-1][1]))
+            yield self.rec.emit(EvalPoint(arm.name, 0, known))
         else:
             yield from self._evaluate(arm, 0)
 
@@ -289,7 +453,7 @@ class TrainRun:
                   "data": cfg.data.dataset, "rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
                   "use_rslora": cfg.lora.rslora, "calibration": f"{cfg.data.calib_samples} x {cfg.data.seq_len} tokens",
                   "steps": f"{arm.steps_done} of {cfg.steps}", "held_out_perplexity": arm.final_perplexity,
-                  "run": str(self.run_dir)}
+                  "init_from": self.report["arms"][arm.name].get("init_from"), "run": str(self.run_dir)}
         folder = save_adapter(arm.model, self.run_dir / "adapters" / arm.name, record)
         arm.adapter_dir = str(folder)
         arm.status = "stopped" if stopped else "finished"

