@@ -321,8 +321,9 @@ def test_split_documents_recovers_make_splits(tmp_path, tiny_tok):
     assert torch.equal(pack_windows(ids(parts["calib"]), eos, 16, 8), splits.calib)
     assert torch.equal(pack_windows(ids(parts["train"]), eos, 16, 20), splits.train)
     assert reserved_documents(texts, splits, tiny_tok, ("calib",)) == set(parts["calib"])
-    with pytest.raises(ValueError, match="not the ones the splits were cut from"):
-        split_documents(texts[:5], splits, tiny_tok)
+    for other in (texts[:5], texts[1:]):  # too few documents; others than those cut
+        with pytest.raises(ValueError, match="not the ones the splits were cut from"):
+            split_documents(other, splits, tiny_tok)
 
 
 def test_build_tasks_keeps_calibration_documents_out(tmp_path, tiny_tok):

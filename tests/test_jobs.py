@@ -232,3 +232,37 @@ def test_a_dying_runner_leaves_a_failed_run_folder_and_the_worker_goes_on():
         assert (run_dir / ".owner").read_text().strip() != "alice"  # a hash of the owner key, not the key
     assert m.wait(m.submit("train", "t", "alice").id, 10).status == jobs.FINISHED
     assert m.owned(job.id, "alice").id == job.id and m.owned(job.id, "bob") is None and m.owned(job.id, "") is None
+
+
+def test_old_finished_jobs_leave_their_events_and_report_to_the_run_folder():
+    """Only the newest `keep_full` finished jobs hold their events and report in memory; an older one is read back
+    from its run folder (which the engine's runners write as they go), so its snapshots show the same as before.
+    A job whose runner wrote nothing to its folder stays in memory."""
+    from quailora_app.runs import RunFolder
+
+    def writes(cfg, should_stop, run_dir):
+        folder, report = RunFolder(run_dir), {"status": "finished", "cfg": cfg}
+        log = folder.open_log()
+        try:
+            for event in (Stage("calibrate", "fake"), Progress("calibrate", 1, 1), Metric("qlora", 10.0)):
+                log.append(event)
+                yield event
+            folder.write_report(report)
+            log.append(done := RunFinished(str(run_dir), report))
+            yield done
+        finally:
+            log.close()
+
+    m = jobs.JobManager({"init": writes, "train": slow_runner()}, keep_full=2)
+    silent = m.wait(m.submit("train", "t", "o9").id, 10)
+    ids = [m.wait(m.submit("init", i, f"o{i}").id, 10).id for i in range(4)]
+    kinds = ["stage", "progress", "metric", "finished"]
+    assert [m.get(i).archived for i in ids] == [True, True, False, False]
+    assert m.get(ids[0]).events == [] and m.get(ids[0]).report is None  # nothing of it left in memory
+    assert not m.get(silent.id).archived and m.get(silent.id).events  # its folder holds no events
+    for n, job_id in enumerate(ids):
+        job = m.snapshot(job_id)
+        assert job.status == jobs.FINISHED and [e["kind"] for e in job.events] == kinds
+        assert job.report == {"status": "finished", "cfg": n} and job.events[-1]["report"] == job.report
+    assert [e["kind"] for e in m.snapshot(ids[0], since=2).events] == kinds[2:]
+    assert m.latest("o0").id == ids[0] and m.owned(ids[1], "o1").report["cfg"] == 1

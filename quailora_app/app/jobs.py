@@ -12,6 +12,11 @@ A job that dies (any exception, out of memory, even a BaseException raised insid
 one line; the worker then makes sure the run folder says so too (report.json `status: failed` with the `error`,
 a last `failed` line in events.jsonl, both only where the engine did not get to write them), keeps whatever
 the run had written (events, adapters), frees memory and goes on with the next job in the queue.
+
+Memory stays flat over many jobs: the last `keep` jobs are remembered (a reopened page re-attaches to its owner's
+latest), but only the newest `keep_full` finished ones hold their events and report in memory. Older ones give
+them back to their run folder, which holds the same events and report, and `snapshot` reads them from there
+(the last few read are kept), so a finished job shows the same results however old it is.
 """
 from __future__ import annotations
 
@@ -22,9 +27,9 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,7 @@ from quailora_app.flows.init import run_init
 from quailora_app.flows.recorder import free_memory
 from quailora_app.flows.train import run_train
 from quailora_app.flows.views import run_views
-from quailora_app.runs import RunFolder
+from quailora_app.runs import EVENTS, RunFolder
 
 #: (config, should_stop, run_dir) -> event stream
 Runner = Callable[[Any, Callable[[], bool], Path], Iterator[Event]]
@@ -141,6 +146,7 @@ class Job:
     message: str = ""
     position: int | None = None  # 1 = next to run; None when running or done (filled in by snapshots)
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    archived: bool = False  # events and report left to the run folder (snapshots read them back from it)
 
     @property
     def active(self) -> bool:
@@ -159,13 +165,22 @@ class Job:
 
 
 class JobManager:
-    """A FIFO queue and one worker thread: at most one compute job runs at a time in this process."""
+    """A FIFO queue and one worker thread: at most one compute job runs at a time in this process.
 
-    def __init__(self, runners: dict[str, Runner] | None = None, *, gpu: bool = True, keep: int = 200):
+    `keep`: how many finished jobs are remembered; `keep_full`: how many of the newest of them keep their events
+    and report in memory (the older ones are read back from their run folders when asked for)."""
+
+    READ_BACK = 4  # archived jobs whose events and report stay cached after being read back (an open page polls)
+
+    def __init__(self, runners: dict[str, Runner] | None = None, *, gpu: bool = True, keep: int = 200,
+                 keep_full: int = 16):
         runners = dict(runners or DEFAULT_RUNNERS)
         self.runners = {k: (on_gpu(r, k) if gpu else r) for k, r in runners.items()}
         self.keep = keep
+        self.keep_full = keep_full
         self._jobs: dict[str, Job] = {}
+        self._on_disk: dict[str, bool] = {}  # finished job -> its run folder holds its events (and its report: True)
+        self._read_back: OrderedDict[str, tuple[list[dict], dict | None]] = OrderedDict()
         self._queue: deque[str] = deque()
         self._running: str | None = None
         self._lock = threading.Lock()
@@ -224,15 +239,34 @@ class JobManager:
         return self._jobs.get(job_id or "")
 
     def snapshot(self, job_id: str, since: int = 0) -> Job | None:
-        """A copy of the job safe to read while the worker runs (events from index `since` on)."""
+        """A copy of the job safe to read while the worker runs (events from index `since` on); an archived job's
+        events and report are read back from its run folder."""
         with self._lock:
             job = self._jobs.get(job_id or "")
             if job is None:
                 return None
-            copy = Job(job.id, job.kind, job.owner, job.config, job.status, job.created, job.started, job.ended,
-                       job.events[since:], job.version, job.stage, job.stage_message, job.done, job.total,
-                       job.run_dir, job.report, job.message, self._position(job), job.stop_event)
+            copy = replace(job, events=job.events[since:], position=self._position(job))
+        if copy.archived:
+            events, copy.report = self._read_archived(copy)
+            copy.events = events[since:]
         return copy
+
+    def _read_archived(self, job: Job) -> tuple[list[dict], dict | None]:
+        with self._lock:
+            cached = self._read_back.get(job.id)
+            if cached is not None:
+                self._read_back.move_to_end(job.id)
+                return list(cached[0]), cached[1]
+        folder = RunFolder(Path(job.run_dir or ""))
+        try:
+            events, report = folder.read_events(), (folder.read_report() if self._on_disk.get(job.id) else None)
+        except (OSError, ValueError):  # the run folder was removed or damaged since: the job shows what is left
+            events, report = [], None
+        with self._lock:
+            self._read_back[job.id] = (events, report)
+            while len(self._read_back) > self.READ_BACK:
+                self._read_back.popitem(last=False)
+        return list(events), report
 
     def owned(self, job_id: str, owner: str | None) -> Job | None:
         """`snapshot(job_id)` if the job belongs to `owner`, else None: a session never reads another's job."""
@@ -275,9 +309,31 @@ class JobManager:
 
     # -- the worker -------------------------------------------------------------------------------------
     def _forget_old(self) -> None:
+        """Forget finished jobs beyond the newest `keep`; archive those beyond the newest `keep_full`."""
         done = sorted((j for j in self._jobs.values() if not j.active), key=lambda j: j.created)
-        for job in done[: max(0, len(done) - self.keep)]:
+        cut = max(0, len(done) - self.keep)
+        for job in done[:cut]:
             del self._jobs[job.id]
+            self._on_disk.pop(job.id, None)
+            self._read_back.pop(job.id, None)
+        for job in done[cut: max(cut, len(done) - self.keep_full)]:
+            if not job.archived and job.id in self._on_disk and self._running != job.id:
+                job.events, job.report, job.archived = [], None, True
+
+    def _note_on_disk(self, job: Job) -> None:
+        """Remember that the finished job's run folder holds its events and report (what the engine's runners
+        write as they go; a runner that writes nothing keeps its job in memory)."""
+        if not job.run_dir:
+            return
+        folder = RunFolder(Path(job.run_dir))
+        try:
+            lines = (folder.path / EVENTS).read_bytes().count(b"\n") if (folder.path / EVENTS).is_file() else 0
+            on_disk = lines >= len(job.events) > 0 and (job.report is None or folder.report_path.is_file())
+        except OSError:
+            on_disk = False
+        if on_disk:
+            with self._lock:
+                self._on_disk[job.id] = job.report is not None
 
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -303,9 +359,11 @@ class JobManager:
                     job.version += 1
                 if job.status == FAILED:
                     self._mark_folder_failed(job)
+                self._note_on_disk(job)
                 release_memory()
                 with self._lock:
                     self._running = None
+                    self._forget_old()
                     self._ended.notify_all()
 
     def _execute(self, job: Job) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from quailora_app.errors import DataError
 
 # private helpers of the text reader: labelled files are read with the same rules, checks and messages
@@ -37,6 +39,7 @@ from quailora_app.sources.data import (
     _read_utf8,
     _short_reason,
     embedded_data_file,
+    pack_windows,
 )
 from quailora_app.units import format_bytes
 
@@ -126,6 +129,7 @@ def split_documents(texts: Sequence[str], splits: TokenSplits, tokenizer: Any, *
     random.Random(splits.seed).shuffle(order)
     names = ("eval", "calib", "train")
     out: dict[str, list[str]] = {name: [] for name in (*names, "unused")}
+    calib_ids: list[list[int]] = []
     stage = 0
     for start in range(0, len(order), batch_docs):
         batch = [docs[i] for i in order[start:start + batch_docs]]
@@ -140,8 +144,11 @@ def split_documents(texts: Sequence[str], splits: TokenSplits, tokenizer: Any, *
                 out["unused"].append(text)
             else:
                 out[names[stage]].append(text)
-    if any(len(out[name]) != splits.docs.get(name, 0) for name in names):
-        raise ValueError("these texts are not the ones the splits were cut from: their counts differ")
+                if names[stage] == "calib":
+                    calib_ids.append(list(ids))
+    calib = pack_windows(calib_ids, tokenizer.eos_token_id, splits.seq_len, len(splits.calib))
+    if any(len(out[name]) != splits.docs.get(name, 0) for name in names) or not torch.equal(calib, splits.calib):
+        raise ValueError("these texts (or this tokenizer) are not the ones the splits were cut from")
     return out
 
 
