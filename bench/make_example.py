@@ -2,14 +2,16 @@
 repository (assets/example/) so the app shows real plots, numbers and curves on a first visit.
 
     python bench/make_example.py                # full settings (many minutes of CPU): writes assets/example/
-    python bench/make_example.py --quick        # small settings, for development (a few minutes)
+    python bench/make_example.py --quick        # small settings, for development
     python bench/make_example.py --check        # re-run the shipped settings with the same seed into a temp
                                                 # folder and compare every perplexity with the shipped ones
 
 Full settings: embedded SmolLM2-135M-Instruct on the embedded rotten-tomatoes text, NF4 4-bit with double
 quantization, LoRA rank 16 / alpha 16 on all linear layers, 64 x 256 calibration tokens, 16,384 held-out tokens,
 every registered initialization method (LoftQ only where peft's LoftQ runs: CUDA); then the default fine-tuning
-arms (TrainConfig's defaults, evaluated every 5 steps), started from the init run when `train` can (--from-init).
+arms, 30 steps of 4 sequences, evaluated every 5 steps, started from the init run (`train --from-init`: its data
+cut and held-out tokens, so the curves start at the init run's perplexities). Every perplexity is measured (the
+perplexity cache is off).
 The run folders are written to a temp folder, then stripped to what the page reads (report.json, events.jsonl,
 each adapter's quailora.json; no adapter weights) and relabelled (their temp paths -> assets/example/...).
 assets/example/example.json records the command, preset, seed, device, machine, versions and date; README.md says
@@ -57,7 +59,8 @@ from quailora_app.flows.train import run_train  # noqa: E402
 from quailora_app.runs import EVENTS, REPORT, RunFolder  # noqa: E402
 
 #: preset -> (init settings, train settings); the model and the text are the embedded defaults in both. The train
-#: data settings apply only where `train --from-init` does not exist (with it, the init run's data cut is used).
+#: data settings (calib_samples, seq_len, eval_tokens) apply only where `train --from-init` does not exist (with it,
+#: the init run's data cut and held-out tokens are used).
 PRESETS = {
     "full": (dict(calib_samples=64, seq_len=256, eval_tokens=16384, als_rounds=20),
              dict(calib_samples=32, seq_len=128, eval_tokens=4096, steps=30, batch_size=4, eval_every=5)),
@@ -100,8 +103,8 @@ def train_config(preset: str, seed: int, device: str, out: Path, init_dir: Path 
     s = PRESETS[preset][1]
     common = dict(arms=default_arm_names(), steps=s["steps"], batch_size=s["batch_size"], eval_every=s["eval_every"],
                   out=str(out))
-    if init_dir is not None and has_from_init():
-        return from_init_helper()(str(init_dir), **common)
+    if init_dir is not None and has_from_init():  # the init run's data cut, held-out tokens included
+        return from_init_helper()(str(init_dir), device=device, **common)
     return TrainConfig(
         model=ModelConfig(device=device),
         data=DataConfig(seq_len=s["seq_len"], calib_samples=s["calib_samples"], eval_tokens=s["eval_tokens"],
@@ -111,7 +114,9 @@ def train_config(preset: str, seed: int, device: str, out: Path, init_dir: Path 
 
 
 def make_runs(preset: str, seed: int, device: str, work: Path) -> dict[str, float]:
-    """The init run into work/init, then the fine-tuning run into work/train; seconds of each."""
+    """The init run into work/init, then the fine-tuning run into work/train; seconds of each. Every perplexity is
+    measured: the perplexity cache (engine/perplexity_cache.py) is off, so --check re-measures rather than reads."""
+    os.environ["QUAILORA_PERPLEXITY_CACHE"] = "off"
     seconds = {}
     torch.manual_seed(seed)
     start = time.time()
@@ -341,7 +346,7 @@ def check(out: Path, rtol: float, keep_work: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small settings, for development (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="small settings, for development")
     p.add_argument("--check", action="store_true",
                    help="re-run the shipped example's settings and seed into a temp folder; compare the perplexities")
     p.add_argument("--rtol", type=float, default=0.0,

@@ -294,7 +294,7 @@ def test_continuation_task_is_seeded_and_held_out():
         doc = texts[item.row]
         assert doc not in reserved
         true = item.choices[item.answer]
-        assert doc.startswith(item.context + " " + true) and len(item.context.split()) <= 48
+        assert doc.startswith(item.context + " " + true) and len(item.context.split()) <= 32
         assert len(true.split()) == 10 and len(set(item.choices)) == 4
         assert all(len(c.split()) == 10 for c in item.choices)
     assert 0.15 < sum(it.answer == 0 for it in task.items) / 100 < 0.4  # the answer's place is drawn

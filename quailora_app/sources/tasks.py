@@ -410,7 +410,7 @@ def label_task(dataset: str = "embedded", *, text_column: str | None = None, lab
 
 
 def continuation_task(texts: Sequence[str], *, max_items: int = 0, choices: int = 4, seed: int = 0,
-                      reserved: Collection[str] = (), continuation_words: int = 10, context_words: int = 48,
+                      reserved: Collection[str] = (), continuation_words: int = 10, context_words: int = 32,
                       min_context_words: int = 10, source: str = "the text") -> Task:
     """Multiple choice from any text: a held-out document's first words (at most `context_words`, at least
     `min_context_words`) and the `continuation_words` that follow, against the continuations of `choices - 1`
