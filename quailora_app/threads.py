@@ -125,3 +125,10 @@ def apply_thread_policy(environ: MutableMapping[str, str] | None = None, cpus: i
     if process:
         _applied = applied
     return applied
+
+
+def waits_passively() -> bool:
+    """True when this process's OpenMP threads sleep at once when idle: the policy applied in time with
+    OMP_WAIT_POLICY=PASSIVE (then several threads on shared cores slow down only in proportion)."""
+    return _applied is not None and _applied.in_time and _applied.threads is not None \
+        and str(_applied.env.get("OMP_WAIT_POLICY", "")).upper() == "PASSIVE"

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from quailora_app.engine import init_math
 from quailora_app.engine.init_math import (
     DampedH,
     LowRankErrors,
@@ -284,3 +285,29 @@ def test_damped_h_cholesky_survives_a_singular_h_without_damping():
     h = damped(X @ X.T, damping=0.0)  # rank 5 of 30: only the jitter makes it factorizable
     L = h.cholesky()
     assert torch.allclose(L @ L.T, h.damped(), atol=1e-6 * float(h.damped().diagonal().mean()))
+
+
+def test_svd_shared_between_methods_is_exact_and_never_stale():
+    """svd and quailora reuse one Gram eigh per E (init_math._LastGram): the results equal a fresh computation,
+    an in-place change of E or a new tensor (even at a reused address) is computed afresh."""
+    gen = torch.Generator().manual_seed(3)
+    E = torch.randn(48, 32, generator=gen, dtype=torch.float64)
+    fresh_P, fresh_Rt = init_math.svd_correction(E.clone(), 4)
+    P, Rt = init_math.svd_correction(E, 4)
+    assert init_math._last_gram.get(E) is not None  # the next method on this E reads it
+    P2, Rt2 = init_math.svd_correction(E, 6)  # another rank from the same decomposition
+    assert torch.equal(P, fresh_P) and torch.equal(Rt, fresh_Rt)
+    assert torch.allclose(P2[:, :4] @ Rt2[:4], P @ Rt, atol=1e-12)
+    E.mul_(2.0)  # in place: the version counter moves, the cached eigh is not used
+    assert init_math._last_gram.get(E) is None
+    P3, Rt3 = init_math.svd_correction(E, 4)
+    assert torch.allclose(P3 @ Rt3, 2 * (P @ Rt), atol=1e-10)
+    for _ in range(20):  # fresh tensors of the same shape (the allocator reuses addresses): never a hit
+        del E
+        E = torch.randn(48, 32, generator=gen, dtype=torch.float64)
+        assert init_math._last_gram.get(E) is None
+        P4, Rt4 = init_math.svd_correction(E, 4)
+        ref_P, ref_Rt = init_math.svd_correction(E.clone(), 4)
+        assert torch.equal(P4 @ Rt4, ref_P @ ref_Rt)
+    del E
+    assert init_math._last_gram.value is None  # freed with its matrix

@@ -154,7 +154,7 @@ def default_settings(gpu: bool) -> dict[str, Any]:
                     methods=list(settings(InitConfig)["methods"].choices()), baselines=True, targets=[ALL_LINEAR],
                     steps=200, batch_size=8, eval_every=20, learning_rate=2e-4)
     return dict(calib_samples=16, seq_len=256, eval_tokens=2048, methods=["qlora", "svd", "quailora"],
-                baselines=True, targets=[ALL_LINEAR], steps=20, batch_size=2, eval_every=5,
+                baselines=True, targets=[ALL_LINEAR], steps=10, batch_size=1, eval_every=5,
                 learning_rate=2e-4)
 
 

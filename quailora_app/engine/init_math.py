@@ -12,6 +12,8 @@ which returns float32 (what the LoRA layers hold).
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +110,48 @@ def damped(H: Tensor, damping: float = 0.01) -> DampedH:
     return DampedH(H64.to(_work_dtype(H.device)), lam)
 
 
+class _LastGram(threading.local):
+    """The Gram eigen-decomposition of the last matrix `_truncated_svd` saw, while that matrix lives.
+
+    svd and quailora both start from the truncated SVD of the same E (one tensor per layer, shared by the methods,
+    engine/initialize.py): the eigh, most of either's cost on CPU, then runs once per layer instead of once per
+    method. Keyed on the tensor object itself (a weak reference and its in-place version counter), never on its
+    address, and cleared when the tensor is freed, so a later matrix can never read a stale result."""
+
+    def __init__(self) -> None:
+        self.ref: weakref.ref | None = None
+        self.version = -1
+        self.value: tuple[Tensor, Tensor] | None = None
+
+    def get(self, M: Tensor) -> tuple[Tensor, Tensor] | None:
+        hit = self.ref is not None and self.ref() is M and self.version == M._version
+        return self.value if hit else None
+
+    def put(self, M: Tensor, value: tuple[Tensor, Tensor]) -> None:
+        self.ref, self.version, self.value = weakref.ref(M), M._version, value
+        weakref.finalize(M, self._forget, self.ref)
+
+    def _forget(self, ref: weakref.ref) -> None:
+        if self.ref is ref:
+            self.ref, self.value = None, None
+
+
+_last_gram = _LastGram()
+
+
+def _gram_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """(eigenvalues ascending, eigenvectors) of the smaller Gram matrix of M (M^T M if tall, else M M^T), float64;
+    the last matrix's result is reused (see _LastGram)."""
+    cached = _last_gram.get(M)
+    if cached is not None:
+        return cached
+    M64 = M.to(torch.float64)
+    gram = M64.T @ M64 if M64.shape[0] >= M64.shape[1] else M64 @ M64.T
+    value = torch.linalg.eigh((gram + gram.T) / 2)
+    _last_gram.put(M, value)
+    return value
+
+
 def _truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-`rank` singular triplets of M through the eigen-decomposition of its smaller Gram matrix.
 
@@ -115,10 +159,9 @@ def _truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     min(m, n)-square matrix is several times faster than a full SVD on CPU; it is computed in float64, so the
     squared condition number costs nothing for the leading triplets that a rank-r correction keeps.
     Pads with zero singular triplets if rank > min(m, n)."""
+    w, vecs = _gram_eigh(M)
     M64 = M.to(torch.float64)
     tall = M64.shape[0] >= M64.shape[1]
-    gram = M64.T @ M64 if tall else M64 @ M64.T
-    w, vecs = torch.linalg.eigh((gram + gram.T) / 2)
     k = min(rank, w.numel())
     w, vecs = w.flip(0)[:k].clamp(min=0.0), vecs.flip(1)[:, :k]
     S = w.sqrt()

@@ -26,6 +26,7 @@ from quailora_app.engine.plan import LayerLoRA, split_path, target_paths
 from quailora_app.engine.quantize import dequantized_weight
 from quailora_app.errors import Cancelled
 from quailora_app.events import Event, LayerResult, Progress
+from quailora_app.threads import waits_passively
 
 
 @dataclass
@@ -52,12 +53,14 @@ class LayerCurve:
 
 @contextmanager
 def one_cpu_thread(device: torch.device):
-    """Run the per-layer matrix math on one CPU thread.
+    """Run the per-layer matrix math on one CPU thread, unless OpenMP's idle threads sleep (threads.py).
 
-    The matrices are small (n <= a few thousand) and float64: OpenMP threads gain little on them, and when the
-    cores are shared (another process, the UI's server) their spin-waits made ALS and the eigen-decompositions
-    100-400x slower here (0.2 s -> 10 s for a 1536 x 576 layer on 2 busy cores). GPUs are unaffected."""
-    if device.type != "cpu":
+    The matrices are small (n <= a few thousand) and float64: OpenMP threads gain little on them (2 threads: 23 ->
+    19 s for SmolLM2's 210 layers), and when the cores are shared (another process, the UI's server) their
+    spin-waits made ALS and the eigen-decompositions 100-400x slower here (0.2 s -> 10 s for a 1536 x 576 layer on
+    2 busy cores). With passive waiting (the app's and the CLI's policy) that cannot happen, so the threads stay.
+    GPUs are unaffected."""
+    if device.type != "cpu" or waits_passively():
         yield
         return
     before = torch.get_num_threads()
