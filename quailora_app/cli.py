@@ -320,6 +320,9 @@ def train_table(report: dict) -> str:
                      f"{fmt(mem / MIB if mem else None, '.0f'):>9}")
     lines.append("gap closed = (ppl_qlora4 - ppl_arm) / (ppl_qlora4 - ppl_target) on the final evaluations; "
                  "target qlora8 (8-bit) and lora16 (full), each when that arm runs")
+    how = next((a.get("memory_method") for a in report["arms"].values() if a.get("memory_method")), "")
+    if how:
+        lines.append(f"peak MiB, {how}")
     return "\n".join(line for line in lines if line)
 
 

@@ -109,6 +109,7 @@ class TrainStep(Event):
     elapsed_s: float  # seconds this step took (forward, backward, optimizer)
     memory_bytes: int
     batch_hash: str = ""  # fingerprint of the step's token ids: identical across arms at the same step
+    memory_how: str = ""  # how memory_bytes was had: measured (CUDA), partly measured, accounted (CPU)
 
 
 @dataclass

@@ -77,3 +77,25 @@ def test_train_poll_redraws_the_curves_when_points_arrive():
     job.version += 1
     second = poll({"owner": "alice"}, "t1", first[-1], "")
     assert not skipped(second[2]) and skipped(second[4])  # the curves, not the summary
+
+
+def test_progress_says_the_time_left_in_the_stage_from_its_measured_rate():
+    """Init: 3 of 30 blocks in 30 s since the stage began -> about 4 min left; fine-tuning: 4 of 2 x 10 steps in
+    40 s -> about 160 s = 3 min; nothing before the first unit or once the job is done."""
+    from types import SimpleNamespace
+
+    from quailora_app.app.presenters import _stage_progress, _train_progress, time_left
+
+    job = init_job(events=[{"kind": "stage", "stage": "calibrate", "time": 1000.0}], done=3, total=30)
+    assert time_left(job, 3, 30, now=1030.0) == " · about 4 min left in this stage"
+    assert time_left(job, 0, 30, now=1030.0) == "" and time_left(job, 30, 30, now=1030.0) == ""
+    assert "left in this stage" in _stage_progress(job)[1]
+    job.status = FINISHED
+    assert time_left(job, 3, 30, now=1030.0) == ""
+    steps = [{"kind": "train_step", "arm": arm, "step": s, "total_steps": 10, "train_loss": 2.0}
+             for s in (1, 2) for arm in ("qlora4", "quailora4")]
+    train = Job(id="t1", kind="train", owner="alice", config=SimpleNamespace(arms=("qlora4", "quailora4"), steps=10),
+                status=RUNNING, started=0.0, stage="train",
+                events=[{"kind": "stage", "stage": "train", "time": 2000.0}, *steps])
+    assert time_left(train, 4, 20, now=2040.0) == " · about 3 min left in this stage"
+    assert "left in this stage" in _train_progress(train)[1]

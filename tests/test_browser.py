@@ -1,7 +1,8 @@
 """End to end in headless Chromium with the embedded SmolLM2: the first visit shows the shipped example run
 (plots, numbers and curves, labelled) without pressing anything; set small settings, quantize & initialize (the
 live run replaces the shipped one), watch the per-layer plot render, compute the teaching views and open How it
-works, start a short two-arm fine-tuning, see the live curve gain points, stop it.
+works, start a short two-arm fine-tuning from that init run (the default), see its first curve points and then
+more, stop it.
 Screenshots go to test-output/ (ignored by git)."""
 from __future__ import annotations
 
@@ -158,12 +159,17 @@ def test_init_then_finetune_in_the_browser(app_url):
         set_number(page, "steps", 8)
         set_number(page, "batch (sequences per step)", 1)
         set_number(page, "evaluate every (steps)", 2)
+        expect(page.locator("#start-from-init input")).to_be_checked()  # the default: from the init run above
+        start = time.time()
         page.locator("#live-train").click()  # "Compute it live" beside the shipped curves presses Start fine-tuning
+        expect(page.locator(".toast-body").filter(has_text="starts from init run")).to_be_visible(timeout=ms(30_000))
         expect(page.locator("#train-status")).to_contain_text(re.compile("running|queued"), timeout=ms(30_000))
         expect(page.locator("#example-train")).to_be_hidden(timeout=ms(10_000))
         page.wait_for_function(LIVE_CURVES, timeout=ms(30_000))
-        # the left panel (validation perplexity) first shows step 0 of both arms, then gains the step-2 points
-        page.wait_for_function(f"() => document.querySelectorAll('{VAL_POINTS}').length >= 2", timeout=ms(300_000))
+        # the left panel (validation perplexity) first shows step 0 of both arms (the init run's perplexities: no
+        # second calibration), then gains the step-2 points
+        page.wait_for_function(f"() => document.querySelectorAll('{VAL_POINTS}').length >= 2", timeout=ms(120_000))
+        first_point_seconds = time.time() - start
         first = page.locator(VAL_POINTS).count()
         page.wait_for_function(f"() => document.querySelectorAll('{VAL_POINTS}').length > {first}", timeout=ms(180_000))
         assert page.locator(VAL_POINTS).count() > first
@@ -184,4 +190,5 @@ def test_init_then_finetune_in_the_browser(app_url):
         page.wait_for_function(LIVE_CURVES, timeout=ms(30_000))
         page.wait_for_selector(VAL_POINTS, timeout=ms(30_000))
         browser.close()
-    print(f"init flow in the browser: {init_seconds:.0f} s, teaching views: {views_seconds:.0f} s")
+    print(f"init flow in the browser: {init_seconds:.0f} s, teaching views: {views_seconds:.0f} s, fine-tuning from "
+          f"the init run: first curve points after {first_point_seconds:.0f} s")

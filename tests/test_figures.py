@@ -116,5 +116,7 @@ def test_train_table_and_ema():
     rows = F.train_table(train_events(), ["qlora4", "quailora4", "qlora8"])
     assert rows[0][1] == "4 / 4" and rows[0][2] == "1,000" and rows[0][3] == "1.00 GiB" and rows[0][6] == "12"
     assert rows[2][1] == "waiting"
+    cpu = [{**e, "memory_how": "accounted"} if e["kind"] == "train_step" else e for e in train_events()]
+    assert F.train_table(cpu, ["qlora4"])[0][3] == "1.00 GiB (accounted)"  # CPU memory says how it was had
     assert F.ema([1.0, 0.0], 0.5) == [1.0, 0.5]
     assert not F.train_figure([]).data

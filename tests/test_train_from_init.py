@@ -179,3 +179,24 @@ def test_read_init_run_and_unknown_overrides(init_run):
     assert source.folder == run_dir and set(source.saved) == {"quailora", "closed_form", "budget"}
     with pytest.raises(ConfigError, match="unknown setting"):
         train_config_from_init(source, stepz=3)
+
+
+def test_the_form_starts_from_the_init_run_while_the_setup_matches_it(init_run, tiny_model_dir, text_file):
+    """The app's step 3 (app/forms.make_train_config_from_init): the session's finished init run is used while the
+    Setup still shows its model, data cut and LoRA shape; a changed Setup or no init run computes afresh, and the
+    one line says which."""
+    from quailora_app.app.forms import make_train_config_from_init
+
+    run_dir, _ = init_run
+    form = dict(model=str(tiny_model_dir), dataset=str(text_file), seq_len=32, calib_samples=8, eval_tokens=256,
+                rank=4, alpha=8.0, arms=["qlora4", "quailora4"], steps=3, batch_size=1, eval_every=3,
+                learning_rate=1e-3)
+    cfg, note = make_train_config_from_init(form, run_dir)
+    assert cfg.from_init == str(run_dir) and note.startswith(f"starts from init run {run_dir.name}")
+    assert (cfg.steps, cfg.batch_size, cfg.arms, cfg.lora.rank, cfg.data.eval_tokens) == \
+        (3, 1, ("qlora4", "quailora4"), 4, 256)
+    changed, note = make_train_config_from_init({**form, "rank": 8}, run_dir)
+    assert changed.from_init is None and changed.lora.rank == 8
+    assert "no longer matches" in note and "--rank 8" in note
+    fresh, note = make_train_config_from_init(form, None)
+    assert fresh.from_init is None and note.startswith("no finished init run")

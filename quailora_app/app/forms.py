@@ -26,6 +26,7 @@ from quailora_app.config import (
     ViewsConfig,
 )
 from quailora_app.engine.arms import ARM_SPECS
+from quailora_app.engine.from_init import conflicts, read_init_run, train_config_from_init
 from quailora_app.engine.methods import BASELINE, all_methods
 from quailora_app.errors import UserError, one_line
 from quailora_app.settings import Setting, build, settings
@@ -148,6 +149,34 @@ def make_init_config(values: Mapping[str, Any]) -> InitConfig:
 def make_train_config(values: Mapping[str, Any]) -> TrainConfig:
     """The Setup and step 3 fields by setting name -> TrainConfig."""
     return build(TrainConfig, form_values(TrainConfig, values))
+
+
+#: the step 3 settings a fine-tuning run that starts from an init run takes from the form; the model, data cut,
+#: quantization, LoRA shape and held-out tokens are the init run's (engine/from_init.py)
+TRAINING_ONLY = ("arms", "steps", "learning_rate", "batch_size", "grad_accum", "eval_every", "warmup_ratio")
+
+
+@one_line_errors
+def make_train_config_from_init(values: Mapping[str, Any], init_run: str | os.PathLike | None
+                                ) -> tuple[TrainConfig, str]:
+    """(TrainConfig, one line saying what it starts from) for the Setup and step 3 fields by setting name.
+
+    With `init_run` (the session's latest finished init run) and a Setup that still shows that run's model, data
+    cut, quantization and LoRA shape: a run that starts from it (`train --from-init`: its 4-bit model, its
+    held-out perplexities and saved initializations, no second calibration), with step 3's training settings.
+    Otherwise the Setup's own settings, and the line says why (no init run yet, or which setting changed)."""
+    typed = form_values(TrainConfig, values)
+    if init_run is None:
+        return build(TrainConfig, typed), ("no finished init run in this session yet: each 4-bit arm computes its "
+                                           "initialization on the fine-tuning run's calibration text first")
+    source = read_init_run(init_run)
+    changed = conflicts(typed, source)
+    if changed:
+        return build(TrainConfig, typed), (f"the Setup no longer matches init run {source.name} ({changed[0]}): "
+                                           "the arms compute their initializations anew with the Setup's settings")
+    config = train_config_from_init(source, **{k: typed[k] for k in TRAINING_ONLY if k in typed})
+    return config, (f"starts from init run {source.name}: its 4-bit model, held-out perplexities and saved "
+                    "initializations (no second calibration)")
 
 
 def peek_columns(path: str) -> tuple[list[str], str | None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import shutil
 import tempfile
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -41,6 +42,23 @@ TRAIN_STAGES = [("load", "load model & text", 0.03), ("reference", "full-precisi
                 ("setup", "set up arms (quantize, calibrate, initialize)", 0.2), ("train", "train + evaluate", 0.7)]
 
 
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def time_left(job: Job, done: float, total: float, now: float | None = None) -> str:
+    """' · about 40 s left in this stage': the current stage's measured rate (seconds since its Stage event per
+    unit done: blocks, methods, steps) times the units left; "" before the first unit, at the end, or when the job
+    is not running."""
+    if job.status != RUNNING or not total or not 0 < done < total:
+        return ""
+    start = next((e.get("time") for e in reversed(job.events) if e.get("kind") == "stage"), None)
+    if not isinstance(start, (int, float)):
+        return ""
+    elapsed = max(0.0, (time.time() if now is None else now) - start)
+    return f" · about {_seconds(elapsed / done * (total - done))} left in this stage"
+
+
 def _stage_progress(job: Job) -> tuple[float, str]:
     """Overall fraction done and a line for the current stage of an init job."""
     names = [s for s, _, _ in INIT_STAGES]
@@ -56,6 +74,8 @@ def _stage_progress(job: Job) -> tuple[float, str]:
     line = job.stage_message or stage
     if stage == "calibrate" and job.total:
         line = f"calibrate + initialize: block {job.done} of {job.total}"
+    if stage != "baseline":
+        line += time_left(job, job.done, job.total)
     return min(frac, 1.0), line
 
 
@@ -83,9 +103,12 @@ def _train_progress(job: Job) -> tuple[float, str]:
         line = job.stage_message or stage
         if job.stage.startswith("calibrate") and job.total:
             line = f"calibrate + initialize the 4-bit arms: block {job.done} of {job.total}"
+            line += time_left(job, job.done, job.total)
         return min(frac, 1.0), line
     done = sum(last[a]["step"] / max(1, last[a]["total_steps"]) for a in last) / max(1, len(arms))
     per_arm = ", ".join(f"{F.label(a)} step {last[a]['step']}/{last[a]['total_steps']}" for a in last)
+    steps = getattr(job.config, "steps", 0) or max(e["total_steps"] for e in last.values())
+    per_arm += time_left(job, sum(e["step"] for e in last.values()), steps * max(1, len(arms)))
     return min(frac + weights["train"] * done, 1.0), per_arm
 
 

@@ -82,6 +82,7 @@ from quailora_app.app.forms import (
     inspect_upload,
     make_init_config,
     make_train_config,
+    make_train_config_from_init,
     make_views_config,
     method_choices,
     method_info,
@@ -124,7 +125,7 @@ SETUP_NAMES = ("model", "dataset", "upload", "text_column", "quant", "double_qua
                "rslora", "targets", "calib_samples", "seq_len", "eval_tokens", "seed")
 INIT_NAMES = (*SETUP_NAMES, "methods", "baselines", "als_rounds", "damping")
 TRAIN_NAMES = (*SETUP_NAMES, "als_rounds", "damping", "arms", "steps", "learning_rate", "batch_size", "grad_accum",
-               "eval_every", "warmup_ratio")
+               "eval_every", "warmup_ratio", "start_from_init")
 VIEWS_NAMES = ("model", "dataset", "upload", "text_column", "quant", "double_quant", "block_size", "eval_tokens",
                "seed", "als_rounds", "damping", "layer", "views_rank", "views_calib_samples", "views_seq_len")
 
@@ -325,14 +326,47 @@ class Studio:
     def start_init(self, session, request: gr.Request, **form):
         return self._submit("init", session, request, form, make_init_config)
 
-    def start_train(self, session, request: gr.Request, **form):
-        return self._submit("train", session, request, form, make_train_config)
+    def start_train(self, session, init_job_id, request: gr.Request, **form):
+        """Fine-tuning from the session's latest finished init run when `start_from_init` (the default) and the
+        Setup still matches it; else from the Setup's settings. A toast says which and why."""
+        session, owner = session_owner(session)
+        from_init = form.pop("start_from_init", True)
+        init = self._finished_init(owner, init_job_id) if from_init else None
+        if from_init and init is not None and init.active:
+            raise gr.Error(f"init run {Path(init.run_dir or '').name or init.id} is still running: wait for it to "
+                           "finish, or untick 'start from my latest init run'")
+        notes: list[str] = []
+
+        def make(values: dict):
+            if not from_init:
+                return make_train_config(values)
+            config, note = make_train_config_from_init(values, init.run_dir if init else None)
+            notes.append(note)
+            return config
+
+        answer = self._submit("train", session, request, form, make)
+        if notes and notes[0]:
+            gr.Info(notes[0])
+        return answer
 
     def start_views(self, session, init_job_id, request: gr.Request, **form):
         session, owner = session_owner(session)
         reports = self._init_reports(owner, init_job_id)
         return self._submit("views", session, request, form,
                             lambda values: make_views_config(values, self.view_ranks, reports))
+
+    def _finished_init(self, owner: str, init_job_id: str | None) -> Job | None:
+        """`init_job_id`'s init job (else the owner's latest) when it is running or has finished with a report;
+        None when there is none, or it failed or was stopped."""
+        init = self.manager.owned(init_job_id, owner) if init_job_id else None
+        if init is None or init.kind != "init":
+            init = self.manager.latest(owner, "init")
+        if init is None or not init.run_dir:
+            return None
+        if init.active:
+            return init
+        report = RunFolder(Path(init.run_dir)).read_report()
+        return init if report and report.get("status") == "finished" else None
 
     def _init_reports(self, owner: str, init_job_id: str | None) -> list[str]:
         """The init run folder whose perplexities go into the views' precision table: `init_job_id`'s, else the
@@ -690,6 +724,9 @@ def train_section(studio: Studio, d: dict[str, Any], shipped: dict[str, Any] | N
         with gr.Row():
             f["grad_accum"] = gr.Number(value=train["grad_accum"].default, precision=0, label="gradient accumulation")
             f["warmup_ratio"] = gr.Number(value=train["warmup_ratio"].default, label="warm-up share of steps")
+    f["start_from_init"] = gr.Checkbox(value=True, elem_id="start-from-init", label=(
+        "start from my latest init run (its model, text, held-out perplexities and initializations: the first step "
+        "comes within seconds; the Setup must still match it)"))
     start, stop, job = _job_row("Start fine-tuning", "train")
     progress = gr.HTML(studio.progress(None), elem_id="train-progress")
     status = gr.Markdown("Nothing started yet in this session.", elem_id="train-status")
@@ -834,7 +871,8 @@ def _wire_init(studio: Studio, session, seen, setup: Setup, init: InitPanel, tra
 
 def _wire_train(studio: Studio, session, seen, setup: Setup, init: InitPanel, train: TrainPanel, results: Results,
                 poll_seconds: float) -> None:
-    _wire_job(studio, session, train.panel, studio.start_train, [session], setup.named(TRAIN_NAMES, train.fields),
+    _wire_job(studio, session, train.panel, studio.start_train, [session, init.panel.job],
+              setup.named(TRAIN_NAMES, train.fields),
               studio.train_status, train.outputs, "train")
     poll = studio.poller(_count_train, studio.draw_train, len(train.outputs) - 1)
     _poll_timer(poll_seconds, poll, [session, train.panel.job, seen, init.panel.job],

@@ -192,6 +192,7 @@ class Arm:
     seconds: float = 0.0  # steps + evaluations of this arm
     setup_seconds: float = 0.0
     memory_method: str = ""
+    memory_how: str = ""  # one word for tables: measured, partly measured or accounted
     adapter_dir: str = ""
     status: str = "running"
 
@@ -247,15 +248,18 @@ class Arm:
             memory = int(torch.cuda.max_memory_allocated(self.device))
             self.memory_method = ("measured: torch.cuda.max_memory_allocated during the arm's step "
                                   "(arm alone on the device)")
+            self.memory_how = "measured"
         elif cuda:
             peak = int(torch.cuda.max_memory_allocated(self.device))
             memory = self.weights_bytes + self.optimizer_bytes() + peak - before
             self.memory_method = ("arm's weights + AdamW state (accounted) + the step's measured rise of "
                                   "torch.cuda.max_memory_allocated above the memory allocated before it")
+            self.memory_how = "partly measured"
         else:
             memory = self.weights_bytes + grad_bytes + self.optimizer_bytes() + activation_peak
             self.memory_method = ("accounted: weights and quantization state + LoRA gradients + AdamW state + "
                                   "activations autograd saved for backward (one micro-batch)")
+            self.memory_how = "accounted"
         self.steps_done += 1
         self.step_seconds.append(seconds)
         self.losses.append(total / len(micro_batches))

@@ -439,7 +439,7 @@ class TrainRun:
             yield self.rec.emit(Log(f"arm {arm.name}: the training loss is {loss} at step {step}; its LoRA factors are "
                                  "no longer finite (try a lower learning rate)", "warning"))
         yield self.rec.emit(TrainStep(arm.name, step, self.cfg.steps, loss, lr, tokens / seconds, seconds, memory,
-                                      batch_hash(micro)))
+                                      batch_hash(micro), arm.memory_how))
 
     def _evaluate(self, arm: Arm, step: int) -> Iterator[Event]:
         ppl = arm.evaluate(step, self.eval_ids, self.cfg.eval_batch)

@@ -418,7 +418,8 @@ TRAIN_HEADER = ["arm", "step", "tokens / s", "memory (peak)", "val perplexity (l
 
 
 def train_table(events: Sequence[Mapping], arms: Sequence[str] | None = None) -> list[list]:
-    """Per arm: step reached, mean tokens/s over the last 5 steps, peak memory, last and best perplexity."""
+    """Per arm: step reached, mean tokens/s over the last 5 steps, peak memory (with how it was had: measured on
+    CUDA, accounted on CPU, where a process's memory cannot be told apart per arm), last and best perplexity."""
     rows = []
     for arm in dict.fromkeys([*(arms or []), *arms_in(events)]):
         steps = [e for e in events if e.get("kind") == "train_step" and e.get("arm") == arm]
@@ -432,7 +433,7 @@ def train_table(events: Sequence[Mapping], arms: Sequence[str] | None = None) ->
             label(arm),
             f"{last.get('step', 0)} / {last.get('total_steps', '?')}" if steps else "waiting",
             f"{sum(recent) / len(recent):,.0f}" if recent else "–",
-            format_bytes(peak, 2) if peak else "–",
+            (format_bytes(peak, 2) + (f" ({last['memory_how']})" if last.get("memory_how") else "")) if peak else "–",
             f"{evals[-1]:.2f}" if evals else "–",
             f"{min(evals):.2f}" if evals else "–",
             f"{done['seconds']:.0f}" if done and done.get("seconds") is not None else

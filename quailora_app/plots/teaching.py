@@ -342,9 +342,13 @@ def precision_figure(table: PrecisionTable) -> go.Figure:
         xs = [r.total_bytes / MIB for r in rated]
         fig.update_xaxes(range=[0, max(xs) * 1.35], row=1, col=2)
     else:
-        fig.add_annotation(text="run `python -m quailora_app init` and pass its report.json<br>"
-                                "to place measured models here",
-                           xref="x2 domain", yref="y2 domain", x=0.5, y=0.5, showarrow=False, font={"color": "#777"})
+        # an empty panel: plotly draws no axes for it and places "x2 domain" notes on the page's left, over the
+        # first panel's labels; so the note is placed in page coordinates at the middle of the panel's domain
+        left, right = fig.layout.xaxis2.domain
+        fig.add_annotation(text="measured models appear here<br>after an init run (step 2,<br>"
+                                "or <i>python -m quailora_app init</i>)",
+                           xref="paper", yref="paper", x=(left + right) / 2, y=0.5, showarrow=False,
+                           font={"color": "#777"})
     fig.update_xaxes(title_text="weight memory, whole model (MiB)", row=1, col=2)
     fig.update_yaxes(title_text="held-out perplexity (lower is better)", row=1, col=2)
     return _layout(fig, title, 500, top=125, legend_y=1.09)
