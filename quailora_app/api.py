@@ -37,7 +37,7 @@ from quailora_app.engine.plan import LayerLoRA, ModelContext, split_path
 from quailora_app.engine.quantize import calibration_dtype, is_quantized
 from quailora_app.errors import ConfigError, DataError, ModelError, one_line
 from quailora_app.events import Progress
-from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, pack_windows, texts_of_dataset
+from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, bos_id, pack_windows, texts_of_dataset
 
 
 @dataclass
@@ -226,7 +226,8 @@ def _checkpoint(folder: Path, plan: Mapping[str, LayerLoRA]) -> Checkpoint:
 # ---------------------------------------------------------------------------------------------- calibration
 def calibration_ids(calibration, tokenizer=None, seq_len: int = 256, max_samples: int = 64,
                     text_column: str | None = None) -> torch.LongTensor:
-    """Calibration windows (n x seq_len) from strings, a datasets.Dataset, token-id sequences or a tensor."""
+    """Calibration windows (n x seq_len) from strings, a datasets.Dataset, token-id sequences or a tensor; packed
+    windows start with the tokenizer's BOS where it adds one by default (sources/data.py `bos_id`)."""
     if seq_len < 2 or max_samples < 1:
         raise ConfigError(f"need seq_len >= 2 and max_samples >= 1; got {seq_len}, {max_samples}")
     if isinstance(calibration, torch.Tensor):
@@ -238,7 +239,7 @@ def calibration_ids(calibration, tokenizer=None, seq_len: int = 256, max_samples
         return calibration[:max_samples].long()
     sequences = _token_sequences(calibration, tokenizer, text_column)
     sep = getattr(tokenizer, "eos_token_id", None)
-    windows = pack_windows(sequences, sep, seq_len, max_samples)
+    windows = pack_windows(sequences, sep, seq_len, max_samples, bos_id(tokenizer) if tokenizer is not None else None)
     if len(windows) == 0:
         tokens = sum(len(s) for s in sequences)
         raise DataError(f"the calibration data holds {tokens:,} tokens, fewer than one window of seq_len={seq_len}: "

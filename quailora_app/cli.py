@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from quailora_app.config import (
+    ACCURACY_TASKS,
     DataConfig,
     InitConfig,
     LoraSettings,
@@ -18,6 +19,7 @@ from quailora_app.config import (
     QuantConfig,
     TrainConfig,
     ViewsConfig,
+    init_accuracy,
 )
 from quailora_app.engine.from_init import train_config_from_init
 from quailora_app.engine.quiet import quiet_libraries
@@ -40,7 +42,10 @@ from quailora_app.threads import apply_thread_policy
 from quailora_app.units import MIB
 
 #: Titles of the flag groups of the nested configs, by the parent config's field name.
-GROUP_TITLES = {"model": "model and device", "data": "data", "quant": "quantization (bitsandbytes)", "lora": "LoRA"}
+GROUP_TITLES = {"model": "model and device", "data": "data", "quant": "quantization (bitsandbytes)", "lora": "LoRA",
+                "accuracy": "downstream accuracy"}
+#: `init`'s defaults: InitConfig's, with downstream accuracy on (--accuracy-tasks none skips it)
+INIT_CLI_DEFAULTS = InitConfig(accuracy=init_accuracy(ACCURACY_TASKS))
 
 
 def flag_help(s: Setting, choices: tuple | None) -> str:
@@ -70,10 +75,12 @@ def add_flag(group, s: Setting) -> None:
     group.add_argument(s.flag, **kwargs)
 
 
-def add_config_flags(p: argparse.ArgumentParser, cls: type, title: str | None) -> argparse._ArgumentGroup | None:
-    """Flags for every setting of config `cls` (defaults from `cls()`): one group per nested config, then the
-    group `title` of its own settings (returned, so a command can add its own flags to it; None: not added)."""
-    own, *nested = groups(cls)
+def add_config_flags(p: argparse.ArgumentParser, cls: type, title: str | None,
+                     defaults=None) -> argparse._ArgumentGroup | None:
+    """Flags for every setting of config `cls` (defaults from the instance `defaults`, else `cls()`): one group
+    per nested config, then the group `title` of its own settings (returned, so a command can add its own flags to
+    it; None: not added)."""
+    own, *nested = groups(cls, defaults)
     for g in nested:
         group = p.add_argument_group(GROUP_TITLES.get(g.name, g.name))
         for s in g.settings:
@@ -105,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize the model to 4-bit, calibrate block by block, compute each LoRA "
                                    "initialization, measure per-layer error and held-out perplexity, and write a run "
                                    "folder.")
-    g = add_config_flags(p, InitConfig, "initialization")
+    g = add_config_flags(p, InitConfig, "initialization", INIT_CLI_DEFAULTS)
     g.add_argument("--distributed", action="store_true",
                    help="one init over the processes of torchrun / accelerate launch (automatic when WORLD_SIZE > 1)")
     p = sub.add_parser("train", help="fine-tune several arms (4-bit QLoRA, 4-bit QuAILoRA, 8-bit, ...) side by side",
@@ -193,6 +200,8 @@ def consume_init(events, out=sys.stdout) -> int:
                            file=sys.stderr)
             bar.n = event.done
             bar.refresh()
+        elif isinstance(event, Metric) and event.group == "accuracy":
+            print(f"  accuracy {event.note or event.name}", file=sys.stderr)
         elif isinstance(event, Metric):
             print(f"  perplexity {event.note or event.name}: {event.value:.3f}", file=sys.stderr)
         elif isinstance(event, Log):
@@ -222,10 +231,15 @@ def has_partial_results(run_dir: str) -> bool:
 
 
 def summary_table(report: dict) -> str:
-    """Method by method: median calibrated error, perplexity, gap closed, seconds."""
+    """Method by method: median calibrated error, perplexity, perplexity gap closed, per downstream task the
+    accuracy +- its 95% Wilson half-width and the accuracy gap closed, seconds; then what the paired tests say."""
+    tasks = {kind: entry for kind, entry in (report.get("accuracy") or {}).items() if entry.get("models")}
+    acc_head = "".join(f" {kind + ' acc (n=' + str(entry['n']) + ')':>24} {'acc gap closed':>14}"
+                       for kind, entry in tasks.items())
     lines = [f"model {report['model']} | dataset {report['dataset']} | {report['device']} | rank {report['rank']} "
              f"alpha {report['alpha']}",
-             f"{'method':<12} {'calib err (median)':>18} {'perplexity':>11} {'gap closed vs 8-bit':>20} {'seconds':>8}"]
+             f"{'method':<12} {'calib err (median)':>18} {'perplexity':>11} {'ppl gap closed':>14}{acc_head} "
+             f"{'seconds':>8}"]
     ppl = report["perplexity"]
     for name in ("full", "int8", *report["methods"]):
         errs = [row["calibrated_error"][name] for row in report["layers"] if name in row["calibrated_error"]]
@@ -235,10 +249,29 @@ def summary_table(report: dict) -> str:
         g = f"{100 * gap:.1f}%" if gap is not None else "-"
         sec = report["seconds"].get(name)
         label = {"full": "full prec.", "int8": "8-bit"}.get(name, name)
-        lines.append(f"{label:<12} {err:>18} {p:>11} {g:>20} {(f'{sec:.2f}' if sec is not None else '-'):>8}")
+        accs = "".join(f" {_accuracy_cell(entry, name):>24} {_share(entry.get('gap_closed', {}).get(name)):>14}"
+                       for entry in tasks.values())
+        lines.append(f"{label:<12} {err:>18} {p:>11} {g:>14}{accs} {(f'{sec:.2f}' if sec is not None else '-'):>8}")
+    lines.append("gap closed = the share of the 4-bit QLoRA -> 8-bit difference recovered (perplexity: (ppl_qlora - "
+                 "ppl) / (ppl_qlora - ppl_8bit); accuracy: (acc - acc_qlora) / (acc_8bit - acc_qlora))")
+    for kind, entry in tasks.items():
+        lines.append(f"{kind}: {entry.get('title', kind)}; {entry.get('metric', 'acc')}, 95% Wilson half-widths")
+        lines.extend(f"  {note}" for note in entry.get("notes", []))
     for name, why in report.get("unavailable", {}).items():
         lines.append(f"{name}: {why}")
+    for kind, why in (report.get("accuracy_unavailable") or {}).items():
+        lines.append(f"accuracy task {kind}: {why}")
     return "\n".join(lines)
+
+
+def _accuracy_cell(entry: dict, name: str) -> str:
+    """'71.2% +- 4.0' (95% Wilson half-width, in points), or '-'."""
+    m = entry["models"].get(name)
+    return f"{100 * m['accuracy']:.1f}% +- {100 * m['half_width']:.1f}" if m else "-"
+
+
+def _share(value: float | None) -> str:
+    return f"{100 * value:.1f}%" if value is not None else "-"
 
 
 def consume_train(events, out=None) -> int:

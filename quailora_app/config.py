@@ -101,9 +101,78 @@ class LoraSettings:
         return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
 
+#: the downstream tasks (sources/tasks.py TASK_KINDS)
+ACCURACY_TASKS = ("labels", "continuation")
+#: what --accuracy-tasks accepts: the tasks, or "none" (as an empty list) to skip accuracy
+NO_TASKS = "none"
+
+
+@dataclass
+class AccuracyConfig:
+    """Downstream accuracy, scored as lm-evaluation-harness scores multiple choice (engine/accuracy.py): the
+    log-likelihood of each answer after the prompt, on items the run held out (sources/tasks.py)."""
+
+    accuracy_tasks: tuple[str, ...] = field(default=ACCURACY_TASKS, metadata={
+        "help": "labels: few-shot classification of labelled text; continuation: the true continuation of a held-out "
+                "passage against those of other documents; none (or no value) to skip",
+        "choices": (*ACCURACY_TASKS, NO_TASKS), "nargs": "*"})
+    label_dataset: str = field(default="embedded", metadata={
+        "help": "labelled text: 'embedded' (Rotten Tomatoes reviews, fresh/rotten as positive/negative), "
+                "'embedded:speeches' (the speaker's party), or a local .csv/.tsv/.jsonl/.json/.parquet file"})
+    label_text_column: str | None = field(default=None, metadata={
+        "help": "column of the labelled file holding the text; guessed when not given"})
+    label_column: str | None = field(default=None, metadata={
+        "help": "column of the labelled file holding the label; guessed when not given (label, category, ...)"})
+    label_words: tuple[str, ...] = field(default=(), metadata={
+        "help": "answer word per label as label=word (e.g. fresh=positive rotten=negative); other labels are left "
+                "out; default: the embedded data's own words, else each label as written",
+        "nargs": "*", "metavar": "LABEL=WORD"})
+    shots: int = field(default=4, metadata={"help": "labelled examples in the prompt (one label after another)"})
+    label_prompts: int = field(default=8, metadata={
+        "help": "different few-shot prompts the labelled items are spread over: a small model's answers swing with "
+                "the examples shown, more prompts average that out"})
+    label_items: int = field(default=2000, metadata={
+        "help": "held-out labelled items scored per model; 0: all of them"})
+    continuation_items: int = field(default=500, metadata={
+        "help": "held-out passages of the continuation task scored per model; 0: all of them"})
+    continuation_choices: int = field(default=4, metadata={
+        "help": "choices per continuation item: the true one and continuations of other documents"})
+    accuracy_batch_tokens: int = field(default=2048, metadata={
+        "help": "tokens per forward pass when scoring answers", "cli": False})
+
+    def __post_init__(self) -> None:
+        self.accuracy_tasks = tuple(dict.fromkeys(t for t in self.accuracy_tasks if t != NO_TASKS))
+        unknown = [t for t in self.accuracy_tasks if t not in ACCURACY_TASKS]
+        if unknown:
+            raise ConfigError(f"unknown accuracy task(s) {', '.join(unknown)}; choose from {', '.join(ACCURACY_TASKS)}")
+        self.label_dataset = (self.label_dataset or "").strip() or "embedded"
+        self.label_words = tuple(self.label_words)
+        if not 0 <= self.shots <= 32:
+            raise ConfigError(f"shots must be from 0 to 32, got {self.shots}")
+        if self.label_prompts < 1:
+            raise ConfigError(f"label-prompts must be at least 1, got {self.label_prompts}")
+        if self.label_items < 0 or self.continuation_items < 0:
+            raise ConfigError("label-items and continuation-items must not be negative (0: all held-out items)")
+        if not 2 <= self.continuation_choices <= 10:
+            raise ConfigError(f"continuation-choices must be from 2 to 10, got {self.continuation_choices}")
+        if self.accuracy_batch_tokens < 1:
+            raise ConfigError(f"accuracy batch tokens must be at least 1, got {self.accuracy_batch_tokens}")
+
+
+def init_accuracy(tasks: tuple[str, ...] = ()) -> AccuracyConfig:
+    """The init flow's accuracy settings: off in InitConfig() (the Python API, the app, the benches), `tasks` on
+    the command line (cli.py: both tasks). Every model variant (each method, 8-bit, full precision) is scored, so
+    far fewer items than a one-model evaluation: on 2 shared CPU cores SmolLM2 scored 500 label items in 88 s and
+    200 continuation items in 182 s per variant, so 200 and 100 here (about 35 s + 90 s per variant there; the
+    plain 4-bit, 8-bit and full-precision scores are cached). The Wilson half-width at 70% is then about 6 and 9
+    points: read differences through the paired test against QLoRA, on the same items, which is sharper."""
+    return AccuracyConfig(accuracy_tasks=tasks, label_items=200, continuation_items=100)
+
+
 @dataclass
 class InitConfig:
-    """Everything `python -m quailora_app init` needs."""
+    """Everything `python -m quailora_app init` needs. Downstream accuracy (`accuracy`) is off by default here and
+    on in the command line's defaults (cli.py `INIT_CLI_DEFAULTS`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -124,7 +193,9 @@ class InitConfig:
     distill_batch: int = field(default=2, metadata={"help": "distill: calibration windows per step"})
     eval_batch: int = field(default=4, metadata={
         "help": "sequences per forward pass when measuring perplexity", "cli": False})
-    baselines: bool = field(default=True, metadata={"help": "also measure full-precision and 8-bit perplexity"})
+    baselines: bool = field(default=True, metadata={
+        "help": "also measure full-precision and 8-bit perplexity (and accuracy)"})
+    accuracy: AccuracyConfig = field(default_factory=init_accuracy)  # off unless asked (cli.py: on)
     out: str | None = field(default=None, metadata={"help": "run folder (default: runs/init-<date>-<time>)"})
 
     def __post_init__(self) -> None:
@@ -299,58 +370,3 @@ class ViewsConfig:
     def block_choice(self) -> int | str:
         """`block` as the views take it: an index, 'typical' or 'outlier'."""
         return int(self.block) if self.block.isdigit() else self.block
-
-
-#: the downstream tasks (sources/tasks.py TASK_KINDS)
-ACCURACY_TASKS = ("labels", "continuation")
-
-
-@dataclass
-class AccuracyConfig:
-    """Downstream accuracy, scored as lm-evaluation-harness scores multiple choice (engine/accuracy.py): the
-    log-likelihood of each answer after the prompt, on items the run held out (sources/tasks.py)."""
-
-    accuracy_tasks: tuple[str, ...] = field(default=ACCURACY_TASKS, metadata={
-        "help": "labels: few-shot classification of labelled text; continuation: the true continuation of a held-out "
-                "passage against those of other documents; none to skip", "choices": ACCURACY_TASKS, "nargs": "*"})
-    label_dataset: str = field(default="embedded", metadata={
-        "help": "labelled text: 'embedded' (Rotten Tomatoes reviews, fresh/rotten as positive/negative), "
-                "'embedded:speeches' (the speaker's party), or a local .csv/.tsv/.jsonl/.json/.parquet file"})
-    label_text_column: str | None = field(default=None, metadata={
-        "help": "column of the labelled file holding the text; guessed when not given"})
-    label_column: str | None = field(default=None, metadata={
-        "help": "column of the labelled file holding the label; guessed when not given (label, category, ...)"})
-    label_words: tuple[str, ...] = field(default=(), metadata={
-        "help": "answer word per label as label=word (e.g. fresh=positive rotten=negative); other labels are left "
-                "out; default: the embedded data's own words, else each label as written",
-        "nargs": "*", "metavar": "LABEL=WORD"})
-    shots: int = field(default=4, metadata={"help": "labelled examples in the prompt (one label after another)"})
-    label_prompts: int = field(default=8, metadata={
-        "help": "different few-shot prompts the labelled items are spread over: a small model's answers swing with "
-                "the examples shown, more prompts average that out"})
-    label_items: int = field(default=2000, metadata={
-        "help": "held-out labelled items scored per model; 0: all of them"})
-    continuation_items: int = field(default=500, metadata={
-        "help": "held-out passages of the continuation task scored per model; 0: all of them"})
-    continuation_choices: int = field(default=4, metadata={
-        "help": "choices per continuation item: the true one and continuations of other documents"})
-    accuracy_batch_tokens: int = field(default=2048, metadata={
-        "help": "tokens per forward pass when scoring answers", "cli": False})
-
-    def __post_init__(self) -> None:
-        self.accuracy_tasks = tuple(dict.fromkeys(self.accuracy_tasks))
-        unknown = [t for t in self.accuracy_tasks if t not in ACCURACY_TASKS]
-        if unknown:
-            raise ConfigError(f"unknown accuracy task(s) {', '.join(unknown)}; choose from {', '.join(ACCURACY_TASKS)}")
-        self.label_dataset = (self.label_dataset or "").strip() or "embedded"
-        self.label_words = tuple(self.label_words)
-        if not 0 <= self.shots <= 32:
-            raise ConfigError(f"shots must be from 0 to 32, got {self.shots}")
-        if self.label_prompts < 1:
-            raise ConfigError(f"label-prompts must be at least 1, got {self.label_prompts}")
-        if self.label_items < 0 or self.continuation_items < 0:
-            raise ConfigError("label-items and continuation-items must not be negative (0: all held-out items)")
-        if not 2 <= self.continuation_choices <= 10:
-            raise ConfigError(f"continuation-choices must be from 2 to 10, got {self.continuation_choices}")
-        if self.accuracy_batch_tokens < 1:
-            raise ConfigError(f"accuracy batch tokens must be at least 1, got {self.accuracy_batch_tokens}")

@@ -51,13 +51,18 @@ class LayerResult(Event):
 
 @dataclass
 class Metric(Event):
-    """A scalar result: perplexity of a model variant, seconds of a stage, ..."""
+    """A scalar result: perplexity of a model variant, seconds of a stage, ... For group "accuracy": the share of
+    `n` items of downstream task `task` (a sources/tasks.py kind) the model variant `name` answered right, and the
+    95% Wilson interval of that share."""
 
     kind: ClassVar[str] = "metric"
     name: str
     value: float | None
     group: str = "perplexity"
     note: str = ""
+    task: str | None = None
+    n: int | None = None
+    interval: tuple[float, float] | None = None
 
 
 @dataclass

@@ -39,6 +39,7 @@ def runs(tiny_model_dir, text_file, tmp_path_factory):
     init = ["-m", "quailora_app", "init", "--model", str(tiny_model_dir), "--dataset", str(text_file),
             "--seq-len", str(DATA["seq_len"]), "--calib-samples", str(DATA["calib_samples"]),
             "--eval-tokens", str(DATA["eval_tokens"]), "--rank", "4", "--methods", *COMPUTED, "--no-baselines",
+            "--accuracy-tasks", "none",  # as the one-process InitConfig (the CLI scores accuracy by default)
             "--out", str(two)]
     for _ in range(2):  # a free port can be taken by another process before torchrun binds it: one more try
         shutil.rmtree(two)

@@ -67,7 +67,8 @@ def _stage_progress(job: Job) -> tuple[float, str]:
     current = names.index(stage)
     frac = sum(weights[s] for s in names[:current])
     if stage == "baseline":
-        done = sum(1 for e in job.events if e.get("kind") == "metric" and e.get("name") in ("full", "int8"))
+        done = sum(1 for e in job.events if e.get("kind") == "metric" and e.get("name") in ("full", "int8")
+                   and e.get("group", "perplexity") == "perplexity")
         frac += weights[stage] * done / 2
     elif job.total:
         frac += weights[stage] * job.done / job.total
@@ -181,7 +182,8 @@ def _note(report: dict | None, model_name: str) -> str:
     return f"**About this model:** {note}" if note else ""
 
 
-def init_views(job: Job | None, manager: JobManager, parts=("layers", "heatmap", "perplexity")) -> dict[str, Any]:
+def init_views(job: Job | None, manager: JobManager,
+               parts=("layers", "heatmap", "perplexity", "accuracy")) -> dict[str, Any]:
     events = job.events if job else []
     report = report_of(job)
     source = report if report and report.get("layers") else events
@@ -194,6 +196,9 @@ def init_views(job: Job | None, manager: JobManager, parts=("layers", "heatmap",
     if "perplexity" in parts:
         methods = list(getattr(job.config, "methods", ()) or ()) if job else []
         out["perplexity"] = F.perplexity_figure(report if report and report.get("perplexity") else events, methods)
+    if "accuracy" in parts:  # downstream accuracy with Wilson intervals (an empty panel when accuracy is off)
+        methods = list(getattr(job.config, "methods", ()) or ()) if job else []
+        out["accuracy"] = F.accuracy_figure(report if report and report.get("accuracy") else events, methods)
     if report:
         out["numbers"] = pd.DataFrame(F.numbers_table(report), columns=F.NUMBERS_HEADER)
     else:
@@ -282,6 +287,7 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
                          + (f"; median layer keeps {100 * err:.0f}% of QLoRA's activation error"
                             if err is not None else "")
                          + ".")
+        lines.extend(_accuracy_lines(report))
         for m, details in (report.get("method_details") or {}).items():  # a model-level method's KL (distill)
             kl = details.get("kl") if isinstance(details, dict) else None
             held = {k: (v or {}).get("holdout") for k, v in kl.items()} if isinstance(kl, dict) else {}
@@ -303,6 +309,27 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
         if not finished:
             lines.append("- no arm has finished yet.")
     return "\n".join(lines) or "No results yet: run step 2 (and 3) first."
+
+
+def _accuracy_lines(report: dict) -> list[str]:
+    """One line per downstream task: each variant's accuracy +- its 95% half-width, the accuracy gap closed, and
+    whether the difference from QLoRA is more than noise (McNemar's exact test on the same items)."""
+    lines = []
+    for entry in (report.get("accuracy") or {}).values():
+        models = entry.get("models") or {}
+        if not models:
+            continue
+        parts = []
+        for name, m in models.items():
+            text = f"{F.label(name)} {100 * m['accuracy']:.1f}% ± {100 * m['half_width']:.1f}"
+            gap = (entry.get("gap_closed") or {}).get(name)
+            vs = (entry.get("vs_qlora") or {}).get(name)
+            if gap is not None:
+                text += f" (closes {100 * gap:.0f}% of the 4-bit→8-bit accuracy gap"
+                text += ", not significant vs QLoRA)" if vs and not vs.get("significant") else ")"
+            parts.append(text)
+        lines.append(f"- Accuracy, {entry.get('title')} (n={entry.get('n', 0):,}): " + ", ".join(parts) + ".")
+    return lines
 
 
 def zip_run(run_dir: str, name: str | None = None) -> str:

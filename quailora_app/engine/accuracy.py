@@ -10,9 +10,10 @@ For an item with context c and choices a_1..a_k (each after the task's delimiter
 
 Tokens as lm-eval's `_encode_pair` on the whole prompt (few-shot prefix + context): trailing spaces of the context
 move to the continuation, the pair is encoded whole and the continuation is what follows the context's own
-tokens; no special tokens are added. The tokens a prompt's items share (the few-shot examples) run once and
-their keys and values are reused, so an item costs only its own tokens; the numbers are those of scoring every
-sequence whole.
+tokens; no special tokens are added, except the BOS token first where the tokenizer adds one by default (as
+lm-eval does for Gemma, whose perplexity without it is about 7 times higher; SmolLM2's tokenizer adds none).
+The tokens a prompt's items share (the few-shot examples) run once and their keys and values are reused, so an
+item costs only its own tokens; the numbers are those of scoring every sequence whole.
 
 Statistics: a Wilson score interval for each accuracy (sound at small n and near 0 or 1), and for two models
 scored on the same items the paired comparison (McNemar's exact test on the discordant items, and a Wald interval
@@ -21,7 +22,9 @@ for the difference of paired proportions), much sharper than comparing two inter
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
+import json
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -35,9 +38,12 @@ import torch.nn.functional as F
 
 from quailora_app.config import AccuracyConfig, DataConfig
 from quailora_app.errors import Cancelled, ConfigError, DataError, ModelError
-from quailora_app.sources.data import EMBEDDED_DATASETS, TokenSplits, load_texts
+from quailora_app.sources.data import EMBEDDED_DATASETS, TokenSplits, bos_id, load_texts
 from quailora_app.sources.models import context_length
 from quailora_app.sources.tasks import Task, continuation_task, label_task, reserved_documents
+
+#: bumped whenever scoring changes what a model's picks are (the accuracy cache's entries then miss)
+ACCURACY_VERSION = 1
 
 # ------------------------------------------------------------------------------------------ statistics
 
@@ -220,11 +226,12 @@ def choice_loglikelihoods(model: Any, tokenizer: Any, task: Task, *, batch_token
         raise DataError(f"task '{task.title}' has an item with an empty context")
     pairs = [(task.prefixes[item.prompt] + item.context, task.delimiter + c) for item in items for c in item.choices]
     encoded = iter(encode_pairs(tokenizer, pairs))
+    bos = bos_id(tokenizer)
     ctxs: list[list[int]] = []
     conts: list[list[list[int]]] = []
     for item in items:
         per_choice = [next(encoded) for _ in item.choices]
-        ctxs.append(per_choice[0][0])  # the context encodes alike for every choice
+        ctxs.append(([bos] if bos is not None else []) + per_choice[0][0])  # alike for every choice
         conts.append([cont for _, cont in per_choice])
         if not all(conts[-1]):
             raise DataError(f"a choice of task '{task.title}' encodes to no tokens")
@@ -339,6 +346,25 @@ def pick(task: Task, ll: Sequence[Sequence[float]], normalize: bool | None = Non
     return picks
 
 
+def task_score(task: Task, predictions: Sequence[int], acc_raw: float, seconds: float = 0.0) -> TaskScore:
+    """The TaskScore of `task` whose items were answered `predictions` (from score_task, or read back from the
+    accuracy cache)."""
+    if len(predictions) != len(task.items):
+        raise ValueError(f"{len(predictions)} predictions for the {len(task.items)} items of '{task.title}'")
+    correct = tuple(p == item.answer for p, item in zip(predictions, task.items, strict=True))
+    return TaskScore(task.kind, task.title, task.metric, tuple(int(p) for p in predictions), correct, task.chance,
+                     task.majority, seconds, acc_raw)
+
+
+def task_fingerprint(task: Task) -> str:
+    """The hash of everything a task asks: its kind, prompts, items (context, choices, answer, prompt), the
+    delimiter and whether it is scored per character. Two tasks of one fingerprint score alike on one model."""
+    body = {"kind": task.kind, "prefixes": list(task.prefixes), "normalize": task.normalize,
+            "delimiter": task.delimiter,
+            "items": [[it.context, list(it.choices), it.answer, it.prompt] for it in task.items]}
+    return hashlib.sha256(json.dumps(body, ensure_ascii=False).encode()).hexdigest()
+
+
 def score_task(model: Any, tokenizer: Any, task: Task, *, batch_tokens: int = 2048,
                should_stop: Callable[[], bool] | None = None,
                progress: Callable[[int, int], None] | None = None) -> TaskScore:
@@ -349,10 +375,22 @@ def score_task(model: Any, tokenizer: Any, task: Task, *, batch_tokens: int = 20
     predictions = pick(task, ll)
     raw = pick(task, ll, normalize=False)
     answers = [item.answer for item in task.items]
-    return TaskScore(task.kind, task.title, task.metric, tuple(predictions),
-                     tuple(p == a for p, a in zip(predictions, answers, strict=True)), task.chance, task.majority,
-                     time.perf_counter() - start,
-                     sum(p == a for p, a in zip(raw, answers, strict=True)) / len(answers))
+    acc_raw = sum(p == a for p, a in zip(raw, answers, strict=True)) / len(answers)
+    return task_score(task, predictions, acc_raw, time.perf_counter() - start)
+
+
+def accuracy_gap_closed(acc_method: float | None, acc_baseline: float | None,
+                        acc_target: float | None) -> float | None:
+    """(acc_method - acc_qlora) / (acc_target - acc_qlora): the share of the 4-bit -> target (8-bit or full
+    precision) accuracy gap a method closes; 0 = no better than plain 4-bit, 1 = as good as the target. None when
+    an accuracy is missing or the baseline is as accurate as the target (no gap to close). With small sets the
+    gap itself is noisy: read it beside the paired test of the target against the baseline."""
+    if None in (acc_method, acc_baseline, acc_target):
+        return None
+    gap = acc_target - acc_baseline
+    if abs(gap) < 1e-12:
+        return None
+    return (acc_method - acc_baseline) / gap
 
 
 # ------------------------------------------------------------------------------------------ tasks of a run

@@ -10,6 +10,12 @@ transformers, bitsandbytes and peft, and evaluate.PERPLEXITY_VERSION (bumped whe
 baseline is loaded changes). So a hit is the number a fresh measurement gives, bit for bit. The file repeats its
 key, compared on reading: a hash collision, a damaged or a foreign file is a miss, measured and written again.
 
+Downstream accuracies of the same models are kept the same way (`accuracy_key`, `read_cached_accuracy`,
+`write_cached_accuracy`): the entry holds the choice picked per item, so the per-item hits (and the paired tests
+built on them) come back, not only the rate; the key holds the task's fingerprint (its prompts, items and
+answers: engine/accuracy.py `task_fingerprint`), the tokenizer's files, the tokens per forward pass and
+engine/accuracy.py's ACCURACY_VERSION in place of the held-out tokens.
+
 QUAILORA_PERPLEXITY_CACHE: the folder (default <QUAILORA_CACHE>/perplexity), or "off".
 """
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 import os
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ from typing import Any
 import torch
 
 from quailora_app.config import QuantConfig
+from quailora_app.engine.accuracy import ACCURACY_VERSION
 from quailora_app.engine.evaluate import PERPLEXITY_VERSION
 from quailora_app.runs import write_json_atomic
 from quailora_app.sources.models import cache_dir
@@ -138,12 +145,12 @@ def perplexity_key(variant: Mapping[str, Any], folder: str | Path, eval_ids: tor
 
 def _entry_path(folder: Path, key: Mapping[str, Any]) -> Path:
     digest = _sha256(json.dumps(key, sort_keys=True).encode())
-    return folder / f"{key['variant'].get('model', 'model')}-{digest[:40]}.json"
+    prefix = "acc-" if "task" in key else ""
+    return folder / f"{prefix}{key['variant'].get('model', 'model')}-{digest[:40]}.json"
 
 
-def read_cached(key: Mapping[str, Any]) -> CachedPerplexity | None:
-    """The perplexity stored under `key`, or None: no cache, no entry, or an entry that is damaged, holds another
-    key or a value that is not a finite perplexity (>= 1)."""
+def _read_entry(key: Mapping[str, Any]) -> dict | None:
+    """The cache entry stored under `key` (its file repeats the key), or None."""
     folder = cache_folder()
     if folder is None:
         return None
@@ -152,6 +159,30 @@ def read_cached(key: Mapping[str, Any]) -> CachedPerplexity | None:
     except (OSError, ValueError):
         return None
     if not isinstance(entry, dict) or entry.get("key") != json.loads(json.dumps(key)):
+        return None
+    return entry
+
+
+def _write_entry(key: Mapping[str, Any], values: Mapping[str, Any], seconds: float) -> Path | None:
+    """Store `values` under `key` (atomically); None when the cache is off or the folder cannot be written."""
+    folder = cache_folder()
+    if folder is None:
+        return None
+    path = _entry_path(folder, key)
+    entry = {"key": dict(key), **values, "seconds": round(float(seconds), 3),
+             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        write_json_atomic(path, entry)
+    except OSError:
+        return None
+    return path
+
+
+def read_cached(key: Mapping[str, Any]) -> CachedPerplexity | None:
+    """The perplexity stored under `key`, or None: no cache, no entry, or an entry that is damaged, holds another
+    key or a value that is not a finite perplexity (>= 1)."""
+    entry = _read_entry(key)
+    if entry is None:
         return None
     value, seconds = entry.get("perplexity"), entry.get("seconds", 0.0)
     if not isinstance(value, float) or not math.isfinite(value) or value < 1.0:
@@ -163,14 +194,67 @@ def read_cached(key: Mapping[str, Any]) -> CachedPerplexity | None:
 def write_cached(key: Mapping[str, Any], perplexity: float, seconds: float) -> Path | None:
     """Store a freshly measured perplexity under `key` (atomically); nothing when the cache is off, the value is
     not finite or the folder cannot be written (the run goes on: the cache only saves time)."""
-    folder = cache_folder()
-    if folder is None or not math.isfinite(perplexity):
+    if not math.isfinite(perplexity):
         return None
-    path = _entry_path(folder, key)
-    entry = {"key": dict(key), "perplexity": float(perplexity), "seconds": round(float(seconds), 3),
-             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    try:
-        write_json_atomic(path, entry)
-    except OSError:
+    return _write_entry(key, {"perplexity": float(perplexity)}, seconds)
+
+
+# ------------------------------------------------------------------------------------------ accuracy
+
+
+@dataclass(frozen=True)
+class CachedAccuracy:
+    """A task's scoring read from the cache: the choice picked per item (acc's or acc_norm's, the task's metric)
+    and the unnormalized acc, with when and in how many seconds it was measured."""
+
+    predictions: tuple[int, ...]
+    acc_raw: float
+    measured_at: str
+    seconds: float
+
+    def record(self) -> dict[str, Any]:
+        """What a report says of it."""
+        return {"measured_at": self.measured_at, "seconds": self.seconds}
+
+
+def tokenizer_fingerprint(folder: str | Path) -> str:
+    """The hash of the model folder's tokenizer files (the text of a task becomes tokens through them)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*")):
+        if path.is_file() and (path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json",
+                                                                                   "vocab.json", "merges.txt")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def accuracy_key(variant: Mapping[str, Any], folder: str | Path, task: str, batch_tokens: int,
+                 device: torch.device) -> dict[str, Any]:
+    """Everything the accuracy of `variant` of the model in `folder` on the task of fingerprint `task` (engine/
+    accuracy.py `task_fingerprint`) depends on."""
+    return {"version": ACCURACY_VERSION, "variant": dict(variant), "weights": checkpoint_fingerprint(folder),
+            "tokenizer": tokenizer_fingerprint(folder), "task": task, "batch_tokens": int(batch_tokens),
+            "device": device_fingerprint(device), "libraries": library_versions()}
+
+
+def read_cached_accuracy(key: Mapping[str, Any], choices: Sequence[int]) -> CachedAccuracy | None:
+    """The scoring stored under `key` for a task whose items have `choices[i]` choices each, or None (no cache, no
+    entry, a damaged entry or one whose predictions do not fit the items)."""
+    entry = _read_entry(key)
+    if entry is None:
         return None
-    return path
+    picks, raw, seconds = entry.get("predictions"), entry.get("acc_raw"), entry.get("seconds", 0.0)
+    if not isinstance(picks, list) or len(picks) != len(choices) or not isinstance(raw, (int, float)):
+        return None
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < k for p, k in zip(picks, choices,
+                                                                                                strict=True)):
+        return None
+    if not 0.0 <= raw <= 1.0:
+        return None
+    return CachedAccuracy(tuple(picks), float(raw), str(entry.get("measured_at", "")),
+                          float(seconds) if isinstance(seconds, (int, float)) else 0.0)
+
+
+def write_cached_accuracy(key: Mapping[str, Any], predictions: Sequence[int], acc_raw: float,
+                          seconds: float) -> Path | None:
+    """Store a freshly scored task under `key` (atomically); nothing when the cache is off or unwritable."""
+    return _write_entry(key, {"predictions": [int(p) for p in predictions], "acc_raw": float(acc_raw)}, seconds)

@@ -1,5 +1,5 @@
 """The init flow as one event stream: load -> data -> quantize -> calibrate + initialize (block by block) ->
-evaluate and save adapters -> 8-bit and full-precision baselines -> report.
+evaluate (perplexity, downstream accuracy) and save adapters -> 8-bit and full-precision baselines -> report.
 
 `run_init(cfg)` yields events; the CLI, the UI and the tests all consume this one stream. Everything
 computed is written to the run folder as it happens (events.jsonl, report.json, adapters/<method>/).
@@ -10,12 +10,21 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from quailora_app.config import InitConfig
+from quailora_app.engine.accuracy import (
+    TaskScore,
+    accuracy_gap_closed,
+    build_tasks,
+    paired_test,
+    score_task,
+    task_fingerprint,
+    task_score,
+)
 from quailora_app.engine.adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
 from quailora_app.engine.calibrate import decoder_layers
 from quailora_app.engine.evaluate import gap_closed, perplexity
@@ -23,23 +32,27 @@ from quailora_app.engine.initialize import InitResult, initialize
 from quailora_app.engine.methods import MODEL, QLORA, get_method
 from quailora_app.engine.parallel import Processes
 from quailora_app.engine.perplexity_cache import (
+    accuracy_key,
     four_bit_variant,
     full_variant,
     int8_variant,
     perplexity_key,
     read_cached,
+    read_cached_accuracy,
     write_cached,
+    write_cached_accuracy,
 )
 from quailora_app.engine.plan import run_model_method, target_paths
 from quailora_app.engine.preflight import preflight_init
 from quailora_app.engine.quantize import int8_dtype, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
-from quailora_app.errors import Cancelled, one_line
+from quailora_app.errors import Cancelled, ConfigError, DataError, one_line
 from quailora_app.events import Event, Log, Metric, Progress, RunFinished, Stage
 from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory, opening_report
 from quailora_app.runs import Report, RunFolder
 from quailora_app.sources.models import compute_dtype, device_label, load_full_precision, pick_device
+from quailora_app.sources.tasks import Task
 
 quiet_libraries()
 
@@ -72,6 +85,9 @@ class InitRun:
         self.should_stop = self.rec.should_stop
         self.factors: dict[str, dict[str, Factors]] = {}
         self.ranks: dict[str, dict[str, int]] = {}  # method -> module path -> rank, where ranks differ per layer
+        self.tasks: list[Task] = []  # the downstream tasks scored on every model variant (cfg.accuracy)
+        self.scores: dict[str, dict[str, TaskScore]] = {}  # task kind -> model variant -> its score
+        self.tokenizer = None
 
     def _note_peak_memory(self) -> None:
         self.report["peak_memory_bytes"] = max(self.report["peak_memory_bytes"], peak_memory_bytes(self.device))
@@ -93,6 +109,8 @@ class InitRun:
         self.report["seconds"]["load"] = time.perf_counter() - t0
         self.target_paths = target_paths(model, cfg.lora)
         self.report["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in self.target_paths})
+        self.tokenizer = prepared.tokenizer
+        yield from self._build_tasks(splits)
         self.rec.save()
         self.rec.check_stop("quantization")
 
@@ -104,6 +122,7 @@ class InitRun:
         if cfg.baselines:
             yield from self._baselines(source, splits.eval)
         self._gap_figures()
+        self._accuracy_figures()
         self.report["status"] = "finished"
         self.report["seconds"]["total"] = time.perf_counter() - t0
         self.rec.save()
@@ -205,8 +224,8 @@ class InitRun:
                 reason = f"peft's replace_lora_weights_loftq did not run here: {one_line(exc, 160)}"
                 self.report["unavailable"]["loftq"] = reason
                 yield self.rec.emit(Log(reason, "warning"))
-        base_key = perplexity_key(four_bit_variant(cfg.quant, compute_dtype(cfg.model.compute_dtype, self.device)),
-                                  source.folder, eval_ids, cfg.eval_batch, self.device)
+        base_variant = four_bit_variant(cfg.quant, compute_dtype(cfg.model.compute_dtype, self.device))
+        base_key = perplexity_key(base_variant, source.folder, eval_ids, cfg.eval_batch, self.device)
         methods = [m for m in cfg.methods if m in self.factors]
         for i, method in enumerate(methods):
             self.rec.check_stop("evaluation")
@@ -233,6 +252,8 @@ class InitRun:
             self.rec.save()
             yield self.rec.emit(Metric(method, ppl, "perplexity",
                                        "4-bit + " + method + (" (cached)" if cached is not None else "")))
+            variant = base_variant if method == QLORA else None  # only the plain 4-bit base is cached
+            yield from self._score(evaluated, method, "4-bit + " + method, variant, source.folder)
             yield self.rec.emit(Progress("evaluate", i + 1, len(methods), method))
         peft_model.unload()
 
@@ -248,23 +269,143 @@ class InitRun:
             start = time.perf_counter()
             key = perplexity_key(variant, source.folder, eval_ids, self.cfg.eval_batch, self.device)
             cached = read_cached(key)
+            scores = self._cached_scores(variant, source.folder)
+            model = None
+            if cached is None or None in scores.values():  # something to measure: load the model once for it
+                scored = " and downstream accuracy" if None in scores.values() else ""
+                told = f" (perplexity measured before, {cached.measured_at})" if cached is not None else ""
+                yield self.rec.emit(Stage("baseline", f"perplexity{scored} of the {what} model{told}"))
+                model = loader()
+            else:
+                yield self.rec.emit(Stage("baseline", f"perplexity{' and accuracy' if scores else ''} of the {what} "
+                                                      f"model: measured before ({cached.measured_at}), read from "
+                                                      "the cache"))
             if cached is not None:
-                yield self.rec.emit(Stage("baseline", f"perplexity of the {what} model: measured before "
-                                                      f"({cached.measured_at}), read from the cache"))
                 ppl = cached.perplexity
                 self.report.setdefault("perplexity_cached", {})[name] = cached.record()
                 note += " (cached)"
             else:
-                yield self.rec.emit(Stage("baseline", f"perplexity of the {what} model"))
-                model = loader()
                 ppl = perplexity(model, eval_ids, self.cfg.eval_batch)
-                del model
-                free_memory()
                 write_cached(key, ppl, time.perf_counter() - start)
             self.report["seconds"][f"eval_{name}"] = time.perf_counter() - start
             self.report["perplexity"][name] = ppl
             self.rec.save()
             yield self.rec.emit(Metric(name, ppl, "perplexity", note))
+            yield from self._score(model, name, what, variant, source.folder, scores)
+            del model
+            free_memory()
+
+    # -- downstream accuracy ----------------------------------------------------------------------------
+    def _build_tasks(self, splits) -> Iterator[Event]:
+        """The tasks cfg.accuracy asks for, held out from this run's calibration documents (engine/accuracy.py
+        build_tasks). A task that cannot be built here (too little text, no labels, ...) is left out with a
+        warning and the reason in report["accuracy_unavailable"]: perplexity still runs."""
+        acc = self.cfg.accuracy
+        if not acc.accuracy_tasks:
+            return
+        self.report.update(accuracy={}, accuracy_gap_closed={}, accuracy_gap_closed_full={}, accuracy_unavailable={})
+        yield self.rec.emit(Stage("data", f"downstream tasks: {', '.join(acc.accuracy_tasks)}"))
+        for kind in acc.accuracy_tasks:
+            try:
+                self.tasks += build_tasks(replace(acc, accuracy_tasks=(kind,)), self.cfg.data, splits, self.tokenizer,
+                                          reserved_splits=("calib",))
+            except (DataError, ConfigError) as exc:
+                yield from self._drop_task(kind, f"not built: {one_line(exc, 200)}")
+        for task in self.tasks:
+            self.report["accuracy"][task.kind] = {
+                "title": task.title, "metric": task.metric, "description": task.description, "n": len(task.items),
+                "chance": task.chance, "majority": task.majority, "fingerprint": task_fingerprint(task), "models": {}}
+            yield self.rec.emit(Log(f"accuracy task {task.title}: {task.description}"))
+
+    def _drop_task(self, kind: str, reason: str) -> Iterator[Event]:
+        self.tasks = [t for t in self.tasks if t.kind != kind]
+        self.report["accuracy"].pop(kind, None)
+        self.report["accuracy_unavailable"][kind] = reason
+        yield self.rec.emit(Log(f"accuracy task {kind} {reason}", "warning"))
+
+    def _cached_scores(self, variant: dict, folder) -> dict[str, TaskScore | None]:
+        """Each task's score of model `variant` from the accuracy cache (None where not cached)."""
+        return {task.kind: self._read_score(task, variant, folder) for task in self.tasks}
+
+    def _accuracy_key(self, task: Task, variant: dict, folder) -> dict:
+        return accuracy_key(variant, folder, self.report["accuracy"][task.kind]["fingerprint"],
+                            self.cfg.accuracy.accuracy_batch_tokens, self.device)
+
+    def _read_score(self, task: Task, variant: dict, folder) -> TaskScore | None:
+        cached = read_cached_accuracy(self._accuracy_key(task, variant, folder), [len(it.choices) for it in task.items])
+        return None if cached is None else task_score(task, cached.predictions, cached.acc_raw, cached.seconds)
+
+    def _score(self, model, name: str, what: str, variant: dict | None, folder,
+               known: dict[str, TaskScore | None] | None = None) -> Iterator[Event]:
+        """Score every task on `model` (variant `name`), or read the score from the accuracy cache when `variant`
+        (a model no method changes: qlora's base, 8-bit, full precision) was scored before; a fresh score of such
+        a variant is stored. One Metric(group="accuracy") per task."""
+        for task in list(self.tasks):
+            self.rec.check_stop("accuracy scoring")
+            score = (known or {}).get(task.kind)
+            if score is None and variant is not None and known is None:
+                score = self._read_score(task, variant, folder)
+            cached = score is not None
+            if score is None:
+                try:
+                    score = score_task(model, self.tokenizer, task, should_stop=self.should_stop,
+                                       batch_tokens=self.cfg.accuracy.accuracy_batch_tokens)
+                except ConfigError as exc:  # prompts longer than the model's context: the task gives nothing here
+                    yield from self._drop_task(task.kind, f"not scored: {one_line(exc, 200)}")
+                    continue
+                if variant is not None:
+                    write_cached_accuracy(self._accuracy_key(task, variant, folder), score.predictions, score.acc_raw,
+                                          score.seconds)
+            self.scores.setdefault(task.kind, {})[name] = score
+            self.report["accuracy"][task.kind]["models"][name] = self._score_record(score, cached)
+            self.rec.save()
+            lo, hi = score.interval()
+            yield self.rec.emit(Metric(
+                name, score.accuracy, "accuracy",
+                f"{what}, {task.kind}: {100 * score.accuracy:.1f}% +- {50 * (hi - lo):.1f} (n={score.n:,})"
+                + (" (cached)" if cached else ""), task=task.kind, n=score.n, interval=(lo, hi)))
+
+    @staticmethod
+    def _score_record(score: TaskScore, cached: bool) -> dict:
+        """What report["accuracy"][task]["models"][variant] holds: the accuracy, its 95% Wilson interval and
+        half-width, and which items were right ("1"/"0" per item, for paired tests read back later)."""
+        lo, hi = score.interval()
+        return {"accuracy": score.accuracy, "hits": score.hits, "n": score.n, "interval": [lo, hi],
+                "half_width": (hi - lo) / 2, "acc_raw": score.acc_raw, "seconds": score.seconds, "cached": cached,
+                "correct": "".join("1" if c else "0" for c in score.correct)}
+
+    def _accuracy_figures(self) -> None:
+        """Per task: accuracy gap closed = (acc_method - acc_qlora) / (acc_int8 - acc_qlora) (and against full
+        precision), and each variant against qlora on the same items (McNemar's exact test), in plain words."""
+        for kind, scores in self.scores.items():
+            entry = self.report["accuracy"].get(kind)
+            base = scores.get(QLORA)
+            if entry is None or base is None:
+                continue
+            acc = {name: s.accuracy for name, s in scores.items()}
+            for ref, field in (("int8", "accuracy_gap_closed"), ("full", "accuracy_gap_closed_full")):
+                gaps = {m: accuracy_gap_closed(acc[m], acc[QLORA], acc.get(ref))
+                        for m in self.cfg.methods if m in acc and m != QLORA}
+                gaps = {m: g for m, g in gaps.items() if g is not None}
+                entry["gap_closed" if ref == "int8" else "gap_closed_full"] = gaps
+                self.report[field][kind] = gaps
+            vs = {}
+            notes = []
+            for name, score in scores.items():
+                if name == QLORA:
+                    continue
+                test = paired_test(score, base)
+                vs[name] = {**test.as_dict(), "significant": test.p_value < 1 - test.confidence}
+                notes.append(test.summary(name, QLORA))
+            entry["vs_qlora"] = vs
+            if "int8" in vs and not vs["int8"]["significant"]:
+                notes.append("8-bit and 4-bit QLoRA do not differ significantly on this task: its accuracy gap "
+                             "closed is noise, not a measurement")
+            full = scores.get("full")
+            if full is not None and full.interval()[0] <= max(full.chance, full.majority):
+                notes.append(f"the full-precision model is not clearly above chance ({100 * full.chance:.0f}%) or the "
+                             f"majority answer ({100 * full.majority:.0f}%) here: this task gives no signal")
+            entry["notes"] = notes
 
     def _gap_figures(self) -> None:
         ppl = self.report["perplexity"]

@@ -37,6 +37,11 @@ CAPTIONS = {
     "perplexity": "Perplexity on held-out text (lower is better), before any fine-tuning. 'Gap closed' = how much of "
                   "the distance from 4-bit QLoRA to the 8-bit model the initialization recovers (100% = as good as "
                   "8-bit).",
+    "accuracy": "Downstream accuracy before any fine-tuning, one panel per task: the log-likelihood of each answer "
+                "after the prompt, as lm-evaluation-harness scores multiple choice (higher is better). Whiskers: 95% "
+                "Wilson intervals; dashed line: chance, dotted: always the most frequent answer. 'Gap closed' = how "
+                "much of the 4-bit -> 8-bit accuracy difference the initialization recovers; with small sets read it "
+                "beside the paired test in the report.",
     "train": "Left: perplexity on held-out text measured every few steps (lower is better; dashed lines: the "
              "full-precision and 8-bit models without fine-tuning). Right: training loss, smoothed (EMA), faint dots "
              "raw.",
@@ -307,6 +312,62 @@ def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str
     fig.update_xaxes(title_text="model variant (weights precision + LoRA initialization)")
     fig.update_yaxes(title_text="perplexity (unitless, lower is better)", range=[0, 1.22 * max(ppl[n] for n in names)])
     return _layout(fig, title, 400, legend_rows=len(names))
+
+
+def accuracies_from(source: Mapping | Iterable[Mapping]) -> dict[str, dict]:
+    """{task kind: {"title", "chance", "majority", "n", "models": {variant: {"accuracy", "interval"}},
+    "gap_closed": {method: share}}} from a report (its "accuracy") or from the accuracy "metric" events of an event
+    list (chance, majority and the gaps only in a report)."""
+    if isinstance(source, Mapping):
+        return {kind: dict(entry) for kind, entry in (source.get("accuracy") or {}).items()
+                if isinstance(entry, Mapping) and entry.get("models")}
+    out: dict[str, dict] = {}
+    for e in source:
+        if e.get("kind") == "metric" and e.get("group") == "accuracy" and e.get("value") is not None and e.get("task"):
+            entry = out.setdefault(e["task"], {"title": e["task"], "n": e.get("n"), "models": {}})
+            entry["models"][e["name"]] = {"accuracy": e["value"], "interval": e.get("interval")}
+    return out
+
+
+def accuracy_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] | None = None) -> go.Figure:
+    """Bars, one panel per downstream task: the accuracy of full precision, 8-bit, 4-bit (QLoRA init) and 4-bit +
+    each method, with 95% Wilson intervals as whiskers, the chance and majority-answer lines, and the share of the
+    4-bit -> 8-bit accuracy gap each method closes."""
+    title = "Downstream accuracy before fine-tuning (higher is better)"
+    tasks = accuracies_from(source)
+    if not tasks:
+        return empty_figure(title, "accuracies appear here after the evaluation stage (when accuracy tasks are on)")
+    order = [*REFERENCES, QLORA, *(methods or []), *variant_order()]
+    names = [n for n in dict.fromkeys(order) if any(n in t["models"] for t in tasks.values())]
+    titles = [f"{t.get('title', kind)}" + (f", n={t['n']:,}" if t.get("n") else "") for kind, t in tasks.items()]
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=titles, horizontal_spacing=0.08)
+    for col, entry in enumerate(tasks.values(), start=1):
+        gaps = entry.get("gap_closed") or {}
+        for i, n in enumerate(names):
+            m = entry["models"].get(n)
+            if m is None:
+                continue
+            acc = 100 * m["accuracy"]
+            lo, hi = (100 * v for v in m["interval"]) if m.get("interval") else (acc, acc)
+            text = f"{acc:.1f}%<br>± {(hi - lo) / 2:.1f}"
+            if gaps.get(n) is not None:
+                text += f"<br>gap closed {100 * gaps[n]:.0f}%"
+            fig.add_trace(go.Bar(
+                x=[short_label(n)], y=[acc], name=label(n), marker_color=color(n, i), legendgroup=n,
+                showlegend=col == 1, error_y={"type": "data", "symmetric": False, "array": [hi - acc],
+                                              "arrayminus": [acc - lo], "thickness": 1.5, "width": 4},
+                text=[text], textposition="inside", insidetextanchor="start", textfont={"size": 11},
+                hovertemplate=f"{label(n)}: %{{y:.1f}}% (95% CI {lo:.1f}-{hi:.1f})<extra></extra>"), row=1, col=col)
+        for key, dash, what in (("chance", "dash", "chance"), ("majority", "dot", "majority answer")):
+            if entry.get(key) is not None:
+                fig.add_hline(y=100 * entry[key], line={"color": "#555", "dash": dash, "width": 1}, row=1, col=col,
+                              annotation_text=f"{what} {100 * entry[key]:.0f}%", annotation_position="top right",
+                              annotation_font={"size": 10, "color": "#555"})
+    fig.update_layout(showlegend=True, bargap=0.3)
+    fig.update_xaxes(title_text="model variant")
+    fig.update_yaxes(title_text="accuracy (%)", range=[0, 100], row=1, col=1)
+    fig.update_yaxes(range=[0, 100])
+    return _layout(fig, title, 420, legend_rows=len(names))
 
 
 def _median(values: Sequence[float]) -> float | None:

@@ -466,15 +466,35 @@ class TokenSplits:
         )
 
 
-def pack_windows(docs: list[list[int]], sep: int | None, seq_len: int, max_seqs: int) -> torch.LongTensor:
-    """Token lists joined by `sep` into one stream, cut into at most `max_seqs` windows of `seq_len` (tail dropped)."""
+def bos_id(tokenizer: Any) -> int | None:
+    """The tokenizer's BOS id when it adds one by default (tokenizer("x")["input_ids"][0] == bos_token_id), else
+    None. A model trained with BOS first (Gemma 3) reads text without it badly (held-out perplexity 436.8 vs 63.1),
+    so every packed window starts with it; SmolLM2's tokenizer adds none, and its windows are the plain stream."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer("x")["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode "x" adds nothing we can see
+        return None
+    return int(bos) if len(ids) > 0 and ids[0] == bos else None
+
+
+def pack_windows(docs: list[list[int]], sep: int | None, seq_len: int, max_seqs: int,
+                 bos: int | None = None) -> torch.LongTensor:
+    """Token lists joined by `sep` into one stream, cut into at most `max_seqs` windows of `seq_len` (tail dropped).
+    With `bos`, each window is `bos` followed by the next seq_len - 1 tokens of the stream."""
     stream: list[int] = []
     for i, ids in enumerate(docs):
         if i and sep is not None:
             stream.append(sep)
         stream.extend(ids)
-    n = min(len(stream) // seq_len, max_seqs)
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    body = seq_len - 1 if bos is not None else seq_len
+    n = min(len(stream) // body, max_seqs) if body > 0 else 0
+    windows = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
 
 
 def make_splits(
@@ -490,7 +510,8 @@ def make_splits(
     batch_docs: int = 512,
 ) -> TokenSplits:
     """Shuffle documents (seeded), give whole documents to eval, then calibration, then training, and pack
-    each split into non-overlapping seq_len windows (documents joined by the EOS token, ragged tail dropped).
+    each split into non-overlapping seq_len windows (documents joined by the EOS token, ragged tail dropped;
+    each window starts with the BOS token where the tokenizer adds one, see `bos_id`).
     Only as many documents as needed are tokenized (training stops at max_train_seqs windows)."""
     if seq_len < 1 or calib_samples < 1 or eval_tokens < seq_len:
         raise ConfigError(
@@ -508,10 +529,12 @@ def make_splits(
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     sep = tokenizer.eos_token_id
+    bos = bos_id(tokenizer)
+    body = seq_len - 1 if bos is not None else seq_len  # stream tokens per window
 
     n_eval = eval_tokens // seq_len
     names = ("eval", "calib", "train")
-    targets = {"eval": n_eval * seq_len, "calib": calib_samples * seq_len, "train": max_train_seqs * seq_len}
+    targets = {"eval": n_eval * body, "calib": calib_samples * body, "train": max_train_seqs * body}
     assigned: dict[str, list[list[int]]] = {k: [] for k in names}
     stream_len = dict.fromkeys(names, 0)
     stage = 0
@@ -533,7 +556,7 @@ def make_splits(
         if stage == len(names):
             break
 
-    need_train = min_train_seqs * seq_len
+    need_train = min_train_seqs * body
     short = stream_len["eval"] < targets["eval"] or stream_len["calib"] < targets["calib"]
     if short or stream_len["train"] < need_train:
         needed = targets["eval"] + targets["calib"] + need_train
@@ -542,7 +565,7 @@ def make_splits(
             f"and {min_train_seqs} training sequence(s) of {seq_len} tokens"
         )
         if total < needed:
-            found = max(0, min(calib_samples, (total - targets["eval"]) // seq_len))
+            found = max(0, min(calib_samples, (total - targets["eval"]) // body))
             raise DataError(
                 f"dataset has {total:,} tokens; needs at least {needed:,} for {what}: after evaluation it holds "
                 f"{found} of the {calib_samples} calibration sequences asked; "
@@ -555,9 +578,9 @@ def make_splits(
             f"or lower eval-tokens / calib-samples"
         )
     return TokenSplits(
-        calib=pack_windows(assigned["calib"], sep, seq_len, calib_samples),
-        train=pack_windows(assigned["train"], sep, seq_len, max_train_seqs),
-        eval=pack_windows(assigned["eval"], sep, seq_len, n_eval),
+        calib=pack_windows(assigned["calib"], sep, seq_len, calib_samples, bos),
+        train=pack_windows(assigned["train"], sep, seq_len, max_train_seqs, bos),
+        eval=pack_windows(assigned["eval"], sep, seq_len, n_eval, bos),
         seq_len=seq_len,
         seed=seed,
         docs={k: len(v) for k, v in assigned.items()},

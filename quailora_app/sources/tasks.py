@@ -38,6 +38,7 @@ from quailora_app.sources.data import (
     _quiet_datasets,
     _read_utf8,
     _short_reason,
+    bos_id,
     embedded_data_file,
     pack_windows,
 )
@@ -146,7 +147,7 @@ def split_documents(texts: Sequence[str], splits: TokenSplits, tokenizer: Any, *
                 out[names[stage]].append(text)
                 if names[stage] == "calib":
                     calib_ids.append(list(ids))
-    calib = pack_windows(calib_ids, tokenizer.eos_token_id, splits.seq_len, len(splits.calib))
+    calib = pack_windows(calib_ids, tokenizer.eos_token_id, splits.seq_len, len(splits.calib), bos_id(tokenizer))
     if any(len(out[name]) != splits.docs.get(name, 0) for name in names) or not torch.equal(calib, splits.calib):
         raise ValueError("these texts (or this tokenizer) are not the ones the splits were cut from")
     return out
