@@ -35,27 +35,33 @@ def test_init_poll_draws_once_then_only_what_moved():
     job = init_job(events=[{"kind": "layer", "module": "model.layers.0.mlp.down_proj", "block": 0,
                             "calibrated_error": {"qlora": 1.0, "svd": 0.5}, "weight_error": {"qlora": 1.0}}])
     studio = Studio(Manager(job), (1, 2))
-    poll = studio.poller(_count_init, studio.draw_init, 7)
+    poll = studio.poller(_count_init, studio.draw_init, 8)
     alice = {"owner": "alice"}
     first = poll(alice, "j1", {}, "")
-    assert len(first) == 10 and "calibrate" in first[0] and not any(skipped(v) for v in first[2:5])
+    assert len(first) == 11 and "calibrate" in first[0] and not any(skipped(v) for v in first[2:5])
     seen = first[-1]
     assert seen["layers"] == 1 and seen["metrics"] == 0
     job.version += 1  # a new log line: progress and status only
     second = poll(alice, "j1", seen, "")
-    assert all(skipped(v) for v in second[2:9]) and not skipped(second[1])
+    assert all(skipped(v) for v in second[2:10]) and not skipped(second[1])
     assert all(skipped(v) for v in poll(alice, "j1", second[-1], "")[:-1])  # nothing moved: nothing sent
     job.events.append({"kind": "metric", "name": "qlora", "value": 20.0, "group": "perplexity"})
     job.version += 1
     third = poll(alice, "j1", second[-1], "")
-    assert skipped(third[2]) and skipped(third[3]) and not skipped(third[4])  # only the perplexity figure
+    assert skipped(third[2]) and skipped(third[3]) and not skipped(third[4])  # the perplexity figure
+    assert not skipped(third[5]) and third[5]["visible"] is False  # and the accuracy panel, hidden: none scored
+    job.events.append({"kind": "metric", "name": "qlora", "value": 0.6, "group": "accuracy", "task": "labels",
+                       "n": 100, "interval": [0.5, 0.69]})
+    job.version += 1
+    fourth = poll(alice, "j1", third[-1], "")
+    assert fourth[5]["visible"] is True and fourth[5]["value"] is not None  # the first score shows the panel
     job.status, job.ended, job.version = FINISHED, 1.0, job.version + 1
-    assert not skipped(poll(alice, "j1", third[-1], "")[8])  # a new status redraws the results summary
+    assert not skipped(poll(alice, "j1", fourth[-1], "")[9])  # a new status redraws the results summary
 
 
 def test_poll_of_another_sessions_job_is_refused_once():
     studio = Studio(Manager(init_job()), (1, 2))
-    poll = studio.poller(_count_init, studio.draw_init, 7)
+    poll = studio.poller(_count_init, studio.draw_init, 8)
     out = poll({"owner": "bob"}, "j1", {}, "")
     assert "No job" in out[1] and out[-1] == {"job": "j1"}
     assert all(skipped(v) for v in poll({"owner": "bob"}, "j1", out[-1], "")[:-1])

@@ -198,7 +198,9 @@ def init_views(job: Job | None, manager: JobManager,
         out["perplexity"] = F.perplexity_figure(report if report and report.get("perplexity") else events, methods)
     if "accuracy" in parts:  # downstream accuracy with Wilson intervals (an empty panel when accuracy is off)
         methods = list(getattr(job.config, "methods", ()) or ()) if job else []
-        out["accuracy"] = F.accuracy_figure(report if report and report.get("accuracy") else events, methods)
+        scored = report if report and report.get("accuracy") else events
+        out["accuracy"] = F.accuracy_figure(scored, methods)
+        out["accuracy_shown"] = bool(F.accuracies_from(scored))
     if report:
         out["numbers"] = pd.DataFrame(F.numbers_table(report), columns=F.NUMBERS_HEADER)
     else:
@@ -377,7 +379,7 @@ def run_outputs(run: ReopenedRun, manager: JobManager, owner: str | None = None)
     if run.kind == "init":
         v = init_views(job, manager)
         out.update(layers=v["layers"], heatmap=v["heatmap"], perplexity=v["perplexity"], table=v["numbers"],
-                   note=v["note"])
+                   note=v["note"], accuracy=v["accuracy"], accuracy_shown=v["accuracy_shown"])
         out["summary"] = head + "\n\n" + summary_text(job, None)
     elif run.kind == "train":
         out["curves"], out["table"] = train_outputs(job)

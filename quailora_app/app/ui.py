@@ -123,7 +123,8 @@ UPLOAD_TYPES = paths.PICKER_TYPES
 #: The settings each start endpoint takes, by name and in its API order (session first, not listed).
 SETUP_NAMES = ("model", "dataset", "upload", "text_column", "quant", "double_quant", "block_size", "rank", "alpha",
                "rslora", "targets", "calib_samples", "seq_len", "eval_tokens", "seed")
-INIT_NAMES = (*SETUP_NAMES, "methods", "baselines", "als_rounds", "damping")
+INIT_NAMES = (*SETUP_NAMES, "methods", "baselines", "als_rounds", "damping", "accuracy_tasks", "label_items",
+              "continuation_items")
 TRAIN_NAMES = (*SETUP_NAMES, "als_rounds", "damping", "arms", "steps", "learning_rate", "batch_size", "grad_accum",
                "eval_every", "warmup_ratio", "start_from_init")
 VIEWS_NAMES = ("model", "dataset", "upload", "text_column", "quant", "double_quant", "block_size", "eval_tokens",
@@ -153,10 +154,11 @@ def default_settings(gpu: bool) -> dict[str, Any]:
     if gpu:
         return dict(calib_samples=128, seq_len=512, eval_tokens=32768,
                     methods=list(settings(InitConfig)["methods"].choices()), baselines=True, targets=[ALL_LINEAR],
-                    steps=200, batch_size=8, eval_every=20, learning_rate=2e-4)
+                    steps=200, batch_size=8, eval_every=20, learning_rate=2e-4,
+                    accuracy_tasks=["labels", "continuation"], label_items=2000, continuation_items=500)
     return dict(calib_samples=16, seq_len=256, eval_tokens=2048, methods=["qlora", "svd", "quailora"],
                 baselines=True, targets=[ALL_LINEAR], steps=10, batch_size=1, eval_every=5,
-                learning_rate=2e-4)
+                learning_rate=2e-4, accuracy_tasks=[], label_items=200, continuation_items=100)
 
 
 def _gradio_upload_roots() -> list[str]:
@@ -260,6 +262,11 @@ class _Tabs:
     def owners(self) -> set[str]:
         with self._lock:
             return set(self._owner_of.values())
+
+
+def _shown_if(figure, shown: bool):
+    """A figure update that also shows or hides its plot (the accuracy panel exists only when a run scores)."""
+    return gr.update(value=figure, visible=shown)
 
 
 def _skips(n: int) -> list:
@@ -386,7 +393,7 @@ class Studio:
         job, refused = self.session_job(session, job_id)
         v = init_views(job, self.manager)
         return (self.progress(job), refused or self.status(job), v["layers"], v["heatmap"], v["perplexity"],
-                v["numbers"], v["report"], v["note"])
+                _shown_if(v["accuracy"], v["accuracy_shown"]), v["numbers"], v["report"], v["note"])
 
     def train_status(self, session, job_id):
         job, refused = self.session_job(session, job_id)
@@ -425,11 +432,12 @@ class Studio:
         return poll
 
     def draw_init(self, job: Job, other: Job | None, fresh: bool, changed: set[str]) -> tuple:
-        """Init panel after progress and status: the three figures, numbers, report, note, results summary."""
-        parts = [p for p, count in (("layers", "layers"), ("heatmap", "layers"), ("perplexity", "metrics"))
-                 if count in changed]
+        """Init panel after progress and status: the four figures, numbers, report, note, results summary."""
+        parts = [p for p, count in (("layers", "layers"), ("heatmap", "layers"), ("perplexity", "metrics"),
+                                    ("accuracy", "metrics")) if count in changed]
         v = init_views(job, self.manager, parts) if parts else {}
-        return (v.get("layers", gr.skip()), v.get("heatmap", gr.skip()), v.get("perplexity", gr.skip()),
+        accuracy = _shown_if(v["accuracy"], v["accuracy_shown"]) if "accuracy" in v else gr.skip()
+        return (v.get("layers", gr.skip()), v.get("heatmap", gr.skip()), v.get("perplexity", gr.skip()), accuracy,
                 v.get("numbers", gr.skip()), v.get("report", gr.skip()) if fresh else gr.skip(),
                 v.get("note", gr.skip()) if fresh else gr.skip(), summary_text(job, other) if fresh else gr.skip())
 
@@ -574,6 +582,15 @@ def setup_section(d: dict[str, Any]) -> Setup:
         f["methods"] = gr.CheckboxGroup(method_choices(), value=d["methods"], label="initializations to compare",
                                         info=method_info())
         f["baselines"] = gr.Checkbox(value=d["baselines"], label="also measure full-precision and 8-bit perplexity")
+    with gr.Row(equal_height=False):
+        f["accuracy_tasks"] = gr.CheckboxGroup(
+            [("few-shot labels (sentiment)", "labels"), ("continuation (multiple choice)", "continuation")],
+            value=d["accuracy_tasks"], label="downstream accuracy (as lm-evaluation-harness scores it)",
+            info="each variant answers held-out items by log-likelihood; 95% intervals shown. On a CPU it adds about "
+                 "a minute per variant at the sizes below", elem_id="accuracy-tasks")
+        f["label_items"] = gr.Number(value=d["label_items"], precision=0, label="labelled items per variant")
+        f["continuation_items"] = gr.Number(value=d["continuation_items"], precision=0,
+                                            label="continuation items per variant")
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
             f["als_rounds"] = gr.Number(value=init["als_rounds"].default, precision=0, label="QuAILoRA ALS rounds")
@@ -590,6 +607,7 @@ class InitPanel:
     layers: gr.Plot
     heatmap: gr.Plot
     perplexity: gr.Plot
+    accuracy: gr.Plot  # shown only when the run scores downstream accuracy
     numbers: gr.Dataframe
     report: gr.JSON
     example: ExampleBanner | None = None
@@ -598,7 +616,8 @@ class InitPanel:
     def outputs(self) -> list:
         """In the order of /init_status's outputs."""
         p = self.panel
-        return [p.progress, p.status, self.layers, self.heatmap, self.perplexity, self.numbers, self.report, self.note]
+        return [p.progress, p.status, self.layers, self.heatmap, self.perplexity, self.accuracy, self.numbers,
+                self.report, self.note]
 
 
 def init_section(studio: Studio, shipped: dict[str, Any] | None = None) -> InitPanel:
@@ -622,14 +641,16 @@ def init_section(studio: Studio, shipped: dict[str, Any] | None = None) -> InitP
             ppl = gr.Plot(sv.get("perplexity") or F.perplexity_figure([]), label="perplexity", show_label=False,
                           elem_id="ppl-plot")
             gr.Markdown(F.CAPTIONS["perplexity"], elem_classes="caption")
+    accuracy = gr.Plot(sv.get("accuracy") or F.accuracy_figure([]), visible=bool(sv.get("accuracy_shown")),
+                       label="downstream accuracy", show_label=False, elem_id="acc-plot")
     numbers = gr.Dataframe(sv["table"] if shipped else pd.DataFrame(columns=F.NUMBERS_HEADER),
                            label="numbers per variant", interactive=False, wrap=True,
                            column_widths=["28%", "14%", "12%", "10%", "12%", "12%", "12%"])
     with gr.Accordion("report.json", open=False):
         report = gr.JSON(sv.get("report"), label="report")
     refresh = gr.Button("refresh", visible=False)
-    return InitPanel(JobPanel(start, stop, job, progress, status, refresh), note, layers, heatmap, ppl, numbers, report,
-                     example)
+    return InitPanel(JobPanel(start, stop, job, progress, status, refresh), note, layers, heatmap, ppl, accuracy, numbers,
+                     report, example)
 
 
 @dataclass
