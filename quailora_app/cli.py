@@ -25,6 +25,7 @@ from quailora_app.engine.from_init import train_config_from_init
 from quailora_app.engine.quiet import quiet_libraries
 from quailora_app.errors import UserError
 from quailora_app.events import (
+    AccuracyPoint,
     ArmFinished,
     EvalPoint,
     LayerResult,
@@ -310,6 +311,10 @@ def consume_train(events, out=None) -> int:
             bar.refresh()
         elif isinstance(event, EvalPoint):
             say(f"  {event.arm:<10} step {event.step:>4}: val perplexity {event.val_perplexity:.3f}")
+        elif isinstance(event, AccuracyPoint):
+            lo, hi = event.interval
+            say(f"  {event.arm:<10} step {event.step:>4}: {event.task} accuracy {100 * event.accuracy:.1f}% +- "
+                f"{50 * (hi - lo):.1f} (n={event.n:,})" + (f", {event.note}" if event.note else ""))
         elif isinstance(event, Metric):
             say(f"  reference perplexity, {event.note or event.name}: {event.value:.3f}")
         elif isinstance(event, ArmFinished):
@@ -332,7 +337,9 @@ def consume_train(events, out=None) -> int:
 
 
 def train_table(report: dict) -> str:
-    """Arm by arm: perplexity at step 0 / final / best, gap closed, speed, memory."""
+    """Arm by arm: perplexity at step 0 / final / best, gap closed, speed, memory; when the run scored downstream
+    accuracy, per task the accuracy at step 0 and at the last evaluation +- its 95% Wilson half-width and the
+    accuracy gap closed toward qlora8."""
     ref = report.get("reference_perplexity", {})
     head = (f"model {report['model']} | dataset {report['dataset']} | {report['device']} | "
             f"schedule {report['schedule']} | status {report['status']}")
@@ -340,7 +347,7 @@ def train_table(report: dict) -> str:
     origin = f"started from init run {report['from_init']}" if report.get("from_init") else ""
     lines = [head, origin, f"reference perplexity (before fine-tuning): {refs}" if refs else "",
              f"{'arm':<10} {'steps':>5} {'ppl@0':>9} {'final':>9} {'best':>9} {'gap vs 8-bit':>13} {'gap vs full':>12} "
-             f"{'s/step':>7} {'tok/s':>7} {'peak MiB':>9}"]
+             f"{'s/step':>7} {'tok/s':>7} {'peak MiB':>9}{_train_accuracy_head(report)}"]
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
     for name in report["arm_names"]:
@@ -350,13 +357,52 @@ def train_table(report: dict) -> str:
                      f"{fmt(a.get('final_perplexity'), '.3f'):>9} {fmt(a.get('best_perplexity'), '.3f'):>9} "
                      f"{pct(report['gap_closed'].get(name)):>13} {pct(report['gap_closed_full'].get(name)):>12} "
                      f"{fmt(a.get('median_step_seconds'), '.2f'):>7} {fmt(a.get('tokens_per_s'), '.0f'):>7} "
-                     f"{fmt(mem / MIB if mem else None, '.0f'):>9}")
+                     f"{fmt(mem / MIB if mem else None, '.0f'):>9}{_train_accuracy_cells(report, name)}")
     lines.append("gap closed = (ppl_qlora4 - ppl_arm) / (ppl_qlora4 - ppl_target) on the final evaluations; "
                  "target qlora8 (8-bit) and lora16 (full), each when that arm runs")
+    lines.extend(_train_accuracy_notes(report))
     how = next((a.get("memory_method") for a in report["arms"].values() if a.get("memory_method")), "")
     if how:
         lines.append(f"peak MiB, {how}")
     return "\n".join(line for line in lines if line)
+
+
+def _train_tasks(report: dict) -> list[str]:
+    """The downstream tasks some arm of a train report was scored on."""
+    return [kind for kind in report.get("accuracy") or {}
+            if any(kind in (a.get("accuracy") or {}) for a in report["arms"].values())]
+
+
+def _train_accuracy_head(report: dict) -> str:
+    return "".join(f" {kind + ' acc@0':>22} {kind + ' final':>22} {'acc gap':>8}" for kind in _train_tasks(report))
+
+
+def _train_accuracy_cells(report: dict, arm: str) -> str:
+    """Per task: '71.2% +- 4.0' at step 0 and at the last evaluation, and the accuracy gap closed toward qlora8."""
+    def cell(record: dict | None) -> str:
+        return f"{100 * record['accuracy']:.1f}% +- {100 * record['half_width']:.1f}" if record else "-"
+
+    out = ""
+    for kind in _train_tasks(report):
+        entry = (report["arms"][arm].get("accuracy") or {}).get(kind) or {}
+        out += f" {cell(entry.get('step0')):>22} {cell(entry.get('final')):>22} {_share(entry.get('gap_closed')):>8}"
+    return out
+
+
+def _train_accuracy_notes(report: dict) -> list[str]:
+    """What the accuracy columns are, each task's title and n, and each arm's paired test against qlora4."""
+    tasks = _train_tasks(report)
+    if not tasks:
+        return []
+    lines = ["accuracy: +- the 95% Wilson half-width; acc gap = (acc_arm - acc_qlora4) / (acc_qlora8 - acc_qlora4) on "
+             "the final evaluations"]
+    for kind in tasks:
+        entry = report["accuracy"][kind]
+        lines.append(f"{kind}: {entry.get('title', kind)}; {entry.get('metric', 'acc')}, n={entry.get('n')}")
+        lines.extend(f"  {a['accuracy'][kind]['vs_qlora4']['summary']}" for a in report["arms"].values()
+                     if (a.get("accuracy") or {}).get(kind, {}).get("vs_qlora4"))
+    lines.extend(f"accuracy task {kind}: {why}" for kind, why in (report.get("accuracy_unavailable") or {}).items())
+    return lines
 
 
 def views_command(args) -> int:

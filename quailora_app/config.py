@@ -169,6 +169,15 @@ def init_accuracy(tasks: tuple[str, ...] = ()) -> AccuracyConfig:
     return AccuracyConfig(accuracy_tasks=tasks, label_items=200, continuation_items=100)
 
 
+def train_accuracy(tasks: tuple[str, ...] = ()) -> AccuracyConfig:
+    """The fine-tuning flow's accuracy settings: off, in TrainConfig() and on the command line alike (opt in with
+    --accuracy-tasks labels continuation). Each arm is scored at every evaluation, so with a arms and e evaluations
+    a task costs a * (e + 1) scorings against the init flow's handful (on 2 CPU cores about 35 s + 90 s each at
+    these sizes, the init flow's, so that a run started from an init run scores the same items and reuses its
+    step-0 scores; flows/train.py)."""
+    return init_accuracy(tasks)
+
+
 @dataclass
 class InitConfig:
     """Everything `python -m quailora_app init` needs. Downstream accuracy (`accuracy`) is off by default here and
@@ -274,8 +283,9 @@ class TrainConfig:
                 "settings, its saved initializations and its perplexities, instead of computing them again",
         "metavar": "RUN"})
     measure_step0: bool = field(default=False, metadata={
-        "help": "measure every arm's step-0 perplexity even where it is known (B = 0 on a reference base; with "
-                "--from-init, the init run's): a check, one evaluation per arm"})
+        "help": "measure every arm's step-0 perplexity (and accuracy) even where it is known (B = 0 on a reference "
+                "base; with --from-init, the init run's): a check, one evaluation per arm"})
+    accuracy: AccuracyConfig = field(default_factory=train_accuracy)  # off unless asked; --from-init: the init run's
     out: str | None = field(default=None, metadata={"help": "run folder (default: runs/train-<date>-<time>)"})
 
     def __post_init__(self) -> None:

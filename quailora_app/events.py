@@ -128,6 +128,22 @@ class EvalPoint(Event):
 
 
 @dataclass
+class AccuracyPoint(Event):
+    """Downstream accuracy of one arm after `step` optimizer steps (0 = right after initialization): the share of
+    `n` items of task `task` (a sources/tasks.py kind) it answered right and the 95% Wilson interval of that share.
+    One per arm, evaluation and task, beside the arm's EvalPoint (only when the run scores accuracy)."""
+
+    kind: ClassVar[str] = "eval_accuracy"
+    arm: str
+    step: int
+    task: str
+    accuracy: float
+    n: int
+    interval: tuple[float, float]
+    note: str = ""
+
+
+@dataclass
 class ArmFinished(Event):
     """An arm ended (all steps done or stopped); its adapter is saved in adapter_dir."""
 

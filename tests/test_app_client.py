@@ -118,7 +118,7 @@ def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, 
     seen = set()
     deadline = time.time() + 240
     while len(seen) < 3 and time.time() < deadline:
-        progress, status, curves, table = client.predict(alice, job_id, api_name="/train_status")
+        progress, status, curves, table, accuracy = client.predict(alice, job_id, api_name="/train_status")
         assert "failed" not in status, status
         points = sum(len(t["x"]) for t in plot_of(curves)["data"] if t.get("mode") == "lines+markers")
         if points:

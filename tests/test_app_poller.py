@@ -77,12 +77,18 @@ def test_views_poll_without_a_job_sends_nothing():
 def test_train_poll_redraws_the_curves_when_points_arrive():
     job = Job(id="t1", kind="train", owner="alice", config=None, status=RUNNING, started=0.0, stage="train")
     studio = Studio(Manager(job), (1, 2))
-    poll = studio.poller(_count_train, studio.draw_train, 3)
+    poll = studio.poller(_count_train, studio.draw_train, 4)
     first = poll({"owner": "alice"}, "t1", {}, "")
     job.events.append({"kind": "train_step", "arm": "qlora4", "step": 1, "total_steps": 4, "train_loss": 2.0})
     job.version += 1
     second = poll({"owner": "alice"}, "t1", first[-1], "")
-    assert not skipped(second[2]) and skipped(second[4])  # the curves, not the summary
+    assert not skipped(second[2]) and skipped(second[5])  # the curves, not the summary
+    assert second[4]["visible"] is False  # no accuracy scored: its panel stays hidden
+    job.events.append({"kind": "eval_accuracy", "arm": "qlora4", "step": 0, "task": "labels", "accuracy": 0.6,
+                       "n": 50, "interval": [0.46, 0.72]})
+    job.version += 1
+    third = poll({"owner": "alice"}, "t1", second[-1], "")
+    assert third[4]["visible"] is True  # the first accuracy point shows the panel
 
 
 def test_progress_says_the_time_left_in_the_stage_from_its_measured_rate():

@@ -389,6 +389,13 @@ def run_outputs(run: ReopenedRun, manager: JobManager, owner: str | None = None)
     return out
 
 
+def train_accuracy(job: Job | None) -> tuple[Any, bool]:
+    """(the arms' downstream accuracy at each evaluation, figure; whether the run scores any)."""
+    arms = list(getattr(job.config, "arms", ()) or ()) if job else []
+    events = job.events if job else []
+    return F.train_accuracy_figure(events, arms), bool(F.train_accuracies_from(events))
+
+
 def train_outputs(job: Job | None) -> tuple[Any, pd.DataFrame]:
     """(curves figure, speed and memory table) of a fine-tuning job."""
     arms = list(getattr(job.config, "arms", ()) or ()) if job else []

@@ -102,6 +102,7 @@ from quailora_app.app.presenters import (
     report_of,
     status_text,
     summary_text,
+    train_accuracy,
     train_outputs,
     view_defaults,
     zip_run,
@@ -397,7 +398,7 @@ class Studio:
 
     def train_status(self, session, job_id):
         job, refused = self.session_job(session, job_id)
-        return (self.progress(job), refused or self.status(job), *train_outputs(job))
+        return (self.progress(job), refused or self.status(job), *train_outputs(job), _shown_if(*train_accuracy(job)))
 
     def views_status(self, session, job_id):
         job, refused = self.session_job(session, job_id)
@@ -443,9 +444,10 @@ class Studio:
 
     @staticmethod
     def draw_train(job: Job, other: Job | None, fresh: bool, changed: set[str]) -> tuple:
-        """Fine-tuning panel after progress and status: curves, speed table, results summary."""
-        fig, table = train_outputs(job) if "points" in changed else (gr.skip(), gr.skip())
-        return fig, table, summary_text(other, job) if fresh else gr.skip()
+        """Fine-tuning panel after progress and status: curves, speed table, accuracy, results summary."""
+        if "points" not in changed:
+            return gr.skip(), gr.skip(), gr.skip(), summary_text(other, job) if fresh else gr.skip()
+        return (*train_outputs(job), _shown_if(*train_accuracy(job)), summary_text(other, job) if fresh else gr.skip())
 
     @staticmethod
     def draw_views(job: Job, other: Job | None, fresh: bool, changed: set[str]) -> tuple:
@@ -480,7 +482,8 @@ def _count_init(job: Job) -> dict[str, int]:
 
 def _count_train(job: Job) -> dict[str, int]:
     return {"points": sum(1 for e in job.events
-                          if e.get("kind") in ("train_step", "eval", "metric") or F._is_arm_finished(e))}
+                          if e.get("kind") in ("train_step", "eval", "eval_accuracy", "metric")
+                          or F._is_arm_finished(e))}
 
 
 # ------------------------------------------------------------------------------------------------ sections (layout)
@@ -649,8 +652,8 @@ def init_section(studio: Studio, shipped: dict[str, Any] | None = None) -> InitP
     with gr.Accordion("report.json", open=False):
         report = gr.JSON(sv.get("report"), label="report")
     refresh = gr.Button("refresh", visible=False)
-    return InitPanel(JobPanel(start, stop, job, progress, status, refresh), note, layers, heatmap, ppl, accuracy, numbers,
-                     report, example)
+    return InitPanel(JobPanel(start, stop, job, progress, status, refresh), note, layers, heatmap, ppl, accuracy,
+                     numbers, report, example)
 
 
 @dataclass
@@ -720,12 +723,13 @@ class TrainPanel:
     fields: dict[str, gr.components.Component]  # arms, steps, learning_rate, batch_size, eval_every, ...
     curves: gr.Plot
     throughput: gr.Dataframe
+    accuracy: gr.Plot  # shown only when the run scores downstream accuracy
     example: ExampleBanner | None = None
 
     @property
     def outputs(self) -> list:
         """In the order of /train_status's outputs."""
-        return [self.panel.progress, self.panel.status, self.curves, self.throughput]
+        return [self.panel.progress, self.panel.status, self.curves, self.throughput, self.accuracy]
 
 
 def train_section(studio: Studio, d: dict[str, Any], shipped: dict[str, Any] | None = None) -> TrainPanel:
@@ -759,7 +763,9 @@ def train_section(studio: Studio, d: dict[str, Any], shipped: dict[str, Any] | N
     throughput = gr.Dataframe(sv["table"] if shipped else pd.DataFrame(columns=F.TRAIN_HEADER),
                               label="speed and memory per arm", interactive=False)
     refresh = gr.Button("refresh", visible=False)
-    return TrainPanel(JobPanel(start, stop, job, progress, status, refresh), f, curves, throughput, example)
+    accuracy = gr.Plot(F.train_accuracy_figure([]), visible=False, label="downstream accuracy per arm",
+                       show_label=False, elem_id="train-acc-plot")
+    return TrainPanel(JobPanel(start, stop, job, progress, status, refresh), f, curves, throughput, accuracy, example)
 
 
 @dataclass

@@ -195,6 +195,8 @@ class Arm:
     memory_how: str = ""  # one word for tables: measured, partly measured or accounted
     adapter_dir: str = ""
     status: str = "running"
+    #: downstream task kind -> [(step, which items were right)], one per evaluation (when the run scores accuracy)
+    accuracy: dict[str, list[tuple[int, tuple[bool, ...]]]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -273,6 +275,11 @@ class Arm:
         self.seconds += time.perf_counter() - start
         self.evals.append((step, ppl))
         return ppl
+
+    def record_accuracy(self, task: str, step: int, correct: tuple[bool, ...], seconds: float = 0.0) -> None:
+        """Which items of downstream task `task` the arm got right after `step` steps (scoring took `seconds`)."""
+        self.seconds += seconds
+        self.accuracy.setdefault(task, []).append((step, tuple(correct)))
 
     @property
     def peak_memory_bytes(self) -> int:

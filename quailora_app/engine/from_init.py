@@ -21,17 +21,19 @@ calibrated on, but no longer the init report's tokens, so the references and ste
 Raising it is refused: the extra held-out documents would be the init run's calibration text.
 
 Settings that only shape what the train run computes itself (damping, ALS rounds, distill's steps, learning rate
-and batch) and the compute dtype are the init run's unless given. The training settings (arms, steps, learning
-rate, batches, evaluation interval, schedule), the device and the run folder are the user's.
+and batch), the compute dtype and the downstream accuracy settings (which tasks, how many items: with the init run's,
+the arms are scored on its items and its step-0 scores are reused) are the init run's unless given. The training
+settings (arms, steps, learning rate, batches, evaluation interval, schedule), the device and the run folder are the
+user's.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from quailora_app.config import TrainConfig
+from quailora_app.config import AccuracyConfig, TrainConfig
 from quailora_app.engine.methods import LAYER, MODEL, QLORA, find_method
 from quailora_app.errors import ConfigError
 from quailora_app.runs import REPORT, RunFolder
@@ -40,8 +42,12 @@ from quailora_app.settings import build, settings
 #: settings (flat names, settings.py) an init run fixes for a train run that starts from it
 FIXED = ("model", "dataset", "eval_dataset", "text_column", "seq_len", "calib_samples", "seed",
          "quant", "double_quant", "block_size", "rank", "alpha", "rslora", "targets")
+#: the downstream accuracy settings: the init run's unless given, so that the arms are scored on the init run's items
+#: and its step-0 scores are reused (flows/train.py)
+ACCURACY_SETTINGS = tuple(f.name for f in fields(AccuracyConfig))
 #: settings taken from the init run unless given (eval_tokens: given, only lower; see the module)
-INHERITED = ("eval_tokens", "compute_dtype", "damping", "als_rounds", "distill_steps", "distill_lr", "distill_batch")
+INHERITED = ("eval_tokens", "compute_dtype", "damping", "als_rounds", "distill_steps", "distill_lr", "distill_batch",
+             *ACCURACY_SETTINGS)
 #: settings naming a file or folder: the same place written two ways is the same value
 PATHS = ("model", "dataset", "eval_dataset")
 #: what an adapter folder of an init run holds (save_adapter: peft's files and the initialization's record)

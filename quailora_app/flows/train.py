@@ -14,6 +14,18 @@ init run saved load its adapters/<method>/ factors instead of calibrating. Arms 
 (quailora8, against the 8-bit Q; a method it did not compute) are computed as without it, with a Log line saying
 so. What is left before the first step is loading the arms' base models. report["from_init"] names the run.
 
+Downstream accuracy (cfg.accuracy, off unless asked): at every evaluation each arm is also scored on the tasks
+(engine/accuracy.py, as the init flow scores its variants), one AccuracyPoint per arm, step and task, each with its
+95% Wilson interval. Items are documents the run held out: neither calibration nor training text. From an init run
+that scored accuracy, the tasks are built as it built them (it reserved only its calibration documents), less the
+items about this run's training documents; when they are the init run's (the same task fingerprint, the same kind
+of device and compute dtype) an arm's step-0 answers are the init report's for its method (qlora4: qlora, qlora8:
+int8, lora16: full), read back item by item instead of scored. The report gives each arm's accuracy at step 0, at
+the last and at the best evaluation, the accuracy gap closed on the last evaluations,
+    (acc_arm - acc_qlora4) / (acc_qlora8 - acc_qlora4)   (and toward lora16: "gap_closed_full"),
+the same formula as the init flow's toward 8-bit, and McNemar's exact test of each arm against qlora4 on the
+items of the last evaluation.
+
 Every arm shares the seed (data.seed), the training batches in the same order (a seeded permutation of
 TokenSplits.train, epoch after epoch), the hyperparameters and the held-out evaluation tokens. peft's default
 LoRA init draws A at random: the RNG is seeded right before each attach, so every default-init arm starts from
@@ -35,12 +47,20 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from quailora_app.config import TrainConfig
+from quailora_app.engine.accuracy import (
+    accuracy_gap_closed,
+    build_tasks,
+    paired_test,
+    score_task,
+    task_fingerprint,
+    wilson_interval,
+)
 from quailora_app.engine.adapters import attach_lora, load_factors, save_adapter, write_factors
 from quailora_app.engine.arms import ARM_SPECS, Arm, ArmSpec, batch_hash
 from quailora_app.engine.evaluate import gap_closed, perplexity
@@ -51,12 +71,25 @@ from quailora_app.engine.plan import run_model_method, target_paths
 from quailora_app.engine.preflight import available_bytes, preflight_train, train_estimate
 from quailora_app.engine.quantize import load_4bit, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
-from quailora_app.errors import ConfigError, one_line
-from quailora_app.events import ArmFinished, EvalPoint, Event, Log, Metric, Progress, RunFinished, Stage, TrainStep
+from quailora_app.errors import ConfigError, DataError, one_line
+from quailora_app.events import (
+    AccuracyPoint,
+    ArmFinished,
+    EvalPoint,
+    Event,
+    Log,
+    Metric,
+    Progress,
+    RunFinished,
+    Stage,
+    TrainStep,
+)
 from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory, opening_report
 from quailora_app.runs import Report, RunFolder
+from quailora_app.sources.data import load_texts
 from quailora_app.sources.models import device_label, load_full_precision, pick_device
+from quailora_app.sources.tasks import MIN_ITEMS, Task, asked_about, reserved_documents, subset_task
 
 quiet_libraries()
 
@@ -99,12 +132,18 @@ class TrainRun:
         self.calib_dtype = torch.float32 if self.device.type == "cpu" else None  # else the compute dtype, once known
         self._spare: dict[str, object] = {}  # base -> a loaded bare base model waiting for its next arm
         self._waiting = collections.Counter(ARM_SPECS[a].base for a in cfg.arms)  # base -> arms not set up yet
+        self.same_device = False  # the init run ran on this kind of device in this compute dtype
+        self.tasks: list[Task] = []  # the downstream tasks every arm is scored on (cfg.accuracy)
+        self.tokenizer = None
+        self.keep: dict[str, list[int]] = {}  # task kind -> its items' indices in the init run's task
+        self.init_accuracy: dict[str, dict] = {}  # task kind -> the init report's entry, when its items are these
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _summarize(self) -> None:
         for name, arm in self.arms.items():
             self.report["arms"][name].update(self._arm_summary(arm))
         self._gap_figures()
+        self._accuracy_figures()
 
     def events(self) -> Iterator[Event]:
         hint = "try --schedule sequential, fewer arms, a smaller batch or a shorter seq-len"
@@ -135,6 +174,7 @@ class TrainRun:
                                                      should_stop=self.should_stop, split_sizes=sizes, load_base=False))
         self.source, self.dtype, self.checkpoint = prepared.source, prepared.dtype, prepared.checkpoint
         self.calib_dtype = self.calib_dtype or self.dtype
+        self.tokenizer = prepared.tokenizer
         splits = prepared.splits
         self.report["model_note"] = self.source.note
         self.eval_ids, self.calib_ids = splits.eval, splits.calib
@@ -152,6 +192,7 @@ class TrainRun:
                                 f"({epochs:.2f} epochs); schedule {self.schedule}"))
         if self.origin is not None:
             yield from self._reuse_check()
+        yield from self._build_tasks(splits)
 
         yield from self._references()
         if self.schedule == "interleaved":
@@ -241,7 +282,9 @@ class TrainRun:
                            "evaluates on the first of its held-out windows only")
         elif origin.eval_tokens != n:
             reasons.append(f"{n} held-out tokens here, {origin.eval_tokens} in the init run (has its text changed?)")
-        if origin.device_type != self.device.type or origin.values.get("compute_dtype") != cfg.model.compute_dtype:
+        self.same_device = (origin.device_type == self.device.type
+                            and origin.values.get("compute_dtype") == cfg.model.compute_dtype)
+        if not self.same_device:
             reasons.append(f"the init run ran on {origin.report.get('device')} in compute dtype "
                            f"{origin.values.get('compute_dtype')}, this one on {self.report['device']} in "
                            f"{cfg.model.compute_dtype}")
@@ -426,6 +469,7 @@ class TrainRun:
             arm.evals.append((0, known))
             self.rec.save()
             yield self.rec.emit(EvalPoint(arm.name, 0, known))
+            yield from self._score(arm, 0)
         else:
             yield from self._evaluate(arm, 0)
 
@@ -445,6 +489,7 @@ class TrainRun:
         ppl = arm.evaluate(step, self.eval_ids, self.cfg.eval_batch)
         self.rec.save()
         yield self.rec.emit(EvalPoint(arm.name, step, ppl))
+        yield from self._score(arm, step)
 
     def _finish_arm(self, arm: Arm) -> Iterator[Event]:
         stopped = arm.steps_done < self.cfg.steps
@@ -460,6 +505,137 @@ class TrainRun:
         self.rec.save()
         yield self.rec.emit(ArmFinished(arm.name, arm.final_perplexity, arm.best_perplexity, arm.seconds,
                                         arm.adapter_dir, arm.steps_done, stopped))
+
+    # -- downstream accuracy ----------------------------------------------------------------------------
+    def _build_tasks(self, splits) -> Iterator[Event]:
+        """The tasks cfg.accuracy asks for, on documents this run held out. Without an init run (or one that scored
+        no accuracy): build_tasks reserving the calibration and training documents. From an init run that scored
+        accuracy: built as it built them (reserving its calibration documents only), then the items about this
+        run's training documents left out (sources/tasks.asked_about); where the task's fingerprint is the init
+        run's, self.keep maps the items to the init report's. A task that cannot be built is left out with a
+        warning and the reason in report["accuracy_unavailable"]."""
+        acc, data = self.cfg.accuracy, self.cfg.data
+        if not acc.accuracy_tasks:
+            return
+        self.report.update(accuracy={}, accuracy_gap_closed={}, accuracy_gap_closed_full={}, accuracy_unavailable={})
+        yield self.rec.emit(Stage("data", f"downstream tasks: {', '.join(acc.accuracy_tasks)}"))
+        scored = (self.origin.report.get("accuracy") or {}) if self.origin is not None else {}
+        like_init = bool(scored)
+        trained: set[str] | None = None
+        for kind in acc.accuracy_tasks:
+            try:
+                (task,) = build_tasks(replace(acc, accuracy_tasks=(kind,)), data, splits, self.tokenizer,
+                                      reserved_splits=("calib",) if like_init else ("calib", "train"))
+                keep = list(range(len(task.items)))
+                left_out = 0
+                if like_init:
+                    if trained is None:
+                        trained = reserved_documents(load_texts(data.dataset, data.text_column), splits,
+                                                     self.tokenizer, ("train",))
+                    asked = set(asked_about(task, trained))
+                    keep = [i for i in keep if i not in asked]
+                    if len(keep) < MIN_ITEMS:
+                        raise DataError(f"{len(keep)} of its items are not about this run's training documents, "
+                                        f"fewer than {MIN_ITEMS}")
+                    entry = scored.get(kind) or {}
+                    if entry.get("fingerprint") == task_fingerprint(task) and entry.get("n") == len(task.items):
+                        self.init_accuracy[kind] = entry
+                    left_out = len(task.items) - len(keep)
+                    task = subset_task(task, keep, "about this run's training documents")
+            except (DataError, ConfigError) as exc:
+                self.report["accuracy_unavailable"][kind] = f"not built: {one_line(exc, 200)}"
+                yield self.rec.emit(Log(f"accuracy task {kind} not built: {one_line(exc, 200)}", "warning"))
+                continue
+            self.tasks.append(task)
+            self.keep[kind] = keep
+            self.report["accuracy"][kind] = {
+                "title": task.title, "metric": task.metric, "description": task.description, "n": len(task.items),
+                "chance": task.chance, "majority": task.majority, "fingerprint": task_fingerprint(task),
+                "from_init_items": kind in self.init_accuracy, "left_out_as_trained": left_out}
+            yield self.rec.emit(Log(f"accuracy task {task.title}: {task.description}"))
+
+    def _init_answers(self, spec: ArmSpec, kind: str) -> tuple[bool, ...] | None:
+        """An arm's step-0 answers to task `kind` when the init run gave them (None otherwise, or with
+        measure_step0): its items are the init run's (same fingerprint, less this run's training documents), it ran
+        on this kind of device in this compute dtype, and it scored the model the arm starts as: qlora4 the plain
+        4-bit base (B = 0), an arm with loaded factors its method, qlora8 / lora16 the 8-bit / full-precision model
+        (B = 0 adds nothing)."""
+        entry = self.init_accuracy.get(kind)
+        if self.cfg.measure_step0 or entry is None or not self.same_device:
+            return None
+        if spec.base == "4bit":
+            name = spec.init if spec.init == QLORA or spec.init in self.loaded else None
+        else:
+            name = {"8bit": "int8", "full": "full"}[spec.base] if spec.init == QLORA else None
+        correct = ((entry.get("models") or {}).get(name) or {}).get("correct")
+        if not isinstance(correct, str) or len(correct) != entry.get("n"):
+            return None
+        return tuple(correct[i] == "1" for i in self.keep[kind])
+
+    def _score(self, arm: Arm, step: int) -> Iterator[Event]:
+        """Score every task on the arm's model after `step` steps (at step 0 the init run's answers where
+        _init_answers has them): one AccuracyPoint per task."""
+        for task in list(self.tasks):
+            self.rec.check_stop("accuracy scoring")
+            correct = self._init_answers(arm.spec, task.kind) if step == 0 else None
+            note = f"from init run {self.origin.name}" if correct is not None else ""
+            if correct is None:
+                try:
+                    score = score_task(arm.model, self.tokenizer, task, should_stop=self.should_stop,
+                                       batch_tokens=self.cfg.accuracy.accuracy_batch_tokens)
+                except ConfigError as exc:  # prompts longer than the model's context: the task gives nothing here
+                    self.tasks.remove(task)
+                    self.report["accuracy_unavailable"][task.kind] = f"not scored: {one_line(exc, 200)}"
+                    yield self.rec.emit(Log(f"accuracy task {task.kind} not scored: {one_line(exc, 200)}", "warning"))
+                    continue
+                correct = score.correct
+                arm.record_accuracy(task.kind, step, correct, score.seconds)
+            else:
+                arm.record_accuracy(task.kind, step, correct)
+            hits, n = sum(correct), len(correct)
+            lo, hi = wilson_interval(hits, n)
+            self.rec.save()
+            yield self.rec.emit(AccuracyPoint(arm.name, step, task.kind, hits / n, n, (lo, hi), note))
+
+    @staticmethod
+    def _accuracy_record(step: int, correct: tuple[bool, ...], with_items: bool = False) -> dict:
+        """One evaluation's accuracy: hits / n, its 95% Wilson interval and half-width (and which items were right,
+        "1"/"0" per item, for paired tests read back later)."""
+        hits, n = sum(correct), len(correct)
+        lo, hi = wilson_interval(hits, n)
+        record = {"step": step, "accuracy": hits / n, "hits": hits, "n": n, "interval": [lo, hi],
+                  "half_width": (hi - lo) / 2}
+        if with_items:
+            record["correct"] = "".join("1" if c else "0" for c in correct)
+        return record
+
+    def _accuracy_figures(self) -> None:
+        """Per task and arm: accuracy at step 0, at the last and at the best evaluation (report["arms"][arm]
+        ["accuracy"][task]); the accuracy gap closed on the last evaluations,
+        (acc_arm - acc_qlora4) / (acc_qlora8 - acc_qlora4) ("gap_closed"; toward lora16: "gap_closed_full"), each
+        when that arm runs; and McNemar's exact test of each arm against qlora4 on the last evaluations' items."""
+        if "accuracy" not in self.report:
+            return
+        for kind in self.report["accuracy"]:
+            histories = {name: arm.accuracy[kind] for name, arm in self.arms.items() if arm.accuracy.get(kind)}
+            final = {name: h[-1][1] for name, h in histories.items()}
+            acc = {name: sum(c) / len(c) for name, c in final.items()}
+            gaps = {target: {name: accuracy_gap_closed(a, acc.get("qlora4"), acc.get(target))
+                             for name, a in acc.items()} for target in ("qlora8", "lora16")}
+            self.report["accuracy_gap_closed"][kind] = gaps["qlora8"]
+            self.report["accuracy_gap_closed_full"][kind] = gaps["lora16"]
+            for name, history in histories.items():
+                step, best = max(history, key=lambda point: (sum(point[1]), -point[0]))
+                entry = {"evals": [[s, sum(c) / len(c), *wilson_interval(sum(c), len(c))] for s, c in history],
+                         "step0": self._accuracy_record(0, history[0][1], True) if history[0][0] == 0 else None,
+                         "final": self._accuracy_record(*history[-1], True),
+                         "best": self._accuracy_record(step, best),
+                         "gap_closed": gaps["qlora8"][name], "gap_closed_full": gaps["lora16"][name]}
+                if name != "qlora4" and "qlora4" in final and len(final["qlora4"]) == len(final[name]):
+                    test = paired_test(final[name], final["qlora4"])
+                    entry["vs_qlora4"] = {**test.as_dict(), "significant": test.p_value < 1 - test.confidence,
+                                          "summary": test.summary(name, "qlora4")}
+                self.report["arms"][name].setdefault("accuracy", {})[kind] = entry
 
     # -- figures ----------------------------------------------------------------------------------------
     def _arm_summary(self, arm: Arm) -> dict:

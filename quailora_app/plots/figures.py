@@ -42,6 +42,9 @@ CAPTIONS = {
                 "Wilson intervals; dashed line: chance, dotted: always the most frequent answer. 'Gap closed' = how "
                 "much of the 4-bit -> 8-bit accuracy difference the initialization recovers; with small sets read it "
                 "beside the paired test in the report.",
+    "train_accuracy": "Downstream accuracy of each arm at every evaluation, scored as lm-evaluation-harness scores "
+                      "multiple choice on items the run held out (higher is better). Whiskers: 95% Wilson intervals; "
+                      "the report's paired test against 4-bit QLoRA on the same items is sharper than comparing them.",
     "train": "Left: perplexity on held-out text measured every few steps (lower is better; dashed lines: the "
              "full-precision and 8-bit models without fine-tuning). Right: training loss, smoothed (EMA), faint dots "
              "raw.",
@@ -473,6 +476,50 @@ def train_figure(events: Sequence[Mapping], arms: Sequence[str] | None = None) -
     fig.update_yaxes(title_text="loss (nats per token)", row=1, col=2)
     fig.update_annotations(font={"size": 13})
     return _layout(fig, title, 440, legend_rows=2)
+
+
+def train_accuracies_from(events: Iterable[Mapping]) -> dict[str, dict[str, list[Mapping]]]:
+    """{task kind: {arm: its "eval_accuracy" events in order}} from an event list (events.jsonl, live)."""
+    out: dict[str, dict[str, list[Mapping]]] = {}
+    for e in events:
+        if e.get("kind") == "eval_accuracy" and e.get("accuracy") is not None:
+            out.setdefault(e["task"], {}).setdefault(e["arm"], []).append(e)
+    return out
+
+
+def train_accuracy_figure(events: Sequence[Mapping], arms: Sequence[str] | None = None) -> go.Figure:
+    """One panel per downstream task: each arm's accuracy (%) at every evaluation, with its 95% Wilson interval as
+    whiskers. Only for a run that scores accuracy (an empty placeholder otherwise; train_figure is unchanged)."""
+    title = "Fine-tuning: downstream accuracy per arm (higher is better)"
+    tasks = train_accuracies_from(events)
+    if not tasks:
+        return empty_figure(title, "accuracy curves appear here when the run scores downstream tasks", 420)
+    order = list(dict.fromkeys([*(arms or []), *arms_in(events)]))
+    fig = make_subplots(rows=1, cols=len(tasks), horizontal_spacing=0.08,
+                        subplot_titles=[f"{kind}, n={next(iter(per.values()))[-1].get('n', 0):,}"
+                                        for kind, per in tasks.items()])
+    max_step = max(e["step"] for per in tasks.values() for points in per.values() for e in points)
+    shown: set[str] = set()
+    for col, per in enumerate(tasks.values(), start=1):
+        for i, arm in enumerate(a for a in order if a in per):
+            points = per[arm]
+            ys = [100 * e["accuracy"] for e in points]
+            his = [100 * (e.get("interval") or [e["accuracy"]] * 2)[1] for e in points]
+            los = [100 * (e.get("interval") or [e["accuracy"]] * 2)[0] for e in points]
+            fig.add_trace(go.Scatter(
+                x=[e["step"] for e in points], y=ys, mode="lines+markers", name=label(arm), legendgroup=arm,
+                showlegend=arm not in shown, line={"color": color(arm, i), "width": 2}, marker={"size": 7},
+                error_y={"type": "data", "symmetric": False, "array": [h - y for h, y in zip(his, ys, strict=True)],
+                         "arrayminus": [y - lo for y, lo in zip(ys, los, strict=True)], "thickness": 1.2, "width": 3},
+                customdata=[[lo, hi] for lo, hi in zip(los, his, strict=True)],
+                hovertemplate=f"{label(arm)}<br>step %{{x}}: %{{y:.1f}}% (95% CI %{{customdata[0]:.1f}}-"
+                              f"%{{customdata[1]:.1f}})<extra></extra>"), row=1, col=col)
+            shown.add(arm)
+    fig.update_xaxes(title_text="training step (optimizer updates)",
+                     range=[-0.3, max_step + 0.3] if max_step <= 10 else None)
+    fig.update_yaxes(title_text="accuracy (%)", row=1, col=1)
+    fig.update_annotations(font={"size": 13})
+    return _layout(fig, title, 420, legend_rows=2)
 
 
 TRAIN_HEADER = ["arm", "step", "tokens / s", "memory (peak)", "val perplexity (last)", "best", "seconds training"]

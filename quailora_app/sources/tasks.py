@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,31 @@ def reserved_documents(texts: Sequence[str], splits: TokenSplits, tokenizer: Any
     ("calib",): it never reads its training split."""
     parts = split_documents(texts, splits, tokenizer)
     return {text for name in reserved for text in parts[name]}
+
+
+def asked_about(task: Task, documents: Collection[str]) -> list[int]:
+    """Indices of `task`'s items that ask about one of `documents` (a run's training documents, say): a
+    continuation item whose context and true ending begin a document (words compared, whitespace normalized), a
+    label item whose text is a document's (as the prompt shows it)."""
+    if not documents:
+        return []
+    if task.kind == "continuation":
+        starts = [" ".join(d.split()) + " " for d in documents]
+        return [i for i, it in enumerate(task.items)
+                if any(d.startswith(f"{it.context} {it.choices[it.answer]} ") for d in starts)]
+    shown = {_prompt_text(d, ITEM_CHARS) for d in documents}
+    return [i for i, it in enumerate(task.items)
+            if it.context.split(": ", 1)[-1].rsplit("\n", 1)[0] in shown]
+
+
+def subset_task(task: Task, keep: Sequence[int], why: str = "") -> Task:
+    """`task` with only the items at indices `keep` (prompts unchanged); `why` the others were left out is added
+    to its description."""
+    kept = tuple(task.items[i] for i in keep)
+    if len(kept) == len(task.items):
+        return task
+    note = f"; {len(task.items) - len(kept)} of its items left out" + (f" ({why})" if why else "")
+    return replace(task, items=kept, description=task.description + note)
 
 
 # ------------------------------------------------------------------------------------------ labelled text
