@@ -1,6 +1,8 @@
 """Teaching views on the tiny Llama: the numbers each figure shows are the engine's own (Q, H, errors, storage)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -228,3 +230,42 @@ def test_views_cli_writes_every_figure(tiny_model_dir, tmp_path, capsys):
     assert (out / "how_it_works.md").exists() and (out / "precision_table.md").exists()
     assert "index.html" in capsys.readouterr().out
     assert main([*common, "--layer", "model.layers.9.mlp.down_proj", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_harm_gain_figure_has_a_trace_per_group_and_the_fitted_slope(tmp_path):
+    """Three hand-made points: two of one model and text, one of another; the line through the origin has slope
+    sum xy / sum x^2 = (1*0.8 + 2*1.6 + 4*2.8) / (1 + 4 + 16) = 15.2 / 21."""
+    points = [{"model": "A", "text": "t", "rank": 8, "harm": 1.0, "gain": 0.8, "log_harm": 0.1, "log_gain": 0.08},
+              {"model": "A", "text": "t", "rank": 16, "harm": 2.0, "gain": 1.6, "log_harm": 0.2, "log_gain": 0.16},
+              {"model": "B", "text": "t", "rank": 8, "harm": 4.0, "gain": 2.8, "log_harm": 0.4, "log_gain": 0.28}]
+    fit = TF.fit_through_origin([p["harm"] for p in points], [p["gain"] for p in points])
+    assert fit.slope == pytest.approx(15.2 / 21)
+    residual = sum((p["gain"] - fit.slope * p["harm"]) ** 2 for p in points)
+    mean = sum(p["gain"] for p in points) / 3
+    assert fit.r2 == pytest.approx(1 - residual / sum((p["gain"] - mean) ** 2 for p in points))
+    assert fit.r2_uncentred == pytest.approx(1 - residual / sum(p["gain"] ** 2 for p in points))
+    fig = TF.harm_gain_figure(points)
+    names = [t.name for t in fig.data]
+    assert names[:2] == ["A / t", "B / t"]
+    assert list(fig.data[0].x) == [1.0, 2.0] and list(fig.data[0].y) == [0.8, 1.6]
+    assert list(fig.data[0].text) == ["r=8", "r=16"]
+    assert names[2].startswith("gain = harm")
+    line = fig.data[3]
+    assert line.name.startswith(f"fit through the origin: gain = {15.2 / 21:.2f} x harm")
+    assert line.y[1] / line.x[1] == pytest.approx(15.2 / 21)
+    assert line.x[0] == 0 and line.y[0] == 0
+    assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+    # the scatter JSON's mapping works as well, and the log scale reads the log keys (a tenth of each: the same slope)
+    relative = TF.harm_gain_figure({"points": points}, relative=True)
+    assert list(relative.data[1].x) == [0.4]
+    assert relative.data[3].y[1] / relative.data[3].x[1] == pytest.approx(15.2 / 21)
+    assert len(TF.harm_gain_figure([]).data) == 0
+    # the shipped scatter's loader: a missing or broken file is an empty scatter, a written one reads back
+    assert TF.paper_scatter(tmp_path / "none.json") == {"points": []}
+    (tmp_path / "bad.json").write_text("{")
+    assert TF.paper_scatter(tmp_path / "bad.json") == {"points": []}
+    (tmp_path / "ok.json").write_text(json.dumps({"points": points, "fits": {}}))
+    assert len(TF.harm_gain_figure(TF.paper_scatter(tmp_path / "ok.json")).data) == 4
+    if TF.PAPER_SCATTER.is_file():  # what bench/paper_table.py shipped draws
+        shipped = TF.paper_scatter()
+        assert shipped["points"] and len(TF.harm_gain_figure(shipped).data) >= 3

@@ -45,6 +45,10 @@ CAPTIONS = {
                 "after each initialization (calibrated methods spend their rank where the activations are large).",
     "rank_sweep": "Calibrated error (1.0 = plain QLoRA, lower is better) against LoRA rank, averaged over the chosen "
                   "layers; right panel (when computed): held-out perplexity of the 4-bit model + each initialization.",
+    "harm_gain": "Each point: one model, text and LoRA rank. x: how much 4-bit quantization raises held-out "
+                 "perplexity over 8-bit; y: how much of that QuAILoRA's initialization takes back. A line through the "
+                 "origin with a high R^2 is the paper's claim that the gain is proportional to the harm; its slope is "
+                 "the share of the 8-bit gap closed.",
     "precision": "Left: bits each linear-layer weight really costs in bitsandbytes' storage (codes, block scales, "
                  "nested statistics, code tables, LoRA adapter). Right: total weight memory against held-out "
                  "perplexity from init runs.",
@@ -352,6 +356,103 @@ def precision_figure(table: PrecisionTable) -> go.Figure:
     fig.update_xaxes(title_text="weight memory, whole model (MiB)", row=1, col=2)
     fig.update_yaxes(title_text="held-out perplexity (lower is better)", row=1, col=2)
     return _layout(fig, title, 500, top=125, legend_y=1.09)
+
+
+# ===================================================================================== harm against gain
+@dataclass(frozen=True)
+class OriginFit:
+    """y = slope * x fitted through the origin by least squares: slope = sum xy / sum x^2. r2 = 1 - SS_res / SS_tot
+    with SS_tot about the mean of y (how much of the spread of y the line explains; negative when a flat line at
+    the mean does better); r2_uncentred = 1 - SS_res / sum y^2, the figure usually quoted for lines through the
+    origin (always higher)."""
+
+    slope: float
+    r2: float
+    r2_uncentred: float
+    n: int
+
+
+def fit_through_origin(xs, ys) -> OriginFit:
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if x.shape != y.shape or x.size < 1 or not np.any(x):
+        raise ValueError("a line through the origin needs as many x as y and some x other than 0")
+    slope = float(x @ y / (x @ x))
+    res = float(np.sum((y - slope * x) ** 2))
+    tot = float(np.sum((y - y.mean()) ** 2))
+    return OriginFit(slope, 1.0 - res / tot if tot > 0 else float("nan"),
+                     1.0 - res / float(y @ y) if np.any(y) else float("nan"), int(x.size))
+
+
+#: the scatter points bench/paper_table.py ships for the teaching views
+PAPER_SCATTER = Path(__file__).resolve().parents[2] / "assets" / "paper_scatter.json"
+
+
+def paper_scatter(path: str | Path | None = None) -> dict:
+    """The shipped scatter (assets/paper_scatter.json: "points", "fits", "settings", "machine", "command"), or
+    {"points": []} when it is missing or unreadable (harm_gain_figure then draws an empty panel with a note)."""
+    import json
+
+    try:
+        data = json.loads(Path(path or PAPER_SCATTER).read_text())
+    except (OSError, ValueError):
+        return {"points": []}
+    return data if isinstance(data, dict) and isinstance(data.get("points"), list) else {"points": []}
+
+
+_GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+_TEXT_SYMBOLS = ("circle", "diamond", "square", "triangle-up", "x", "star")
+
+
+def harm_gain_figure(points, relative: bool = False) -> go.Figure:
+    """The paper's "improvements proportional to the negative effect of quantization error", tested: each point is
+    one model, text and rank (bench/paper_table.py; assets/paper_scatter.json holds them), x = the harm of 4-bit
+    (ppl_qlora - ppl_int8), y = the gain of QuAILoRA (ppl_qlora - ppl_quailora); with `relative`, the logs of
+    those perplexity ratios (log_harm, log_gain). One trace per model (colour) and text (marker), the label of each
+    point its rank; the least-squares line through the origin (its slope is the typical share of the 8-bit gap
+    closed) with R^2 in its name; and gain = harm (all of it closed), dotted. `points`: the list of point dicts or
+    the scatter JSON's mapping with a "points" list."""
+    if isinstance(points, Mapping):
+        points = points.get("points") or []
+    points = list(points)
+    xk, yk = ("log_harm", "log_gain") if relative else ("harm", "gain")
+    unit = "ln(ppl ratio)" if relative else "perplexity"
+    fig = go.Figure()
+    models = list(dict.fromkeys(str(p.get("model", "")) for p in points))
+    texts = list(dict.fromkeys(str(p.get("text", "")) for p in points))
+    for model in models:
+        for text in texts:
+            group = [p for p in points if str(p.get("model", "")) == model and str(p.get("text", "")) == text]
+            if not group:
+                continue
+            name = " / ".join(part for part in (model, text) if part) or "runs"
+            fig.add_trace(go.Scatter(
+                x=[p[xk] for p in group], y=[p[yk] for p in group], mode="markers+text", name=name,
+                text=[f"r={p['rank']}" if "rank" in p else "" for p in group], textposition="top center",
+                marker={"size": 11, "color": _GROUP_COLOURS[models.index(model) % len(_GROUP_COLOURS)],
+                        "symbol": _TEXT_SYMBOLS[texts.index(text) % len(_TEXT_SYMBOLS)]},
+                hovertemplate=f"{name}<br>%{{text}}<br>harm %{{x:.3f}}, gain %{{y:.3f}} ({unit})<extra></extra>"))
+    title = "Gain of QuAILoRA against the harm of 4-bit quantization"
+    if points:
+        top = max(max(p[xk] for p in points), max(p[yk] for p in points), 0.0) * 1.1 or 1.0
+        fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="gain = harm (all of the 8-bit gap)",
+                                 line={"color": "#999", "dash": "dot", "width": 1}, hoverinfo="skip"))
+        if len(points) >= 2 and any(p[xk] for p in points):
+            fit = fit_through_origin([p[xk] for p in points], [p[yk] for p in points])
+            fig.add_trace(go.Scatter(
+                x=[0, top], y=[0, fit.slope * top], mode="lines", line={"color": "#333", "width": 2},
+                name=f"fit through the origin: gain = {fit.slope:.2f} x harm, R^2 = {fit.r2:.2f} (n = {fit.n})",
+                hoverinfo="skip"))
+            title += f": slope {fit.slope:.2f}, R^2 {fit.r2:.2f}"
+        fig.update_xaxes(range=[0, top])
+        fig.update_yaxes(range=[min(0.0, min(p[yk] for p in points) * 1.1), top])
+    else:
+        fig.add_annotation(text="no points yet: run <i>python bench/paper_table.py</i>", xref="paper", yref="paper",
+                           x=0.5, y=0.5, showarrow=False, font={"color": "#777"})
+    fig.update_xaxes(title_text=("harm of 4-bit: ln(ppl 4-bit / ppl 8-bit)" if relative
+                                 else "harm of 4-bit: ppl 4-bit - ppl 8-bit"))
+    fig.update_yaxes(title_text=("gain of QuAILoRA: ln(ppl 4-bit / ppl QuAILoRA)" if relative
+                                 else "gain of QuAILoRA: ppl 4-bit - ppl QuAILoRA"))
+    return _layout(fig, title, 500, top=130, legend_y=1.04)
 
 
 # ============================================================================================ all + export
