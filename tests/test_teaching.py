@@ -187,7 +187,7 @@ def test_figures_have_titles_axes_captions_and_export_offline(views, nf4, tmp_pa
     sweep = rank_sweep([snaps[DOWN]], ranks=(1, 4, 16), methods=("svd", "closed_form"))
     sweep.perplexity = {"qlora": {0: 60.0}, "closed_form": {1: 58.0, 4: 57.0}}
     figs = TF.view_figures(inside, calib, sweep, precision_table(inventory_of_model(nf4[0])))
-    assert set(figs) == set(TF.CAPTIONS) - {"harm_gain"}  # every per-layer view (harm_gain: across runs, a bench's)
+    assert set(figs) == set(TF.CAPTIONS)
     for name, fig in figs.items():
         layout = fig.to_dict()["layout"]
         assert layout["title"]["text"], name

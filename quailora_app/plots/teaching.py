@@ -45,14 +45,15 @@ CAPTIONS = {
                 "after each initialization (calibrated methods spend their rank where the activations are large).",
     "rank_sweep": "Calibrated error (1.0 = plain QLoRA, lower is better) against LoRA rank, averaged over the chosen "
                   "layers; right panel (when computed): held-out perplexity of the 4-bit model + each initialization.",
-    "harm_gain": "Each point: one model, text and LoRA rank. x: how much 4-bit quantization raises held-out "
-                 "perplexity over 8-bit; y: how much of that QuAILoRA's initialization takes back. A line through the "
-                 "origin with a high R^2 is the paper's claim that the gain is proportional to the harm; its slope is "
-                 "the share of the 8-bit gap closed.",
     "precision": "Left: bits each linear-layer weight really costs in bitsandbytes' storage (codes, block scales, "
                  "nested statistics, code tables, LoRA adapter). Right: total weight memory against held-out "
                  "perplexity from init runs.",
 }
+#: the caption of the harm-vs-gain scatter (across runs, from bench/paper_table.py; not a view of one layer)
+HARM_GAIN_CAPTION = ("Each point: one model, text and LoRA rank. x: how much 4-bit quantization raises held-out "
+                     "perplexity over 8-bit; y: how much of that QuAILoRA's initialization takes back. A line through "
+                     "the origin with a high R^2 is the paper's claim that the gain is proportional to the harm; its "
+                     "slope is the share of the 8-bit gap closed.")
 
 
 def label(name: str) -> str:
