@@ -60,7 +60,7 @@ def test_init_flow_returns_figures_and_report(app_url, tiny_model_dir, short_doc
                                              damping=0.01, api_name="/start_init")
     assert job_id and ("queued" in status or "running" in status)
     out = wait_for(client, session, "/init_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1])
-    progress, status, layers, heatmap, ppl, accuracy, numbers, report, note = out
+    progress, status, layers, heatmap, ppl, numbers, report, note, accuracy = out
     assert "finished" in status, status
     assert "100%" in progress
     layer_fig = plot_of(layers)

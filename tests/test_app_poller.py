@@ -49,12 +49,12 @@ def test_init_poll_draws_once_then_only_what_moved():
     job.version += 1
     third = poll(alice, "j1", second[-1], "")
     assert skipped(third[2]) and skipped(third[3]) and not skipped(third[4])  # the perplexity figure
-    assert not skipped(third[5]) and third[5]["visible"] is False  # and the accuracy panel, hidden: none scored
+    assert not skipped(third[8]) and third[8]["visible"] is False  # and the accuracy panel, hidden: none scored
     job.events.append({"kind": "metric", "name": "qlora", "value": 0.6, "group": "accuracy", "task": "labels",
                        "n": 100, "interval": [0.5, 0.69]})
     job.version += 1
     fourth = poll(alice, "j1", third[-1], "")
-    assert fourth[5]["visible"] is True and fourth[5]["value"] is not None  # the first score shows the panel
+    assert fourth[8]["visible"] is True and fourth[8]["value"] is not None  # the first score shows the panel
     job.status, job.ended, job.version = FINISHED, 1.0, job.version + 1
     assert not skipped(poll(alice, "j1", fourth[-1], "")[9])  # a new status redraws the results summary
 

@@ -171,8 +171,9 @@ def test_init_flow_end_to_end_with_figures(tiny_model_dir, text_file, tmp_path):
     assert F.short_label("distill") in str(F.perplexity_figure(report).to_dict())
     row = next(r for r in F.numbers_table(report) if r[0] == F.label("distill"))
     assert row[1] == row[2] == "–" and row[3] != "–"
-    job = SimpleNamespace(events=events, report=report, status="finished", run_dir=str(tmp_path / "run"),
-                          stage=None, total=None, config=SimpleNamespace(methods=list(cfg.methods), model=cfg.model))
+    job = SimpleNamespace(events=[e.to_dict() for e in events], report=report,  # a job keeps its events as dicts
+                          status="finished", run_dir=str(tmp_path / "run"), stage=None, total=None,
+                          config=SimpleNamespace(methods=list(cfg.methods), model=cfg.model))
     views = presenters.init_views(job, None)
     assert len(views["numbers"]) == 3
     summary = presenters.summary_text(job, None)

@@ -394,7 +394,7 @@ class Studio:
         job, refused = self.session_job(session, job_id)
         v = init_views(job, self.manager)
         return (self.progress(job), refused or self.status(job), v["layers"], v["heatmap"], v["perplexity"],
-                _shown_if(v["accuracy"], v["accuracy_shown"]), v["numbers"], v["report"], v["note"])
+                v["numbers"], v["report"], v["note"], _shown_if(v["accuracy"], v["accuracy_shown"]))
 
     def train_status(self, session, job_id):
         job, refused = self.session_job(session, job_id)
@@ -438,9 +438,10 @@ class Studio:
                                     ("accuracy", "metrics")) if count in changed]
         v = init_views(job, self.manager, parts) if parts else {}
         accuracy = _shown_if(v["accuracy"], v["accuracy_shown"]) if "accuracy" in v else gr.skip()
-        return (v.get("layers", gr.skip()), v.get("heatmap", gr.skip()), v.get("perplexity", gr.skip()), accuracy,
+        return (v.get("layers", gr.skip()), v.get("heatmap", gr.skip()), v.get("perplexity", gr.skip()),
                 v.get("numbers", gr.skip()), v.get("report", gr.skip()) if fresh else gr.skip(),
-                v.get("note", gr.skip()) if fresh else gr.skip(), summary_text(job, other) if fresh else gr.skip())
+                v.get("note", gr.skip()) if fresh else gr.skip(), accuracy,
+                summary_text(job, other) if fresh else gr.skip())
 
     @staticmethod
     def draw_train(job: Job, other: Job | None, fresh: bool, changed: set[str]) -> tuple:
@@ -617,10 +618,10 @@ class InitPanel:
 
     @property
     def outputs(self) -> list:
-        """In the order of /init_status's outputs."""
+        """In the order of /init_status's outputs (the accuracy panel last: the earlier places keep their index)."""
         p = self.panel
-        return [p.progress, p.status, self.layers, self.heatmap, self.perplexity, self.accuracy, self.numbers,
-                self.report, self.note]
+        return [p.progress, p.status, self.layers, self.heatmap, self.perplexity, self.numbers, self.report, self.note,
+                self.accuracy]
 
 
 def init_section(studio: Studio, shipped: dict[str, Any] | None = None) -> InitPanel:

@@ -8,6 +8,7 @@ installed.
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,8 +392,6 @@ PAPER_SCATTER = Path(__file__).resolve().parents[2] / "assets" / "paper_scatter.
 def paper_scatter(path: str | Path | None = None) -> dict:
     """The shipped scatter (assets/paper_scatter.json: "points", "fits", "settings", "machine", "command"), or
     {"points": []} when it is missing or unreadable (harm_gain_figure then draws an empty panel with a note)."""
-    import json
-
     try:
         data = json.loads(Path(path or PAPER_SCATTER).read_text())
     except (OSError, ValueError):
