@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import fields
@@ -43,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quailora_app.threads import apply_thread_policy  # noqa: E402
 
 apply_thread_policy()  # before torch loads (as app.py and `python -m quailora_app`): idle OpenMP threads sleep
+
+from make_example import machine  # noqa: E402  (bench/: one record of the machine for every bench)
 
 from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig, TrainConfig  # noqa: E402
 from quailora_app.engine.from_init import train_config_from_init  # noqa: E402
@@ -63,19 +64,6 @@ ARMS = ("qlora4", "quailora4", "qlora8", "distill4")
 RESUME_FREE = ("train_accuracy",)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
 def machine_line(result: dict) -> str:
     m = result.get("machine", {})
     loads = result.get("load_average", [])
@@ -83,7 +71,8 @@ def machine_line(result: dict) -> str:
             f"median {sorted(loads)[len(loads) // 2]:.1f}") if loads else "load average not recorded"
     dev = m.get("cuda") or (f"CPU {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
                             f"{m.get('torch_threads', '?')} torch threads")
-    return f"machine: {dev}, torch {m.get('torch', '?')}; {load}; {result.get('seconds', 0):.0f} s of runs"
+    torch_version = m.get("versions", {}).get("torch", "?")
+    return f"machine: {dev}, torch {torch_version}; {load}; {result.get('seconds', 0):.0f} s of runs"
 
 
 def collect(events, what: str) -> dict:

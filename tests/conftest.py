@@ -54,6 +54,36 @@ def short_docs_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory) -> Path:
+    """120 short labelled texts (a few words of the tiny tokenizer's vocabulary, label good / bad): the accuracy
+    tests' label task."""
+    import json
+    import random
+
+    from helpers import TINY_WORDS
+
+    rng = random.Random(3)
+    path = tmp_path_factory.mktemp("labels") / "reviews.jsonl"
+    rows = [{"text": " ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(3, 8))) + f" {i}",
+             "label": "good" if i % 2 else "bad"} for i in range(120)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-matrix tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    one thread is fastest there and spares the spin-waiting of a busy shared machine; results do not depend on it
+    (the engine is deterministic on CPU at any thread count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def allowed(tmp_path_factory):
     """Typed paths into pytest's temp folders (the tiny model) are allowed, as an operator would set it."""

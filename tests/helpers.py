@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+#: words of the tiny tokenizer's vocabulary (the accuracy tests' labelled and continuation texts)
+TINY_WORDS = "the quick brown fox jumps over a lazy dog film about love loss and long road home every block".split()
+
 TINY_TEXT = [
     "the quick brown fox jumps over the lazy dog",
     "a film about love, loss and the long road home",

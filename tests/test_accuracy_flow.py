@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from helpers import TINY_WORDS
 
 from quailora_app.cli import build_parser, init_config, summary_table
 from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig
@@ -22,19 +23,8 @@ from quailora_app.flows.init import run_init
 from quailora_app.plots import figures as F
 from quailora_app.sources.data import bos_id, make_splits, pack_windows
 
-WORDS = "the quick brown fox jumps over a lazy dog film about love loss and long road home every block".split()
 VARIANTS = ("full", "int8", "qlora", "svd")
 
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    """120 short labelled texts (a few words of the tiny tokenizer's vocabulary, label good / bad)."""
-    rng = random.Random(3)
-    path = tmp_path_factory.mktemp("labels") / "reviews.jsonl"
-    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) + f" {i}",
-             "label": "good" if i % 2 else "bad"} for i in range(120)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
 
 
 def tiny_cfg(model_dir, text_file, labelled, out, tasks=("labels", "continuation")) -> InitConfig:
@@ -205,7 +195,7 @@ def test_windows_start_with_bos_where_the_tokenizer_adds_one(tiny_tok):
     bos_tok = BosTokenizer(tiny_tok)
     assert bos_id(bos_tok) == BOS
     rng = random.Random(1)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30))) for _ in range(400)]
+    texts = [" ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(3, 30))) for _ in range(400)]
     plain = make_splits(texts, tiny_tok, seq_len=16, calib_samples=8, eval_tokens=64, seed=5, max_train_seqs=20)
     with_bos = make_splits(texts, bos_tok, seq_len=16, calib_samples=8, eval_tokens=64, seed=5, max_train_seqs=20)
     for name in ("calib", "eval", "train"):

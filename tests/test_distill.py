@@ -31,14 +31,7 @@ DATA = dict(seq_len=32, calib_samples=8, eval_tokens=256)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and spares the spin-waiting of a busy shared machine (as in
-    test_train.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices, one torch thread
 
 
 def four_bit(folder):

@@ -26,13 +26,7 @@ BLOCK1 = [f"model.layers.1.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj"
                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These matrices are tiny: on a busy 2-core machine, OpenMP threads cost far more than they bring."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices, one torch thread
 
 
 def calib_ids() -> torch.Tensor:

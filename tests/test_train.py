@@ -20,14 +20,7 @@ ARMS4 = ("qlora4", "quailora4", "closed4", "svd4")
 INIT_NAME = {"qlora4": "qlora", "quailora4": "quailora", "closed4": "closed_form", "svd4": "svd"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and spares the spin-waiting of a busy shared machine.
-    Results do not depend on it (the engine is deterministic on CPU at any thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices, one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,8 @@ settings are inherited and its step-0 answers reused (equal to measuring them); 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-import torch
 
 from quailora_app import cli
 from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig, TrainConfig
@@ -18,27 +16,12 @@ from quailora_app.flows.init import run_init
 from quailora_app.flows.train import run_train
 from quailora_app.plots import figures as F
 
-WORDS = "the quick brown fox jumps over a lazy dog film about love loss and long road home every block".split()
 TASKS = ("labels", "continuation")
 TRAIN_KW = dict(steps=2, batch_size=2, eval_every=2, learning_rate=1e-2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices, one torch thread
 
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    rng = random.Random(3)
-    path = tmp_path_factory.mktemp("labels") / "reviews.jsonl"
-    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) + f" {i}",
-             "label": "good" if i % 2 else "bad"} for i in range(120)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
 
 
 def accuracy(labelled, tasks=TASKS) -> AccuracyConfig:
