@@ -193,19 +193,17 @@ def init_views(job: Job | None, manager: JobManager,
         out["layers"] = F.layer_error_figure(source, n_blocks)
     if "heatmap" in parts:
         out["heatmap"] = F.init_heatmap(source, "quailora")  # with the budget method's ranks when it ran
+    methods = list(getattr(job.config, "methods", ()) or ()) if job else []
     if "perplexity" in parts:
-        methods = list(getattr(job.config, "methods", ()) or ()) if job else []
         out["perplexity"] = F.perplexity_figure(report if report and report.get("perplexity") else events, methods)
     if "accuracy" in parts:  # downstream accuracy with Wilson intervals (an empty panel when accuracy is off)
-        methods = list(getattr(job.config, "methods", ()) or ()) if job else []
         scored = report if report and report.get("accuracy") else events
         out["accuracy"] = F.accuracy_figure(scored, methods)
         out["accuracy_shown"] = bool(F.accuracies_from(scored))
     if report:
         out["numbers"] = pd.DataFrame(F.numbers_table(report), columns=F.NUMBERS_HEADER)
     else:
-        live = {"layers": F.layers_from(events), "perplexity": F.perplexities_from(events),
-                "methods": list(getattr(job.config, "methods", ()) or ()) if job else []}
+        live = {"layers": F.layers_from(events), "perplexity": F.perplexities_from(events), "methods": methods}
         out["numbers"] = pd.DataFrame(F.numbers_table(live), columns=F.NUMBERS_HEADER)
     out["report"] = report
     model = getattr(getattr(job, "config", None), "model", ModelConfig()).model if job else "embedded"

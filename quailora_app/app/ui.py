@@ -363,12 +363,15 @@ class Studio:
         return self._submit("views", session, request, form,
                             lambda values: make_views_config(values, self.view_ranks, reports))
 
-    def _finished_init(self, owner: str, init_job_id: str | None) -> Job | None:
-        """`init_job_id`'s init job (else the owner's latest) when it is running or has finished with a report;
-        None when there is none, or it failed or was stopped."""
+    def _session_init(self, owner: str, init_job_id: str | None) -> Job | None:
+        """`init_job_id`'s init job when this owner has it, else the owner's latest init job (None if none)."""
         init = self.manager.owned(init_job_id, owner) if init_job_id else None
-        if init is None or init.kind != "init":
-            init = self.manager.latest(owner, "init")
+        return init if init is not None and init.kind == "init" else self.manager.latest(owner, "init")
+
+    def _finished_init(self, owner: str, init_job_id: str | None) -> Job | None:
+        """The session's init job (`_session_init`) when it is running or has finished with a report; None when
+        there is none, or it failed or was stopped."""
+        init = self._session_init(owner, init_job_id)
         if init is None or not init.run_dir:
             return None
         if init.active:
@@ -379,9 +382,7 @@ class Studio:
     def _init_reports(self, owner: str, init_job_id: str | None) -> list[str]:
         """The init run folder whose perplexities go into the views' precision table: `init_job_id`'s, else the
         owner's latest init (none before a report.json exists)."""
-        init = self.manager.owned(init_job_id, owner) if init_job_id else None
-        if init is None or init.kind != "init":
-            init = self.manager.latest(owner, "init")
+        init = self._session_init(owner, init_job_id)
         return [init.run_dir] if init and init.run_dir and RunFolder(Path(init.run_dir)).report_path.is_file() else []
 
     def stop(self, session, job_id):
