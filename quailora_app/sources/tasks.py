@@ -92,7 +92,7 @@ class Task:
     its context, then the delimiter and a choice."""
 
     kind: str  # one of TASK_KINDS
-    title: str  # what is asked, for reports: "sentiment of Rotten Tomatoes reviews (4-shot)"
+    title: str  # what is asked, for reports: "sentiment of Rotten Tomatoes reviews (2-shot)"
     prefixes: tuple[str, ...]
     items: tuple[ChoiceItem, ...]
     #: pick the choice of highest log-likelihood per character (lm-eval's acc_norm) instead of the sum (acc)
@@ -317,7 +317,7 @@ def _prompt_text(text: str, limit: int) -> str:
     return (cut or text[: limit - 3]) + "..."
 
 
-def build_label_task(data: LabelledText, *, label_words: Mapping[str, str] | None = None, shots: int = 4,
+def build_label_task(data: LabelledText, *, label_words: Mapping[str, str] | None = None, shots: int = 2,
                      prompts: int = 8, max_items: int = 0, seed: int = 0, reserved: Collection[str] = (),
                      text_header: str = "Text", label_header: str | None = None, title: str | None = None) -> Task:
     """A `shots`-shot classification task: "{text_header}: <text>\\n{label_header}: <word>" per example, examples
@@ -418,7 +418,7 @@ def _pick_shots(rows: list[tuple[int, str, str]], labels: list[str], shots: int,
 
 
 def label_task(dataset: str = "embedded", *, text_column: str | None = None, label_column: str | None = None,
-               label_words: Mapping[str, str] | Iterable[str] | None = None, shots: int = 4, prompts: int = 8,
+               label_words: Mapping[str, str] | Iterable[str] | None = None, shots: int = 2, prompts: int = 8,
                max_items: int = 0, seed: int = 0, reserved: Collection[str] = ()) -> Task:
     """load_labelled + build_label_task, with the embedded datasets' own words and headers when not given."""
     data = load_labelled(dataset, text_column, label_column)
