@@ -13,6 +13,9 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from helpers import form_settings, launched_app, plot_of, wait_for  # noqa: E402
 
+from quailora_app.app.ui import HARM_GAIN_SCALES  # noqa: E402
+from quailora_app.plots.teaching import paper_scatter  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
@@ -36,7 +39,8 @@ def test_endpoints_have_explicit_names(app_url):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/attach", "/dataset_columns", "/describe_dataset", "/model_note", "/start_init", "/init_status",
             "/stop_init", "/start_train", "/train_status", "/stop_train", "/download_run", "/view_layers",
-            "/start_views", "/views_status", "/stop_views", "/how_it_works", "/list_runs", "/reopen_run"} <= names
+            "/start_views", "/views_status", "/stop_views", "/how_it_works", "/harm_gain", "/list_runs",
+            "/reopen_run"} <= names
     assert not client.view_api(print_info=False, return_format="dict")["unnamed_endpoints"]
 
 
@@ -106,6 +110,17 @@ def test_teaching_views_job_returns_seven_figures(app_url, tiny_model_dir, short
     assert picked["value"] == "model.layers.0.self_attn.q_proj"
     how = client.predict(8, api_name="/how_it_works")
     assert "$$" in how and "rank-8" in how
+
+
+def test_across_models_scatter_draws_the_shipped_points(app_url):
+    """The "Across models" tab: one marker per shipped point (assets/paper_scatter.json), on either scale."""
+    client = Client(app_url, verbose=False)
+    points = paper_scatter()["points"]
+    for scale, xkey in zip(HARM_GAIN_SCALES, ("harm", "log_harm"), strict=True):
+        fig = plot_of(client.predict(scale, api_name="/harm_gain"))
+        markers = [x for t in fig["data"] if "markers" in (t.get("mode") or "") for x in t["x"]]
+        assert sorted(markers) == pytest.approx(sorted(p[xkey] for p in points))
+        assert ("ln(" in json.dumps(fig["layout"]["xaxis"]["title"])) == (xkey == "log_harm")
 
 
 def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, short_docs_file):

@@ -153,6 +153,10 @@ def test_init_then_finetune_in_the_browser(app_url):
         page.get_by_role("tab", name="How it works").click()
         expect(page.locator("#how-it-works .katex").first).to_be_visible(timeout=ms(10_000))
         page.locator("#tab-how").screenshot(path=str(SHOTS / "browser-how.png"))
+        page.get_by_role("tab", name="Across models").click()
+        page.wait_for_selector("#harm-gain-plot .js-plotly-plot", state="attached", timeout=ms(10_000))
+        expect(page.locator("#harm-gain-source")).to_contain_text("bench/paper_table.py", timeout=ms(10_000))
+        page.locator("#tab-harm-gain").screenshot(path=str(SHOTS / "browser-harm-gain.png"))
 
         # fine-tune two arms a few steps, evaluating after every step
         page.get_by_label("8-bit QLoRA", exact=True).uncheck()

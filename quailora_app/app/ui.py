@@ -42,6 +42,9 @@ settings by name, e.g. ``client.predict(session, model=..., rank=8, ..., api_nam
     precision, precision_table, layer)``: the 7 plotly figures (empty until the job finishes) and the table.
 - ``/stop_views(session, job_id) -> status``.
 - ``/how_it_works(views_rank) -> markdown``: the method in one page (LaTeX in $$...$$ and $...$).
+- ``/harm_gain(scale) -> plot``: the "Across models" scatter of QuAILoRA's gain against the harm of 4-bit over
+    the embedded models, texts and ranks (assets/paper_scatter.json, made by bench/paper_table.py); scale is one
+    of HARM_GAIN_SCALES.
 - ``/list_runs(session) -> run_folder``: the run folders under the runs root (QUAILORA_RUNS) this session may
     reopen (its own, and the command line's), newest first; then the shipped example run ("shipped:init",
     "shipped:train": assets/example, made by bench/make_example.py, read-only).
@@ -112,6 +115,7 @@ from quailora_app.config import ALL_LINEAR, InitConfig, TrainConfig
 from quailora_app.errors import UserError, one_line
 from quailora_app.plots import figures as F
 from quailora_app.plots.teaching import CAPTIONS as VIEW_CAPTIONS
+from quailora_app.plots.teaching import HARM_GAIN_CAPTION, harm_gain_figure, paper_scatter
 from quailora_app.runs import RunFolder
 from quailora_app.settings import settings
 from quailora_app.sources.models import EMBEDDED_MODELS, EMBEDDED_NOTE, embedded_note
@@ -235,6 +239,27 @@ def view_layers(model):
 
 def how_it_works(views_rank):
     return how_it_works_markdown(int(views_rank) if views_rank and views_rank >= 1 else None)
+
+
+#: the scales of the "Across models" scatter: perplexity differences, or logs of perplexity ratios
+HARM_GAIN_SCALES = ("perplexity points", "log ratios (texts of different perplexity on one footing)")
+
+
+def harm_gain(scale: str | None = None):
+    """The shipped harm-vs-gain scatter (assets/paper_scatter.json) on `scale`, one of HARM_GAIN_SCALES."""
+    return harm_gain_figure(paper_scatter(), relative=scale == HARM_GAIN_SCALES[1])
+
+
+def harm_gain_source() -> str:
+    """Where the scatter's points come from: the command, its settings' size and the machine."""
+    data = paper_scatter()
+    if not data["points"]:
+        return "No points shipped yet: `python bench/paper_table.py` measures them."
+    s = data.get("settings") or {}
+    return (f"{len(data['points'])} init runs of `{data.get('command', 'bench/paper_table.py')}`: "
+            f"{s.get('calib_samples', '?')} x {s.get('seq_len', '?')} calibration tokens, "
+            f"{s.get('eval_tokens', '?')} held-out tokens per text; {data.get('machine', '')}. "
+            "The table beside it, accuracy included, is in bench/README.md.")
 
 
 def runs_to_reopen(session):
@@ -667,6 +692,8 @@ class ViewsPanel:
     plots: dict[str, gr.Plot]
     table: gr.Dataframe
     how: gr.Markdown
+    harm_gain_scale: gr.Radio
+    harm_gain: gr.Plot
 
     @property
     def outputs(self) -> list:
@@ -714,7 +741,17 @@ def views_section(vd: dict[str, Any]) -> ViewsPanel:
             how = gr.Markdown(how_it_works_markdown(vd["rank"]), elem_id="how-it-works",
                               latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                                                 {"left": "$", "right": "$", "display": False}])
-    return ViewsPanel(JobPanel(start, stop, job, progress, status, refresh), f, plots, table, how)
+        with gr.Tab("Across models", elem_id="tab-harm-gain"):
+            gr.Markdown(
+                "The paper finds QuAILoRA's improvements **proportional to the harm of quantization**: the more 4-bit "
+                "costs a model on a text, the more its initialization wins back. Here that claim is tested on the "
+                "embedded models and texts at several ranks, measured ahead (no job to run).", elem_classes="note")
+            scale = gr.Radio(list(HARM_GAIN_SCALES), value=HARM_GAIN_SCALES[0], label="scale",
+                             elem_id="harm-gain-scale")
+            harm = gr.Plot(harm_gain(), show_label=False, elem_id="harm-gain-plot")
+            gr.Markdown(HARM_GAIN_CAPTION, elem_classes="caption")
+            gr.Markdown(harm_gain_source(), elem_classes="caption", elem_id="harm-gain-source")
+    return ViewsPanel(JobPanel(start, stop, job, progress, status, refresh), f, plots, table, how, scale, harm)
 
 
 @dataclass
@@ -919,6 +956,7 @@ def _wire_views(demo: gr.Blocks, studio: Studio, session, seen, setup: Setup, in
     poll = studio.poller(lambda job: {}, studio.draw_views, len(views.outputs) - 2, idle=False)
     _poll_timer(poll_seconds, poll, [session, views.panel.job, seen], [*views.outputs, seen], "poll_views")
     views.fields["views_rank"].change(how_it_works, [views.fields["views_rank"]], [views.how], api_name="how_it_works")
+    views.harm_gain_scale.change(harm_gain, [views.harm_gain_scale], [views.harm_gain], api_name="harm_gain")
 
 
 def _wire_results(demo: gr.Blocks, studio: Studio, session, init: InitPanel, train: TrainPanel,
