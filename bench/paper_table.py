@@ -46,6 +46,7 @@ apply_thread_policy()  # before torch loads (as app.py and `python -m quailora_a
 from make_example import machine  # noqa: E402  (bench/: one record of the machine for every bench)
 
 from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig, TrainConfig  # noqa: E402
+from quailora_app.engine.accuracy import mcnemar  # noqa: E402
 from quailora_app.engine.from_init import train_config_from_init  # noqa: E402
 from quailora_app.events import RunFailed, RunFinished, Stage  # noqa: E402
 from quailora_app.flows.init import run_init  # noqa: E402
@@ -162,7 +163,8 @@ def train_accuracy_summary(report: dict) -> dict:
             if entry.get("gap_closed") is not None:
                 out[kind]["gap_closed"][name] = entry["gap_closed"]
             if entry.get("vs_qlora4"):
-                out[kind]["vs_qlora"][name] = {k: entry["vs_qlora4"].get(k) for k in ("p_value", "significant")}
+                out[kind]["vs_qlora"][name] = {k: entry["vs_qlora4"].get(k)
+                                               for k in ("p_value", "significant", "only_a", "only_b")}
     for task in out.values():  # the "8-bit vs 4-bit" test of the init table, here qlora8 vs qlora4
         if "qlora8" in task["vs_qlora"]:
             task["vs_qlora"]["int8"] = task["vs_qlora"]["qlora8"]
@@ -217,6 +219,39 @@ def scatter_fits(points: list[dict]) -> dict:
         if len(points) >= 2:
             fit = fit_through_origin([pt[x] for pt in points], [pt[y] for pt in points])
             out[scale] = {"slope": fit.slope, "r2": fit.r2, "r2_uncentred": fit.r2_uncentred, "n": fit.n}
+    return out
+
+
+def pooled_tests(result: dict, stage: str = "init") -> dict:
+    """Every task of every table setting pooled, per variant against 4-bit QLoRA on the same items: the items only
+    it got right and only QLoRA got right, summed; McNemar's exact p of those sums; and the share of 8-bit's net
+    gain, (only_a - only_b) / (only_a - only_b of 8-bit): the accuracy gap closed over all the items at once, which
+    single small tasks cannot show. `stage`: "init" (the init runs) or "fine-tuned" (the arms' last evaluations,
+    named by their init variant)."""
+    arm_to_variant = {arm: variant for variant, arm in VARIANTS.items() if arm}
+    sums: dict[str, list[int]] = {}
+    items = 0
+    for run in (r for r in result["runs"] if r["main"]):
+        tasks = run["accuracy"] if stage == "init" else ((run.get("train") or {}).get("accuracy") or {})
+        for task in tasks.values():
+            tests = task.get("vs_qlora") or {}
+            if not tests:
+                continue
+            items += next(iter(task["models"].values())).get("n") or 0
+            for name, test in tests.items():
+                variant = name if stage == "init" else arm_to_variant.get(name)
+                if variant is None or test.get("only_a") is None or (stage != "init" and name == "int8"):
+                    continue
+                acc = sums.setdefault(variant, [0, 0])
+                acc[0] += test["only_a"]
+                acc[1] += test["only_b"]
+    base = sums.get("int8")
+    out = {}
+    for variant, (only_a, only_b) in sums.items():
+        net = only_a - only_b
+        out[variant] = {"only_a": only_a, "only_b": only_b, "net": net, "items": items,
+                        "p_value": mcnemar(only_a, only_b)[0],
+                        "share_of_8bit": net / (base[0] - base[1]) if base and base[0] != base[1] else None}
     return out
 
 
@@ -315,6 +350,20 @@ def table(result: dict) -> str:
                                                                  for r in mains):
         rows.append("- fine-tuned accuracy: not measured (the train flow does not score accuracy yet); perplexities "
                     "only after fine-tuning")
+    for stage in ("init", "fine-tuned"):
+        pooled = pooled_tests(result, stage)
+        if not pooled:
+            continue
+        items = next(iter(pooled.values()))["items"]
+        rows += ["", f"Accuracy pooled over every task and setting above, {stage} ({items:,} items; against 4-bit "
+                     "QLoRA on the same items; share = net items gained / 8-bit's net items gained):", "",
+                 "| variant | right only it | right only QLoRA | net | McNemar p | share of 8-bit's gain |",
+                 "|---|---|---|---|---|---|"]
+        for variant in ("full", "int8", "quailora", "distill"):
+            if variant in pooled:
+                t = pooled[variant]
+                rows.append(f"| {VARIANT_LABELS[variant]} | {t['only_a']} | {t['only_b']} | {t['net']:+d} | "
+                            f"{t['p_value']:.2g} | {_pct(t['share_of_8bit'])} |")
     points = scatter_points(result)
     if points:
         rows += ["", "Harm of 4-bit against the gain of QuAILoRA (perplexity points; log = ln of the ratios):", "",
