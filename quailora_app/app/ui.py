@@ -256,10 +256,10 @@ def harm_gain_source() -> str:
     if not data["points"]:
         return "No points shipped yet: `python bench/paper_table.py` measures them."
     s = data.get("settings") or {}
-    return (f"{len(data['points'])} init runs of `{data.get('command', 'bench/paper_table.py')}`: "
-            f"{s.get('calib_samples', '?')} x {s.get('seq_len', '?')} calibration tokens, "
-            f"{s.get('eval_tokens', '?')} held-out tokens per text; {data.get('machine', '')}. "
-            "The table beside it, accuracy included, is in bench/README.md.")
+    return (f"Measured ahead by `bench/paper_table.py`: {len(data['points'])} init runs, "
+            f"{s.get('calib_samples', '?')} x {s.get('seq_len', '?')} calibration tokens and "
+            f"{s.get('eval_tokens', '?')} held-out tokens per text; {data.get('machine', '')}. Its table, downstream "
+            f"accuracy included, is in bench/README.md. Command: `{data.get('command', '')}`")
 
 
 def runs_to_reopen(session):

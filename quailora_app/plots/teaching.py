@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,10 @@ CAPTIONS = {
                  "perplexity from init runs.",
 }
 #: the caption of the harm-vs-gain scatter (across runs, from bench/paper_table.py; not a view of one layer)
-HARM_GAIN_CAPTION = ("Each point: one model, text and LoRA rank. x: how much 4-bit quantization raises held-out "
-                     "perplexity over 8-bit; y: how much of that QuAILoRA's initialization takes back. A line through "
-                     "the origin with a high R^2 is the paper's claim that the gain is proportional to the harm; its "
-                     "slope is the share of the 8-bit gap closed.")
+HARM_GAIN_CAPTION = ("Each point: one model, text and LoRA rank (bigger: higher rank, 8 / 16 / 64). x: how much "
+                     "4-bit quantization raises held-out perplexity over 8-bit; y: how much of that QuAILoRA's "
+                     "initialization takes back. A line through the origin with a high R^2 is the paper's claim that "
+                     "the gain is proportional to the harm; its slope is the share of the 8-bit gap closed.")
 
 
 def label(name: str) -> str:
@@ -403,14 +404,20 @@ _GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564
 _TEXT_SYMBOLS = ("circle", "diamond", "square", "triangle-up", "x", "star")
 
 
+def _rank_size(rank) -> float:
+    """Marker size of a LoRA rank: 8 px at r = 8, 3 px more per doubling (points of one model and text share x,
+    so a text label per rank would overlap)."""
+    return 8 + 3 * math.log2(rank / 8) if isinstance(rank, (int, float)) and rank >= 1 else 10
+
+
 def harm_gain_figure(points, relative: bool = False) -> go.Figure:
     """The paper's "improvements proportional to the negative effect of quantization error", tested: each point is
     one model, text and rank (bench/paper_table.py; assets/paper_scatter.json holds them), x = the harm of 4-bit
     (ppl_qlora - ppl_int8), y = the gain of QuAILoRA (ppl_qlora - ppl_quailora); with `relative`, the logs of
-    those perplexity ratios (log_harm, log_gain). One trace per model (colour) and text (marker), the label of each
-    point its rank; the least-squares line through the origin (its slope is the typical share of the 8-bit gap
-    closed) with R^2 in its name; and gain = harm (all of it closed), dotted. `points`: the list of point dicts or
-    the scatter JSON's mapping with a "points" list."""
+    those perplexity ratios (log_harm, log_gain). One trace per model (colour) and text (marker), the size of a
+    point its rank (its hover text "r=16"); the least-squares line through the origin (its slope is the typical
+    share of the 8-bit gap closed) with R^2 in its name; and gain = harm (all of it closed), dotted. `points`: the
+    list of point dicts or the scatter JSON's mapping with a "points" list."""
     if isinstance(points, Mapping):
         points = points.get("points") or []
     points = list(points)
@@ -426,10 +433,12 @@ def harm_gain_figure(points, relative: bool = False) -> go.Figure:
                 continue
             name = " / ".join(part for part in (model, text) if part) or "runs"
             fig.add_trace(go.Scatter(
-                x=[p[xk] for p in group], y=[p[yk] for p in group], mode="markers+text", name=name,
-                text=[f"r={p['rank']}" if "rank" in p else "" for p in group], textposition="top center",
-                marker={"size": 11, "color": _GROUP_COLOURS[models.index(model) % len(_GROUP_COLOURS)],
-                        "symbol": _TEXT_SYMBOLS[texts.index(text) % len(_TEXT_SYMBOLS)]},
+                x=[p[xk] for p in group], y=[p[yk] for p in group], mode="markers", name=name,
+                text=[f"r={p['rank']}" if "rank" in p else "" for p in group],
+                marker={"size": [_rank_size(p.get("rank")) for p in group],
+                        "color": _GROUP_COLOURS[models.index(model) % len(_GROUP_COLOURS)],
+                        "symbol": _TEXT_SYMBOLS[texts.index(text) % len(_TEXT_SYMBOLS)],
+                        "line": {"width": 1, "color": "white"}},
                 hovertemplate=f"{name}<br>%{{text}}<br>harm %{{x:.3f}}, gain %{{y:.3f}} ({unit})<extra></extra>"))
     title = "Gain of QuAILoRA against the harm of 4-bit quantization"
     if points:
