@@ -5,7 +5,7 @@ improvement each recovers; then the harm of 4-bit against the gain of QuAILoRA o
 line through the origin and its R^2 (the paper: "improvements proportional to the negative effect of quantization
 error").
 
-    python bench/paper_table.py                                  # the table and the scatter (about 50 min, 2 cores)
+    python bench/paper_table.py                                  # the table and the scatter (about 65 min, 2 cores)
     python bench/paper_table.py --resume                         # after a stop: keeps the settings already in --json
     python bench/paper_table.py --quick                          # a smoke run: SmolLM2, one text, tiny settings
     python bench/paper_table.py --from-json runs/bench/paper_table.json   # reprint
@@ -394,10 +394,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16, help="rank of the table's runs")
     parser.add_argument("--scatter-ranks", type=int, nargs="*", default=[8, 64],
                         help="further ranks of the scatter (perplexity only); the table's rank is in it already")
-    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--label-items", type=int, default=300)
+    parser.add_argument("--label-items", type=int, default=400)
     parser.add_argument("--continuation-items", type=int, default=100)
     parser.add_argument("--shots", type=int, default=2,
                         help="few-shot examples of the label task (2: the most both models gain from, see "
@@ -409,7 +409,7 @@ def main(argv=None) -> int:
                         help="fine-tuned arms: perplexity only (accuracy at initialization still scored)")
     parser.add_argument("--no-distill", action="store_true", help="leave out distill and its arm")
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
-    parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (0: no fine-tune)")
+    parser.add_argument("--steps", type=int, default=10, help="fine-tuning steps (0: no fine-tune)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--quick", action="store_true",
