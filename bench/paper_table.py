@@ -53,6 +53,7 @@ from quailora_app.flows.init import run_init  # noqa: E402
 from quailora_app.flows.train import run_train  # noqa: E402
 from quailora_app.plots.teaching import fit_through_origin  # noqa: E402
 from quailora_app.settings import settings  # noqa: E402
+from quailora_app.sources.tasks import DEFAULT_SHOTS  # noqa: E402
 
 MODELS = {"embedded": "SmolLM2-135M", "embedded:gemma3": "Gemma 3 270M"}
 TEXTS = {"embedded": "rotten tomatoes", "embedded:speeches": "convention speeches"}
@@ -240,7 +241,7 @@ def pooled_tests(result: dict, stage: str = "init") -> dict:
             items += next(iter(task["models"].values())).get("n") or 0
             for name, test in tests.items():
                 variant = name if stage == "init" else arm_to_variant.get(name)
-                if variant is None or test.get("only_a") is None or (stage != "init" and name == "int8"):
+                if variant is None or test.get("only_a") is None:  # the fine-tuned "int8" alias maps to None
                     continue
                 acc = sums.setdefault(variant, [0, 0])
                 acc[0] += test["only_a"]
@@ -399,9 +400,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--label-items", type=int, default=400)
     parser.add_argument("--continuation-items", type=int, default=100)
-    parser.add_argument("--shots", type=int, default=2,
-                        help="few-shot examples of the label task (2: the most both models gain from, see "
-                             "AccuracyConfig.shots)")
+    parser.add_argument("--shots", type=int, default=DEFAULT_SHOTS,
+                        help="few-shot examples of the label task (see sources/tasks.py DEFAULT_SHOTS)")
     parser.add_argument("--label-texts", nargs="*", default=list(LABEL_TEXTS),
                         help="texts scored on their labels as well (the others: continuation only)")
     parser.add_argument("--no-accuracy", action="store_true")

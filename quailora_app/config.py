@@ -127,8 +127,7 @@ class AccuracyConfig:
         "help": "answer word per label as label=word (e.g. fresh=positive rotten=negative); other labels are left "
                 "out; default: the embedded data's own words, else each label as written",
         "nargs": "*", "metavar": "LABEL=WORD"})
-    #: 2: on 400 held-out reviews at full precision SmolLM2-135M scored 76.7 / 70.3 / 68.0 / 65.0% at 0 / 1 / 2 / 4
-    #: shots and Gemma 3 270M 65.0 / 67.0 / 72.5 / 72.3% (majority 57%); 2 is the best count for both together.
+    #: sources/tasks.py DEFAULT_SHOTS (the measured reason is there)
     shots: int = field(default=2, metadata={"help": "labelled examples in the prompt (one label after another)"})
     label_prompts: int = field(default=8, metadata={
         "help": "different few-shot prompts the labelled items are spread over: a small model's answers swing with "

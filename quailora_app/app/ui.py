@@ -250,9 +250,9 @@ def harm_gain(scale: str | None = None):
     return harm_gain_figure(paper_scatter(), relative=scale == HARM_GAIN_SCALES[1])
 
 
-def harm_gain_source() -> str:
-    """Where the scatter's points come from: the command, its settings' size and the machine."""
-    data = paper_scatter()
+def harm_gain_source(data: dict) -> str:
+    """Where the shipped scatter's points (`paper_scatter()`) come from: the command, its settings' size and the
+    machine."""
     if not data["points"]:
         return "No points shipped yet: `python bench/paper_table.py` measures them."
     s = data.get("settings") or {}
@@ -748,9 +748,10 @@ def views_section(vd: dict[str, Any]) -> ViewsPanel:
                 "embedded models and texts at several ranks, measured ahead (no job to run).", elem_classes="note")
             scale = gr.Radio(list(HARM_GAIN_SCALES), value=HARM_GAIN_SCALES[0], label="scale",
                              elem_id="harm-gain-scale")
-            harm = gr.Plot(harm_gain(), show_label=False, elem_id="harm-gain-plot")
+            shipped = paper_scatter()
+            harm = gr.Plot(harm_gain_figure(shipped), show_label=False, elem_id="harm-gain-plot")
             gr.Markdown(HARM_GAIN_CAPTION, elem_classes="caption")
-            gr.Markdown(harm_gain_source(), elem_classes="caption", elem_id="harm-gain-source")
+            gr.Markdown(harm_gain_source(shipped), elem_classes="caption", elem_id="harm-gain-source")
     return ViewsPanel(JobPanel(start, stop, job, progress, status, refresh), f, plots, table, how, scale, harm)
 
 
