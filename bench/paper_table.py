@@ -64,7 +64,8 @@ VARIANT_LABELS = {"full": "16-bit (full)", "int8": "8-bit", "qlora": "4-bit QLoR
 ARMS = ("qlora4", "quailora4", "qlora8", "distill4")
 #: texts whose labels make the label task. The convention speeches' party gives no signal: SmolLM2-135M at full
 #: precision scored 44% / 58% / 43% at 0 / 2 / 4 shots on its ~170 held-out speeches, under the 65% of always
-#: answering "democrat" (measured 2026-11-30), so those runs score the continuation task only.
+#: answering "democrat" (bench/shots.py --dataset embedded:speeches), so those runs score the continuation task
+#: only.
 LABEL_TEXTS = ("embedded",)
 #: settings a --resume may change: they shape only the settings still to run (each run records its own)
 RESUME_FREE = ("train_accuracy",)

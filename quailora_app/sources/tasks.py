@@ -55,9 +55,9 @@ MIN_ITEMS = 20
 #: Characters of a text kept in a prompt (cut at a word, marked "..."): few-shot examples, then items.
 SHOT_CHARS = 400
 ITEM_CHARS = 1000
-#: Few-shot examples per label prompt. On 400 held-out reviews at full precision SmolLM2-135M scored 76.7 / 70.3 /
-#: 68.0 / 65.0% at 0 / 1 / 2 / 4 shots and Gemma 3 270M 65.0 / 67.0 / 72.5 / 72.3% (majority 57%): 2 is the best
-#: count for both together.
+#: Few-shot examples per label prompt. On 400 held-out reviews at full precision SmolLM2-135M scored 76.8 / 70.2 /
+#: 68.0 / 65.0% at 0 / 1 / 2 / 4 shots and Gemma 3 270M 65.0 / 67.0 / 72.5 / 72.2% (majority 57%): 2 is the best
+#: count for both together (bench/shots.py).
 DEFAULT_SHOTS = 2
 
 
