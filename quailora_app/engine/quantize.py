@@ -62,18 +62,26 @@ def keep_cpu_layout(model) -> None:
 
 
 def plain_codes(layer) -> tuple[torch.Tensor, F.QuantState]:
-    """(packed 4-bit codes, QuantState) of a Linear4bit layer in bitsandbytes' plain layout, without touching the
-    layer. After bitsandbytes repacked the layer for its AVX512-BF16 CPU kernel (at an inference forward; the
-    absmax is then rounded to bfloat16, so Q changes), the codes are unpacked through bitsandbytes' own inverse,
-    applied to a copy of the state: the inverse rewrites the state it is given, which would leave the layer's
-    repacked data described as plain and the layer computing garbage."""
+    """(packed 4-bit codes, QuantState) of a Linear4bit layer in bitsandbytes' plain layout, describing exactly the
+    product the layer computes now, without touching the layer.
+
+    After bitsandbytes repacked the layer for its AVX512-BF16 CPU kernel (at its first inference forward), the layer
+    multiplies by codes x absmax, with absmax held as a transposed (in / blocksize x out) bfloat16 matrix and no
+    longer double-quantized. The codes are unpacked by bitsandbytes' own inverse (on a copy of the state: the inverse
+    rewrites the state it is given); absmax is read from the repacked state itself."""
     data, state = layer.weight.data, layer.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import (
             _convert_weight_packed_for_cpu_inverse,  # private: only on the repacked CPU path
         )
 
-        data, state = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        data, _ = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        # Workaround for bitsandbytes 0.50.2: its inverse restores absmax only for a nested (double-quantized) state,
+        # and then by quantizing it again (not the bf16 values the layer uses); otherwise it leaves it transposed,
+        # which dequantize_4bit reads in the wrong order (a Q 23% off on SmolLM2). The transpose back is exact.
+        absmax = state.absmax.T.reshape(-1).float()
+        state = F.QuantState(absmax=absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                             quant_type=state.quant_type, dtype=torch.float32)
     return data, state
 
 
