@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from quailora_app.engine.initialize import InitResult, initialize
 from quailora_app.engine.methods import MODEL, QLORA, get_method, method_names
 from quailora_app.engine.plan import LayerLoRA, ModelContext, split_path
 from quailora_app.engine.quantize import calibration_dtype, is_quantized
+from quailora_app.engine.selfcheck import check_window_count, refuse_if_damaged, scalings_of, self_check
 from quailora_app.errors import ConfigError, DataError, ModelError, one_line
 from quailora_app.events import Progress
 from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, bos_id, pack_windows, texts_of_dataset
@@ -50,6 +52,10 @@ class QuailoraResult:
     seconds: dict[str, float]
     calibration: dict[str, int]  # windows, seq_len, tokens
     skipped: list[str] = field(default_factory=list)  # LoRA layers outside the decoder blocks, left as they were
+    # the self-check (engine/selfcheck.py): layers whose correction made them worse on held-out windows, reset to
+    # the plain QLoRA start (B = 0), and the check's figures (held-out error ratio per layer, ...)
+    layers_reset: list[str] = field(default_factory=list)
+    self_check: dict[str, Any] = field(default_factory=dict)
 
     @property
     def calibrated_error_median(self) -> float:
@@ -61,7 +67,7 @@ class QuailoraResult:
     def record(self) -> dict[str, Any]:
         """What an adapter folder records of its initialization (see `save_adapter`)."""
         return {"method": self.method, "calibration": self.calibration, "seconds": self.seconds,
-                "calibrated_error_median": self.calibrated_error_median,
+                "calibrated_error_median": self.calibrated_error_median, "layers_reset": list(self.layers_reset),
                 "layers": {row["name"]: row["calibrated_error"][self.method] for row in self.layers}}
 
 
@@ -112,15 +118,48 @@ def replace_lora_weights_quailora(
     folder = checkpoint_folder(base, model_path)
     if name == "loftq":
         return _loftq(peft_model, folder, plan, adapter_name, skipped)
-    ids = calibration_ids(calibration, tokenizer, seq_len, max_samples, text_column)
+    extra = check_window_count(max_samples, seq_len)  # windows beyond the fitted ones, for the self-check
+    windows = calibration_ids(calibration, tokenizer, seq_len, max_samples + extra, text_column)
+    ids, check_ids, held_out = split_check_windows(windows, max_samples)
     checkpoint = _checkpoint(folder, plan)
     device = next(base.parameters()).device
     calib_dtype = calibration_dtype(base, device)
     if get_method(name).kind == MODEL:
-        return _whole_model(peft_model, name, adapter_name, ModelContext(
+        result = _whole_model(name, ModelContext(
             base, checkpoint, ids, plan, _lora_settings(peft_model, adapter_name), device, calib_dtype, damping,
             als_rounds, solver, options=dict(options or {}), peft_model=peft_model,
-            adapter=adapter_name), skipped)
+            adapter=adapter_name))
+    else:
+        result = _per_layer(base, name, checkpoint, ids, plan, device, calib_dtype, damping, als_rounds, solver,
+                            progress)
+    factors = result.factors
+    checks = self_check(base, checkpoint, check_ids, {name: factors}, scalings_of(plan), device=device,
+                        dtype=calib_dtype, held_out=held_out)
+    refuse_if_damaged(checks, len(factors))
+    if result.ranks:
+        resize_lora(peft_model, adapter_name, result.ranks)
+    write_factors(peft_model, factors, adapter_name)
+    check = checks[name]
+    if progress and check.reset:
+        warnings.warn(check.summary(), stacklevel=2)
+    return QuailoraResult(name, result.layers, result.seconds | {"self_check": check.seconds}, result.calibration,
+                          skipped, list(check.reset), check.record())
+
+
+@dataclass
+class _Computed:
+    """A method's factors for the plan's layers, before the self-check and before they are written."""
+
+    factors: dict[str, Factors]
+    layers: list[dict]
+    seconds: dict[str, float]
+    calibration: dict[str, int]
+    ranks: dict[str, int] | None = None
+
+
+def _per_layer(base, name: str, checkpoint: Checkpoint, ids: torch.Tensor, plan: Mapping[str, LayerLoRA],
+               device: torch.device, calib_dtype: torch.dtype, damping: float, als_rounds: int, solver: str,
+               progress: bool) -> _Computed:
     result = InitResult()
     stream = initialize(base, checkpoint, ids, LoraSettings(), [name], result, device=device, calib_dtype=calib_dtype,
                         damping=damping, als_rounds=als_rounds, solver=solver, plan=plan)
@@ -129,9 +168,21 @@ def replace_lora_weights_quailora(
         for event in stream:
             if isinstance(event, Progress):
                 bar.update(event.done - bar.n)
-    write_factors(peft_model, result.factors[name], adapter_name)
-    return QuailoraResult(name, result.layers, dict(result.seconds),
-                          {"windows": len(ids), "seq_len": int(ids.shape[1]), "tokens": int(ids.numel())}, skipped)
+    return _Computed(result.factors[name], result.layers, dict(result.seconds), _windows(ids))
+
+
+def _windows(ids: torch.Tensor) -> dict[str, int]:
+    return {"windows": len(ids), "seq_len": int(ids.shape[1]), "tokens": int(ids.numel())}
+
+
+def split_check_windows(windows: torch.Tensor, max_samples: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(fit windows, self-check windows, whether those are held out): the first `max_samples` windows are fitted;
+    the self-check reads the windows after them, or, when the calibration holds no more, a few of the fitted ones."""
+    fit = windows[:max_samples]
+    count = check_window_count(len(windows), int(windows.shape[1]))
+    if len(windows) > max_samples:
+        return fit, windows[max_samples:max_samples + count], True
+    return fit, fit[:count], False
 
 
 def save_adapter(peft_model, folder: str | Path, result: QuailoraResult | None = None, *,
@@ -276,19 +327,14 @@ def _lora_settings(peft_model, adapter: str) -> LoraSettings:
     return LoraSettings(rank=int(config.r), alpha=float(config.lora_alpha), rslora=bool(config.use_rslora))
 
 
-def _whole_model(peft_model, name: str, adapter: str, ctx: ModelContext, skipped: list[str]) -> QuailoraResult:
+def _whole_model(name: str, ctx: ModelContext) -> _Computed:
     """A method of kind "model" (engine/plan.py): its factors, at ranks of its own where it chooses them (the
     LoRA layers are then resized, and the adapter's rank_pattern / alpha_pattern say so, keeping s)."""
     built = get_method(name).build(ctx)
-    if built.ranks:
-        resize_lora(peft_model, adapter, built.ranks)
-    write_factors(peft_model, built.factors, adapter)
     rows = [{"name": path, "rank": (built.ranks or {}).get(path, ctx.plan[path].rank),
              "weight_error": {QLORA: 1.0, name: errors[0]}, "calibrated_error": {QLORA: 1.0, name: errors[1]}}
             for path, errors in built.layers.items()]
-    windows, length = ctx.calib_ids.shape
-    return QuailoraResult(name, rows, {name: built.seconds},
-                          {"windows": int(windows), "seq_len": int(length), "tokens": int(windows * length)}, skipped)
+    return _Computed(built.factors, rows, {name: built.seconds}, _windows(ctx.calib_ids), built.ranks)
 
 
 def resize_lora(peft_model, adapter: str, ranks: Mapping[str, int]) -> None:

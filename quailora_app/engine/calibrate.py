@@ -32,6 +32,9 @@ class InputGroup:
     names: list[str]  # module names inside the block, e.g. ["self_attn.q_proj", "self_attn.k_proj"]
     H: torch.Tensor | None  # (n, n) float32; initialize() drops it once its group is done
     tokens: int
+    # with calibrate_blocks(keep_io=True), instead of H: the inputs (tokens x n) and each layer's outputs (tokens x m)
+    X: torch.Tensor | None = None
+    Y: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -153,6 +156,14 @@ def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int,
     own = [layer.__dict__.get("forward") for layer in layers]  # an instance forward (accelerate's hooks) if any
     for index, layer in enumerate(layers):
         layer.forward = recorder(index)
+    # This pass runs the model's stem (embeddings, and any 4-bit layer before block 0, as OPT-350m's project_in) in
+    # inference mode, where bitsandbytes 0.50 repacks a 4-bit layer for its AVX512-BF16 CPU kernel: that would change
+    # the user's model behind their back, and it crashes on shapes the kernel cannot take (in_features not a multiple
+    # of the block size: a RuntimeError from inside bitsandbytes). The capture leaves every layer's layout as it was.
+    repack = {m: m.support_avx512bf16_for_cpu for m in model.modules()
+              if isinstance(m, bnb.nn.Linear4bit) and hasattr(m, "support_avx512bf16_for_cpu")}
+    for module in repack:
+        module.support_avx512bf16_for_cpu = False
     try:
         with torch.no_grad():
             for start in range(0, len(calib_ids), batch_size):
@@ -173,6 +184,8 @@ def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int,
                 del layer.forward
             else:
                 layer.forward = forward
+        for module, value in repack.items():
+            module.support_avx512bf16_for_cpu = value
     return captured
 
 
@@ -194,15 +207,23 @@ def build_full_precision_block(model, index: int, checkpoint: Checkpoint, device
 
 
 class HessianAccumulator:
-    """Forward pre-hooks that sum x^T x per distinct input tensor of the chosen linear layers."""
+    """Forward pre-hooks that sum x^T x per distinct input tensor of the chosen linear layers.
 
-    def __init__(self, root: nn.Module, names: Sequence[str]):
+    With `keep_io` they keep the input rows themselves instead (and, by forward hooks, each layer's output rows),
+    forming no H: what the self-check (engine/selfcheck.py) compares a quantized layer's product with."""
+
+    def __init__(self, root: nn.Module, names: Sequence[str], keep_io: bool = False):
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+        self.keep_io = keep_io
+        self.inputs: dict[str, list[torch.Tensor]] = {}  # leader -> input rows (keep_io)
+        self.outputs: dict[str, list[torch.Tensor]] = {}  # module name -> output rows (keep_io)
         self.group_of: dict[str, str] = {}  # module name -> name of the first module that read the same tensor
         self._seen: list[tuple[torch.Tensor, str]] = []
         modules = dict(root.named_modules())
         self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in names]
+        if keep_io:
+            self._handles += [modules[n].register_forward_hook(self._output_hook(n)) for n in names]
 
     def _hook(self, name: str) -> Callable:
         def hook(_module, args):
@@ -214,11 +235,18 @@ class HessianAccumulator:
             self._seen.append((x, name))
             self.group_of.setdefault(name, name)
             flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
+            if self.keep_io:
+                self.inputs.setdefault(name, []).append(flat.to(STORE))
+                return
             if name not in self.sums:
                 self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
-                self.tokens[name] = 0
             self.sums[name].addmm_(flat.T, flat)
-            self.tokens[name] += flat.shape[0]
+        return hook
+
+    def _output_hook(self, name: str) -> Callable:
+        def hook(_module, _args, out):
+            self.outputs.setdefault(name, []).append(out.detach().reshape(-1, out.shape[-1]).float().to(STORE))
         return hook
 
     def new_pass(self) -> None:
@@ -229,6 +257,10 @@ class HessianAccumulator:
         members: dict[str, list[str]] = {}
         for name, leader in self.group_of.items():
             members.setdefault(leader, []).append(name)
+        if self.keep_io:
+            return [InputGroup(names, None, self.tokens[lead], torch.cat(self.inputs[lead]),
+                               {name: torch.cat(self.outputs[name]) for name in names})
+                    for lead, names in members.items()]
         return [InputGroup(names, self.sums[lead] / self.tokens[lead], self.tokens[lead])
                 for lead, names in members.items()]
 
@@ -253,6 +285,7 @@ def calibrate_blocks(
     only: Mapping[int, Sequence[str]] | None = None,
     stop_message: str = "during calibration",
     reduce_sums: Callable[[HessianAccumulator], None] | None = None,
+    keep_io: bool = False,
 ) -> Iterator[BlockCalibration]:
     """Yield each block's H groups and full-precision weights, block 0 first. `model` is the quantized model
     (it supplies block 0's inputs and the block classes); the full-precision blocks come from `checkpoint`.
@@ -261,7 +294,10 @@ def calibrate_blocks(
     last one listed still run, to produce its inputs, but accumulate no H and are not yielded.
 
     `reduce_sums(hooks)` runs after each block's forward passes, before H = sums / tokens is formed: several
-    processes that each ran their share of the calibration sequences sum `hooks.sums` and `hooks.tokens` there."""
+    processes that each ran their share of the calibration sequences sum `hooks.sums` and `hooks.tokens` there.
+
+    `keep_io` keeps each group's input rows X and each layer's output rows Y (in CPU memory) instead of forming H:
+    for a few held-out windows (engine/selfcheck.py), not for a whole calibration set."""
     prefix, layers = decoder_layers(model)
     last = max(only) if only else len(layers) - 1
     batch_size = batch_size or calibration_batch_size(calib_ids.shape[-1])
@@ -271,7 +307,7 @@ def calibrate_blocks(
             raise Cancelled(f"stopped {stop_message} at block {index} of {last + 1}")
         block = build_full_precision_block(model, index, checkpoint, device, dtype)
         names = list(only.get(index, ())) if only is not None else target_names(block, targets)
-        hooks = HessianAccumulator(block, names)
+        hooks = HessianAccumulator(block, names, keep_io)
         outputs = []
         with torch.no_grad():
             for hidden, kwargs in inputs:

@@ -76,7 +76,7 @@ SEED = 0  # the order of the training windows
 @register_model_method(
     NAME, label="4-bit + closed form, then distilled (model-level KL)", short="distill", colour="#e377c2",
     help="closed form, then a few AdamW steps on the LoRA factors (Q frozen) toward the full-precision model's "
-         "next-token distribution (KL) on the calibration text")
+         "next-token distribution (KL) on the calibration text", layer_objective=False)
 def build(ctx: ModelContext) -> ModelInit:
     """The closed form, refined by `distill_steps` AdamW steps on KL(p_full || p_4bit+LoRA) (see the module)."""
     # here, not at the top: engine/__init__ imports this module to register it, possibly while quailora_app.config

@@ -59,6 +59,9 @@ class Method:
     dash: str = "solid"  # line style in the teaching views
     marker: str = "circle"  # plotly marker symbol in the teaching views
     default: bool = False  # in the default method list of `init`
+    # minimizes each layer's own error on the full-precision inputs: a layer it leaves worse than no correction is a
+    # defect, reset by the self-check (engine/selfcheck.py); False for whole-model methods aiming at another target
+    layer_objective: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -100,6 +100,22 @@ def dequantized_weight(layer) -> torch.Tensor:
     return F.dequantize_4bit(data, state).float()
 
 
+@torch.no_grad()
+def own_product(layer, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) in float32: the product Q x (+ bias) the quantized layer really computes, in whichever layout it holds
+    now. Its layout is left as it is: a 4-bit layer still in the plain layout is not repacked by this forward (that
+    would round its absmax to bfloat16 and leave it in an inference-only layout)."""
+    layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    repacks = getattr(layer, "support_avx512bf16_for_cpu", False)
+    if repacks:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        return layer(x).float()
+    finally:
+        if repacks:
+            layer.support_avx512bf16_for_cpu = True
+
+
 def requantize_block_size(model, source: ModelSource, quant: QuantConfig) -> None:
     """transformers always quantizes with blocks of 64; for another block size, quantize each 4-bit layer
     again with bitsandbytes from the full-precision weight streamed from the checkpoint."""

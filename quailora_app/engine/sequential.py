@@ -363,7 +363,7 @@ def _quantized_model_as_is(model, peft_model) -> Iterator[None]:
     NAME, label="4-bit + error feedback (sequential closed form)", short="sequential", colour="#bcbd22",
     help="the closed form fitted block by block, in forward order, to the inputs the corrected 4-bit model "
          "produces, aiming at the full-precision outputs and residual stream", layer_label="error feedback "
-         "(sequential)", dash="dot", marker="diamond")
+         "(sequential)", dash="dot", marker="diamond", layer_objective=False)
 def build(ctx: ModelContext) -> ModelInit:
     """Error feedback over the whole model (see the module): block by block, input group by input group in forward
     order, C = closed_form(C*, X~ X~^T / N + lambda I) with C* = E + (W D + G) S^-1."""

@@ -46,6 +46,7 @@ from quailora_app.engine.plan import run_model_method, target_paths
 from quailora_app.engine.preflight import preflight_init
 from quailora_app.engine.quantize import int8_dtype, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
+from quailora_app.engine.selfcheck import check_window_count, self_check
 from quailora_app.errors import Cancelled, ConfigError, DataError, one_line
 from quailora_app.events import Event, Log, Metric, Progress, RunFinished, Stage
 from quailora_app.flows.prepare import prepare
@@ -116,6 +117,7 @@ class InitRun:
 
         yield from self._calibrate_and_initialize(model, prepared.checkpoint, splits.calib, prepared.dtype)
         yield from self._whole_model_methods(model, prepared.checkpoint, splits.calib, prepared.dtype)
+        yield from self._self_check(model, prepared.checkpoint, splits, prepared.dtype)
         yield from self._evaluate_methods(model, source, splits.eval)
         del model, prepared
         free_memory()
@@ -170,6 +172,27 @@ class InitRun:
             self.report["seconds"][method.name] = built.seconds
             self.rec.save()
             yield self.rec.emit(Log(f"{method.name}: initialized in {built.seconds:.1f} s"))
+
+    def _self_check(self, model, checkpoint, splits, dtype) -> Iterator[Event]:
+        """Every method's factors measured through each layer's own product on held-out windows (the first
+        training windows: documents the fit never saw); a layer a per-layer method makes worse is reset to B = 0
+        (engine/selfcheck.py) before anything is evaluated or saved."""
+        corrections = {m: f for m, f in self.factors.items() if m != QLORA and f}
+        if not corrections:
+            return
+        windows = splits.train[:check_window_count(len(splits.train), splits.seq_len)]
+        yield self.rec.emit(Stage("initialize", f"self-check: {', '.join(corrections)} through each layer's own "
+                                                f"product on {windows.numel()} held-out tokens"))
+        start = time.perf_counter()
+        checks = self_check(model, checkpoint, windows, corrections,
+                            {path: self.cfg.lora.scaling for path in self.target_paths}, device=self.device,
+                            dtype=torch.float32 if self.device.type == "cpu" else dtype)  # short: not stopped halfway
+        self.report["seconds"]["self_check"] = time.perf_counter() - start
+        self.report["self_check"] = {m: c.record() for m, c in checks.items()}
+        self.report["layers_reset"] = {m: list(c.reset) for m, c in checks.items()}
+        self.rec.save()
+        for check in checks.values():
+            yield self.rec.emit(Log(check.summary(), "warning" if check.reset else "info"))
 
     def _save_partial_adapters(self, model, n_blocks: int) -> None:
         """After a stop during initialization: each method's adapter with the blocks already done (the other

@@ -71,6 +71,7 @@ from quailora_app.engine.plan import run_model_method, target_paths
 from quailora_app.engine.preflight import available_bytes, preflight_train, train_estimate
 from quailora_app.engine.quantize import load_4bit, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
+from quailora_app.engine.selfcheck import SelfCheck, check_window_count, self_check
 from quailora_app.errors import ConfigError, DataError, one_line
 from quailora_app.events import (
     AccuracyPoint,
@@ -137,6 +138,7 @@ class TrainRun:
         self.tokenizer = None
         self.keep: dict[str, list[int]] = {}  # task kind -> its items' indices in the init run's task
         self.init_accuracy: dict[str, dict] = {}  # task kind -> the init report's entry, when its items are these
+        self.checked: dict[str, dict[str, SelfCheck]] = {}  # base -> method -> its self-check (engine/selfcheck.py)
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _summarize(self) -> None:
@@ -178,6 +180,7 @@ class TrainRun:
         splits = prepared.splits
         self.report["model_note"] = self.source.note
         self.eval_ids, self.calib_ids = splits.eval, splits.calib
+        self.check_ids = splits.train[:check_window_count(len(splits.train), splits.seq_len)]
         order = training_order(len(splits.train), cfg.steps * per_step, cfg.data.seed)
         micro = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(cfg.steps * cfg.grad_accum)]
         self.batches = [[splits.train[micro[k * cfg.grad_accum + j]] for j in range(cfg.grad_accum)]
@@ -421,6 +424,30 @@ class TrainRun:
         self.rec.save()
         yield self.rec.emit(Log(f"{name}: initialized against the {base} Q in {built.seconds:.1f} s"))
 
+    def _self_check(self, base: str, model) -> Iterator[Event]:
+        """The initializations on `base` not checked yet, loaded from an init run or computed here, measured through
+        each layer's own product on held-out windows (the first training windows, which no fit saw); a layer a
+        per-layer method makes worse is reset to B = 0 before any arm starts from it (engine/selfcheck.py)."""
+        done = self.checked.setdefault(base, {})
+        todo = {m: self.factors[base][m] for m in self._inits(base) if m not in done and m in self.factors[base]}
+        if not todo:
+            return
+        self.rec.check_stop("the self-check")
+        yield self.rec.emit(Stage("setup", f"self-check: {', '.join(todo)} through each {base} layer's own product "
+                                           f"on {self.check_ids.numel()} held-out tokens"))
+        start = time.perf_counter()
+        checks = self_check(model, self.checkpoint, self.check_ids, todo,
+                            {path: self.cfg.lora.scaling for path in target_paths(model, self.cfg.lora)},
+                            device=self.device, dtype=self.calib_dtype, should_stop=self.should_stop)
+        done.update(checks)
+        self.report["seconds"][f"self_check_{base}"] = time.perf_counter() - start
+        self.report.setdefault("self_check", {}).setdefault(base, {}).update({m: c.record() for m, c in checks.items()})
+        self.report.setdefault("layers_reset", {}).setdefault(base, {}).update(
+            {m: list(c.reset) for m, c in checks.items()})
+        self.rec.save()
+        for check in checks.values():
+            yield self.rec.emit(Log(f"{base} {check.summary()}", "warning" if check.reset else "info"))
+
     def _known_step0(self, spec: ArmSpec) -> float | None:
         """An arm's step-0 perplexity when it is known without measuring (None otherwise, or with measure_step0).
         B = 0 adds exactly zero to every layer's output: a default-init arm on a reference base starts at that
@@ -432,6 +459,9 @@ class TrainRun:
         reference = {"8bit": "int8", "full": "full"}.get(spec.base)
         if spec.init == QLORA and reference in self.report["reference_perplexity"]:
             return self.report["reference_perplexity"][reference]
+        check = self.checked.get(spec.base, {}).get(spec.init)
+        if check is not None and check.reset:  # not the init run's factors any more: measured here
+            return None
         if self.reuse and spec.base == "4bit" and (spec.init == QLORA or spec.init in self.loaded):
             return self.origin.perplexity(spec.init)
         return None
@@ -445,6 +475,7 @@ class TrainRun:
         paths = target_paths(model, cfg.lora)
         if spec.init != QLORA:
             yield from self._init_factors(spec.base, model)
+            yield from self._self_check(spec.base, model)
         ranks = self.ranks.get(spec.base, {}).get(spec.init)  # budget's per-layer ranks (peft's rank_pattern)
         torch.manual_seed(cfg.data.seed)  # the same random A in every default-init arm
         peft_model = attach_lora(model, cfg.lora, paths, ranks)
