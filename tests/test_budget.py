@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
+from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
 from quailora_app.engine import init_math
 from quailora_app.engine.budget import allocate, allocate_dp, allocate_greedy
 from quailora_app.engine.methods import get_method, method_names, model_method_names
@@ -122,14 +122,29 @@ def test_budget_is_a_whole_model_method_of_the_registry():
 
 # ------------------------------------------------------------------------------------------------ an init run
 @pytest.fixture(scope="module")
-def budget_run(tiny_model_dir, text_file, tmp_path_factory):
+def budget_run(tiny_model_dir, text_file, labelled, tmp_path_factory):
+    """One init run with closed_form and budget, scoring the label task; beside it, the held-out perplexity of every
+    model the accuracy scorer was handed, in scoring order."""
+    from transformers import AutoTokenizer
+
+    from quailora_app.engine.evaluate import perplexity
+    from quailora_app.flows import init as init_flow
+    from quailora_app.sources.data import load_splits
+
     out = tmp_path_factory.mktemp("budget-run")
-    cfg = InitConfig(ModelConfig(str(tiny_model_dir)), DataConfig(str(text_file), seq_len=32, calib_samples=8,
-                                                                  eval_tokens=512),
-                     lora=LoraSettings(rank=4), methods=("closed_form", "budget"), baselines=False, out=str(out))
-    events = list(run_init(cfg))
+    data = DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=512)
+    acc = AccuracyConfig(accuracy_tasks=("labels",), label_dataset=str(labelled), shots=2, label_prompts=2,
+                         label_items=40)
+    cfg = InitConfig(ModelConfig(str(tiny_model_dir)), data, lora=LoraSettings(rank=4),
+                     methods=("closed_form", "budget"), baselines=False, accuracy=acc, out=str(out))
+    eval_ids = load_splits(data, AutoTokenizer.from_pretrained(tiny_model_dir)).eval
+    scored, score_task = [], init_flow.score_task
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(init_flow, "score_task",
+                   lambda model, *a, **k: scored.append(perplexity(model, eval_ids)) or score_task(model, *a, **k))
+        events = list(run_init(cfg))
     assert isinstance(events[-1], RunFinished), events[-1]
-    return out, events[-1].report
+    return out, events[-1].report, scored
 
 
 def lora_parameters(folder) -> int:
@@ -139,7 +154,7 @@ def lora_parameters(folder) -> int:
 
 
 def test_budget_adapter_has_a_rank_pattern_within_the_budget(budget_run):
-    out, report = budget_run
+    out, report, _ = budget_run
     ranks = report["ranks"]["budget"]
     assert set(ranks) == {row["name"] for row in report["layers"]} and len(set(ranks.values())) > 1
     config = json.loads((out / "adapters" / "budget" / "adapter_config.json").read_text())
@@ -157,7 +172,7 @@ def test_budget_lowers_the_summed_objective(budget_run):
     """The optimum of the summed objective (by default each layer's share of tr(E H E^T) left, calibrated_error^2)
     over closed-form ranks within the budget: no worse than uniform rank r (closed_form), layer by layer in the
     report."""
-    _, report = budget_run
+    _, report, _ = budget_run
     details = report["method_details"]["budget"]
     assert details["weighting"] == "normalized"
 
@@ -184,7 +199,7 @@ def test_budget_adapter_loads_with_plain_peft_to_the_reported_perplexity(budget_
     from quailora_app.sources.data import load_splits
     from quailora_app.sources.models import ModelSource, load_tokenizer
 
-    out, report = budget_run
+    out, report, _ = budget_run
     source = ModelSource("tiny", tiny_model_dir)
     splits = load_splits(DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=512),
                          load_tokenizer(source))
@@ -194,6 +209,38 @@ def test_budget_adapter_loads_with_plain_peft_to_the_reported_perplexity(budget_
     for path, k in report["ranks"]["budget"].items():
         assert layers[path].r["default"] == k and layers[path].scaling["default"] == pytest.approx(report["scaling"])
     assert perplexity(model, splits.eval) == pytest.approx(report["perplexity"]["budget"], rel=1e-5)
+
+
+def test_each_variants_accuracy_is_scored_on_the_model_its_perplexity_comes_from(budget_run, tiny_model_dir,
+                                                                                 text_file, labelled):
+    """The scorer is handed, for every variant, the model whose held-out perplexity the report gives (budget's has
+    its own per-layer ranks: its accuracy was once scored on plain QLoRA's), and its items re-scored on the saved
+    adapter loaded with plain peft are right or wrong exactly as the report says."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from quailora_app.engine.accuracy import build_tasks, score_task
+    from quailora_app.engine.quantize import load_4bit
+    from quailora_app.sources.data import load_splits
+    from quailora_app.sources.models import ModelSource
+
+    out, report, scored = budget_run
+    methods = [m for m in report["methods"] if m in report["perplexity"]]
+    assert methods == ["qlora", "closed_form", "budget"] and len(scored) == len(methods)
+    for method, ppl in zip(methods, scored):
+        assert ppl == pytest.approx(report["perplexity"][method], rel=1e-6), method
+    assert report["perplexity"]["budget"] != pytest.approx(report["perplexity"]["qlora"], rel=1e-3)
+
+    data = DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=512)
+    acc = AccuracyConfig(accuracy_tasks=("labels",), label_dataset=str(labelled), shots=2, label_prompts=2,
+                         label_items=40)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (task,) = build_tasks(acc, data, load_splits(data, tokenizer), tokenizer, reserved_splits=("calib",))
+    for method in ("qlora", "budget"):
+        base = load_4bit(ModelSource("tiny", tiny_model_dir), QuantConfig(), torch.device("cpu"), torch.float32)
+        model = PeftModel.from_pretrained(base, out / "adapters" / method)
+        correct = "".join("1" if c else "0" for c in score_task(model, tokenizer, task).correct)
+        assert correct == report["accuracy"]["labels"]["models"][method]["correct"], method
 
 
 # ------------------------------------------------------------------------------------------------ the figure
@@ -239,7 +286,7 @@ def test_the_api_resizes_the_users_lora_to_the_same_ranks(budget_run, tiny_model
     from quailora_app.engine.quantize import keep_cpu_layout
     from quailora_app.sources.data import load_splits
 
-    _, report = budget_run
+    _, report, _ = budget_run
     def four_bit():
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.float32)

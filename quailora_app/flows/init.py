@@ -27,7 +27,7 @@ from quailora_app.engine.accuracy import (
 )
 from quailora_app.engine.adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
 from quailora_app.engine.calibrate import decoder_layers
-from quailora_app.engine.evaluate import gap_closed, perplexity
+from quailora_app.engine.evaluate import PROBE_TOKENS, check_adapter_applied, gap_closed, perplexity
 from quailora_app.engine.initialize import InitResult, initialize
 from quailora_app.engine.methods import MODEL, QLORA, get_method
 from quailora_app.engine.parallel import Processes
@@ -250,12 +250,16 @@ class InitRun:
         base_variant = four_bit_variant(cfg.quant, compute_dtype(cfg.model.compute_dtype, self.device))
         base_key = perplexity_key(base_variant, source.folder, eval_ids, cfg.eval_batch, self.device)
         methods = [m for m in cfg.methods if m in self.factors]
+        probe = eval_ids[:1, :PROBE_TOKENS]
+        with torch.no_grad():
+            plain_logits = peft_model(input_ids=probe.to(self.device)).logits  # B = 0: the uncorrected base
         for i, method in enumerate(methods):
             self.rec.check_stop("evaluation")
             ranked = attach_lora(peft_model.unload(), cfg.lora, self.target_paths, self.ranks[method]) \
                 if method in self.ranks else None  # ranks per layer (peft's rank_pattern): an adapter of its own
-            evaluated = ranked or peft_model
+            evaluated = ranked or peft_model  # the one model this method's perplexity, accuracy and adapter come from
             write_factors(evaluated, self.factors[method])
+            check_adapter_applied(evaluated, probe, plain_logits, method, self.factors[method])
             start = time.perf_counter()
             cached = read_cached(base_key) if method == QLORA else None
             if cached is not None:
@@ -270,13 +274,13 @@ class InitRun:
             start = time.perf_counter()
             save_adapter(evaluated, self.run_dir / "adapters" / method, self._adapter_record(method))
             seconds[f"save_{method}"] = time.perf_counter() - start
-            if ranked is not None:
-                peft_model = attach_lora(ranked.unload(), cfg.lora, self.target_paths)
             self.rec.save()
             yield self.rec.emit(Metric(method, ppl, "perplexity",
                                        "4-bit + " + method + (" (cached)" if cached is not None else "")))
             variant = base_variant if method == QLORA else None  # only the plain 4-bit base is cached
             yield from self._score(evaluated, method, "4-bit + " + method, variant, source.folder)
+            if ranked is not None:  # back to the uniform-rank adapter, after everything measured on this one
+                peft_model = attach_lora(ranked.unload(), cfg.lora, self.target_paths)
             yield self.rec.emit(Progress("evaluate", i + 1, len(methods), method))
         peft_model.unload()
 
