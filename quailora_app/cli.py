@@ -23,6 +23,7 @@ from quailora_app.config import (
 )
 from quailora_app.engine.from_init import train_config_from_init
 from quailora_app.engine.quiet import quiet_libraries
+from quailora_app.engine.selfcheck import report_lines
 from quailora_app.errors import UserError
 from quailora_app.events import (
     AccuracyPoint,
@@ -258,6 +259,7 @@ def summary_table(report: dict) -> str:
     for kind, entry in tasks.items():
         lines.append(f"{kind}: {entry.get('title', kind)}; {entry.get('metric', 'acc')}, 95% Wilson half-widths")
         lines.extend(f"  {note}" for note in entry.get("notes", []))
+    lines.extend(report_lines(report.get("self_check") or {}))
     for name, why in report.get("unavailable", {}).items():
         lines.append(f"{name}: {why}")
     for kind, why in (report.get("accuracy_unavailable") or {}).items():
@@ -361,6 +363,8 @@ def train_table(report: dict) -> str:
     lines.append("gap closed = (ppl_qlora4 - ppl_arm) / (ppl_qlora4 - ppl_target) on the final evaluations; "
                  "target qlora8 (8-bit) and lora16 (full), each when that arm runs")
     lines.extend(_train_accuracy_notes(report))
+    for base, records in (report.get("self_check") or {}).items():
+        lines.extend(f"{base} base: {line}" for line in report_lines(records))
     how = next((a.get("memory_method") for a in report["arms"].values() if a.get("memory_method")), "")
     if how:
         lines.append(f"peak MiB, {how}")

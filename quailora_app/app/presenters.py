@@ -29,6 +29,7 @@ from quailora_app.app.reopen import (
 )
 from quailora_app.config import ALL_LINEAR, ModelConfig
 from quailora_app.engine.methods import QLORA, method_names
+from quailora_app.engine.selfcheck import report_lines
 from quailora_app.errors import UserError, one_line
 from quailora_app.plots import figures as F
 from quailora_app.runs import RunFolder
@@ -295,6 +296,7 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
                 lines.append(f"- {F.label(m)}: KL to the full-precision model on held-out calibration windows "
                              f"{held['closed_form']:.4f} → {held[m]:.4f} (closed form → {m}); "
                              f"{details.get('overfitting', '')}.")
+        lines.extend(f"- {line}." for line in report_lines(report.get("self_check") or {}))
         for m, why in (report.get("unavailable") or {}).items():
             lines.append(f"- {m}: not computed ({why}).")
         if report.get("model_note"):
@@ -308,6 +310,9 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
                          f"{e['best_perplexity']:.2f}, {e['seconds']:.0f} s.")
         if not finished:
             lines.append("- no arm has finished yet.")
+        train_report = report_of(train_job) or {}
+        for base, records in (train_report.get("self_check") or {}).items():
+            lines.extend(f"- {base} base, {line}." for line in report_lines(records))
     return "\n".join(lines) or "No results yet: run step 2 (and 3) first."
 
 
