@@ -14,11 +14,13 @@ of tr((E - C) H (E - C)^T)). The base weights are not touched; the adapter saves
 """
 from __future__ import annotations
 
+import operator
 import statistics
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +94,12 @@ def replace_lora_weights_quailora(
     by a quantization-aware initialization, in place.
 
     calibration: a list of strings (needs `tokenizer`), a `datasets.Dataset` with a text column (`text_column`,
-        guessed when None; needs `tokenizer`), a LongTensor of token ids (windows x length, used as given), or a
-        list of token-id sequences. Texts and sequences are joined by the EOS token and cut into at most
-        `max_samples` windows of `seq_len` tokens.
+        guessed when None; needs `tokenizer`), a LongTensor of token ids (windows x length, used as given), a
+        list of token-id sequences, or batches as a Trainer's dataloader yields them: any iterable (a list, a
+        generator, a torch DataLoader) of dicts with `input_ids` (batch x length) and optionally `attention_mask`
+        (1 = token, 0 = padding; other keys ignored), each row taken without its padding and read only as far as
+        needed. Texts and sequences are joined by the EOS token and cut into at most `max_samples` windows of
+        `seq_len` tokens.
     method: any per-layer method of the registry (`quailora_app.method_names()`: svd, quailora, closed_form, ...)
         or "loftq" (peft's replace_lora_weights_loftq, rescaled so that s * B @ A is its correction; CUDA only).
     model_path: the folder of the full-precision safetensors checkpoint (default: the model's `name_or_path`, a
@@ -277,8 +282,9 @@ def _checkpoint(folder: Path, plan: Mapping[str, LayerLoRA]) -> Checkpoint:
 # ---------------------------------------------------------------------------------------------- calibration
 def calibration_ids(calibration, tokenizer=None, seq_len: int = 256, max_samples: int = 64,
                     text_column: str | None = None) -> torch.LongTensor:
-    """Calibration windows (n x seq_len) from strings, a datasets.Dataset, token-id sequences or a tensor; packed
-    windows start with the tokenizer's BOS where it adds one by default (sources/data.py `bos_id`)."""
+    """Calibration windows (n x seq_len) from strings, a datasets.Dataset, token-id sequences, dict batches (rows
+    without their padding) or a tensor; packed windows start with the tokenizer's BOS where it adds one by default
+    (sources/data.py `bos_id`)."""
     if seq_len < 2 or max_samples < 1:
         raise ConfigError(f"need seq_len >= 2 and max_samples >= 1; got {seq_len}, {max_samples}")
     if isinstance(calibration, torch.Tensor):
@@ -288,7 +294,7 @@ def calibration_ids(calibration, tokenizer=None, seq_len: int = 256, max_samples
         if calibration.shape[0] < 1 or calibration.shape[1] < 2:
             raise DataError(f"calibration tensor of shape {tuple(calibration.shape)} is too short")
         return calibration[:max_samples].long()
-    sequences = _token_sequences(calibration, tokenizer, text_column)
+    sequences = _token_sequences(calibration, tokenizer, text_column, max_samples * seq_len)
     sep = getattr(tokenizer, "eos_token_id", None)
     windows = pack_windows(sequences, sep, seq_len, max_samples, bos_id(tokenizer) if tokenizer is not None else None)
     if len(windows) == 0:
@@ -298,12 +304,22 @@ def calibration_ids(calibration, tokenizer=None, seq_len: int = 256, max_samples
     return windows
 
 
-def _token_sequences(calibration, tokenizer, text_column: str | None) -> list[list[int]]:
+def _token_sequences(calibration, tokenizer, text_column: str | None, limit: int) -> list[list[int]]:
+    """Token-id sequences of the calibration; dict batches are read until `limit` tokens (enough for the windows)."""
     if _is_dataset(calibration):
         calibration = texts_of_dataset(calibration, text_column, "the calibration dataset")
+    if isinstance(calibration, Mapping):  # one batch, as tokenizer(texts, padding=True) gives it
+        calibration = [calibration]
+    if not isinstance(calibration, (str, Sequence)) and isinstance(calibration, Iterable):
+        items = iter(calibration)  # a generator or a DataLoader: iterated once
+        first = next(items, _NONE)
+        if isinstance(first, Mapping):
+            return _batch_sequences(chain([first], items), limit)
+        calibration = [] if first is _NONE else [first, *items]
     if isinstance(calibration, str) or not isinstance(calibration, Sequence) or not calibration:
         raise DataError("calibration must be a non-empty list of strings, a datasets.Dataset with a text column "
-                        f"({', '.join(PREFERRED_TEXT_COLUMNS[:4])}, ...), token-id sequences or a LongTensor")
+                        f"({', '.join(PREFERRED_TEXT_COLUMNS[:4])}, ...), token-id sequences, batches (dicts with "
+                        "input_ids, e.g. a DataLoader) or a LongTensor")
     if all(isinstance(item, str) for item in calibration):
         if tokenizer is None:
             raise ConfigError("calibration text needs tokenizer= (the model's tokenizer)")
@@ -311,10 +327,71 @@ def _token_sequences(calibration, tokenizer, text_column: str | None) -> list[li
         if not texts:
             raise DataError("the calibration text is empty")
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    if any(isinstance(item, Mapping) for item in calibration):
+        return _batch_sequences(calibration, limit)
     try:
         return [[int(i) for i in (seq.tolist() if isinstance(seq, torch.Tensor) else seq)] for seq in calibration]
     except (TypeError, ValueError):
-        raise DataError("calibration items must all be strings or all be sequences of token ids") from None
+        raise DataError("calibration items must all be strings, all sequences of token ids or all batches (dicts "
+                        "with input_ids)") from None
+
+
+_NONE = object()
+
+
+def _batch_sequences(batches, limit: int) -> list[list[int]]:
+    """The rows of dict batches (input_ids, optional attention_mask; other keys ignored) as their unpadded token ids
+    (where the mask is 1; the whole row without one), empty rows left out, until `limit` tokens are read."""
+    sequences, tokens = [], 0
+    for n, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            got = f"keys {', '.join(map(str, batch))}" if isinstance(batch, Mapping) else type(batch).__name__
+            raise DataError(f"calibration batch {n} has no input_ids ({got}): give dicts with input_ids and "
+                            "attention_mask, as a DataLoader over tokenized data yields them")
+        rows = _int_rows(batch["input_ids"], "input_ids", n)
+        if batch.get("attention_mask") is not None:
+            masks = _int_rows(batch["attention_mask"], "attention_mask", n)
+            if [len(m) for m in masks] != [len(r) for r in rows]:
+                raise DataError(f"calibration batch {n}: attention_mask has shape {_shape(masks)} but input_ids "
+                                f"{_shape(rows)}: give one 0/1 mask value per token id")
+            if any(v not in (0, 1) for m in masks for v in m):
+                raise DataError(f"calibration batch {n}: attention_mask holds values other than 0 and 1")
+            rows = [[t for t, v in zip(row, m) if v] for row, m in zip(rows, masks)]
+        for row in rows:
+            if row:
+                sequences.append(row)
+                tokens += len(row)
+        if tokens >= limit:
+            break
+    return sequences
+
+
+def _int_rows(value, key: str, n: int) -> list[list[int]]:
+    """A batch's `key` (a tensor or array, a list of lists or a list of ints: one row) as rows of non-negative ints."""
+    value = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise DataError(f"calibration batch {n}: {key} must be a tensor or a list of integers (batch x length); "
+                        f"got {type(value).__name__}")
+    value = [row.tolist() if hasattr(row, "tolist") else row for row in value]  # rows given as tensors
+    nested = bool(value) and all(isinstance(row, Sequence) and not isinstance(row, (str, bytes)) for row in value)
+    rows = []
+    for row in value if nested else [value]:
+        ints = []
+        for v in row:
+            try:
+                ints.append(operator.index(v))
+            except TypeError:
+                raise DataError(f"calibration batch {n}: {key} must hold integers (batch x length); found "
+                                f"{type(v).__name__} {one_line(repr(v), 40)}") from None
+        if ints and min(ints) < 0:
+            raise DataError(f"calibration batch {n}: {key} holds a negative value ({min(ints)})")
+        rows.append(ints)
+    return rows
+
+
+def _shape(rows: list[list[int]]) -> str:
+    lengths = sorted({len(row) for row in rows})
+    return f"({len(rows)}, {lengths[0]})" if len(lengths) == 1 else f"({len(rows)} rows of lengths {lengths})"
 
 
 def _is_dataset(value) -> bool:

@@ -229,3 +229,95 @@ def test_refuses_dora_and_other_adapters(tiny_model_dir, calib):
         replace_lora_weights_quailora(four_bit(tiny_model_dir), calib, progress=False)
     with pytest.raises(ConfigError, match="nothing to replace"):
         replace_lora_weights_quailora(lora(tiny_model_dir), calib, "qlora", progress=False)
+
+
+# -- calibration as batches, the way a Trainer's dataloader yields them (issue 22) --------------------------------
+PAD = 7  # a vocabulary token, not the tiny tokenizer's EOS (0): a padded position that leaked in would show
+
+
+def padded(rows, side):
+    """rows padded with PAD to a common length on `side`, as a collator does: (input_ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids, mask = [], []
+    for r in rows:
+        fill = [PAD] * (width - len(r))
+        ids.append(r + fill if side == "right" else fill + r)
+        mask.append([1] * len(r) + [0] * len(fill) if side == "right" else [0] * len(fill) + [1] * len(r))
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+@pytest.fixture(scope="module")
+def token_rows(tiny_model_dir, text_file):
+    """12 token sequences of 10 to 54 ids (384 tokens)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lines = text_file.read_text().splitlines()
+    return [tokenizer(lines[i])["input_ids"][: 10 + 4 * i] for i in range(12)]
+
+
+def test_padded_batches_give_the_windows_and_factors_of_the_plain_tokens(tiny_model_dir, token_rows):
+    from torch.utils.data import DataLoader
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.eos_token_id != PAD and [len(r) for r in token_rows] == list(range(10, 55, 4))
+    right, left = padded(token_rows[:5], "right"), padded(token_rows[5:], "left")
+    batches = [{"input_ids": right[0], "attention_mask": right[1], "labels": right[0]},
+               {"input_ids": left[0].tolist(), "attention_mask": left[1].tolist()}]
+
+    def collate(examples):  # left padding, as a decoder-only collator may do
+        ids, mask = padded([e["input_ids"] for e in examples], "left")
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    loader = DataLoader([{"input_ids": r} for r in token_rows], batch_size=3, collate_fn=collate)
+    plain = quailora_app.api.calibration_ids(token_rows, tokenizer, seq_len=32, max_samples=64)
+    assert plain.shape == (12, 32)  # 384 tokens and 11 EOS between them
+    for calibration in (batches, iter(batches), loader, (b for b in loader)):
+        assert torch.equal(quailora_app.api.calibration_ids(calibration, tokenizer, 32, 64), plain)
+    # the padding, had it been kept, would have changed the windows
+    with_pads = [row for b in batches for row in torch.as_tensor(b["input_ids"]).tolist()]
+    assert not torch.equal(quailora_app.api.calibration_ids(with_pads, tokenizer, 32, 64)[:4], plain[:4])
+    # one batch as the tokenizer gives it; an endless generator is read only as far as the windows need
+    assert torch.equal(quailora_app.api.calibration_ids({"input_ids": right[0], "attention_mask": right[1]},
+                                                        tokenizer, 32, 2), plain[:2])
+    endless = ({"input_ids": right[0], "attention_mask": right[1]} for _ in iter(int, 1))
+    assert quailora_app.api.calibration_ids(endless, tokenizer, 32, 8).shape == (8, 32)
+
+    seen = []
+    for calibration in (token_rows, batches, loader):
+        model = lora(tiny_model_dir, target_modules=["v_proj", "down_proj"])
+        result = replace_lora_weights_quailora(model, calibration, "closed_form", tokenizer=tokenizer, seq_len=32,
+                                               max_samples=8, progress=False)
+        assert result.calibration == {"windows": 8, "seq_len": 32, "tokens": 256}
+        seen.append(factors(model))
+    for other in seen[1:]:
+        assert other.keys() == seen[0].keys()
+        for name, (A, B, _) in other.items():
+            assert torch.equal(A, seen[0][name][0]) and torch.equal(B, seen[0][name][1]), name
+
+
+def test_refuses_bad_batches_in_one_line(tiny_model_dir):
+    from torch.utils.data import DataLoader
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = lora(tiny_model_dir, target_modules=["v_proj"])
+    ids = torch.arange(1, 81).view(2, 40)
+    cases = [
+        ([{"labels": ids}], "calibration batch 0 has no input_ids \\(keys labels\\)"),
+        ([{"input_ids": ids}, [1, 2, 3]], "calibration batch 1 has no input_ids \\(list\\)"),
+        ([{"input_ids": ids, "attention_mask": torch.ones(2, 39, dtype=torch.long)}],
+         "attention_mask has shape \\(2, 39\\) but input_ids \\(2, 40\\)"),
+        ([{"input_ids": [[1, 2, 3], [4, 5]], "attention_mask": [[1, 1, 1], [1, 1, 0]]}],
+         "attention_mask has shape \\(2, 3\\) but input_ids \\(2 rows of lengths \\[2, 3\\]\\)"),
+        ([{"input_ids": ids, "attention_mask": torch.full((2, 40), 2)}], "attention_mask holds values other than 0"),
+        ([{"input_ids": ids.float()}], "input_ids must hold integers \\(batch x length\\); found float 1.0"),
+        ((b for b in [{"input_ids": [["a", "b"]]}]), "input_ids must hold integers .* found str 'a'"),
+        ([{"input_ids": ids - 5}], "input_ids holds a negative value \\(-4\\)"),
+        ([{"input_ids": "some text"}], "input_ids must be a tensor or a list of integers .* got str"),
+        (iter([]), "calibration must be a non-empty list"),
+        (DataLoader([], batch_size=2), "calibration must be a non-empty list"),
+        ([{"input_ids": ids, "attention_mask": torch.zeros(2, 40, dtype=torch.long)}],
+         "holds 0 tokens, fewer than one window of seq_len=32"),
+    ]
+    for calibration, message in cases:
+        with pytest.raises(DataError, match=message) as caught:
+            replace_lora_weights_quailora(model, calibration, tokenizer=tokenizer, seq_len=32, progress=False)
+        assert "\n" not in str(caught.value)
