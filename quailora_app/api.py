@@ -120,6 +120,7 @@ def replace_lora_weights_quailora(
         plan[path] = LayerLoRA(int(layer.r[adapter_name]), float(layer.scaling[adapter_name]))
     if not plan:
         raise ConfigError(f"no LoRA layer of adapter '{adapter_name}' is inside the decoder blocks '{prefix}.<i>'")
+    _warn_if_repacked(layers)
     folder = checkpoint_folder(base, model_path)
     if name == "loftq":
         return _loftq(peft_model, folder, plan, adapter_name, skipped)
@@ -245,6 +246,22 @@ def _lora_layers(peft_model, adapter: str) -> dict[str, LoraLayer]:
                          "BitsAndBytesConfig(load_in_4bit=True) or load_in_8bit=True; QuAILoRA corrects the "
                          "quantization error, which a full-precision base does not have")
     return layers
+
+
+def _warn_if_repacked(layers: Mapping[str, LoraLayer]) -> None:
+    """Say so when bitsandbytes repacked 4-bit layers for its AVX512-BF16 CPU inference kernel (at an earlier forward
+    pass): the initialization fits the Q they compute with, but bitsandbytes 0.50.2 passes no gradient back through
+    a layer in that layout (its gemv_4bit has no autograd kernel), so CPU fine-tuning would silently leave the LoRA
+    factors of the earlier layers untrained."""
+    packed = [p for p, layer in layers.items()
+              if getattr(getattr(layer.get_base_layer().weight, "quant_state", None), "packing_format_for_cpu", False)]
+    if packed:
+        warnings.warn(f"{len(packed)} of {len(layers)} 4-bit layers are in bitsandbytes' CPU inference layout "
+                      f"(repacked at an earlier forward pass, e.g. {packed[0]}): the initialization fits them, but "
+                      "bitsandbytes "
+                      "passes no gradient through that layout, so fine-tuning on the CPU would not train the LoRA "
+                      "factors below them; call quailora_app.keep_cpu_layout(model) right after loading, before any "
+                      "forward pass", stacklevel=3)
 
 
 def checkpoint_folder(model, model_path: str | Path | None = None) -> Path:

@@ -3,6 +3,7 @@ CLI's init gives, honours rank_pattern / alpha_pattern / rsLoRA, leaves the base
 and on a model that already ran forward passes, refuses bad input in one line, and its adapters load and merge
 with plain peft."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -139,9 +140,13 @@ def test_after_forward_passes_the_correction_still_helps(tiny_model_dir, calib, 
         layer = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
         if forward_first and has_avx512bf16():  # the case this test is for
             assert layer.weight.quant_state.packing_format_for_cpu
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             before = (model(input_ids=held_out).logits - target).norm()
             result = replace_lora_weights_quailora(model, calibration, "closed_form", seq_len=32, progress=False)
+        said = [str(w.message) for w in caught if "CPU inference layout" in str(w.message)]
+        assert bool(said) == (forward_first and has_avx512bf16())  # training through that layout gets no gradient
+        with torch.no_grad():
             after = (model(input_ids=held_out).logits - target).norm()
         assert after < 0.9 * before, (forward_first, float(after / before))
         assert result.layers_reset == [] and result.self_check["worst"] < 1.0
