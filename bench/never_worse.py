@@ -84,14 +84,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.manual_seed(0)
             peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank,
                                                           target_modules="all-linear", task_type="CAUSAL_LM"))
-            before = logit_mse(peft_model)
             calibration = calib_texts if form == "texts" else padded_batches(calib_texts[:2000], tokenizer)
             start = time.perf_counter()
             result = replace_lora_weights_quailora(peft_model, calibration, method, tokenizer=tokenizer,
                                                    seq_len=args.seq_len, max_samples=args.calib_samples,
                                                    progress=False)
             seconds = time.perf_counter() - start
-            after = logit_mse(peft_model)
+            after = logit_mse(peft_model)  # (an inference forward: it repacks a model that was not yet)
+            with peft_model.disable_adapter():
+                before = logit_mse(peft_model)  # peft's default start, B = 0: no correction
             check = result.self_check
             row = {"method": method, "double_quant": double_quant, "forward_first": forward_first,
                    "calibration": form, "mse_none": before, "mse_after": after, "ratio": after / before,
