@@ -22,6 +22,7 @@ from torch import nn
 
 from quailora_app.config import ALL_LINEAR
 from quailora_app.engine.checkpoint import Checkpoint
+from quailora_app.engine.quantize import layout_kept
 from quailora_app.errors import Cancelled, ConfigError, ModelError
 
 
@@ -157,15 +158,10 @@ def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int,
     for index, layer in enumerate(layers):
         layer.forward = recorder(index)
     # This pass runs the model's stem (embeddings, and any 4-bit layer before block 0, as OPT-350m's project_in) in
-    # inference mode, where bitsandbytes 0.50 repacks a 4-bit layer for its AVX512-BF16 CPU kernel: that would change
-    # the user's model behind their back, and it crashes on shapes the kernel cannot take (in_features not a multiple
-    # of the block size: a RuntimeError from inside bitsandbytes). The capture leaves every layer's layout as it was.
-    repack = {m: m.support_avx512bf16_for_cpu for m in model.modules()
-              if isinstance(m, bnb.nn.Linear4bit) and hasattr(m, "support_avx512bf16_for_cpu")}
-    for module in repack:
-        module.support_avx512bf16_for_cpu = False
+    # inference mode: layout_kept stops bitsandbytes from repacking those layers, which would change the user's model
+    # behind their back and crashes on shapes its CPU kernel cannot take (in_features not a multiple of the block size).
     try:
-        with torch.no_grad():
+        with torch.no_grad(), layout_kept(model.modules()):
             for start in range(0, len(calib_ids), batch_size):
                 batch.clear()
                 stored.clear()
@@ -184,8 +180,6 @@ def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int,
                 del layer.forward
             else:
                 layer.forward = forward
-        for module, value in repack.items():
-            module.support_avx512bf16_for_cpu = value
     return captured
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
+from contextlib import contextmanager
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
@@ -100,20 +102,29 @@ def dequantized_weight(layer) -> torch.Tensor:
     return F.dequantize_4bit(data, state).float()
 
 
+@contextmanager
+def layout_kept(modules: Iterable[torch.nn.Module]):
+    """Within the block, no 4-bit layer among `modules` is repacked by an inference forward: bitsandbytes 0.50 would
+    otherwise repack it for its AVX512-BF16 CPU kernel (rounding absmax to bfloat16, into a layout it passes no
+    gradient through, and failing on shapes that kernel cannot take). Each layer's setting is restored after."""
+    layers = [m for m in modules
+              if isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True
+
+
 @torch.no_grad()
 def own_product(layer, x: torch.Tensor) -> torch.Tensor:
     """layer(x) in float32: the product Q x (+ bias) the quantized layer really computes, in whichever layout it holds
-    now. Its layout is left as it is: a 4-bit layer still in the plain layout is not repacked by this forward (that
-    would round its absmax to bfloat16 and leave it in an inference-only layout)."""
+    now (a layer still in the plain layout stays in it: `layout_kept`)."""
     layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-    repacks = getattr(layer, "support_avx512bf16_for_cpu", False)
-    if repacks:
-        layer.support_avx512bf16_for_cpu = False
-    try:
+    with layout_kept([layer]):
         return layer(x).float()
-    finally:
-        if repacks:
-            layer.support_avx512bf16_for_cpu = True
 
 
 def requantize_block_size(model, source: ModelSource, quant: QuantConfig) -> None:
