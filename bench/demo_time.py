@@ -231,6 +231,8 @@ def init_stages(folder: Path) -> dict:
     for m in methods:
         if m in seconds:
             stages[f"{m}: math"] = seconds[m]
+    if "self_check" in seconds:
+        stages["self-check (held-out, each layer's own product)"] = seconds["self_check"]
     if "attach" in seconds:
         stages["attach LoRA"] = seconds["attach"]
     cached = report.get("perplexity_cached", {})
