@@ -71,16 +71,8 @@ class SelfCheck:
         return values[len(values) // 2] if values else float("nan")
 
     def summary(self) -> str:
-        where = "held-out" if self.held_out else "calibration (no held-out text was left)"
-        line = (f"{self.method}: self-check on {self.tokens:,} {where} tokens through each layer's own product, "
-                f"median error ratio {self.median:.3f} over {len(self.ratios)} layers")
-        if self.reset:
-            return line + f"; {len(self.reset)} layer(s) worse than no correction reset to B = 0: " + \
-                ", ".join(self.reset[:5]) + (" ..." if len(self.reset) > 5 else "")
-        if self.worse:
-            return line + f"; {len(self.worse)} layer(s) above 1 + {self.tolerance:g} (kept: {self.method} aims at " \
-                          "the whole model, its held-out perplexity judges it)"
-        return line + "; no layer worse"
+        """One line: what the CLI, the app and the flows' log say (`report_lines`)."""
+        return report_lines({self.method: self.record()})[0]
 
     def record(self) -> dict:
         """What report.json keeps (report["self_check"][method])."""
@@ -138,7 +130,7 @@ def measure(model, checkpoint: Checkpoint, check_ids: torch.Tensor, corrections:
 
 
 def self_check(model, checkpoint: Checkpoint, check_ids: torch.Tensor,
-               corrections: Mapping[str, Mapping[str, Factors]], scalings: Mapping[str, float], *,
+               corrections: Mapping[str, dict[str, Factors]], scalings: Mapping[str, float], *,
                device: torch.device, dtype: torch.dtype = torch.float32, held_out: bool = True,
                should_stop: Callable[[], bool] | None = None) -> dict[str, SelfCheck]:
     """Measure every method's corrections (`measure`) and reset, in `corrections` itself, each layer a method
@@ -156,7 +148,7 @@ def self_check(model, checkpoint: Checkpoint, check_ids: torch.Tensor,
             check.reset = check.worse
             factors = corrections[method]
             for path in check.reset:
-                factors[path] = plain_start(factors[path])  # type: ignore[index]
+                factors[path] = plain_start(factors[path])
         checks[method] = check
     return checks
 
@@ -193,7 +185,7 @@ def report_lines(records: Mapping[str, Mapping]) -> list[str]:
     """One line per method from report["self_check"] (method -> SelfCheck.record()): what the CLI and the app say."""
     lines = []
     for method, r in records.items():
-        where = "held-out" if r.get("held_out") else "calibration"
+        where = "held-out" if r.get("held_out") else "calibration (no held-out text was left)"
         line = (f"self-check of {method} ({r['tokens']:,} {where} tokens, each layer's own product): median error "
                 f"ratio {r['median_ratio']:.3f}, worst {r['worst']:.3f}")
         reset, worse = r.get("layers_reset") or [], r.get("layers_worse") or []
@@ -201,9 +193,9 @@ def report_lines(records: Mapping[str, Mapping]) -> list[str]:
             line += (f"; {len(reset)} layer(s) worse than no correction, reset to B = 0: {', '.join(reset[:4])}"
                      + (" ..." if len(reset) > 4 else ""))
         elif worse:
-            line += f"; {len(worse)} layer(s) above 1 + {r['tolerance']:g}, kept (judged by held-out perplexity)"
+            line += (f"; {len(worse)} layer(s) above 1 + {r['tolerance']:g}, kept ({method} aims at the whole model: "
+                     "its held-out perplexity judges it)")
         else:
             line += "; no layer worse"
         lines.append(line)
     return lines
-
