@@ -40,25 +40,8 @@ def tiny_tokenizer():
 def save_tiny_llama(folder: Path, *, hidden: int = 64, intermediate: int = 128, layers: int = 2, seed: int = 0) -> Path:
     """A random Llama from a config, saved as safetensors with a tokenizer: a complete local model folder.
 
-    Weights are scaled up a little so 4-bit quantization error is visible in perplexity.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    Weights are scaled up a little so 4-bit quantization error is visible in perplexity (save_tiny_family)."""
+    return save_tiny_family("llama", folder, hidden=hidden, intermediate=intermediate, layers=layers, seed=seed)
 
 
 def free_port() -> int:
