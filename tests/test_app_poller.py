@@ -111,3 +111,42 @@ def test_progress_says_the_time_left_in_the_stage_from_its_measured_rate():
                 events=[{"kind": "stage", "stage": "train", "time": 2000.0}, *steps])
     assert time_left(train, 4, 20, now=2040.0) == " · about 3 min left in this stage"
     assert "left in this stage" in _train_progress(train)[1]
+
+
+def test_status_calls_build_each_figure_once_per_new_event(monkeypatch):
+    """/init_status and /train_status (what an API client polls) hand back the figures already built while nothing
+    new arrived: each is built once per new event, however often it is asked for."""
+    from quailora_app.app import presenters
+    from quailora_app.plots import figures as F
+
+    monkeypatch.setattr(presenters, "DRAWN", presenters.DrawnFigures())
+    built = {"layers": 0, "curves": 0}
+    layer_figure, train_figure = F.layer_error_figure, F.train_figure
+    monkeypatch.setattr(F, "layer_error_figure", lambda *a: built.__setitem__("layers", built["layers"] + 1)
+                        or layer_figure(*a))
+    monkeypatch.setattr(F, "train_figure", lambda *a: built.__setitem__("curves", built["curves"] + 1)
+                        or train_figure(*a))
+    job = init_job(events=[{"kind": "layer", "module": "model.layers.0.mlp.down_proj", "block": 0,
+                            "calibrated_error": {"qlora": 1.0, "svd": 0.5}, "weight_error": {"qlora": 1.0}}])
+    train = Job(id="t1", kind="train", owner="alice", config=None, status=RUNNING, started=0.0, stage="train")
+    studio = Studio(Manager(job, train), (1, 2))
+    alice = {"owner": "alice"}
+    first = studio.init_status(alice, "j1")
+    for _ in range(5):
+        job.version += 1  # log lines, progress: nothing the figures read
+        again = studio.init_status(alice, "j1")
+        assert again[2] is first[2]  # the same figure object, not rebuilt
+    assert built["layers"] == 1
+    job.events.append({"kind": "layer", "module": "model.layers.0.mlp.up_proj", "block": 0,
+                       "calibrated_error": {"qlora": 1.0, "svd": 0.4}, "weight_error": {"qlora": 1.0}})
+    assert studio.init_status(alice, "j1")[2] is not first[2] and built["layers"] == 2
+    job.status = FINISHED  # a new status is drawn afresh (from the report when there is one)
+    studio.init_status(alice, "j1")
+    assert built["layers"] == 3
+    for _ in range(3):
+        studio.train_status(alice, "t1")
+    train.events.append({"kind": "eval", "arm": "qlora4", "step": 0, "val_perplexity": 20.0})
+    studio.train_status(alice, "t1")
+    assert built["curves"] == 2
+    other = Job(id="", kind="init", owner="", config=None, status=FINISHED, run_dir="/elsewhere", events=job.events)
+    assert presenters.init_views(other, None)["layers"] is not presenters.init_views(job, None)["layers"]

@@ -6,9 +6,12 @@ from __future__ import annotations
 import html
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 import warnings
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -183,29 +186,74 @@ def _note(report: dict | None, model_name: str) -> str:
     return f"**About this model:** {note}" if note else ""
 
 
+class DrawnFigures:
+    """The figures and tables last built from each job, keyed by what they are built from (the job and its run
+    folder, its status, whether its report is in, the part, how many of the events that part reads): a status call
+    with nothing new for a part hands back the one already built, so each is built once per new event however often
+    the page or an API client polls. Bounded: the `size` most recent entries (a figure of 200 layers is ~100 KB)."""
+
+    def __init__(self, size: int = 24):
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = build()  # outside the lock: another job's poll need not wait for this figure
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+
+DRAWN = DrawnFigures()
+
+
+def _event_counts(events: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in events:
+        kind = e.get("kind", "")
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def init_views(job: Job | None, manager: JobManager,
                parts=("layers", "heatmap", "perplexity", "accuracy")) -> dict[str, Any]:
     events = job.events if job else []
     report = report_of(job)
     source = report if report and report.get("layers") else events
+    n = _event_counts(events)
+    base = (job.id, job.run_dir, job.status, report is not None) if job else (None, None, None, False)
+    layers, metrics = n.get("layer", 0), n.get("metric", 0)
     out: dict[str, Any] = {}
     if "layers" in parts:
         n_blocks = job.total if job and job.stage == "calibrate" and job.total else None
-        out["layers"] = F.layer_error_figure(source, n_blocks)
-    if "heatmap" in parts:
-        out["heatmap"] = F.init_heatmap(source, "quailora")  # with the budget method's ranks when it ran
+        out["layers"] = DRAWN.get((*base, "layers", layers, n_blocks),
+                                  lambda: F.layer_error_figure(source, n_blocks))
+    if "heatmap" in parts:  # with the budget method's ranks when it ran
+        out["heatmap"] = DRAWN.get((*base, "heatmap", layers), lambda: F.init_heatmap(source, "quailora"))
     methods = list(getattr(job.config, "methods", ()) or ()) if job else []
     if "perplexity" in parts:
-        out["perplexity"] = F.perplexity_figure(report if report and report.get("perplexity") else events, methods)
+        scored = report if report and report.get("perplexity") else events
+        out["perplexity"] = DRAWN.get((*base, "perplexity", metrics), lambda: F.perplexity_figure(scored, methods))
     if "accuracy" in parts:  # downstream accuracy with Wilson intervals (an empty panel when accuracy is off)
-        scored = report if report and report.get("accuracy") else events
-        out["accuracy"] = F.accuracy_figure(scored, methods)
-        out["accuracy_shown"] = bool(F.accuracies_from(scored))
+        scored_acc = report if report and report.get("accuracy") else events
+        out["accuracy"], out["accuracy_shown"] = DRAWN.get(
+            (*base, "accuracy", metrics),
+            lambda: (F.accuracy_figure(scored_acc, methods), bool(F.accuracies_from(scored_acc))))
     if report:
-        out["numbers"] = pd.DataFrame(F.numbers_table(report), columns=F.NUMBERS_HEADER)
+        out["numbers"] = DRAWN.get((*base, "numbers"), lambda: pd.DataFrame(F.numbers_table(report),
+                                                                            columns=F.NUMBERS_HEADER))
     else:
-        live = {"layers": F.layers_from(events), "perplexity": F.perplexities_from(events), "methods": methods}
-        out["numbers"] = pd.DataFrame(F.numbers_table(live), columns=F.NUMBERS_HEADER)
+        def live_numbers() -> pd.DataFrame:
+            live = {"layers": F.layers_from(events), "perplexity": F.perplexities_from(events), "methods": methods}
+            return pd.DataFrame(F.numbers_table(live), columns=F.NUMBERS_HEADER)
+
+        out["numbers"] = DRAWN.get((*base, "numbers", layers, metrics), live_numbers)
     out["report"] = report
     model = getattr(getattr(job, "config", None), "model", ModelConfig()).model if job else "embedded"
     out["note"] = _note(report, model)
@@ -392,18 +440,25 @@ def run_outputs(run: ReopenedRun, manager: JobManager, owner: str | None = None)
     return out
 
 
+def _train_key(job: Job | None, part: str) -> tuple:
+    """What a fine-tuning figure is built from: the job, its status and how many events it has (DrawnFigures)."""
+    return (job.id, job.run_dir, job.status, part, len(job.events)) if job else (None, None, None, part, 0)
+
+
 def train_accuracy(job: Job | None) -> tuple[Any, bool]:
     """(the arms' downstream accuracy at each evaluation, figure; whether the run scores any)."""
     arms = list(getattr(job.config, "arms", ()) or ()) if job else []
     events = job.events if job else []
-    return F.train_accuracy_figure(events, arms), bool(F.train_accuracies_from(events))
+    return DRAWN.get(_train_key(job, "accuracy"), lambda: (F.train_accuracy_figure(events, arms),
+                                                           bool(F.train_accuracies_from(events))))
 
 
 def train_outputs(job: Job | None) -> tuple[Any, pd.DataFrame]:
     """(curves figure, speed and memory table) of a fine-tuning job."""
     arms = list(getattr(job.config, "arms", ()) or ()) if job else []
     events = job.events if job else []
-    return F.train_figure(events, arms), pd.DataFrame(F.train_table(events, arms), columns=F.TRAIN_HEADER)
+    return DRAWN.get(_train_key(job, "curves"), lambda: (
+        F.train_figure(events, arms), pd.DataFrame(F.train_table(events, arms), columns=F.TRAIN_HEADER)))
 
 
 def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[str, Any]:
