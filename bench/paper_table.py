@@ -34,7 +34,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -132,12 +131,6 @@ def init_config(args, model: str, text: str, rank: int, main: bool, out: Path) -
                       accuracy=acc, out=str(out))
 
 
-def train_has_accuracy() -> bool:
-    """True when the train flow takes accuracy settings (issue 14 item 1, in progress elsewhere)."""
-    names = {f.name for f in fields(TrainConfig)}
-    return "accuracy" in names or "accuracy_tasks" in settings(TrainConfig)
-
-
 def init_setting(args, model: str, text: str, rank: int, main: bool, work: Path) -> dict:
     tag = f"{model.replace(':', '-')}_{text.replace(':', '-')}_r{rank}"
     start = time.perf_counter()
@@ -181,7 +174,7 @@ def train_setting(args, record: dict, work: Path) -> dict:
         out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = dict(arms=arms, steps=args.steps, batch_size=args.batch_size, eval_every=args.steps,
                      learning_rate=args.lr, out=str(out))
-    accuracy_in_train = train_has_accuracy() and not args.no_accuracy and not args.no_train_accuracy
+    accuracy_in_train = not args.no_accuracy and not args.no_train_accuracy
     if accuracy_in_train:  # the init run's tasks and item counts (inherited; named here to be plain)
         overrides.update(accuracy_tasks=accuracy_tasks(args, record["text"]))
     elif "accuracy_tasks" in settings(TrainConfig):
@@ -441,7 +434,7 @@ def main(argv=None) -> int:
                                                   "lr")}
     the_settings.update(arms=[a for a in args.arms if not (a == "distill4" and args.no_distill)],
                         accuracy=not args.no_accuracy, distill=not args.no_distill, quick=args.quick,
-                        train_accuracy=train_has_accuracy() and not (args.no_accuracy or args.no_train_accuracy))
+                        train_accuracy=not (args.no_accuracy or args.no_train_accuracy))
     result = {"command": "python bench/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "settings": the_settings, "machine": machine(), "runs": [], "load_average": [], "seconds": 0.0}
     if args.resume and Path(args.json).exists():

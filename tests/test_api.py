@@ -1,4 +1,4 @@
-"""The public API on a user's own PeftModel (issue 12): `replace_lora_weights_quailora` gives the factors the
+"""The public API on a user's own PeftModel: `replace_lora_weights_quailora` gives the factors the
 CLI's init gives, honours rank_pattern / alpha_pattern / rsLoRA, leaves the base untouched, works on 8-bit bases
 and on a model that already ran forward passes, refuses bad input in one line, and its adapters load and merge
 with plain peft."""
@@ -244,7 +244,7 @@ def test_refuses_dora_and_other_adapters(tiny_model_dir, calib):
         replace_lora_weights_quailora(lora(tiny_model_dir), calib, "qlora", progress=False)
 
 
-# -- calibration as batches, the way a Trainer's dataloader yields them (issue 22) --------------------------------
+# -- calibration as batches, the way a Trainer's dataloader yields them ----------------------------------------
 PAD = 7  # a vocabulary token, not the tiny tokenizer's EOS (0): a padded position that leaked in would show
 
 

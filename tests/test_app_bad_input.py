@@ -1,4 +1,4 @@
-"""Bad input through the web app (issue 6, item 1, UI side): every case is answered with one clear line, either
+"""Bad input through the web app, UI side: every case is answered with one clear line, either
 as the form's error (settings refused before a job starts) or as the job's failed status, never a traceback;
 and the app still runs a good job afterwards. One launched app serves every case, in one session."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bad input (issue 6, item 1), engine side: every case ends `python -m quailora_app init|train` early with a
+"""Bad input, engine side: every case ends `python -m quailora_app init|train` early with a
 non-zero exit, exactly one `error:` line naming the reason, and no traceback. Plus the memory estimate, the
 NaN/Inf check and the trust_remote_code rule on their own."""
 import json

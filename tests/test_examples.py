@@ -1,4 +1,4 @@
-"""The Trainer and TRL examples (issue 12): each runs 2 steps on the tiny Llama with finite losses, starts from the
+"""The Trainer and TRL examples: each runs 2 steps on the tiny Llama with finite losses, starts from the
 step-0 held-out perplexity that the init report gives for the same settings, and saves an adapter that plain
 `PeftModel.from_pretrained` loads onto a fresh 4-bit base, giving the perplexity the example ended with."""
 import importlib.util

@@ -1,4 +1,4 @@
-"""The init across model families (issue 22, item 5): for each family of tests/helpers.py TINY_FAMILIES, built tiny
+"""The init across model families: for each family of tests/helpers.py TINY_FAMILIES, built tiny
 from its config (random weights), loaded in 4-bit the way a user does (nf4, double quantization off, one evaluation
 forward first: bitsandbytes repacks the layers there on AVX512-BF16 CPUs), the API initializes every LoRA layer in
 the decoder blocks and the held-out logit error to the float32 model falls; the init flow runs on families whose

@@ -1,4 +1,4 @@
-"""`distill`: a short model-level refinement of the closed form (issue 13, direction c).
+"""`distill`: a short model-level refinement of the closed form (DESIGN.md, "Model-level refinement").
 
 The per-layer methods each minimize one layer's calibrated error tr((E - C) H (E - C)^T), every other layer held at
 full precision. The adapter serves the whole 4-bit model, where the layers' remaining errors add up and interact
