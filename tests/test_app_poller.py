@@ -150,3 +150,14 @@ def test_status_calls_build_each_figure_once_per_new_event(monkeypatch):
     assert built["curves"] == 2
     other = Job(id="", kind="init", owner="", config=None, status=FINISHED, run_dir="/elsewhere", events=job.events)
     assert presenters.init_views(other, None)["layers"] is not presenters.init_views(job, None)["layers"]
+
+
+def test_a_job_with_neither_id_nor_run_folder_is_never_served_another_ones_figure():
+    from quailora_app.app.presenters import DrawnFigures
+
+    drawn, calls = DrawnFigures(), []
+    for _ in range(2):
+        drawn.get(("", None, "finished", "layers", 1), lambda: calls.append(1))
+    drawn.get(("", "/runs/a", "finished", "layers", 1), lambda: calls.append(2))
+    drawn.get(("", "/runs/a", "finished", "layers", 1), lambda: calls.append(3))
+    assert calls == [1, 1, 2]

@@ -81,3 +81,35 @@ def local_imports_without_reason(path: Path) -> list[str]:
 def test_imports_inside_functions_say_why():
     missing = [line for path in sorted(PACKAGE.rglob("*.py")) for line in local_imports_without_reason(path)]
     assert missing == []
+
+
+def private_uses(tree: ast.AST) -> list[str]:
+    """`from quailora_app.x import _name` and `alias._name` where alias is a module of the package: another module's
+    private name (dunders aside)."""
+    found, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("quailora_app"):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"from {node.module} import {alias.name}")
+                elif (PACKAGE.parent / (node.module.replace(".", "/") + "/" + alias.name + ".py")).is_file():
+                    modules.add(alias.asname or alias.name)  # a module imported by name: `from pkg import mod as M`
+        elif isinstance(node, ast.Import):
+            modules.update(a.asname or a.name for a in node.names if a.name.startswith("quailora_app"))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in modules):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_private_uses_are_found():
+    tree = ast.parse("from quailora_app.sources.data import _read, ok\nfrom quailora_app.plots import figures as F\n"
+                     "F._median([1])\nF.median([1])\n")
+    assert private_uses(tree) == ["from quailora_app.sources.data import _read", "F._median"]
+
+
+def test_no_module_uses_another_modules_private_names():
+    offenders = {str(path.relative_to(ROOT)): uses for path in sorted(PACKAGE.rglob("*.py"))
+                 if (uses := private_uses(ast.parse(path.read_text())))}
+    assert not offenders, offenders

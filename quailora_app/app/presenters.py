@@ -198,6 +198,10 @@ class DrawnFigures:
         self._lock = threading.Lock()
 
     def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """The value drawn for `key`, built by `build()` when there is none yet. A key whose job has neither an id
+        nor a run folder (key[0] and key[1] empty) names no job for sure: built afresh, never kept."""
+        if not (key[0] or key[1]):
+            return build()
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -211,6 +215,12 @@ class DrawnFigures:
 
 
 DRAWN = DrawnFigures()
+
+
+def _job_key(job) -> tuple:
+    """Which job a drawn figure belongs to: its id, run folder and status (a reopened run's id is empty; without
+    either, DrawnFigures does not keep the figure)."""
+    return tuple(getattr(job, name, None) for name in ("id", "run_dir", "status"))
 
 
 def _event_counts(events: list[dict]) -> dict[str, int]:
@@ -227,7 +237,7 @@ def init_views(job: Job | None, manager: JobManager,
     report = report_of(job)
     source = report if report and report.get("layers") else events
     n = _event_counts(events)
-    base = (job.id, job.run_dir, job.status, report is not None) if job else (None, None, None, False)
+    base = (*_job_key(job), report is not None)
     layers, metrics = n.get("layer", 0), n.get("metric", 0)
     out: dict[str, Any] = {}
     if "layers" in parts:
@@ -330,7 +340,7 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
                 continue
             gap = (report.get("gap_closed") or {}).get(m)
             errs = [r["calibrated_error"][m] for r in report.get("layers", []) if m in r.get("calibrated_error", {})]
-            err = F._median(errs)
+            err = F.median(errs)
             lines.append(f"- {F.label(m)}: perplexity {ppl[m]:.2f}"
                          + (f", closes {100 * gap:.0f}% of the 4-bit→8-bit gap" if gap is not None else "")
                          + (f"; median layer keeps {100 * err:.0f}% of QLoRA's activation error"
@@ -350,7 +360,7 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
         if report.get("model_note"):
             lines.append(f"- Note on the model: {report['model_note']}")
     if train_job is not None:
-        finished = [e for e in train_job.events if F._is_arm_finished(e)]
+        finished = [e for e in train_job.events if F.is_arm_finished(e)]
         state = {CANCELLED: "stopped by the user"}.get(train_job.status, train_job.status)
         lines.append(f"\n**Fine-tuning** ({state}), perplexity on the held-out text:\n")
         for e in finished:
@@ -442,7 +452,7 @@ def run_outputs(run: ReopenedRun, manager: JobManager, owner: str | None = None)
 
 def _train_key(job: Job | None, part: str) -> tuple:
     """What a fine-tuning figure is built from: the job, its status and how many events it has (DrawnFigures)."""
-    return (job.id, job.run_dir, job.status, part, len(job.events)) if job else (None, None, None, part, 0)
+    return (*_job_key(job), part, len(job.events) if job else 0)
 
 
 def train_accuracy(job: Job | None) -> tuple[Any, bool]:

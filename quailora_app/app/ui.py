@@ -510,7 +510,7 @@ def _count_init(job: Job) -> dict[str, int]:
 def _count_train(job: Job) -> dict[str, int]:
     return {"points": sum(1 for e in job.events
                           if e.get("kind") in ("train_step", "eval", "eval_accuracy", "metric")
-                          or F._is_arm_finished(e))}
+                          or F.is_arm_finished(e))}
 
 
 # ------------------------------------------------------------------------------------------------ sections (layout)

@@ -84,14 +84,14 @@ class _BlockInputsCaught(Exception):
 STORE = torch.device("cpu")
 
 
-def _moved(value, device: torch.device):
+def moved(value, device: torch.device):
     """`value` with every tensor inside (nested tuples, lists, dicts) moved to `device`."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (tuple, list)):
-        return type(value)(_moved(v, device) for v in value)
+        return type(value)(moved(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _moved(v, device) for k, v in value.items()}
+        return {k: moved(v, device) for k, v in value.items()}
     return value
 
 
@@ -263,7 +263,8 @@ class HessianAccumulator:
             handle.remove()
 
 
-def _block_output(out) -> torch.Tensor:
+def block_output(out) -> torch.Tensor:
+    """The hidden states a decoder block returns (its first output when it returns a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -306,8 +307,8 @@ def calibrate_blocks(
         with torch.no_grad():
             for hidden, kwargs in inputs:
                 hooks.new_pass()
-                out = block(hidden.to(device=device, dtype=dtype), **_moved(for_block(kwargs, index), device))
-                outputs.append((_block_output(out).detach().to(STORE), kwargs))
+                out = block(hidden.to(device=device, dtype=dtype), **moved(for_block(kwargs, index), device))
+                outputs.append((block_output(out).detach().to(STORE), kwargs))
                 del out
         hooks.remove()
         if reduce_sums is not None:

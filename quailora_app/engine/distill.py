@@ -230,13 +230,13 @@ def full_precision_hidden(model, checkpoint, calib_ids: torch.Tensor, device: to
     # here, not at the top: see build()
     from quailora_app.engine.calibrate import (
         STORE,
-        _block_output,
-        _moved,
+        block_output,
         build_full_precision_block,
         calibration_batch_size,
         capture_block_inputs,
         decoder_layers,
         for_block,
+        moved,
     )
 
     _, layers = decoder_layers(model)
@@ -247,8 +247,8 @@ def full_precision_hidden(model, checkpoint, calib_ids: torch.Tensor, device: to
             if should_stop is not None and should_stop():
                 raise Cancelled(f"stopped during distill's full-precision pass at block {index} of {len(layers)}")
             block = build_full_precision_block(model, index, checkpoint, device, dtype)
-            states = [(_block_output(block(hidden.to(device=device, dtype=dtype),
-                                                **_moved(for_block(kwargs, index), device)))
+            states = [(block_output(block(hidden.to(device=device, dtype=dtype),
+                                                **moved(for_block(kwargs, index), device)))
                        .detach().to(STORE), kwargs) for hidden, kwargs in states]
             del block
             if device.type == "cuda":
@@ -303,11 +303,11 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.
 def _last_hidden(model) -> Iterator[list[torch.Tensor]]:
     """Catches the output of the model's last decoder block (its last hidden state) during a forward pass."""
     # here, not at the top: see build()
-    from quailora_app.engine.calibrate import _block_output, decoder_layers
+    from quailora_app.engine.calibrate import block_output, decoder_layers
 
     caught: list[torch.Tensor] = []
     handle = decoder_layers(model)[1][-1].register_forward_hook(
-        lambda _module, _args, out: caught.append(_block_output(out).detach()))
+        lambda _module, _args, out: caught.append(block_output(out).detach()))
     try:
         yield caught
     finally:

@@ -18,7 +18,7 @@ from transformers import BitsAndBytesConfig
 from quailora_app.config import QuantConfig
 from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.errors import ModelError
-from quailora_app.sources.models import ModelSource, _load
+from quailora_app.sources.models import ModelSource, load_model
 
 
 def bnb_4bit_config(quant: QuantConfig, compute_dtype: torch.dtype):
@@ -147,7 +147,7 @@ def requantize_block_size(model, source: ModelSource, quant: QuantConfig) -> Non
 def load_4bit(source: ModelSource, quant: QuantConfig, device: torch.device, compute_dtype: torch.dtype):
     """The QLoRA base: NF4/FP4 linear layers, everything else in float32 (CPU) or the compute dtype (CUDA)."""
     holding_dtype = torch.float32 if device.type == "cpu" else compute_dtype
-    model = _load(source, device, quantization_config=bnb_4bit_config(quant, compute_dtype), dtype=holding_dtype)
+    model = load_model(source, device, quantization_config=bnb_4bit_config(quant, compute_dtype), dtype=holding_dtype)
     if not linear4bit_modules(model):
         raise ModelError(f"model '{source.name}' has no linear layers bitsandbytes could quantize")
     if quant.block_size != 64:
@@ -164,4 +164,5 @@ def int8_dtype(device: torch.device) -> torch.dtype:
 def load_8bit(source: ModelSource, device: torch.device):
     """LLM.int8 (bitsandbytes 8-bit), the comparison arm QLoRA's 4-bit tries to match."""
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-    return _load(source, device, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=int8_dtype(device))
+    return load_model(source, device, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                      dtype=int8_dtype(device))

@@ -214,10 +214,6 @@ def input_of(block: nn.Module, module: nn.Module, hidden: Tensor, kwargs: dict,
     return caught[0], (other[0] if other else None)
 
 
-def _block_output(out) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def forward_groups(block: nn.Module, names: Sequence[str], hidden: Tensor, kwargs: dict) -> list[list[str]]:
     """The block's layers `names` grouped by the tensor they read (q/k/v one group, gate/up one), the groups in the
     order the forward pass reaches them (from one pass over `hidden`)."""
@@ -254,6 +250,8 @@ def residual_writers(block: nn.Module, hidden: Tensor, kwargs: dict) -> dict[str
     """Which of RESIDUAL_WRITERS this block adds to its residual stream as a pre-norm decoder block does
     (h1 = h + o_proj(...), out = h1 + down_proj(...), h1 the input of post_attention_layernorm), checked on one
     forward pass over `hidden`: {layer: where its stream is read} for those that do."""
+    from quailora_app.engine.calibrate import block_output  # here, not at the top: see build()
+
     modules = dict(block.named_modules())
     norm = RESIDUAL_WRITERS["mlp.down_proj"]
     if not all(name in modules for name in (*RESIDUAL_WRITERS, norm)):
@@ -269,7 +267,7 @@ def residual_writers(block: nn.Module, hidden: Tensor, kwargs: dict) -> dict[str
                modules["mlp.down_proj"].register_forward_hook(keep("down", True)),
                modules[norm].register_forward_pre_hook(keep("h1", False))]
     try:
-        out = _block_output(block(hidden, **kwargs)).detach()
+        out = block_output(block(hidden, **kwargs)).detach()
     finally:
         for handle in handles:
             handle.remove()
@@ -371,12 +369,12 @@ def build(ctx: ModelContext) -> ModelInit:
     # (which plan, adapters and calibrate import) is itself still loading
     from quailora_app.engine.calibrate import (
         STORE,
-        _moved,
         build_full_precision_block,
         calibration_batch_size,
         capture_block_inputs,
         decoder_layers,
         for_block,
+        moved,
     )
     from quailora_app.engine.plan import ModelInit, split_path  # (the same reason)
 
@@ -410,7 +408,7 @@ def build(ctx: ModelContext) -> ModelInit:
             writers: dict[str, str] = {}
             if names and residual:
                 writers = residual_writers(fp_block, full[0].to(device=device, dtype=dtype),
-                                           _moved(kwargs[0], device))
+                                           moved(kwargs[0], device))
             corrected = CorrectedBlock(q_block, names)
             probes = (Probe(fp_block, names, writers), Probe(q_block, names, writers))
             try:
@@ -420,7 +418,7 @@ def build(ctx: ModelContext) -> ModelInit:
                     _fit_block(ctx, f"{prefix}.{index}", fp_block, q_block, names, writers, full, fixed, kwargs,
                                corrected, fits)
                 full, fixed, plain, sums = _advance(fp_block, q_block, full, fixed, plain, kwargs, corrected, probes,
-                                                    device, dtype, _moved, STORE)
+                                                    device, dtype, moved, STORE)
             finally:
                 corrected.remove()
                 for probe in probes:
@@ -456,20 +454,20 @@ def _fit_block(ctx: ModelContext, block_path: str, fp_block: nn.Module, q_block:
     target includes the residual stream's error."""
     # here, not at the top: see build()
     from quailora_app.engine.adapters import Factors
-    from quailora_app.engine.calibrate import _moved  # (the same reason)
+    from quailora_app.engine.calibrate import moved  # (the same reason)
     from quailora_app.engine.initialize import one_cpu_thread  # (the same reason)
     from quailora_app.engine.quantize import dequantized_weight  # (the same reason)
 
     device, dtype = ctx.device, ctx.calib_dtype
     fp_modules, q_modules = dict(fp_block.named_modules()), dict(q_block.named_modules())
-    groups = forward_groups(fp_block, names, full[0].to(device=device, dtype=dtype), _moved(kwargs[0], device))
+    groups = forward_groups(fp_block, names, full[0].to(device=device, dtype=dtype), moved(kwargs[0], device))
     for group in groups:
         moments = Moments()
         leader = group[0]
         # a residual writer reads a tensor of its own (o_proj, down_proj): its group is itself
         stream_at = writers.get(leader) if len(group) == 1 else None
         for hidden_full, hidden_fixed, kw in zip(full, fixed, kwargs):
-            kw = _moved(kw, device)
+            kw = moved(kw, device)
             h_full, h_fixed = hidden_full.to(device=device, dtype=dtype), hidden_fixed.to(device)
             x, h1 = input_of(fp_block, fp_modules[leader], h_full, kw, fp_modules[stream_at] if stream_at else None)
             x_tilde, h1_tilde = input_of(q_block, q_modules[leader], h_fixed, kw,
@@ -508,6 +506,8 @@ def _advance(fp_block, q_block, full, fixed, plain, kwargs, corrected: Corrected
     """Every stream through its block i (all of the block's corrections in place in the corrected stream), giving
     block i+1's inputs, and the report's sums: {(True, name): sum ||v_full - v_corrected||^2, (False, name): the
     same for the plain stream}, v what the target layer `name` aims at (Probe)."""
+    from quailora_app.engine.calibrate import block_output  # here, not at the top: see build()
+
     fp_probe, q_probe = probes
     new_full, new_fixed, new_plain = [], [], []
     sums: dict[tuple[bool, str], Tensor] = {}
@@ -515,7 +515,7 @@ def _advance(fp_block, q_block, full, fixed, plain, kwargs, corrected: Corrected
     for b, kw in enumerate(kwargs):
         kw = moved(kw, device)
         fp_probe.values = {}
-        out = _block_output(fp_block(full[b].to(device=device, dtype=dtype), **kw)).detach()
+        out = block_output(fp_block(full[b].to(device=device, dtype=dtype), **kw)).detach()
         fp_probe.values[BLOCK_OUTPUT] = out
         new_full.append(out.to(store))
         reference = fp_probe.values
@@ -524,7 +524,7 @@ def _advance(fp_block, q_block, full, fixed, plain, kwargs, corrected: Corrected
                 break
             corrected.apply = applied
             q_probe.values = {}
-            out = _block_output(q_block(stream[b].to(device), **kw)).detach()
+            out = block_output(q_block(stream[b].to(device), **kw)).detach()
             q_probe.values[BLOCK_OUTPUT] = out
             new.append(out.to(store))
             for name, key in q_probe.point.items():

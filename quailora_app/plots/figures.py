@@ -373,7 +373,8 @@ def accuracy_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] 
     return _layout(fig, title, 420, legend_rows=len(names))
 
 
-def _median(values: Sequence[float]) -> float | None:
+def median(values: Sequence[float]) -> float | None:
+    """The median of the values that are not None (None when there are none)."""
     values = sorted(v for v in values if v is not None)
     if not values:
         return None
@@ -395,8 +396,8 @@ def numbers_table(report: Mapping) -> list[list]:
     for name in dict.fromkeys(["full", "int8", *methods]):
         if name in ("full", "int8") and name not in ppl:
             continue
-        calib = _median([r["calibrated_error"].get(name) for r in layers if name in r.get("calibrated_error", {})])
-        weight = _median([r["weight_error"].get(name) for r in layers if name in r.get("weight_error", {})])
+        calib = median([r["calibrated_error"].get(name) for r in layers if name in r.get("calibrated_error", {})])
+        weight = median([r["weight_error"].get(name) for r in layers if name in r.get("weight_error", {})])
         gap8 = (report.get("gap_closed") or {}).get(name, _gap(ppl, name, "int8"))
         gapf = (report.get("gap_closed_full") or {}).get(name, _gap(ppl, name, "full"))
         if name in ("full", "int8", "qlora"):
@@ -422,7 +423,8 @@ def ema(values: Sequence[float], alpha: float = 0.3) -> list[float]:
     return out
 
 
-def _is_arm_finished(e: Mapping) -> bool:
+def is_arm_finished(e: Mapping) -> bool:
+    """Whether event `e` (a dict) is a fine-tuning arm's end."""
     return "final_perplexity" in e and "arm" in e
 
 
@@ -533,7 +535,7 @@ def train_table(events: Sequence[Mapping], arms: Sequence[str] | None = None) ->
         steps = [e for e in events if e.get("kind") == "train_step" and e.get("arm") == arm]
         evals = [e["val_perplexity"] for e in events if e.get("kind") == "eval" and e.get("arm") == arm
                  and e.get("val_perplexity") is not None]
-        done = next((e for e in events if _is_arm_finished(e) and e.get("arm") == arm), None)
+        done = next((e for e in events if is_arm_finished(e) and e.get("arm") == arm), None)
         recent = [e["tokens_per_s"] for e in steps[-5:] if e.get("tokens_per_s")]
         last = steps[-1] if steps else {}
         peak = max((e.get("memory_bytes") or 0 for e in steps), default=0)

@@ -109,7 +109,7 @@ def _scattertext_version() -> str:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _short_reason(exc: BaseException) -> str:
+def short_reason(exc: BaseException) -> str:
     """The innermost cause of a (datasets / pyarrow / pandas) exception as one short line."""
     seen = set()
     while id(exc) not in seen:
@@ -124,7 +124,7 @@ def _short_reason(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_datasets():
+def quiet_datasets():
     """Silence datasets' progress bars and info logs for the duration of a load."""
     bars_were_on = datasets.is_progress_bar_enabled()
     verbosity = ds_logging.get_verbosity()
@@ -150,7 +150,7 @@ def format_of(name: str | Path) -> tuple[str | None, str, str | None, str]:
     return (None if compression and fmt == "parquet" else fmt), ext, compression, written
 
 
-def _file_format(path: Path) -> tuple[str, str | None]:
+def file_format(path: Path) -> tuple[str, str | None]:
     """(datasets builder, compression suffix or None) for a local file, or DataError if unsupported."""
     fmt, _ext, compression, written = format_of(path)
     if fmt is None:
@@ -158,7 +158,7 @@ def _file_format(path: Path) -> tuple[str, str | None]:
     return fmt, compression
 
 
-def _read_utf8(path: Path, compression: str | None, max_bytes: int, keep: bool) -> str | None:
+def read_utf8(path: Path, compression: str | None, max_bytes: int, keep: bool) -> str | None:
     """Check that a (possibly compressed) file is UTF-8 text; return the text when `keep`."""
     opener = _COMPRESSIONS[compression] if compression else open
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
@@ -193,7 +193,7 @@ def _read_utf8(path: Path, compression: str | None, max_bytes: int, keep: bool) 
         raise
     except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
         what = f"a valid {compression} file" if compression else "readable"
-        raise DataError(f"{path.name} is not {what}: {_short_reason(e)}") from None
+        raise DataError(f"{path.name} is not {what}: {short_reason(e)}") from None
     text = "".join(parts) if keep else None
     if text is not None and text.startswith("\ufeff"):
         text = text[1:]
@@ -210,11 +210,11 @@ def _split_documents(text: str) -> list[str]:
     return [p.strip() for p in pieces if p.strip()]
 
 
-def _is_string_feature(feature: Any) -> bool:
+def is_string_feature(feature: Any) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
-def _choose_column(
+def choose_column(
     columns: list[str],
     string_columns: list[str],
     mean_length: Callable[[str], float],
@@ -248,14 +248,14 @@ def _choose_column(
 def texts_of_dataset(ds: Any, text_column: str | None, source: str) -> list[str]:
     """Text of one column of a map-style datasets.Dataset."""
     columns = list(ds.column_names)
-    string_columns = [c for c in columns if _is_string_feature(ds.features[c])]
+    string_columns = [c for c in columns if is_string_feature(ds.features[c])]
     sample = ds.select(range(min(len(ds), 1000)))
 
     def mean_length(col: str) -> float:
         values = [len(v) for v in sample[col] if isinstance(v, str)]
         return sum(values) / len(values) if values else 0.0
 
-    col = _choose_column(columns, string_columns, mean_length, text_column, source)
+    col = choose_column(columns, string_columns, mean_length, text_column, source)
     return list(ds.data.column(col).to_pylist())
 
 
@@ -277,7 +277,7 @@ def _pick_split(dsdict: Any, source: str) -> Any:
 
 
 def _load_local_file(path: Path, text_column: str | None, max_bytes: int) -> list[str]:
-    fmt, compression = _file_format(path)
+    fmt, compression = file_format(path)
     size = path.stat().st_size
     source = path.name
     if size == 0:
@@ -292,7 +292,7 @@ def _load_local_file(path: Path, text_column: str | None, max_bytes: int) -> lis
         if size < 12 or head != b"PAR1" or tail != b"PAR1":
             raise DataError(f"{source} is not a Parquet file")
     else:
-        text = _read_utf8(path, compression, max_bytes, keep=(fmt == "text"))
+        text = read_utf8(path, compression, max_bytes, keep=(fmt == "text"))
         if fmt == "text":
             if text_column not in (None, "text"):
                 raise DataError(f"column '{text_column}' not found in {source}; available columns: text")
@@ -301,12 +301,12 @@ def _load_local_file(path: Path, text_column: str | None, max_bytes: int) -> lis
     if path.name.lower().removesuffix(compression or "").endswith(".tsv"):
         kwargs["delimiter"] = "\t"
     try:
-        with _quiet_datasets() as datasets:
+        with quiet_datasets() as datasets:
             ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets / pyarrow / pandas raise many types; report one line
         if "corresponds to no data" in str(e):  # a header-only CSV, an empty JSON array, ...
             raise DataError(f"{source} is empty: no rows") from e
-        raise DataError(f"cannot read {source} as {fmt.upper()}: {_short_reason(e)}") from e
+        raise DataError(f"cannot read {source} as {fmt.upper()}: {short_reason(e)}") from e
     if len(ds) == 0:
         raise DataError(f"{source} is empty: no rows")
     return _clean(texts_of_dataset(ds, text_column, source), source)
@@ -324,13 +324,13 @@ def _load_local_folder(path: Path, text_column: str | None, max_bytes: int) -> l
     if total > max_bytes:
         raise DataError(f"{source} holds {format_bytes(total)}, more than the {format_bytes(max_bytes)} limit")
     try:
-        with _quiet_datasets() as datasets:
+        with quiet_datasets() as datasets:
             if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
                 loaded = datasets.load_from_disk(str(path))
             else:
                 loaded = datasets.load_dataset(str(path))
     except Exception as e:
-        raise DataError(f"cannot read {source} as a dataset: {_short_reason(e)}") from e
+        raise DataError(f"cannot read {source} as a dataset: {short_reason(e)}") from e
     ds = _pick_split(loaded, source) if hasattr(loaded, "keys") else loaded
     if len(ds) == 0:
         raise DataError(f"{source} is empty: no rows")
@@ -355,7 +355,7 @@ def _load_hub(name: str, text_column: str | None, max_bytes: int) -> list[str]:
     repo, _, config = name.partition(":")
     source = f"hub dataset '{name}'"
     try:
-        with _quiet_datasets() as datasets:
+        with quiet_datasets() as datasets:
             loaded = datasets.load_dataset(repo, config or None, streaming=True)
             ds = _pick_split(loaded, source)
             rows = iter(ds)
@@ -369,7 +369,7 @@ def _load_hub(name: str, text_column: str | None, max_bytes: int) -> list[str]:
                 values = [len(r[col]) for r in head if isinstance(r.get(col), str)]
                 return sum(values) / len(values) if values else 0.0
 
-            col = _choose_column(columns, string_columns, mean_length, text_column, source)
+            col = choose_column(columns, string_columns, mean_length, text_column, source)
             texts: list[str] = []
             used = 0
             for row in itertools.chain(head, rows):
@@ -382,7 +382,7 @@ def _load_hub(name: str, text_column: str | None, max_bytes: int) -> list[str]:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"cannot load {source}: {_short_reason(e)}") from e
+        raise DataError(f"cannot load {source}: {short_reason(e)}") from e
     return _clean(texts, source)
 
 
@@ -428,7 +428,7 @@ def describe_dataset(dataset: str) -> str:
             )
         path = Path(name).expanduser()
         if path.is_file():
-            fmt, compression = _file_format(path)
+            fmt, compression = file_format(path)
             kind = {"text": "text", "json": "JSON", "csv": "CSV", "parquet": "Parquet"}[fmt]
             packed = f", {compression[1:]}-compressed" if compression else ""
             return f"local {kind} file {path.name} ({format_bytes(path.stat().st_size)}{packed})"

@@ -378,7 +378,9 @@ def device_label(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _load(source: ModelSource, device: torch.device, **kwargs):
+def load_model(source: ModelSource, device: torch.device, **kwargs):
+    """AutoModelForCausalLM.from_pretrained of the resolved source onto `device` (`kwargs`: quantization_config,
+    dtype, ...), library warnings silenced: the one loader every model variant goes through."""
     load_config(source)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -394,4 +396,4 @@ def _load(source: ModelSource, device: torch.device, **kwargs):
 
 def load_full_precision(source: ModelSource, device: torch.device, dtype: torch.dtype = torch.float32):
     """The unquantized model (the reference every figure is measured against)."""
-    return _load(source, device, dtype=dtype)
+    return load_model(source, device, dtype=dtype)

@@ -27,20 +27,20 @@ import torch
 
 from quailora_app.errors import DataError
 
-# private helpers of the text reader: labelled files are read with the same rules, checks and messages
+# the text reader's helpers: labelled files are read with the same rules, checks and messages
 from quailora_app.sources.data import (
     EMBEDDED_DATASETS,
     MAX_DATA_BYTES,
     TokenSplits,
-    _choose_column,
-    _file_format,
-    _is_string_feature,
-    _quiet_datasets,
-    _read_utf8,
-    _short_reason,
     bos_id,
+    choose_column,
     embedded_data_file,
+    file_format,
+    is_string_feature,
     pack_windows,
+    quiet_datasets,
+    read_utf8,
+    short_reason,
 )
 from quailora_app.units import format_bytes
 
@@ -250,7 +250,7 @@ def load_labelled(dataset: str, text_column: str | None = None, label_column: st
             raise DataError(f"labelled data must be an embedded dataset ({', '.join(EMBEDDED_LABELS)}) or a local "
                             f".csv, .tsv, .jsonl, .json or .parquet file; no such file: {name}")
     source = path.name
-    fmt, compression = _file_format(path)
+    fmt, compression = file_format(path)
     if fmt == "text":
         raise DataError(f"{source} is plain text: labelled data needs a table with a text and a label column "
                         f"(.csv, .tsv, .jsonl, .json or .parquet)")
@@ -260,26 +260,26 @@ def load_labelled(dataset: str, text_column: str | None = None, label_column: st
     if size > max_bytes:
         raise DataError(f"{source} is {format_bytes(size)}, larger than the {format_bytes(max_bytes)} limit")
     if fmt != "parquet":
-        _read_utf8(path, compression, max_bytes, keep=False)
+        read_utf8(path, compression, max_bytes, keep=False)
     kwargs = {"delimiter": "\t"} if path.name.lower().removesuffix(compression or "").endswith(".tsv") else {}
     try:
-        with _quiet_datasets() as datasets:
+        with quiet_datasets() as datasets:
             ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets / pyarrow / pandas raise many types; report one line
         if "corresponds to no data" in str(e):
             raise DataError(f"{source} is empty: no rows") from e
-        raise DataError(f"cannot read {source} as {fmt.upper()}: {_short_reason(e)}") from e
+        raise DataError(f"cannot read {source} as {fmt.upper()}: {short_reason(e)}") from e
     if len(ds) == 0:
         raise DataError(f"{source} is empty: no rows")
     columns = list(ds.column_names)
     table = {c: ds.data.column(c).to_pylist() for c in columns}
-    string_columns = [c for c in columns if _is_string_feature(ds.features[c]) and c != label_column]
+    string_columns = [c for c in columns if is_string_feature(ds.features[c]) and c != label_column]
 
     def mean_length(col: str) -> float:
         values = [len(v) for v in table[col][:1000] if isinstance(v, str)]
         return sum(values) / len(values) if values else 0.0
 
-    text_col = _choose_column(columns, string_columns, mean_length, text_column, source)
+    text_col = choose_column(columns, string_columns, mean_length, text_column, source)
     others = [c for c in columns if c != text_col]
     distinct = {c: len({_label_string(v) for v in table[c]} - {None}) for c in others}
     label_col = _choose_label_column(others, distinct, label_column, source, columns)
