@@ -179,6 +179,40 @@ def train_accuracy(tasks: tuple[str, ...] = ()) -> AccuracyConfig:
     return init_accuracy(tasks)
 
 
+# ------------------------------------------------------------------ settings several configs share, declared once
+#: distill's settings and their defaults (engine/distill.py reads these when a caller leaves one out)
+DISTILL_DEFAULTS = {"distill_steps": 8, "distill_lr": 5e-4, "distill_batch": 2}
+
+
+def als_rounds_setting():
+    return field(default=20, metadata={"help": "alternating least squares rounds of quailora"})
+
+
+def damping_setting():
+    return field(default=0.01, metadata={"help": "lambda = damping * mean(diag H), keeps H invertible"})
+
+
+_DISTILL_HELP = {
+    "distill_steps": "distill: AdamW steps on the LoRA factors toward the full-precision model's next-token "
+                     "distribution",
+    "distill_lr": "distill: AdamW peak learning rate (linear warm-up over a quarter of the steps, then linear decay)",
+    "distill_batch": "distill: calibration windows per step",
+}
+
+
+def distill_setting(name: str):
+    """One of distill's settings (InitConfig: the distill method's; TrainConfig: the distill4 arm's)."""
+    return field(default=DISTILL_DEFAULTS[name], metadata={"help": _DISTILL_HELP[name]})
+
+
+def check_solver_settings(als_rounds: int, damping: float) -> None:
+    """The calibrated methods' settings (InitConfig, TrainConfig and ViewsConfig offer them)."""
+    if als_rounds < 1:
+        raise ConfigError(f"als-rounds must be at least 1, got {als_rounds}")
+    if not 0 <= damping < 1:
+        raise ConfigError("damping must be in [0, 1)")
+
+
 @dataclass
 class InitConfig:
     """Everything `python -m quailora_app init` needs. Downstream accuracy (`accuracy`) is off by default here and
@@ -191,16 +225,14 @@ class InitConfig:
     methods: tuple[str, ...] = field(default=default_method_names(), metadata={
         "help": "initializations to compute; qlora (no correction) is always included as the 1.0 baseline",
         "choices": method_names})
-    als_rounds: int = field(default=20, metadata={"help": "alternating least squares rounds of quailora"})
-    damping: float = field(default=0.01, metadata={"help": "lambda = damping * mean(diag H), keeps H invertible"})
+    als_rounds: int = als_rounds_setting()
+    damping: float = damping_setting()
     solver: str = field(default="exact", metadata={
         "choices": SOLVERS, "help": "closed_form's solver: exact (Cholesky + truncated SVD) or randomized (subspace "
                                     "iteration, faster on large layers; see bench/scale.py for its objective)"})
-    distill_steps: int = field(default=8, metadata={
-        "help": "distill: AdamW steps on the LoRA factors toward the full-precision model's next-token distribution"})
-    distill_lr: float = field(default=5e-4, metadata={
-        "help": "distill: AdamW peak learning rate (linear warm-up over a quarter of the steps, then linear decay)"})
-    distill_batch: int = field(default=2, metadata={"help": "distill: calibration windows per step"})
+    distill_steps: int = distill_setting("distill_steps")
+    distill_lr: float = distill_setting("distill_lr")
+    distill_batch: int = distill_setting("distill_batch")
     eval_batch: int = field(default=4, metadata={
         "help": "sequences per forward pass when measuring perplexity", "cli": False})
     baselines: bool = field(default=True, metadata={
@@ -215,10 +247,7 @@ class InitConfig:
         if QLORA not in self.methods:
             self.methods = (QLORA, *self.methods)  # the baseline every figure is relative to
         self.methods = tuple(dict.fromkeys(self.methods))
-        if self.als_rounds < 1:
-            raise ConfigError("als-rounds must be at least 1")
-        if not 0 <= self.damping < 1:
-            raise ConfigError("damping must be in [0, 1)")
+        check_solver_settings(self.als_rounds, self.damping)
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}")
         check_distill(self.distill_steps, self.distill_lr, self.distill_batch)
@@ -270,15 +299,14 @@ class TrainConfig:
     eval_every: int = field(default=10, metadata={
         "help": "steps between held-out perplexity evaluations (also at step 0 and at the end)"})
     eval_batch: int = field(default=4, metadata={"help": "sequences per forward pass when measuring perplexity"})
-    damping: float = field(default=0.01, metadata={"help": "lambda = damping * mean(diag H), keeps H invertible"})
-    als_rounds: int = field(default=20, metadata={"help": "alternating least squares rounds of quailora"})
+    damping: float = damping_setting()
+    als_rounds: int = als_rounds_setting()
     schedule: str = field(default="auto", metadata={
         "help": "interleaved (one step of each arm in turn), sequential, or auto (interleaved when all arms fit in "
                 "memory)", "choices": SCHEDULES})
-    distill_steps: int = field(default=8, metadata={
-        "help": "distill4: AdamW steps on the LoRA factors toward the full-precision model's next-token distribution"})
-    distill_lr: float = field(default=5e-4, metadata={"help": "distill4: AdamW peak learning rate of those steps"})
-    distill_batch: int = field(default=2, metadata={"help": "distill4: calibration windows per distill step"})
+    distill_steps: int = distill_setting("distill_steps")
+    distill_lr: float = distill_setting("distill_lr")
+    distill_batch: int = distill_setting("distill_batch")
     from_init: str | None = field(default=None, metadata={
         "help": "start from a finished init run (its folder or report.json): its model, data, quantization and LoRA "
                 "settings, its saved initializations and its perplexities, instead of computing them again",
@@ -298,7 +326,7 @@ class TrainConfig:
         unknown = [a for a in self.arms if a not in arm_names()]
         if unknown:
             raise ConfigError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arm_names())}")
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch", "als_rounds"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -311,8 +339,7 @@ class TrainConfig:
             raise ConfigError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
-        if not 0 <= self.damping < 1:
-            raise ConfigError("damping must be in [0, 1)")
+        check_solver_settings(self.als_rounds, self.damping)
         check_distill(self.distill_steps, self.distill_lr, self.distill_batch)
 
     @property
@@ -357,8 +384,8 @@ class ViewsConfig:
     reports: tuple[str, ...] = field(default=(), metadata={
         "help": "init report.json files or run folders whose perplexities go into the precision trade-off",
         "flag": "--report", "metavar": "REPORT", "nargs": "*"})
-    als_rounds: int = field(default=20, metadata={"help": "alternating least squares rounds of quailora"})
-    damping: float = field(default=0.01, metadata={"help": "lambda = damping * mean(diag H), keeps H invertible"})
+    als_rounds: int = als_rounds_setting()
+    damping: float = damping_setting()
     out: str | None = field(default=None, metadata={"help": "output folder (default: runs/views-<date>-<time>)"})
 
     def __post_init__(self) -> None:
@@ -372,10 +399,7 @@ class ViewsConfig:
         self.reports = tuple(self.reports)
         if self.sweep_layers is not None:
             self.sweep_layers = tuple(self.sweep_layers)
-        if self.als_rounds < 1:
-            raise ConfigError("als-rounds must be at least 1")
-        if not 0 <= self.damping < 1:
-            raise ConfigError("damping must be in [0, 1)")
+        check_solver_settings(self.als_rounds, self.damping)
 
     @property
     def block_choice(self) -> int | str:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from quailora_app import replace_lora_weights_quailora
 from quailora_app.app import presenters
-from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig
+from quailora_app.config import DISTILL_DEFAULTS, DataConfig, InitConfig, LoraSettings, ModelConfig, TrainConfig
 from quailora_app.engine import distill
 from quailora_app.engine.adapters import attach_lora, write_factors
 from quailora_app.engine.checkpoint import Checkpoint
@@ -137,8 +137,9 @@ def test_bad_options_are_refused():
             distill.settings(options)
     with pytest.raises(ConfigError, match="distill-steps"):
         InitConfig(distill_steps=0)
-    defaults = InitConfig()
-    assert {name: getattr(defaults, name) for name in distill.DEFAULTS} == distill.DEFAULTS  # the API's = the CLI's
+    for defaults in (InitConfig(), TrainConfig()):  # the API's defaults are the CLI's, read from one declaration
+        assert {name: getattr(defaults, name) for name in DISTILL_DEFAULTS} == DISTILL_DEFAULTS
+    assert distill.settings({}) == tuple(DISTILL_DEFAULTS.values())
 
 
 def test_init_flow_end_to_end_with_figures(tiny_model_dir, text_file, tmp_path):

@@ -67,8 +67,6 @@ if TYPE_CHECKING:
     from quailora_app.engine.plan import ModelContext, ModelInit
 
 NAME = "distill"
-#: when neither the InitConfig nor the API's options give a setting (the InitConfig fields' defaults are these)
-DEFAULTS = {"distill_steps": 8, "distill_lr": 5e-4, "distill_batch": 2}
 HOLDOUT_SHARE = 16  # one calibration window in sixteen is held out
 SEED = 0  # the order of the training windows
 
@@ -155,7 +153,10 @@ def build(ctx: ModelContext) -> ModelInit:
 # ---------------------------------------------------------------------------------------------- settings, windows
 def settings(options: Mapping[str, Any]) -> tuple[int, float, int]:
     """(steps, learning rate, windows per step) from the InitConfig fields or the API's options."""
-    steps, lr, batch = (options.get(name, DEFAULTS[name]) for name in ("distill_steps", "distill_lr", "distill_batch"))
+    from quailora_app.config import DISTILL_DEFAULTS  # here, not at the top: see build()
+
+    steps, lr, batch = (options.get(name, DISTILL_DEFAULTS[name])
+                        for name in ("distill_steps", "distill_lr", "distill_batch"))
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"distill_steps must be an integer of at least 1, got {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
