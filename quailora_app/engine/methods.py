@@ -210,5 +210,5 @@ def closed_form(E: Tensor, spec: DampedH, rank: int, *, solver: str = "exact", E
     return init_math.closed_form_correction(E, spec, rank, solver=solver, EHd=EHd)
 
 
-register(Method("loftq", "4-bit + LoftQ (peft)", "LoftQ", "#9467bd", "peft's implementation of LoftQ (one iteration)",
-                kind=ANCHOR, default=True))
+register(Method("loftq", "4-bit + LoftQ (peft)", "LoftQ", "#9467bd",
+                "peft's implementation of LoftQ (one iteration; needs CUDA)", kind=ANCHOR, default=True))
