@@ -1,8 +1,10 @@
 """End to end in headless Chromium with the embedded SmolLM2: the first visit shows the shipped example run
-(plots, numbers and curves, labelled) without pressing anything; set small settings, quantize & initialize (the
+(plots, numbers and curves, labelled) without pressing anything, and no text of any figure overlaps another at 1400
+and 900 px widths (nor runs past the figure's edge); set small settings, quantize & initialize (the
 live run replaces the shipped one), watch the per-layer plot render, compute the teaching views and open How it
 works, start a short two-arm fine-tuning from that init run (the default), see its first curve points and then
-more, stop it.
+more, stop it. The live run's figures, the teaching views and the across-models scatter are checked for
+overlapping texts too (at 1400 px).
 Screenshots go to test-output/ (ignored by git)."""
 from __future__ import annotations
 
@@ -62,6 +64,100 @@ LIVE_CURVES = """() => !!document.querySelector('#curves-plot .js-plotly-plot')
   && ![...document.querySelectorAll('#curves-plot .legendtext')].some(e => e.textContent === '8-bit QLoRA')"""
 
 
+#: Every shown plotly figure's texts (axis and colour-bar titles, tick labels, annotations and subplot titles, bar
+#: and point labels, legend entries, the title; hover labels aside) and legend boxes, measured in the page as the
+#: figure draws them (rotated labels as rotated boxes): each pair overlapping by more than TOL px (a text's own
+#: lines are one element; a legend box holds its own entries), and each text running more than TOL px past its
+#: figure's edge. Figures in a hidden tab or a closed accordion are not drawn and not counted.
+TEXT_OVERLAPS = """(root) => {
+  const TOL = 2;
+  const shown = el => {
+    for (let e = el; e && e.nodeType === 1 && !e.classList.contains('js-plotly-plot'); e = e.parentElement) {
+      const s = getComputedStyle(e);
+      if (s.display === 'none' || s.visibility === 'hidden' || +s.opacity === 0) return false;
+    }
+    return true;
+  };
+  const quad = el => {
+    const b = el.getBBox(), m = el.getScreenCTM();
+    return [[b.x, b.y], [b.x + b.width, b.y], [b.x + b.width, b.y + b.height], [b.x, b.y + b.height]]
+      .map(([x, y]) => [m.a * x + m.c * y + m.e, m.b * x + m.d * y + m.f]);
+  };
+  const depth = (p, q) => {  // separating axes: how deep two convex quads overlap (<= 0: apart)
+    let least = Infinity;
+    for (const poly of [p, q]) for (let i = 0; i < 4; i++) {
+      const [x1, y1] = poly[i], [x2, y2] = poly[(i + 1) % 4], len = Math.hypot(x2 - x1, y2 - y1);
+      if (len < 1e-6) continue;
+      const nx = (y1 - y2) / len, ny = (x2 - x1) / len;
+      const span = s => { const v = s.map(([x, y]) => x * nx + y * ny); return [Math.min(...v), Math.max(...v)]; };
+      const [a0, a1] = span(p), [b0, b1] = span(q);
+      least = Math.min(least, Math.min(a1, b1) - Math.max(a0, b0));
+    }
+    return least;
+  };
+  const bounds = q => ({q, x0: Math.min(...q.map(p => p[0])), x1: Math.max(...q.map(p => p[0])),
+                         y0: Math.min(...q.map(p => p[1])), y1: Math.max(...q.map(p => p[1]))});
+  const overlaps = [], cut = [];
+  let plots = 0;
+  for (const plot of (root ? document.querySelector(root) : document).querySelectorAll('.js-plotly-plot')) {
+    const box = plot.getBoundingClientRect();
+    if (!box.width) continue;
+    plots++;
+    const where = '#' + (plot.closest('[id]:not(.js-plotly-plot)') || {id: '?'}).id;
+    const items = [];
+    for (const t of plot.querySelectorAll('text')) {
+      const s = t.textContent.trim();
+      if (!s || t.closest('.hoverlayer') || !shown(t) || t.getBBox().width < 1) continue;
+      const item = {what: `${t.getAttribute('class') || 'text'} "${s.slice(0, 50)}"`, ...bounds(quad(t)),
+                    group: t.closest('g.traces') || t, legend: t.closest('g.legend')};
+      const past = Math.max(box.left - item.x0, item.x1 - box.right, box.top - item.y0, item.y1 - box.bottom);
+      if (past > TOL) cut.push(`${where}: ${item.what} runs ${past.toFixed(0)} px past the figure's edge`);
+      items.push(item);
+    }
+    for (const bg of plot.querySelectorAll('g.legend > rect.bg')) {
+      if (shown(bg) && bg.getBBox().width >= 1)
+        items.push({what: 'legend box', ...bounds(quad(bg)), group: bg, legend: bg.parentElement, box: true});
+    }
+    for (let i = 0; i < items.length; i++) for (let j = i + 1; j < items.length; j++) {
+      const a = items[i], b = items[j];
+      if (Math.min(a.x1, b.x1) - Math.max(a.x0, b.x0) <= TOL || Math.min(a.y1, b.y1) - Math.max(a.y0, b.y0) <= TOL
+          || a.group === b.group || ((a.box || b.box) && a.legend === b.legend)) continue;
+      const d = depth(a.q, b.q);
+      if (d > TOL) overlaps.push(`${where}: ${a.what} overlaps ${b.what} by ${d.toFixed(0)} px`);
+    }
+  }
+  return {plots, overlaps, cut};
+}"""
+#: every shown figure laid out at its container's width (after a change of the viewport's width)
+PLOTS_SETTLED = """() => [...document.querySelectorAll('.js-plotly-plot')].every(p => {
+  const w = p.getBoundingClientRect().width;
+  return !w || (p._fullLayout && Math.abs(p._fullLayout.width - w) < 2); })"""
+
+
+#: seconds the test spends on the text checks and the width changes they need (printed at the end)
+CHECK_SECONDS = [0.0]
+
+
+def no_text_overlaps(page, when: str, root: str | None = None, plots: int = 1) -> None:
+    """No two texts of the figures shown (under `root`) overlap, nor runs past its figure's edge (TEXT_OVERLAPS);
+    at least `plots` figures are shown."""
+    start = time.time()
+    page.wait_for_function(PLOTS_SETTLED, timeout=ms(10_000))
+    found = page.evaluate(TEXT_OVERLAPS, root)
+    CHECK_SECONDS[0] += time.time() - start
+    assert found["plots"] >= plots, f"{when}: {found['plots']} figures shown, expected {plots} or more"
+    bad = found["overlaps"] + found["cut"]
+    assert not bad, f"{when}: {len(bad)} texts overlap in the figures:\n" + "\n".join(bad[:40])
+
+
+def at_width(page, width: int) -> None:
+    """The page `width` px wide, every shown figure laid out again at its new width."""
+    start = time.time()
+    page.set_viewport_size({"width": width, "height": 1000})
+    page.wait_for_function(PLOTS_SETTLED, timeout=ms(10_000))
+    CHECK_SECONDS[0] += time.time() - start
+
+
 def shipped_example_shown(page, expect) -> None:
     """The first visit: the shipped example run's headline, labelled plots, numbers and curves, drawn at once."""
     from quailora_app.app.reopen import EXAMPLE_DIR
@@ -91,12 +187,18 @@ def test_init_then_finetune_in_the_browser(app_url):
     SHOTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page = browser.new_page(viewport={"width": 900, "height": 1000})
         page.goto(app_url, wait_until="load")
         expect(page.locator("#start-init")).to_be_visible(timeout=ms(30_000))
 
-        # the first visit shows the shipped example run at once: nothing pressed, nothing computed
+        # the first visit shows the shipped example run at once: nothing pressed, nothing computed; no text covers
+        # another in any figure shown, on a narrow page (step 2's heatmap and perplexity bars share a row: each
+        # gets under 350 px) and on a wide one; the teaching views' tab is the one open
         shipped_example_shown(page, expect)
+        page.screenshot(path=str(SHOTS / "browser-0-first-visit-900.png"), full_page=True)
+        no_text_overlaps(page, "first visit at 900 px", plots=4)
+        at_width(page, 1400)
+        no_text_overlaps(page, "first visit at 1400 px", plots=4)
         page.screenshot(path=str(SHOTS / "browser-0-first-screen.png"))
         page.locator("#example-init").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "browser-0-shipped-init.png"))
@@ -104,10 +206,11 @@ def test_init_then_finetune_in_the_browser(app_url):
         page.screenshot(path=str(SHOTS / "browser-0-shipped-train.png"))
         page.screenshot(path=str(SHOTS / "browser-0-first-visit.png"), full_page=True)
 
-        # small settings: 4 x 128 calibration tokens, 1024 eval tokens, svd + quailora on q_proj and v_proj
+        # small settings: 4 x 128 calibration tokens, 512 held-out tokens (the five perplexities and every evaluation
+        # of the curves measure them; 1024 cost the init run about 9 s more), svd + quailora on q_proj and v_proj
         set_number(page, "calibration sequences", 4)
         set_number(page, "tokens per sequence", 128)
-        set_number(page, "held-out tokens for perplexity", 1024)
+        set_number(page, "held-out tokens for perplexity", 512)
         tokens = page.locator("#targets .token")
         if tokens.count() != 2 or "q_proj" not in tokens.first.inner_text():  # the GPU defaults adapt all-linear
             page.locator("#targets .token-remove").first.click()
@@ -138,6 +241,7 @@ def test_init_then_finetune_in_the_browser(app_url):
         expect(page.locator("#summary")).to_contain_text("QuAILoRA", timeout=ms(10_000))
         page.locator("#layer-plot").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "browser-3-init-done.png"), full_page=True)
+        no_text_overlaps(page, "the live init run at 1400 px", plots=4)
 
         # teaching views of the default layer (8 x 128 calibration tokens, ranks 1..32), then the method page
         page.get_by_role("tab", name="Teaching views").click()
@@ -150,6 +254,7 @@ def test_init_then_finetune_in_the_browser(app_url):
             page.wait_for_selector(f"#view-{key} .js-plotly-plot g.trace", state="attached", timeout=ms(20_000))
         expect(page.locator("#precision-table")).to_contain_text("NF4 + double quant", timeout=ms(10_000))
         page.locator("#tab-views").screenshot(path=str(SHOTS / "browser-views.png"))
+        no_text_overlaps(page, "the teaching views at 1400 px", "#tab-views", plots=7)
         page.get_by_role("tab", name="How it works").click()
         expect(page.locator("#how-it-works .katex").first).to_be_visible(timeout=ms(10_000))
         page.locator("#tab-how").screenshot(path=str(SHOTS / "browser-how.png"))
@@ -157,6 +262,7 @@ def test_init_then_finetune_in_the_browser(app_url):
         page.wait_for_selector("#harm-gain-plot .js-plotly-plot", state="attached", timeout=ms(10_000))
         expect(page.locator("#harm-gain-source")).to_contain_text("bench/paper_table.py", timeout=ms(10_000))
         page.locator("#tab-harm-gain").screenshot(path=str(SHOTS / "browser-harm-gain.png"))
+        no_text_overlaps(page, "the across-models scatter at 1400 px", "#tab-harm-gain")
 
         # fine-tune two arms a few steps, evaluating after every step
         page.get_by_label("8-bit QLoRA", exact=True).uncheck()
@@ -195,4 +301,5 @@ def test_init_then_finetune_in_the_browser(app_url):
         page.wait_for_selector(VAL_POINTS, timeout=ms(30_000))
         browser.close()
     print(f"init flow in the browser: {init_seconds:.0f} s, teaching views: {views_seconds:.0f} s, fine-tuning from "
-          f"the init run: first curve points after {first_point_seconds:.0f} s")
+          f"the init run: first curve points after {first_point_seconds:.0f} s; text-overlap checks and width "
+          f"changes: {CHECK_SECONDS[0]:.1f} s")

@@ -75,16 +75,25 @@ def variant_order() -> list[str]:
     return [*REFERENCES, *method_names()]
 
 
+#: pixels a figure grows per row its legend is expected to take (see `_layout`)
+LEGEND_ROW = 22
+
+
 def _layout(fig: go.Figure, title: str, height: int, legend_rows: int = 1) -> go.Figure:
-    """Title top left, legend in rows under the plot (clear of subplot titles), white template."""
-    bottom = 70 + 22 * legend_rows
+    """Title top left, white template; the legend in rows at the bottom of the figure, under the axes' tick labels
+    and titles, and every axis making room for its tick labels and title (automargin): no text covers another at
+    any page width. The legend is anchored to the figure (container), so plotly reserves the rows it really takes
+    at the page's width (more on a narrow page) and the axes' labels sit above them; the figure is
+    `height` + LEGEND_ROW per expected legend row tall."""
     fig.update_layout(
         title={"text": title, "x": 0.01, "xanchor": "left", "y": 0.98, "yanchor": "top", "font": {"size": 16}},
-        template="plotly_white", height=height + 22 * legend_rows, margin={"l": 75, "r": 30, "t": 70, "b": bottom},
-        legend={"orientation": "h", "yanchor": "top", "y": -(70 - 10) / height, "xanchor": "left", "x": 0,
-                "title": {"text": ""}, "font": {"size": 12}},
+        template="plotly_white", height=height + LEGEND_ROW * legend_rows, margin={"l": 60, "r": 30, "t": 70, "b": 8},
+        legend={"orientation": "h", "xref": "container", "x": 0.01, "xanchor": "left", "yref": "container", "y": 0,
+                "yanchor": "bottom", "title": {"text": ""}, "font": {"size": 12}},
         hovermode="closest", font={"size": 12},
     )
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
     return fig
 
 
@@ -162,7 +171,9 @@ def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None
     fig.update_yaxes(title_text="on activations<br>(ratio to QLoRA)", row=1, col=1)
     fig.update_yaxes(title_text="in the weights<br>(ratio to QLoRA)", row=2, col=1)
     fig.update_xaxes(showgrid=True, range=[x0 - 0.5, x1 + 0.5] if x1 > x0 else None)
-    fig.update_xaxes(title_text="decoder block", row=2)
+    # one title under the middle panel: seven "decoder block" titles would run into one another on a narrow page
+    fig.update_xaxes(title_text="decoder block (every panel)" if len(modules) > 2 else "decoder block", row=2,
+                     col=(len(modules) + 1) // 2)
     ymin = min((row[k][m] for row in layers for k in ("calibrated_error", "weight_error")
                 for m in methods if m in row.get(k, {})), default=0.8)
     fig.update_yaxes(range=[max(0.0, ymin - 0.05), 1.05])
@@ -173,7 +184,7 @@ def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None
 def removal_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora") -> go.Figure:
     """Block x module heatmap of 1 - calibrated error: the share of the (activation-weighted) quantization
     error the method removes."""
-    title = f"Share of the quantization error {short_label(method)} removes, per layer (%)"
+    title = f"Error {short_label(method)} removes, per layer (%)"
     layers = [row for row in layers_from(source) if method in row.get("calibrated_error", {})]
     if not layers:
         return empty_figure(title, f"appears once {short_label(method)} has initialized a block")
@@ -195,7 +206,7 @@ def _block_module_layout(fig: go.Figure, title: str, x_title: str, n_blocks: int
     """Axes and size of a decoder block x module type heatmap (block 0 at the top)."""
     fig.update_xaxes(title_text=x_title, side="bottom")
     fig.update_yaxes(title_text="decoder block", autorange="reversed", dtick=1 if n_blocks <= 12 else 2)
-    return _layout(fig, title, max(340, 120 + 17 * n_blocks))
+    return _layout(fig, title, max(340, 120 + 17 * n_blocks), legend_rows=0)
 
 
 def ranks_of(report: Mapping | Iterable[Mapping], method: str = "budget") -> dict[str, int]:
@@ -239,7 +250,7 @@ def rank_heatmap(report: Mapping | Iterable[Mapping], method: str = "budget") ->
              for m in modules}
     top = max(k for k, _ in cells.values())
     fig = go.Figure(go.Heatmap(
-        z=z, x=[f"{_short_module(m)}<br>mean {means[m]:.1f}" for m in modules], y=blocks, customdata=custom,
+        z=z, x=[f"{_short_module(m)} ({means[m]:.1f})" for m in modules], y=blocks, customdata=custom,
         colorscale="RdBu", zmid=r if r else None, zmin=0, zmax=max(top, 2 * r if r else top),
         colorbar={"title": {"text": "rank", "side": "right"}},
         texttemplate="%{z}" if len(blocks) * len(modules) <= 400 else None,
@@ -251,28 +262,31 @@ def rank_heatmap(report: Mapping | Iterable[Mapping], method: str = "budget") ->
 
 def init_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora", ranked: str = "budget") -> go.Figure:
     """The init results' heatmap: the share of the error `method` removes per layer and, when `ranked` chose
-    per-layer ranks in this run (report["ranks"]), the ranks it gave beside it."""
+    per-layer ranks in this run (report["ranks"]), the ranks it gave beside it: two panels sharing the block axis,
+    each with its colour scale under it (a half-width column leaves no room for colour bars between them)."""
     removal = removal_heatmap(source, method)
     if not ranks_of(source, ranked):
         return removal
     ranks = rank_heatmap(source, ranked)
     if not removal.data:
         return ranks
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.16,
-                        subplot_titles=[f"% of the error {short_label(method)} removes",
-                                        short_label(ranked) + (f" (uniform r = {source['rank']})"
+    gap = 0.04
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=gap,
+                        subplot_titles=[f"{short_label(method)}:<br>% of the error removed",
+                                        short_label(ranked) + (f"<br>(uniform r = {source['rank']})"
                                                                if source.get("rank") else "")])
-    fig.add_trace(removal.data[0].update(colorbar={"x": 0.42, "len": 0.9}), row=1, col=1)
-    fig.add_trace(ranks.data[0].update(colorbar={"x": 1.0, "len": 0.9}), row=1, col=2)
+    below = {"orientation": "h", "xanchor": "center", "len": (1 - gap) / 2 * 0.9, "thickness": 10,
+             "yref": "container", "y": 0, "yanchor": "bottom", "title": {"text": ""}}
+    fig.add_trace(removal.data[0].update(colorbar={**below, "x": (1 - gap) / 4}), row=1, col=1)
+    fig.add_trace(ranks.data[0].update(colorbar={**below, "x": 1 - (1 - gap) / 4}), row=1, col=2)
     fig.update_xaxes(side="bottom")
     fig.update_xaxes(title_text="module type", row=1, col=1)
-    fig.update_xaxes(title_text="module type (mean rank)", row=1, col=2)
+    fig.update_xaxes(title_text="module (mean rank)", row=1, col=2)
     fig.update_yaxes(title_text="decoder block", autorange="reversed", row=1, col=1)
-    fig.update_yaxes(autorange="reversed", row=1, col=2)
     fig.update_annotations(font={"size": 13})
     n_blocks = len(ranks.data[0].y)
-    return _layout(fig, f"Per layer: the error {short_label(method)} removes, and the {short_label(ranked)}",
-                   max(360, 140 + 17 * n_blocks))
+    return _layout(fig, "Error removed and ranks, per layer",
+                   max(400, 210 + 17 * n_blocks), legend_rows=0)
 
 
 def _gap(ppl: Mapping, method: str, ref: str) -> float | None:
@@ -289,9 +303,10 @@ def perplexities_from(source: Mapping | Iterable[Mapping]) -> dict[str, float]:
 
 
 def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] | None = None) -> go.Figure:
-    """Bars: held-out perplexity of full precision, 8-bit, 4-bit (QLoRA init) and 4-bit + each method,
-    labelled with the share of the 4-bit -> 8-bit gap each method closes."""
-    title = "Held-out perplexity before fine-tuning (lower is better)"
+    """Bars: held-out perplexity of full precision, 8-bit, 4-bit (QLoRA init) and 4-bit + each method, each
+    labelled inside, along the bar, with its perplexity and the share of the 4-bit -> 8-bit gap it closes (one
+    line per bar: labels of neighbouring bars never meet, however narrow the page)."""
+    title = "Held-out perplexity before fine-tuning"
     ppl = perplexities_from(source)
     if not ppl:
         return empty_figure(title, "perplexities appear here after the evaluation stage")
@@ -302,18 +317,21 @@ def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str
         text = f"{ppl[n]:.2f}"
         gap = _gap(ppl, n, "int8") if n not in ("full", "int8", "qlora") else None
         if gap is not None:
-            text += f"<br>gap closed {100 * gap:.0f}%"
+            text += f" · gap closed {100 * gap:.0f}%"
         texts.append(text)
     fig = go.Figure()
     for i, n in enumerate(names):
         fig.add_trace(go.Bar(
             x=[short_label(n)], y=[ppl[n]], name=label(n), marker_color=color(n, i),
-            text=[texts[i]], textposition="outside", cliponaxis=False, constraintext="none", textfont={"size": 12},
+            text=[texts[i]], textposition="inside", insidetextanchor="end", textangle=-90, textfont={"size": 12},
             hovertemplate=f"{label(n)}: perplexity %{{y:.3f}}<extra></extra>",
         ))
-    fig.update_layout(showlegend=True, bargap=0.35)
-    fig.update_xaxes(title_text="model variant (weights precision + LoRA initialization)")
-    fig.update_yaxes(title_text="perplexity (unitless, lower is better)", range=[0, 1.22 * max(ppl[n] for n in names)])
+    fig.update_layout(showlegend=True, bargap=0.2)
+    # tick labels level or upright (slanted ones reach under the y axis's labels), and a little below the axis: a
+    # level first label reaching left of the axis passes under the y axis's "0"
+    fig.update_xaxes(title_text="model variant<br>(weights precision + LoRA initialization)", autotickangles=[0, 90],
+                     ticklabelstandoff=10)
+    fig.update_yaxes(title_text="perplexity (unitless, lower is better)", range=[0, 1.04 * max(ppl[n] for n in names)])
     return _layout(fig, title, 400, legend_rows=len(names))
 
 
@@ -352,22 +370,25 @@ def accuracy_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] 
                 continue
             acc = 100 * m["accuracy"]
             lo, hi = (100 * v for v in m["interval"]) if m.get("interval") else (acc, acc)
-            text = f"{acc:.1f}%<br>± {(hi - lo) / 2:.1f}"
+            text = f"{acc:.1f}% ± {(hi - lo) / 2:.1f}"
             if gaps.get(n) is not None:
-                text += f"<br>gap closed {100 * gaps[n]:.0f}%"
+                text += f" · gap closed {100 * gaps[n]:.0f}%"
             fig.add_trace(go.Bar(
                 x=[short_label(n)], y=[acc], name=label(n), marker_color=color(n, i), legendgroup=n,
                 showlegend=col == 1, error_y={"type": "data", "symmetric": False, "array": [hi - acc],
                                               "arrayminus": [acc - lo], "thickness": 1.5, "width": 4},
-                text=[text], textposition="inside", insidetextanchor="start", textfont={"size": 11},
+                text=[text], textposition="inside", insidetextanchor="start", textangle=-90, textfont={"size": 11},
                 hovertemplate=f"{label(n)}: %{{y:.1f}}% (95% CI {lo:.1f}-{hi:.1f})<extra></extra>"), row=1, col=col)
-        for key, dash, what in (("chance", "dash", "chance"), ("majority", "dot", "majority answer")):
+        # the two lines' notes on opposite sides of their lines: close values (chance 50%, majority 52%) never
+        # put one note on the other
+        for key, dash, what, where in (("chance", "dash", "chance", "bottom right"),
+                                       ("majority", "dot", "majority answer", "top right")):
             if entry.get(key) is not None:
                 fig.add_hline(y=100 * entry[key], line={"color": "#555", "dash": dash, "width": 1}, row=1, col=col,
-                              annotation_text=f"{what} {100 * entry[key]:.0f}%", annotation_position="top right",
+                              annotation_text=f"{what} {100 * entry[key]:.0f}%", annotation_position=where,
                               annotation_font={"size": 10, "color": "#555"})
     fig.update_layout(showlegend=True, bargap=0.3)
-    fig.update_xaxes(title_text="model variant")
+    fig.update_xaxes(title_text="model variant", autotickangles=[0, 90], ticklabelstandoff=10)  # as perplexity_figure
     fig.update_yaxes(title_text="accuracy (%)", range=[0, 100], row=1, col=1)
     fig.update_yaxes(range=[0, 100])
     return _layout(fig, title, 420, legend_rows=len(names))

@@ -48,8 +48,8 @@ CAPTIONS = {
     "rank_sweep": "Calibrated error (1.0 = plain QLoRA, lower is better) against LoRA rank, averaged over the chosen "
                   "layers; right panel (when computed): held-out perplexity of the 4-bit model + each initialization.",
     "precision": "Left: bits each linear-layer weight really costs in bitsandbytes' storage (codes, block scales, "
-                 "nested statistics, code tables, LoRA adapter). Right: total weight memory against held-out "
-                 "perplexity from init runs.",
+                 "nested statistics, code tables, LoRA adapter). Right, on the same rows: held-out perplexity from "
+                 "init runs, labelled with the whole model's weight memory.",
 }
 #: the caption of the harm-vs-gain scatter (across runs, from bench/paper_table.py; not a view of one layer)
 HARM_GAIN_CAPTION = ("Each point: one model, text and LoRA rank (bigger: higher rank, 8 / 16 / 64). x: how much "
@@ -84,16 +84,23 @@ def _open(name: str) -> bool:
     return marker(name).endswith("-open")
 
 
-def _layout(fig: go.Figure, title: str, height: int, top: int = 100, legend_y: float = 1.03) -> go.Figure:
-    """Title, white template, a horizontal legend above the plot (raise legend_y and top over subplot titles)."""
+def _layout(fig: go.Figure, title: str, height: int, top: int = 60) -> go.Figure:
+    """Title top left, white template; the legend in rows at the bottom of the figure, under the axes' tick labels
+    and titles, and every axis making room for its tick labels and title (automargin): no text covers another at
+    any page width. The legend is anchored to the figure (container), so plotly reserves the rows it really takes
+    at the page's width (more on a narrow page) and the axes' labels sit above them. `top`: room for the title (more
+    with subplot titles under it: 75 for one line of them)."""
     fig.update_layout(
         title={"text": title, "x": 0.01, "xanchor": "left", "y": 1, "yanchor": "top", "pad": {"t": 14},
                "font": {"size": 16}},
-        template="plotly_white", height=height, margin={"l": 70, "r": 30, "t": top, "b": 60},
-        legend={"orientation": "h", "yanchor": "bottom", "y": legend_y, "xanchor": "left", "x": 0},
+        template="plotly_white", height=height, margin={"l": 70, "r": 30, "t": top, "b": 8},
+        legend={"orientation": "h", "xref": "container", "x": 0.01, "xanchor": "left", "yref": "container", "y": 0,
+                "yanchor": "bottom"},
         hovermode="closest", font={"size": 12},
     )
     fig.update_annotations(font={"size": 12})
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
     return fig
 
 
@@ -154,12 +161,12 @@ def weights_figure(view: InsideLayer) -> go.Figure:
         hovertemplate="W = %{x:.4f} -> Q = %{y:.4f}<extra></extra>"), row=1, col=2)
     fig.update_xaxes(title_text="full-precision weight W", row=1, col=2)
     fig.update_yaxes(title_text="4-bit weight Q = code x absmax", row=1, col=2)
-    return _layout(fig, title, 500, top=125, legend_y=1.09)
+    return _layout(fig, title, 500, top=75)
 
 
 def error_figure(view: InsideLayer) -> go.Figure:
     """Histograms (as step lines on shared bins) of E and of E - C for each method."""
-    title = f"Quantization error E = W - Q of {view.layer} and what a rank-{view.rank} correction leaves"
+    title = f"The error E = W - Q of {view.layer} and what a rank-{view.rank} correction leaves"
     fig = go.Figure()
     for name, h in view.error.items():
         left = (f"{100 * view.weight_error[name]:.1f}% of the error left in the weights, "
@@ -177,9 +184,7 @@ def error_figure(view: InsideLayer) -> go.Figure:
     fig.update_xaxes(title_text="error per weight (same units as the weights; central 99.9% shown, zoom out for the "
                                 "tails)", range=[-reach, reach])
     fig.update_yaxes(title_text="number of weights")
-    _layout(fig, title, 520, top=160)
-    fig.update_layout(legend={"orientation": "v", "y": 1.02, "yanchor": "bottom", "x": 0, "xanchor": "left"})
-    return fig
+    return _layout(fig, title, 520)
 
 
 # ================================================================================================ view 2
@@ -225,7 +230,7 @@ def energy_figure(view: CalibrationView) -> go.Figure:
     _rank_marker(fig, view.rank, f"r = {view.rank}", (0, 100))
     fig.update_xaxes(title_text="rank k of the correction (log scale)", type="log", range=_log_range(len(k)))
     fig.update_yaxes(title_text="share of the squared error removed (%)", range=[0, 102])
-    return _layout(fig, title, 520, top=150)
+    return _layout(fig, title, 520)
 
 
 def channels_figure(view: CalibrationView) -> go.Figure:
@@ -258,7 +263,7 @@ def channels_figure(view: CalibrationView) -> go.Figure:
     fig.update_xaxes(title_text="input channel (largest diag(H) first)", tickangle=-45, row=1, col=2)
     fig.update_yaxes(title_text="||(E - C)[:, j]|| / ||E[:, j]|| (%)", range=[0, 110], row=1, col=2)
     fig.update_layout(barmode="group", bargap=0.25)
-    return _layout(fig, title, 500, top=125, legend_y=1.09)
+    return _layout(fig, title, 500, top=75)
 
 
 # ================================================================================================ view 3
@@ -304,7 +309,7 @@ def rank_sweep_figure(sweep: RankSweep) -> go.Figure:
             fig.add_hline(y=base, line={"color": colour(QLORA), "dash": "dash", "width": 1}, row=1, col=2,
                           annotation_text=f"4-bit, no correction: {base:.2f}", annotation_position="top left")
         fig.update_yaxes(title_text="perplexity (lower is better)", row=1, col=2)
-    return _layout(fig, title, 500, top=130, legend_y=1.06 if has_ppl else 1.03)
+    return _layout(fig, title, 500, top=75 if has_ppl else 60)
 
 
 # ================================================================================================ view 4
@@ -314,12 +319,16 @@ _PARTS = (("codes", "4-bit / 8-bit / 16-bit codes", "#1f77b4"), ("absmax", "bloc
 
 
 def precision_figure(table: PrecisionTable) -> go.Figure:
+    """Left: the bits each linear-layer weight costs per storage format (stacked parts, the total beside each bar).
+    Right, on the same rows: the held-out perplexity of the formats an init run measured, labelled with the whole
+    model's weight memory (one label per row: two formats of about the same memory and perplexity never put one
+    label on the other, as labels beside points of a memory x perplexity scatter would)."""
     title = "Memory of the weights against held-out perplexity"
     rated = [r for r in table.rows if r.perplexity is not None]
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.22,
-                        subplot_titles=[f"bits per linear-layer weight ({table.linear_params / 1e6:,.1f} M weights)",
-                                        "total weight memory vs perplexity"
-                                        + ("" if rated else " (no init report given)")])
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], shared_yaxes=True, horizontal_spacing=0.05,
+                        subplot_titles=[f"bits per linear-layer weight<br>({table.linear_params / 1e6:,.1f} M weights)",
+                                        "held-out perplexity<br>(" + ("weight memory of the whole model)" if rated
+                                                                     else "no init report given)")])
     labels = [r.label for r in table.rows]
     for key, name, tint in _PARTS:
         xs = [8.0 * (r.adapter_bytes if key == "adapter" else r.breakdown.get(key, 0)) / max(table.linear_params, 1)
@@ -331,23 +340,26 @@ def precision_figure(table: PrecisionTable) -> go.Figure:
                       row=1, col=1)
     totals = [table.bits_per_param(r) for r in table.rows]
     fig.add_trace(go.Scatter(y=labels, x=totals, mode="text", text=[f"{t:.2f}" for t in totals],
-                             textposition="middle right", showlegend=False, hoverinfo="skip"), row=1, col=1)
+                             textposition="middle right", cliponaxis=False, showlegend=False, hoverinfo="skip"),
+                  row=1, col=1)
     fig.update_layout(barmode="stack", legend={"traceorder": "normal"})
     fig.update_xaxes(range=[0, max(totals) * 1.18], row=1, col=1)
     fig.update_yaxes(autorange="reversed", title_text="storage format", row=1, col=1)
-    fig.update_xaxes(title_text="bits per weight of the linear layers", row=1, col=1)
+    fig.update_xaxes(title_text="bits per weight<br>(linear layers)", row=1, col=1)
     if rated:
+        ppl = [r.perplexity for r in rated]
+        lo, hi = min(ppl), max(ppl)
+        pad = 0.1 * (hi - lo or 1.0)
         fig.add_trace(go.Scatter(
-            x=[r.total_bytes / MIB for r in rated], y=[r.perplexity for r in rated], mode="markers+text",
-            text=[r.label.replace(" + double quant", " + DQ") for r in rated], textposition="top center",
-            name="measured models",
-            marker={"size": 11, "color": "#333"}, showlegend=False,
-            hovertemplate="%{text}<br>%{x:.1f} MiB, perplexity %{y:.2f}<extra></extra>"), row=1, col=2)
-        ys = [r.perplexity for r in rated]
-        pad = 0.12 * (max(ys) - min(ys) or 1.0)
-        fig.update_yaxes(range=[min(ys) - pad, max(ys) + 2 * pad], row=1, col=2)
-        xs = [r.total_bytes / MIB for r in rated]
-        fig.update_xaxes(range=[0, max(xs) * 1.35], row=1, col=2)
+            x=ppl, y=[r.label for r in rated], mode="markers+text", name="measured models", showlegend=False,
+            text=[f"{r.perplexity:.2f} ({r.total_bytes / MIB:,.0f} MiB)" for r in rated],
+            # each label runs into the panel, away from its edges
+            textposition=["top center" if hi == lo else "middle right" if p <= (lo + hi) / 2 else "middle left"
+                          for p in ppl],
+            customdata=[r.total_bytes / MIB for r in rated], marker={"size": 11, "color": "#333"},
+            hovertemplate="%{y}<br>perplexity %{x:.2f}, weights of the whole model %{customdata:.1f} MiB"
+                          "<extra></extra>"), row=1, col=2)
+        fig.update_xaxes(range=[lo - pad, hi + pad], row=1, col=2)
     else:
         # an empty panel: plotly draws no axes for it and places "x2 domain" notes on the page's left, over the
         # first panel's labels; so the note is placed in page coordinates at the middle of the panel's domain
@@ -356,9 +368,9 @@ def precision_figure(table: PrecisionTable) -> go.Figure:
                                 "or <i>python -m quailora_app init</i>)",
                            xref="paper", yref="paper", x=(left + right) / 2, y=0.5, showarrow=False,
                            font={"color": "#777"})
-    fig.update_xaxes(title_text="weight memory, whole model (MiB)", row=1, col=2)
-    fig.update_yaxes(title_text="held-out perplexity (lower is better)", row=1, col=2)
-    return _layout(fig, title, 500, top=125, legend_y=1.09)
+    fig.update_xaxes(title_text="perplexity<br>(lower is better)", row=1, col=2)
+    fig.update_yaxes(title_text="storage format (rows as left)", side="right", row=1, col=2)
+    return _layout(fig, title, 500, top=95)
 
 
 # ===================================================================================== harm against gain
@@ -452,8 +464,9 @@ def harm_gain_figure(points, relative: bool = False) -> go.Figure:
                 name=f"fit through the origin: gain = {fit.slope:.2f} x harm, R^2 = {fit.r2:.2f} (n = {fit.n})",
                 hoverinfo="skip"))
             title += f": slope {fit.slope:.2f}, R^2 {fit.r2:.2f}"
-        fig.update_xaxes(range=[0, top])
-        fig.update_yaxes(range=[min(0.0, min(p[yk] for p in points) * 1.1), top])
+        # the ranges start a little below 0: the two axes' "0" labels then never meet in the corner
+        fig.update_xaxes(range=[-0.04 * top, top])
+        fig.update_yaxes(range=[min(0.0, min(p[yk] for p in points) * 1.1) - 0.04 * top, top])
     else:
         fig.add_annotation(text="no points yet: run <i>python bench/paper_table.py</i>", xref="paper", yref="paper",
                            x=0.5, y=0.5, showarrow=False, font={"color": "#777"})
@@ -461,7 +474,7 @@ def harm_gain_figure(points, relative: bool = False) -> go.Figure:
                                  else "harm of 4-bit: ppl 4-bit - ppl 8-bit"))
     fig.update_yaxes(title_text=("gain of QuAILoRA: ln(ppl 4-bit / ppl QuAILoRA)" if relative
                                  else "gain of QuAILoRA: ppl 4-bit - ppl QuAILoRA"))
-    return _layout(fig, title, 500, top=130, legend_y=1.04)
+    return _layout(fig, title, 500)
 
 
 # ============================================================================================ all + export
