@@ -77,7 +77,7 @@ def load_4bit_user_way(folder: Path, device):
 def load_model(arm: str, folder: Path, device):
     import torch
 
-    from quailora_app.engine.quantize import load_8bit
+    from quailora_app.engine.quantization.bnb import load_8bit
     from quailora_app.sources.models import ModelSource, load_full_precision
 
     source = ModelSource("bench", folder)
@@ -130,7 +130,7 @@ def run_arm(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from quailora_app.engine.evaluate import perplexity
+    from quailora_app.engine.evaluation.evaluate import perplexity
     from quailora_app.sources.models import pick_device
 
     device = pick_device(args.device)
@@ -197,7 +197,7 @@ def child(arm: str, args, folder: Path, tokens: Path) -> dict:
 
 
 def table(result: dict) -> str:
-    from quailora_app.engine.evaluate import gap_closed
+    from quailora_app.engine.evaluation.evaluate import gap_closed
 
     rows, s = result["rows"], result["alpha"] / result["rank"]
     ppl = {arm: row.get("perplexity") for arm, row in rows.items()}

@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quailora_app.config import DataConfig, InitConfig, LoraSettings  # noqa: E402
-from quailora_app.engine.evaluate import gap_closed  # noqa: E402
-from quailora_app.engine.methods import model_method_names  # noqa: E402
+from quailora_app.engine.evaluation.evaluate import gap_closed  # noqa: E402
+from quailora_app.engine.methods.registry import model_method_names  # noqa: E402
 from quailora_app.events import RunFailed, RunFinished, Stage  # noqa: E402
 from quailora_app.flows.init import run_init  # noqa: E402
 from quailora_app.units import GIB  # noqa: E402

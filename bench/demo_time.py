@@ -41,7 +41,7 @@ from quailora_app.threads import THREADS_ENV, apply_thread_policy  # noqa: E402 
 
 OUT = ROOT / "runs" / "bench"
 CACHE = OUT / "demo_time-cache"
-CACHE_ENV = "QUAILORA_PERPLEXITY_CACHE"  # engine/perplexity_cache.py (not imported here: it loads torch)
+CACHE_ENV = "QUAILORA_PERPLEXITY_CACHE"  # engine/evaluation/perplexity_cache.py (not imported here: it loads torch)
 CACHED = ("qlora", "int8", "full")
 #: what a competitor must not inherit from us: it stands for any other program on the machine
 POLICY_VARS = (THREADS_ENV, "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -72,7 +72,7 @@ def app_train_config(init_dir: str, out: str):
     if "from_init" not in {f.name for f in fields(TrainConfig)}:
         return None
     try:
-        from quailora_app.engine.from_init import train_config_from_init  # not in every version of the tree
+        from quailora_app.flows.from_init import train_config_from_init  # not in every version of the tree
     except ImportError:
         return None
     known = settings(TrainConfig)

@@ -53,7 +53,7 @@ from quailora_app.config import (  # noqa: E402
     TrainConfig,
 )
 from quailora_app.engine.arms import default_arm_names  # noqa: E402
-from quailora_app.engine.methods import method_names  # noqa: E402
+from quailora_app.engine.methods.registry import method_names  # noqa: E402
 from quailora_app.flows.init import run_init  # noqa: E402
 from quailora_app.flows.train import run_train  # noqa: E402
 from quailora_app.runs import EVENTS, REPORT, RunFolder  # noqa: E402
@@ -76,7 +76,7 @@ ADAPTER_FILES = ("quailora.json",)  # per adapter folder: the record of the init
 def from_init_helper():
     """engine/from_init.train_config_from_init(run, **overrides) where `train --from-init` exists, else None."""
     try:
-        from quailora_app.engine.from_init import train_config_from_init  # newer engines only
+        from quailora_app.flows.from_init import train_config_from_init  # newer engines only
     except ImportError:
         return None
     return train_config_from_init
@@ -115,7 +115,7 @@ def train_config(preset: str, seed: int, device: str, out: Path, init_dir: Path 
 
 def make_runs(preset: str, seed: int, device: str, work: Path) -> dict[str, float]:
     """The init run into work/init, then the fine-tuning run into work/train; seconds of each. Every perplexity is
-    measured: the perplexity cache (engine/perplexity_cache.py) is off, so --check re-measures rather than reads."""
+    measured: the perplexity cache (evaluation/perplexity_cache.py) is off, so --check re-measures rather than reads."""
     os.environ["QUAILORA_PERPLEXITY_CACHE"] = "off"
     seconds = {}
     torch.manual_seed(seed)

@@ -122,10 +122,10 @@ def run_stage(stage: str, args) -> dict:
     import torch
 
     from quailora_app.config import LoraSettings, QuantConfig
+    from quailora_app.engine.calibration.initialize import InitResult, initialize, one_cpu_thread
+    from quailora_app.engine.calibration.plan import target_paths
     from quailora_app.engine.checkpoint import Checkpoint
-    from quailora_app.engine.initialize import InitResult, initialize, one_cpu_thread
-    from quailora_app.engine.plan import target_paths
-    from quailora_app.engine.quantize import load_4bit
+    from quailora_app.engine.quantization.bnb import load_4bit
     from quailora_app.sources.models import ModelSource, compute_dtype, pick_device
 
     device = pick_device(args.device)
@@ -177,7 +177,7 @@ def run_stage(stage: str, args) -> dict:
         row["step_peak_bytes"] = mem.peak
     elif stage == "loftq":
         from quailora_app.engine.adapters import attach_lora, loftq_factors
-        from quailora_app.engine.calibrate import decoder_layers
+        from quailora_app.engine.calibration.calibrate import decoder_layers
         from quailora_app.errors import one_line
 
         prefix, layers = decoder_layers(model)

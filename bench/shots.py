@@ -21,7 +21,7 @@ apply_thread_policy()  # before torch loads: idle OpenMP threads sleep
 
 import torch  # noqa: E402
 
-from quailora_app.engine.accuracy import score_task  # noqa: E402
+from quailora_app.engine.evaluation.accuracy import score_task  # noqa: E402
 from quailora_app.sources.models import load_full_precision, load_tokenizer, resolve_model  # noqa: E402
 from quailora_app.sources.tasks import label_task  # noqa: E402
 

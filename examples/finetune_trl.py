@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
 from quailora_app import DataConfig, keep_cpu_layout, replace_lora_weights_quailora, save_adapter
-from quailora_app.engine.evaluate import perplexity
+from quailora_app.engine.evaluation.evaluate import perplexity
 from quailora_app.sources.data import load_splits
 from quailora_app.sources.models import resolve_model
 

@@ -32,13 +32,13 @@ from tqdm import tqdm
 from quailora_app.config import LoraSettings
 from quailora_app.engine.adapters import Factors, loftq_factors, lora_layers, write_factors
 from quailora_app.engine.adapters import save_adapter as save_engine_adapter
-from quailora_app.engine.calibrate import decoder_layers
+from quailora_app.engine.calibration.calibrate import decoder_layers
+from quailora_app.engine.calibration.initialize import InitResult, initialize
+from quailora_app.engine.calibration.plan import LayerLoRA, ModelContext, split_path
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.initialize import InitResult, initialize
-from quailora_app.engine.methods import MODEL, QLORA, get_method, method_names
-from quailora_app.engine.plan import LayerLoRA, ModelContext, split_path
-from quailora_app.engine.quantize import calibration_dtype, is_quantized
-from quailora_app.engine.selfcheck import check_window_count, refuse_if_damaged, scalings_of, self_check
+from quailora_app.engine.evaluation.selfcheck import check_window_count, refuse_if_damaged, scalings_of, self_check
+from quailora_app.engine.methods.registry import MODEL, QLORA, get_method, method_names
+from quailora_app.engine.quantization.bnb import calibration_dtype, is_quantized
 from quailora_app.errors import ConfigError, DataError, ModelError, one_line
 from quailora_app.events import Progress
 from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, bos_id, pack_windows, texts_of_dataset
@@ -54,7 +54,7 @@ class QuailoraResult:
     seconds: dict[str, float]
     calibration: dict[str, int]  # windows, seq_len, tokens
     skipped: list[str] = field(default_factory=list)  # LoRA layers outside the decoder blocks, left as they were
-    # the self-check (engine/selfcheck.py): layers whose correction made them worse on held-out windows, reset to
+    # the self-check (evaluation/selfcheck.py): layers whose correction made them worse on held-out windows, reset to
     # the plain QLoRA start (B = 0), and the check's figures (held-out error ratio per layer, ...)
     layers_reset: list[str] = field(default_factory=list)
     self_check: dict[str, Any] = field(default_factory=dict)
@@ -105,7 +105,7 @@ def replace_lora_weights_quailora(
     model_path: the folder of the full-precision safetensors checkpoint (default: the model's `name_or_path`, a
         local folder or the hub cache, as peft's LoftQ finds it).
     options: settings of a whole-model method (e.g. {"distill_steps": 40}; the InitConfig fields of that name).
-    Self-check (engine/selfcheck.py): before anything is written, each layer's correction is measured through the
+    Self-check (evaluation/selfcheck.py): before anything is written, each layer's correction is measured through the
     layer's own product against W x on held-out windows (about 512 tokens after the first `max_samples` windows when
     the calibration holds them, else a few of the fitted ones); a layer it makes worse is reset to B = 0 (warned,
     and named in `result.layers_reset`), and when more than a few are, ModelError is raised and nothing is written.
@@ -426,7 +426,7 @@ def _lora_settings(peft_model, adapter: str) -> LoraSettings:
 
 
 def _whole_model(name: str, ctx: ModelContext) -> _Computed:
-    """A method of kind "model" (engine/plan.py): its factors, at ranks of its own where it chooses them (the
+    """A method of kind "model" (calibration/plan.py): its factors, at ranks of its own where it chooses them (the
     LoRA layers are then resized, and the adapter's rank_pattern / alpha_pattern say so, keeping s)."""
     built = get_method(name).build(ctx)
     rows = [{"name": path, "rank": (built.ranks or {}).get(path, ctx.plan[path].rank),

@@ -21,9 +21,8 @@ from quailora_app.config import (
     ViewsConfig,
     init_accuracy,
 )
-from quailora_app.engine.from_init import train_config_from_init
+from quailora_app.engine.evaluation.selfcheck import report_lines
 from quailora_app.engine.quiet import quiet_libraries
-from quailora_app.engine.selfcheck import report_lines
 from quailora_app.errors import UserError
 from quailora_app.events import (
     AccuracyPoint,
@@ -38,6 +37,7 @@ from quailora_app.events import (
     Stage,
     TrainStep,
 )
+from quailora_app.flows.from_init import train_config_from_init
 from quailora_app.runs import RunFolder
 from quailora_app.settings import Setting, build, groups, settings
 from quailora_app.threads import apply_thread_policy

@@ -5,8 +5,8 @@ import math
 from dataclasses import dataclass, field
 
 from quailora_app.engine.arms import arm_names, default_arm_names
-from quailora_app.engine.init_math import SOLVERS
-from quailora_app.engine.methods import QLORA, default_method_names, method_names
+from quailora_app.engine.methods.init_math import SOLVERS
+from quailora_app.engine.methods.registry import QLORA, default_method_names, method_names
 from quailora_app.errors import ConfigError
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -109,7 +109,7 @@ NO_TASKS = "none"
 
 @dataclass
 class AccuracyConfig:
-    """Downstream accuracy, scored as lm-evaluation-harness scores multiple choice (engine/accuracy.py): the
+    """Downstream accuracy, scored as lm-evaluation-harness scores multiple choice (engine/evaluation/accuracy.py): the
     log-likelihood of each answer after the prompt, on items the run held out (sources/tasks.py)."""
 
     accuracy_tasks: tuple[str, ...] = field(default=ACCURACY_TASKS, metadata={
@@ -180,7 +180,7 @@ def train_accuracy(tasks: tuple[str, ...] = ()) -> AccuracyConfig:
 
 
 # ------------------------------------------------------------------ settings several configs share, declared once
-#: distill's settings and their defaults (engine/distill.py reads these when a caller leaves one out)
+#: distill's settings and their defaults (engine/methods/distill.py reads these when a caller leaves one out)
 DISTILL_DEFAULTS = {"distill_steps": 8, "distill_lr": 5e-4, "distill_batch": 2}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from quailora_app.cli import build_parser
 from quailora_app.engine.arms import ARM_SPECS
-from quailora_app.engine.methods import all_methods
+from quailora_app.engine.methods.registry import all_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("init", "train", "views")

@@ -229,7 +229,7 @@ def family_init(folder: Path, calibration, heldout: torch.Tensor, *, double_quan
 
     from quailora_app import replace_lora_weights_quailora
     from quailora_app.engine.adapters import lora_layers
-    from quailora_app.engine.calibrate import decoder_layers
+    from quailora_app.engine.calibration.calibrate import decoder_layers
 
     if reference is None:
         full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -1,4 +1,4 @@
-"""Downstream accuracy: the scorer (engine/accuracy.py) against a hand computation of the same log-likelihoods,
+"""Downstream accuracy: the scorer (evaluation/accuracy.py) against a hand computation of the same log-likelihoods,
 the task builders (sources/tasks.py: seeded, held out from the run, clear refusals) and the statistics."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from quailora_app.config import ACCURACY_TASKS, AccuracyConfig, DataConfig, QuantConfig
-from quailora_app.engine.accuracy import (
+from quailora_app.engine.evaluation.accuracy import (
     build_tasks,
     choice_loglikelihoods,
     mcnemar,
@@ -83,7 +83,7 @@ def test_scorer_equals_hand_computation(tiny_model_dir, tiny_tok, precision):
     if precision == "full":
         model = load_full_precision(source, torch.device("cpu"))
     else:
-        from quailora_app.engine.quantize import load_4bit  # bitsandbytes: only this case needs it
+        from quailora_app.engine.quantization.bnb import load_4bit  # bitsandbytes: only this case needs it
 
         model = load_4bit(source, QuantConfig(), torch.device("cpu"), torch.float32)
     task = mixed_task()

@@ -1,6 +1,6 @@
 """Downstream accuracy in the init flow (flows/init.py): every variant is scored on the same held-out items,
 report.json holds accuracy, n, the Wilson interval, the accuracy gap closed and the paired test against QLoRA;
-the baselines' scores are cached with their perplexities (engine/perplexity_cache.py) and read back equal, without
+the baselines' scores are cached with their perplexities (evaluation/perplexity_cache.py) and read back equal, without
 loading the model; `--accuracy-tasks none` skips it. And the BOS token that starts every packed window where the
 tokenizer adds one (sources/data.py)."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ from helpers import TINY_WORDS
 
 from quailora_app.cli import build_parser, init_config, summary_table
 from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig
-from quailora_app.engine import perplexity_cache as pc
-from quailora_app.engine.accuracy import accuracy_gap_closed, paired_test, wilson_interval
+from quailora_app.engine.evaluation import perplexity_cache as pc
+from quailora_app.engine.evaluation.accuracy import accuracy_gap_closed, paired_test, wilson_interval
 from quailora_app.events import Metric, RunFinished, Stage
 from quailora_app.flows import init as init_flow
 from quailora_app.flows.init import run_init

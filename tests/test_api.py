@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 import quailora_app
 from quailora_app import replace_lora_weights_quailora, save_adapter
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig
-from quailora_app.engine.calibrate import hessians_by_hooks
-from quailora_app.engine.init_math import closed_form_correction, damped, svd_correction
-from quailora_app.engine.quantize import dequantized_weight, keep_cpu_layout
+from quailora_app.engine.calibration.calibrate import hessians_by_hooks
+from quailora_app.engine.methods.init_math import closed_form_correction, damped, svd_correction
+from quailora_app.engine.quantization.bnb import dequantized_weight, keep_cpu_layout
 from quailora_app.errors import ConfigError, DataError, ModelError
 from quailora_app.flows.init import run_init
 from quailora_app.sources.data import load_splits

@@ -22,6 +22,8 @@ from helpers import form_settings, launched_app, plot_of, wait_for  # noqa: E402
 from quailora_app.app import uploads as paths  # noqa: E402
 from quailora_app.errors import UserError  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("quick_heartbeat")  # conftest: sessions end within a second of a close
+
 
 @pytest.fixture(scope="module")
 def app_url(allowed, tmp_path_factory):
@@ -203,10 +205,16 @@ def own_runs(pick: dict) -> list[str]:
 
 
 def _live_models() -> int:
+    """Models alive anywhere in the process, the frozen heap included (conftest.frozen_heap; gc.get_objects() leaves
+    frozen objects out). Frozen again after (the module's app too, which then outlives its close: memory only)."""
     from transformers import PreTrainedModel
 
+    gc.unfreeze()
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, PreTrainedModel))
+    try:
+        return sum(1 for o in gc.get_objects() if isinstance(o, PreTrainedModel))
+    finally:
+        gc.freeze()
 
 
 def test_a_job_that_dies_is_failed_keeps_its_files_and_the_next_runs(app_url, tiny_model_dir, monkeypatch):

@@ -50,15 +50,48 @@ def test_strongly_connected_finds_a_cycle():
     assert {frozenset(c) for c in components} == {frozenset("abc"), frozenset("d")}
 
 
-def test_no_import_cycles():
-    """Every import counts, those inside functions included."""
+def import_edges() -> dict[str, set[str]]:
+    """module -> the package modules importing it runs: its imports (those inside functions included) and, since
+    importing a.b.c first runs a/__init__ and a/b/__init__, the packages above each of them."""
     graph = grimp.build_graph("quailora_app")
-    edges = {m: {i for i in graph.find_modules_directly_imported_by(m) if i.startswith("quailora_app")}
-             for m in graph.modules}
-    # a package's __init__ importing its own modules is not a cycle of concerns; drop parent <- child edges
-    edges = {m: {i for i in targets if not m.startswith(i + ".")} for m, targets in edges.items()}
-    cycles = [sorted(c) for c in strongly_connected(edges) if len(c) > 1]
+    edges: dict[str, set[str]] = {}
+    for module in graph.modules:
+        targets = {i for i in graph.find_modules_directly_imported_by(module) if i.startswith("quailora_app")}
+        edges[module] = {ancestor for target in targets for ancestor in with_packages(target)} - {module}
+    return edges
+
+
+def with_packages(module: str) -> set[str]:
+    """`module` and every package above it ("a.b.c" -> {"a", "a.b", "a.b.c"})."""
+    parts = module.split(".")
+    return {".".join(parts[:k]) for k in range(1, len(parts) + 1)}
+
+
+def test_no_import_cycles():
+    """Every import counts, those inside functions and the packages' __init__ included: a package whose __init__
+    imports one of its modules that imports back into the package is a cycle."""
+    cycles = [sorted(c) for c in strongly_connected(import_edges()) if len(c) > 1]
     assert cycles == []
+
+
+def test_a_package_init_importing_its_module_is_a_cycle(tmp_path, monkeypatch):
+    package = tmp_path / "toy_pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("from toy_pkg.sub import leaf\n")  # registers leaf
+    (package / "sub" / "registry.py").write_text("")
+    (package / "sub" / "leaf.py").write_text("from toy_pkg import config\n")
+    (package / "config.py").write_text("from toy_pkg.sub.registry import *\n")  # runs sub/__init__ first
+    monkeypatch.syspath_prepend(str(tmp_path))
+    graph = grimp.build_graph("toy_pkg")
+    edges = {m: {a for i in graph.find_modules_directly_imported_by(m) for a in with_packages(i)} - {m}
+             for m in graph.modules}
+    assert {"toy_pkg.config", "toy_pkg.sub", "toy_pkg.sub.leaf"} in [c for c in strongly_connected(edges) if len(c) > 1]
+
+
+def test_no_module_over_700_lines():
+    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 700}
+    assert long == {}
 
 
 def local_imports_without_reason(path: Path) -> list[str]:

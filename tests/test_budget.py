@@ -1,4 +1,4 @@
-"""Ranks under a budget (engine/budget.py): the allocation is the exact optimum within the parameter budget (brute
+"""Ranks under a budget (methods/budget.py): the allocation is the exact optimum within the parameter budget (brute
 force on small problems, where greedy is not), the per-rank errors match the direct ones, and an init run writes a
 plain peft adapter with a rank_pattern, no more parameters than uniform rank and a summed objective no worse."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
-from quailora_app.engine import init_math
-from quailora_app.engine.budget import allocate, allocate_dp, allocate_greedy
-from quailora_app.engine.methods import get_method, method_names, model_method_names
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.methods.budget import allocate, allocate_dp, allocate_greedy
+from quailora_app.engine.methods.registry import get_method, method_names, model_method_names
 from quailora_app.events import RunFinished
 from quailora_app.flows.init import run_init
 
@@ -127,7 +127,7 @@ def budget_run(tiny_model_dir, text_file, labelled, tmp_path_factory):
     model the accuracy scorer was handed, in scoring order."""
     from transformers import AutoTokenizer
 
-    from quailora_app.engine.evaluate import perplexity
+    from quailora_app.engine.evaluation.evaluate import perplexity
     from quailora_app.flows import init as init_flow
     from quailora_app.sources.data import load_splits
 
@@ -194,8 +194,8 @@ def test_budget_adapter_loads_with_plain_peft_to_the_reported_perplexity(budget_
     from peft import PeftModel
 
     from quailora_app.engine.adapters import lora_layers
-    from quailora_app.engine.evaluate import perplexity
-    from quailora_app.engine.quantize import load_4bit
+    from quailora_app.engine.evaluation.evaluate import perplexity
+    from quailora_app.engine.quantization.bnb import load_4bit
     from quailora_app.sources.data import load_splits
     from quailora_app.sources.models import ModelSource, load_tokenizer
 
@@ -219,8 +219,8 @@ def test_each_variants_accuracy_is_scored_on_the_model_its_perplexity_comes_from
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from quailora_app.engine.accuracy import build_tasks, score_task
-    from quailora_app.engine.quantize import load_4bit
+    from quailora_app.engine.evaluation.accuracy import build_tasks, score_task
+    from quailora_app.engine.quantization.bnb import load_4bit
     from quailora_app.sources.data import load_splits
     from quailora_app.sources.models import ModelSource
 
@@ -283,7 +283,7 @@ def test_the_api_resizes_the_users_lora_to_the_same_ranks(budget_run, tiny_model
 
     from quailora_app import replace_lora_weights_quailora
     from quailora_app.engine.adapters import lora_layers
-    from quailora_app.engine.quantize import keep_cpu_layout
+    from quailora_app.engine.quantization.bnb import keep_cpu_layout
     from quailora_app.sources.data import load_splits
 
     _, report, _ = budget_run

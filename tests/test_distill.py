@@ -1,4 +1,4 @@
-"""The model-level refinement `distill` (engine/distill.py): its full-precision targets are the full model's logits,
+"""The model-level refinement `distill` (methods/distill.py): its full-precision targets are the full model's logits,
 it lowers the KL to them on the windows it trains on, it never touches Q and leaves the model as it found it, and it
 runs end to end through the init flow (report, figures, app views) and through the Python API."""
 from __future__ import annotations
@@ -14,13 +14,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from quailora_app import replace_lora_weights_quailora
 from quailora_app.app import presenters
 from quailora_app.config import DISTILL_DEFAULTS, DataConfig, InitConfig, LoraSettings, ModelConfig, TrainConfig
-from quailora_app.engine import distill
 from quailora_app.engine.adapters import attach_lora, write_factors
+from quailora_app.engine.calibration.initialize import InitResult, initialize
+from quailora_app.engine.calibration.plan import ModelContext, uniform_plan
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.initialize import InitResult, initialize
-from quailora_app.engine.methods import get_method, model_method_names
-from quailora_app.engine.plan import ModelContext, uniform_plan
-from quailora_app.engine.quantize import linear4bit_modules
+from quailora_app.engine.methods import distill
+from quailora_app.engine.methods.registry import get_method, model_method_names
+from quailora_app.engine.quantization.bnb import linear4bit_modules
 from quailora_app.errors import ConfigError
 from quailora_app.events import RunFinished
 from quailora_app.flows.init import run_init

@@ -112,7 +112,7 @@ def test_exported_adapter_fine_tunes_with_trainer(runs, tiny_model_dir, text_fil
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments
 
-    from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules
+    from quailora_app.engine.quantization.bnb import dequantized_weight, linear4bit_modules
 
     _, two, _ = runs
 

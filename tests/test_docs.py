@@ -29,7 +29,7 @@ def test_the_flag_table_lists_every_flag_help_prints(command):
 
 
 def test_a_new_method_makes_the_docs_stale(monkeypatch):
-    from quailora_app.engine import methods
+    from quailora_app.engine.methods import registry as methods
 
     methods.register_method("half_svd_docs_probe", label="probe", colour="#000000", help="a probe")(
         lambda E, spec, rank, **o: None)

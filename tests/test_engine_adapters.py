@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from quailora_app.config import LoraSettings, QuantConfig
-from quailora_app.engine import init_math
 from quailora_app.engine.adapters import attach_lora, lora_layers, read_factors, save_adapter, write_factors
-from quailora_app.engine.plan import target_paths
-from quailora_app.engine.quantize import dequantized_weight, load_4bit
+from quailora_app.engine.calibration.plan import target_paths
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.quantization.bnb import dequantized_weight, load_4bit
 from quailora_app.sources.models import ModelSource
 
 

@@ -2,9 +2,9 @@
 import torch
 
 from quailora_app.config import QuantConfig
-from quailora_app.engine.calibrate import calibrate_blocks, hessians_by_hooks, target_names
+from quailora_app.engine.calibration.calibrate import calibrate_blocks, hessians_by_hooks, target_names
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.quantize import load_4bit
+from quailora_app.engine.quantization.bnb import load_4bit
 from quailora_app.errors import ConfigError
 from quailora_app.sources.models import ModelSource, load_full_precision
 

@@ -59,8 +59,8 @@ def test_events_jsonl_mirrors_the_stream(finished):
 def test_adapters_reload_to_the_reported_perplexity(finished, tiny_model_dir, text_file):
     from peft import PeftModel
 
-    from quailora_app.engine.evaluate import perplexity
-    from quailora_app.engine.quantize import load_4bit
+    from quailora_app.engine.evaluation.evaluate import perplexity
+    from quailora_app.engine.quantization.bnb import load_4bit
     from quailora_app.sources.data import load_splits
     from quailora_app.sources.models import ModelSource, load_tokenizer
 
@@ -130,7 +130,7 @@ def test_stop_keeps_what_was_done(tiny_model_dir, text_file, tmp_path, checks, w
         from peft import PeftModel
 
         from quailora_app.engine.adapters import read_factors
-        from quailora_app.engine.quantize import load_4bit
+        from quailora_app.engine.quantization.bnb import load_4bit
         from quailora_app.sources.models import resolve_model
 
         assert report["partial_adapters"]["blocks_done"] == 1 and report["partial_adapters"]["blocks"] == 2

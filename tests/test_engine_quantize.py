@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from quailora_app.config import QuantConfig
-from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules, load_4bit, load_8bit
+from quailora_app.engine.quantization.bnb import dequantized_weight, linear4bit_modules, load_4bit, load_8bit
 from quailora_app.sources.models import ModelSource
 
 

@@ -22,7 +22,7 @@ from quailora_app.app.reopen import (
     open_run,
 )
 from quailora_app.engine.arms import default_arm_names
-from quailora_app.engine.methods import method_names
+from quailora_app.engine.methods.registry import method_names
 from quailora_app.errors import UserError
 from quailora_app.plots import figures as F
 from quailora_app.runs import RunFolder

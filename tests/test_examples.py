@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from quailora_app import DataConfig, InitConfig, LoraSettings, ModelConfig, keep_cpu_layout, run_init
-from quailora_app.engine.evaluate import perplexity
+from quailora_app.engine.evaluation.evaluate import perplexity
 from quailora_app.sources.data import load_splits
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

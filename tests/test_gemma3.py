@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from quailora_app.config import QuantConfig
-from quailora_app.engine.calibrate import calibrate_blocks, hessians_by_hooks
+from quailora_app.engine.calibration.calibrate import calibrate_blocks, hessians_by_hooks
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules, load_4bit
+from quailora_app.engine.quantization.bnb import dequantized_weight, linear4bit_modules, load_4bit
 from quailora_app.errors import ModelError
 from quailora_app.sources import models
 from quailora_app.sources.embedded_packages import EMBEDDED_PACKAGES

@@ -1,4 +1,4 @@
-"""Behaviour of the pure initialization math (quailora_app.engine.init_math)."""
+"""Behaviour of the pure initialization math (quailora_app.engine.methods.init_math)."""
 from __future__ import annotations
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from quailora_app.engine import init_math
-from quailora_app.engine.init_math import (
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.methods.init_math import (
     DampedH,
     LowRankErrors,
     calibrated_error,

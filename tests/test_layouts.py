@@ -8,7 +8,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from quailora_app.engine.quantize import dequantized_weight
+from quailora_app.engine.quantization.bnb import dequantized_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The perplexity cache (engine/perplexity_cache.py): a hit is exactly the number a fresh measurement gives and says
+"""The perplexity cache (evaluation/perplexity_cache.py): a hit is exactly the number a fresh measurement gives and says
 so in the report and the events; a changed key misses; a damaged entry is ignored and measured again."""
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
-from quailora_app.engine import perplexity_cache as pc
+from quailora_app.engine.evaluation import perplexity_cache as pc
 from quailora_app.events import Metric, RunFinished, Stage
 from quailora_app.flows.init import run_init
 

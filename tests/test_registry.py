@@ -10,17 +10,17 @@ import torch
 from quailora_app.app.forms import arm_choices, method_choices
 from quailora_app.cli import build_parser
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig, TrainConfig
-from quailora_app.engine import init_math
 from quailora_app.engine.arms import ArmSpec, register_arm, unregister_arm
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.methods import (
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.methods.registry import (
     get_method,
     method_names,
     per_layer_names,
     register_method,
     unregister_method,
 )
-from quailora_app.engine.quantize import load_4bit
+from quailora_app.engine.quantization.bnb import load_4bit
 from quailora_app.errors import ConfigError
 from quailora_app.events import RunFinished
 from quailora_app.flows.init import run_init

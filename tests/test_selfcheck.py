@@ -1,4 +1,4 @@
-"""The self-check (engine/selfcheck.py) on every path that writes an initialization: a layer whose correction was
+"""The self-check (evaluation/selfcheck.py) on every path that writes an initialization: a layer whose correction was
 fitted to a wrong Q is measured through the layer's own product, reset to the plain QLoRA start (B = 0) and named;
 the rest are kept. The API refuses when more than a few layers get worse, leaving the adapter as it was; the init
 flow and fine-tuning from an init run report the reset layers (report["layers_reset"]) and the CLI says so."""
@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from quailora_app import replace_lora_weights_quailora
 from quailora_app.cli import summary_table, train_table
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig, TrainConfig
-from quailora_app.engine import initialize as initialize_module
 from quailora_app.engine.adapters import Factors
-from quailora_app.engine.evaluate import check_adapter_applied
-from quailora_app.engine.quantize import dequantized_weight
-from quailora_app.engine.selfcheck import max_resets, plain_start
+from quailora_app.engine.calibration import initialize as initialize_module
+from quailora_app.engine.evaluation.evaluate import check_adapter_applied
+from quailora_app.engine.evaluation.selfcheck import max_resets, plain_start
+from quailora_app.engine.quantization.bnb import dequantized_weight
 from quailora_app.errors import ModelError
 from quailora_app.flows.init import run_init
 from quailora_app.flows.train import run_train

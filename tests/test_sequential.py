@@ -1,4 +1,4 @@
-"""Error feedback (engine/sequential.py, method "sequential"): the math is the least-squares fit it claims; where the
+"""Error feedback (methods/sequential.py, method "sequential"): the math is the least-squares fit it claims; where the
 4-bit model's inputs equal the full-precision ones (no quantization error upstream) it is closed_form; it runs end to
 end through the init flow and through the Python API on a user's PeftModel, with the same factors."""
 import json
@@ -12,13 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quailora_app import replace_lora_weights_quailora
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
-from quailora_app.engine.calibrate import hessians_by_hooks
+from quailora_app.engine.calibration.calibrate import hessians_by_hooks
+from quailora_app.engine.calibration.plan import ModelContext, uniform_plan
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.init_math import closed_form_correction, damped, split_factors
-from quailora_app.engine.methods import MODEL, get_method, model_method_names
-from quailora_app.engine.plan import ModelContext, uniform_plan
-from quailora_app.engine.quantize import dequantized_weight, load_4bit
-from quailora_app.engine.sequential import feedback_correction, feedback_objective, feedback_target
+from quailora_app.engine.methods.init_math import closed_form_correction, damped, split_factors
+from quailora_app.engine.methods.registry import MODEL, get_method, model_method_names
+from quailora_app.engine.methods.sequential import feedback_correction, feedback_objective, feedback_target
+from quailora_app.engine.quantization.bnb import dequantized_weight, load_4bit
 from quailora_app.events import RunFinished
 from quailora_app.flows.init import run_init
 from quailora_app.sources.data import load_splits
@@ -221,8 +221,8 @@ def test_residual_writers_and_the_option_that_turns_them_off(tiny_model_dir, tex
     options {"sequential_residual": False} every layer aims at its own full-precision output: the same fits up to
     block 0's gate/up (the residual error o_proj sees there is zero: both streams start from the same embeddings),
     different from block 0's down_proj on."""
-    from quailora_app.engine.calibrate import build_full_precision_block, capture_block_inputs
-    from quailora_app.engine.sequential import residual_writers
+    from quailora_app.engine.calibration.calibrate import build_full_precision_block, capture_block_inputs
+    from quailora_app.engine.methods.sequential import residual_writers
 
     source = ModelSource("tiny", tiny_model_dir)
     model = load_4bit(source, QuantConfig(), CPU, torch.float32)

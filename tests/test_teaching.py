@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from quailora_app.config import QuantConfig
-from quailora_app.engine import init_math
-from quailora_app.engine.calibrate import calibrate_blocks
+from quailora_app.engine.calibration.calibrate import calibrate_blocks
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules, load_4bit
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.quantization.bnb import dequantized_weight, linear4bit_modules, load_4bit
 from quailora_app.plots import teaching as TF
 from quailora_app.sources.models import ModelSource
 from quailora_app.teaching.how_it_works import how_it_works_markdown

@@ -95,9 +95,9 @@ def test_step0_perplexity_matches_the_init_engine(run4, tiny_model_dir, text_fil
 def test_default_init_leaves_the_base_output_unchanged(base, tiny_model_dir, text_file):
     """Why a default-init arm's step-0 perplexity can reuse its base's reference perplexity: B = 0 adds exactly 0."""
     from quailora_app.engine.adapters import attach_lora
-    from quailora_app.engine.evaluate import perplexity
-    from quailora_app.engine.plan import target_paths
-    from quailora_app.engine.quantize import load_8bit
+    from quailora_app.engine.calibration.plan import target_paths
+    from quailora_app.engine.evaluation.evaluate import perplexity
+    from quailora_app.engine.quantization.bnb import load_8bit
     from quailora_app.sources.models import ModelSource, load_full_precision
 
     source, cpu = ModelSource("tiny", tiny_model_dir), torch.device("cpu")
@@ -158,7 +158,7 @@ def test_cli_stream_equals_the_library_stream(run4, tiny_model_dir, text_file, t
 def test_stop_mid_run_saves_loadable_adapters(tiny_model_dir, text_file, tmp_path):
     from peft import PeftModel
 
-    from quailora_app.engine.quantize import load_8bit
+    from quailora_app.engine.quantization.bnb import load_8bit
     from quailora_app.sources.models import ModelSource
 
     cfg = TrainConfig(*settings(tiny_model_dir, text_file), arms=("qlora4", "qlora8"), **{**TRAIN_KW, "steps": 6})

@@ -9,8 +9,8 @@ import pytest
 from quailora_app import cli
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig, TrainConfig
 from quailora_app.engine.arms import ARM_SPECS, ArmSpec
-from quailora_app.engine.from_init import read_init_run, train_config_from_init
 from quailora_app.errors import ConfigError
+from quailora_app.flows.from_init import read_init_run, train_config_from_init
 from quailora_app.flows.init import run_init
 from quailora_app.flows.train import run_train
 

@@ -26,9 +26,9 @@ from quailora_app.config import (
     ViewsConfig,
 )
 from quailora_app.engine.arms import ARM_SPECS
-from quailora_app.engine.from_init import conflicts, read_init_run, train_config_from_init
-from quailora_app.engine.methods import BASELINE, all_methods
+from quailora_app.engine.methods.registry import BASELINE, all_methods
 from quailora_app.errors import UserError, one_line
+from quailora_app.flows.from_init import conflicts, read_init_run, train_config_from_init
 from quailora_app.settings import Setting, build, settings
 from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset, format_of
 
@@ -152,7 +152,7 @@ def make_train_config(values: Mapping[str, Any]) -> TrainConfig:
 
 
 #: the step 3 settings a fine-tuning run that starts from an init run takes from the form; the model, data cut,
-#: quantization, LoRA shape and held-out tokens are the init run's (engine/from_init.py)
+#: quantization, LoRA shape and held-out tokens are the init run's (flows/from_init.py)
 TRAINING_ONLY = ("arms", "steps", "learning_rate", "batch_size", "grad_accum", "eval_every", "warmup_ratio")
 
 
@@ -272,7 +272,7 @@ def session_owner(session: dict | None) -> tuple[dict, str]:
 
 
 def method_choices() -> list[tuple[str, str]]:
-    """(label, name) of every registered method for the form's checkboxes (engine/methods.py), read when the
+    """(label, name) of every registered method for the form's checkboxes (engine/methods/registry.py), read when the
     form is built."""
     return [(m.short + (" (baseline, always on)" if m.kind == BASELINE else ""), m.name) for m in all_methods()]
 

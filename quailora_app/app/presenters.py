@@ -31,8 +31,8 @@ from quailora_app.app.reopen import (
     open_run,
 )
 from quailora_app.config import ALL_LINEAR, ModelConfig
-from quailora_app.engine.methods import QLORA, method_names
-from quailora_app.engine.selfcheck import report_lines
+from quailora_app.engine.evaluation.selfcheck import report_lines
+from quailora_app.engine.methods.registry import QLORA, method_names
 from quailora_app.errors import UserError, one_line
 from quailora_app.plots import figures as F
 from quailora_app.runs import RunFolder

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from quailora_app.engine.evaluate import perplexity
-from quailora_app.engine.methods import ANCHOR, BASELINE, get_method
+from quailora_app.engine.evaluation.evaluate import perplexity
+from quailora_app.engine.methods.registry import ANCHOR, BASELINE, get_method
 
 BASES = ("4bit", "8bit", "full")
 
@@ -31,7 +31,7 @@ class ArmSpec:
 
     name: str
     base: str  # "4bit" (the config's NF4/FP4), "8bit" (LLM.int8) or "full" (unquantized)
-    init: str  # a method of engine/methods.py computed per layer or over the whole model, or its qlora baseline
+    init: str  # a method of methods/registry.py computed per layer or over the whole model, or its qlora baseline
     # (peft default: B = 0)
     label: str  # the report's label
     short: str  # legend and checkbox label

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from quailora_app.engine.calibrate import HessianAccumulator
+from quailora_app.engine.calibration.calibrate import HessianAccumulator
 from quailora_app.errors import ConfigError
 
 

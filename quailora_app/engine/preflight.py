@@ -42,7 +42,7 @@ import torch
 
 from quailora_app.config import ALL_LINEAR, InitConfig, TrainConfig
 from quailora_app.engine.arms import ARM_SPECS
-from quailora_app.engine.init_math import check_rank
+from quailora_app.engine.methods.init_math import check_rank
 from quailora_app.errors import ModelError
 from quailora_app.sources.models import check_context, trust_remote_code
 from quailora_app.units import GIB, format_bytes

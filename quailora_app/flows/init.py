@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 
 from quailora_app.config import InitConfig
-from quailora_app.engine.accuracy import (
+from quailora_app.engine.adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
+from quailora_app.engine.calibration.calibrate import decoder_layers
+from quailora_app.engine.calibration.initialize import InitResult, initialize
+from quailora_app.engine.calibration.plan import run_model_method, target_paths
+from quailora_app.engine.evaluation.accuracy import (
     TaskScore,
     accuracy_gap_closed,
     build_tasks,
@@ -25,28 +29,22 @@ from quailora_app.engine.accuracy import (
     task_fingerprint,
     task_score,
 )
-from quailora_app.engine.adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
-from quailora_app.engine.calibrate import decoder_layers
-from quailora_app.engine.evaluate import PROBE_TOKENS, check_adapter_applied, gap_closed, perplexity
-from quailora_app.engine.initialize import InitResult, initialize
-from quailora_app.engine.methods import MODEL, QLORA, get_method
-from quailora_app.engine.parallel import Processes
-from quailora_app.engine.perplexity_cache import (
-    accuracy_key,
+from quailora_app.engine.evaluation.accuracy_cache import accuracy_key, read_cached_accuracy, write_cached_accuracy
+from quailora_app.engine.evaluation.evaluate import PROBE_TOKENS, check_adapter_applied, gap_closed, perplexity
+from quailora_app.engine.evaluation.perplexity_cache import (
     four_bit_variant,
     full_variant,
     int8_variant,
     perplexity_key,
     read_cached,
-    read_cached_accuracy,
     write_cached,
-    write_cached_accuracy,
 )
-from quailora_app.engine.plan import run_model_method, target_paths
+from quailora_app.engine.evaluation.selfcheck import check_window_count, self_check
+from quailora_app.engine.methods.registry import MODEL, QLORA, get_method
+from quailora_app.engine.parallel import Processes
 from quailora_app.engine.preflight import preflight_init
-from quailora_app.engine.quantize import int8_dtype, load_8bit
+from quailora_app.engine.quantization.bnb import int8_dtype, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
-from quailora_app.engine.selfcheck import check_window_count, self_check
 from quailora_app.errors import Cancelled, ConfigError, DataError, one_line
 from quailora_app.events import Event, Log, Metric, Progress, RunFinished, Stage
 from quailora_app.flows.prepare import prepare
@@ -176,7 +174,7 @@ class InitRun:
     def _self_check(self, model, checkpoint, splits, dtype) -> Iterator[Event]:
         """Every method's factors measured through each layer's own product on held-out windows (the first
         training windows: documents the fit never saw); a layer a per-layer method makes worse is reset to B = 0
-        (engine/selfcheck.py) before anything is evaluated or saved."""
+        (engine/evaluation/selfcheck.py) before anything is evaluated or saved."""
         corrections = {m: f for m, f in self.factors.items() if m != QLORA and f}
         if not corrections:
             return
@@ -230,7 +228,7 @@ class InitRun:
     def _evaluate_methods(self, model, source, eval_ids) -> Iterator[Event]:
         """Each method's held-out perplexity on the one 4-bit base, its factors swapped into one peft model, and
         its adapter saved. qlora's (B = 0: the plain 4-bit base) comes from the perplexity cache when measured
-        before with the same weights, tokens and numerics (engine/perplexity_cache.py)."""
+        before with the same weights, tokens and numerics (engine/evaluation/perplexity_cache.py)."""
         cfg, seconds = self.cfg, self.report["seconds"]
         yield self.rec.emit(Stage("evaluate", f"held-out perplexity on {eval_ids.numel()} tokens, "
                                               "adapters saved per method"))
@@ -324,7 +322,7 @@ class InitRun:
 
     # -- downstream accuracy ----------------------------------------------------------------------------
     def _build_tasks(self, splits) -> Iterator[Event]:
-        """The tasks cfg.accuracy asks for, held out from this run's calibration documents (engine/accuracy.py
+        """The tasks cfg.accuracy asks for, held out from this run's calibration documents (evaluation/accuracy.py
         build_tasks). A task that cannot be built here (too little text, no labels, ...) is left out with a
         warning and the reason in report["accuracy_unavailable"]: perplexity still runs."""
         acc = self.cfg.accuracy

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from quailora_app.config import InitConfig
-from quailora_app.engine.initialize import InitResult, initialize
+from quailora_app.engine.calibration.initialize import InitResult, initialize
+from quailora_app.engine.calibration.plan import target_paths
 from quailora_app.engine.parallel import Processes
-from quailora_app.engine.plan import target_paths
 from quailora_app.engine.preflight import preflight_init
 from quailora_app.errors import ConfigError, UserError
 from quailora_app.flows.init import run_init

@@ -15,7 +15,7 @@ import torch
 
 from quailora_app.config import DataConfig, ModelConfig, QuantConfig
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.quantize import load_4bit
+from quailora_app.engine.quantization.bnb import load_4bit
 from quailora_app.errors import Cancelled
 from quailora_app.events import Event, Log, Stage
 from quailora_app.sources.data import TokenSplits, load_splits

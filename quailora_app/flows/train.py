@@ -6,7 +6,7 @@ once; the whole-model methods, distill, sequential and budget, run after it, dis
 LoRA attached (at per-layer ranks for budget), step-0 perplexity -> training -> per arm: adapter saved,
 ArmFinished -> report.
 
-From a finished init run (cfg.from_init, engine/from_init.py): its settings fix the model, the data cut, the
+From a finished init run (cfg.from_init, flows/from_init.py): its settings fix the model, the data cut, the
 quantization and the LoRA shape, so the held-out and calibration windows are the init run's. Then the reference
 perplexities and the step-0 perplexities of qlora4 and of every arm whose factors are loaded are the init report's
 (no measurement, when measured on the same kind of device and compute dtype), and the 4-bit arms whose method the
@@ -15,7 +15,7 @@ init run saved load its adapters/<method>/ factors instead of calibrating. Arms 
 so. What is left before the first step is loading the arms' base models. report["from_init"] names the run.
 
 Downstream accuracy (cfg.accuracy, off unless asked): at every evaluation each arm is also scored on the tasks
-(engine/accuracy.py, as the init flow scores its variants), one AccuracyPoint per arm, step and task, each with its
+(evaluation/accuracy.py, as the init flow scores its variants), one AccuracyPoint per arm, step and task, each with its
 95% Wilson interval. Items are documents the run held out: neither calibration nor training text. From an init run
 that scored accuracy, the tasks are built as it built them (it reserved only its calibration documents), less the
 items about this run's training documents; when they are the init run's (the same task fingerprint, the same kind
@@ -53,7 +53,11 @@ from pathlib import Path
 import torch
 
 from quailora_app.config import TrainConfig
-from quailora_app.engine.accuracy import (
+from quailora_app.engine.adapters import attach_lora, load_factors, save_adapter, write_factors
+from quailora_app.engine.arms import ARM_SPECS, Arm, ArmSpec, batch_hash
+from quailora_app.engine.calibration.initialize import InitResult, initialize
+from quailora_app.engine.calibration.plan import run_model_method, target_paths
+from quailora_app.engine.evaluation.accuracy import (
     accuracy_gap_closed,
     build_tasks,
     paired_test,
@@ -61,17 +65,12 @@ from quailora_app.engine.accuracy import (
     task_fingerprint,
     wilson_interval,
 )
-from quailora_app.engine.adapters import attach_lora, load_factors, save_adapter, write_factors
-from quailora_app.engine.arms import ARM_SPECS, Arm, ArmSpec, batch_hash
-from quailora_app.engine.evaluate import gap_closed, perplexity
-from quailora_app.engine.from_init import InitSource, check_against_init, read_init_run, same_held_out
-from quailora_app.engine.initialize import InitResult, initialize
-from quailora_app.engine.methods import MODEL, QLORA, get_method
-from quailora_app.engine.plan import run_model_method, target_paths
+from quailora_app.engine.evaluation.evaluate import gap_closed, perplexity
+from quailora_app.engine.evaluation.selfcheck import SelfCheck, check_window_count, self_check
+from quailora_app.engine.methods.registry import MODEL, QLORA, get_method
 from quailora_app.engine.preflight import available_bytes, preflight_train, train_estimate
-from quailora_app.engine.quantize import load_4bit, load_8bit
+from quailora_app.engine.quantization.bnb import load_4bit, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
-from quailora_app.engine.selfcheck import SelfCheck, check_window_count, self_check
 from quailora_app.errors import ConfigError, DataError, one_line
 from quailora_app.events import (
     AccuracyPoint,
@@ -85,6 +84,7 @@ from quailora_app.events import (
     Stage,
     TrainStep,
 )
+from quailora_app.flows.from_init import InitSource, check_against_init, read_init_run, same_held_out
 from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory, opening_report
 from quailora_app.runs import Report, RunFolder
@@ -138,7 +138,7 @@ class TrainRun:
         self.tokenizer = None
         self.keep: dict[str, list[int]] = {}  # task kind -> its items' indices in the init run's task
         self.init_accuracy: dict[str, dict] = {}  # task kind -> the init report's entry, when its items are these
-        self.checked: dict[str, dict[str, SelfCheck]] = {}  # base -> method -> its self-check (engine/selfcheck.py)
+        self.checked: dict[str, dict[str, SelfCheck]] = {}  # base -> method -> its self-check (evaluation/selfcheck.py)
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _summarize(self) -> None:
@@ -427,7 +427,7 @@ class TrainRun:
     def _self_check(self, base: str, model) -> Iterator[Event]:
         """The initializations on `base` not checked yet, loaded from an init run or computed here, measured through
         each layer's own product on held-out windows (the first training windows, which no fit saw); a layer a
-        per-layer method makes worse is reset to B = 0 before any arm starts from it (engine/selfcheck.py)."""
+        per-layer method makes worse is reset to B = 0 before any arm starts from it (evaluation/selfcheck.py)."""
         done = self.checked.setdefault(base, {})
         todo = {m: self.factors[base][m] for m in self._inits(base) if m not in done and m in self.factors[base]}
         if not todo:

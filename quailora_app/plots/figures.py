@@ -14,12 +14,12 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from quailora_app.engine.arms import find_arm
-from quailora_app.engine.evaluate import gap_closed
-from quailora_app.engine.methods import QLORA, find_method, method_names
+from quailora_app.engine.evaluation.evaluate import gap_closed
+from quailora_app.engine.methods.registry import QLORA, find_method, method_names
 from quailora_app.units import format_bytes
 
 #: The reference models measured beside the methods: name -> (label, short label, colour). Methods and arms
-#: take theirs from engine/methods.py and engine/arms.py.
+#: take theirs from engine/methods/registry.py and engine/arms.py.
 REFERENCES = {"full": ("full precision", "full precision", "#4d4d4d"), "int8": ("8-bit (LLM.int8)", "8-bit", "#8c8c8c")}
 _FALLBACK = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#9467bd")
 

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 import plotly.offline
 from plotly.subplots import make_subplots
 
-from quailora_app.engine.methods import QLORA, find_method
+from quailora_app.engine.methods.registry import QLORA, find_method
 from quailora_app.errors import one_line
 from quailora_app.teaching.how_it_works import how_it_works_markdown
 from quailora_app.teaching.layer_views import CalibrationView, InsideLayer
@@ -59,7 +59,7 @@ HARM_GAIN_CAPTION = ("Each point: one model, text and LoRA rank (bigger: higher 
 
 
 def label(name: str) -> str:
-    """The method's legend in the teaching views (engine/methods.py)."""
+    """The method's legend in the teaching views (engine/methods/registry.py)."""
     method = find_method(name)
     return method.legend if method else name
 

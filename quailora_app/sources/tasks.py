@@ -1,4 +1,4 @@
-"""Downstream tasks as multiple-choice items, scored (engine/accuracy.py) the way lm-evaluation-harness scores
+"""Downstream tasks as multiple-choice items, scored (evaluation/accuracy.py) the way lm-evaluation-harness scores
 its multiple-choice tasks: the log-likelihood of each answer after the prompt, no generation.
 
 Two kinds, so every dataset has an accuracy:

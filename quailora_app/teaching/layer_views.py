@@ -5,7 +5,7 @@
 2. `calibration_view`: singular values of E and of E H^1/2, the share of the calibrated error a rank-k
    correction can remove with and without calibration, and the input channels dominating H.
 
-Every correction is the engine's (engine/methods.py, on the damped H initialize() uses) and every error figure
+Every correction is the engine's (engine/methods/registry.py, on the damped H initialize() uses) and every error figure
 is the engine's meter (init_math.LowRankErrors).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quailora_app.engine import init_math
-from quailora_app.engine.methods import QLORA, Method, find_method, per_layer_names
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.methods.registry import QLORA, Method, find_method, per_layer_names
 from quailora_app.errors import ConfigError
 from quailora_app.teaching.snapshot import LayerSnapshot
 

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.methods import QLORA
-from quailora_app.engine.quantize import linear4bit_modules, plain_codes
+from quailora_app.engine.methods.registry import QLORA
+from quailora_app.engine.quantization.bnb import linear4bit_modules, plain_codes
 from quailora_app.errors import ConfigError
 from quailora_app.units import MIB
 

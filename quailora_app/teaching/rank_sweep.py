@@ -9,11 +9,11 @@ import numpy as np
 
 from quailora_app.config import ALL_LINEAR, LoraSettings
 from quailora_app.engine.adapters import attach_lora, write_factors
-from quailora_app.engine.evaluate import perplexity
-from quailora_app.engine.initialize import InitResult, initialize
-from quailora_app.engine.methods import QLORA, per_layer_names
-from quailora_app.engine.plan import target_paths
-from quailora_app.engine.quantize import calibration_dtype
+from quailora_app.engine.calibration.initialize import InitResult, initialize
+from quailora_app.engine.calibration.plan import target_paths
+from quailora_app.engine.evaluation.evaluate import perplexity
+from quailora_app.engine.methods.registry import QLORA, per_layer_names
+from quailora_app.engine.quantization.bnb import calibration_dtype
 from quailora_app.errors import Cancelled, ConfigError
 from quailora_app.teaching.layer_views import per_layer_method
 from quailora_app.teaching.snapshot import LayerSnapshot, ViewsContext

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from quailora_app.config import ALL_LINEAR, DataConfig, ModelConfig, QuantConfig
-from quailora_app.engine import init_math
-from quailora_app.engine.calibrate import calibrate_blocks, decoder_layers, target_names
+from quailora_app.engine.calibration.calibrate import calibrate_blocks, decoder_layers, target_names
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.quantize import dequantized_weight, linear4bit_modules, plain_codes
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.quantization.bnb import dequantized_weight, linear4bit_modules, plain_codes
 from quailora_app.errors import ConfigError
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from quailora_app.config import ALL_LINEAR
-from quailora_app.engine.calibrate import decoder_layers
+from quailora_app.engine.calibration.calibrate import decoder_layers
 from quailora_app.teaching.layer_views import CalibrationView, InsideLayer, calibration_view, corrections, inside_layer
 from quailora_app.teaching.precision import PrecisionTable, inventory_of_model, precision_table
 from quailora_app.teaching.rank_sweep import DEFAULT_RANKS, RankSweep, rank_sweep, sweep_perplexity

@@ -10,11 +10,8 @@ transformers, bitsandbytes and peft, and evaluate.PERPLEXITY_VERSION (bumped whe
 baseline is loaded changes). So a hit is the number a fresh measurement gives, bit for bit. The file repeats its
 key, compared on reading: a hash collision, a damaged or a foreign file is a miss, measured and written again.
 
-Downstream accuracies of the same models are kept the same way (`accuracy_key`, `read_cached_accuracy`,
-`write_cached_accuracy`): the entry holds the choice picked per item, so the per-item hits (and the paired tests
-built on them) come back, not only the rate; the key holds the task's fingerprint (its prompts, items and
-answers: engine/accuracy.py `task_fingerprint`), the tokenizer's files, the tokens per forward pass and
-engine/accuracy.py's ACCURACY_VERSION in place of the held-out tokens.
+The store itself (`read_entry` / `write_entry`: one JSON file per key, which it repeats) also keeps downstream
+accuracies (accuracy_cache.py).
 
 QUAILORA_PERPLEXITY_CACHE: the folder (default <QUAILORA_CACHE>/perplexity), or "off".
 """
@@ -27,7 +24,7 @@ import math
 import os
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +32,7 @@ from typing import Any
 import torch
 
 from quailora_app.config import QuantConfig
-from quailora_app.engine.accuracy import ACCURACY_VERSION
-from quailora_app.engine.evaluate import PERPLEXITY_VERSION
+from quailora_app.engine.evaluation.evaluate import PERPLEXITY_VERSION
 from quailora_app.runs import write_json_atomic
 from quailora_app.sources.models import cache_dir
 
@@ -143,19 +139,19 @@ def perplexity_key(variant: Mapping[str, Any], folder: str | Path, eval_ids: tor
             "libraries": library_versions()}
 
 
-def _entry_path(folder: Path, key: Mapping[str, Any]) -> Path:
+def entry_path(folder: Path, key: Mapping[str, Any]) -> Path:
     digest = _sha256(json.dumps(key, sort_keys=True).encode())
     prefix = "acc-" if "task" in key else ""
     return folder / f"{prefix}{key['variant'].get('model', 'model')}-{digest[:40]}.json"
 
 
-def _read_entry(key: Mapping[str, Any]) -> dict | None:
+def read_entry(key: Mapping[str, Any]) -> dict | None:
     """The cache entry stored under `key` (its file repeats the key), or None."""
     folder = cache_folder()
     if folder is None:
         return None
     try:
-        entry = json.loads(_entry_path(folder, key).read_text())
+        entry = json.loads(entry_path(folder, key).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(entry, dict) or entry.get("key") != json.loads(json.dumps(key)):
@@ -163,12 +159,12 @@ def _read_entry(key: Mapping[str, Any]) -> dict | None:
     return entry
 
 
-def _write_entry(key: Mapping[str, Any], values: Mapping[str, Any], seconds: float) -> Path | None:
+def write_entry(key: Mapping[str, Any], values: Mapping[str, Any], seconds: float) -> Path | None:
     """Store `values` under `key` (atomically); None when the cache is off or the folder cannot be written."""
     folder = cache_folder()
     if folder is None:
         return None
-    path = _entry_path(folder, key)
+    path = entry_path(folder, key)
     entry = {"key": dict(key), **values, "seconds": round(float(seconds), 3),
              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
@@ -181,7 +177,7 @@ def _write_entry(key: Mapping[str, Any], values: Mapping[str, Any], seconds: flo
 def read_cached(key: Mapping[str, Any]) -> CachedPerplexity | None:
     """The perplexity stored under `key`, or None: no cache, no entry, or an entry that is damaged, holds another
     key or a value that is not a finite perplexity (>= 1)."""
-    entry = _read_entry(key)
+    entry = read_entry(key)
     if entry is None:
         return None
     value, seconds = entry.get("perplexity"), entry.get("seconds", 0.0)
@@ -196,65 +192,4 @@ def write_cached(key: Mapping[str, Any], perplexity: float, seconds: float) -> P
     not finite or the folder cannot be written (the run goes on: the cache only saves time)."""
     if not math.isfinite(perplexity):
         return None
-    return _write_entry(key, {"perplexity": float(perplexity)}, seconds)
-
-
-# ------------------------------------------------------------------------------------------ accuracy
-
-
-@dataclass(frozen=True)
-class CachedAccuracy:
-    """A task's scoring read from the cache: the choice picked per item (acc's or acc_norm's, the task's metric)
-    and the unnormalized acc, with when and in how many seconds it was measured."""
-
-    predictions: tuple[int, ...]
-    acc_raw: float
-    measured_at: str
-    seconds: float
-
-    def record(self) -> dict[str, Any]:
-        """What a report says of it."""
-        return {"measured_at": self.measured_at, "seconds": self.seconds}
-
-
-def tokenizer_fingerprint(folder: str | Path) -> str:
-    """The hash of the model folder's tokenizer files (the text of a task becomes tokens through them)."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*")):
-        if path.is_file() and (path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json",
-                                                                                   "vocab.json", "merges.txt")):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def accuracy_key(variant: Mapping[str, Any], folder: str | Path, task: str, batch_tokens: int,
-                 device: torch.device) -> dict[str, Any]:
-    """Everything the accuracy of `variant` of the model in `folder` on the task of fingerprint `task` (engine/
-    accuracy.py `task_fingerprint`) depends on."""
-    return {"version": ACCURACY_VERSION, "variant": dict(variant), "weights": checkpoint_fingerprint(folder),
-            "tokenizer": tokenizer_fingerprint(folder), "task": task, "batch_tokens": int(batch_tokens),
-            "device": device_fingerprint(device), "libraries": library_versions()}
-
-
-def read_cached_accuracy(key: Mapping[str, Any], choices: Sequence[int]) -> CachedAccuracy | None:
-    """The scoring stored under `key` for a task whose items have `choices[i]` choices each, or None (no cache, no
-    entry, a damaged entry or one whose predictions do not fit the items)."""
-    entry = _read_entry(key)
-    if entry is None:
-        return None
-    picks, raw, seconds = entry.get("predictions"), entry.get("acc_raw"), entry.get("seconds", 0.0)
-    if not isinstance(picks, list) or len(picks) != len(choices) or not isinstance(raw, (int, float)):
-        return None
-    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < k for p, k in zip(picks, choices,
-                                                                                                strict=True)):
-        return None
-    if not 0.0 <= raw <= 1.0:
-        return None
-    return CachedAccuracy(tuple(picks), float(raw), str(entry.get("measured_at", "")),
-                          float(seconds) if isinstance(seconds, (int, float)) else 0.0)
-
-
-def write_cached_accuracy(key: Mapping[str, Any], predictions: Sequence[int], acc_raw: float,
-                          seconds: float) -> Path | None:
-    """Store a freshly scored task under `key` (atomically); nothing when the cache is off or unwritable."""
-    return _write_entry(key, {"predictions": [int(p) for p in predictions], "acc_raw": float(acc_raw)}, seconds)
+    return write_entry(key, {"perplexity": float(perplexity)}, seconds)

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from quailora_app.engine.adapters import Factors
-from quailora_app.engine.calibrate import calibrate_blocks, decoder_layers
+from quailora_app.engine.calibration.calibrate import calibrate_blocks, decoder_layers
+from quailora_app.engine.calibration.plan import split_path
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.methods import find_method
-from quailora_app.engine.plan import split_path
-from quailora_app.engine.quantize import own_product
+from quailora_app.engine.methods.registry import find_method
+from quailora_app.engine.quantization.bnb import own_product
 from quailora_app.errors import ModelError
 
 #: a layer whose held-out error ratio exceeds 1 + TOLERANCE got worse from its correction

@@ -1,5 +1,5 @@
 """The LoRA plan of a model: which layers LoRA adapts, at what rank r and scaling s each (peft adds s * B @ A),
-and what a whole-model initialization method is given and gives back (engine/methods.py, kind "model").
+and what a whole-model initialization method is given and gives back (engine/methods/registry.py, kind "model").
 """
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any, NamedTuple
 import torch
 
 from quailora_app.config import LoraSettings
-from quailora_app.engine import init_math
 from quailora_app.engine.adapters import Factors
-from quailora_app.engine.calibrate import decoder_layers, target_names
+from quailora_app.engine.calibration.calibrate import decoder_layers, target_names
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.methods import MODEL, get_method
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.methods.registry import MODEL, get_method
 from quailora_app.errors import ConfigError
 
 

@@ -82,17 +82,26 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from quailora_app.engine import init_math
-from quailora_app.engine.methods import register_model_method
+from quailora_app.engine.adapters import Factors
+from quailora_app.engine.calibration.calibrate import (
+    STORE,
+    block_output,
+    build_full_precision_block,
+    calibration_batch_size,
+    capture_block_inputs,
+    decoder_layers,
+    for_block,
+    moved,
+)
+from quailora_app.engine.calibration.initialize import one_cpu_thread
+from quailora_app.engine.calibration.plan import ModelContext, ModelInit, split_path
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.quantization.bnb import dequantized_weight
 from quailora_app.errors import Cancelled, ModelError
-
-if TYPE_CHECKING:
-    from quailora_app.engine.plan import ModelContext, ModelInit
 
 NAME = "sequential"
 #: ctx.options key: False fits every layer to its own full-precision output (R = 0), for comparison
@@ -250,7 +259,6 @@ def residual_writers(block: nn.Module, hidden: Tensor, kwargs: dict) -> dict[str
     """Which of RESIDUAL_WRITERS this block adds to its residual stream as a pre-norm decoder block does
     (h1 = h + o_proj(...), out = h1 + down_proj(...), h1 the input of post_attention_layernorm), checked on one
     forward pass over `hidden`: {layer: where its stream is read} for those that do."""
-    from quailora_app.engine.calibrate import block_output  # here, not at the top: see build()
 
     modules = dict(block.named_modules())
     norm = RESIDUAL_WRITERS["mlp.down_proj"]
@@ -357,26 +365,9 @@ def _quantized_model_as_is(model, peft_model) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- the method
-@register_model_method(
-    NAME, label="4-bit + error feedback (sequential closed form)", short="sequential", colour="#bcbd22",
-    help="the closed form fitted block by block, in forward order, to the inputs the corrected 4-bit model "
-         "produces, aiming at the full-precision outputs and residual stream", layer_label="error feedback "
-         "(sequential)", dash="dot", marker="diamond", layer_objective=False)
 def build(ctx: ModelContext) -> ModelInit:
     """Error feedback over the whole model (see the module): block by block, input group by input group in forward
     order, C = closed_form(C*, X~ X~^T / N + lambda I) with C* = E + (W D + G) S^-1."""
-    # here, not at the top: engine/__init__ imports this module to register it, possibly while quailora_app.config
-    # (which plan, adapters and calibrate import) is itself still loading
-    from quailora_app.engine.calibrate import (
-        STORE,
-        build_full_precision_block,
-        calibration_batch_size,
-        capture_block_inputs,
-        decoder_layers,
-        for_block,
-        moved,
-    )
-    from quailora_app.engine.plan import ModelInit, split_path  # (the same reason)
 
     t0 = time.perf_counter()
     prefix, layers = decoder_layers(ctx.model)
@@ -452,11 +443,6 @@ def _fit_block(ctx: ModelContext, block_path: str, fp_block: nn.Module, q_block:
     """Fit the block's target layers group by group in forward order, hooking each group's corrections into
     `corrected` before the next group's inputs are taken. `writers`: the residual writers (RESIDUAL_WRITERS) whose
     target includes the residual stream's error."""
-    # here, not at the top: see build()
-    from quailora_app.engine.adapters import Factors
-    from quailora_app.engine.calibrate import moved  # (the same reason)
-    from quailora_app.engine.initialize import one_cpu_thread  # (the same reason)
-    from quailora_app.engine.quantize import dequantized_weight  # (the same reason)
 
     device, dtype = ctx.device, ctx.calib_dtype
     fp_modules, q_modules = dict(fp_block.named_modules()), dict(q_block.named_modules())
@@ -506,7 +492,6 @@ def _advance(fp_block, q_block, full, fixed, plain, kwargs, corrected: Corrected
     """Every stream through its block i (all of the block's corrections in place in the corrected stream), giving
     block i+1's inputs, and the report's sums: {(True, name): sum ||v_full - v_corrected||^2, (False, name): the
     same for the plain stream}, v what the target layer `name` aims at (Probe)."""
-    from quailora_app.engine.calibrate import block_output  # here, not at the top: see build()
 
     fp_probe, q_probe = probes
     new_full, new_fixed, new_plain = [], [], []

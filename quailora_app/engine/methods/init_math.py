@@ -114,7 +114,7 @@ class _LastGram(threading.local):
     """The Gram eigen-decomposition of the last matrix `_truncated_svd` saw, while that matrix lives.
 
     svd and quailora both start from the truncated SVD of the same E (one tensor per layer, shared by the methods,
-    engine/initialize.py): the eigh, most of either's cost on CPU, then runs once per layer instead of once per
+    calibration/initialize.py): the eigh, most of either's cost on CPU, then runs once per layer instead of once per
     method. Keyed on the tensor object itself (a weak reference and its in-place version counter), never on its
     address, and cleared when the tensor is freed, so a later matrix can never read a stale result."""
 

@@ -45,16 +45,14 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from quailora_app.engine import init_math
-from quailora_app.engine.methods import register_model_method
-
-if TYPE_CHECKING:
-    from quailora_app.engine.initialize import LayerCurve
-    from quailora_app.engine.plan import ModelContext, ModelInit
+from quailora_app.engine.adapters import Factors
+from quailora_app.engine.calibration.initialize import InitResult, LayerCurve, initialize
+from quailora_app.engine.calibration.plan import LayerLoRA, ModelContext, ModelInit
+from quailora_app.engine.methods import init_math
 
 NAME = "budget"
 WEIGHTINGS = ("raw", "normalized")
@@ -192,22 +190,12 @@ def _objectives(curves: Mapping[str, LayerCurve], ranks: Mapping[str, int]) -> d
 
 
 # ------------------------------------------------------------------------------------------------- the method
-@register_model_method(NAME, label="4-bit + closed form, ranks under a budget", short="budgeted ranks",
-                       colour="#17becf", calibrated=True,
-                       help="the calibrated optimum with per-layer ranks chosen to remove the most error at "
-                            "uniform rank r's LoRA parameter count")
-def budget(ctx: ModelContext) -> ModelInit:
+def build(ctx: ModelContext) -> ModelInit:
     """Closed form at K_l per layer, its error at every rank, the exact allocation, then each layer's leading k_l
     directions split with that layer's scaling s (peft's alpha_pattern alpha_k = s k keeps s; rsLoRA: s sqrt(k)).
 
     Options (ctx.options): budget_weighting ("raw" | "normalized"), budget_max_factor (K_l = factor x r_l),
     budget_min_rank."""
-    # imported here, not at the top: engine/__init__.py imports this module to register it, and these three import
-    # config, which reads the registry (a cycle at import time)
-    from quailora_app.engine.adapters import Factors  # see above
-    from quailora_app.engine.initialize import InitResult, initialize  # see above
-    from quailora_app.engine.plan import LayerLoRA, ModelInit  # see above
-
     start = time.perf_counter()
     options = ctx.options or {}
     weighting = str(options.get("budget_weighting") or DEFAULT_WEIGHTING)

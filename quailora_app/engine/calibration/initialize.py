@@ -2,7 +2,7 @@
 
 For each block from calibrate_blocks: E = W - Q per target layer (Q exactly as the quantized layer holds it),
 one damped H (and, for tall layers, its Cholesky factor, computed once) per distinct input (shared by q/k/v and
-by gate/up), then per method of engine/methods.py computed per layer a low-rank correction C = P Rt, split into
+by gate/up), then per method of engine/methods/registry.py computed per layer a low-rank correction C = P Rt, split into
 peft factors with s * B @ A == C, and the layer's error figures measured on the factors themselves. Used by the
 init report and by the fine-tuning arms that start from an initialization.
 """
@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 from quailora_app.config import LoraSettings
-from quailora_app.engine import init_math
 from quailora_app.engine.adapters import Factors
-from quailora_app.engine.calibrate import calibrate_blocks, decoder_layers
+from quailora_app.engine.calibration.calibrate import calibrate_blocks, decoder_layers
+from quailora_app.engine.calibration.plan import LayerLoRA, split_path, target_paths
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.methods import QLORA, get_method
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.methods.registry import QLORA, get_method
 from quailora_app.engine.parallel import Processes, share_layers
-from quailora_app.engine.plan import LayerLoRA, split_path, target_paths
-from quailora_app.engine.quantize import dequantized_weight
+from quailora_app.engine.quantization.bnb import dequantized_weight
 from quailora_app.errors import Cancelled
 from quailora_app.events import Event, LayerResult, Progress
 from quailora_app.threads import waits_passively
@@ -41,7 +41,7 @@ class InitResult:
 @dataclass
 class LayerCurve:
     """One layer's correction C = P @ Rt at its plan's rank K, kept with its errors at every rank k = 0..K of the
-    nested corrections P[:, :k] @ Rt[:k] (initialize(curves=...); what a rank allocation reads, engine/budget.py)."""
+    nested corrections P[:, :k] @ Rt[:k] (initialize(curves=...); what a rank allocation reads, methods/budget.py)."""
 
     P: torch.Tensor  # (m, K), float32 on CPU
     Rt: torch.Tensor  # (K, n)
@@ -91,7 +91,7 @@ def initialize(
 ) -> Iterator[Event]:
     """Yield a LayerResult per layer and a Progress per block while filling `result`.
 
-    `methods`: names of engine/methods.py; those computed per layer run here (the others are skipped).
+    `methods`: names of engine/methods/registry.py; those computed per layer run here (the others are skipped).
     `plan`: the layers to initialize (full module paths) with each one's rank and scaling s, when they differ from
     `lora`'s (peft's rank_pattern / alpha_pattern); default: every target layer of `lora` at its rank and scaling.
     `curves` (method -> module path -> LayerCurve): given, each method's (P, Rt) is also kept there with its errors

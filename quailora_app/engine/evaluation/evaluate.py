@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 #: The version of the numbers perplexity() gives: bump it with any change that moves them (the windows, the
-#: batching, the reduction), so the perplexities cached on disk (engine/perplexity_cache.py) are measured again.
+#: batching, the reduction), so the perplexities cached on disk (evaluation/perplexity_cache.py) are measured again.
 PERPLEXITY_VERSION = 1
 
 

@@ -19,7 +19,7 @@ zero, i.e. toward plain QLoRA), with a linear warm-up over a quarter of the step
 gradients clipped at norm 1.
 
 Full-precision targets without a full-precision model in memory: the windows stream through the full-precision
-decoder blocks one block at a time (as calibration does, engine/calibrate.py), which leaves the final hidden states h
+decoder blocks one block at a time (as calibration does, calibrate.py), which leaves the final hidden states h
 (windows x seq_len x hidden, in CPU memory: the size of one block's activations). The teacher's logits
 z = lm_head(norm(h)) are recomputed at each step from h through the model's own final norm and lm_head, which QLoRA
 leaves unquantized (so they are the full-precision model's). Caching the logits would cost windows x seq_len x vocab
@@ -54,33 +54,35 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quailora_app.engine.methods import register_model_method
+from quailora_app.config import DISTILL_DEFAULTS
+from quailora_app.engine.adapters import Factors, attach_lora, lora_layers, write_factors
+from quailora_app.engine.calibration.calibrate import (
+    STORE,
+    block_output,
+    build_full_precision_block,
+    calibration_batch_size,
+    capture_block_inputs,
+    decoder_layers,
+    for_block,
+    moved,
+)
+from quailora_app.engine.calibration.initialize import InitResult, initialize
+from quailora_app.engine.calibration.plan import ModelContext, ModelInit
 from quailora_app.errors import Cancelled, ConfigError, ModelError
-
-if TYPE_CHECKING:
-    from quailora_app.engine.plan import ModelContext, ModelInit
 
 NAME = "distill"
 HOLDOUT_SHARE = 16  # one calibration window in sixteen is held out
 SEED = 0  # the order of the training windows
 
 
-@register_model_method(
-    NAME, label="4-bit + closed form, then distilled (model-level KL)", short="distill", colour="#e377c2",
-    help="closed form, then a few AdamW steps on the LoRA factors (Q frozen) toward the full-precision model's "
-         "next-token distribution (KL) on the calibration text", layer_objective=False)
 def build(ctx: ModelContext) -> ModelInit:
     """The closed form, refined by `distill_steps` AdamW steps on KL(p_full || p_4bit+LoRA) (see the module)."""
-    # here, not at the top: engine/__init__ imports this module to register it, possibly while quailora_app.config
-    # (which plan, adapters and calibrate import) is itself still loading
-    from quailora_app.engine.adapters import Factors, attach_lora, lora_layers, write_factors
-    from quailora_app.engine.plan import ModelInit  # (the same reason)
 
     t0 = time.perf_counter()
     steps, lr, batch = settings(ctx.options)
@@ -153,7 +155,6 @@ def build(ctx: ModelContext) -> ModelInit:
 # ---------------------------------------------------------------------------------------------- settings, windows
 def settings(options: Mapping[str, Any]) -> tuple[int, float, int]:
     """(steps, learning rate, windows per step) from the InitConfig fields or the API's options."""
-    from quailora_app.config import DISTILL_DEFAULTS  # here, not at the top: see build()
 
     steps, lr, batch = (options.get(name, DISTILL_DEFAULTS[name])
                         for name in ("distill_steps", "distill_lr", "distill_batch"))
@@ -209,8 +210,6 @@ def _start(ctx: ModelContext) -> tuple[Mapping, str, float]:
     """closed_form's factors for every planned layer: the per-layer pass's, or computed here."""
     if ctx.start is not None and set(ctx.plan) <= set(ctx.start):
         return ctx.start, "closed_form of the per-layer pass (its seconds are closed_form's)", 0.0
-    # here, not at the top: see build()
-    from quailora_app.engine.initialize import InitResult, initialize
 
     tick = time.perf_counter()
     result = InitResult()
@@ -228,17 +227,6 @@ def full_precision_hidden(model, checkpoint, calib_ids: torch.Tensor, device: to
                           should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """The full-precision model's last hidden states (before the final norm) for every window: (n, L, hidden) on
     the CPU, computed block by block from the checkpoint (one full-precision block in memory at a time)."""
-    # here, not at the top: see build()
-    from quailora_app.engine.calibrate import (
-        STORE,
-        block_output,
-        build_full_precision_block,
-        calibration_batch_size,
-        capture_block_inputs,
-        decoder_layers,
-        for_block,
-        moved,
-    )
 
     _, layers = decoder_layers(model)
     batch_size = batch_size or calibration_batch_size(calib_ids.shape[-1])
@@ -303,8 +291,6 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.
 @contextlib.contextmanager
 def _last_hidden(model) -> Iterator[list[torch.Tensor]]:
     """Catches the output of the model's last decoder block (its last hidden state) during a forward pass."""
-    # here, not at the top: see build()
-    from quailora_app.engine.calibrate import block_output, decoder_layers
 
     caught: list[torch.Tensor] = []
     handle = decoder_layers(model)[1][-1].register_forward_hook(

@@ -15,14 +15,15 @@ figure is relative to it) and `loftq` (peft's replace_lora_weights_loftq, run on
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import Tensor
 
-from quailora_app.engine import init_math
-from quailora_app.engine.init_math import DampedH
+from quailora_app.engine.methods import init_math
+from quailora_app.engine.methods.init_math import DampedH
 
 LAYER = "layer"  # computed per layer by initialize() through `correct`
 BASELINE = "baseline"  # the no-correction reference (qlora)
@@ -50,7 +51,10 @@ class Method:
     help: str  # one line: what the method does
     kind: str = LAYER
     correct: CorrectionFn | None = None  # None unless kind == LAYER
-    build: Callable[..., Any] | None = None  # (plan.ModelContext) -> plan.ModelInit; None unless kind == MODEL
+    # (plan.ModelContext) -> plan.ModelInit, or its "module:function" path, imported when the method is first run
+    # (the registry imports no whole-model method: they import the calibration pipeline, which reads the registry);
+    # None unless kind == MODEL
+    builder: Callable[..., Any] | str | None = None
     calibrated: bool = False  # reads spec (H): the time of forming H + lambda I is charged to it
     nested: bool = False  # (exact solver) its rank-r factors are the leading r of P's columns / Rt's rows at any
     # larger rank, so a rank sweep computes it once
@@ -60,7 +64,7 @@ class Method:
     marker: str = "circle"  # plotly marker symbol in the teaching views
     default: bool = False  # in the default method list of `init`
     # minimizes each layer's own error on the full-precision inputs: a layer it leaves worse than no correction is a
-    # defect, reset by the self-check (engine/selfcheck.py); False for whole-model methods aiming at another target
+    # defect, reset by the self-check (evaluation/selfcheck.py); False for whole-model methods aiming at another target
     layer_objective: bool = True
 
     def __post_init__(self) -> None:
@@ -68,12 +72,25 @@ class Method:
             raise ValueError(f"method {self.name!r}: kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         if (self.kind == LAYER) != (self.correct is not None):
             raise ValueError(f"method {self.name!r}: a correction function is needed exactly when kind is {LAYER!r}")
-        if (self.kind == MODEL) != (self.build is not None):
-            raise ValueError(f"method {self.name!r}: a build function is needed exactly when kind is {MODEL!r}")
+        if (self.kind == MODEL) != (self.builder is not None):
+            raise ValueError(f"method {self.name!r}: a builder is needed exactly when kind is {MODEL!r}")
+        if isinstance(self.builder, str) and self.builder.count(":") != 1:
+            raise ValueError(f"method {self.name!r}: a builder path reads 'package.module:function', "
+                             f"not {self.builder!r}")
 
     @property
     def per_layer(self) -> bool:
         return self.kind == LAYER
+
+    def build(self, ctx: Any) -> Any:
+        """Run this whole-model method: its builder(ctx), imported from its "module:function" path on first use."""
+        if self.builder is None:
+            raise ValueError(f"method {self.name!r} is not built over the whole model")
+        builder = self.builder
+        if isinstance(builder, str):
+            module, function = builder.split(":")
+            builder = getattr(importlib.import_module(module), function)
+        return builder(ctx)
 
     @property
     def legend(self) -> str:
@@ -122,11 +139,11 @@ def register_method(name: str, *, label: str, colour: str, help: str, calibrated
 
 def register_model_method(name: str, *, label: str, colour: str, help: str, short: str | None = None,
                           **fields) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register a whole-model method (kind "model") whose `build(plan.ModelContext) -> plan.ModelInit`
-    runs after the per-layer pass. Import its module from engine/__init__.py (not from here: no import cycle)."""
+    """Decorator: register a whole-model method (kind "model") whose `fn(plan.ModelContext) -> plan.ModelInit`
+    runs after the per-layer pass (a user's or a test's method; the built-in ones are registered below by path)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        register(Method(name, label, short or name, colour, help, kind=MODEL, build=fn, **fields))
+        register(Method(name, label, short or name, colour, help, kind=MODEL, builder=fn, **fields))
         return fn
 
     return wrap
@@ -212,3 +229,18 @@ def closed_form(E: Tensor, spec: DampedH, rank: int, *, solver: str = "exact", E
 
 register(Method("loftq", "4-bit + LoftQ (peft)", "LoftQ", "#9467bd",
                 "peft's implementation of LoftQ (one iteration; needs CUDA)", kind=ANCHOR, default=True))
+
+
+# Whole-model methods, registered by path: their modules import the calibration pipeline, which reads this registry.
+register(Method("budget", "4-bit + closed form, ranks under a budget", "budgeted ranks", "#17becf",
+                "the calibrated optimum with per-layer ranks chosen to remove the most error at uniform rank r's LoRA "
+                "parameter count", kind=MODEL, builder="quailora_app.engine.methods.budget:build", calibrated=True))
+register(Method("distill", "4-bit + closed form, then distilled (model-level KL)", "distill", "#e377c2",
+                "closed form, then a few AdamW steps on the LoRA factors (Q frozen) toward the full-precision model's "
+                "next-token distribution (KL) on the calibration text", kind=MODEL,
+                builder="quailora_app.engine.methods.distill:build", layer_objective=False))
+register(Method("sequential", "4-bit + error feedback (sequential closed form)", "sequential", "#bcbd22",
+                "the closed form fitted block by block, in forward order, to the inputs the corrected 4-bit model "
+                "produces, aiming at the full-precision outputs and residual stream", kind=MODEL,
+                builder="quailora_app.engine.methods.sequential:build", layer_label="error feedback (sequential)",
+                dash="dot", marker="diamond", layer_objective=False))

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from quailora_app.config import AccuracyConfig, TrainConfig
-from quailora_app.engine.methods import LAYER, MODEL, QLORA, find_method
+from quailora_app.engine.methods.registry import LAYER, MODEL, QLORA, find_method
 from quailora_app.errors import ConfigError
 from quailora_app.runs import REPORT, RunFolder
 from quailora_app.settings import build, settings

@@ -22,7 +22,7 @@ from torch import nn
 
 from quailora_app.config import ALL_LINEAR
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.quantize import layout_kept
+from quailora_app.engine.quantization.bnb import layout_kept
 from quailora_app.errors import Cancelled, ConfigError, ModelError
 
 
@@ -204,7 +204,7 @@ class HessianAccumulator:
     """Forward pre-hooks that sum x^T x per distinct input tensor of the chosen linear layers.
 
     With `keep_io` they keep the input rows themselves instead (and, by forward hooks, each layer's output rows),
-    forming no H: what the self-check (engine/selfcheck.py) compares a quantized layer's product with."""
+    forming no H: what the self-check (engine/evaluation/selfcheck.py) compares a quantized layer's product with."""
 
     def __init__(self, root: nn.Module, names: Sequence[str], keep_io: bool = False):
         self.sums: dict[str, torch.Tensor] = {}
@@ -292,7 +292,7 @@ def calibrate_blocks(
     processes that each ran their share of the calibration sequences sum `hooks.sums` and `hooks.tokens` there.
 
     `keep_io` keeps each group's input rows X and each layer's output rows Y (in CPU memory) instead of forming H:
-    for a few held-out windows (engine/selfcheck.py), not for a whole calibration set."""
+    for a few held-out windows (engine/evaluation/selfcheck.py), not for a whole calibration set."""
     prefix, layers = decoder_layers(model)
     last = max(only) if only else len(layers) - 1
     batch_size = batch_size or calibration_batch_size(calib_ids.shape[-1])

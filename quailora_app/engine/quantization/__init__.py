@@ -1,0 +1,1 @@
+"""Quantizers: bitsandbytes 4-bit NF4/FP4 and 8-bit (bnb)."""
