@@ -45,7 +45,7 @@ apply_thread_policy()  # before torch loads (as app.py and `python -m quailora_a
 from make_example import machine  # noqa: E402  (bench/: one record of the machine for every bench)
 
 from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig, TrainConfig  # noqa: E402
-from quailora_app.engine.evaluation.accuracy import mcnemar  # noqa: E402
+from quailora_app.engine.evaluation.statistics import mcnemar  # noqa: E402
 from quailora_app.events import RunFailed, RunFinished, Stage  # noqa: E402
 from quailora_app.flows.from_init import train_config_from_init  # noqa: E402
 from quailora_app.flows.init import run_init  # noqa: E402

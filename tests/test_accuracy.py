@@ -15,12 +15,10 @@ from quailora_app.config import ACCURACY_TASKS, AccuracyConfig, DataConfig, Quan
 from quailora_app.engine.evaluation.accuracy import (
     build_tasks,
     choice_loglikelihoods,
-    mcnemar,
-    paired_test,
     pick,
     score_task,
-    wilson_interval,
 )
+from quailora_app.engine.evaluation.statistics import mcnemar, paired_test, wilson_interval
 from quailora_app.errors import ConfigError, DataError
 from quailora_app.sources.data import load_texts, make_splits, pack_windows
 from quailora_app.sources.models import ModelSource, load_full_precision

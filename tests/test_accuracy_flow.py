@@ -16,7 +16,8 @@ from helpers import TINY_WORDS
 from quailora_app.cli import build_parser, init_config, summary_table
 from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig
 from quailora_app.engine.evaluation import perplexity_cache as pc
-from quailora_app.engine.evaluation.accuracy import accuracy_gap_closed, paired_test, wilson_interval
+from quailora_app.engine.evaluation.accuracy import accuracy_gap_closed
+from quailora_app.engine.evaluation.statistics import paired_test, wilson_interval
 from quailora_app.events import Metric, RunFinished, Stage
 from quailora_app.flows import init as init_flow
 from quailora_app.flows.init import run_init

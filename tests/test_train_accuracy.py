@@ -10,7 +10,8 @@ import pytest
 
 from quailora_app import cli
 from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig, TrainConfig
-from quailora_app.engine.evaluation.accuracy import accuracy_gap_closed, paired_test, wilson_interval
+from quailora_app.engine.evaluation.accuracy import accuracy_gap_closed
+from quailora_app.engine.evaluation.statistics import paired_test, wilson_interval
 from quailora_app.flows.from_init import train_config_from_init
 from quailora_app.flows.init import run_init
 from quailora_app.flows.train import run_train

@@ -24,7 +24,6 @@ from quailora_app.engine.evaluation.accuracy import (
     TaskScore,
     accuracy_gap_closed,
     build_tasks,
-    paired_test,
     score_task,
     task_fingerprint,
     task_score,
@@ -40,6 +39,7 @@ from quailora_app.engine.evaluation.perplexity_cache import (
     write_cached,
 )
 from quailora_app.engine.evaluation.selfcheck import check_window_count, self_check
+from quailora_app.engine.evaluation.statistics import paired_test
 from quailora_app.engine.methods.registry import MODEL, QLORA, get_method
 from quailora_app.engine.parallel import Processes
 from quailora_app.engine.preflight import preflight_init

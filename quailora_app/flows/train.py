@@ -60,13 +60,12 @@ from quailora_app.engine.calibration.plan import run_model_method, target_paths
 from quailora_app.engine.evaluation.accuracy import (
     accuracy_gap_closed,
     build_tasks,
-    paired_test,
     score_task,
     task_fingerprint,
-    wilson_interval,
 )
 from quailora_app.engine.evaluation.evaluate import gap_closed, perplexity
 from quailora_app.engine.evaluation.selfcheck import SelfCheck, check_window_count, self_check
+from quailora_app.engine.evaluation.statistics import paired_test, wilson_interval
 from quailora_app.engine.methods.registry import MODEL, QLORA, get_method
 from quailora_app.engine.preflight import available_bytes, preflight_train, train_estimate
 from quailora_app.engine.quantization.bnb import load_4bit, load_8bit
