@@ -38,7 +38,7 @@ from quailora_app.engine.calibration.plan import LayerLoRA, ModelContext, split_
 from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.engine.evaluation.selfcheck import check_window_count, refuse_if_damaged, scalings_of, self_check
 from quailora_app.engine.methods.registry import MODEL, QLORA, get_method, method_names
-from quailora_app.engine.quantization.bnb import calibration_dtype, is_quantized
+from quailora_app.engine.quantization.layers import calibration_dtype, is_quantized
 from quailora_app.errors import ConfigError, DataError, ModelError, one_line
 from quailora_app.events import Progress
 from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, bos_id, pack_windows, texts_of_dataset

@@ -44,7 +44,7 @@ from quailora_app.threads import apply_thread_policy
 from quailora_app.units import MIB
 
 #: Titles of the flag groups of the nested configs, by the parent config's field name.
-GROUP_TITLES = {"model": "model and device", "data": "data", "quant": "quantization (bitsandbytes)", "lora": "LoRA",
+GROUP_TITLES = {"model": "model and device", "data": "data", "quant": "quantization", "lora": "LoRA",
                 "accuracy": "downstream accuracy"}
 #: `init`'s defaults: InitConfig's, with downstream accuracy on (--accuracy-tasks none skips it)
 INIT_CLI_DEFAULTS = InitConfig(accuracy=init_accuracy(ACCURACY_TASKS))
@@ -74,7 +74,7 @@ def add_flag(group, s: Setting) -> None:
         kwargs.update(type=s.kind, choices=choices, metavar=s.metadata.get("metavar"))
         if s.many:
             kwargs["nargs"] = s.metadata.get("nargs", "+")
-    group.add_argument(s.flag, **kwargs)
+    group.add_argument(s.flag, *s.metadata.get("aliases", ()), **kwargs)
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls: type, title: str | None,

@@ -60,20 +60,49 @@ class DataConfig:
             raise ConfigError(f"eval-tokens ({self.eval_tokens}) must be at least seq-len ({self.seq_len})")
 
 
+#: the quantizers: bitsandbytes (the QLoRA recipe: NF4/FP4 at 4 bits) and HQQ (2, 3, 4 or 8 bits, no calibration)
+QUANTIZERS = ("bitsandbytes", "hqq")
+#: the bit widths each quantizer's base offers (bitsandbytes' 8-bit LLM.int8 is the 8-bit reference and arm)
+QUANTIZER_BITS = {"bitsandbytes": (4,), "hqq": (2, 3, 4, 8)}
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
 @dataclass
 class QuantConfig:
-    """bitsandbytes 4-bit settings (the QLoRA recipe: nf4, double quantization, blocks of 64)."""
+    """The quantized base: bitsandbytes 4-bit by default (the QLoRA recipe: nf4, double quantization, blocks of 64),
+    or HQQ at 2, 3, 4 or 8 bits in groups of block_size weights."""
 
-    quant: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4", "choices": QUANT_TYPES})
-    double_quant: bool = field(default=True, metadata={"help": "quantize the per-block scales too"})
+    quant: str = field(default="nf4", metadata={"help": "bitsandbytes' 4-bit data type: nf4 or fp4",
+                                                "choices": QUANT_TYPES})
+    double_quant: bool = field(default=True, metadata={"help": "bitsandbytes: quantize the per-block scales too"})
     block_size: int = field(default=64, metadata={
-        "help": "weights per quantization block: a power of two from 32 to 4096"})
+        "help": "weights per quantization block (bitsandbytes: a power of two from 32 to 4096) or group (hqq: a "
+                "multiple of 8 that divides every layer's inputs)", "aliases": ("--group-size",)})
+    quantizer: str = field(default="bitsandbytes", metadata={
+        "help": "bitsandbytes (NF4/FP4 at 4 bits, the QLoRA recipe) or hqq (2, 3, 4 or 8 bits)", "choices": QUANTIZERS})
+    bits: int = field(default=4, metadata={"help": "bits per weight code: 4 for bitsandbytes; 2, 3, 4 or 8 for hqq"})
 
     def __post_init__(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise ConfigError(f"quantizer must be one of {', '.join(QUANTIZERS)}, not {self.quantizer!r}")
+        offered = QUANTIZER_BITS[self.quantizer]
+        if isinstance(self.bits, bool) or self.bits not in offered:
+            extra = (" (its 8-bit LLM.int8 is the qlora8 arm and the int8 reference; use --quantizer hqq for 2, 3 or "
+                     "8 bits)") if self.quantizer == "bitsandbytes" else ""
+            raise ConfigError(f"{self.quantizer} quantizes to {' or '.join(map(str, offered))} bits, not "
+                              f"{self.bits!r}{extra}")
         if self.quant not in QUANT_TYPES:
             raise ConfigError(f"quant must be one of {', '.join(QUANT_TYPES)}, not {self.quant!r}")
-        if self.block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if self.quantizer == "bitsandbytes" and self.block_size not in BLOCK_SIZES:
             raise ConfigError(f"block size must be a power of two from 32 to 4096, not {self.block_size}")
+        if self.quantizer == "hqq" and (isinstance(self.block_size, bool) or self.block_size < 8
+                                        or self.block_size % 8):
+            raise ConfigError(f"HQQ group size must be a positive multiple of 8, not {self.block_size}")
+
+    @property
+    def label(self) -> str:
+        """The data type: 'NF4' / 'FP4' (bitsandbytes) or 'HQQ' (with the bits: '3-bit HQQ')."""
+        return self.quant.upper() if self.quantizer == "bitsandbytes" else "HQQ"
 
 
 @dataclass

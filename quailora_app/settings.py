@@ -9,7 +9,8 @@ the field. Its field metadata says how it is shown:
 - ``flag``: the CLI flag when it is not ``--<name-with-dashes>`` (e.g. ``"--lr"``);
 - ``metavar``: the CLI's placeholder for a several-values field whose choices are listed in its help;
 - ``nargs``: ``"+"`` (default for a tuple field) or ``"*"``;
-- ``cli``: False for a setting the command line does not offer.
+- ``cli``: False for a setting the command line does not offer;
+- ``aliases``: further CLI flags for the same setting (e.g. ``("--group-size",)``).
 
 No project imports: this reads any dataclass.
 """

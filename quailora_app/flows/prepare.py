@@ -15,7 +15,7 @@ import torch
 
 from quailora_app.config import DataConfig, ModelConfig, QuantConfig
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.quantization.bnb import load_4bit
+from quailora_app.engine.quantization.load import load_quantized
 from quailora_app.errors import Cancelled
 from quailora_app.events import Event, Log, Stage
 from quailora_app.sources.data import TokenSplits, load_splits
@@ -66,8 +66,8 @@ def prepare(model: ModelConfig, data: DataConfig, quant: QuantConfig, device: to
     dtype = compute_dtype(model.compute_dtype, device)
     prepared = Prepared(source, config, tokenizer, splits, checkpoint, device, dtype)
     if load_base:
-        yield Stage("quantize", f"loading {source.name} in 4-bit {quant.quant} on {device_label(device)}")
-        prepared.model = load_4bit(source, quant, device, prepared.dtype)
+        yield Stage("quantize", f"loading {source.name} quantized to {quant.bits}-bit {quant.label} on {device_label(device)}")
+        prepared.model = load_quantized(source, quant, device, prepared.dtype)
     return prepared
 
 

@@ -13,7 +13,7 @@ from quailora_app.engine.calibration.initialize import InitResult, initialize
 from quailora_app.engine.calibration.plan import target_paths
 from quailora_app.engine.evaluation.evaluate import perplexity
 from quailora_app.engine.methods.registry import QLORA, per_layer_names
-from quailora_app.engine.quantization.bnb import calibration_dtype
+from quailora_app.engine.quantization.layers import calibration_dtype
 from quailora_app.errors import Cancelled, ConfigError
 from quailora_app.teaching.layer_views import per_layer_method
 from quailora_app.teaching.snapshot import LayerSnapshot, ViewsContext

@@ -16,13 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
 
 from quailora_app.config import ALL_LINEAR
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.quantization.bnb import layout_kept
+from quailora_app.engine.quantization.layers import is_quantized, layout_kept
 from quailora_app.errors import Cancelled, ConfigError, ModelError
 
 
@@ -59,7 +58,8 @@ def decoder_layers(model) -> tuple[str, nn.ModuleList]:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    """A linear layer, full precision or quantized by any quantizer."""
+    return isinstance(module, nn.Linear) or is_quantized(module)
 
 
 def target_names(block: nn.Module, targets: Sequence[str]) -> list[str]:

@@ -23,7 +23,7 @@ from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.engine.methods import init_math
 from quailora_app.engine.methods.registry import QLORA, get_method
 from quailora_app.engine.parallel import Processes, share_layers
-from quailora_app.engine.quantization.bnb import dequantized_weight
+from quailora_app.engine.quantization.layers import dequantized_weight
 from quailora_app.errors import Cancelled
 from quailora_app.events import Event, LayerResult, Progress
 from quailora_app.threads import waits_passively

@@ -126,7 +126,11 @@ def int8_variant(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def four_bit_variant(quant: QuantConfig, compute_dtype: torch.dtype) -> dict[str, Any]:
-    """The 4-bit base with no correction (qlora), as engine.quantize.load_4bit loads it."""
+    """The quantized base with no correction (qlora), as quantization/load.py loads it: bitsandbytes 4-bit (its key
+    unchanged since before HQQ, so earlier entries still hit), or HQQ at its bits and group size with hqq's version."""
+    if quant.quantizer == "hqq":
+        return {"model": f"hqq{quant.bits}", "group_size": quant.block_size, "dtype": str(compute_dtype),
+                "hqq": importlib.metadata.version("hqq")}
     return {"model": "4bit", "quant": quant.quant, "double_quant": quant.double_quant,
             "block_size": quant.block_size, "dtype": str(compute_dtype)}
 

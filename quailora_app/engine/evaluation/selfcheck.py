@@ -28,7 +28,7 @@ from quailora_app.engine.calibration.calibrate import calibrate_blocks, decoder_
 from quailora_app.engine.calibration.plan import split_path
 from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.engine.methods.registry import find_method
-from quailora_app.engine.quantization.bnb import own_product
+from quailora_app.engine.quantization.layers import own_product
 from quailora_app.errors import ModelError
 
 #: a layer whose held-out error ratio exceeds 1 + TOLERANCE got worse from its correction

@@ -100,7 +100,7 @@ from quailora_app.engine.calibration.calibrate import (
 from quailora_app.engine.calibration.initialize import one_cpu_thread
 from quailora_app.engine.calibration.plan import ModelContext, ModelInit, split_path
 from quailora_app.engine.methods import init_math
-from quailora_app.engine.quantization.bnb import dequantized_weight
+from quailora_app.engine.quantization.layers import dequantized_weight
 from quailora_app.errors import Cancelled, ModelError
 
 NAME = "sequential"

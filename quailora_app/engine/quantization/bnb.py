@@ -35,18 +35,6 @@ def is_quantized(layer) -> bool:
     return isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def calibration_dtype(model, device: torch.device) -> torch.dtype:
-    """The dtype calibration runs the full-precision blocks in: float32 on CPU; on an accelerator the compute
-    dtype of the model's 4-bit layers (bfloat16 in the QLoRA recipe), else the model's own dtype."""
-    if device.type == "cpu":
-        return torch.float32
-    for module in model.modules():
-        dtype = getattr(module, "compute_dtype", None)
-        if isinstance(dtype, torch.dtype):
-            return dtype
-    return model.dtype
-
-
 def linear4bit_modules(model) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
@@ -100,6 +88,18 @@ def dequantized_weight(layer) -> torch.Tensor:
 
     data, state = plain_codes(layer)
     return F.dequantize_4bit(data, state).float()
+
+
+def bits_per_weight(layer) -> float:
+    """Memory per weight of a Linear4bit layer's matrix, in bits: 4 per code, plus each block's absmax (32 bits / block
+    size; with double quantization 8 bits / block size plus the nested float32 absmax and offset of each 256 blocks).
+    The format's fixed code tables are not counted. For the plain layout the layer holds before any repacking."""
+    state = layer.weight.quant_state
+    n = layer.out_features * layer.in_features
+    bits = 4 * n + state.absmax.numel() * state.absmax.element_size() * 8
+    if state.nested:
+        bits += state.state2.absmax.numel() * state.state2.absmax.element_size() * 8 + 32
+    return bits / n
 
 
 @contextmanager
