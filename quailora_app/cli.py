@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from quailora_app.config import (
     ACCURACY_TASKS,
+    BitsConfig,
     DataConfig,
     InitConfig,
     LoraSettings,
@@ -122,7 +123,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "held-out tokens; live perplexity, adapters and report.json in a run folder.")
     add_config_flags(p, TrainConfig, "fine-tuning")
     add_views_parser(sub)
+    p = sub.add_parser("bits", help="memory against quality across bit widths (HQQ 2-8 bits, NF4, LLM.int8), with "
+                                    "and without each correction",
+                       description="Quantize the model to each base (HQQ at 2, 3, 4 or 8 bits, bitsandbytes NF4 and "
+                                   "LLM.int8), calibrate once, compute each per-layer correction on every base, and "
+                                   "measure held-out perplexity and memory per weight: the trade-off frontier.")
+    add_config_flags(p, BitsConfig, "across bits")
     return parser
+
+
+def bits_table(report: dict) -> str:
+    """Base by base and method by method: memory per weight (with the adapter), perplexity, the share of the gap
+    to full precision closed; then the one-line reading."""
+    full = report.get("full")
+    lines = [f"{'base':<34} {'method':<14} {'bits/weight':>11} {'perplexity':>12} {'gap closed':>10}"]
+    plain = {p["base"]: p["perplexity"] for p in report.get("points", {}).values() if p["method"] == "qlora"}
+    for point in report.get("points", {}).values():
+        base_ppl = plain.get(point["base"])
+        closed = "-" if point["method"] == "qlora" or not full or not base_ppl or base_ppl <= full else \
+            f"{100 * (base_ppl - point['perplexity']) / (base_ppl - full):.1f}%"
+        lines.append(f"{point['label']:<34} {point['method']:<14} {point['bits_per_weight']:>11.2f} "
+                     f"{point['perplexity']:>12.2f} {closed:>10}")
+    if full:
+        lines.append(f"{'full precision':<34} {'-':<14} {'16/32':>11} {full:>12.2f} {'-':>10}")
+    lines.append("gap closed = (ppl_plain - ppl) / (ppl_plain - ppl_full) at the same base")
+    if report.get("reading"):
+        lines.append(report["reading"])
+    return "\n".join(lines)
 
 
 def add_views_parser(sub) -> None:
@@ -186,8 +213,10 @@ class StopOnInterrupt:
         signal.signal(signal.SIGINT, self._old)
 
 
-def consume_init(events, out=sys.stdout) -> int:
-    """Print the init stream with a progress bar; return the exit code."""
+def consume_init(events, out=None, table=None) -> int:
+    """Print the init stream (or another flow's of the same events) with a progress bar, then `table(report)`
+    (default: the init summary) on `out` (default: standard output); return the exit code."""
+    out = out or sys.stdout
     bar = None
     code = 1
     for event in events:
@@ -213,7 +242,7 @@ def consume_init(events, out=sys.stdout) -> int:
         elif isinstance(event, RunFinished):
             if bar:
                 bar.close()
-            print(summary_table(event.report), file=out)
+            print((table or summary_table)(event.report), file=out)
             print(f"run folder: {event.run_dir}", file=out)
             code = 0
         elif isinstance(event, RunFailed):
@@ -229,7 +258,7 @@ def consume_init(events, out=sys.stdout) -> int:
 def has_partial_results(run_dir: str) -> bool:
     """True when the run folder holds something worth going back to (layers, perplexities, adapters)."""
     report = RunFolder(Path(run_dir)).read_report() or {}
-    return bool(report.get("layers") or report.get("perplexity") or report.get("arms"))
+    return bool(report.get("layers") or report.get("perplexity") or report.get("arms") or report.get("points"))
 
 
 def summary_table(report: dict) -> str:
@@ -464,6 +493,12 @@ def main(argv: list[str] | None = None) -> int:
                 return consume_train(run_train(cfg, should_stop=stop.flag.is_set))
         if args.command == "views":
             return views_command(args)
+        if args.command == "bits":
+            from quailora_app.flows.bits import run_bits  # the flows: only for the command that runs
+
+            with StopOnInterrupt() as stop:
+                return consume_init(run_bits(build(BitsConfig, vars(args)), should_stop=stop.flag.is_set),
+                                    table=bits_table)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

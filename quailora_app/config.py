@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from quailora_app.engine.arms import arm_names, default_arm_names
 from quailora_app.engine.methods.init_math import SOLVERS
-from quailora_app.engine.methods.registry import QLORA, default_method_names, method_names
+from quailora_app.engine.methods.registry import QLORA, default_method_names, get_method, method_names
 from quailora_app.errors import ConfigError
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -89,7 +89,8 @@ class QuantConfig:
         if isinstance(self.bits, bool) or self.bits not in offered:
             extra = (" (its 8-bit LLM.int8 is the qlora8 arm and the int8 reference; use --quantizer hqq for 2, 3 or "
                      "8 bits)") if self.quantizer == "bitsandbytes" else ""
-            raise ConfigError(f"{self.quantizer} quantizes to {' or '.join(map(str, offered))} bits, not "
+            listed = ", ".join(map(str, offered[:-1])) + " or " * (len(offered) > 1) + str(offered[-1])
+            raise ConfigError(f"{self.quantizer} quantizes to {listed} bits, not "
                               f"{self.bits!r}{extra}")
         if self.quant not in QUANT_TYPES:
             raise ConfigError(f"quant must be one of {', '.join(QUANT_TYPES)}, not {self.quant!r}")
@@ -434,3 +435,64 @@ class ViewsConfig:
     def block_choice(self) -> int | str:
         """`block` as the views take it: an index, 'typical' or 'outlier'."""
         return int(self.block) if self.block.isdigit() else self.block
+
+
+#: the quantized bases an across-bits run can compare: bitsandbytes' NF4 (4-bit) and LLM.int8 (8-bit), and HQQ at
+#: 2, 3, 4 and 8 bits
+BITS_BASES = ("hqq2", "hqq3", "hqq4", "hqq8", "nf4", "int8")
+
+
+def base_quant(base: str, group_size: int = 64) -> QuantConfig | None:
+    """The QuantConfig of an across-bits base name ('hqq3' -> HQQ 3-bit in groups of `group_size`, 'nf4' ->
+    bitsandbytes' QLoRA recipe); None for 'int8' (bitsandbytes' LLM.int8, loaded as the 8-bit reference)."""
+    if base == "int8":
+        return None
+    if base == "nf4":
+        return QuantConfig()
+    if base.startswith("hqq") and base[3:].isdigit():
+        return QuantConfig(quantizer="hqq", bits=int(base[3:]), block_size=group_size)
+    raise ConfigError(f"unknown base {base!r}; choose from {', '.join(BITS_BASES)}")
+
+
+def base_bits(base: str) -> int:
+    """The bits per code of an across-bits base name."""
+    return 8 if base == "int8" else 4 if base == "nf4" else int(base[3:])
+
+
+def _per_layer_methods() -> tuple[str, ...]:
+    return tuple(m for m in method_names() if get_method(m).per_layer)
+
+
+@dataclass
+class BitsConfig:
+    """Everything `python -m quailora_app bits` and the app's "across bits" run need: one calibration, then each
+    base's held-out perplexity with no correction and with each per-layer method, and its memory per weight."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(calib_samples=32, eval_tokens=4096))
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    bases: tuple[str, ...] = field(default=("hqq2", "hqq3", "hqq4", "nf4"), metadata={
+        "help": "quantized bases to compare: hqq2, hqq3, hqq4, hqq8 (HQQ), nf4 (bitsandbytes 4-bit), int8 "
+                "(bitsandbytes LLM.int8)", "choices": BITS_BASES})
+    methods: tuple[str, ...] = field(default=("svd", "closed_form"), metadata={
+        "help": "per-layer initializations computed on every base (no correction is always measured)",
+        "choices": _per_layer_methods})
+    group_size: int = field(default=64, metadata={"help": "HQQ's group size (weights sharing a scale and a zero)"})
+    als_rounds: int = als_rounds_setting()
+    damping: float = damping_setting()
+    eval_batch: int = field(default=4, metadata={
+        "help": "sequences per forward pass when measuring perplexity", "cli": False})
+    out: str | None = field(default=None, metadata={"help": "run folder (default: runs/bits-<date>-<time>)"})
+
+    def __post_init__(self) -> None:
+        self.bases = tuple(dict.fromkeys(self.bases))
+        if not self.bases:
+            raise ConfigError("choose at least one base to compare")
+        for base in self.bases:
+            base_quant(base, self.group_size)  # a bad name or group size: one line, before anything loads
+        unknown = [m for m in self.methods if m not in _per_layer_methods()]
+        if unknown:
+            raise ConfigError(f"across bits computes per-layer methods only, not {', '.join(unknown)}; choose from "
+                              f"{', '.join(_per_layer_methods())}")
+        self.methods = tuple(dict.fromkeys(m for m in self.methods if m != QLORA))
+        check_solver_settings(self.als_rounds, self.damping)

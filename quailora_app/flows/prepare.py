@@ -66,7 +66,8 @@ def prepare(model: ModelConfig, data: DataConfig, quant: QuantConfig, device: to
     dtype = compute_dtype(model.compute_dtype, device)
     prepared = Prepared(source, config, tokenizer, splits, checkpoint, device, dtype)
     if load_base:
-        yield Stage("quantize", f"loading {source.name} quantized to {quant.bits}-bit {quant.label} on {device_label(device)}")
+        yield Stage("quantize", f"loading {source.name} quantized to {quant.bits}-bit {quant.label} on "
+                                f"{device_label(device)}")
         prepared.model = load_quantized(source, quant, device, prepared.dtype)
     return prepared
 

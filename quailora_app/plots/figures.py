@@ -79,7 +79,7 @@ def variant_order() -> list[str]:
 LEGEND_ROW = 22
 
 
-def _layout(fig: go.Figure, title: str, height: int, legend_rows: int = 1) -> go.Figure:
+def figure_layout(fig: go.Figure, title: str, height: int, legend_rows: int = 1) -> go.Figure:
     """Title top left, white template; the legend in rows at the bottom of the figure, under the axes' tick labels
     and titles, and every axis making room for its tick labels and title (automargin): no text covers another at
     any page width. The legend is anchored to the figure (container), so plotly reserves the rows it really takes
@@ -104,7 +104,7 @@ def empty_figure(title: str, message: str, height: int = 320) -> go.Figure:
                        font={"size": 14, "color": "#777"})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    return _layout(fig, title, height)
+    return figure_layout(fig, title, height)
 
 
 # ------------------------------------------------------------------------------------------------ init run
@@ -178,7 +178,7 @@ def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None
                 for m in methods if m in row.get(k, {})), default=0.8)
     fig.update_yaxes(range=[max(0.0, ymin - 0.05), 1.05])
     fig.update_annotations(font={"size": 13})
-    return _layout(fig, title, 520)
+    return figure_layout(fig, title, 520)
 
 
 def removal_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora") -> go.Figure:
@@ -206,7 +206,7 @@ def _block_module_layout(fig: go.Figure, title: str, x_title: str, n_blocks: int
     """Axes and size of a decoder block x module type heatmap (block 0 at the top)."""
     fig.update_xaxes(title_text=x_title, side="bottom")
     fig.update_yaxes(title_text="decoder block", autorange="reversed", dtick=1 if n_blocks <= 12 else 2)
-    return _layout(fig, title, max(340, 120 + 17 * n_blocks), legend_rows=0)
+    return figure_layout(fig, title, max(340, 120 + 17 * n_blocks), legend_rows=0)
 
 
 def ranks_of(report: Mapping | Iterable[Mapping], method: str = "budget") -> dict[str, int]:
@@ -285,7 +285,7 @@ def init_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora", 
     fig.update_yaxes(title_text="decoder block", autorange="reversed", row=1, col=1)
     fig.update_annotations(font={"size": 13})
     n_blocks = len(ranks.data[0].y)
-    return _layout(fig, "Error removed and ranks, per layer",
+    return figure_layout(fig, "Error removed and ranks, per layer",
                    max(400, 210 + 17 * n_blocks), legend_rows=0)
 
 
@@ -332,7 +332,7 @@ def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str
     fig.update_xaxes(title_text="model variant<br>(weights precision + LoRA initialization)", autotickangles=[0, 90],
                      ticklabelstandoff=10)
     fig.update_yaxes(title_text="perplexity (unitless, lower is better)", range=[0, 1.04 * max(ppl[n] for n in names)])
-    return _layout(fig, title, 400, legend_rows=len(names))
+    return figure_layout(fig, title, 400, legend_rows=len(names))
 
 
 def accuracies_from(source: Mapping | Iterable[Mapping]) -> dict[str, dict]:
@@ -391,7 +391,7 @@ def accuracy_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] 
     fig.update_xaxes(title_text="model variant", autotickangles=[0, 90], ticklabelstandoff=10)  # as perplexity_figure
     fig.update_yaxes(title_text="accuracy (%)", range=[0, 100], row=1, col=1)
     fig.update_yaxes(range=[0, 100])
-    return _layout(fig, title, 420, legend_rows=len(names))
+    return figure_layout(fig, title, 420, legend_rows=len(names))
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -498,7 +498,7 @@ def train_figure(events: Sequence[Mapping], arms: Sequence[str] | None = None) -
     fig.update_yaxes(title_text="perplexity (unitless)", row=1, col=1)
     fig.update_yaxes(title_text="loss (nats per token)", row=1, col=2)
     fig.update_annotations(font={"size": 13})
-    return _layout(fig, title, 440, legend_rows=2)
+    return figure_layout(fig, title, 440, legend_rows=2)
 
 
 def train_accuracies_from(events: Iterable[Mapping]) -> dict[str, dict[str, list[Mapping]]]:
@@ -542,7 +542,7 @@ def train_accuracy_figure(events: Sequence[Mapping], arms: Sequence[str] | None 
                      range=[-0.3, max_step + 0.3] if max_step <= 10 else None)
     fig.update_yaxes(title_text="accuracy (%)", row=1, col=1)
     fig.update_annotations(font={"size": 13})
-    return _layout(fig, title, 420, legend_rows=2)
+    return figure_layout(fig, title, 420, legend_rows=2)
 
 
 TRAIN_HEADER = ["arm", "step", "tokens / s", "memory (peak)", "val perplexity (last)", "best", "seconds training"]

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +52,36 @@ class LayerCurve:
     calibrated_base: float  # tr(E H E^T), undamped: calibrated_error[k]^2 * calibrated_base is the objective left
 
 
+def correct_layer(W: torch.Tensor, layer, spec: init_math.DampedH, methods: Sequence, rank: int, scaling: float,
+                  spent: dict[str, float], damping_seconds: float, *, solver: str, als_rounds: int,
+                  curves: dict[str, dict[str, LayerCurve]] | None = None, name: str = ""):
+    """Each method's rank-`rank` correction of E = W - Q (Q: the quantized `layer`'s), split into peft's factors with
+    scaling s, and its errors measured on what the adapter really adds, C = s B A: (weight errors, calibrated
+    errors, factors) by method, with the qlora baseline's 1.0. Seconds are added to `spent`; forming H + lambda I
+    (`damping_seconds`) is charged to each calibrated method, as if run alone."""
+    start = time.perf_counter()
+    meter = init_math.LowRankErrors(W - dequantized_weight(layer).to(W.device), spec)
+    meter_seconds = time.perf_counter() - start  # mostly E Hd, which closed_form reuses
+    E = meter.E  # in the working precision, shared by the methods (no copy per method)
+    weight_err, calib_err = {QLORA: 1.0}, {QLORA: 1.0}
+    factors = {}
+    for method in methods:
+        start = time.perf_counter()
+        reuse = method.uses_EHd is not None and method.uses_EHd(*E.shape, solver)
+        P, Rt = method.correction(E, spec, rank, als_rounds=als_rounds, solver=solver, EHd=meter.EH if reuse else None)
+        A, B = init_math.split_factors(P, Rt, scaling)
+        shared = damping_seconds if method.calibrated else 0.0
+        shared += meter_seconds if reuse else 0.0  # the E Hd it reused is charged to it
+        spent[method.name] += time.perf_counter() - start + shared
+        weight_err[method.name], calib_err[method.name] = meter.errors(scaling * B.to(E.dtype), A.to(E.dtype))
+        factors[method.name] = Factors(A.float().cpu(), B.float().cpu())
+        if curves is not None:
+            by_rank = meter.errors_by_rank(P, Rt)
+            curves.setdefault(method.name, {})[name] = LayerCurve(
+                P.float().cpu(), Rt.float().cpu(), *(e.cpu() for e in by_rank), meter.weight_base, meter.calib_base)
+    return weight_err, calib_err, factors
+
+
 @contextmanager
 def one_cpu_thread(device: torch.device):
     """Run the per-layer matrix math on one CPU thread, unless OpenMP's idle threads sleep (threads.py).
@@ -88,6 +119,7 @@ def initialize(
     processes: Processes | None = None,
     plan: Mapping[str, LayerLoRA] | None = None,
     curves: dict[str, dict[str, LayerCurve]] | None = None,
+    also: Mapping[str, tuple[Any, InitResult]] | None = None,
 ) -> Iterator[Event]:
     """Yield a LayerResult per layer and a Progress per block while filling `result`.
 
@@ -100,8 +132,22 @@ def initialize(
     With `processes` (several processes of a torch.distributed group, see engine/parallel.py), each process is given
     the same `calib_ids`, runs its share of them, and computes its share of each block's layers; H is summed
     over the processes and every result is gathered on rank 0, whose `result` and events equal one process's.
-    The other processes yield only Progress. `seconds` per method are then summed over the processes."""
+    The other processes yield only Progress. `seconds` per method are then summed over the processes.
+
+    `also` (name -> (another quantized model of the same weights, its InitResult)): the same methods computed
+    against each of those models' Q as well, on the same calibration statistics (H is of the full-precision inputs,
+    so it does not depend on the quantization): each result is filled like `result`, without events of its own (one
+    process only). Quantizing at several bit widths then costs one calibration."""
     methods = [m for m in map(get_method, methods) if m.per_layer]
+    also = dict(also or {})
+    if also and processes is not None and processes.world > 1:
+        raise ValueError("initialize(also=...) runs in one process")
+    others = {key: (dict(other.named_modules()), other_result) for key, (other, other_result) in also.items()}
+    for _, other_result in others.values():
+        other_result.seconds.setdefault("calibrate", 0.0)
+        for m in methods:
+            other_result.seconds.setdefault(m.name, 0.0)
+            other_result.factors.setdefault(m.name, {})
     if plan is None:
         plan = {name: LayerLoRA(lora.rank, lora.scaling) for name in target_paths(model, lora)}
     modules = dict(model.named_modules())
@@ -147,34 +193,24 @@ def initialize(
                     r, s = plan[name]
                     W = block.weights.pop(local).float()  # each full-precision weight is dropped once its E exists
                     shape = tuple(W.shape)
-                    start = time.perf_counter()
-                    meter = init_math.LowRankErrors(W - dequantized_weight(modules[name]).to(W.device), spec)
-                    meter_seconds = time.perf_counter() - start  # mostly E Hd, which closed_form reuses
-                    E = meter.E  # in the working precision, shared by the methods (no copy per method)
+                    first = local == todo[0]
+                    for other_modules, other_result in others.values():
+                        other_spent = dict.fromkeys(spent, 0.0)
+                        weight_err, calib_err, factors = correct_layer(
+                            W, other_modules[name], spec, methods, r, s, other_spent, damping_seconds if first else 0.0,
+                            solver=solver, als_rounds=als_rounds)
+                        row = LayerResult(name, block.index, local, shape, weight_err, calib_err)
+                        for method, f in factors.items():
+                            other_result.factors[method][name] = f
+                        other_result.layers.append(
+                            {k: v for k, v in row.to_dict().items() if k not in ("kind", "time")})
+                        for method, value in other_spent.items():
+                            other_result.seconds[method] += value
+                    weight_err, calib_err, factors = correct_layer(
+                        W, modules[name], spec, methods, r, s, spent, damping_seconds if first else 0.0,
+                        solver=solver, als_rounds=als_rounds, curves=curves, name=name)
                     del W
-                    weight_err, calib_err = {QLORA: 1.0}, {QLORA: 1.0}
-                    factors = {}
-                    for method in methods:
-                        start = time.perf_counter()
-                        reuse = method.uses_EHd is not None and method.uses_EHd(*E.shape, solver)
-                        P, Rt = method.correction(E, spec, r, als_rounds=als_rounds, solver=solver,
-                                                  EHd=meter.EH if reuse else None)
-                        A, B = init_math.split_factors(P, Rt, s)
-                        # forming the group's H + lambda I is charged once to each calibrated method, as if run alone
-                        shared = damping_seconds if method.calibrated and local == todo[0] else 0.0
-                        shared += meter_seconds if reuse else 0.0  # the E Hd it reused is charged to it
-                        key = method.name
-                        spent[key] += time.perf_counter() - start + shared
-                        # measured on what the saved adapter really adds: C = s * B @ A
-                        weight_err[key], calib_err[key] = meter.errors(s * B.to(E.dtype), A.to(E.dtype))
-                        factors[key] = Factors(A.float().cpu(), B.float().cpu())
-                        if curves is not None:
-                            by_rank = meter.errors_by_rank(P, Rt)
-                            curves.setdefault(key, {})[name] = LayerCurve(
-                                P.float().cpu(), Rt.float().cpu(), *(e.cpu() for e in by_rank), meter.weight_base,
-                                meter.calib_base)
                     computed[local] = (LayerResult(name, block.index, local, shape, weight_err, calib_err), factors)
-                    del E, meter  # before the next layer's are built: one n x n work set alive at a time
                 del spec
         if split:
             parts = processes.gather((computed, spent))

@@ -91,9 +91,12 @@ def dequantized_weight(layer) -> torch.Tensor:
 
 
 def bits_per_weight(layer) -> float:
-    """Memory per weight of a Linear4bit layer's matrix, in bits: 4 per code, plus each block's absmax (32 bits / block
-    size; with double quantization 8 bits / block size plus the nested float32 absmax and offset of each 256 blocks).
-    The format's fixed code tables are not counted. For the plain layout the layer holds before any repacking."""
+    """Memory per weight of a bitsandbytes layer's matrix, in bits. 4-bit: 4 per code, plus each block's absmax (32
+    bits / block size; with double quantization 8 bits / block size plus the nested float32 absmax and offset of each
+    256 blocks), the format's fixed code tables not counted, in the plain layout the layer holds before any
+    repacking. 8-bit (LLM.int8): 8 per weight plus a float32 scale per row (32 / in_features)."""
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return 8 + 32 / layer.in_features
     state = layer.weight.quant_state
     n = layer.out_features * layer.in_features
     bits = 4 * n + state.absmax.numel() * state.absmax.element_size() * 8

@@ -39,16 +39,16 @@ class HqqSettings:
     bits: int = 4
     group_size: int = DEFAULT_GROUP_SIZE
 
-    def check(self, layers: Mapping[str, nn.Module] | None = None) -> HqqSettings:
+    def check(self, inputs: Mapping[str, int] | None = None) -> HqqSettings:
         """These settings, or ConfigError with one line: bits not in BITS, a group size that is not a positive
-        multiple of 8 (hqq's rule), or one that does not divide the inputs (in_features) of a layer in `layers`."""
+        multiple of 8 (hqq's rule), or one that does not divide the inputs of a layer (`inputs`: layer name ->
+        in_features). hqq itself only asks the group size to divide the whole matrix, letting groups straddle rows."""
         if isinstance(self.bits, bool) or self.bits not in BITS:
             raise ConfigError(f"HQQ bits must be one of {', '.join(map(str, BITS))} (got {self.bits!r})")
         g = self.group_size
         if isinstance(g, bool) or not isinstance(g, int) or g < 8 or g % 8:
             raise ConfigError(f"HQQ group size must be a positive multiple of 8 (got {g!r})")
-        for name, layer in (layers or {}).items():
-            n = layer.in_features
+        for name, n in (inputs or {}).items():
             if n % g:
                 fits = [d for d in (32, 64, 128, 256) if n % d == 0]
                 hint = f"; {' or '.join(map(str, fits))} would" if fits else ""
@@ -113,7 +113,7 @@ def quantize_linears(model: nn.Module, settings: HqqSettings, names: Iterable[st
     for name in names:
         if not isinstance(modules.get(name), nn.Linear):
             raise ConfigError(f"no linear layer '{name}' to quantize with HQQ")
-    settings.check({name: modules[name] for name in names})
+    settings.check({name: modules[name].in_features for name in names})
     config, device = settings.quant_config(), str(device)
     swapped = {}
     for name in names:
@@ -192,16 +192,11 @@ def requantize(like: nn.Module, weight: Tensor, bias: Tensor | None = None) -> H
 
 
 def quantize_weight(weight: Tensor, settings: HqqSettings, compute_dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> HQQLinear:
-    """A new HQQ layer holding quant(weight) (out x in) with `settings` (checked against the weight's shape)."""
-    settings.check({"weight": _Shape(weight.shape[1])})
-    layer = HQQLinear(None, {**settings.quant_config()}, compute_dtype=compute_dtype, device=str(device))
-    config = settings.quant_config()
+                    device: torch.device | str = "cpu", name: str = "weight") -> HQQLinear:
+    """A new HQQ layer (no bias) holding quant(weight) (out x in) with `settings`, checked against the weight's
+    inputs (`name` names it in the error)."""
+    config = settings.check({name: weight.shape[1]}).quant_config()
+    layer = HQQLinear(None, config, compute_dtype=compute_dtype, device=str(device))
     config.pop("offload_meta", None)
     layer.quantize(weight.detach().to(device=str(device)), **config)
     return layer
-
-
-@dataclass(frozen=True)
-class _Shape:
-    in_features: int

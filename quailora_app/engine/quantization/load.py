@@ -31,15 +31,17 @@ def hqq_settings(quant: QuantConfig) -> hqq.HqqSettings:
 
 def bits_per_weight(model) -> float:
     """Memory per linear weight of the quantized layers, in bits (codes, scales, zeros, nested statistics), weighted
-    by each layer's size."""
+    by each layer's size. HQQ's scales and zeros count 16 bits each, as deployed (hqq's float16 default on a GPU; on
+    the CPU they are held at the float32 compute dtype), bitsandbytes' absmax as it stores them."""
     total_bits = total_weights = 0.0
-    for layer in bnb.linear4bit_modules(model).values():
+    bnb_layers = [m for m in model.modules() if bnb.is_quantized(m)]
+    for layer in bnb_layers:
         n = layer.out_features * layer.in_features
         total_bits += bnb.bits_per_weight(layer) * n
         total_weights += n
     for layer in hqq.hqq_modules(model).values():
         out_features, in_features = layer.meta["shape"]
-        total_bits += hqq.bits_per_weight(layer) * out_features * in_features
+        total_bits += hqq.bits_per_weight(layer, meta_bits=16) * out_features * in_features
         total_weights += out_features * in_features
     if not total_weights:
         raise ModelError("the model holds no quantized linear layer")

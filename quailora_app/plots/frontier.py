@@ -1,0 +1,100 @@
+"""The trade-off frontier of an across-bits run (flows/bits.py): memory per linear weight against held-out
+perplexity, one line per initialization through the bases it was measured on, and the bit widths as points of the
+harm-against-gain scatter."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import plotly.graph_objects as go
+
+from quailora_app.engine.methods.registry import QLORA, find_method
+from quailora_app.plots.figures import empty_figure, figure_layout
+
+TITLE = "Memory against quality across bit widths"
+NO_CORRECTION = "no correction"
+_SYMBOLS = {"hqq": "circle", "bitsandbytes": "square"}
+
+
+def _method_label(method: str) -> str:
+    if method == QLORA:
+        return NO_CORRECTION
+    found = find_method(method)
+    return f"+ {found.short} (rank-r correction)" if found else method
+
+
+def _colour(method: str) -> str:
+    found = find_method(method)
+    return found.colour if found else "#555"
+
+
+def frontier_figure(report: Mapping | None) -> go.Figure:
+    """x: memory per linear weight in bits (codes, scales, zeros, nested statistics and, for a corrected point, the
+    adapter); y: held-out perplexity, log axis. One line per initialization through the HQQ bases (circles, by
+    bits), bitsandbytes' bases as squares beside them; full precision as a dashed line. The one-line reading of the
+    run is the title's second line."""
+    points = list((report or {}).get("points", {}).values())
+    if not points:
+        return empty_figure(TITLE, "run 'Across bits' (or python -m quailora_app bits) to draw the frontier", 460)
+    fig = go.Figure()
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    for method in methods:
+        for quantizer in ("hqq", "bitsandbytes"):
+            group = sorted((p for p in points if p["method"] == method and p["quantizer"] == quantizer),
+                           key=lambda p: p["bits_per_weight"])
+            if not group:
+                continue
+            name = _method_label(method) + ("" if quantizer == "hqq" else " (bitsandbytes)")
+            fig.add_trace(go.Scatter(
+                x=[p["bits_per_weight"] for p in group], y=[p["perplexity"] for p in group],
+                mode="lines+markers" if quantizer == "hqq" else "markers", name=name,
+                line={"color": _colour(method), "dash": "dot" if method == QLORA else "solid"},
+                marker={"symbol": _SYMBOLS[quantizer], "size": 10, "color": _colour(method),
+                        "line": {"width": 1, "color": "white"}},
+                text=[p["label"] for p in group],
+                customdata=[[p.get("quantized_bits_per_weight", p["bits_per_weight"]),
+                             p.get("adapter_bits_per_weight", 0.0)] for p in group],
+                hovertemplate=("%{text}<br>" + _method_label(method) + "<br>perplexity %{y:.2f}<br>%{x:.2f} bits "
+                               "per weight (%{customdata[0]:.2f} quantized + %{customdata[1]:.2f} adapter)"
+                               "<extra></extra>")))
+    full = (report or {}).get("full")
+    if full:
+        fig.add_hline(y=full, line={"color": "#4d4d4d", "dash": "dash", "width": 1})
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"full precision ({full:.1f})",
+                                 line={"color": "#4d4d4d", "dash": "dash", "width": 1}))
+    bits = sorted({p["bits"] for p in points})
+    fig.update_xaxes(title_text="memory per linear weight (bits, with scales, zeros and the adapter)")
+    values = [p["perplexity"] for p in points] + ([full] if full else [])
+    low, high = min(values), max(values)
+    fig.update_yaxes(title_text="held-out perplexity (log)", type="log",
+                     range=[math.log10(low) - 0.05, math.log10(high) + 0.1])
+    title = f"{TITLE}: {', '.join(map(str, bits))} bits, rank {(report or {}).get('rank', '?')}"
+    reading = (report or {}).get("reading")
+    fig = figure_layout(fig, title, 480, legend_rows=2)
+    if reading:
+        fig.add_annotation(text=reading, xref="paper", yref="paper", x=0, y=1.0, xanchor="left", yanchor="bottom",
+                           showarrow=False, align="left", font={"size": 12, "color": "#444"})
+        fig.update_layout(margin={"t": 100})
+    return fig
+
+
+def bits_harm_gain_points(report: Mapping | None) -> list[dict]:
+    """The bit widths of an across-bits run as points of the harm-against-gain scatter (plots/teaching.
+    harm_gain_figure): per base, harm = ppl_plain - ppl_full (what quantizing to those bits costs) and gain =
+    ppl_plain - ppl_best (what the best correction wins back), with their log-ratio forms."""
+    report = report or {}
+    full = report.get("full")
+    points = list(report.get("points", {}).values())
+    out = []
+    for base in dict.fromkeys(p["base"] for p in points):
+        plain = next((p for p in points if p["base"] == base and p["method"] == QLORA), None)
+        corrected = [p for p in points if p["base"] == base and p["method"] != QLORA]
+        if plain is None or not corrected or not full:
+            continue
+        best = min(corrected, key=lambda p: p["perplexity"])
+        out.append({"model": str(report.get("model", "")), "text": plain["label"].split(" (")[0],
+                    "rank": report.get("rank"), "harm": plain["perplexity"] - full,
+                    "gain": plain["perplexity"] - best["perplexity"],
+                    "log_harm": math.log(plain["perplexity"] / full),
+                    "log_gain": math.log(plain["perplexity"] / best["perplexity"])})
+    return out
