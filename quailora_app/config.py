@@ -8,6 +8,7 @@ from quailora_app.engine.arms import arm_names, default_arm_names
 from quailora_app.engine.methods.init_math import SOLVERS
 from quailora_app.engine.methods.registry import QLORA, default_method_names, get_method, method_names
 from quailora_app.errors import ConfigError
+from quailora_app.sources.tasks import DEFAULT_SHOTS
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -157,8 +158,8 @@ class AccuracyConfig:
         "help": "answer word per label as label=word (e.g. fresh=positive rotten=negative); other labels are left "
                 "out; default: the embedded data's own words, else each label as written",
         "nargs": "*", "metavar": "LABEL=WORD"})
-    #: sources/tasks.py DEFAULT_SHOTS (the measured reason is there)
-    shots: int = field(default=2, metadata={"help": "labelled examples in the prompt (one label after another)"})
+    shots: int = field(default=DEFAULT_SHOTS, metadata={  # measured: see sources/tasks.py
+        "help": "labelled examples in the prompt (one label after another)"})
     label_prompts: int = field(default=8, metadata={
         "help": "different few-shot prompts the labelled items are spread over: a small model's answers swing with "
                 "the examples shown, more prompts average that out"})
@@ -459,8 +460,10 @@ def base_bits(base: str) -> int:
     return 8 if base == "int8" else 4 if base == "nf4" else int(base[3:])
 
 
-def _per_layer_methods() -> tuple[str, ...]:
-    return tuple(m for m in method_names() if get_method(m).per_layer)
+def _bits_methods() -> tuple[str, ...]:
+    """The methods an across-bits run computes on every base: per layer, and over the whole model at one rank (not
+    budget, whose per-layer ranks would change the memory of each point)."""
+    return tuple(m for m in method_names() if get_method(m).kind in ("layer", "model") and m != "budget")
 
 
 @dataclass
@@ -475,11 +478,15 @@ class BitsConfig:
         "help": "quantized bases to compare: hqq2, hqq3, hqq4, hqq8 (HQQ), nf4 (bitsandbytes 4-bit), int8 "
                 "(bitsandbytes LLM.int8)", "choices": BITS_BASES})
     methods: tuple[str, ...] = field(default=("svd", "closed_form"), metadata={
-        "help": "per-layer initializations computed on every base (no correction is always measured)",
-        "choices": _per_layer_methods})
+        "help": "initializations computed on every base (no correction is always measured); the whole-model "
+                "methods (sequential, distill) run once per base after the shared calibration",
+        "choices": _bits_methods})
     group_size: int = field(default=64, metadata={"help": "HQQ's group size (weights sharing a scale and a zero)"})
     als_rounds: int = als_rounds_setting()
     damping: float = damping_setting()
+    distill_steps: int = distill_setting("distill_steps")
+    distill_lr: float = distill_setting("distill_lr")
+    distill_batch: int = distill_setting("distill_batch")
     eval_batch: int = field(default=4, metadata={
         "help": "sequences per forward pass when measuring perplexity", "cli": False})
     out: str | None = field(default=None, metadata={"help": "run folder (default: runs/bits-<date>-<time>)"})
@@ -490,9 +497,75 @@ class BitsConfig:
             raise ConfigError("choose at least one base to compare")
         for base in self.bases:
             base_quant(base, self.group_size)  # a bad name or group size: one line, before anything loads
-        unknown = [m for m in self.methods if m not in _per_layer_methods()]
+        unknown = [m for m in self.methods if m not in _bits_methods()]
         if unknown:
-            raise ConfigError(f"across bits computes per-layer methods only, not {', '.join(unknown)}; choose from "
-                              f"{', '.join(_per_layer_methods())}")
+            raise ConfigError(f"across bits does not compute {', '.join(unknown)}; choose from "
+                              f"{', '.join(_bits_methods())}")
         self.methods = tuple(dict.fromkeys(m for m in self.methods if m != QLORA))
         check_solver_settings(self.als_rounds, self.damping)
+        check_distill(self.distill_steps, self.distill_lr, self.distill_batch)
+
+
+#: the dtypes a merged model can be held and saved in ("auto": the full-precision reference's, float32 on CPU and
+#: bfloat16 on CUDA)
+MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class GenerateConfig:
+    """Everything `python -m quailora_app generate` and the app's generation section need: a finished run's
+    model and adapters, a prompt, and how many tokens each variant (full precision, 8-bit, plain 4-bit, 4-bit with
+    each adapter) adds to it; optionally what survives deployment of one adapter (merged, re-quantized, apart).
+    The model, data, quantization and LoRA shape are the run's."""
+
+    from_run: str | None = field(default=None, metadata={
+        "help": "a finished init run's folder (its adapters/<method>/), or a train run's (its 4-bit arms' adapters, "
+                "and those of the init run it started from) (default: none; required)"})
+    prompt: str | None = field(default=None, metadata={
+        "help": "text to continue (default: the start of a held-out document of the run's data)"})
+    new_tokens: int = field(default=32, metadata={"help": "tokens each variant adds to the prompt"})
+    prompt_tokens: int = field(default=16, metadata={
+        "help": "tokens of a held-out document's start taken as the prompt when none is given, and as each held-out "
+                "document's prompt for the agreement over documents"})
+    documents: int = field(default=4, metadata={
+        "help": "held-out documents over which plain and corrected 4-bit are compared position by position (0: none)"})
+    sample: bool = field(default=False, metadata={
+        "help": "draw each token from the model's distribution (seeded, the same draws for every variant) instead "
+                "of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --sample)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampling draws (with --sample)"})
+    deploy: bool = field(default=False, metadata={
+        "help": "also measure what survives deployment of one adapter: held-out perplexity on the 4-bit base as "
+                "trained, merged into the full-precision weights, merged then quantized again, kept apart after a "
+                "save and load with peft; writes the merged model"})
+    deploy_adapter: str | None = field(default=None, metadata={
+        "help": "the adapter --deploy measures: a method of the init run or an arm of the train run (default: "
+                "closed_form, else quailora; for a train run quailora4, else closed4)"})
+    deploy_tokens: int = field(default=4096, metadata={
+        "help": "held-out tokens of the deployment perplexities (the first of the run's held-out windows)"})
+    merge_dtype: str = field(default="auto", metadata={
+        "help": "dtype the adapter is merged into and the merged model saved in: auto (float32 on CPU, bfloat16 on "
+                "CUDA), float32, bfloat16 or float16", "choices": MERGE_DTYPES})
+    device: str = field(default="auto", metadata={"help": "'auto', 'cpu' or 'cuda[:N]'"})
+    eval_batch: int = field(default=4, metadata={
+        "help": "sequences per forward pass when measuring perplexity", "cli": False})
+    out: str | None = field(default=None, metadata={"help": "run folder (default: runs/generate-<date>-<time>)"})
+
+    def __post_init__(self) -> None:
+        if self.prompt is not None and not str(self.prompt).strip():
+            raise ConfigError("the prompt is empty: give some text to continue, or leave --prompt out to continue the "
+                              "start of a held-out document")
+        if isinstance(self.new_tokens, bool) or self.new_tokens < 1:
+            raise ConfigError(f"new tokens must be at least 1, not {self.new_tokens}: each variant needs a "
+                              "continuation to compare")
+        if self.prompt_tokens < 1:
+            raise ConfigError(f"prompt tokens must be at least 1, not {self.prompt_tokens}")
+        if self.documents < 0:
+            raise ConfigError(f"documents must be 0 or more, not {self.documents}")
+        if self.sample and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be positive to sample, not {self.temperature}")
+        if self.deploy_tokens < 1:
+            raise ConfigError(f"deploy tokens must be at least 1, not {self.deploy_tokens}")
+        if self.merge_dtype not in MERGE_DTYPES:
+            raise ConfigError(f"merge dtype must be one of {', '.join(MERGE_DTYPES)}, not {self.merge_dtype!r}")
+        self.from_run = (self.from_run or "").strip() or None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,10 +23,10 @@ import torch
 from quailora_app.config import BitsConfig, base_bits, base_quant
 from quailora_app.engine.adapters import attach_lora, write_factors
 from quailora_app.engine.calibration.initialize import InitResult, initialize
-from quailora_app.engine.calibration.plan import target_paths
+from quailora_app.engine.calibration.plan import run_model_method, target_paths
 from quailora_app.engine.evaluation.evaluate import PROBE_TOKENS, check_adapter_applied, perplexity
 from quailora_app.engine.evaluation.perplexity_cache import full_variant, perplexity_key, read_cached, write_cached
-from quailora_app.engine.methods.registry import QLORA, get_method
+from quailora_app.engine.methods.registry import MODEL, QLORA, get_method
 from quailora_app.engine.preflight import check_rank_fits, shapes_or_none
 from quailora_app.engine.quantization.bnb import load_8bit
 from quailora_app.engine.quantization.layers import calibration_dtype, quantized_modules
@@ -98,13 +99,17 @@ class BitsRun:
         seconds["load"] = time.perf_counter() - t0
 
         first, *rest = cfg.bases
+        # distill starts from the closed form: computed in the shared pass when it is asked for
+        per_layer = [m for m in cfg.methods if get_method(m).per_layer]
+        if "distill" in cfg.methods and "closed_form" not in per_layer:
+            per_layer.append("closed_form")
         results = {base: InitResult() for base in cfg.bases}
         paths = target_paths(models[first], cfg.lora)
         yield self.rec.emit(Stage("calibrate", f"{splits.calib.shape[0]} x {splits.calib.shape[1]} tokens, one "
                                                f"calibration for {len(cfg.bases)} bases; {', '.join(cfg.methods)} "
                                                "on each"))
         start = time.perf_counter()
-        for event in initialize(models[first], prepared.checkpoint, splits.calib, cfg.lora, cfg.methods,
+        for event in initialize(models[first], prepared.checkpoint, splits.calib, cfg.lora, per_layer,
                                 results[first], device=self.device,
                                 calib_dtype=calibration_dtype(models[first], self.device), damping=cfg.damping,
                                 als_rounds=cfg.als_rounds, should_stop=self.should_stop,
@@ -112,7 +117,17 @@ class BitsRun:
             if isinstance(event, Progress):
                 yield self.rec.emit(event)
         seconds["calibrate_and_correct"] = time.perf_counter() - start
+        whole = [m for m in cfg.methods if get_method(m).kind == MODEL]
         for base in cfg.bases:
+            for name in whole:  # each on its own base: these follow the quantized model's own activations
+                self.rec.check_stop(f"initialization ({name})")
+                yield self.rec.emit(Stage("initialize", f"{base_label(base, cfg.group_size)}: {name}"))
+                built = run_model_method(name, models[base], prepared.checkpoint, splits.calib, cfg.lora, self.device,
+                                         calibration_dtype(models[base], self.device), damping=cfg.damping,
+                                         als_rounds=cfg.als_rounds, should_stop=self.should_stop,
+                                         options=asdict(cfg), start=results[base].factors.get("closed_form"))
+                results[base].factors[name] = built.factors
+                results[base].seconds[name] = built.seconds
             seconds[f"correct_{base}"] = {m: results[base].seconds.get(m, 0.0) for m in cfg.methods}
 
         for i, base in enumerate(cfg.bases):
