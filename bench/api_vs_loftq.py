@@ -1,9 +1,9 @@
 """The public API beside peft's LoftQ on the same PeftModel: init seconds, peak memory, perplexity, gap closed.
 
-    python bench/api_vs_loftq.py                       # embedded SmolLM2 + text, rank 16, alpha 32, 64 x 256
-    python bench/api_vs_loftq.py --calib-samples 8 --seq-len 128 --eval-tokens 2048     # a quick run
-    python bench/api_vs_loftq.py --alpha 16            # alpha == r: peft's ignored scaling does not matter
-    python bench/api_vs_loftq.py --from-json runs/bench/api_vs_loftq.json               # reprint a run
+    python -m bench.api_vs_loftq                       # embedded SmolLM2 + text, rank 16, alpha 32, 64 x 256
+    python -m bench.api_vs_loftq --calib-samples 8 --seq-len 128 --eval-tokens 2048     # a quick run
+    python -m bench.api_vs_loftq --alpha 16            # alpha == r: peft's ignored scaling does not matter
+    python -m bench.api_vs_loftq --from-json runs/bench/api_vs_loftq.json               # reprint a run
 
 Each arm runs in a fresh child process, so its peak memory is its own (CUDA max allocated on a GPU; on the CPU
 the resident anonymous memory, RssAnon, sampled every 5 ms as bench/scale.py does). Every arm with LoRA loads
@@ -30,16 +30,12 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from scale import WORK, PeakMemory, gib, run_child  # noqa: E402
+from bench.common import OUT, add_json_args, command_line, machine, module_command, reprint, write_json
+from bench.scale import WORK, PeakMemory, gib, run_child
 
 ANCHORS = ("full", "int8", "qlora")
 ARMS = (*ANCHORS, "loftq", "loftq_rescaled", "svd", "svd_as_peft_writes_it", "closed_form")
@@ -187,9 +183,9 @@ def prepare_tokens(args) -> tuple[Path, Path, dict]:
 
 def child(arm: str, args, folder: Path, tokens: Path) -> dict:
     t0 = time.perf_counter()
-    row = run_child([__file__, "--arm", arm, "--folder", str(folder), "--tokens", str(tokens), "--rank",
-                     str(args.rank), "--alpha", str(args.alpha), "--seed", str(args.seed), "--device", args.device],
-                    args.arm_timeout)
+    row = run_child(module_command(__file__, "--arm", arm, "--folder", str(folder), "--tokens", str(tokens), "--rank",
+                                   str(args.rank), "--alpha", str(args.alpha), "--seed", str(args.seed), "--device",
+                                   args.device), args.arm_timeout)
     if "failed" in row:
         return {"arm": arm, **row}
     row["wall_s"] = time.perf_counter() - t0
@@ -266,8 +262,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--arm-timeout", type=float, default=None, help="seconds before an arm is given up")
-    parser.add_argument("--json", default=None, help="where to write the results")
-    parser.add_argument("--from-json", default=None, help="reprint the table of a finished run")
+    add_json_args(parser, str(OUT / "api_vs_loftq.json"), resume=False)
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -280,16 +275,14 @@ def main() -> None:
         quiet_libraries()
         print(json.dumps(run_arm(args)))
         return
-    if args.from_json:
-        print(table(json.loads(Path(args.from_json).read_text())))
+    if reprint(args, table):
         return
     t0 = time.perf_counter()
     folder, tokens, info = prepare_tokens(args)
     print(f"{info['splits']} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    out = Path(args.json or ROOT / "runs" / "bench" / "api_vs_loftq.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.json)
     result = {"rank": args.rank, "alpha": args.alpha, "seed": args.seed, "info": info, "rows": {},
-              "command": " ".join(["python", "bench/api_vs_loftq.py", *sys.argv[1:]])}
+              "command": command_line(__file__), "machine": machine()}
     try:
         for arm in [a for a in ARMS if a in args.arms]:
             row = child(arm, args, folder, tokens)
@@ -299,7 +292,7 @@ def main() -> None:
                   f"{f', perplexity {ppl:.3f}' if ppl is not None and math.isfinite(ppl) else ''}"
                   f"{' (' + row.get('unavailable', row.get('failed', '')) + ')' if 'perplexity' not in row else ''}",
                   flush=True)
-            out.write_text(json.dumps(result, indent=2))  # after every arm: a run cut short keeps what it measured
+            write_json(result, out)  # after every arm: a run cut short keeps what it measured
     finally:
         tokens.unlink(missing_ok=True)
     print()

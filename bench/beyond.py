@@ -2,9 +2,10 @@
 error feedback, budgeted ranks, distillation) at ranks 8, 16 and 64 on the embedded model, and at rank 16 across
 texts (calibrate on one embedded text, measure on the other), in one table.
 
-    python bench/beyond.py                                    # the full table (about half an hour on 2 cores)
-    python bench/beyond.py --ranks 16 --no-cross --calib-samples 16 --eval-tokens 4096    # a quick look
-    python bench/beyond.py --from-json runs/bench/beyond.json # reprint
+    python -m bench.beyond                                    # the full table (about half an hour on 2 cores)
+    python -m bench.beyond --ranks 16 --no-cross --calib-samples 16 --eval-tokens 4096    # a quick look
+    python -m bench.beyond --resume                           # after a stop: keeps the settings already in --json
+    python -m bench.beyond --from-json runs/bench/beyond.json # reprint
 
 Per setting: held-out perplexity of 4-bit + each initialization, the share of the 4-bit -> 8-bit gap it closes
 (and of the 4-bit -> full-precision gap), its seconds (as the init report measures them), and the peak resident
@@ -16,21 +17,30 @@ per evaluation text.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quailora_app.config import DataConfig, InitConfig, LoraSettings  # noqa: E402
-from quailora_app.engine.evaluation.evaluate import gap_closed  # noqa: E402
-from quailora_app.engine.methods.registry import model_method_names  # noqa: E402
-from quailora_app.events import RunFailed, RunFinished, Stage  # noqa: E402
-from quailora_app.flows.init import run_init  # noqa: E402
-from quailora_app.units import GIB  # noqa: E402
+from bench.common import (
+    OUT,
+    add_json_args,
+    fmt,
+    machine,
+    machine_line,
+    markdown_table,
+    percent,
+    reprint,
+    resume,
+    write_json,
+)
+from quailora_app.config import DataConfig, InitConfig, LoraSettings
+from quailora_app.engine.evaluation.evaluate import gap_closed
+from quailora_app.engine.methods.registry import model_method_names
+from quailora_app.events import RunFailed, RunFinished, Stage
+from quailora_app.flows.init import run_init
+from quailora_app.units import GIB
 
 PER_LAYER = ("qlora", "svd", "quailora", "closed_form")
 TEXTS = {"embedded": "rotten tomatoes", "embedded:speeches": "convention speeches"}
@@ -85,8 +95,7 @@ def one_run(args, rank: int, dataset: str, eval_dataset: str, baselines: bool, o
 
 
 def table(result: dict) -> str:
-    rows = ["| setting | method | perplexity | gap closed vs 8-bit | vs full | seconds | peak memory (GiB) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = []
     for run in result["runs"]:
         ref = result["references"][run["eval_dataset"]]
         ppl = run["perplexity"]
@@ -95,16 +104,18 @@ def table(result: dict) -> str:
         for name in ppl:
             if name in ("int8", "full"):
                 continue
-            g8 = gap_closed(ppl[name], ppl.get("qlora"), ref.get("int8"))
-            gf = gap_closed(ppl[name], ppl.get("qlora"), ref.get("full"))
-            sec = run["seconds"].get(name)
             mem = run["memory"].get(name)
-            rows.append(f"| {setting} | {name} | {ppl[name]:.3f} | {f'{100 * g8:.1f}%' if g8 is not None else '-'} | "
-                        f"{f'{100 * gf:.1f}%' if gf is not None else '-'} | {f'{sec:.1f}' if sec else '-'} | "
-                        f"{f'{mem / GIB:.2f}' if mem else '-'} |")
+            rows.append([setting, name, f"{ppl[name]:.3f}", percent(gap_closed(ppl[name], ppl.get("qlora"),
+                                                                                 ref.get("int8"))),
+                         percent(gap_closed(ppl[name], ppl.get("qlora"), ref.get("full"))),
+                         fmt(run["seconds"].get(name) or None, ".1f"), fmt(mem / GIB if mem else None)])
     refs = "; ".join(f"{TEXTS.get(k, k)}: 8-bit {v['int8']:.3f}, full {v['full']:.3f}"
                      for k, v in result["references"].items())
-    return "\n".join([f"# {result['settings']}", f"reference perplexities: {refs}", "", *rows])
+    head = [f"# {result['settings']}", f"reference perplexities: {refs}"]
+    if result.get("machine"):
+        head.append(f"machine: {machine_line(result['machine'])}")
+    return "\n".join([*head, "", markdown_table(
+        ["setting", "method", "perplexity", "gap closed vs 8-bit", "vs full", "seconds", "peak memory (GiB)"], rows)])
 
 
 def main(argv=None) -> int:
@@ -115,12 +126,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=16384)
-    parser.add_argument("--json", default="runs/bench/beyond.json")
-    parser.add_argument("--from-json", help="reprint a finished run's table")
-    parser.add_argument("--resume", action="store_true", help="keep the settings already in --json and run the rest")
+    add_json_args(parser, str(OUT / "beyond.json"))
     args = parser.parse_args(argv)
-    if args.from_json:
-        print(table(json.loads(Path(args.from_json).read_text())))
+    if reprint(args, table):
         return 0
     work = Path(args.json).with_suffix("")
     settings = []
@@ -128,11 +136,9 @@ def main(argv=None) -> int:
         settings.append((r, "embedded", "embedded"))
         if r == args.cross_rank and not args.no_cross:
             settings += [(r, "embedded", "embedded:speeches"), (r, "embedded:speeches", "embedded")]
-    result = {"settings": f"embedded SmolLM2, nf4, all-linear, alpha = r, {args.calib_samples} x {args.seq_len} "
-                          f"calibration tokens, {args.eval_tokens} held-out tokens",
-              "runs": [], "references": {}}
-    if args.resume and Path(args.json).exists():  # keep the settings a stopped run finished
-        result = json.loads(Path(args.json).read_text())
+    result = resume(args, {"settings": f"embedded SmolLM2, nf4, all-linear, alpha = r, {args.calib_samples} x "
+                                       f"{args.seq_len} calibration tokens, {args.eval_tokens} held-out tokens",
+                           "machine": machine(), "runs": [], "references": {}})
     done = {(run["rank"], run["dataset"], run["eval_dataset"]) for run in result["runs"]}
     start = time.perf_counter()
     for rank, dataset, eval_dataset in [s for s in settings if s not in done]:
@@ -142,8 +148,7 @@ def main(argv=None) -> int:
         if fresh:
             result["references"][eval_dataset] = {k: run["perplexity"][k] for k in ("int8", "full")}
         result["runs"].append(run)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(result, args.json)
     print(table(result))
     print(f"\n{time.perf_counter() - start:.0f} s in all; JSON in {args.json}")
     return 0

@@ -7,19 +7,18 @@ before torch loads (as app.py does) and runs the same `run_init` the app's job r
 first event (imports and the app's own start are not counted, they are shown apart). The stages come from the
 run's report (`seconds`) and from the time stamps of its events.jsonl.
 
-    python bench/demo_time.py                                # idle; perplexity cache warm (a cold run fills it)
-    python bench/demo_time.py --cache cold                   # every perplexity measured, as on a fresh machine
-    python bench/demo_time.py --compete 2 --compare-idle     # idle, then beside a 2-thread matmul loop: the ratio
-    python bench/demo_time.py --from-json runs/bench/demo_time.json                   # reprint
-    python bench/demo_time.py --methods qlora svd closed_form --threads native        # variants
+    python -m bench.demo_time                                # idle; perplexity cache warm (a cold run fills it)
+    python -m bench.demo_time --cache cold                   # every perplexity measured, as on a fresh machine
+    python -m bench.demo_time --compete 2 --compare-idle     # idle, then beside a 2-thread matmul loop: the ratio
+    python -m bench.demo_time --from-json runs/bench/demo_time.json                   # reprint
+    python -m bench.demo_time --methods qlora svd closed_form --threads native        # variants
 
 Perplexity cache: the children use the bench's own folder (runs/bench/demo_time-cache, kept between invocations;
 --cache cold gives each run an empty one). With --cache warm a run that still measured a cached perplexity is
 shown as "cold" and followed by a warm one. After the init runs, `train --from-init` from the last idle init run
-is timed (seconds to the first optimizer step and to the last evaluation), skipped with a note where TrainConfig
-has no from_init yet (--no-train skips it). The competitor (`--compete N`) is a plain torch process, N threads
-multiplying 1024 x 1024 matrices with OpenMP's default waiting, started a second before the measured run and ended
-after it. Table on stdout, JSON in runs/bench/demo_time.json.
+is timed (seconds to the first optimizer step and to the last evaluation; --no-train skips it). The competitor
+(`--compete N`) is a plain torch process, N threads multiplying 1024 x 1024 matrices with OpenMP's default waiting,
+started a second before the measured run and ended after it. Table on stdout, JSON in runs/bench/demo_time.json.
 """
 from __future__ import annotations
 
@@ -34,12 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import OUT, ROOT, add_json_args, machine, module_command, reprint, write_json  # light
+from quailora_app.threads import THREADS_ENV, apply_thread_policy  # light: no torch
 
-from quailora_app.threads import THREADS_ENV, apply_thread_policy  # noqa: E402  (light: no torch)
-
-OUT = ROOT / "runs" / "bench"
 CACHE = OUT / "demo_time-cache"
 CACHE_ENV = "QUAILORA_PERPLEXITY_CACHE"  # engine/evaluation/perplexity_cache.py (not imported here: it loads torch)
 CACHED = ("qlora", "int8", "full")
@@ -61,20 +57,12 @@ def app_init_config(out: str, overrides: dict):
 
 
 def app_train_config(init_dir: str, out: str):
-    """The train settings of the CPU defaults, started from the init run `init_dir`; None when the train flow
-    cannot start from an init run yet."""
-    from dataclasses import fields  # the child only
-
+    """The train settings of the CPU defaults, started from the init run `init_dir`."""
     from quailora_app.app.ui import default_settings  # the child only: loads torch
     from quailora_app.config import TrainConfig  # the same
+    from quailora_app.flows.from_init import train_config_from_init  # the same
     from quailora_app.settings import settings  # the same
 
-    if "from_init" not in {f.name for f in fields(TrainConfig)}:
-        return None
-    try:
-        from quailora_app.flows.from_init import train_config_from_init  # not in every version of the tree
-    except ImportError:
-        return None
     known = settings(TrainConfig)
     given = {k: v for k, v in default_settings(gpu=False).items()
              if k in known and k in ("steps", "batch_size", "eval_every", "learning_rate")}
@@ -97,12 +85,7 @@ def child(spec_path: str) -> int:
     else:
         from quailora_app.flows.train import run_train  # the flow: after the policy
 
-        cfg = app_train_config(spec["init_dir"], spec["out"])
-        if cfg is None:
-            result["skipped"] = "TrainConfig has no from_init field yet (train --from-init is not in this tree)"
-            Path(spec["result"]).write_text(json.dumps(result))
-            return 0
-        stream = run_train(cfg)
+        stream = run_train(app_train_config(spec["init_dir"], spec["out"]))
     result["startup_s"] = time.time() - started
     last = None
     for event in stream:
@@ -137,7 +120,7 @@ def competitor(threads: int) -> int:
 def spawn_competitor(threads: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in POLICY_VARS}
     env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.Popen([sys.executable, __file__, "--competitor", str(threads)], env=env,
+    proc = subprocess.Popen(module_command(__file__, "--competitor", str(threads)), env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":  # its torch import and first product, not the measured run's
         proc.kill()
@@ -174,7 +157,7 @@ def run_child(flow: str, label: str, args, cache: Path | None, compete: int = 0,
     load_before = os.getloadavg()
     rival = spawn_competitor(compete) if compete else None
     try:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], env=env, cwd=ROOT)
+        proc = subprocess.run(module_command(__file__, "--child", str(spec_path)), env=env, cwd=ROOT)
     finally:
         rival_rate = stop_competitor(rival) if rival else None
     result = json.loads(Path(spec["result"]).read_text()) if Path(spec["result"]).is_file() else {}
@@ -271,8 +254,6 @@ def train_stages(folder: Path) -> dict:
 
 
 def summary_line(run: dict) -> str:
-    if run.get("skipped"):
-        return f"skipped: {run['skipped']}"
     if "stages" not in run:
         return f"no run (exit code {run.get('exit_code')}; {run.get('message', '')})"
     cached = f", cached: {', '.join(run['cached'])}" if run.get("cached") else ""
@@ -313,13 +294,14 @@ def measure(args) -> dict:
                           init_dir=source["run_dir"])
     if fresh is not None:
         shutil.rmtree(fresh, ignore_errors=True)
-    return {"argv": sys.argv[1:], "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    return {"argv": sys.argv[1:], "cpus": os.cpu_count(), "machine": machine(with_torch=False),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
             "runs": runs, "train": train}
 
 
 def table(data: dict) -> str:
     runs = [r for r in data["runs"] if "stages" in r]
-    lines = [f"# bench/demo_time.py {' '.join(data.get('argv', []))} | {data.get('when', '')} | "
+    lines = [f"# python -m bench.demo_time {' '.join(data.get('argv', []))} | {data.get('when', '')} | "
              f"{data.get('cpus')} CPUs"]
     if runs:
         r = runs[0]
@@ -385,8 +367,7 @@ def main(argv=None) -> int:
                    help="any other form setting over the app's defaults, e.g. --set calib_samples=4 (a smaller run)")
     p.add_argument("--threads", help=f"{THREADS_ENV} for the runs (auto, native, N); default: as set here")
     p.add_argument("--no-train", action="store_true", help="skip the train --from-init timing")
-    p.add_argument("--from-json", help="reprint a saved result")
-    p.add_argument("--json", default=str(OUT / "demo_time.json"), help="where the result is written")
+    add_json_args(p, str(OUT / "demo_time.json"), resume=False)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--competitor", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -394,12 +375,10 @@ def main(argv=None) -> int:
         return child(args.child)
     if args.competitor:
         return competitor(args.competitor)
-    if args.from_json:
-        print(table(json.loads(Path(args.from_json).read_text())))
+    if reprint(args, table):
         return 0
     data = measure(args)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(data, indent=2))
+    write_json(data, args.json)
     print(table(data))
     print(f"\n(JSON in {args.json})", file=sys.stderr)
     return 0 if all("stages" in r for r in data["runs"]) else 1

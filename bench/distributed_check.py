@@ -1,8 +1,8 @@
 """One init run by 1 process and by N processes (torch.distributed, gloo on CPU): the largest relative difference
 of each method's correction s * B @ A over the layers, and of the perplexities.
 
-    python bench/distributed_check.py                 # tiny Llama built from a config, 2 processes, CPU
-    python bench/distributed_check.py --processes 4
+    python -m bench.distributed_check                 # tiny Llama built from a config, 2 processes, CPU
+    python -m bench.distributed_check --processes 4
 """
 from __future__ import annotations
 
@@ -15,14 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import torch
+from safetensors.torch import load_file
 
-import torch  # noqa: E402
-from helpers import TINY_TEXT, free_port, save_tiny_llama  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from quailora_app.runs import RunFolder  # noqa: E402
+from bench.common import ROOT
+from quailora_app.runs import RunFolder
+from tests.helpers import TINY_TEXT, free_port, save_tiny_llama
 
 METHODS = ("svd", "quailora", "closed_form")
 

@@ -1,9 +1,9 @@
 """The init across model families: tiny models built from each family's config (random weights, no download),
 loaded in 4-bit the way a user does, initialized with the API, and run through the init and train flows.
 
-    python bench/families.py                          # every family of tests/helpers.py TINY_FAMILIES
-    python bench/families.py --families opt gpt_neox  # some of them
-    python bench/families.py --from-json runs/bench/families.json                       # reprint a run
+    python -m bench.families                          # every family of tests/helpers.py TINY_FAMILIES
+    python -m bench.families --families opt gpt_neox  # some of them
+    python -m bench.families --from-json runs/bench/families.json                       # reprint a run
 
 Per family (hidden 64, MLP 128, 2 blocks, 4 heads, the tiny test tokenizer's ~300-token vocabulary; 2-D weights
 x8 as tests/helpers.py save_tiny_llama does, so 4-bit error is visible):
@@ -27,23 +27,20 @@ A family that fails gets its error in one line instead of numbers. Prints two Ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("QUAILORA_PERPLEXITY_CACHE", "off")  # every figure measured here, none from the cache
 
 import torch  # noqa: E402
-from helpers import TINY_FAMILIES, TINY_TEXT, family_init, save_tiny_family, tiny_tokenizer  # noqa: E402
 
+from bench.common import OUT, add_json_args, command_line, machine, reprint, write_json  # noqa: E402
 from quailora_app.errors import one_line  # noqa: E402
+from tests.helpers import TINY_FAMILIES, TINY_TEXT, family_init, save_tiny_family, tiny_tokenizer  # noqa: E402
 
 #: (key, double quantization, forward first): the first is the main variant
 VARIANTS = (("dq_off_fwd", False, True), ("dq_on_fwd", True, True), ("dq_off_nofwd", False, False),
@@ -262,23 +259,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="fine-tuning steps per arm in the train flow")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token windows")
     parser.add_argument("--no-flows", action="store_true", help="the API part only")
-    parser.add_argument("--json", default=None, help="where to write the results")
-    parser.add_argument("--from-json", default=None, help="reprint the tables of a finished run")
+    add_json_args(parser, str(OUT / "families.json"), resume=False)
     args = parser.parse_args()
     if args.alpha == int(args.alpha):
         args.alpha = int(args.alpha)
-    if args.from_json:
-        print(table(json.loads(Path(args.from_json).read_text())))
+    if reprint(args, table):
         return
     from quailora_app.engine.quiet import quiet_libraries
 
     quiet_libraries()
-    out = Path(args.json or ROOT / "runs" / "bench" / "families.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.json)
     result = {"rank": args.rank, "alpha": args.alpha, "calib_windows": args.calib_windows,
               "heldout_windows": args.heldout_windows, "seq_len": args.seq_len, "seed": args.seed,
               "device": f"cpu ({torch.get_num_threads()} threads)", "families": {},
-              "command": " ".join(["python", "bench/families.py", *sys.argv[1:]])}
+              "command": command_line(__file__), "machine": machine()}
     tokenizer = tiny_tokenizer()
     with tempfile.TemporaryDirectory(prefix="families-") as tmp:
         work = Path(tmp)
@@ -298,7 +292,7 @@ def main() -> None:
             result["families"][family] = row
             main_row = row.get("api", {}).get("dq_off_fwd", {})
             print(f"{family}: {row['seconds']:.1f} s, ratio {_ratio(main_row)}", flush=True)
-            out.write_text(json.dumps(result, indent=2))  # after every family: a run cut short keeps what it has
+            write_json(result, out)  # after every family: a run cut short keeps what it has
     print()
     print(table(result))
     print(f"\nwritten: {out}")

@@ -6,30 +6,29 @@
    is the svd method, so their perplexities must agree once peft's ignored alpha/r scaling is accounted for.
 The scale part (Llama-2-7B's shape) is bench/scale.py, which gpu_check.sh runs next. Prints tables; writes
 JSON to $OUT (or /tmp/gpu_check).
+
+    python -m bench.gpu_check          # from the repository root, on the GPU machine (gpu_check.sh runs it)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import torch
 
-import torch  # noqa: E402
-
-from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig  # noqa: E402
-from quailora_app.events import RunFailed, RunFinished  # noqa: E402
-from quailora_app.flows.init import run_init  # noqa: E402
+from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig
+from quailora_app.events import RunFailed, RunFinished
+from quailora_app.flows.init import run_init
 
 OUT = Path(os.environ.get("OUT", "/tmp/gpu_check"))
 WORK = Path("/tmp/gpu_check_work")
 
 
 def small_model_and_text() -> tuple[Path, Path]:
-    from helpers import TINY_TEXT, save_tiny_llama
+    from tests.helpers import TINY_TEXT, save_tiny_llama
 
     folder = save_tiny_llama(WORK / "small-llama", hidden=256, intermediate=512, layers=4)
     rng = random.Random(0)
@@ -77,7 +76,8 @@ def check_cpu_vs_cuda() -> dict:
             "seconds_cpu": cpu["seconds"], "seconds_cuda": gpu["seconds"], "unavailable": gpu["unavailable"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)

@@ -2,24 +2,20 @@
 held-out perplexity and the share of the 4-bit -> 8-bit (and -> full precision) gap it closes.
 peft's LoftQ (replace_lora_weights_loftq, one iteration) is the anchor where it runs (it needs CUDA).
 
-    python bench/init_quality.py                         # embedded SmolLM2 + rotten-tomatoes, rank 16, 64 x 256
-    python bench/init_quality.py --rank 64 --out runs/bench-r64
-    python bench/init_quality.py --from-report runs/bench-r64/report.json   # reprint a finished run
+    python -m bench.init_quality                         # embedded SmolLM2 + rotten-tomatoes, rank 16, 64 x 256
+    python -m bench.init_quality --rank 64 --out runs/bench-r64
+    python -m bench.init_quality --from-report runs/bench-r64/report.json   # reprint a finished run
 Any flag of `python -m quailora_app init` is accepted.
 """
 from __future__ import annotations
 
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from report_runner import run_or_reprint  # noqa: E402
-
-from quailora_app.cli import init_config  # noqa: E402
-from quailora_app.flows.init import run_init  # noqa: E402
-from quailora_app.units import format_bytes  # noqa: E402
+from bench.common import run_or_reprint
+from quailora_app.cli import init_config
+from quailora_app.flows.init import run_init
+from quailora_app.units import format_bytes
 
 
 def table(report: dict) -> str:

@@ -6,10 +6,10 @@ The text matters: each run loads its own tokenizer, and tokenizers 0.23 keeps th
 word cache (the app now switches that cache off, `sources.models._no_word_cache`). A text of a few dozen distinct
 words hides it; the embedded Rotten Tomatoes text (the app's default) showed about +3.7 MB per job.
 
-    python bench/job_memory.py                      # tiny Llama built from a config, embedded text, 10 more jobs
-    python bench/job_memory.py --jobs 30 --each     # RSS after every job
-    python bench/job_memory.py --text tiny          # the old 40-word text
-    python bench/job_memory.py --word-cache         # tokenizers' word cache left on (the leak, for comparison)
+    python -m bench.job_memory                      # tiny Llama built from a config, embedded text, 10 more jobs
+    python -m bench.job_memory --jobs 30 --each     # RSS after every job
+    python -m bench.job_memory --text tiny          # the old 40-word text
+    python -m bench.job_memory --word-cache         # tokenizers' word cache left on (the leak, for comparison)
 """
 from __future__ import annotations
 
@@ -17,20 +17,17 @@ import argparse
 import gc
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil  # noqa: E402
-from helpers import TINY_TEXT, save_tiny_llama  # noqa: E402
 
 from quailora_app.app.jobs import DONE, JobManager, release_memory  # noqa: E402
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig  # noqa: E402
+from tests.helpers import TINY_TEXT, save_tiny_llama  # noqa: E402
 
 MB = 2**20
 

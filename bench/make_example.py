@@ -1,19 +1,24 @@
-"""The shipped example run: an init run and a fine-tuning run of the embedded defaults, kept small in the
-repository (assets/example/) so the app shows real plots, numbers and curves on a first visit.
+"""The shipped example run: an init run, a fine-tuning run and the teaching views of the embedded defaults, kept
+small in the repository (assets/example/) so the app shows real plots, numbers, curves and views on a first
+visit.
 
-    python bench/make_example.py                # full settings (many minutes of CPU): writes assets/example/
-    python bench/make_example.py --quick        # small settings, for development
-    python bench/make_example.py --check        # re-run the shipped settings with the same seed into a temp
+    python -m bench.make_example                # full settings (many minutes of CPU): writes assets/example/
+    python -m bench.make_example --quick        # small settings, for development
+    python -m bench.make_example --check        # re-run the shipped settings with the same seed into a temp
                                                 # folder and compare every perplexity with the shipped ones
 
 Full settings: embedded SmolLM2-135M-Instruct on the embedded rotten-tomatoes text, NF4 4-bit with double
 quantization, LoRA rank 16 / alpha 16 on all linear layers, 64 x 256 calibration tokens, 16,384 held-out tokens,
 every registered initialization method (LoftQ only where peft's LoftQ runs: CUDA); then the default fine-tuning
 arms, 30 steps of 4 sequences, evaluated every 5 steps, started from the init run (`train --from-init`: its data
-cut and held-out tokens, so the curves start at the init run's perplexities). Every perplexity is measured (the
+cut and held-out tokens, so the curves start at the init run's perplexities); then the teaching views of the
+default layer at the same model, text, 4-bit settings, rank, calibration tokens and ALS rounds (`views --report`
+the init run: its precision table shows the init run's perplexities). Every perplexity is measured (the
 perplexity cache is off).
 The run folders are written to a temp folder, then stripped to what the page reads (report.json, events.jsonl,
-each adapter's quailora.json; no adapter weights) and relabelled (their temp paths -> assets/example/...).
+each adapter's quailora.json; no adapter weights) and relabelled (their temp paths -> assets/example/...); the
+views' figure arrays are stored as float32 and their finished event carries the report without the figures
+(report.json has them).
 assets/example/example.json records the command, preset, seed, device, machine, versions and date; README.md says
 the same for people.
 
@@ -26,46 +31,46 @@ to drift more than the initialization numbers (30 optimizer steps amplify last-b
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import base64
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import torch  # noqa: E402
-
-from quailora_app.app.reopen import EXAMPLE_DIR, EXAMPLE_MANIFEST  # noqa: E402
-from quailora_app.cli import consume_init, consume_train  # noqa: E402
-from quailora_app.config import (  # noqa: E402
+from bench.common import ROOT, machine
+from quailora_app.app.reopen import EXAMPLE_DIR, EXAMPLE_MANIFEST
+from quailora_app.cli import consume_init, consume_train
+from quailora_app.config import (
     ALL_LINEAR,
     DataConfig,
     InitConfig,
     LoraSettings,
     ModelConfig,
     TrainConfig,
+    ViewsConfig,
 )
-from quailora_app.engine.arms import default_arm_names  # noqa: E402
-from quailora_app.engine.methods.registry import method_names  # noqa: E402
-from quailora_app.flows.init import run_init  # noqa: E402
-from quailora_app.flows.train import run_train  # noqa: E402
-from quailora_app.runs import EVENTS, REPORT, RunFolder  # noqa: E402
+from quailora_app.engine.arms import default_arm_names
+from quailora_app.engine.methods.registry import method_names
+from quailora_app.flows.from_init import train_config_from_init
+from quailora_app.flows.init import run_init
+from quailora_app.flows.train import run_train
+from quailora_app.flows.views import run_views
+from quailora_app.runs import EVENTS, REPORT, RunFolder
 
 #: preset -> (init settings, train settings); the model and the text are the embedded defaults in both. The train
-#: data settings (calib_samples, seq_len, eval_tokens) apply only where `train --from-init` does not exist (with it,
-#: the init run's data cut and held-out tokens are used).
+#: run starts from the init run (`train --from-init`): its data cut and held-out tokens are the init run's.
 PRESETS = {
     "full": (dict(calib_samples=64, seq_len=256, eval_tokens=16384, als_rounds=20),
-             dict(calib_samples=32, seq_len=128, eval_tokens=4096, steps=30, batch_size=4, eval_every=5)),
+             dict(steps=30, batch_size=4, eval_every=5)),
     "quick": (dict(calib_samples=8, seq_len=128, eval_tokens=1024, als_rounds=5),
-              dict(calib_samples=8, seq_len=128, eval_tokens=1024, steps=6, batch_size=2, eval_every=2)),
+              dict(steps=6, batch_size=2, eval_every=2)),
 }
 RANK, ALPHA = 16, 16.0
 MAX_BYTES = 1_000_000  # what the repository should carry for the example, all files together
@@ -73,20 +78,6 @@ ADAPTER_FILES = ("quailora.json",)  # per adapter folder: the record of the init
 
 
 # ------------------------------------------------------------------------------------------------ the runs
-def from_init_helper():
-    """engine/from_init.train_config_from_init(run, **overrides) where `train --from-init` exists, else None."""
-    try:
-        from quailora_app.flows.from_init import train_config_from_init  # newer engines only
-    except ImportError:
-        return None
-    return train_config_from_init
-
-
-def has_from_init() -> bool:
-    """Whether `train` can start its arms from an init run's adapters (TrainConfig.from_init)."""
-    return from_init_helper() is not None and any(f.name == "from_init" for f in dataclasses.fields(TrainConfig))
-
-
 def init_config(preset: str, seed: int, device: str, out: Path) -> InitConfig:
     s = PRESETS[preset][0]
     return InitConfig(
@@ -97,20 +88,24 @@ def init_config(preset: str, seed: int, device: str, out: Path) -> InitConfig:
         methods=method_names(), als_rounds=s["als_rounds"], baselines=True, out=str(out))
 
 
-def train_config(preset: str, seed: int, device: str, out: Path, init_dir: Path | None) -> TrainConfig:
-    """The default arms. Started from the init run where `train --from-init` exists (its model, data cut,
-    quantization and LoRA shape then come from the init run); else on the preset's own data settings."""
+def train_config(preset: str, device: str, out: Path, init_dir: Path) -> TrainConfig:
+    """The default arms, started from the init run `init_dir` (`train --from-init`: its model, data cut, held-out
+    tokens, quantization and LoRA shape come from the init run)."""
     s = PRESETS[preset][1]
-    common = dict(arms=default_arm_names(), steps=s["steps"], batch_size=s["batch_size"], eval_every=s["eval_every"],
-                  out=str(out))
-    if init_dir is not None and has_from_init():  # the init run's data cut, held-out tokens included
-        return from_init_helper()(str(init_dir), device=device, **common)
-    return TrainConfig(
+    return train_config_from_init(str(init_dir), device=device, arms=default_arm_names(), steps=s["steps"],
+                                  batch_size=s["batch_size"], eval_every=s["eval_every"], out=str(out))
+
+
+def views_config(preset: str, seed: int, device: str, out: Path, init_dir: Path) -> ViewsConfig:
+    """The teaching views of the default layer at the init run's model, text, 4-bit settings, rank, calibration
+    tokens and ALS rounds; the precision table reads the init run's perplexities."""
+    s = PRESETS[preset][0]
+    return ViewsConfig(
         model=ModelConfig(device=device),
         data=DataConfig(seq_len=s["seq_len"], calib_samples=s["calib_samples"], eval_tokens=s["eval_tokens"],
                         seed=seed),
-        lora=LoraSettings(rank=RANK, alpha=ALPHA, targets=(ALL_LINEAR,)),
-        als_rounds=PRESETS[preset][0]["als_rounds"], **common)
+        lora=LoraSettings(rank=RANK, alpha=ALPHA, targets=(ALL_LINEAR,)), reports=(str(init_dir),),
+        als_rounds=s["als_rounds"], out=str(out))
 
 
 def make_runs(preset: str, seed: int, device: str, work: Path) -> dict[str, float]:
@@ -125,9 +120,14 @@ def make_runs(preset: str, seed: int, device: str, work: Path) -> dict[str, floa
     seconds["init"] = time.time() - start
     torch.manual_seed(seed)
     start = time.time()
-    if consume_train(run_train(train_config(preset, seed, device, work / "train", work / "init"))) != 0:
+    if consume_train(run_train(train_config(preset, device, work / "train", work / "init"))) != 0:
         raise SystemExit("the fine-tuning run failed; see the lines above")
     seconds["train"] = time.time() - start
+    torch.manual_seed(seed)
+    start = time.time()
+    if [e.kind for e in run_views(views_config(preset, seed, device, work / "views", work / "init"))][-1] != "finished":
+        raise SystemExit("the teaching views failed; see the lines above")
+    seconds["views"] = time.time() - start
     return seconds
 
 
@@ -152,23 +152,28 @@ def strip_into(src: Path, dst: Path, relabel: dict[str, str]) -> None:
                 copy_text(adapter / name, dst / "adapters" / adapter.name / name)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - a version line is only informative
-            versions[name] = "?"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+def _float32(node):
+    """plotly's float64 typed arrays ({"dtype": "f8", "bdata": ...}) as float32: half the bytes, the same figure."""
+    if isinstance(node, dict):
+        if node.get("dtype") == "f8" and "bdata" in node:
+            values = np.frombuffer(base64.b64decode(node["bdata"]), dtype="<f8").astype("<f4")
+            return {**node, "dtype": "f4", "bdata": base64.b64encode(values.tobytes()).decode()}
+        return {k: _float32(v) for k, v in node.items()}
+    return [_float32(v) for v in node] if isinstance(node, list) else node
+
+
+def compact_views(folder: Path) -> None:
+    """A stripped views run, smaller: its figures' float64 arrays as float32, and its finished event's report
+    without the figures (report.json holds them)."""
+    report = json.loads((folder / REPORT).read_text())
+    report["figures"] = {k: json.dumps(_float32(json.loads(v)), separators=(",", ":"))
+                         for k, v in report["figures"].items()}
+    (folder / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    events = [json.loads(line) for line in (folder / EVENTS).read_text().splitlines() if line.strip()]
+    for e in events:
+        if e.get("kind") == "finished" and isinstance(e.get("report"), dict):
+            e["report"] = {k: v for k, v in e["report"].items() if k != "figures"}
+    (folder / EVENTS).write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
 def perplexities(init_report: dict, train_report: dict) -> dict:
@@ -191,7 +196,7 @@ def readme(manifest: dict) -> str:
     arms = "\n".join(f"| {arm} | " + ", ".join(f"{p:.2f} @ {s}" for s, p in evals) + " |"
                      for arm, evals in manifest["perplexity"]["train"].items())
     quick = ("\n**This is a quick development run (`--quick`, small settings), not the full example.** Regenerate "
-             "it with `python bench/make_example.py` on quiet cores.\n" if manifest["preset"] == "quick" else "")
+             "it with `python -m bench.make_example` on quiet cores.\n" if manifest["preset"] == "quick" else "")
     return f"""# The shipped example run
 
 What the app shows on a first visit, before anyone computes anything: a real init run and a real fine-tuning run,
@@ -211,9 +216,12 @@ init {manifest['seconds']['init']:.0f} s, fine-tuning {manifest['seconds']['trai
 - `train/`: arms {', '.join(t['arms'])}, {t['steps']} steps of {t['batch_size']} x {t['seq_len']} tokens,
   learning rate {t['learning_rate']}, evaluated every {t['eval_every']} steps on {t['eval_tokens']:,} held-out
   tokens; {t['init_from']}.
+- `views/`: the teaching views of layer {manifest['views']['layer']} (the app's default) at LoRA rank
+  {manifest['views']['rank']}, the same calibration tokens and 4-bit settings, a rank sweep over r =
+  {', '.join(str(r) for r in manifest['views']['ranks'])}; the precision table reads `init/`'s perplexities.
 
 Check that the shipped perplexities are what the command gives with the same seed (a re-run into a temp folder):
-`python bench/make_example.py --check` (exact on the machine and thread count above; elsewhere pass `--rtol`, see
+`python -m bench.make_example --check` (exact on the machine and thread count above; elsewhere pass `--rtol`, see
 the script's docstring).
 
 | variant (init run) | held-out perplexity |
@@ -226,7 +234,7 @@ the script's docstring).
 """
 
 
-def describe(preset: str, seed: int, device: str, init_report: dict, train_report: dict, from_init: bool) -> dict:
+def describe(preset: str, seed: int, device: str, init_report: dict, train_report: dict) -> dict:
     i, t = init_report["settings"], train_report["settings"]
     return {
         "init": {"model": init_report["model"], "dataset": init_report["dataset"],
@@ -239,9 +247,7 @@ def describe(preset: str, seed: int, device: str, init_report: dict, train_repor
         "train": {"arms": list(t["arms"]), "steps": t["steps"], "batch_size": t["batch_size"],
                   "seq_len": t["data"]["seq_len"], "learning_rate": t["learning_rate"], "eval_every": t["eval_every"],
                   "eval_tokens": t["data"]["eval_tokens"],
-                  "init_from": "the 4-bit arms start from the init run's adapters (--from-init)" if from_init else
-                               "each 4-bit arm computes its own initialization on the fine-tuning run's calibration "
-                               "text"},
+                  "init_from": "the 4-bit arms start from the init run's adapters (--from-init)"},
     }
 
 
@@ -250,23 +256,28 @@ def ship(preset: str, seed: int, device: str, out: Path, keep_work: bool) -> int
     print(f"making the example ({preset} settings, seed {seed}, device {device}) in {work}", file=sys.stderr)
     at_start = machine()
     seconds = make_runs(preset, seed, device, work)
-    shown = out if not out.is_absolute() or not out.is_relative_to(REPO) else out.relative_to(REPO)
+    shown = out if not out.is_absolute() or not out.is_relative_to(ROOT) else out.relative_to(ROOT)
     staging = out.parent / f".{out.name}.new"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    relabel = {str(work / "init"): str(shown / "init"), str(work / "train"): str(shown / "train")}
+    relabel = {str(work / kind): str(shown / kind) for kind in ("init", "train", "views")}
     strip_into(work / "init", staging / "init", relabel)
     strip_into(work / "train", staging / "train", relabel)
+    strip_into(work / "views", staging / "views", relabel)
+    compact_views(staging / "views")
+    views_report = RunFolder(staging / "views").read_report() or {}
     init_report = RunFolder(staging / "init").read_report() or {}
     train_report = RunFolder(staging / "train").read_report() or {}
-    argv = " ".join(["python bench/make_example.py", *(["--quick"] if preset == "quick" else []),
+    argv = " ".join(["python -m bench.make_example", *(["--quick"] if preset == "quick" else []),
                      *([f"--seed {seed}"] if seed else []), *([f"--device {device}"] if device != "cpu" else [])])
     manifest = {
         "command": argv, "preset": preset, "seed": seed, "device": device, "report_device": init_report.get("device"),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seconds": seconds,
-        "machine": at_start, "from_init": has_from_init(),
-        **describe(preset, seed, device, init_report, train_report, has_from_init()),
+        "machine": at_start, "from_init": True,
+        **describe(preset, seed, device, init_report, train_report),
         "perplexity": perplexities(init_report, train_report),
+        "views": {"layer": views_report.get("layer"), "rank": views_report.get("rank"),
+                  "ranks": views_report.get("ranks"), "calibration": views_report.get("calibration")},
     }
     (staging / EXAMPLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     (staging / "README.md").write_text(readme(manifest))
@@ -322,7 +333,7 @@ def check(out: Path, rtol: float, keep_work: bool) -> int:
     init_report = RunFolder(work / "init").read_report() or {}
     train_report = RunFolder(work / "train").read_report() or {}
     again = perplexities(init_report, train_report)
-    settings_now = describe(preset, seed, device, init_report, train_report, has_from_init())
+    settings_now = describe(preset, seed, device, init_report, train_report)
     differs = [k for k in ("init", "train") if settings_now[k] != manifest[k]]
     rows = compare(manifest["perplexity"], again, rtol)
     print(f"| perplexity | shipped | reproduced | relative difference | within {rtol:g} |\n|---|---|---|---|---|")

@@ -1,8 +1,8 @@
 """The Python API on the 4-bit layouts users have: is the model closer to full precision after the call, and what
 does the self-check cost?
 
-    python bench/never_worse.py                      # embedded SmolLM2, 16 x 256 calibration, rank 16, closed_form
-    python bench/never_worse.py --methods closed_form svd --calib-samples 32
+    python -m bench.never_worse                      # embedded SmolLM2, 16 x 256 calibration, rank 16, closed_form
+    python -m bench.never_worse --methods closed_form svd --calib-samples 32
 
 For each bitsandbytes layout (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") with double
 quantization off, the class default, and on) and each order (the API called on a fresh model, or after one
@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
-
-from quailora_app import replace_lora_weights_quailora  # noqa: E402
-from quailora_app.sources.data import load_texts, make_splits  # noqa: E402
-from quailora_app.sources.models import resolve_model  # noqa: E402
+from bench.common import OUT, add_json_args, machine, write_json
+from quailora_app import replace_lora_weights_quailora
+from quailora_app.sources.data import load_texts, make_splits
+from quailora_app.sources.models import resolve_model
 
 
 def padded_batches(texts: list[str], tokenizer, batch: int = 8, max_len: int = 256) -> list[dict]:
@@ -55,7 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=2048)
-    p.add_argument("--json", default="runs/bench/never_worse.json")
+    add_json_args(p, str(OUT / "never_worse.json"), resume=False, from_json=False)
     args = p.parse_args(argv)
 
     folder = resolve_model(args.model).folder
@@ -116,8 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{len(r['layers_reset'])} of {r['layers']} | {r['median_layer_ratio']:.3f} | "
               f"{r['self_check_seconds']:.1f} / {r['seconds']:.1f} ({100 * r['self_check_share']:.0f}%) |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        write_json({"args": vars(args), "machine": machine(), "rows": rows}, args.json, indent=1)
     return rows
 
 

@@ -5,10 +5,10 @@ improvement each recovers; then the harm of 4-bit against the gain of QuAILoRA o
 line through the origin and its R^2 (the paper: "improvements proportional to the negative effect of quantization
 error").
 
-    python bench/paper_table.py                                  # the table and the scatter (about 65 min, 2 cores)
-    python bench/paper_table.py --resume                         # after a stop: keeps the settings already in --json
-    python bench/paper_table.py --quick                          # a smoke run: SmolLM2, one text, tiny settings
-    python bench/paper_table.py --from-json runs/bench/paper_table.json   # reprint
+    python -m bench.paper_table                                  # the table and the scatter (about 65 min, 2 cores)
+    python -m bench.paper_table --resume                         # after a stop: keeps the settings already in --json
+    python -m bench.paper_table --quick                          # a smoke run: SmolLM2, one text, tiny settings
+    python -m bench.paper_table --from-json runs/bench/paper_table.json   # reprint
 
 Per model and text (rank --rank): one init run through the project's init flow (run_init(InitConfig(...)):
 methods qlora, quailora, distill; 8-bit and full-precision baselines; accuracy on the continuation task of its
@@ -30,28 +30,33 @@ the app's teaching views draw it with quailora_app.plots.teaching.harm_gain_figu
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quailora_app.threads import apply_thread_policy  # noqa: E402
+from quailora_app.threads import apply_thread_policy
 
 apply_thread_policy()  # before torch loads (as app.py and `python -m quailora_app`): idle OpenMP threads sleep
 
-from make_example import machine  # noqa: E402  (bench/: one record of the machine for every bench)
-
-from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig, TrainConfig  # noqa: E402
+from bench.common import (  # noqa: E402
+    OUT,
+    add_json_args,
+    command_line,
+    machine,
+    machine_line,
+    reprint,
+    resume,
+    write_json,
+)
+from quailora_app.config import AccuracyConfig, DataConfig, InitConfig, LoraSettings, ModelConfig  # noqa: E402
 from quailora_app.engine.evaluation.statistics import mcnemar  # noqa: E402
 from quailora_app.events import RunFailed, RunFinished, Stage  # noqa: E402
 from quailora_app.flows.from_init import train_config_from_init  # noqa: E402
 from quailora_app.flows.init import run_init  # noqa: E402
 from quailora_app.flows.train import run_train  # noqa: E402
 from quailora_app.plots.teaching import fit_through_origin  # noqa: E402
-from quailora_app.settings import settings  # noqa: E402
 from quailora_app.sources.tasks import DEFAULT_SHOTS  # noqa: E402
 
 MODELS = {"embedded": "SmolLM2-135M", "embedded:gemma3": "Gemma 3 270M"}
@@ -70,15 +75,13 @@ LABEL_TEXTS = ("embedded",)
 RESUME_FREE = ("train_accuracy",)
 
 
-def machine_line(result: dict) -> str:
-    m = result.get("machine", {})
+def run_line(result: dict) -> str:
+    """The machine, the load average at the settings' starts and the seconds of runs, in one line."""
     loads = result.get("load_average", [])
     load = (f"load average (1 min) at the settings' starts: {min(loads):.1f}-{max(loads):.1f}, "
             f"median {sorted(loads)[len(loads) // 2]:.1f}") if loads else "load average not recorded"
-    dev = m.get("cuda") or (f"CPU {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
-                            f"{m.get('torch_threads', '?')} torch threads")
-    torch_version = m.get("versions", {}).get("torch", "?")
-    return f"machine: {dev}, torch {torch_version}; {load}; {result.get('seconds', 0):.0f} s of runs"
+    return (f"machine: {machine_line({**result.get('machine', {}), 'load_average_at_start': None})}; {load}; "
+            f"{result.get('seconds', 0):.0f} s of runs")
 
 
 def collect(events, what: str) -> dict:
@@ -175,10 +178,8 @@ def train_setting(args, record: dict, work: Path) -> dict:
     overrides = dict(arms=arms, steps=args.steps, batch_size=args.batch_size, eval_every=args.steps,
                      learning_rate=args.lr, out=str(out))
     accuracy_in_train = not args.no_accuracy and not args.no_train_accuracy
-    if accuracy_in_train:  # the init run's tasks and item counts (inherited; named here to be plain)
-        overrides.update(accuracy_tasks=accuracy_tasks(args, record["text"]))
-    elif "accuracy_tasks" in settings(TrainConfig):
-        overrides.update(accuracy_tasks=())
+    # accuracy in train: the init run's tasks and item counts (inherited; named here to be plain)
+    overrides.update(accuracy_tasks=accuracy_tasks(args, record["text"]) if accuracy_in_train else ())
     train = collect(run_train(train_config_from_init(record["init_run"], **overrides)), "train")
     return {"run": overrides["out"], "steps": args.steps, "batch_size": args.batch_size, "arms_run": list(arms),
             "arms": {name: {k: a.get(k) for k in ("evals", "final_perplexity", "final_eval_step", "steps_done",
@@ -194,7 +195,6 @@ def train_setting(args, record: dict, work: Path) -> dict:
 
 # -- the scatter -------------------------------------------------------------------------------------------------
 def scatter_points(result: dict) -> list[dict]:
-    import math
     points = []
     for run in result["runs"]:
         p = run["perplexity"]
@@ -282,7 +282,7 @@ def header(result: dict) -> str:
             f"({s['shots']}-shot, 8 prompts) on {', '.join(TEXTS.get(t, t) for t in s.get('label_texts', TEXTS))}, "
             f"{s['continuation_items']} continuation items (4 choices); fine-tune: "
             f"{s['steps']} steps x {s['batch_size']} sequences of {s['seq_len']} tokens, lr {s['lr']:g}, evaluated at "
-            f"the end; {machine_line(result)}")
+            f"the end; {run_line(result)}")
 
 
 def table(result: dict) -> str:
@@ -376,10 +376,7 @@ def table(result: dict) -> str:
 def save(result: dict, path: str) -> None:
     result["scatter"] = scatter_points(result)
     result["fits"] = scatter_fits(result["scatter"])
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_json(result, path)
 
 
 def main(argv=None) -> int:
@@ -410,13 +407,10 @@ def main(argv=None) -> int:
                         help="a smoke run: SmolLM2 on rotten tomatoes, 4 x 128 calibration, 512 held-out tokens, "
                              "20 + 10 "
                              "accuracy items, 2 steps, scatter rank 8 (JSON: runs/bench/paper_table_quick.json)")
-    parser.add_argument("--json", default=None, help="default runs/bench/paper_table.json")
+    add_json_args(parser, None)
     parser.add_argument("--scatter-json", default=None, help="default assets/paper_scatter.json (not with --quick)")
-    parser.add_argument("--from-json", help="reprint a finished run's table")
-    parser.add_argument("--resume", action="store_true", help="keep the settings already in --json and run the rest")
     args = parser.parse_args(argv)
-    if args.from_json:
-        print(table(json.loads(Path(args.from_json).read_text())))
+    if reprint(args, table):
         return 0
     if args.quick:
         given = set(a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--"))
@@ -425,7 +419,7 @@ def main(argv=None) -> int:
                             "--continuation-items": 10, "--steps": 2, "--batch-size": 1}.items():
             if flag not in given:
                 setattr(args, flag[2:].replace("-", "_"), value)
-    args.json = args.json or ("runs/bench/paper_table_quick.json" if args.quick else "runs/bench/paper_table.json")
+    args.json = args.json or str(OUT / ("paper_table_quick.json" if args.quick else "paper_table.json"))
     if args.scatter_json is None and not args.quick:
         args.scatter_json = "assets/paper_scatter.json"
     work = Path(args.json).with_suffix("")
@@ -435,15 +429,10 @@ def main(argv=None) -> int:
     the_settings.update(arms=[a for a in args.arms if not (a == "distill4" and args.no_distill)],
                         accuracy=not args.no_accuracy, distill=not args.no_distill, quick=args.quick,
                         train_accuracy=not (args.no_accuracy or args.no_train_accuracy))
-    result = {"command": "python bench/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "settings": the_settings, "machine": machine(), "runs": [], "load_average": [], "seconds": 0.0}
-    if args.resume and Path(args.json).exists():
-        result = json.loads(Path(args.json).read_text())
-        # what the finished settings were computed with must match; how the remaining fine-tunes are scored may not
-        fixed = {k: v for k, v in the_settings.items() if k not in RESUME_FREE}
-        if {k: v for k, v in result["settings"].items() if k not in RESUME_FREE} != fixed:
-            raise SystemExit(f"error: --resume with other settings than {args.json}'s: {result['settings']}")
-        result["settings"].update({k: v for k, v in the_settings.items() if k in RESUME_FREE})
+    # with --resume: what the finished settings were computed with must match; how the remaining fine-tunes are
+    # scored may not
+    result = resume(args, {"command": command_line(__file__, argv), "settings": the_settings, "machine": machine(),
+                           "runs": [], "load_average": [], "seconds": 0.0}, free=RESUME_FREE)
     # the table's runs first (SmolLM2's, the cheap ones, before Gemma's), then the scatter's other ranks
     plan = [(m, t, args.rank, True) for m in args.models for t in args.texts]
     plan += [(m, t, r, False) for m in args.models for r in args.scatter_ranks for t in args.texts if r != args.rank]
@@ -472,11 +461,10 @@ def main(argv=None) -> int:
             print(f"  fine-tune done in {record['train']['seconds']:.0f} s", file=sys.stderr, flush=True)
     if args.scatter_json and result.get("scatter"):
         small = {"source": "bench/paper_table.py", "command": result["command"], "settings": result["settings"],
-                 "machine": machine_line(result), "points": [{k: (round(v, 6) if isinstance(v, float) else v)
+                 "machine": run_line(result), "points": [{k: (round(v, 6) if isinstance(v, float) else v)
                                                               for k, v in p.items()} for p in result["scatter"]],
                  "fits": result.get("fits", {})}
-        Path(args.scatter_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.scatter_json).write_text(json.dumps(small, indent=1) + "\n")
+        write_json(small, args.scatter_json, indent=1)
     print(table(result))
     print(f"\nJSON in {args.json}" + (f"; scatter points in {args.scatter_json}" if args.scatter_json else ""))
     return 0

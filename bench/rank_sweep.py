@@ -1,9 +1,9 @@
 """Rank sweep on one model: calibrated error (mean over layers, 1.0 = plain QLoRA) of svd, quailora and
 closed_form at each LoRA rank, optionally held-out perplexity at a few ranks (slow: a full init per rank).
 
-    python bench/rank_sweep.py                                   # embedded SmolLM2, every linear layer of block 3
-    python bench/rank_sweep.py --blocks 0 10 20 --ranks 1 4 16 64
-    python bench/rank_sweep.py --perplexity-ranks 4 16 64 --eval-tokens 8192
+    python -m bench.rank_sweep                                   # embedded SmolLM2, every linear layer of block 3
+    python -m bench.rank_sweep --blocks 0 10 20 --ranks 1 4 16 64
+    python -m bench.rank_sweep --perplexity-ranks 4 16 64 --eval-tokens 8192
 Flags for model, data and quantization are those of `python -m quailora_app views`.
 """
 from __future__ import annotations
@@ -11,17 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quailora_app.cli import add_model_data_quant_args, parse_common  # noqa: E402
-from quailora_app.engine.preflight import preflight_views  # noqa: E402
-from quailora_app.engine.quiet import quiet_libraries  # noqa: E402
-from quailora_app.flows.prepare import drain, prepare  # noqa: E402
-from quailora_app.sources.models import pick_device  # noqa: E402
-from quailora_app.teaching.rank_sweep import DEFAULT_RANKS, rank_sweep, sweep_perplexity  # noqa: E402
-from quailora_app.teaching.snapshot import ViewsContext, layer_names, layer_snapshots  # noqa: E402
+from quailora_app.cli import add_model_data_quant_args, parse_common
+from quailora_app.engine.preflight import preflight_views
+from quailora_app.engine.quiet import quiet_libraries
+from quailora_app.flows.prepare import drain, prepare
+from quailora_app.sources.models import pick_device
+from quailora_app.teaching.rank_sweep import DEFAULT_RANKS, rank_sweep, sweep_perplexity
+from quailora_app.teaching.snapshot import ViewsContext, layer_names, layer_snapshots
 
 
 def table(sweep, seconds: float) -> str:

@@ -1,8 +1,8 @@
 """Seconds and peak memory of the init beside a plain QLoRA set-up and step, for a model shape given by a config.
 
-    python bench/scale.py                      # small Llama shape (runs on the CPU here in a few minutes)
-    python bench/scale.py --shape 7b           # Llama-2-7B's shape, random weights (one GPU)
-    python bench/scale.py --shape path/to/config.json --blocks 4 --samples 16 --seq-len 512
+    python -m bench.scale                      # small Llama shape (runs on the CPU here in a few minutes)
+    python -m bench.scale --shape 7b           # Llama-2-7B's shape, random weights (one GPU)
+    python -m bench.scale --shape path/to/config.json --blocks 4 --samples 16 --seq-len 512
 
 Each stage runs in a fresh child process, so its peak memory is its own: peak CUDA memory allocated on a GPU,
 peak resident anonymous memory (RssAnon, sampled every 5 ms) on the CPU. Stages:
@@ -21,15 +21,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from quailora_app.units import GIB  # noqa: E402
+from bench.common import OUT, ROOT, machine, module_command, write_json
+from quailora_app.units import GIB
 
 SHAPES = {
     # Llama-2-7B: 32 blocks of hidden 4096, MLP 11008, 32 heads, vocabulary 32000
@@ -197,14 +194,13 @@ def run_stage(stage: str, args) -> dict:
 
 
 def run_child(cmd: list[str], timeout: float) -> dict:
-    """Run one bench stage in a fresh Python process (its peak memory is its own); its last JSON line, or
-    {"failed": why} in one line."""
+    """Run one bench stage in a fresh Python process (its peak memory is its own; `cmd` from
+    common.module_command, run from the repository root); its last JSON line, or {"failed": why} in one line."""
     # glibc would keep freed blocks of up to 32 MB in its heap after the first large free (dynamic mmap
     # threshold), so RSS would not fall back with the live tensors; a fixed threshold makes it follow them.
-    env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ,
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ}
     try:
-        out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, timeout=timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"failed": f"timed out after {timeout} s"}
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -215,10 +211,10 @@ def run_child(cmd: list[str], timeout: float) -> dict:
 
 
 def child(stage: str, args, folder: Path, vocab: int) -> dict:
-    row = run_child([__file__, "--stage", stage, "--folder", str(folder), "--vocab", str(vocab),
-                     "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
-                     "--device", args.device,
-                     "--methods", *args.methods, "--loftq-blocks", str(args.loftq_blocks or 0)], args.stage_timeout)
+    row = run_child(module_command(__file__, "--stage", stage, "--folder", str(folder), "--vocab", str(vocab),
+                                   "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--rank",
+                                   str(args.rank), "--device", args.device, "--methods", *args.methods,
+                                   "--loftq-blocks", str(args.loftq_blocks or 0)), args.stage_timeout)
     return row if "failed" not in row else {"stage": stage, **row}
 
 
@@ -323,13 +319,13 @@ def main() -> None:
     t0 = time.perf_counter()
     folder, spec = model_folder(args.shape, args.blocks)
     print(f"random-weight checkpoint: {folder} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    out = Path(args.json or ROOT / "runs" / "bench" / f"scale-{Path(args.shape).stem}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.json or OUT / f"scale-{Path(args.shape).stem}.json")
     rows: dict = {}
+    at_start = machine()
 
     def write(summary: dict) -> None:  # after every stage, so a run cut short keeps what it measured
-        out.write_text(json.dumps({"shape": args.shape, "spec": spec, "samples": args.samples, "seq_len": args.seq_len,
-                                   "rank": args.rank, "rows": rows, "summary": summary}, indent=2))
+        write_json({"shape": args.shape, "spec": spec, "samples": args.samples, "seq_len": args.seq_len,
+                    "rank": args.rank, "rows": rows, "summary": summary, "machine": at_start}, out)
 
     for stage in args.stages:
         t0 = time.perf_counter()

@@ -3,19 +3,16 @@ embedded sentiment labels at several shot counts, with its 95% Wilson interval, 
 the model answers the first label word (a model that always says "positive" scores the majority, not the task).
 The evidence behind sources/tasks.py DEFAULT_SHOTS.
 
-    python bench/shots.py                                    # both embedded models, 0 / 1 / 2 / 4 shots, 400 items
-    python bench/shots.py --models embedded --dataset embedded:speeches --shots 0 2 4
+    python -m bench.shots                                    # both embedded models, 0 / 1 / 2 / 4 shots, 400 items
+    python -m bench.shots --models embedded --dataset embedded:speeches --shots 0 2 4
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quailora_app.threads import apply_thread_policy  # noqa: E402
+from quailora_app.threads import apply_thread_policy
 
 apply_thread_policy()  # before torch loads: idle OpenMP threads sleep
 

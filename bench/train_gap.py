@@ -2,10 +2,10 @@
 and text. Prints the held-out perplexity of every arm at every evaluation, the share of the 4-bit -> 8-bit
 gap each arm closes at the end, and quailora4's cost against qlora4: median step time and peak memory.
 
-    python bench/train_gap.py                                  # defaults of `python -m quailora_app train`
-    python bench/train_gap.py --steps 60 --arms qlora4 quailora4 closed4 qlora8 lora16
-    python bench/train_gap.py --from-report runs/train-.../report.json   # reprint a finished run
-    python bench/train_gap.py --arms qlora4 quailora4 distill4 qlora8 --steps 40 --eval-every 8 --head-start 8
+    python -m bench.train_gap                                  # defaults of `python -m quailora_app train`
+    python -m bench.train_gap --steps 60 --arms qlora4 quailora4 closed4 qlora8 lora16
+    python -m bench.train_gap --from-report runs/train-.../report.json   # reprint a finished run
+    python -m bench.train_gap --arms qlora4 quailora4 distill4 qlora8 --steps 40 --eval-every 8 --head-start 8
         # distill4 (8 distillation steps before step 0) against qlora4 / quailora4 given 8 more ordinary steps
 Any flag of `python -m quailora_app train` is accepted.
 
@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from report_runner import run_or_reprint  # noqa: E402
-
-from quailora_app.cli import train_config  # noqa: E402
-from quailora_app.events import EvalPoint, Metric, TrainStep  # noqa: E402
-from quailora_app.flows.train import run_train  # noqa: E402
-from quailora_app.units import MIB, format_bytes  # noqa: E402
+from bench.common import run_or_reprint
+from quailora_app.cli import train_config
+from quailora_app.events import EvalPoint, Metric, TrainStep
+from quailora_app.flows.train import run_train
+from quailora_app.units import MIB, format_bytes
 
 
 def table(report: dict) -> str:

@@ -1,8 +1,12 @@
 """The documentation tables that must not drift, generated from the code: every flag of each command (from the
-parser the CLI builds, so from the config dataclasses' metadata), the method registry and the arm registry.
+parser the CLI builds, so from the config dataclasses' metadata), the method registry and the arm registry; and
+the web app's endpoint list (docs/api.md), from the page's own API info.
 
-    python -m quailora_app.doc_tables          # rewrite the marked sections of README.md and docs/guide.md
-    python -m quailora_app.doc_tables --check  # exit 1 when a marked section differs from the code (tests do this)
+    python -m quailora_app.doc_tables          # rewrite the marked sections of README.md, docs/guide.md, docs/api.md
+    python -m quailora_app.doc_tables --check  # exit 1 when a marked section differs from the code
+
+tests/test_docs.py checks README.md and docs/guide.md (`stale`); docs/api.md needs the page built (gradio), so
+tests/test_app_client.py checks it against a running app (`api_section` of what its gradio_client sees).
 
 A marked section lies between `<!-- generated: NAME -->` and `<!-- /generated: NAME -->`.
 """
@@ -13,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from quailora_app.app.endpoints import api_markdown
 from quailora_app.cli import build_parser
 from quailora_app.engine.arms import ARM_SPECS
 from quailora_app.engine.methods.registry import all_methods
@@ -62,6 +67,17 @@ def sections() -> dict[str, str]:
 
 
 FILES = (ROOT / "README.md", ROOT / "docs" / "guide.md")
+API_FILE = ROOT / "docs" / "api.md"
+
+
+def api_section(api_info: dict | None = None) -> dict[str, str]:
+    """{"api": docs/api.md's endpoint list} from `api_info` (the page's API info, or what gradio_client's
+    `view_api(return_format="dict")` returns for a running app), or, without it, from a page built here."""
+    if api_info is None:
+        from quailora_app.app.ui import api_info as page_api_info  # builds the page (gradio): only docs/api.md needs it
+
+        api_info = page_api_info()
+    return {"api": api_markdown(api_info)}
 
 
 def rewrite(text: str, generated: dict[str, str]) -> str:
@@ -73,22 +89,23 @@ def rewrite(text: str, generated: dict[str, str]) -> str:
     return text
 
 
-def stale(files=FILES) -> list[str]:
-    """The files whose marked sections differ from the code."""
-    generated = sections()
+def stale(files=FILES, generated: dict[str, str] | None = None) -> list[str]:
+    """The files whose marked sections differ from the code (from `generated`, by default `sections()`)."""
+    generated = sections() if generated is None else generated
     return [str(path.relative_to(ROOT)) for path in files if rewrite(path.read_text(), generated) != path.read_text()]
 
 
 def main(argv: list[str] | None = None) -> int:
     check = "--check" in (argv if argv is not None else sys.argv[1:])
     if check:
-        found = stale()
+        found = stale() + stale((API_FILE,), api_section())
         if found:
             print(f"generated sections out of date in {', '.join(found)}: run python -m quailora_app.doc_tables")
         return 1 if found else 0
     generated = sections()
     for path in FILES:
         path.write_text(rewrite(path.read_text(), generated))
+    API_FILE.write_text(rewrite(API_FILE.read_text(), api_section()))
     return 0
 
 

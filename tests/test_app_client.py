@@ -13,7 +13,9 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from helpers import form_settings, launched_app, plot_of, wait_for  # noqa: E402
 
-from quailora_app.app.ui import HARM_GAIN_SCALES  # noqa: E402
+from quailora_app import doc_tables  # noqa: E402
+from quailora_app.app.endpoints import documented, signatures  # noqa: E402
+from quailora_app.app.handlers import HARM_GAIN_SCALES  # noqa: E402
 from quailora_app.plots.teaching import paper_scatter  # noqa: E402
 
 
@@ -42,6 +44,28 @@ def test_endpoints_have_explicit_names(app_url):
             "/start_views", "/views_status", "/stop_views", "/how_it_works", "/harm_gain", "/list_runs",
             "/reopen_run"} <= names
     assert not client.view_api(print_info=False, return_format="dict")["unnamed_endpoints"]
+
+
+def test_the_documented_api_is_the_served_one(app_url):
+    """docs/api.md lists the endpoints a gradio_client sees, with their parameter names and number of returns,
+    and its list is what `python -m quailora_app.doc_tables` writes from them."""
+    served = Client(app_url, verbose=False).view_api(print_info=False, return_format="dict")
+    text = doc_tables.API_FILE.read_text()
+    assert documented(text) == signatures(served), "run: python -m quailora_app.doc_tables"
+    assert doc_tables.stale((doc_tables.API_FILE,), doc_tables.api_section(served)) == [], \
+        "run: python -m quailora_app.doc_tables"
+
+
+def test_the_documented_list_is_parsed_back():
+    """The check above reads what `api_markdown` writes: one endpoint more or less, another parameter or another
+    number of returns shows."""
+    info = {"named_endpoints": {"/stop_init": {"parameters": [{"parameter_name": "session"},
+                                                              {"parameter_name": "job_id"}],
+                                               "returns": [{}]}}}
+    assert documented("- `/stop_init(session, job_id) -> (status)`: stops.\n") == signatures(info)
+    assert documented("- `/stop_init(session) -> (status)`: x\n") != signatures(info)
+    assert documented("- `/stop_init(session, job_id) -> (status, more)`: x\n") != signatures(info)
+    assert documented("") != signatures(info)
 
 
 def test_dataset_columns_from_an_uploaded_csv(app_url, tmp_path):

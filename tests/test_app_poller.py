@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 gr = pytest.importorskip("gradio")
+from quailora_app.app.handlers import Studio, count_init, count_train  # noqa: E402
 from quailora_app.app.jobs import FINISHED, RUNNING, Job  # noqa: E402
-from quailora_app.app.ui import Studio, _count_init, _count_train  # noqa: E402
 
 
 class Manager:
@@ -35,7 +35,7 @@ def test_init_poll_draws_once_then_only_what_moved():
     job = init_job(events=[{"kind": "layer", "module": "model.layers.0.mlp.down_proj", "block": 0,
                             "calibrated_error": {"qlora": 1.0, "svd": 0.5}, "weight_error": {"qlora": 1.0}}])
     studio = Studio(Manager(job), (1, 2))
-    poll = studio.poller(_count_init, studio.draw_init, 8)
+    poll = studio.poller(count_init, studio.draw_init, 8)
     alice = {"owner": "alice"}
     first = poll(alice, "j1", {}, "")
     assert len(first) == 11 and "calibrate" in first[0] and not any(skipped(v) for v in first[2:5])
@@ -61,7 +61,7 @@ def test_init_poll_draws_once_then_only_what_moved():
 
 def test_poll_of_another_sessions_job_is_refused_once():
     studio = Studio(Manager(init_job()), (1, 2))
-    poll = studio.poller(_count_init, studio.draw_init, 8)
+    poll = studio.poller(count_init, studio.draw_init, 8)
     out = poll({"owner": "bob"}, "j1", {}, "")
     assert "No job" in out[1] and out[-1] == {"job": "j1"}
     assert all(skipped(v) for v in poll({"owner": "bob"}, "j1", out[-1], "")[:-1])
@@ -77,7 +77,7 @@ def test_views_poll_without_a_job_sends_nothing():
 def test_train_poll_redraws_the_curves_when_points_arrive():
     job = Job(id="t1", kind="train", owner="alice", config=None, status=RUNNING, started=0.0, stage="train")
     studio = Studio(Manager(job), (1, 2))
-    poll = studio.poller(_count_train, studio.draw_train, 4)
+    poll = studio.poller(count_train, studio.draw_train, 4)
     first = poll({"owner": "alice"}, "t1", {}, "")
     job.events.append({"kind": "train_step", "arm": "qlora4", "step": 1, "total_steps": 4, "train_loss": 2.0})
     job.version += 1

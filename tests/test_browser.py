@@ -1,10 +1,10 @@
 """End to end in headless Chromium with the embedded SmolLM2: the first visit shows the shipped example run
-(plots, numbers and curves, labelled) without pressing anything, and no text of any figure overlaps another at 1400
-and 900 px widths (nor runs past the figure's edge); set small settings, quantize & initialize (the
-live run replaces the shipped one), watch the per-layer plot render, compute the teaching views and open How it
-works, start a short two-arm fine-tuning from that init run (the default), see its first curve points and then
-more, stop it. The live run's figures, the teaching views and the across-models scatter are checked for
-overlapping texts too (at 1400 px).
+(plots, numbers, curves and the seven teaching views, labelled) without pressing anything, and no text of any
+figure overlaps another at 1400 and 900 px widths (nor runs past the figure's edge); set small settings, quantize &
+initialize (the live run replaces the shipped one), watch the per-layer plot render, compute the teaching views
+(they replace the shipped ones) and open How it works, start a short two-arm fine-tuning from that init run (the
+default), see its first curve points and then more, stop it. The live run's figures, the teaching views and the
+across-models scatter are checked for overlapping texts too (at 1400 px).
 Screenshots go to test-output/ (ignored by git)."""
 from __future__ import annotations
 
@@ -158,17 +158,21 @@ def at_width(page, width: int) -> None:
     CHECK_SECONDS[0] += time.time() - start
 
 
+#: the elem_ids of the seven teaching views, after "view-"
+VIEW_IDS = ("weights", "error", "spectrum", "energy", "channels", "rank-sweep", "precision")
+
+
 def shipped_example_shown(page, expect) -> None:
     """The first visit: the shipped example run's headline, labelled plots, numbers and curves, drawn at once."""
     from quailora_app.app.reopen import EXAMPLE_DIR
     from quailora_app.runs import RunFolder
 
     report = RunFolder(EXAMPLE_DIR / "init").read_report()
-    assert report, "no shipped example run (python bench/make_example.py)"
+    assert report, "no shipped example run (python -m bench.make_example)"
     expect(page.locator("#example-headline")).to_contain_text("shipped example run", ignore_case=True,
                                                               timeout=ms(60_000))
     expect(page.locator("#example-init")).to_contain_text("Shipped example run")
-    expect(page.locator("#example-init")).to_contain_text("bench/make_example.py")
+    expect(page.locator("#example-init")).to_contain_text("make_example")
     expect(page.locator("#live-init")).to_be_visible()
     page.wait_for_selector("#layer-plot .js-plotly-plot g.trace.scatter path.point", timeout=ms(60_000))
     expect(page.locator("#layer-plot .annotation-text", has_text="down_proj")).to_have_count(1)  # all linear
@@ -179,6 +183,17 @@ def shipped_example_shown(page, expect) -> None:
     expect(page.locator("#example-train")).to_contain_text("Shipped example run")
     page.wait_for_selector(VAL_POINTS, timeout=ms(60_000))
     expect(page.locator("#summary")).to_contain_text("Shipped example run")
+    # the teaching views' tab (open by default) shows the shipped example's seven views, labelled, drawn (plotly
+    # traces, not the "press Compute views" placeholders), and its precision table
+    views = RunFolder(EXAMPLE_DIR / "views").read_report()
+    assert views and views.get("figures"), "no shipped teaching views (python -m bench.make_example)"
+    expect(page.locator("#example-views")).to_contain_text("Shipped example run")
+    expect(page.locator("#example-views")).to_contain_text(views["layer"])
+    expect(page.locator("#live-views")).to_be_visible()
+    for key in VIEW_IDS:
+        page.wait_for_selector(f"#view-{key} .js-plotly-plot g.trace", state="attached", timeout=ms(60_000))
+        expect(page.locator(f"#view-{key}")).not_to_contain_text("Compute views")
+    expect(page.locator("#precision-table")).to_contain_text("NF4 + double quant")
 
 
 def test_init_then_finetune_in_the_browser(app_url):
@@ -196,9 +211,9 @@ def test_init_then_finetune_in_the_browser(app_url):
         # gets under 350 px) and on a wide one; the teaching views' tab is the one open
         shipped_example_shown(page, expect)
         page.screenshot(path=str(SHOTS / "browser-0-first-visit-900.png"), full_page=True)
-        no_text_overlaps(page, "first visit at 900 px", plots=4)
+        no_text_overlaps(page, "first visit at 900 px", plots=4 + len(VIEW_IDS))
         at_width(page, 1400)
-        no_text_overlaps(page, "first visit at 1400 px", plots=4)
+        no_text_overlaps(page, "first visit at 1400 px", plots=4 + len(VIEW_IDS))
         page.screenshot(path=str(SHOTS / "browser-0-first-screen.png"))
         page.locator("#example-init").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "browser-0-shipped-init.png"))
@@ -248,9 +263,10 @@ def test_init_then_finetune_in_the_browser(app_url):
         expect(page.locator("#view-layer input")).to_have_value(re.compile("default"), timeout=ms(10_000))
         start = time.time()
         page.locator("#start-views").click()
+        expect(page.locator("#example-views")).to_be_hidden(timeout=ms(10_000))  # the live views replace the shipped
         expect(page.locator("#views-status")).to_contain_text("finished", timeout=ms(180_000))
         views_seconds = time.time() - start
-        for key in ("weights", "error", "spectrum", "energy", "channels", "rank-sweep", "precision"):
+        for key in VIEW_IDS:
             page.wait_for_selector(f"#view-{key} .js-plotly-plot g.trace", state="attached", timeout=ms(20_000))
         expect(page.locator("#precision-table")).to_contain_text("NF4 + double quant", timeout=ms(10_000))
         page.locator("#tab-views").screenshot(path=str(SHOTS / "browser-views.png"))
@@ -260,7 +276,7 @@ def test_init_then_finetune_in_the_browser(app_url):
         page.locator("#tab-how").screenshot(path=str(SHOTS / "browser-how.png"))
         page.get_by_role("tab", name="Across models").click()
         page.wait_for_selector("#harm-gain-plot .js-plotly-plot", state="attached", timeout=ms(10_000))
-        expect(page.locator("#harm-gain-source")).to_contain_text("bench/paper_table.py", timeout=ms(10_000))
+        expect(page.locator("#harm-gain-source")).to_contain_text("bench.paper_table", timeout=ms(10_000))
         page.locator("#tab-harm-gain").screenshot(path=str(SHOTS / "browser-harm-gain.png"))
         no_text_overlaps(page, "the across-models scatter at 1400 px", "#tab-harm-gain")
 

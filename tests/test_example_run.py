@@ -31,7 +31,7 @@ from quailora_app.runs import RunFolder
 FULL = {"rank": 16, "targets": ["all-linear"], "calib_samples": 64, "seq_len": 256, "eval_tokens": 16384}
 
 pytestmark = pytest.mark.skipif(not (EXAMPLE_DIR / EXAMPLE_MANIFEST).is_file(),
-                                reason="no shipped example: python bench/make_example.py")
+                                reason="no shipped example: python -m bench.make_example")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_the_presenters_draw_the_shipped_run_with_its_label():
     assert len(curves) == len(default_arm_names()) and all(len(t.x) >= 2 for t in curves)
     assert len(train["table"]) == len(default_arm_names())
     for part in (init, train):
-        assert part["label"].startswith("**Shipped example run") and "bench/make_example.py" in part["label"]
+        assert part["label"].startswith("**Shipped example run") and "make_example" in part["label"]
     assert "rank 16" in init["label"] and "all linear layers" in init["label"]
     assert re.search(r"perplexity .* \*\*\d+\.\d\*\*", shown["headline"]) and "Compute it live" in shown["headline"]
     assert "QuAILoRA" in shown["summary"] and "Fine-tuning" in shown["summary"]
@@ -149,9 +149,7 @@ def test_the_check_compares_every_shipped_perplexity(manifest):
     import copy
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_example", EXAMPLE_DIR.parents[1] / "bench" / "make_example.py")
-    make_example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_example)
+    make_example = importlib.import_module("bench.make_example")
     shipped = manifest["perplexity"]
     rows = make_example.compare(shipped, shipped, 0.0)
     n = sum(v is not None for v in shipped["init"].values()) + len(shipped["train_reference"]) + \

@@ -1,6 +1,6 @@
-"""What the page shows of a job: stage progress, status lines, the init figures, the results summary, a
-reopened run folder's outputs and the shipped example run's (the same figures, labelled), built from the job's
-events and report. No gradio here."""
+"""What the page shows of a job: stage progress, status lines, the init figures, the teaching views' figures, the
+results summary, a reopened run folder's outputs and the shipped example run's (the same figures, labelled),
+built from the job's events and report. No gradio here."""
 from __future__ import annotations
 
 import html
@@ -17,6 +17,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
 import torch
 
 from quailora_app.app.forms import text_setting
@@ -283,6 +285,25 @@ VIEW_TITLES = {
 }
 
 
+def empty_view_figure(key: str):
+    """The placeholder of teaching view `key` before a views job has drawn it."""
+    fig = go.Figure()
+    fig.update_layout(title=VIEW_TITLES[key], height=220, template="plotly_white", xaxis_visible=False,
+                      yaxis_visible=False, annotations=[{"text": "press “Compute views”", "showarrow": False,
+                                                             "font": {"color": "#888"}}])
+    return fig
+
+
+def views_drawn(report: dict | None) -> dict[str, Any]:
+    """The seven teaching-view figures (VIEW_KEYS) of a views report, placeholders where it has none (no report
+    yet), and its precision table ("table")."""
+    figures = (report or {}).get("figures") or {}
+    out: dict[str, Any] = {k: (pio.from_json(figures[k]) if k in figures else empty_view_figure(k)) for k in VIEW_KEYS}
+    header = list((report or {}).get("precision_header") or ["format"])
+    out["table"] = pd.DataFrame((report or {}).get("precision_rows") or [], columns=header)
+    return out
+
+
 def view_defaults(gpu: bool) -> dict[str, Any]:
     """Teaching-view settings: on CPU 8 x 128 calibration tokens and ranks 1..32, about a minute with the
     embedded model (no perplexity sweep: that needs a full initialization per rank)."""
@@ -491,7 +512,7 @@ def _model_name(report: dict) -> str:
 
 
 def _made_by(manifest: dict) -> str:
-    command = manifest.get("command") or "python bench/make_example.py"
+    command = manifest.get("command") or "python -m bench.make_example"
     when = f", {str(manifest['date']).split(' ')[0]}" if manifest.get("date") else ""
     return f"made by `{command}` (seed {manifest.get('seed', 0)}{when})"
 
@@ -513,6 +534,12 @@ def example_label(kind: str, report: dict, manifest: dict) -> str:
                 f"{lora.get('rank')} on {where}, {data.get('calib_samples')} × {data.get('seq_len')} calibration "
                 f"tokens, {data.get('eval_tokens', 0):,} held-out tokens, {what}{f' ({missing})' if missing else ''}, "
                 f"{device}")
+    elif kind == "views":
+        ranks = ", ".join(str(r) for r in report.get("ranks") or [])
+        body = (f"{_model_name(report)}, {str(s.get('quant', {}).get('quant', 'nf4')).upper()} 4-bit, layer "
+                f"`{report.get('layer')}` at LoRA rank {report.get('rank')}, {data.get('calib_samples')} × "
+                f"{data.get('seq_len')} calibration tokens, rank sweep over r = {ranks}, the precision table's "
+                f"perplexities from the shipped init run, {device}")
     else:
         arms = ", ".join(F.label(a) for a in (report.get("arm_names") or report.get("arms") or []))
         body = (f"{arms}: {s.get('steps')} steps of {s.get('batch_size')} × {data.get('seq_len')} tokens, learning "
@@ -547,6 +574,18 @@ def example_headline(init: dict | None, train: dict | None, manifest: dict) -> s
               "*Compute it live* there to run it yourself.")
 
 
+def example_views(root: str | Path = EXAMPLE_DIR, manifest: dict | None = None) -> dict[str, Any] | None:
+    """The shipped example's teaching views (assets/example/views: a views run of the example's model, text, 4-bit
+    settings, rank and calibration tokens, whose precision table reads the shipped init run), drawn by `views_drawn`
+    (the seven figures and the precision table, as a views job shows them), with the label over them; None when the
+    app ships none (or it does not read back)."""
+    report = RunFolder(Path(root) / "views").read_report()
+    if not report or report.get("kind") != "views" or report.get("status") != "finished" or not report.get("figures"):
+        return None
+    manifest = example_manifest(root) if manifest is None else manifest
+    return {**views_drawn(report), "label": example_label("views", report, manifest)}
+
+
 def example_outputs(manager: JobManager, root: str | Path = EXAMPLE_DIR) -> dict[str, Any] | None:
     """What the page shows before a visitor computes anything: the shipped example's init and fine-tuning runs,
     drawn by `run_outputs` (the same figures as a live or reopened run), each with its label; a headline and a
@@ -559,6 +598,9 @@ def example_outputs(manager: JobManager, root: str | Path = EXAMPLE_DIR) -> dict
         out: dict[str, Any] = {}
         for kind, run in runs.items():
             out[kind] = {**run_outputs(run, manager), "label": example_label(kind, run.report or {}, manifest)}
+        views = example_views(root, manifest)
+        if views:
+            out["views"] = views
         init_job, train_job = (out[k]["job"] if k in out else None for k in ("init", "train"))
         out["headline"] = example_headline(runs["init"].report if "init" in runs else None,
                                            runs["train"].report if "train" in runs else None, manifest)

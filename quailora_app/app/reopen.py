@@ -1,4 +1,4 @@
-"""Run folders the web app can reopen after a restart (no gradio here; `ui.py` draws them).
+"""Run folders the web app can reopen after a restart (no gradio here; `presenters.py` draws them).
 
 Every folder the app's worker creates holds `.owner`, a hash of the browser's owner key, so a session lists
 and reopens only its own runs; folders without it (written by the command line) are listed for everyone.
@@ -154,5 +154,5 @@ def example_choices(root: str | Path = EXAMPLE_DIR) -> list[tuple[str, str]]:
     out = []
     for name in example_names(root):
         kind = name.removeprefix(EXAMPLE_PREFIX)
-        out.append((f"shipped example{quick} · {what[kind]} · made by bench/make_example.py", name))
+        out.append((f"shipped example{quick} · {what[kind]} · made by python -m bench.make_example", name))
     return out

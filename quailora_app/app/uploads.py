@@ -1,4 +1,4 @@
-"""What the web app may read from disk: uploads and typed paths (no gradio here; `ui.py` calls it).
+"""What the web app may read from disk: uploads and typed paths (no gradio here; `handlers.py` calls it).
 
 A public app gets paths typed by strangers, so the app (not the command line, which runs on the user's own
 machine and stays unrestricted) reads a typed model or dataset path only inside allowed folders:

@@ -468,7 +468,7 @@ def harm_gain_figure(points, relative: bool = False) -> go.Figure:
         fig.update_xaxes(range=[-0.04 * top, top])
         fig.update_yaxes(range=[min(0.0, min(p[yk] for p in points) * 1.1) - 0.04 * top, top])
     else:
-        fig.add_annotation(text="no points yet: run <i>python bench/paper_table.py</i>", xref="paper", yref="paper",
+        fig.add_annotation(text="no points yet: run <i>python -m bench.paper_table</i>", xref="paper", yref="paper",
                            x=0.5, y=0.5, showarrow=False, font={"color": "#777"})
     fig.update_xaxes(title_text=("harm of 4-bit: ln(ppl 4-bit / ppl 8-bit)" if relative
                                  else "harm of 4-bit: ppl 4-bit - ppl 8-bit"))

@@ -99,7 +99,7 @@ own final norm and lm_head, which QLoRA does not quantize. A few windows are hel
 after on them (in the report) says whether the steps fitted the model or only the windows they saw. No per-layer
 errors are shown for this method: it optimizes none of them.
 
-**What the three teach, measured (`python bench/beyond.py`, embedded model, 64 x 256 calibration tokens).** Share
+**What the three teach, measured (`python -m bench.beyond`, embedded model, 64 x 256 calibration tokens).** Share
 of the 4-bit -> 8-bit perplexity gap closed at initialization, rank 8 / 16 / 64: closed form 72% / 77% / 90%;
 *distill* 93% / 97% / 115% (at rank 64 below the full-precision model itself: with that many parameters the steps
 adapt the model to the text, beyond undoing quantization); *sequential* 78% / 85% / 94%; *budget* 74% / 78% / 91%.

@@ -1,0 +1,133 @@
+"""The page's headless API, described: what each public endpoint returns (by name) and what it does. The endpoint
+list of docs/api.md is generated from these and from the page's own API info, the same that gradio_client's
+`Client(url).view_api(return_format="dict")` returns (endpoint names, parameter names, number of returns):
+`python -m quailora_app.doc_tables`. tests/test_app_client.py checks the list against a running app. No gradio
+here.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+#: the status endpoints answer only for the calling session's jobs
+_OWN = "only for a job of the calling session (another session's job id gets a refusal line and empty plots)"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One public endpoint: its returns by name (in order) and what it does (Markdown, one paragraph)."""
+
+    returns: tuple[str, ...]
+    about: str
+
+
+#: Every public endpoint of the page, in the order docs/api.md lists them.
+ENDPOINTS: dict[str, Endpoint] = {
+    "/attach": Endpoint(
+        ("session", "init_job_id", "train_job_id", "queue_text"),
+        '`session` is a dict `{"owner": key}`; an empty dict gets a fresh owner key. Returns the owner\'s latest '
+        'init and fine-tuning job ids ("" if none), so a reopened page re-attaches, and the server queue line.'),
+    "/dataset_columns": Endpoint(
+        ("text_column", "dataset_info"),
+        "The text columns of an uploaded .txt/.jsonl/.csv/.parquet file (pass `handle_file(path)`), the guessed "
+        "one selected, and a line describing the file."),
+    "/describe_dataset": Endpoint(("dataset_info",), "A line saying what a dataset name refers to."),
+    "/model_note": Endpoint(("note",), 'The honesty note shown for an embedded model ("" for other models).'),
+    "/start_init": Endpoint(
+        ("session", "init_job_id", "status"),
+        "Queue the quantize & initialize flow. The settings go by name, e.g. `client.predict(session, "
+        'model="embedded", rank=8, methods=["qlora", "quailora"], ..., api_name="/start_init")`; the names and '
+        "their meaning are the command line's (`init` flags in docs/guide.md). `accuracy_tasks` (`labels`, "
+        "`continuation`), `label_items` and `continuation_items` add downstream accuracy. Bad settings raise an "
+        "error."),
+    "/init_status": Endpoint(
+        ("progress_html", "status", "layer_plot", "heatmap_plot", "perplexity_plot", "numbers", "report",
+         "model_note", "accuracy_plot"),
+        f"The init job's state, {_OWN}. The plots are plotly figures, `numbers` a table per variant, `report` the "
+        "report.json dict once the run has ended (partial for a stopped run); `accuracy_plot` is shown only when "
+        "the run scores downstream accuracy."),
+    "/stop_init": Endpoint(
+        ("status",), "Ask the init job to stop after its current step; only the session that started it can."),
+    "/start_train": Endpoint(
+        ("session", "train_job_id", "status"),
+        "Queue a fine-tuning run: the Setup settings of `/start_init` and the training settings, by name. With "
+        "`start_from_init` (the default) it starts from `init_job_id`'s finished init run, else the session's "
+        "latest (its model, text, held-out perplexities and initializations), when the Setup still matches it; "
+        "else from the Setup's settings. A toast says which and why."),
+    "/train_status": Endpoint(
+        ("progress_html", "status", "curves_plot", "throughput", "accuracy_plot"),
+        f"The fine-tuning job's state, {_OWN}: the curves, the speed and memory table per arm, and the downstream "
+        "accuracy per arm (shown only when the run scores it)."),
+    "/stop_train": Endpoint(
+        ("status",), "Ask the fine-tuning job to stop after its current step; only the session that started it can."),
+    "/download_run": Endpoint(
+        ("zip_file", "summary"),
+        '`which` = "init" or "train": zips that run folder (report, events, adapters) and returns the results '
+        "summary; a run still going gives what it has written so far."),
+    "/view_layers": Endpoint(
+        ("layer",),
+        "The layer picker's choices (every linear layer of the decoder blocks, read from the model's config on the "
+        "meta device, no weights) and its default; empty for a model not on disk yet."),
+    "/start_views": Endpoint(
+        ("session", "views_job_id", "status"),
+        'Queue the teaching views of one layer (`layer` "" = the default layer) in the same worker, at the Setup\'s '
+        "model, text and 4-bit settings; the latest finished init run of `init_job_id` feeds the precision "
+        "trade-off."),
+    "/views_status": Endpoint(
+        ("progress_html", "status", "weights", "error", "spectrum", "energy", "channels", "rank_sweep", "precision",
+         "precision_table", "layer"),
+        f"The views job's state, {_OWN}: the seven plotly figures (placeholders until the job finishes), the "
+        "precision table and the layer picker."),
+    "/stop_views": Endpoint(
+        ("status",), "Ask the views job to stop after its current step; only the session that started it can."),
+    "/how_it_works": Endpoint(
+        ("markdown",), "The method in one page at rank `views_rank` (LaTeX in `$$...$$` and `$...$`)."),
+    "/harm_gain": Endpoint(
+        ("plot",),
+        'The "Across models" scatter of QuAILoRA\'s gain against the harm of 4-bit over the embedded models, texts '
+        "and ranks (assets/paper_scatter.json, made by `python -m bench.paper_table`); `scale` is \"perplexity points\" or "
+        '"log ratios (texts of different perplexity on one footing)".'),
+    "/list_runs": Endpoint(
+        ("run_folder",),
+        "The run folders under the runs root (QUAILORA_RUNS) this session may reopen (its own, and the command "
+        'line\'s), newest first; then the shipped example run ("shipped:init", "shipped:train": assets/example, '
+        "made by `python -m bench.make_example`, read-only)."),
+    "/reopen_run": Endpoint(
+        ("summary", "layer_plot", "heatmap_plot", "perplexity_plot", "curves_plot", "table", "report", "zip_file"),
+        "Redraw a run folder (`name`, one of `/list_runs`) from its report.json / events.jsonl, also after a "
+        "restart of the app, with a zip of it."),
+}
+
+
+def signatures(api_info: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], int]]:
+    """endpoint -> (parameter names, number of returns) of an API info dict (gradio's, or gradio_client's
+    `view_api(return_format="dict")`: {"named_endpoints": {"/name": {"parameters": [...], "returns": [...]}}})."""
+    return {name: (tuple(p["parameter_name"] for p in e["parameters"]), len(e["returns"]))
+            for name, e in api_info["named_endpoints"].items()}
+
+
+def api_markdown(api_info: dict[str, Any]) -> str:
+    """The endpoint list of docs/api.md: one item per endpoint, `/name(parameters) -> (returns)` and what it does.
+    Raises ValueError when the app's endpoints and ENDPOINTS disagree (an endpoint undescribed or gone, or another
+    number of returns)."""
+    served = signatures(api_info)
+    missing, gone = sorted(set(served) - set(ENDPOINTS)), sorted(set(ENDPOINTS) - set(served))
+    counts = [n for n in ENDPOINTS if n in served and served[n][1] != len(ENDPOINTS[n].returns)]
+    if missing or gone or counts:
+        raise ValueError(f"quailora_app/app/endpoints.py is out of step with the page: undescribed {missing}, "
+                         f"gone {gone}, another number of returns {counts}")
+    return "\n".join(f"- `{name}({', '.join(served[name][0])}) -> ({', '.join(e.returns)})`: {e.about}"
+                     for name, e in ENDPOINTS.items())
+
+
+_ITEM = re.compile(r"^- `(/\w+)\(([^)]*)\) -> \(([^)]*)\)`", re.M)
+
+
+def documented(markdown: str) -> dict[str, tuple[tuple[str, ...], int]]:
+    """endpoint -> (parameter names, number of returns) as a document lists them (the items `api_markdown`
+    writes), to compare with `signatures` of a running app."""
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(n.strip() for n in text.split(",") if n.strip())
+
+    return {m[1]: (names(m[2]), len(names(m[3]))) for m in _ITEM.finditer(markdown)}
