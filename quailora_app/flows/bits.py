@@ -203,21 +203,22 @@ def layer_shape(layer) -> tuple[int, int]:
 
 
 def frontier_reading(report: Report) -> str:
-    """One line: where the best corrected point of the lowest bit width stands against plain 4-bit NF4 (or the
-    plain base of most bits) and full precision."""
+    """One line: the best corrected point below the bits of plain 4-bit (NF4 when measured, else the plain base of
+    most bits), against that plain base and full precision."""
     points = list(report.get("points", {}).values())
     corrected = [p for p in points if p["method"] != QLORA]
     plain = {p["base"]: p for p in points if p["method"] == QLORA}
     if not corrected or not plain:
         return ""
-    low_bits = min(p["bits"] for p in corrected)
-    best = min((p for p in corrected if p["bits"] == low_bits), key=lambda p: p["perplexity"])
-    anchor = plain.get("nf4") or max(plain.values(), key=lambda p: p["bits"])
+    anchor = plain.get("nf4") or plain.get("hqq4") or max(plain.values(), key=lambda p: p["bits"])
+    fewer = [p for p in corrected if p["bits"] < anchor["bits"]] or \
+        [p for p in corrected if p["bits"] == min(q["bits"] for q in corrected)]
+    best = min(fewer, key=lambda p: p["perplexity"])
     word = "below" if best["perplexity"] < anchor["perplexity"] else "above"
     full = report.get("full")
     tail = f"; full precision: {full:.1f}" if full else ""
-    return (f"At {low_bits} bits plus a rank-{report.get('rank')} {get_method(best['method']).short} correction the "
-            f"model is at perplexity {best['perplexity']:.1f} ({best['bits_per_weight']:.2f} bits per weight), "
+    return (f"At {best['bits']} bits plus a rank-{report.get('rank')} {get_method(best['method']).short} correction "
+            f"the model is at perplexity {best['perplexity']:.1f} ({best['bits_per_weight']:.2f} bits per weight), "
             f"{word} plain {anchor['label'].split(' (')[0]}'s {anchor['perplexity']:.1f} "
             f"({anchor['bits_per_weight']:.2f} bits per weight){tail}.")
 

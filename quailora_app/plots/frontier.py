@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from quailora_app.engine.methods.registry import QLORA, find_method
 from quailora_app.plots.figures import empty_figure, figure_layout
 
-TITLE = "Memory against quality across bit widths"
+TITLE = "Memory against quality"
 NO_CORRECTION = "no correction"
 _SYMBOLS = {"hqq": "circle", "bitsandbytes": "square"}
 
@@ -31,8 +31,8 @@ def _colour(method: str) -> str:
 def frontier_figure(report: Mapping | None) -> go.Figure:
     """x: memory per linear weight in bits (codes, scales, zeros, nested statistics and, for a corrected point, the
     adapter); y: held-out perplexity, log axis. One line per initialization through the HQQ bases (circles, by
-    bits), bitsandbytes' bases as squares beside them; full precision as a dashed line. The one-line reading of the
-    run is the title's second line."""
+    bits), bitsandbytes' bases as squares beside them; full precision as a dashed line. (The run's one-line reading,
+    report["reading"], is shown beside the figure: a line of text that long does not fit a narrow figure.)"""
     points = list((report or {}).get("points", {}).values())
     if not points:
         return empty_figure(TITLE, "run 'Across bits' (or python -m quailora_app bits) to draw the frontier", 460)
@@ -62,20 +62,17 @@ def frontier_figure(report: Mapping | None) -> go.Figure:
         fig.add_hline(y=full, line={"color": "#4d4d4d", "dash": "dash", "width": 1})
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"full precision ({full:.1f})",
                                  line={"color": "#4d4d4d", "dash": "dash", "width": 1}))
-    bits = sorted({p["bits"] for p in points})
+    hqq_bits = sorted({p["bits"] for p in points if p["quantizer"] == "hqq"})
+    bnb = sorted({p["label"].split(" (")[0] for p in points if p["quantizer"] == "bitsandbytes"})
     fig.update_xaxes(title_text="memory per linear weight (bits, with scales, zeros and the adapter)")
     values = [p["perplexity"] for p in points] + ([full] if full else [])
     low, high = min(values), max(values)
     fig.update_yaxes(title_text="held-out perplexity (log)", type="log",
                      range=[math.log10(low) - 0.05, math.log10(high) + 0.1])
-    title = f"{TITLE}: {', '.join(map(str, bits))} bits, rank {(report or {}).get('rank', '?')}"
-    reading = (report or {}).get("reading")
-    fig = figure_layout(fig, title, 480, legend_rows=2)
-    if reading:
-        fig.add_annotation(text=reading, xref="paper", yref="paper", x=0, y=1.0, xanchor="left", yanchor="bottom",
-                           showarrow=False, align="left", font={"size": 12, "color": "#444"})
-        fig.update_layout(margin={"t": 100})
-    return fig
+    parts = ([f"HQQ at {', '.join(map(str, hqq_bits))} bits (circles)"] if hqq_bits else []) + \
+        ([f"{', '.join(bnb)} (squares)"] if bnb else [])
+    title = f"{TITLE}: {'; '.join(parts)}; rank {(report or {}).get('rank', '?')}"
+    return figure_layout(fig, title, 480, legend_rows=2)
 
 
 def bits_harm_gain_points(report: Mapping | None) -> list[dict]:
