@@ -1,11 +1,14 @@
-"""The shipped example run: an init run, a fine-tuning run and the teaching views of the embedded defaults, kept
-small in the repository (assets/example/) so the app shows real plots, numbers, curves and views on a first
-visit.
+"""The shipped example run: an init run, a fine-tuning run, the teaching views and an across-bits run of the
+embedded defaults, kept small in the repository (assets/example/) so the app shows real plots, numbers, curves,
+views and the trade-off frontier on a first visit.
 
     python -m bench.make_example                # full settings (many minutes of CPU): writes assets/example/
     python -m bench.make_example --quick        # small settings, for development
+    python -m bench.make_example --only bits    # only the across-bits run (assets/example/bits, about 3 minutes),
+                                                # into the example already there (its manifest and README updated)
     python -m bench.make_example --check        # re-run the shipped settings with the same seed into a temp
                                                 # folder and compare every perplexity with the shipped ones
+    python -m bench.make_example --check --only bits   # the same for the across-bits run alone
 
 Full settings: embedded SmolLM2-135M-Instruct on the embedded rotten-tomatoes text, NF4 4-bit with double
 quantization, LoRA rank 16 / alpha 16 on all linear layers, 64 x 256 calibration tokens, 16,384 held-out tokens,
@@ -13,8 +16,10 @@ every registered initialization method (LoftQ only where peft's LoftQ runs: CUDA
 arms, 30 steps of 4 sequences, evaluated every 5 steps, started from the init run (`train --from-init`: its data
 cut and held-out tokens, so the curves start at the init run's perplexities); then the teaching views of the
 default layer at the same model, text, 4-bit settings, rank, calibration tokens and ALS rounds (`views --report`
-the init run: its precision table shows the init run's perplexities). Every perplexity is measured (the
-perplexity cache is off).
+the init run: its precision table shows the init run's perplexities); then the across-bits run the app's "Run
+across bits" starts by default (app/across_bits.py: HQQ 2, 3 and 4-bit in groups of 64, each plain and with the
+closed form at rank 16 on all linear layers, one calibration of 32 x 256 tokens, 4,096 held-out tokens; the same in
+both presets). Every perplexity is measured (the perplexity cache is off).
 The run folders are written to a temp folder, then stripped to what the page reads (report.json, events.jsonl,
 each adapter's quailora.json; no adapter weights) and relabelled (their temp paths -> assets/example/...); the
 views' figure arrays are stored as float32 and their finished event carries the report without the figures
@@ -45,10 +50,12 @@ import numpy as np
 import torch
 
 from bench.common import ROOT, machine
+from quailora_app.app.across_bits import default_bits_config
 from quailora_app.app.reopen import EXAMPLE_DIR, EXAMPLE_MANIFEST
-from quailora_app.cli import consume_init, consume_train
+from quailora_app.cli import bits_table, consume_init, consume_train
 from quailora_app.config import (
     ALL_LINEAR,
+    BitsConfig,
     DataConfig,
     InitConfig,
     LoraSettings,
@@ -57,7 +64,8 @@ from quailora_app.config import (
     ViewsConfig,
 )
 from quailora_app.engine.arms import default_arm_names
-from quailora_app.engine.methods.registry import method_names
+from quailora_app.engine.methods.registry import init_method_names
+from quailora_app.flows.bits import run_bits
 from quailora_app.flows.from_init import train_config_from_init
 from quailora_app.flows.init import run_init
 from quailora_app.flows.train import run_train
@@ -85,7 +93,7 @@ def init_config(preset: str, seed: int, device: str, out: Path) -> InitConfig:
         data=DataConfig(seq_len=s["seq_len"], calib_samples=s["calib_samples"], eval_tokens=s["eval_tokens"],
                         seed=seed),
         lora=LoraSettings(rank=RANK, alpha=ALPHA, targets=(ALL_LINEAR,)),
-        methods=method_names(), als_rounds=s["als_rounds"], baselines=True, out=str(out))
+        methods=init_method_names(), als_rounds=s["als_rounds"], baselines=True, out=str(out))
 
 
 def train_config(preset: str, device: str, out: Path, init_dir: Path) -> TrainConfig:
@@ -108,9 +116,25 @@ def views_config(preset: str, seed: int, device: str, out: Path, init_dir: Path)
         als_rounds=s["als_rounds"], out=str(out))
 
 
+def bits_config(seed: int, device: str, out: Path) -> BitsConfig:
+    """The app's default across-bits run (app/across_bits.py; the same in both presets)."""
+    return default_bits_config(seed=seed, device=device, out=str(out))
+
+
+def make_bits(seed: int, device: str, work: Path) -> float:
+    """The across-bits run into work/bits; its seconds. The perplexity cache is off (see make_runs)."""
+    os.environ["QUAILORA_PERPLEXITY_CACHE"] = "off"
+    torch.manual_seed(seed)
+    start = time.time()
+    if consume_init(run_bits(bits_config(seed, device, work / "bits")), table=bits_table) != 0:
+        raise SystemExit("the across-bits run failed; see the lines above")
+    return time.time() - start
+
+
 def make_runs(preset: str, seed: int, device: str, work: Path) -> dict[str, float]:
-    """The init run into work/init, then the fine-tuning run into work/train; seconds of each. Every perplexity is
-    measured: the perplexity cache (evaluation/perplexity_cache.py) is off, so --check re-measures rather than reads."""
+    """The init run into work/init, then the fine-tuning run into work/train, the teaching views and the
+    across-bits run; seconds of each. Every perplexity is measured: the perplexity cache (evaluation/
+    perplexity_cache.py) is off, so --check re-measures rather than reads."""
     os.environ["QUAILORA_PERPLEXITY_CACHE"] = "off"
     seconds = {}
     torch.manual_seed(seed)
@@ -128,6 +152,7 @@ def make_runs(preset: str, seed: int, device: str, work: Path) -> dict[str, floa
     if [e.kind for e in run_views(views_config(preset, seed, device, work / "views", work / "init"))][-1] != "finished":
         raise SystemExit("the teaching views failed; see the lines above")
     seconds["views"] = time.time() - start
+    seconds["bits"] = make_bits(seed, device, work)
     return seconds
 
 
@@ -176,12 +201,70 @@ def compact_views(folder: Path) -> None:
     (folder / EVENTS).write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
-def perplexities(init_report: dict, train_report: dict) -> dict:
-    """Every perplexity the example shows: the init run's per variant, the fine-tuning run's per arm and step."""
-    return {"init": dict(init_report.get("perplexity") or {}),
-            "train_reference": dict(train_report.get("reference_perplexity") or {}),
-            "train": {arm: [[int(s), p] for s, p in (entry.get("evals") or [])]
-                      for arm, entry in (train_report.get("arms") or {}).items()}}
+def perplexities(init_report: dict, train_report: dict, bits_report: dict | None = None) -> dict:
+    """Every perplexity the example shows: the init run's per variant, the fine-tuning run's per arm and step, and
+    the across-bits run's per point ("hqq3/closed_form") and of full precision."""
+    out = {"init": dict(init_report.get("perplexity") or {}),
+           "train_reference": dict(train_report.get("reference_perplexity") or {}),
+           "train": {arm: [[int(s), p] for s, p in (entry.get("evals") or [])]
+                     for arm, entry in (train_report.get("arms") or {}).items()}}
+    if bits_report is not None:
+        out["bits"] = bits_perplexities(bits_report)
+    return out
+
+
+def bits_perplexities(report: dict) -> dict:
+    """The across-bits run's perplexities: per point of the frontier, and "full"."""
+    out = {name: point["perplexity"] for name, point in (report.get("points") or {}).items()}
+    out["full"] = report.get("full")
+    return out
+
+
+def describe_bits(report: dict) -> dict:
+    """The across-bits run's settings, as its manifest records them (and --check compares)."""
+    s = report["settings"]
+    return {"model": report["model"], "dataset": report["dataset"], "bases": list(s["bases"]),
+            "methods": list(s["methods"]), "group_size": s["group_size"], "rank": s["lora"]["rank"],
+            "alpha": s["lora"]["alpha"], "targets": ", ".join(s["lora"]["targets"]),
+            "calib_samples": s["data"]["calib_samples"], "seq_len": s["data"]["seq_len"],
+            "eval_tokens": s["data"]["eval_tokens"], "seed": s["data"]["seed"]}
+
+
+BITS_BEGIN, BITS_END = "<!-- bits: written by python -m bench.make_example -->", "<!-- /bits -->"
+
+
+def bits_readme(manifest: dict) -> str:
+    """The README's across-bits section (between BITS_BEGIN and BITS_END)."""
+    b = manifest["bits"]
+    s, m = b["settings"], b["machine"]
+    ppl = manifest["perplexity"]["bits"]
+    rows = "\n".join(f"| {name} | {value:,.3f} |" for name, value in ppl.items() if value is not None)
+    return f"""{BITS_BEGIN}
+## `bits/`: the across-bits run (the Across bits tab)
+
+What the app's *Run across bits* starts by default: model {named(s['model'], 'SmolLM2-135M-Instruct')}, text
+{named(s['dataset'], 'Rotten Tomatoes snippets')}, bases {', '.join(s['bases'])} (HQQ groups of {s['group_size']}),
+each plain and with {', '.join(s['methods'])} at LoRA rank {s['rank']} / alpha {s['alpha']} on {s['targets']}, one
+calibration of {s['calib_samples']} x {s['seq_len']} tokens shared by every base, {s['eval_tokens']:,} held-out tokens
+(seed {s['seed']}). Made by `{b['command']}` on {b['date']} in {b['seconds']:.0f} s on {m['cpu']} ({m['cores']} cores,
+{m['torch_threads']} torch threads; load average {m['load_average_at_start']} at the start). Check it with
+`{b['command'].replace(' --only', ' --check --only')}`.
+
+{b.get('reading', '')}
+
+| point (base/method) | held-out perplexity |
+|---|---|
+{rows}
+{BITS_END}
+"""
+
+
+def with_bits_section(readme_text: str, section: str) -> str:
+    """The README with its across-bits section replaced (or added at the end)."""
+    if BITS_BEGIN in readme_text and BITS_END in readme_text:
+        head, rest = readme_text.split(BITS_BEGIN, 1)
+        return head + section.rstrip("\n") + rest.split(BITS_END, 1)[1]
+    return readme_text.rstrip("\n") + "\n\n" + section
 
 
 def named(source: str, embedded: str) -> str:
@@ -260,14 +343,16 @@ def ship(preset: str, seed: int, device: str, out: Path, keep_work: bool) -> int
     staging = out.parent / f".{out.name}.new"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    relabel = {str(work / kind): str(shown / kind) for kind in ("init", "train", "views")}
+    relabel = {str(work / kind): str(shown / kind) for kind in ("init", "train", "views", "bits")}
     strip_into(work / "init", staging / "init", relabel)
     strip_into(work / "train", staging / "train", relabel)
     strip_into(work / "views", staging / "views", relabel)
     compact_views(staging / "views")
+    strip_into(work / "bits", staging / "bits", relabel)
     views_report = RunFolder(staging / "views").read_report() or {}
     init_report = RunFolder(staging / "init").read_report() or {}
     train_report = RunFolder(staging / "train").read_report() or {}
+    bits_report = RunFolder(staging / "bits").read_report() or {}
     argv = " ".join(["python -m bench.make_example", *(["--quick"] if preset == "quick" else []),
                      *([f"--seed {seed}"] if seed else []), *([f"--device {device}"] if device != "cpu" else [])])
     manifest = {
@@ -275,12 +360,13 @@ def ship(preset: str, seed: int, device: str, out: Path, keep_work: bool) -> int
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seconds": seconds,
         "machine": at_start, "from_init": True,
         **describe(preset, seed, device, init_report, train_report),
-        "perplexity": perplexities(init_report, train_report),
+        "perplexity": perplexities(init_report, train_report, bits_report),
+        "bits": bits_record(argv, seed, seconds["bits"], at_start, bits_report),
         "views": {"layer": views_report.get("layer"), "rank": views_report.get("rank"),
                   "ranks": views_report.get("ranks"), "calibration": views_report.get("calibration")},
     }
     (staging / EXAMPLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    (staging / "README.md").write_text(readme(manifest))
+    (staging / "README.md").write_text(with_bits_section(readme(manifest), bits_readme(manifest)))
     size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -297,6 +383,51 @@ def ship(preset: str, seed: int, device: str, out: Path, keep_work: bool) -> int
     return 0
 
 
+def bits_record(command: str, seed: int, seconds: float, at_start: dict, report: dict) -> dict:
+    """The manifest's record of the across-bits run: command, date, seconds, machine, settings, reading."""
+    return {"command": command, "seed": seed, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": seconds, "machine": at_start, "settings": describe_bits(report),
+            "reading": report.get("reading", "")}
+
+
+def ship_bits(seed: int, device: str, out: Path, keep_work: bool) -> int:
+    """Only the across-bits run, into the example already in `out` (bits/, its manifest entries, its README
+    section); the init, fine-tuning and views runs are left as they are."""
+    manifest_path = out / EXAMPLE_MANIFEST
+    if not manifest_path.is_file():
+        print(f"error: no {manifest_path}: make the whole example first (python -m bench.make_example)",
+              file=sys.stderr)
+        return 2
+    manifest = json.loads(manifest_path.read_text())
+    work = Path(tempfile.mkdtemp(prefix="quailora-example-bits-"))
+    print(f"making the example's across-bits run (seed {seed}, device {device}) in {work}", file=sys.stderr)
+    at_start = machine()
+    seconds = make_bits(seed, device, work)
+    shown = out if not out.is_absolute() or not out.is_relative_to(ROOT) else out.relative_to(ROOT)
+    staging = out / ".bits.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    strip_into(work / "bits", staging, {str(work / "bits"): str(shown / "bits")})
+    report = RunFolder(staging).read_report() or {}
+    argv = " ".join(["python -m bench.make_example --only bits", *([f"--seed {seed}"] if seed else []),
+                     *([f"--device {device}"] if device != "cpu" else [])])
+    manifest["bits"] = bits_record(argv, seed, seconds, at_start, report)
+    manifest.setdefault("perplexity", {})["bits"] = bits_perplexities(report)
+    shutil.rmtree(out / "bits", ignore_errors=True)
+    staging.rename(out / "bits")
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    readme_path = out / "README.md"
+    readme_text = readme_path.read_text() if readme_path.is_file() else "# The shipped example run\n"
+    readme_path.write_text(with_bits_section(readme_text, bits_readme(manifest)))
+    if keep_work:
+        print(f"the full run folder kept in {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    over = "; over the ~1 MB the repository should carry" if size > MAX_BYTES else ""
+    print(f"wrote {out / 'bits'} in {seconds:.0f} s (the example: {size / 1e3:.0f} kB{over})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ --check
 def compare(shipped: dict, again: dict, rtol: float) -> list[tuple[str, float, float | None, bool]]:
     """(name, shipped, reproduced, within rtol) for every shipped perplexity."""
@@ -308,34 +439,55 @@ def compare(shipped: dict, again: dict, rtol: float) -> list[tuple[str, float, f
         ok = b is not None and abs(a - b) <= rtol * abs(a)
         rows.append((name, a, b, ok))
 
-    for name, value in shipped["init"].items():
-        one(f"init {name}", value, again["init"].get(name))
-    for name, value in shipped["train_reference"].items():
-        one(f"train reference {name}", value, again["train_reference"].get(name))
-    for arm, evals in shipped["train"].items():
-        theirs = dict((s, p) for s, p in again["train"].get(arm, []))
+    for name, value in (shipped.get("init") or {}).items():
+        one(f"init {name}", value, (again.get("init") or {}).get(name))
+    for name, value in (shipped.get("train_reference") or {}).items():
+        one(f"train reference {name}", value, (again.get("train_reference") or {}).get(name))
+    for arm, evals in (shipped.get("train") or {}).items():
+        theirs = dict((s, p) for s, p in (again.get("train") or {}).get(arm, []))
         for step, value in evals:
             one(f"train {arm} @ step {step}", value, theirs.get(step))
+    for name, value in (shipped.get("bits") or {}).items():
+        one(f"bits {name}", value, (again.get("bits") or {}).get(name))
     return rows
 
 
-def check(out: Path, rtol: float, keep_work: bool) -> int:
+def check(out: Path, rtol: float, keep_work: bool, only: str | None = None) -> int:
+    """Re-run the shipped example (`only` = "bits": its across-bits run alone) with its settings and seed into a
+    temp folder; print every shipped perplexity beside the reproduced one; 0 when all agree within `rtol`."""
     manifest_path = out / EXAMPLE_MANIFEST
     if not manifest_path.is_file():
         print(f"error: no {manifest_path}: make the example first", file=sys.stderr)
         return 2
     manifest = json.loads(manifest_path.read_text())
     preset, seed, device = manifest["preset"], int(manifest["seed"]), manifest["device"]
+    if only == "bits" and "bits" not in manifest:
+        print("error: the shipped example has no across-bits run: python -m bench.make_example --only bits",
+              file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="quailora-example-check-"))
-    print(f"re-running the shipped example ({preset} settings, seed {seed}, device {device}) in {work}",
-          file=sys.stderr)
-    make_runs(preset, seed, device, work)
-    init_report = RunFolder(work / "init").read_report() or {}
-    train_report = RunFolder(work / "train").read_report() or {}
-    again = perplexities(init_report, train_report)
-    settings_now = describe(preset, seed, device, init_report, train_report)
-    differs = [k for k in ("init", "train") if settings_now[k] != manifest[k]]
-    rows = compare(manifest["perplexity"], again, rtol)
+    what = "across-bits run" if only else f"example ({preset} settings"
+    print(f"re-running the shipped {what}{',' if only else ''} seed {seed}, device {device}{'' if only else ')'} in "
+          f"{work}", file=sys.stderr)
+    shipped, differs = dict(manifest["perplexity"]), []
+    if only == "bits":
+        seed = int(manifest["bits"].get("seed", seed))
+        make_bits(seed, device, work)
+        shipped = {"bits": shipped.get("bits") or {}}
+        again = {}
+    else:
+        make_runs(preset, seed, device, work)
+        init_report = RunFolder(work / "init").read_report() or {}
+        train_report = RunFolder(work / "train").read_report() or {}
+        again = perplexities(init_report, train_report)
+        settings_now = describe(preset, seed, device, init_report, train_report)
+        differs = [k for k in ("init", "train") if settings_now[k] != manifest[k]]
+    if "bits" in shipped:
+        bits_report = RunFolder(work / "bits").read_report() or {}
+        again["bits"] = bits_perplexities(bits_report)
+        if describe_bits(bits_report) != manifest["bits"]["settings"]:
+            differs.append("across-bits")
+    rows = compare(shipped, again, rtol)
     print(f"| perplexity | shipped | reproduced | relative difference | within {rtol:g} |\n|---|---|---|---|---|")
     for name, a, b, ok in rows:
         diff = f"{abs(a - b) / abs(a):.2e}" if b is not None else "missing"
@@ -350,7 +502,9 @@ def check(out: Path, rtol: float, keep_work: bool) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{len(rows) - len(bad)} of {len(rows)} perplexities reproduced"
           + (" exactly" if rtol == 0 else f" within a relative {rtol:g}")
-          + (f"; {len(bad)} differ" if bad else "") + f" (the shipped run: {manifest['date']}, {manifest['command']})")
+          + (f"; {len(bad)} differ" if bad else "")
+          + (f" (the shipped run: {manifest['bits']['date']}, {manifest['bits']['command']})" if only else
+             f" (the shipped run: {manifest['date']}, {manifest['command']})"))
     return 1 if bad or differs or not rows else 0
 
 
@@ -366,9 +520,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (the shipped numbers), cuda or auto")
     p.add_argument("--out", type=Path, default=EXAMPLE_DIR, help="where the example goes (default: assets/example)")
     p.add_argument("--keep-work", action="store_true", help="keep the full run folders (with adapter weights)")
+    p.add_argument("--only", choices=["bits"], default=None,
+                   help="only the across-bits run: made into the example already there (its manifest and README "
+                        "updated), or with --check re-run and compared alone")
     args = p.parse_args(argv)
     if args.check:
-        return check(args.out, args.rtol, args.keep_work)
+        return check(args.out, args.rtol, args.keep_work, args.only)
+    if args.only == "bits":
+        return ship_bits(args.seed, args.device, args.out, args.keep_work)
     return ship("quick" if args.quick else "full", args.seed, args.device, args.out, args.keep_work)
 
 

@@ -2,6 +2,7 @@
 
     python -m bench.scale                      # small Llama shape (runs on the CPU here in a few minutes)
     python -m bench.scale --shape 7b           # Llama-2-7B's shape, random weights (one GPU)
+    python -m bench.scale --shape tiny         # 2 blocks of hidden 256: seconds (bench/gpu_check.sh --small)
     python -m bench.scale --shape path/to/config.json --blocks 4 --samples 16 --seq-len 512
 
 Each stage runs in a fresh child process, so its peak memory is its own: peak CUDA memory allocated on a GPU,
@@ -35,8 +36,12 @@ SHAPES = {
     # small enough for two CPU cores: 4 blocks of hidden 1024, MLP 2816 (a 7B block scaled down 4x)
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                   num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096),
+    # seconds on the CPU: the script's own check (bench/gpu_check.sh --small)
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512),
 }
-DEFAULTS = {"7b": dict(samples=128, seq_len=2048, rank=64), "small": dict(samples=32, seq_len=512, rank=16)}
+DEFAULTS = {"7b": dict(samples=128, seq_len=2048, rank=64), "small": dict(samples=32, seq_len=512, rank=16),
+            "tiny": dict(samples=4, seq_len=64, rank=8)}
 WORK = Path(os.environ.get("QUAILORA_BENCH_WORK", "/tmp/quailora_bench"))
 
 
@@ -299,6 +304,8 @@ def main() -> None:
                              "seconds are per block too")
     parser.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage is given up")
     parser.add_argument("--json", default=None, help="where to write the results")
+    parser.add_argument("--make-only", action="store_true",
+                        help="only write the random-weight checkpoint (bench/gpu_check.sh does it ahead)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
@@ -319,6 +326,8 @@ def main() -> None:
     t0 = time.perf_counter()
     folder, spec = model_folder(args.shape, args.blocks)
     print(f"random-weight checkpoint: {folder} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.make_only:
+        return
     out = Path(args.json or OUT / f"scale-{Path(args.shape).stem}.json")
     rows: dict = {}
     at_start = machine()

@@ -11,9 +11,13 @@ safetensors checkpoint, never a second model in memory), Q the weight its bitsan
 layer's own scaling (lora_alpha / r, or / sqrt(r) with rsLoRA; rank_pattern and alpha_pattern honoured), the
 chosen method writes factors with s * B @ A = C, the method's rank-r correction of E (closed_form: the minimizer
 of tr((E - C) H (E - C)^T)). The base weights are not touched; the adapter saves and loads with plain peft.
+The exception is LoftQ (methods loftq_svd and loftq_calibrated, engine/methods/loftq.py): T alternating steps of
+quantizing W - C and fitting C to W - Q replace each adapted base layer by a new quantized one (bitsandbytes 4-bit or
+HQQ, the same settings), as peft's own LoftQ replaces the base weights; the adapter then only holds with that base.
 """
 from __future__ import annotations
 
+import math
 import operator
 import statistics
 import time
@@ -36,8 +40,17 @@ from quailora_app.engine.calibration.calibrate import decoder_layers
 from quailora_app.engine.calibration.initialize import InitResult, initialize
 from quailora_app.engine.calibration.plan import LayerLoRA, ModelContext, split_path
 from quailora_app.engine.checkpoint import Checkpoint
-from quailora_app.engine.evaluation.selfcheck import check_window_count, refuse_if_damaged, scalings_of, self_check
-from quailora_app.engine.methods.registry import MODEL, QLORA, get_method, method_names
+from quailora_app.engine.evaluation.selfcheck import (
+    SelfCheck,
+    check_window_count,
+    measure,
+    plain_start,
+    refuse_if_damaged,
+    scalings_of,
+    self_check,
+)
+from quailora_app.engine.methods.loftq import can_requantize, iters_of
+from quailora_app.engine.methods.registry import MODEL, QLORA, REQUANT, get_method, method_names
 from quailora_app.engine.quantization.layers import calibration_dtype, is_quantized
 from quailora_app.errors import ConfigError, DataError, ModelError, one_line
 from quailora_app.events import Progress
@@ -58,6 +71,8 @@ class QuailoraResult:
     # the plain QLoRA start (B = 0), and the check's figures (held-out error ratio per layer, ...)
     layers_reset: list[str] = field(default_factory=list)
     self_check: dict[str, Any] = field(default_factory=dict)
+    # LoftQ (a requant method): the LoRA layers whose base layer was replaced by a re-quantized one (Q_T)
+    bases_replaced: list[str] = field(default_factory=list)
 
     @property
     def calibrated_error_median(self) -> float:
@@ -68,9 +83,12 @@ class QuailoraResult:
 
     def record(self) -> dict[str, Any]:
         """What an adapter folder records of its initialization (see `save_adapter`)."""
-        return {"method": self.method, "calibration": self.calibration, "seconds": self.seconds,
-                "calibrated_error_median": self.calibrated_error_median, "layers_reset": list(self.layers_reset),
-                "layers": {row["name"]: row["calibrated_error"][self.method] for row in self.layers}}
+        record = {"method": self.method, "calibration": self.calibration, "seconds": self.seconds,
+                  "calibrated_error_median": self.calibrated_error_median, "layers_reset": list(self.layers_reset),
+                  "layers": {row["name"]: row["calibrated_error"][self.method] for row in self.layers}}
+        if self.bases_replaced:
+            record["bases_replaced"] = list(self.bases_replaced)
+        return record
 
 
 def replace_lora_weights_quailora(
@@ -102,9 +120,15 @@ def replace_lora_weights_quailora(
         `seq_len` tokens.
     method: any per-layer method of the registry (`quailora_app.method_names()`: svd, quailora, closed_form, ...)
         or "loftq" (peft's replace_lora_weights_loftq, rescaled so that s * B @ A is its correction; CUDA only).
+        "loftq_svd" (LoftQ as published) and "loftq_calibrated" CHANGE THE BASE: T = options["loftq_iter"] (5 by
+        default) alternating steps of quantizing W - C with the layer's own quantizer (bitsandbytes 4-bit or HQQ,
+        the same settings) and fitting C to W - Q; each adapted LoRA layer's base_layer is then replaced, in place,
+        by the new quantized layer (Q_T), which the factors correct. The adapter alone no longer reproduces the
+        model: keep (save) the model with its new base layers. Names of the replaced layers: `result.bases_replaced`.
     model_path: the folder of the full-precision safetensors checkpoint (default: the model's `name_or_path`, a
         local folder or the hub cache, as peft's LoftQ finds it).
-    options: settings of a whole-model method (e.g. {"distill_steps": 40}; the InitConfig fields of that name).
+    options: settings of a whole-model method (e.g. {"distill_steps": 40}; the InitConfig fields of that name) or of
+        LoftQ ({"loftq_iter": 5}).
     Self-check (evaluation/selfcheck.py): before anything is written, each layer's correction is measured through the
     layer's own product against W x on held-out windows (about 512 tokens after the first `max_samples` windows when
     the calibration holds them, else a few of the fitted ones); a layer it makes worse is reset to B = 0 (warned,
@@ -125,6 +149,14 @@ def replace_lora_weights_quailora(
     if not plan:
         raise ConfigError(f"no LoRA layer of adapter '{adapter_name}' is inside the decoder blocks '{prefix}.<i>'")
     _warn_if_repacked(layers)
+    changes_base = get_method(name).kind == REQUANT
+    if changes_base:
+        iters_of(options)  # a bad loftq_iter: one line before any calibration
+        cannot = [path for path in plan if not can_requantize(layers[path])]
+        if cannot:
+            kind = type(layers[cannot[0]].get_base_layer()).__name__
+            raise ConfigError(f"method '{name}' quantizes each base layer again with its own quantizer (bitsandbytes "
+                              f"4-bit or HQQ); layer {cannot[0]} is a {kind}")
     folder = checkpoint_folder(base, model_path)
     if name == "loftq":
         return _loftq(peft_model, folder, plan, adapter_name, skipped)
@@ -141,7 +173,10 @@ def replace_lora_weights_quailora(
             adapter=adapter_name))
     else:
         result = _per_layer(base, name, checkpoint, ids, plan, device, calib_dtype, damping, als_rounds, solver,
-                            progress)
+                            progress, options if changes_base else None)
+    if changes_base:
+        return _replace_bases(peft_model, layers, name, result, checkpoint, check_ids, plan, device, calib_dtype,
+                              held_out, adapter_name, skipped)
     factors = result.factors
     checks = self_check(base, checkpoint, check_ids, {name: factors}, scalings_of(plan), device=device,
                         dtype=calib_dtype, held_out=held_out)
@@ -165,20 +200,24 @@ class _Computed:
     seconds: dict[str, float]
     calibration: dict[str, int]
     ranks: dict[str, int] | None = None
+    bases: dict[str, torch.nn.Module] = field(default_factory=dict)  # a requant method's new base layers
 
 
 def _per_layer(base, name: str, checkpoint: Checkpoint, ids: torch.Tensor, plan: Mapping[str, LayerLoRA],
                device: torch.device, calib_dtype: torch.dtype, damping: float, als_rounds: int, solver: str,
-               progress: bool) -> _Computed:
+               progress: bool, requant_options: Mapping[str, Any] | None = None) -> _Computed:
+    """A per-layer method's factors; with `requant_options` (a requant method's settings) also its new base layers."""
     result = InitResult()
     stream = initialize(base, checkpoint, ids, LoraSettings(), [name], result, device=device, calib_dtype=calib_dtype,
-                        damping=damping, als_rounds=als_rounds, solver=solver, plan=plan)
+                        damping=damping, als_rounds=als_rounds, solver=solver, plan=plan,
+                        requant=requant_options is not None, options=requant_options)
     bar = tqdm(total=len(decoder_layers(base)[1]), desc=f"QuAILoRA {name}", unit="block", disable=not progress)
     with torch.no_grad(), bar:
         for event in stream:
             if isinstance(event, Progress):
                 bar.update(event.done - bar.n)
-    return _Computed(result.factors[name], result.layers, dict(result.seconds), _windows(ids))
+    return _Computed(result.factors[name], result.layers, dict(result.seconds), _windows(ids),
+                     bases=result.bases.get(name, {}))
 
 
 def _windows(ids: torch.Tensor) -> dict[str, int]:
@@ -258,7 +297,8 @@ def _warn_if_repacked(layers: Mapping[str, LoraLayer]) -> None:
     a layer in that layout (its gemv_4bit has no autograd kernel), so CPU fine-tuning would silently leave the LoRA
     factors of the earlier layers untrained."""
     packed = [p for p, layer in layers.items()
-              if getattr(getattr(layer.get_base_layer().weight, "quant_state", None), "packing_format_for_cpu", False)]
+              if getattr(getattr(getattr(layer.get_base_layer(), "weight", None), "quant_state", None),
+                         "packing_format_for_cpu", False)]  # HQQ layers hold no `weight`
     if packed:
         warnings.warn(f"{len(packed)} of {len(layers)} 4-bit layers are in bitsandbytes' CPU inference layout "
                       f"(repacked at an earlier forward pass, e.g. {packed[0]}): the initialization fits them, but "
@@ -451,6 +491,50 @@ def resize_lora(peft_model, adapter: str, ranks: Mapping[str, int]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- LoftQ
+def _replace_bases(peft_model, layers: Mapping[str, LoraLayer], name: str, computed: _Computed,
+                   checkpoint: Checkpoint, check_ids: torch.Tensor, plan: Mapping[str, LayerLoRA],
+                   device: torch.device, dtype: torch.dtype, held_out: bool, adapter: str,
+                   skipped: list[str]) -> QuailoraResult:
+    """A requant method (LoftQ): each LoRA layer's base_layer replaced by its new quantized layer (Q_T), its factors
+    written. The self-check measures each layer against the plain base it replaces, on the held-out windows,
+
+        ratio = sqrt( sum_x ||W x - Q_T x - s B A x||^2 / sum_x ||W x - Q_1 x||^2 )
+
+    (Q_1 x, Q_T x: the old and the new layer's own products), and a layer above 1 + tolerance gets its own base back
+    with the plain QLoRA start (B = 0); more than a few such layers: ModelError, every base put back, nothing
+    written."""
+    base = peft_model.get_base_model()
+    factors, new_bases = computed.factors, computed.bases
+    scalings = scalings_of(plan)
+    start = time.perf_counter()
+    before = measure(base, checkpoint, check_ids, {name: factors}, scalings, device=device, dtype=dtype)[name]
+    kept = {path: layers[path].base_layer for path in new_bases}
+    for path, layer in new_bases.items():
+        layers[path].base_layer = layer
+    try:
+        after = measure(base, checkpoint, check_ids, {name: factors}, scalings, device=device, dtype=dtype)[name]
+        ratios = {path: math.sqrt(after[path][1] / plain) if (plain := before[path][0]) > 0 else
+                  (1.0 if after[path][1] == 0 else math.inf) for path in after}
+        check = SelfCheck(name, ratios, True, int(check_ids.numel()), held_out,
+                          seconds=time.perf_counter() - start)
+        check.reset = check.worse
+        refuse_if_damaged({name: check}, len(factors))
+    except BaseException:
+        for path, layer in kept.items():
+            layers[path].base_layer = layer
+        raise
+    for path in check.reset:
+        factors[path] = plain_start(factors[path])
+        if path in kept:
+            layers[path].base_layer = kept[path]
+    write_factors(peft_model, factors, adapter)
+    if check.reset:
+        warnings.warn(check.summary() + " (their own base layers were put back)", stacklevel=3)
+    replaced = [path for path in new_bases if path not in check.reset and new_bases[path] is not kept[path]]
+    return QuailoraResult(name, computed.layers, computed.seconds | {"self_check": check.seconds},
+                          computed.calibration, skipped, list(check.reset), check.record(), replaced)
+
+
 def _loftq(peft_model, folder: Path, plan: Mapping[str, LayerLoRA], adapter: str,
            skipped: list[str]) -> QuailoraResult:
     """peft's own LoftQ (one iteration), rescaled per layer so that s * B @ A is LoftQ's correction."""

@@ -14,6 +14,7 @@ from quailora_app.config import (
     ACCURACY_TASKS,
     BitsConfig,
     DataConfig,
+    GenerateConfig,
     InitConfig,
     LoraSettings,
     ModelConfig,
@@ -129,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "LLM.int8), calibrate once, compute each per-layer correction on every base, and "
                                    "measure held-out perplexity and memory per weight: the trade-off frontier.")
     add_config_flags(p, BitsConfig, "across bits")
+    p = sub.add_parser("generate", help="what each variant says: full precision, 8-bit, plain 4-bit and 4-bit with "
+                                        "each adapter of a run continue a prompt; token-level agreement",
+                       description="Continue a prompt with full precision, 8-bit, plain 4-bit and 4-bit with each "
+                                   "adapter of a finished init or train run; teacher-force each variant along full "
+                                   "precision's continuation (top-1 agreement, KL); optionally what survives "
+                                   "deployment of one adapter (--deploy).")
+    add_config_flags(p, GenerateConfig, "generation")
     return parser
 
 
@@ -136,16 +144,16 @@ def bits_table(report: dict) -> str:
     """Base by base and method by method: memory per weight (with the adapter), perplexity, the share of the gap
     to full precision closed; then the one-line reading."""
     full = report.get("full")
-    lines = [f"{'base':<34} {'method':<14} {'bits/weight':>11} {'perplexity':>12} {'gap closed':>10}"]
+    lines = [f"{'base':<34} {'method':<17} {'bits/weight':>11} {'perplexity':>12} {'gap closed':>10}"]
     plain = {p["base"]: p["perplexity"] for p in report.get("points", {}).values() if p["method"] == "qlora"}
     for point in report.get("points", {}).values():
         base_ppl = plain.get(point["base"])
         closed = "-" if point["method"] == "qlora" or not full or not base_ppl or base_ppl <= full else \
             f"{100 * (base_ppl - point['perplexity']) / (base_ppl - full):.1f}%"
-        lines.append(f"{point['label']:<34} {point['method']:<14} {point['bits_per_weight']:>11.2f} "
+        lines.append(f"{point['label']:<34} {point['method']:<17} {point['bits_per_weight']:>11.2f} "
                      f"{point['perplexity']:>12.2f} {closed:>10}")
     if full:
-        lines.append(f"{'full precision':<34} {'-':<14} {'16/32':>11} {full:>12.2f} {'-':>10}")
+        lines.append(f"{'full precision':<34} {'-':<17} {'16/32':>11} {full:>12.2f} {'-':>10}")
     lines.append("gap closed = (ppl_plain - ppl) / (ppl_plain - ppl_full) at the same base")
     if report.get("reading"):
         lines.append(report["reading"])
@@ -233,6 +241,9 @@ def consume_init(events, out=None, table=None) -> int:
             bar.refresh()
         elif isinstance(event, Metric) and event.group == "accuracy":
             print(f"  accuracy {event.note or event.name}", file=sys.stderr)
+        elif isinstance(event, Metric) and event.group in ("agreement", "kl"):  # generate: the note says both
+            if event.group == "agreement":
+                print(f"  {event.note or event.name}", file=sys.stderr)
         elif isinstance(event, Metric):
             print(f"  perplexity {event.note or event.name}: {event.value:.3f}", file=sys.stderr)
         elif isinstance(event, Log):
@@ -499,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
             with StopOnInterrupt() as stop:
                 return consume_init(run_bits(build(BitsConfig, vars(args)), should_stop=stop.flag.is_set),
                                     table=bits_table)
+        if args.command == "generate":
+            from quailora_app.flows.generate import generate_table, run_generate  # the flows: only for this command
+
+            with StopOnInterrupt() as stop:
+                return consume_init(run_generate(build(GenerateConfig, vars(args)), should_stop=stop.flag.is_set),
+                                    table=generate_table)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

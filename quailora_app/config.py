@@ -461,9 +461,9 @@ def base_bits(base: str) -> int:
 
 
 def _bits_methods() -> tuple[str, ...]:
-    """The methods an across-bits run computes on every base: per layer, and over the whole model at one rank (not
-    budget, whose per-layer ranks would change the memory of each point)."""
-    return tuple(m for m in method_names() if get_method(m).kind in ("layer", "model") and m != "budget")
+    """The methods an across-bits run computes on every base: per layer, those that quantize the base again (LoftQ),
+    and over the whole model at one rank (not budget, whose per-layer ranks would change the memory of each point)."""
+    return tuple(m for m in method_names() if get_method(m).kind in ("layer", "requant", "model") and m != "budget")
 
 
 @dataclass
@@ -482,6 +482,9 @@ class BitsConfig:
                 "methods (sequential, distill) run once per base after the shared calibration",
         "choices": _bits_methods})
     group_size: int = field(default=64, metadata={"help": "HQQ's group size (weights sharing a scale and a zero)"})
+    loftq_iter: int = field(default=5, metadata={
+        "help": "LoftQ's alternating steps T (loftq_svd, loftq_calibrated): quantize W - C, fit C to W - Q; T = 1 is "
+                "svd / closed_form on the plain base"})
     als_rounds: int = als_rounds_setting()
     damping: float = damping_setting()
     distill_steps: int = distill_setting("distill_steps")
@@ -502,6 +505,8 @@ class BitsConfig:
             raise ConfigError(f"across bits does not compute {', '.join(unknown)}; choose from "
                               f"{', '.join(_bits_methods())}")
         self.methods = tuple(dict.fromkeys(m for m in self.methods if m != QLORA))
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ConfigError(f"loftq-iter (LoftQ's alternating steps) must be at least 1, got {self.loftq_iter!r}")
         check_solver_settings(self.als_rounds, self.damping)
         check_distill(self.distill_steps, self.distill_lr, self.distill_batch)
 

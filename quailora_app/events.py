@@ -155,3 +155,17 @@ class ArmFinished(Event):
     adapter_dir: str
     steps_done: int = 0
     stopped: bool = False
+
+
+# -- generation side by side (python -m quailora_app generate) ----------------------------------------------
+@dataclass
+class GeneratedToken(Event):
+    """One new token of a model variant's continuation of the prompt, as soon as it is chosen."""
+
+    kind: ClassVar[str] = "token"
+    variant: str  # "full", "int8", "qlora" (plain 4-bit), a method of the init run or an arm of the train run
+    step: int  # 1-based
+    total: int
+    token_id: int
+    piece: str  # this token, decoded alone
+    text: str  # the continuation so far, decoded

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypedDict, cast
 from quailora_app.errors import ConfigError
 from quailora_app.events import Event
 
-RunKind = Literal["init", "train", "views", "bits"]
+RunKind = Literal["init", "train", "views", "bits", "generate"]
 REPORT = "report.json"
 EVENTS = "events.jsonl"
 ERROR = "error.txt"
@@ -171,7 +171,7 @@ class RunFolder:
         """The report's kind; for folders written before reports said it, guessed from the folder's name and
         contents."""
         report = self.read_report() if report is None else report
-        if report and report.get("kind") in ("init", "train", "views", "bits"):
+        if report and report.get("kind") in ("init", "train", "views", "bits", "generate"):
             return report["kind"]
         events = self.read_events() if events is None else events
         if (self.path / OLD_VIEWS_REPORT).is_file() or self.name.startswith("views-"):

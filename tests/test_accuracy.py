@@ -23,7 +23,6 @@ from quailora_app.errors import ConfigError, DataError
 from quailora_app.sources.data import load_texts, make_splits, pack_windows
 from quailora_app.sources.models import ModelSource, load_full_precision
 from quailora_app.sources.tasks import (
-    DEFAULT_SHOTS,
     TASK_KINDS,
     ChoiceItem,
     Task,
@@ -346,7 +345,6 @@ def test_build_tasks_keeps_calibration_documents_out(tmp_path, tiny_tok):
 
 def test_accuracy_config_checks():
     assert ACCURACY_TASKS == TASK_KINDS
-    assert AccuracyConfig().shots == DEFAULT_SHOTS  # config mirrors the tasks' measured default
     assert AccuracyConfig().accuracy_tasks == ("labels", "continuation")
     for bad in ({"accuracy_tasks": ("mmlu",)}, {"shots": -1}, {"label_items": -5}, {"continuation_choices": 1},
                 {"label_prompts": 0}):

@@ -1,6 +1,7 @@
 """The app driven headless through gradio_client, against a real server on localhost: the init flow on a
-tiny model returns figures and a report; a fine-tuning run streams updates and stops on request, and only
-for the session that started it."""
+tiny model returns figures and a report; an across-bits run on it returns its frontier, reading and table, and its
+bit widths join the across-models scatter; a fine-tuning run streams updates and stops on request, and only for the
+session that started it."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,14 @@ from gradio_client import Client, handle_file  # noqa: E402
 from helpers import form_settings, launched_app, plot_of, wait_for  # noqa: E402
 
 from quailora_app import doc_tables  # noqa: E402
+from quailora_app.app.across_bits import example_bits  # noqa: E402
 from quailora_app.app.endpoints import documented, signatures  # noqa: E402
 from quailora_app.app.handlers import HARM_GAIN_SCALES  # noqa: E402
+from quailora_app.plots.frontier import bits_harm_gain_points  # noqa: E402
 from quailora_app.plots.teaching import paper_scatter  # noqa: E402
+
+#: the trace of the bit widths in the across-models scatter (plots/teaching.harm_gain_figure)
+BITS_TRACE = "bit widths"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,7 @@ def test_endpoints_have_explicit_names(app_url):
     assert {"/attach", "/dataset_columns", "/describe_dataset", "/model_note", "/start_init", "/init_status",
             "/stop_init", "/start_train", "/train_status", "/stop_train", "/download_run", "/view_layers",
             "/start_views", "/views_status", "/stop_views", "/how_it_works", "/harm_gain", "/list_runs",
-            "/reopen_run"} <= names
+            "/reopen_run", "/start_bits", "/bits_status", "/stop_bits"} <= names
     assert not client.view_api(print_info=False, return_format="dict")["unnamed_endpoints"]
 
 
@@ -137,14 +143,62 @@ def test_teaching_views_job_returns_seven_figures(app_url, tiny_model_dir, short
 
 
 def test_across_models_scatter_draws_the_shipped_points(app_url):
-    """The "Across models" tab: one marker per shipped point (assets/paper_scatter.json), on either scale."""
+    """The "Across models" tab: one marker per shipped point (assets/paper_scatter.json), on either scale, and the
+    shipped across-bits run's bit widths as a labelled trace of their own (log axes: their harms span decades)."""
     client = Client(app_url, verbose=False)
     points = paper_scatter()["points"]
+    shipped = example_bits()
+    bits = bits_harm_gain_points(shipped["report"]) if shipped else []
     for scale, xkey in zip(HARM_GAIN_SCALES, ("harm", "log_harm"), strict=True):
         fig = plot_of(client.predict(scale, api_name="/harm_gain"))
-        markers = [x for t in fig["data"] if "markers" in (t.get("mode") or "") for x in t["x"]]
-        assert sorted(markers) == pytest.approx(sorted(p[xkey] for p in points))
-        assert ("ln(" in json.dumps(fig["layout"]["xaxis"]["title"])) == (xkey == "log_harm")
+        runs = [t for t in fig["data"] if "markers" in (t.get("mode") or "") and BITS_TRACE not in t["name"]]
+        assert sorted(x for t in runs for x in t["x"]) == pytest.approx(sorted(p[xkey] for p in points))
+        assert ("ln(" in json.dumps(fig["layout"]["xaxis"]["title"])) == (xkey == "log_harm") or bits
+        widths = [t for t in fig["data"] if BITS_TRACE in (t.get("name") or "")]
+        if bits:
+            assert len(widths) == 1 and widths[0]["x"] == pytest.approx([b[xkey] for b in bits])
+            assert widths[0]["text"] == [b["text"] for b in bits] and fig["layout"]["xaxis"]["type"] == "log"
+        else:
+            assert not widths
+
+
+def test_across_bits_job_returns_its_frontier(app_url, tiny_model_dir, short_docs_file):
+    """/start_bits on the tiny model (HQQ 3 and 4-bit, the closed form): /bits_status gives the frontier (a line
+    per correction, points at each base), the one-line reading and the table; the bit widths of the finished run
+    then replace the shipped ones in the across-models scatter, for its session only."""
+    client = Client(app_url, verbose=False)
+    session, *_ = client.predict({}, api_name="/attach")
+    other, *_ = client.predict({}, api_name="/attach")
+    setup = setup_args(tiny_model_dir, short_docs_file)
+    args = {k: setup[k] for k in ("model", "dataset", "upload", "text_column", "rank", "alpha", "rslora", "targets",
+                                  "seed")}
+    with pytest.raises(Exception, match="at least one base"):
+        client.predict(session, **args, bits_bases=[], bits_methods=["closed_form"], bits_group_size=64,
+                       bits_calib_samples=4, bits_seq_len=32, bits_eval_tokens=128, api_name="/start_bits")
+    session, job_id, status = client.predict(session, **args, bits_bases=["hqq3", "hqq4"],
+                                             bits_methods=["closed_form"], bits_group_size=64, bits_calib_samples=4,
+                                             bits_seq_len=32, bits_eval_tokens=128, api_name="/start_bits")
+    assert job_id and ("queued" in status or "running" in status) and "Across bits" in status
+    out = wait_for(client, session, "/bits_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1],
+                   timeout=180)
+    progress, status, frontier, reading, table = out
+    assert "finished" in status and "100%" in progress, status
+    fig = plot_of(frontier)
+    lines = {t["name"]: t for t in fig["data"] if t.get("x") and t["x"][0] is not None}
+    assert set(lines) == {"no correction", "+ closed form (rank-r correction)"}
+    assert all(len(t["x"]) == 2 for t in lines.values())  # 3 and 4 bits
+    assert fig["layout"]["yaxis"]["type"] == "log" and "HQQ at 3, 4 bits" in fig["layout"]["title"]["text"]
+    assert reading.startswith("**Reading:** At 3 bits plus a rank-8 closed form correction")
+    assert table["headers"][:4] == ["base", "correction", "bits / weight", "perplexity"]
+    assert len(table["data"]) == 2 * 2 + 1 and table["data"][-1][0] == "full precision"
+    assert "another session" in client.predict(other, job_id, api_name="/stop_bits")
+    refused = client.predict(other, job_id, api_name="/bits_status")
+    assert "only its own jobs" in refused[1] and not plot_of(refused[2])["data"]
+    scatter = plot_of(client.predict(HARM_GAIN_SCALES[0], session, job_id, api_name="/harm_gain"))
+    widths = [t for t in scatter["data"] if BITS_TRACE in (t.get("name") or "")]
+    assert len(widths) == 1 and widths[0]["text"] == ["HQQ 3-bit", "HQQ 4-bit"]
+    theirs = plot_of(client.predict(HARM_GAIN_SCALES[0], other, job_id, api_name="/harm_gain"))
+    assert [t.get("text") for t in theirs["data"] if BITS_TRACE in (t.get("name") or "")] != [widths[0]["text"]]
 
 
 def test_finetune_streams_and_stops_only_for_its_owner(app_url, tiny_model_dir, short_docs_file):

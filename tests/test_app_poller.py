@@ -161,3 +161,49 @@ def test_a_job_with_neither_id_nor_run_folder_is_never_served_another_ones_figur
     drawn.get(("", "/runs/a", "finished", "layers", 1), lambda: calls.append(2))
     drawn.get(("", "/runs/a", "finished", "layers", 1), lambda: calls.append(3))
     assert calls == [1, 1, 2]
+
+
+def test_across_bits_progress_goes_stage_by_stage_and_its_poller_passes_the_scale():
+    """An across-bits job's bar: quantize k of n bases, the shared calibration block by block, then the points
+    measured of bases x (1 + methods), always moving forward; its poller hands the scatter's scale to the drawing and
+    redraws the scatter only once the run has finished."""
+    from types import SimpleNamespace
+
+    from quailora_app.app.across_bits import bits_progress
+    from quailora_app.app.handlers import count_bits
+
+    cfg = SimpleNamespace(bases=("hqq2", "hqq3"), methods=("closed_form",))
+    job = Job(id="b1", kind="bits", owner="alice", config=cfg, status=RUNNING, started=1000.0)
+    seen = []
+
+    def step(event: dict, **state) -> None:
+        job.events.append({"time": 1000.0 + len(job.events), **event})
+        for name, value in state.items():
+            setattr(job, name, value)
+        seen.append(bits_progress(job))
+
+    step({"kind": "stage", "stage": "load"}, stage="load")
+    step({"kind": "stage", "stage": "quantize", "message": "quantizing to HQQ 2-bit"}, stage="quantize",
+         stage_message="quantizing to HQQ 2-bit")
+    step({"kind": "stage", "stage": "quantize", "message": "quantizing to HQQ 3-bit"},
+         stage_message="quantizing to HQQ 3-bit")
+    assert seen[-1][2] == "quantizing to HQQ 3-bit (2 of 2)"
+    step({"kind": "stage", "stage": "calibrate"}, stage="calibrate", done=0, total=30)
+    step({"kind": "progress", "stage": "calibrate", "done": 15, "total": 30}, done=15)
+    assert seen[-1][2].startswith("calibrate once for 2 bases, correct each: block 15 of 30")
+    step({"kind": "stage", "stage": "evaluate", "message": "HQQ 2-bit"}, stage="evaluate", stage_message="HQQ 2-bit")
+    for name in ("hqq2/qlora", "hqq2/closed_form", "hqq3/qlora"):
+        step({"kind": "metric", "name": name, "value": 10.0, "group": "perplexity"})
+    assert seen[-1][2].startswith("HQQ 2-bit: 3 of 4 points")
+    step({"kind": "stage", "stage": "baseline"}, stage="baseline")
+    fractions = [frac for _, frac, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0 and 0.9 < fractions[-1] < 1
+    assert [idx for idx, _, _ in seen] == sorted(idx for idx, _, _ in seen) and seen[-1][0] == 4
+
+    drawn = []
+    studio = Studio(Manager(job), (1, 2))
+    studio.draw_bits = lambda j, scale, fresh, changed: drawn.append((scale, fresh)) or ("f", "r", "t", "s")
+    poll = studio.poller(count_bits, lambda *a: studio.draw_bits(*a), 4, other_is_job=False)
+    out = poll({"owner": "alice"}, "b1", {}, "log ratios")
+    assert out[2:6] == ("f", "r", "t", "s") and drawn == [("log ratios", True)]
+    assert "Across bits: running" in out[1]

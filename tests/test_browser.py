@@ -1,10 +1,12 @@
 """End to end in headless Chromium with the embedded SmolLM2: the first visit shows the shipped example run
-(plots, numbers, curves and the seven teaching views, labelled) without pressing anything, and no text of any
-figure overlaps another at 1400 and 900 px widths (nor runs past the figure's edge); set small settings, quantize &
-initialize (the live run replaces the shipped one), watch the per-layer plot render, compute the teaching views
-(they replace the shipped ones) and open How it works, start a short two-arm fine-tuning from that init run (the
-default), see its first curve points and then more, stop it. The live run's figures, the teaching views and the
-across-models scatter are checked for overlapping texts too (at 1400 px).
+(plots, numbers, curves and the seven teaching views, labelled; the Across bits tab's frontier and its reading)
+without pressing anything, and no text of any figure overlaps another at 1400 and 900 px widths (nor runs past the
+figure's edge); set small settings, quantize & initialize (the live run replaces the shipped one), watch the
+per-layer plot render, compute the teaching views (they replace the shipped ones) and open How it works, start a
+short two-arm fine-tuning from that init run (the default), see its first curve points and then more, stop it;
+reopen the page; then run across bits on a tiny model (its frontier replaces the shipped one, and its bit widths the
+shipped ones in the across-models scatter). The live run's figures, the teaching views, the across-models scatter
+and the live frontier are checked for overlapping texts too (at 1400 px).
 Screenshots go to test-output/ (ignored by git)."""
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def ms(milliseconds: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_url(tmp_path_factory, tiny_model_dir):
     if not Path(CHROMIUM).exists():
         pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
     pytest.importorskip("playwright")
@@ -42,8 +44,14 @@ def app_url(tmp_path_factory):
         pytest.skip(f"embedded model unavailable: {exc}")
     from helpers import launched_app
 
-    with launched_app(tmp_path_factory.mktemp("runs")) as url:
-        yield url
+    # the across-bits run types the tiny model's folder (pytest's temp folders): allow the app to read it
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QUAILORA_ALLOWED_PATHS", str(tmp_path_factory.getbasetemp()))
+    try:
+        with launched_app(tmp_path_factory.mktemp("runs")) as url:
+            yield url
+    finally:
+        mp.undo()
 
 
 def set_number(page, label: str, value) -> None:
@@ -158,6 +166,30 @@ def at_width(page, width: int) -> None:
     CHECK_SECONDS[0] += time.time() - start
 
 
+#: the frontier's perplexities as drawn (plotly's own data on the figure's div), to see it redrawn by a live run
+FRONTIER_Y = """() => { const p = document.querySelector('#bits-frontier .js-plotly-plot');
+  return p && p.data ? JSON.stringify(p.data.map(t => t.y)) : ''; }"""
+#: the frontier's points as drawn: circles (HQQ) and squares (bitsandbytes) of plotly's scatter traces
+FRONTIER_POINTS = "#bits-frontier .js-plotly-plot g.trace.scatter path.point"
+
+
+def shipped_frontier_shown(page, expect) -> None:
+    """The Across bits tab of a first visit: the shipped across-bits run's frontier drawn (a marker per point), its
+    one-line reading under it, its table, labelled as the shipped example, with "Compute it live" beside."""
+    from quailora_app.app.reopen import EXAMPLE_DIR
+    from quailora_app.runs import RunFolder
+
+    report = RunFolder(EXAMPLE_DIR / "bits").read_report()
+    assert report and report.get("points"), "no shipped across-bits run (python -m bench.make_example --only bits)"
+    page.get_by_role("tab", name="Across bits").click()
+    expect(page.locator(FRONTIER_POINTS)).to_have_count(len(report["points"]), timeout=ms(30_000))
+    expect(page.locator("#bits-frontier .legendtext").first).to_be_visible()
+    expect(page.locator("#bits-reading")).to_contain_text(report["reading"][:60])
+    expect(page.locator("#example-bits")).to_contain_text("Shipped example run")
+    expect(page.locator("#live-bits")).to_be_visible()
+    expect(page.locator("#bits-table")).to_contain_text("full precision")
+
+
 #: the elem_ids of the seven teaching views, after "view-"
 VIEW_IDS = ("weights", "error", "spectrum", "energy", "channels", "rank-sweep", "precision")
 
@@ -196,7 +228,45 @@ def shipped_example_shown(page, expect) -> None:
     expect(page.locator("#precision-table")).to_contain_text("NF4 + double quant")
 
 
-def test_init_then_finetune_in_the_browser(app_url):
+def run_across_bits(page, expect, model_dir) -> float:
+    """Type the tiny model into the Setup, press "Run across bits" with small token counts, see the frontier
+    redrawn (the shipped one gone) with the run's reading and table, and its bit widths in the across-models
+    scatter; seconds from the press to the finished run."""
+    model = page.get_by_label("Model", exact=True)
+    model.fill(str(model_dir))
+    model.press("Enter")
+    model.press("Tab")
+    page.get_by_role("tab", name="Across bits").click()
+    page.wait_for_selector(FRONTIER_POINTS, timeout=ms(30_000))
+    shipped_y = page.evaluate(FRONTIER_Y)
+    set_number(page, "calibration sequences (across bits)", 4)
+    set_number(page, "tokens per sequence (across bits)", 32)
+    set_number(page, "held-out tokens (across bits)", 128)
+    start = time.time()
+    page.locator("#start-bits").click()
+    expect(page.locator("#example-bits")).to_be_hidden(timeout=ms(30_000))  # the live run replaces the shipped one
+    expect(page.locator("#bits-status")).to_contain_text("finished", timeout=ms(180_000))
+    seconds = time.time() - start
+    page.wait_for_function(f"() => ({FRONTIER_Y})() && ({FRONTIER_Y})() !== {shipped_y!r}", timeout=ms(30_000))
+    expect(page.locator(FRONTIER_POINTS)).to_have_count(3 * 2, timeout=ms(30_000))  # 3 bases, plain and corrected
+    expect(page.locator("#bits-reading")).to_contain_text("plus a rank-16 closed form correction", timeout=ms(10_000))
+    expect(page.locator("#bits-progress")).to_contain_text("100%")
+    expect(page.locator("#bits-table")).to_contain_text("HQQ 2-bit (groups of 64)")
+    page.locator("#tab-bits").scroll_into_view_if_needed()
+    page.locator("#tab-bits").screenshot(path=str(SHOTS / "browser-6-bits-live-1400.png"))
+    no_text_overlaps(page, "the live frontier at 1400 px", "#tab-bits")
+    page.get_by_role("tab", name="Across models").click()
+    page.wait_for_selector("#harm-gain-plot .js-plotly-plot", state="attached", timeout=ms(10_000))
+    live = """() => { const p = document.querySelector('#harm-gain-plot .js-plotly-plot');
+      const t = p && p.data && p.data.find(t => (t.name || '').startsWith('bit widths'));
+      return !!t && t.text.length === 3 && t.x.every(x => Math.abs(x) < 1000); }"""  # the tiny model's, not 2-bit's
+    page.wait_for_function(live, timeout=ms(30_000))
+    page.locator("#tab-harm-gain").screenshot(path=str(SHOTS / "browser-6-harm-gain-bits.png"))
+    no_text_overlaps(page, "the across-models scatter with the live bit widths at 1400 px", "#tab-harm-gain")
+    return seconds
+
+
+def test_init_then_finetune_in_the_browser(app_url, tiny_model_dir):
     from playwright.sync_api import expect, sync_playwright
 
     SHOTS.mkdir(exist_ok=True)
@@ -220,6 +290,16 @@ def test_init_then_finetune_in_the_browser(app_url):
         page.locator("#example-train").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "browser-0-shipped-train.png"))
         page.screenshot(path=str(SHOTS / "browser-0-first-visit.png"), full_page=True)
+        # the Across bits tab beside the teaching views: the shipped frontier and its reading, drawn at once; no text
+        # of it overlaps at either width
+        shipped_frontier_shown(page, expect)
+        page.locator("#tab-bits").scroll_into_view_if_needed()
+        page.locator("#tab-bits").screenshot(path=str(SHOTS / "browser-0-frontier-1400.png"))
+        no_text_overlaps(page, "the shipped frontier at 1400 px", "#tab-bits")
+        at_width(page, 900)
+        no_text_overlaps(page, "the shipped frontier at 900 px", "#tab-bits")
+        page.locator("#tab-bits").screenshot(path=str(SHOTS / "browser-0-frontier-900.png"))
+        at_width(page, 1400)
 
         # small settings: 4 x 128 calibration tokens, 512 held-out tokens (the five perplexities and every evaluation
         # of the curves measure them; 1024 cost the init run about 9 s more), svd + quailora on q_proj and v_proj
@@ -315,7 +395,11 @@ def test_init_then_finetune_in_the_browser(app_url):
         page.wait_for_function(LIVE_LAYERS, timeout=ms(30_000))
         page.wait_for_function(LIVE_CURVES, timeout=ms(30_000))
         page.wait_for_selector(VAL_POINTS, timeout=ms(30_000))
+
+        # across bits on the tiny model (HQQ 2, 3 and 4-bit, the closed form, a few seconds): the live frontier
+        # replaces the shipped one, its reading and table follow, and the across-models scatter gains its bit widths
+        bits_seconds = run_across_bits(page, expect, tiny_model_dir)
         browser.close()
     print(f"init flow in the browser: {init_seconds:.0f} s, teaching views: {views_seconds:.0f} s, fine-tuning from "
-          f"the init run: first curve points after {first_point_seconds:.0f} s; text-overlap checks and width "
-          f"changes: {CHECK_SECONDS[0]:.1f} s")
+          f"the init run: first curve points after {first_point_seconds:.0f} s, across bits on the tiny model: "
+          f"{bits_seconds:.0f} s; text-overlap checks and width changes: {CHECK_SECONDS[0]:.1f} s")

@@ -128,7 +128,7 @@ def budget_run(tiny_model_dir, text_file, labelled, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from quailora_app.engine.evaluation.evaluate import perplexity
-    from quailora_app.flows import init as init_flow
+    from quailora_app.flows import accuracy_ledger
     from quailora_app.sources.data import load_splits
 
     out = tmp_path_factory.mktemp("budget-run")
@@ -138,9 +138,9 @@ def budget_run(tiny_model_dir, text_file, labelled, tmp_path_factory):
     cfg = InitConfig(ModelConfig(str(tiny_model_dir)), data, lora=LoraSettings(rank=4),
                      methods=("closed_form", "budget"), baselines=False, accuracy=acc, out=str(out))
     eval_ids = load_splits(data, AutoTokenizer.from_pretrained(tiny_model_dir)).eval
-    scored, score_task = [], init_flow.score_task
+    scored, score_task = [], accuracy_ledger.score_task
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(init_flow, "score_task",
+        mp.setattr(accuracy_ledger, "score_task",
                    lambda model, *a, **k: scored.append(perplexity(model, eval_ids)) or score_task(model, *a, **k))
         events = list(run_init(cfg))
     assert isinstance(events[-1], RunFinished), events[-1]

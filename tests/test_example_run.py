@@ -1,6 +1,7 @@
-"""The shipped example run (assets/example, made by bench/make_example.py): its folders read back as an init run
-and a fine-tuning run, carry the settings its README and manifest promise, stay small, and draw through the same
-presenters as a live or reopened run; reopening them writes nothing into assets/; an app without them starts."""
+"""The shipped example run (assets/example, made by bench/make_example.py): its folders read back as an init run,
+a fine-tuning run and an across-bits run, carry the settings its README and manifest promise (the across-bits run:
+exactly what the app's "Run across bits" starts by default), stay small, and draw through the same presenters as a
+live or reopened run; reopening them writes nothing into assets/; an app without them starts."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from quailora_app.app.across_bits import default_bits_config, example_bits
 from quailora_app.app.jobs import JobManager
 from quailora_app.app.presenters import example_outputs, reopened_outputs
 from quailora_app.app.reopen import (
@@ -22,7 +24,7 @@ from quailora_app.app.reopen import (
     open_run,
 )
 from quailora_app.engine.arms import default_arm_names
-from quailora_app.engine.methods.registry import method_names
+from quailora_app.engine.methods.registry import init_method_names
 from quailora_app.errors import UserError
 from quailora_app.plots import figures as F
 from quailora_app.runs import RunFolder
@@ -69,7 +71,7 @@ def test_the_shipped_run_carries_the_settings_its_readme_promises(manifest, repo
     assert init["methods"] == promised["methods"] and train["arm_names"] == manifest["train"]["arms"]
     assert init["settings"]["data"]["seed"] == train["settings"]["data"]["seed"] == manifest["seed"]
     # every initialization of the registry, and the default arms
-    assert set(init["methods"]) == set(method_names()) and tuple(train["arm_names"]) == default_arm_names()
+    assert set(init["methods"]) == set(init_method_names()) and tuple(train["arm_names"]) == default_arm_names()
     readme = (EXAMPLE_DIR / "README.md").read_text()
     assert manifest["command"] in readme and f"seed {manifest['seed']}" in readme
     assert f"rank {lora['rank']}" in readme and f"{s['calib_samples']} x {s['seq_len']} calibration" in readme
@@ -111,12 +113,14 @@ def test_the_shipped_runs_reopen_like_any_run_folder_and_stay_untouched(tmp_path
     before = fingerprint(EXAMPLE_DIR)
     runs_root = tmp_path / "runs"
     names = [name for _, name in list_runs("someone", runs_root, example=EXAMPLE_DIR)]
-    assert names == ["shipped:init", "shipped:train"]
+    assert names == ["shipped:init", "shipped:train", "shipped:bits"]
     manager = JobManager(gpu=False)
     init = reopened_outputs("shipped:init", "someone", manager)
     train = reopened_outputs("shipped:train", None, manager)
     assert "shipped example" in init["summary"] and init["layers"].data and init["perplexity"].data
     assert train["curves"].data and Path(init["zip"]).name == "quailora-example-init.zip"
+    bits = reopened_outputs("shipped:bits", None, manager)  # the frontier in the perplexity panel, its points below
+    assert "Across bits" in bits["summary"] and bits["perplexity"].data and len(bits["table"]) >= 4
     assert not Path(init["zip"]).resolve().is_relative_to(EXAMPLE_DIR)
     assert fingerprint(EXAMPLE_DIR) == before
     for name in ("shipped:views", "shipped:../init", "shipped:", "shipped:init/report.json"):
@@ -153,7 +157,7 @@ def test_the_check_compares_every_shipped_perplexity(manifest):
     shipped = manifest["perplexity"]
     rows = make_example.compare(shipped, shipped, 0.0)
     n = sum(v is not None for v in shipped["init"].values()) + len(shipped["train_reference"]) + \
-        sum(len(e) for e in shipped["train"].values())
+        sum(len(e) for e in shipped["train"].values()) + sum(v is not None for v in shipped["bits"].values())
     assert len(rows) == n and all(ok for *_, ok in rows)
     again = copy.deepcopy(shipped)
     arm = next(iter(again["train"]))
@@ -163,3 +167,37 @@ def test_the_check_compares_every_shipped_perplexity(manifest):
     assert all(ok for *_, ok in make_example.compare(shipped, again, 1e-5))
     del again["init"]["quailora"]
     assert not all(ok for *_, ok in make_example.compare(shipped, again, 1e-5))  # a missing one is a difference
+    again = copy.deepcopy(shipped)
+    again["bits"]["hqq3/closed_form"] *= 1 + 1e-6  # the across-bits points are compared too
+    assert [name for name, *_, ok in make_example.compare(shipped, again, 0.0) if not ok] == ["bits hqq3/closed_form"]
+    only = make_example.compare({"bits": shipped["bits"]}, {"bits": shipped["bits"]}, 0.0)  # --check --only bits
+    assert len(only) == sum(v is not None for v in shipped["bits"].values()) and all(ok for *_, ok in only)
+
+
+def test_the_shipped_across_bits_run_is_the_apps_live_default(manifest):
+    """assets/example/bits: a finished across-bits run with exactly the settings "Run across bits" starts by
+    default (so a visitor pressing it recomputes the frontier they were shown), its perplexities in the manifest
+    (what --check compares), its reading and command in the README; drawn as a frontier with its reading."""
+    report = RunFolder(EXAMPLE_DIR / "bits").read_report()
+    assert report["kind"] == "bits" and report["status"] == "finished"
+    assert RunFolder(EXAMPLE_DIR / "bits").read_events()[-1]["kind"] == "finished"
+    live = default_bits_config(device="cpu")
+    s = report["settings"]
+    assert tuple(s["bases"]) == live.bases and tuple(s["methods"]) == live.methods
+    assert (s["group_size"], s["lora"]["rank"], s["lora"]["targets"]) == (live.group_size, live.lora.rank,
+                                                                          list(live.lora.targets))
+    assert (s["data"]["calib_samples"], s["data"]["seq_len"], s["data"]["eval_tokens"], s["data"]["seed"]) == (
+        live.data.calib_samples, live.data.seq_len, live.data.eval_tokens, live.data.seed)
+    assert (s["model"]["model"], s["data"]["dataset"]) == (live.model.model, live.data.dataset)
+    assert len(report["points"]) == len(live.bases) * (1 + len(live.methods)) and report["full"]
+    shipped = manifest["perplexity"]["bits"]
+    assert shipped == {**{k: p["perplexity"] for k, p in report["points"].items()}, "full": report["full"]}
+    assert manifest["bits"]["settings"]["bases"] == list(live.bases) and "--only bits" in manifest["bits"]["command"]
+    readme = (EXAMPLE_DIR / "README.md").read_text()
+    assert manifest["bits"]["command"] in readme and report["reading"] in readme
+    assert "assets/example/bits" in (EXAMPLE_DIR / "bits" / "report.json").read_text()  # relabelled, no temp path
+    drawn = example_bits()
+    assert drawn["reading"] == f"**Reading:** {report['reading']}" and report["reading"].startswith("At ")
+    assert len(drawn["frontier"].data) >= 1 + len(live.methods) and len(drawn["table"]) == len(report["points"]) + 1
+    assert drawn["label"].startswith("**Shipped example run**") and "--only bits" in drawn["label"]
+    assert "Across bit widths" in example_outputs(JobManager(gpu=False))["headline"]

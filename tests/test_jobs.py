@@ -148,6 +148,12 @@ def test_gpu_duration_estimate_and_no_spaces_passthrough():
     assert 60 <= jobs.estimate_seconds("init", init) < jobs.estimate_seconds("init", big) <= 900
     train = SimpleNamespace(data=data, steps=100, batch_size=4, grad_accum=1, eval_every=10, arms=("a", "b"))
     assert 60 <= jobs.estimate_seconds("train", train) <= 900
+    bits = SimpleNamespace(data=SimpleNamespace(calib_samples=32, seq_len=256, eval_tokens=4096),
+                           bases=("hqq2", "hqq3", "hqq4"), methods=("closed_form",))
+    more = SimpleNamespace(data=bits.data, bases=("hqq2", "hqq3", "hqq4", "hqq8", "nf4", "int8"),
+                           methods=("svd", "closed_form"))
+    assert 60 <= jobs.estimate_seconds("bits", bits) < jobs.estimate_seconds("bits", more) <= 900
+    assert jobs.DEFAULT_RUNNERS["bits"].__name__ == "run_bits"  # the across-bits flow is a job kind of its own
     runner = slow_runner()
     assert jobs.on_gpu(runner, "init") is runner  # QUAILORA_NO_SPACES / no spaces package: unchanged
 

@@ -51,9 +51,9 @@ def corrupt_q(monkeypatch, *names: str) -> None:
     monkeypatch.setattr(initialize_module, "initialize", initialize)
     import quailora_app.api as api
     import quailora_app.flows.init as init_flow
-    import quailora_app.flows.train as train_flow
+    import quailora_app.flows.train_setup as train_setup
 
-    for module in (api, init_flow, train_flow):
+    for module in (api, init_flow, train_setup):
         monkeypatch.setattr(module, "initialize", initialize)
 
 

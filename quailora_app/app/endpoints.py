@@ -86,17 +86,32 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/harm_gain": Endpoint(
         ("plot",),
         'The "Across models" scatter of QuAILoRA\'s gain against the harm of 4-bit over the embedded models, texts '
-        "and ranks (assets/paper_scatter.json, made by `python -m bench.paper_table`); `scale` is \"perplexity points\" or "
-        '"log ratios (texts of different perplexity on one footing)".'),
+        "and ranks (assets/paper_scatter.json, made by `python -m bench.paper_table`), with the bit widths of an "
+        "across-bits run as labelled points of their own (the session's finished `bits_job_id`, else the shipped "
+        'example\'s); `scale` is "perplexity points" or "log ratios (texts of different perplexity on one footing)".'),
+    "/start_bits": Endpoint(
+        ("session", "bits_job_id", "status"),
+        "Queue an across-bits run: the Setup's model, text, LoRA shape and seed, and the tab's own settings "
+        "(`bits_bases`: hqq2, hqq3, hqq4, hqq8, nf4, int8; `bits_methods`: the corrections, e.g. closed_form; "
+        "`bits_group_size`, `bits_calib_samples`, `bits_seq_len`, `bits_eval_tokens`), by name. Each base is "
+        "quantized, one calibration corrects them all, and each is measured plain and corrected "
+        "(`python -m quailora_app bits`)."),
+    "/bits_status": Endpoint(
+        ("progress_html", "status", "frontier_plot", "reading", "points_table"),
+        f"The across-bits job's state, {_OWN}: the frontier (memory per weight against held-out perplexity; it "
+        "grows point by point while the run goes), its one-line reading (Markdown) and its points as a table."),
+    "/stop_bits": Endpoint(
+        ("status",), "Ask the across-bits job to stop after its current step; only the session that started it can."),
     "/list_runs": Endpoint(
         ("run_folder",),
         "The run folders under the runs root (QUAILORA_RUNS) this session may reopen (its own, and the command "
-        'line\'s), newest first; then the shipped example run ("shipped:init", "shipped:train": assets/example, '
-        "made by `python -m bench.make_example`, read-only)."),
+        'line\'s), newest first; then the shipped example run ("shipped:init", "shipped:train", "shipped:bits": '
+        "assets/example, made by `python -m bench.make_example`, read-only)."),
     "/reopen_run": Endpoint(
         ("summary", "layer_plot", "heatmap_plot", "perplexity_plot", "curves_plot", "table", "report", "zip_file"),
         "Redraw a run folder (`name`, one of `/list_runs`) from its report.json / events.jsonl, also after a "
-        "restart of the app, with a zip of it."),
+        "restart of the app, with a zip of it (an across-bits run: its frontier in `perplexity_plot`, its points "
+        "in `table`)."),
 }
 
 

@@ -274,7 +274,8 @@ def session_owner(session: dict | None) -> tuple[dict, str]:
 def method_choices() -> list[tuple[str, str]]:
     """(label, name) of every registered method for the form's checkboxes (engine/methods/registry.py), read when the
     form is built."""
-    return [(m.short + (" (baseline, always on)" if m.kind == BASELINE else ""), m.name) for m in all_methods()]
+    return [(m.short + (" (baseline, always on)" if m.kind == BASELINE else ""), m.name) for m in all_methods()
+            if m.kind != "requant"]  # LoftQ re-quantizes the base: the across-bits run and the API offer it
 
 
 def method_info() -> str:

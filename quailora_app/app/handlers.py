@@ -23,6 +23,7 @@ from typing import Any
 import gradio as gr
 
 from quailora_app.app import uploads as paths
+from quailora_app.app.across_bits import bits_outputs, bits_points_of, bits_progress_html, make_bits_config
 from quailora_app.app.forms import (
     describe_source,
     inspect_upload,
@@ -34,7 +35,7 @@ from quailora_app.app.forms import (
     text_setting,
     vetted_sources,
 )
-from quailora_app.app.jobs import RUNNING, Job, JobManager
+from quailora_app.app.jobs import FINISHED, RUNNING, Job, JobManager
 from quailora_app.app.presenters import (
     VIEW_KEYS,
     init_views,
@@ -125,9 +126,10 @@ def how_it_works(views_rank):
 HARM_GAIN_SCALES = ("perplexity points", "log ratios (texts of different perplexity on one footing)")
 
 
-def harm_gain(scale: str | None = None):
-    """The shipped harm-vs-gain scatter (assets/paper_scatter.json) on `scale`, one of HARM_GAIN_SCALES."""
-    return harm_gain_figure(paper_scatter(), relative=scale == HARM_GAIN_SCALES[1])
+def harm_gain(scale: str | None = None, bits: list[dict] | None = None):
+    """The shipped harm-vs-gain scatter (assets/paper_scatter.json) on `scale`, one of HARM_GAIN_SCALES, with the
+    bit widths `bits` of an across-bits run (plots/frontier.bits_harm_gain_points) as points of their own."""
+    return harm_gain_figure(paper_scatter(), relative=scale == HARM_GAIN_SCALES[1], bits=bits)
 
 
 def runs_to_reopen(session):
@@ -170,8 +172,9 @@ def _skips(n: int) -> list:
 class Studio:
     """The page's handlers: each reads the job manager, the open tabs and gradio's upload folders."""
 
-    def __init__(self, manager: JobManager, view_ranks: tuple[int, ...]) -> None:
+    def __init__(self, manager: JobManager, view_ranks: tuple[int, ...], shipped_bits: dict | None = None) -> None:
         self.manager = manager
+        self.shipped_bits = shipped_bits  # the shipped example's across-bits report: its points in the scatter
         self.tabs = _Tabs()
         self.upload_roots = _gradio_upload_roots()
         self.view_ranks = view_ranks
@@ -185,6 +188,8 @@ class Studio:
         return job, (None if job else refusal)
 
     def progress(self, job: Job | None) -> str:
+        if job is not None and job.kind == "bits" and job.status != "queued":
+            return bits_progress_html(job)
         return progress_html(job, self.manager)
 
     def status(self, job: Job | None) -> str:
@@ -202,6 +207,11 @@ class Studio:
     def attach_views(self, session):
         owner = (session or {}).get("owner")
         job = self.manager.latest(owner, "views") if owner else None
+        return job.id if job else ""
+
+    def attach_bits(self, session):
+        owner = (session or {}).get("owner")
+        job = self.manager.latest(owner, "bits") if owner else None
         return job.id if job else ""
 
     def session_ended(self, request: gr.Request):
@@ -256,6 +266,9 @@ class Studio:
         return self._submit("views", session, request, form,
                             lambda values: make_views_config(values, self.view_ranks, reports))
 
+    def start_bits(self, session, request: gr.Request, **form):
+        return self._submit("bits", session, request, form, make_bits_config)
+
     def _session_init(self, owner: str, init_job_id: str | None) -> Job | None:
         """`init_job_id`'s init job when this owner has it, else the owner's latest init job (None if none)."""
         init = self.manager.owned(init_job_id, owner) if init_job_id else None
@@ -298,14 +311,26 @@ class Studio:
         job, refused = self.session_job(session, job_id)
         return (self.progress(job), refused or self.status(job), *_views_tuple(job))
 
+    def bits_status(self, session, job_id):
+        job, refused = self.session_job(session, job_id)
+        return (self.progress(job), refused or self.status(job), *bits_outputs(job))
+
+    def harm_gain(self, scale, session=None, bits_job_id=""):
+        """The "Across models" scatter on `scale` with the bit widths of the session's finished across-bits job
+        `bits_job_id`, else the shipped example's."""
+        job = self.session_job(session, bits_job_id)[0] if isinstance(bits_job_id, str) else None
+        return harm_gain(scale, bits_points_of(job, self.shipped_bits))
+
     # ---------------------------------------------------------------- polling
     def poller(self, counts: Callable[[Job], dict[str, int]], draw: Callable[..., tuple], n_outputs: int,
-               idle: bool = True) -> Callable:
+               idle: bool = True, other_is_job: bool = True) -> Callable:
         """The timer handler of one job panel: (session, job_id, seen[, other_job_id]) -> (progress, status,
         n_outputs more, seen). Nothing is sent while the job's state key (id, version, status, elapsed second,
         and `counts(job)`) is unchanged; otherwise `draw(job, other_job, fresh, changed)` gives the n_outputs
         (gr.skip() for a part that need not be redrawn), where fresh = another job or status than last time and
-        changed = the names of `counts` that moved. A missing job shows the idle panel once (`idle`) or nothing."""
+        changed = the names of `counts` that moved. A missing job shows the idle panel once (`idle`) or nothing.
+        `other_is_job`: the fourth input is a job id (other_job is that job of the session's, read when fresh);
+        else its value is handed to `draw` as it is."""
 
         def poll(session, job_id, seen, other_job_id=""):
             job, refused = self.session_job(session, job_id)
@@ -321,7 +346,10 @@ class Studio:
                 return unchanged
             fresh = seen.get("job") != job.id or seen.get("status") != job.status
             changed = {name for name, n in counted.items() if fresh or seen.get(name) != n}
-            other = self.session_job(session, other_job_id)[0] if fresh else None  # for the results summary
+            if not other_is_job:
+                other = other_job_id
+            else:  # for the results summary
+                other = self.session_job(session, other_job_id)[0] if fresh else None
             return (self.progress(job), self.status(job), *draw(job, other, fresh, changed), key)
 
         return poll
@@ -349,6 +377,14 @@ class Studio:
         """Views panel after progress and status: redrawn only for another job or a new status."""
         return _views_tuple(job) if fresh else tuple(_skips(len(VIEW_KEYS) + 2))
 
+    def draw_bits(self, job: Job, scale: str, fresh: bool, changed: set[str]) -> tuple:
+        """Across-bits panel after progress and status: the frontier, reading and table for each new point (and a
+        new status), and the across-models scatter with the run's bit widths once it has finished."""
+        drawn = bits_outputs(job) if "points" in changed else tuple(_skips(3))
+        finished = fresh and job.status == FINISHED
+        scatter = harm_gain(scale, bits_points_of(job, self.shipped_bits)) if finished else gr.skip()
+        return (*drawn, scatter)
+
     # ---------------------------------------------------------------- results
     def download_run(self, session, which, init_job_id, train_job_id):
         job, refused = self.session_job(session, init_job_id if which == "init" else train_job_id)
@@ -373,6 +409,10 @@ class Studio:
 def count_init(job: Job) -> dict[str, int]:
     return {"layers": sum(1 for e in job.events if e.get("kind") == "layer"),
             "metrics": sum(1 for e in job.events if e.get("kind") == "metric")}
+
+
+def count_bits(job: Job) -> dict[str, int]:
+    return {"points": sum(1 for e in job.events if e.get("kind") == "metric")}
 
 
 def count_train(job: Job) -> dict[str, int]:

@@ -34,9 +34,10 @@ from quailora_app.app.reopen import (
 )
 from quailora_app.config import ALL_LINEAR, ModelConfig
 from quailora_app.engine.evaluation.selfcheck import report_lines
-from quailora_app.engine.methods.registry import QLORA, method_names
+from quailora_app.engine.methods.registry import QLORA, init_method_names
 from quailora_app.errors import UserError, one_line
 from quailora_app.plots import figures as F
+from quailora_app.plots.frontier import FRONTIER_HEADER, frontier_figure, frontier_rows
 from quailora_app.runs import RunFolder
 from quailora_app.sources.models import converted_folder, embedded_model, embedded_note, trust_remote_code
 from quailora_app.teaching.snapshot import default_layer, layer_names
@@ -136,10 +137,10 @@ def progress_html(job: Job | None, manager: JobManager) -> str:
     cur = job.stage if job.kind == "init" else _train_stage(job)
     names = [s for s, _, _ in stages]
     idx = names.index(cur) if cur in names else (names.index("calibrate") if cur == "initialize" else 0)
-    return _stages_bar(job, [text for _, text, _ in stages], idx, frac, line)
+    return stages_bar(job, [text for _, text, _ in stages], idx, frac, line)
 
 
-def _stages_bar(job: Job, texts: list[str], idx: int, frac: float, line: str) -> str:
+def stages_bar(job: Job, texts: list[str], idx: int, frac: float, line: str) -> str:
     """The stage chips (done / now) above a progress bar at `frac`, with `line` under it."""
     chips = []
     for i, text in enumerate(texts):
@@ -157,7 +158,8 @@ def status_text(job: Job | None, manager: JobManager) -> str:
     if job is None:
         return "Nothing started yet in this session."
     running, waiting = manager.queue_length()
-    what = {"init": "Quantize & initialize", "views": "Teaching views"}.get(job.kind, "Fine-tuning")
+    what = {"init": "Quantize & initialize", "views": "Teaching views", "bits": "Across bits"}.get(job.kind,
+                                                                                                 "Fine-tuning")
     where = f" · run folder `{job.run_dir}`" if job.run_dir else ""
     if job.status == QUEUED:
         return (f"**{what}: queued**, position {job.position} in line ({running} running, {waiting} waiting). "
@@ -219,7 +221,7 @@ class DrawnFigures:
 DRAWN = DrawnFigures()
 
 
-def _job_key(job) -> tuple:
+def job_key(job) -> tuple:
     """Which job a drawn figure belongs to: its id, run folder and status (a reopened run's id is empty; without
     either, DrawnFigures does not keep the figure)."""
     return tuple(getattr(job, name, None) for name in ("id", "run_dir", "status"))
@@ -239,7 +241,7 @@ def init_views(job: Job | None, manager: JobManager,
     report = report_of(job)
     source = report if report and report.get("layers") else events
     n = _event_counts(events)
-    base = (*_job_key(job), report is not None)
+    base = (*job_key(job), report is not None)
     layers, metrics = n.get("layer", 0), n.get("metric", 0)
     out: dict[str, Any] = {}
     if "layers" in parts:
@@ -340,7 +342,7 @@ def views_progress_html(job: Job) -> str:
         if job.stage == "compute" and "rank sweep" in job.stage_message:
             frac = 0.6
         line = job.stage_message or job.stage or job.status
-    return _stages_bar(job, [text for _, text in stages], idx, frac, line)
+    return stages_bar(job, [text for _, text in stages], idx, frac, line)
 
 
 def summary_text(init_job: Job | None, train_job: Job | None) -> str:
@@ -454,7 +456,8 @@ def run_outputs(run: ReopenedRun, manager: JobManager, owner: str | None = None)
                            "perplexity": F.perplexity_figure([]), "curves": F.train_figure([]),
                            "table": pd.DataFrame(columns=F.NUMBERS_HEADER), "report": run.report, "note": "",
                            "job": job}
-    what = {"init": "Quantize & initialize", "train": "Fine-tuning", "views": "Teaching views"}[run.kind]
+    what = {"init": "Quantize & initialize", "train": "Fine-tuning", "views": "Teaching views",
+            "bits": "Across bits"}.get(run.kind, run.kind)
     error = f": {one_line(report['error'])}" if report.get("error") else ""
     shipped = " (the shipped example, read-only)" if is_example_name(run.name) else ""
     head = f"**Reopened `{run.name}`**{shipped} ({what}, {run.status}{error})."
@@ -466,14 +469,18 @@ def run_outputs(run: ReopenedRun, manager: JobManager, owner: str | None = None)
     elif run.kind == "train":
         out["curves"], out["table"] = train_outputs(job)
         out["summary"] = head + "\n\n" + summary_text(None, job)
+    elif run.kind == "bits":  # the frontier in the perplexity panel, its points in the table
+        out["perplexity"] = frontier_figure(report)
+        out["table"] = pd.DataFrame(frontier_rows(report), columns=FRONTIER_HEADER)
+        out["summary"] = head + (f" {report['reading']}" if report.get("reading") else "")
     else:
-        out["summary"] = head + " Its seven figures are in report.json inside the zip."
+        out["summary"] = head + " Its figures are in report.json inside the zip."
     return out
 
 
 def _train_key(job: Job | None, part: str) -> tuple:
     """What a fine-tuning figure is built from: the job, its status and how many events it has (DrawnFigures)."""
-    return (*_job_key(job), part, len(job.events) if job else 0)
+    return (*job_key(job), part, len(job.events) if job else 0)
 
 
 def train_accuracy(job: Job | None) -> tuple[Any, bool]:
@@ -494,8 +501,8 @@ def train_outputs(job: Job | None) -> tuple[Any, pd.DataFrame]:
 
 def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[str, Any]:
     """Figures, tables, report and a zip of a run folder under the runs root (this owner's or the CLI's), or of
-    the shipped example ("shipped:init", "shipped:train"), read back from report.json / events.jsonl: what a
-    finished job shows, after a restart of the app."""
+    the shipped example ("shipped:init", "shipped:train", "shipped:bits"), read back from report.json /
+    events.jsonl: what a finished job shows, after a restart of the app."""
     name = text_setting(name, "run folder")
     run = open_example(name) if is_example_name(name) else open_run(name, owner)
     out = run_outputs(run, manager, owner)
@@ -505,13 +512,13 @@ def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[
 
 
 # ------------------------------------------------------------------------------------------------ shipped example
-def _model_name(report: dict) -> str:
+def model_title(report: dict) -> str:
     model = str(report.get("model") or "?")
     embedded = embedded_model(model)
     return f"the embedded {embedded.title}" if embedded else f"`{Path(model).name}`"
 
 
-def _made_by(manifest: dict) -> str:
+def made_by(manifest: dict) -> str:
     command = manifest.get("command") or "python -m bench.make_example"
     when = f", {str(manifest['date']).split(' ')[0]}" if manifest.get("date") else ""
     return f"made by `{command}` (seed {manifest.get('seed', 0)}{when})"
@@ -527,16 +534,16 @@ def example_label(kind: str, report: dict, manifest: dict) -> str:
     device = "CPU" if str(report.get("device", "")).startswith("cpu") else report.get("device", "?")
     if kind == "init":
         methods = [m for m in report.get("methods") or [] if m != QLORA]
-        every = set(report.get("methods") or []) >= set(method_names())
+        every = set(report.get("methods") or []) >= set(init_method_names())
         what = f"every initialization ({len(methods)} beside QLoRA)" if every else ", ".join(methods)
         missing = "; ".join(f"{m} not run here" for m in (report.get("unavailable") or {}))
-        body = (f"{_model_name(report)}, {str(s.get('quant', {}).get('quant', 'nf4')).upper()} 4-bit, LoRA rank "
+        body = (f"{model_title(report)}, {str(s.get('quant', {}).get('quant', 'nf4')).upper()} 4-bit, LoRA rank "
                 f"{lora.get('rank')} on {where}, {data.get('calib_samples')} × {data.get('seq_len')} calibration "
                 f"tokens, {data.get('eval_tokens', 0):,} held-out tokens, {what}{f' ({missing})' if missing else ''}, "
                 f"{device}")
     elif kind == "views":
         ranks = ", ".join(str(r) for r in report.get("ranks") or [])
-        body = (f"{_model_name(report)}, {str(s.get('quant', {}).get('quant', 'nf4')).upper()} 4-bit, layer "
+        body = (f"{model_title(report)}, {str(s.get('quant', {}).get('quant', 'nf4')).upper()} 4-bit, layer "
                 f"`{report.get('layer')}` at LoRA rank {report.get('rank')}, {data.get('calib_samples')} × "
                 f"{data.get('seq_len')} calibration tokens, rank sweep over r = {ranks}, the precision table's "
                 f"perplexities from the shipped init run, {device}")
@@ -545,11 +552,12 @@ def example_label(kind: str, report: dict, manifest: dict) -> str:
         body = (f"{arms}: {s.get('steps')} steps of {s.get('batch_size')} × {data.get('seq_len')} tokens, learning "
                 f"rate {s.get('learning_rate')}, perplexity every {s.get('eval_every')} steps on "
                 f"{data.get('eval_tokens', 0):,} held-out tokens, {device}")
-    return f"**Shipped example run{quick}**: {body}; {_made_by(manifest)}. Shown until you start your own."
+    return f"**Shipped example run{quick}**: {body}; {made_by(manifest)}. Shown until you start your own."
 
 
-def example_headline(init: dict | None, train: dict | None, manifest: dict) -> str:
-    """Two sentences for the top of the page: what the shipped run found, in numbers."""
+def example_headline(init: dict | None, train: dict | None, manifest: dict, bits: dict | None = None) -> str:
+    """Two sentences for the top of the page: what the shipped run found, in numbers (and, with the shipped
+    across-bits run, its frontier's reading)."""
     ppl = (init or {}).get("perplexity") or {}
     parts = []
     if ppl.get("qlora") is not None and ppl.get("quailora") is not None:
@@ -565,9 +573,13 @@ def example_headline(init: dict | None, train: dict | None, manifest: dict) -> s
         steps = (train.get("settings") or {}).get("steps")
         parts.append(f"After {steps} fine-tuning steps: "
                      + ", ".join(f"{F.label(a)} {p:.1f}" for a, p in finals) + ".")
+    if (bits or {}).get("reading"):
+        reading = bits["reading"]
+        parts.append(f"Across bit widths (the *Across bits* tab beside the teaching views): {reading[:1].lower()}"
+                     f"{reading[1:]}")
     if not parts:
         return ""
-    model = _model_name(init or train or {}).replace("the embedded ", "")
+    model = model_title(init or train or {}).replace("the embedded ", "")
     quick = ", a quick development run" if manifest.get("preset") == "quick" else ""
     return (f"**The shipped example run** ({model}{quick}): " + " ".join(parts)
             + " [Its plots](#example-init) are in step 2 and [its curves](#example-train) in step 3 below; press "
@@ -597,14 +609,17 @@ def example_outputs(manager: JobManager, root: str | Path = EXAMPLE_DIR) -> dict
         manifest = example_manifest(root)
         out: dict[str, Any] = {}
         for kind, run in runs.items():
+            if kind not in ("init", "train"):  # the across-bits run: app/across_bits.example_bits draws it
+                continue
             out[kind] = {**run_outputs(run, manager), "label": example_label(kind, run.report or {}, manifest)}
         views = example_views(root, manifest)
         if views:
             out["views"] = views
         init_job, train_job = (out[k]["job"] if k in out else None for k in ("init", "train"))
         out["headline"] = example_headline(runs["init"].report if "init" in runs else None,
-                                           runs["train"].report if "train" in runs else None, manifest)
-        out["summary"] = ("**Shipped example run** (" + _made_by(manifest) + "; your own runs replace it):\n\n"
+                                           runs["train"].report if "train" in runs else None, manifest,
+                                           runs["bits"].report if "bits" in runs else None)
+        out["summary"] = ("**Shipped example run** (" + made_by(manifest) + "; your own runs replace it):\n\n"
                           + summary_text(init_job, train_job))
         return out
     except Exception as exc:  # noqa: BLE001 - a damaged example must not keep the app from starting

@@ -4,10 +4,10 @@ Every folder the app's worker creates holds `.owner`, a hash of the browser's ow
 and reopens only its own runs; folders without it (written by the command line) are listed for everyone.
 Only direct children of the runs root are reachable: a name is a plain folder name, never a path.
 
-The shipped example run (assets/example/, made by bench/make_example.py: an init run and a fine-tuning run) is
-listed for everyone after the session's own runs, under the names "shipped:init" and "shipped:train" (a colon
-never names a folder of the runs root). It is only read, never written; a missing or unreadable example is no
-error, it is just not listed.
+The shipped example run (assets/example/, made by bench/make_example.py: an init run, a fine-tuning run and an
+across-bits run) is listed for everyone after the session's own runs, under the names "shipped:init",
+"shipped:train" and "shipped:bits" (a colon never names a folder of the runs root). It is only read, never
+written; a missing or unreadable example is no error, it is just not listed.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,199}$")
 #: The shipped example run: its folder, its manifest (command, settings, machine, date), its runs and their names.
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "assets" / "example"
 EXAMPLE_MANIFEST = "example.json"
-EXAMPLE_KINDS: tuple[RunKind, ...] = ("init", "train")
+EXAMPLE_KINDS: tuple[RunKind, ...] = ("init", "train", "bits")
 EXAMPLE_PREFIX = "shipped:"
 
 
@@ -114,7 +114,8 @@ def example_manifest(root: str | Path = EXAMPLE_DIR) -> dict:
 
 
 def open_example(name: str | None, root: str | Path = EXAMPLE_DIR) -> ReopenedRun:
-    """The shipped example's run "shipped:init" or "shipped:train", read (never written); else a UserError."""
+    """The shipped example's run "shipped:init", "shipped:train" or "shipped:bits", read (never written); else a
+    UserError."""
     kind = str(name or "").strip().removeprefix(EXAMPLE_PREFIX)
     shipped = ", ".join(example_names(root)) or "none"
     missing = UserError(f"no shipped example run '{str(name)[:80]}' (this app ships: {shipped})")
@@ -131,7 +132,8 @@ def open_example(name: str | None, root: str | Path = EXAMPLE_DIR) -> ReopenedRu
 
 
 def example_names(root: str | Path = EXAMPLE_DIR) -> list[str]:
-    """The names of the shipped example's runs that have a report ("shipped:init", "shipped:train")."""
+    """The names of the shipped example's runs that have a report ("shipped:init", "shipped:train",
+    "shipped:bits")."""
     return [EXAMPLE_PREFIX + kind for kind in EXAMPLE_KINDS if (Path(root) / kind / REPORT).is_file()]
 
 
@@ -149,7 +151,7 @@ def example_runs(root: str | Path = EXAMPLE_DIR) -> dict[str, ReopenedRun]:
 
 def example_choices(root: str | Path = EXAMPLE_DIR) -> list[tuple[str, str]]:
     """(label, name) of the shipped example's runs for the reopen list."""
-    what = {"init": "quantize & initialize", "train": "fine-tuning"}
+    what = {"init": "quantize & initialize", "train": "fine-tuning", "bits": "across bits"}
     quick = " (quick development run)" if example_manifest(root).get("preset") == "quick" else ""
     out = []
     for name in example_names(root):

@@ -1,11 +1,11 @@
 """The QuAILoRA Studio web app: the page, built from its sections and wired to the handlers.
 
-One page, top to bottom: 1 Setup, 2 Quantize & initialize (with the teaching views), 3 Fine-tune, 4 Results, one
-module each under `quailora_app.app.sections` (layout only). The handlers live in `quailora_app.app.handlers`;
-this module gathers the sections in a `Page` and wires each section's events to them. Compute runs in the
-process-wide `JobManager` worker (one job at a time, FIFO); the page only submits jobs and polls them, so a closed
-tab does not stop a run and a reopened page re-attaches (the session's owner key lives in the browser's
-localStorage through gr.BrowserState). No model is ever held in gradio state.
+One page, top to bottom: 1 Setup, 2 Quantize & initialize (with the teaching views and the Across bits tab beside
+it), 3 Fine-tune, 4 Results, one module each under `quailora_app.app.sections` (layout only). The handlers live in
+`quailora_app.app.handlers`; this module gathers the sections in a `Page` and wires each section's events to
+them. Compute runs in the process-wide `JobManager` worker (one job at a time, FIFO); the page only submits jobs and
+polls them, so a closed tab does not stop a run and a reopened page re-attaches (the session's owner key lives in
+the browser's localStorage through gr.BrowserState). No model is ever held in gradio state.
 
 The settings reach the start handlers by name (gradio's `inputs_kwargs`: setting name -> component, the names of
 `quailora_app.settings`), so nothing keeps a parameter order in step.
@@ -25,8 +25,8 @@ run (assets/example), drawn by the same presenters as a reopened run or a views 
 "Compute it live" beside; a job of the session's own replaces it (`_wire_example`). Without assets/example the
 page starts with empty plots.
 
-The page itself polls through three private timer endpoints (poll_init, poll_train, poll_views), made by one
-factory (`Studio.poller`), that skip unchanged figures.
+The page itself polls through four private timer endpoints (poll_init, poll_train, poll_views, poll_bits), made by
+one factory (`Studio.poller`), that skip unchanged figures.
 """
 from __future__ import annotations
 
@@ -40,14 +40,15 @@ from typing import Any
 import gradio as gr
 
 from quailora_app.app import uploads as paths
+from quailora_app.app.across_bits import BITS_NAMES, bits_defaults, example_bits
 from quailora_app.app.defaults import default_settings, device_summary
 from quailora_app.app.handlers import (
     Studio,
+    count_bits,
     count_init,
     count_train,
     dataset_columns,
     describe_dataset,
-    harm_gain,
     how_it_works,
     model_note,
     runs_to_reopen,
@@ -55,12 +56,14 @@ from quailora_app.app.handlers import (
 )
 from quailora_app.app.jobs import JobManager
 from quailora_app.app.presenters import example_outputs, view_defaults
+from quailora_app.app.sections.bits import BitsPanel, bits_section
 from quailora_app.app.sections.common import JobPanel
 from quailora_app.app.sections.init import InitPanel, init_section
 from quailora_app.app.sections.results import Results, results_section
 from quailora_app.app.sections.setup import Setup, setup_section
 from quailora_app.app.sections.train import TrainPanel, train_section
 from quailora_app.app.sections.views import ViewsPanel, views_section
+from quailora_app.plots.frontier import bits_harm_gain_points
 
 __all__ = ["Page", "api_info", "build_ui", "default_settings", "launch_options"]
 
@@ -83,11 +86,12 @@ class Page:
     headline over the page, and the sections."""
 
     session: gr.BrowserState
-    seen: dict[str, gr.State]  # "init", "train", "views"
+    seen: dict[str, gr.State]  # "init", "train", "views", "bits"
     headline: gr.Markdown
     setup: Setup
     init: InitPanel
     views: ViewsPanel
+    bits: BitsPanel
     train: TrainPanel
     results: Results
 
@@ -96,13 +100,14 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
     """The whole page. `manager` defaults to a process-wide JobManager running the real engine."""
     device, gpu = device_summary()
     d, vd = default_settings(gpu), view_defaults(gpu)
-    studio = Studio(manager or _default_manager(), tuple(vd["ranks"]))
+    shipped_bits = example_bits()  # the shipped example's across-bits run, if this app has one
+    studio = Studio(manager or _default_manager(), tuple(vd["ranks"]), (shipped_bits or {}).get("report"))
     shipped = example_outputs(studio.manager) or {}  # the shipped example run (assets/example), if this app has one
 
     # gradio's own copies of uploads are deleted after an hour (and at shutdown); ours live per session
     with gr.Blocks(title="QuAILoRA Studio", fill_width=False, delete_cache=(3600, 3600)) as demo:
         session = gr.BrowserState({"owner": ""}, storage_key="quailora-studio-session")
-        seen = {kind: gr.State({}) for kind in ("init", "train", "views")}
+        seen = {kind: gr.State({}) for kind in ("init", "train", "views", "bits")}
         gr.Markdown(
             "# QuAILoRA Studio\n"
             "Quantizing a language model to 4 bits saves memory but adds error to every weight. A LoRA adapter "
@@ -118,10 +123,12 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         headline = gr.Markdown(shipped.get("headline", ""), visible=bool(shipped.get("headline")),
                                elem_id="example-headline", elem_classes="example")
         idle = studio.progress(None)
-        page = Page(session, seen, headline,
-                    setup=setup_section(d),
-                    init=init_section(idle, shipped.get("init")),
-                    views=views_section(vd, shipped.get("views")),
+        setup = setup_section(d)
+        init = init_section(idle, shipped.get("init"))
+        with gr.Tabs(elem_id="teaching-tabs"):  # beside step 2: the teaching views, How it works, Across ...
+            views = views_section(vd, shipped.get("views"), bits_harm_gain_points((shipped_bits or {}).get("report")))
+            bits = bits_section(bits_defaults(gpu), shipped_bits)
+        page = Page(session, seen, headline, setup=setup, init=init, views=views, bits=bits,
                     train=train_section(idle, d, shipped.get("train")),
                     results=results_section(shipped.get("summary")))
 
@@ -129,6 +136,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         _wire_init(studio, page, poll_seconds)
         _wire_train(studio, page, poll_seconds)
         _wire_views(demo, studio, page, poll_seconds)
+        _wire_bits(demo, studio, page, poll_seconds)
         _wire_results(demo, studio, page)
         _wire_example(page)
     # status calls are cheap and compute never runs inside a request: let many requests run side by side
@@ -193,7 +201,20 @@ def _wire_views(demo: gr.Blocks, studio: Studio, page: Page, poll_seconds: float
     _poll_timer(poll_seconds, poll, [session, views.panel.job, page.seen["views"]],
                 [*views.outputs, page.seen["views"]], "poll_views")
     views.fields["views_rank"].change(how_it_works, [views.fields["views_rank"]], [views.how], api_name="how_it_works")
-    views.harm_gain_scale.change(harm_gain, [views.harm_gain_scale], [views.harm_gain], api_name="harm_gain")
+    views.harm_gain_scale.change(studio.harm_gain, [views.harm_gain_scale, session, page.bits.panel.job],
+                                 [views.harm_gain], api_name="harm_gain")
+
+
+def _wire_bits(demo: gr.Blocks, studio: Studio, page: Page, poll_seconds: float) -> None:
+    """The across-bits job; its poller also redraws the across-models scatter (at the scale shown) once the run has
+    finished, with the run's bit widths."""
+    bits, session = page.bits, page.session
+    demo.load(studio.attach_bits, [session], [bits.panel.job], api_name="attach_bits", **_PRIVATE)
+    _wire_job(studio, session, bits.panel, studio.start_bits, [session], page.setup.named(BITS_NAMES, bits.fields),
+              studio.bits_status, bits.outputs, "bits")
+    poll = studio.poller(count_bits, studio.draw_bits, len(bits.outputs) - 1, other_is_job=False)
+    _poll_timer(poll_seconds, poll, [session, bits.panel.job, page.seen["bits"], page.views.harm_gain_scale],
+                [*bits.outputs, page.views.harm_gain, page.seen["bits"]], "poll_bits")
 
 
 def _wire_results(demo: gr.Blocks, studio: Studio, page: Page) -> None:
@@ -211,7 +232,7 @@ def _wire_example(page: Page) -> None:
     its banner (and, for step 2, the headline at the top) goes once the visitor has a job there (started, or
     re-attached on load), whose own figures then replace the shipped ones (the pollers draw them)."""
     for key, panel, more in (("init", page.init, [page.headline]), ("train", page.train, []),
-                             ("views", page.views, [])):
+                             ("views", page.views, []), ("bits", page.bits, [])):
         if panel.example is None:
             continue
         panel.example.live.click(None, js=f"() => document.getElementById('start-{key}').click()",

@@ -7,6 +7,12 @@ so each method's correction of E_b = W - Q_b is computed for every base b on the
 (initialize(also=...)) -> per base: held-out perplexity with no correction and with each method, and its memory
 per linear weight -> the full-precision perplexity -> report.json of kind "bits" (the frontier's points).
 
+LoftQ (loftq_svd, loftq_calibrated: kind "requant") changes the base itself: in the same shared pass each base's
+layers are quantized again T times (initialize(requant=True)); its point swaps the LoRA layers' base layers for those
+new ones, writes its factors, measures, and puts the base's own layers back. Its memory per weight is the base's (the
+same quantizer and settings). LLM.int8 layers cannot be quantized again that way: int8 gets no LoftQ point (said in
+report["unavailable"]).
+
 Memory per weight counts the codes, every scale, zero and nested statistic (quantization/load.bits_per_weight),
 and, for a corrected point, the adapter: r (m + n) 16-bit parameters per adapted m x n layer, spread over the
 quantized weights.
@@ -14,19 +20,20 @@ quantized weights.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from quailora_app.config import BitsConfig, base_bits, base_quant
-from quailora_app.engine.adapters import attach_lora, write_factors
+from quailora_app.engine.adapters import attach_lora, lora_layers, write_factors
 from quailora_app.engine.calibration.initialize import InitResult, initialize
 from quailora_app.engine.calibration.plan import run_model_method, target_paths
 from quailora_app.engine.evaluation.evaluate import PROBE_TOKENS, check_adapter_applied, perplexity
 from quailora_app.engine.evaluation.perplexity_cache import full_variant, perplexity_key, read_cached, write_cached
-from quailora_app.engine.methods.registry import MODEL, QLORA, get_method
+from quailora_app.engine.methods.registry import MODEL, QLORA, REQUANT, get_method
 from quailora_app.engine.preflight import check_rank_fits, shapes_or_none
 from quailora_app.engine.quantization.bnb import load_8bit
 from quailora_app.engine.quantization.layers import calibration_dtype, quantized_modules
@@ -100,7 +107,7 @@ class BitsRun:
 
         first, *rest = cfg.bases
         # distill starts from the closed form: computed in the shared pass when it is asked for
-        per_layer = [m for m in cfg.methods if get_method(m).per_layer]
+        per_layer = [m for m in cfg.methods if get_method(m).per_layer or get_method(m).kind == REQUANT]
         if "distill" in cfg.methods and "closed_form" not in per_layer:
             per_layer.append("closed_form")
         results = {base: InitResult() for base in cfg.bases}
@@ -113,7 +120,8 @@ class BitsRun:
                                 results[first], device=self.device,
                                 calib_dtype=calibration_dtype(models[first], self.device), damping=cfg.damping,
                                 als_rounds=cfg.als_rounds, should_stop=self.should_stop,
-                                also={base: (models[base], results[base]) for base in rest}):
+                                also={base: (models[base], results[base]) for base in rest},
+                                requant=True, options={"loftq_iter": cfg.loftq_iter}):
             if isinstance(event, Progress):
                 yield self.rec.emit(event)
         seconds["calibrate_and_correct"] = time.perf_counter() - start
@@ -132,7 +140,8 @@ class BitsRun:
 
         for i, base in enumerate(cfg.bases):
             self.rec.check_stop("evaluation")
-            yield from self._measure_base(base, models.pop(base), results.pop(base).factors, paths, splits.eval)
+            result = results.pop(base)
+            yield from self._measure_base(base, models.pop(base), result.factors, paths, splits.eval, result.bases)
             free_memory()
             yield self.rec.emit(Progress("evaluate", i + 1, len(cfg.bases), base))
         yield from self._full_precision(source, splits.eval)
@@ -142,10 +151,11 @@ class BitsRun:
         self.rec.save()
         yield self.rec.emit(RunFinished(str(self.run_dir), self.report))
 
-    def _measure_base(self, base: str, model, factors: dict, paths: list[str], eval_ids: torch.Tensor
-                      ) -> Iterator[Event]:
+    def _measure_base(self, base: str, model, factors: dict, paths: list[str], eval_ids: torch.Tensor,
+                      bases: dict | None = None) -> Iterator[Event]:
         """One base's memory per weight and its held-out perplexity with no correction and with each method's
-        factors, swapped into one peft model."""
+        factors, swapped into one peft model; a requant method's (LoftQ) on its own base layers (`bases`: method ->
+        module path -> layer), swapped in for its point and swapped back after."""
         cfg = self.cfg
         label = base_label(base, cfg.group_size)
         yield self.rec.emit(Stage("evaluate", f"{label}: held-out perplexity on {eval_ids.numel()} tokens"))
@@ -158,19 +168,28 @@ class BitsRun:
         probe = eval_ids[:1, :PROBE_TOKENS].to(self.device)
         with torch.no_grad():
             plain_logits = peft_model(input_ids=probe).logits
+        bases = bases or {}
         for method in (QLORA, *cfg.methods):
             self.rec.check_stop("evaluation")
+            if get_method(method).kind == REQUANT and not bases.get(method):
+                self.report.setdefault("unavailable", {})[point_name(base, method)] = (
+                    f"{method} quantizes the base again with its own quantizer: bitsandbytes 4-bit or HQQ, not "
+                    f"{label}")
+                continue
             start = time.perf_counter()
-            if method != QLORA:
-                write_factors(peft_model, factors[method])
-                check_adapter_applied(peft_model, probe, plain_logits, point_name(base, method), factors[method])
-            ppl = perplexity(peft_model, eval_ids, cfg.eval_batch)
+            with swapped_bases(peft_model, bases.get(method, {})):
+                if method != QLORA:
+                    write_factors(peft_model, factors[method])
+                    check_adapter_applied(peft_model, probe, plain_logits, point_name(base, method), factors[method])
+                ppl = perplexity(peft_model, eval_ids, cfg.eval_batch)
             corrected = method != QLORA
             point = {"base": base, "method": method, "label": label, "bits": base_bits(base),
                      "quantizer": "hqq" if base.startswith("hqq") else "bitsandbytes",
                      "perplexity": ppl, "bits_per_weight": quant_bits + (adapter_bits if corrected else 0.0),
                      "quantized_bits_per_weight": quant_bits, "adapter_bits_per_weight": adapter_bits if corrected
                      else 0.0, "eval_seconds": time.perf_counter() - start}
+            if get_method(method).kind == REQUANT:
+                point["loftq_iter"] = cfg.loftq_iter  # T: its base is quantized again T - 1 times
             self.report["points"][point_name(base, method)] = point
             self.rec.save()
             yield self.rec.emit(Metric(point_name(base, method), ppl, "perplexity",
@@ -193,6 +212,22 @@ class BitsRun:
         self.report["full"] = ppl
         self.rec.save()
         yield self.rec.emit(Metric("full", ppl, "perplexity", "full precision" + (" (cached)" if cached else "")))
+
+
+@contextmanager
+def swapped_bases(peft_model, layers: Mapping[str, torch.nn.Module]):
+    """Within the block, each LoRA layer named in `layers` (module path -> quantized layer) computes on that base
+    layer instead of its own (a LoftQ base, Q_T); its own is put back after, whatever happens."""
+    lora = lora_layers(peft_model)
+    kept = {}
+    try:
+        for path, layer in layers.items():
+            kept[path] = lora[path].base_layer
+            lora[path].base_layer = layer
+        yield
+    finally:
+        for path, layer in kept.items():
+            lora[path].base_layer = layer
 
 
 def layer_shape(layer) -> tuple[int, int]:

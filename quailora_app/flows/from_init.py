@@ -28,7 +28,7 @@ user's.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -194,3 +194,15 @@ def same_held_out(cfg: TrainConfig, source: InitSource) -> bool:
     """True when `cfg` (checked against `source`) evaluates on the init run's held-out windows: the same data
     settings (check_against_init) and eval tokens. The flow also compares the token counts it got."""
     return cfg.data.eval_tokens == source.values.get("eval_tokens")
+
+
+def init_answers(entry: Mapping[str, Any], keep: Sequence[int]) -> dict[str, tuple[bool, ...]]:
+    """From the init report's accuracy entry of a task (report["accuracy"][kind]) whose items a train run scores
+    at indices `keep`: per model variant it scored (qlora, a method, int8, full), which of those items it got
+    right."""
+    answers = {}
+    for name, record in (entry.get("models") or {}).items():
+        correct = record.get("correct") if isinstance(record, Mapping) else None
+        if isinstance(correct, str) and len(correct) == entry.get("n"):
+            answers[name] = tuple(correct[i] == "1" for i in keep)
+    return answers

@@ -10,7 +10,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,15 +20,7 @@ from quailora_app.engine.adapters import Factors, attach_lora, loftq_factors, re
 from quailora_app.engine.calibration.calibrate import decoder_layers
 from quailora_app.engine.calibration.initialize import InitResult, initialize
 from quailora_app.engine.calibration.plan import run_model_method, target_paths
-from quailora_app.engine.evaluation.accuracy import (
-    TaskScore,
-    accuracy_gap_closed,
-    build_tasks,
-    score_task,
-    task_fingerprint,
-    task_score,
-)
-from quailora_app.engine.evaluation.accuracy_cache import accuracy_key, read_cached_accuracy, write_cached_accuracy
+from quailora_app.engine.evaluation.accuracy import TaskScore
 from quailora_app.engine.evaluation.evaluate import PROBE_TOKENS, check_adapter_applied, gap_closed, perplexity
 from quailora_app.engine.evaluation.perplexity_cache import (
     four_bit_variant,
@@ -39,14 +31,14 @@ from quailora_app.engine.evaluation.perplexity_cache import (
     write_cached,
 )
 from quailora_app.engine.evaluation.selfcheck import check_window_count, self_check
-from quailora_app.engine.evaluation.statistics import paired_test
-from quailora_app.engine.methods.registry import MODEL, QLORA, get_method
+from quailora_app.engine.methods.registry import MODEL, QLORA, get_method, requant_names
 from quailora_app.engine.parallel import Processes
 from quailora_app.engine.preflight import preflight_init
 from quailora_app.engine.quantization.bnb import int8_dtype, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
-from quailora_app.errors import Cancelled, ConfigError, DataError, one_line
+from quailora_app.errors import Cancelled, one_line
 from quailora_app.events import Event, Log, Metric, Progress, RunFinished, Stage
+from quailora_app.flows.accuracy_ledger import AccuracyLedger, accuracy_record, gaps_closed, versus
 from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory, opening_report
 from quailora_app.runs import Report, RunFolder
@@ -84,9 +76,9 @@ class InitRun:
         self.should_stop = self.rec.should_stop
         self.factors: dict[str, dict[str, Factors]] = {}
         self.ranks: dict[str, dict[str, int]] = {}  # method -> module path -> rank, where ranks differ per layer
-        self.tasks: list[Task] = []  # the downstream tasks scored on every model variant (cfg.accuracy)
+        self.target_paths: list[str] = []  # the modules LoRA targets (set once the model is loaded)
+        self.ledger: AccuracyLedger | None = None  # the downstream tasks scored on every model variant (cfg.accuracy)
         self.scores: dict[str, dict[str, TaskScore]] = {}  # task kind -> model variant -> its score
-        self.tokenizer = None
 
     def _note_peak_memory(self) -> None:
         self.report["peak_memory_bytes"] = max(self.report["peak_memory_bytes"], peak_memory_bytes(self.device))
@@ -108,8 +100,8 @@ class InitRun:
         self.report["seconds"]["load"] = time.perf_counter() - t0
         self.target_paths = target_paths(model, cfg.lora)
         self.report["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in self.target_paths})
-        self.tokenizer = prepared.tokenizer
-        yield from self._build_tasks(splits)
+        self.ledger = AccuracyLedger(self.rec, cfg.accuracy, self.device, prepared.tokenizer)
+        yield from self.ledger.build(cfg.data, splits, ("calib",), lambda task: (task, {"models": {}}))
         self.rec.save()
         self.rec.check_stop("quantization")
 
@@ -132,6 +124,12 @@ class InitRun:
         cfg = self.cfg
         result = InitResult(factors=self.factors, layers=self.report["layers"], seconds=self.report["seconds"])
         n_blocks = len(decoder_layers(model)[1])
+        for name in [m for m in cfg.methods if m in requant_names()]:  # LoftQ: a base of its own, not measured here
+            reason = (f"{name} quantizes the base again, which an init run (one shared base) does not do: measure it "
+                      f"with `python -m quailora_app bits --methods {name}`, or on your model with "
+                      f"replace_lora_weights_quailora(..., method='{name}')")
+            self.report["unavailable"][name] = reason
+            yield self.rec.emit(Log(reason, "warning"))
         yield self.rec.emit(Stage("calibrate", f"{len(calib_ids)} x {calib_ids.shape[1]} tokens through {n_blocks} "
                                                "full-precision blocks"))
         calib_dtype = torch.float32 if self.device.type == "cpu" else dtype
@@ -294,7 +292,7 @@ class InitRun:
             start = time.perf_counter()
             key = perplexity_key(variant, source.folder, eval_ids, self.cfg.eval_batch, self.device)
             cached = read_cached(key)
-            scores = self._cached_scores(variant, source.folder)
+            scores = self.ledger.cached_scores(variant, source.folder)
             model = None
             if cached is None or None in scores.values():  # something to measure: load the model once for it
                 scored = " and downstream accuracy" if None in scores.values() else ""
@@ -321,83 +319,30 @@ class InitRun:
             free_memory()
 
     # -- downstream accuracy ----------------------------------------------------------------------------
-    def _build_tasks(self, splits) -> Iterator[Event]:
-        """The tasks cfg.accuracy asks for, held out from this run's calibration documents (evaluation/accuracy.py
-        build_tasks). A task that cannot be built here (too little text, no labels, ...) is left out with a
-        warning and the reason in report["accuracy_unavailable"]: perplexity still runs."""
-        acc = self.cfg.accuracy
-        if not acc.accuracy_tasks:
-            return
-        self.report.update(accuracy={}, accuracy_gap_closed={}, accuracy_gap_closed_full={}, accuracy_unavailable={})
-        yield self.rec.emit(Stage("data", f"downstream tasks: {', '.join(acc.accuracy_tasks)}"))
-        for kind in acc.accuracy_tasks:
-            try:
-                self.tasks += build_tasks(replace(acc, accuracy_tasks=(kind,)), self.cfg.data, splits, self.tokenizer,
-                                          reserved_splits=("calib",))
-            except (DataError, ConfigError) as exc:
-                yield from self._drop_task(kind, f"not built: {one_line(exc, 200)}")
-        for task in self.tasks:
-            self.report["accuracy"][task.kind] = {
-                "title": task.title, "metric": task.metric, "description": task.description, "n": len(task.items),
-                "chance": task.chance, "majority": task.majority, "fingerprint": task_fingerprint(task), "models": {}}
-            yield self.rec.emit(Log(f"accuracy task {task.title}: {task.description}"))
-
-    def _drop_task(self, kind: str, reason: str) -> Iterator[Event]:
-        self.tasks = [t for t in self.tasks if t.kind != kind]
-        self.report["accuracy"].pop(kind, None)
-        self.report["accuracy_unavailable"][kind] = reason
-        yield self.rec.emit(Log(f"accuracy task {kind} {reason}", "warning"))
-
-    def _cached_scores(self, variant: dict, folder) -> dict[str, TaskScore | None]:
-        """Each task's score of model `variant` from the accuracy cache (None where not cached)."""
-        return {task.kind: self._read_score(task, variant, folder) for task in self.tasks}
-
-    def _accuracy_key(self, task: Task, variant: dict, folder) -> dict:
-        return accuracy_key(variant, folder, self.report["accuracy"][task.kind]["fingerprint"],
-                            self.cfg.accuracy.accuracy_batch_tokens, self.device)
-
-    def _read_score(self, task: Task, variant: dict, folder) -> TaskScore | None:
-        cached = read_cached_accuracy(self._accuracy_key(task, variant, folder), [len(it.choices) for it in task.items])
-        return None if cached is None else task_score(task, cached.predictions, cached.acc_raw, cached.seconds)
-
     def _score(self, model, name: str, what: str, variant: dict | None, folder,
                known: dict[str, TaskScore | None] | None = None) -> Iterator[Event]:
         """Score every task on `model` (variant `name`), or read the score from the accuracy cache when `variant`
-        (a model no method changes: qlora's base, 8-bit, full precision) was scored before; a fresh score of such
-        a variant is stored. One Metric(group="accuracy") per task."""
-        for task in list(self.tasks):
-            self.rec.check_stop("accuracy scoring")
-            score = (known or {}).get(task.kind)
-            if score is None and variant is not None and known is None:
-                score = self._read_score(task, variant, folder)
-            cached = score is not None
-            if score is None:
-                try:
-                    score = score_task(model, self.tokenizer, task, should_stop=self.should_stop,
-                                       batch_tokens=self.cfg.accuracy.accuracy_batch_tokens)
-                except ConfigError as exc:  # prompts longer than the model's context: the task gives nothing here
-                    yield from self._drop_task(task.kind, f"not scored: {one_line(exc, 200)}")
-                    continue
-                if variant is not None:
-                    write_cached_accuracy(self._accuracy_key(task, variant, folder), score.predictions, score.acc_raw,
-                                          score.seconds)
-            self.scores.setdefault(task.kind, {})[name] = score
-            self.report["accuracy"][task.kind]["models"][name] = self._score_record(score, cached)
-            self.rec.save()
-            lo, hi = score.interval()
-            yield self.rec.emit(Metric(
-                name, score.accuracy, "accuracy",
-                f"{what}, {task.kind}: {100 * score.accuracy:.1f}% +- {50 * (hi - lo):.1f} (n={score.n:,})"
-                + (" (cached)" if cached else ""), task=task.kind, n=score.n, interval=(lo, hi)))
+        (a model no method changes: qlora's base, 8-bit, full precision) was scored before (`known`: read
+        already); a fresh score of such a variant is stored. One Metric(group="accuracy") per task."""
+        ledger = self.ledger
 
-    @staticmethod
-    def _score_record(score: TaskScore, cached: bool) -> dict:
-        """What report["accuracy"][task]["models"][variant] holds: the accuracy, its 95% Wilson interval and
-        half-width, and which items were right ("1"/"0" per item, for paired tests read back later)."""
-        lo, hi = score.interval()
-        return {"accuracy": score.accuracy, "hits": score.hits, "n": score.n, "interval": [lo, hi],
-                "half_width": (hi - lo) / 2, "acc_raw": score.acc_raw, "seconds": score.seconds, "cached": cached,
-                "correct": "".join("1" if c else "0" for c in score.correct)}
+        def look_up(task: Task) -> TaskScore | None:
+            if known is not None:
+                return known.get(task.kind)
+            return ledger.cached(task, variant, folder) if variant is not None else None
+
+        def book(task: Task, score: TaskScore, cached: bool) -> Metric:  # here always a TaskScore
+            if variant is not None and not cached:
+                ledger.store(task, variant, folder, score)
+            self.scores.setdefault(task.kind, {})[name] = score
+            self.report["accuracy"][task.kind]["models"][name] = accuracy_record(
+                score.correct, acc_raw=score.acc_raw, seconds=score.seconds, cached=cached, items=True)
+            lo, hi = score.interval()
+            return Metric(name, score.accuracy, "accuracy",
+                          f"{what}, {task.kind}: {100 * score.accuracy:.1f}% +- {50 * (hi - lo):.1f} (n={score.n:,})"
+                          + (" (cached)" if cached else ""), task=task.kind, n=score.n, interval=(lo, hi))
+
+        yield from ledger.score(model, look_up, book)
 
     def _accuracy_figures(self) -> None:
         """Per task: accuracy gap closed = (acc_method - acc_qlora) / (acc_int8 - acc_qlora) (and against full
@@ -409,9 +354,8 @@ class InitRun:
                 continue
             acc = {name: s.accuracy for name, s in scores.items()}
             for ref, field in (("int8", "accuracy_gap_closed"), ("full", "accuracy_gap_closed_full")):
-                gaps = {m: accuracy_gap_closed(acc[m], acc[QLORA], acc.get(ref))
-                        for m in self.cfg.methods if m in acc and m != QLORA}
-                gaps = {m: g for m, g in gaps.items() if g is not None}
+                gaps = gaps_closed(acc, QLORA, ref)
+                gaps = {m: gaps[m] for m in self.cfg.methods if m != QLORA and gaps.get(m) is not None}
                 entry["gap_closed" if ref == "int8" else "gap_closed_full"] = gaps
                 self.report[field][kind] = gaps
             vs = {}
@@ -419,8 +363,7 @@ class InitRun:
             for name, score in scores.items():
                 if name == QLORA:
                     continue
-                test = paired_test(score, base)
-                vs[name] = {**test.as_dict(), "significant": test.p_value < 1 - test.confidence}
+                vs[name], test = versus(score, base)
                 notes.append(test.summary(name, QLORA))
             entry["vs_qlora"] = vs
             if "int8" in vs and not vs["int8"]["significant"]:

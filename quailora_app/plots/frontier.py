@@ -23,6 +23,11 @@ def _method_label(method: str) -> str:
     return f"+ {found.short} (rank-r correction)" if found else method
 
 
+def _short(method: str) -> str:
+    found = find_method(method)
+    return found.short if found else method
+
+
 def _colour(method: str) -> str:
     found = find_method(method)
     return found.colour if found else "#555"
@@ -90,8 +95,39 @@ def bits_harm_gain_points(report: Mapping | None) -> list[dict]:
             continue
         best = min(corrected, key=lambda p: p["perplexity"])
         out.append({"model": str(report.get("model", "")), "text": plain["label"].split(" (")[0],
-                    "rank": report.get("rank"), "harm": plain["perplexity"] - full,
+                    "rank": report.get("rank"), "method": _short(best["method"]),
+                    "harm": plain["perplexity"] - full,
                     "gain": plain["perplexity"] - best["perplexity"],
                     "log_harm": math.log(plain["perplexity"] / full),
                     "log_gain": math.log(plain["perplexity"] / best["perplexity"])})
     return out
+
+
+FRONTIER_HEADER = ["base", "correction", "bits / weight", "perplexity", "gap closed"]
+
+
+def frontier_rows(report: Mapping | None) -> list[list]:
+    """The frontier's points as table rows, by base then method: base (its label), correction, memory per linear
+    weight in bits (with the adapter), held-out perplexity, and the share of the gap between the plain base and full
+    precision the correction closes ("" for the plain base, and where the plain base is not above full
+    precision); full precision last."""
+    report = report or {}
+    points = list(report.get("points", {}).values())
+    full = report.get("full")
+    rows = []
+    for base in dict.fromkeys(p["base"] for p in points):
+        group = [p for p in points if p["base"] == base]
+        plain = next((p for p in group if p["method"] == QLORA), None)
+        for p in group:
+            gap = ""
+            if p["method"] != QLORA and plain is not None and full and plain["perplexity"] > full:
+                gap = f"{100 * (plain['perplexity'] - p['perplexity']) / (plain['perplexity'] - full):.1f}%"
+            label = _method_label(p["method"]).removesuffix(" (rank-r correction)")
+            rows.append([p["label"], label, round(p["bits_per_weight"], 2), _rounded(p["perplexity"]), gap])
+    if full:
+        rows.append(["full precision", "", "16 / 32", _rounded(full), ""])
+    return rows
+
+
+def _rounded(perplexity: float) -> float:
+    return round(perplexity, 2) if perplexity < 1e4 else round(perplexity)

@@ -422,14 +422,19 @@ def _rank_size(rank) -> float:
     return 8 + 3 * math.log2(rank / 8) if isinstance(rank, (int, float)) and rank >= 1 else 10
 
 
-def harm_gain_figure(points, relative: bool = False) -> go.Figure:
+def harm_gain_figure(points, relative: bool = False, bits: list[Mapping] | None = None) -> go.Figure:
     """The paper's "improvements proportional to the negative effect of quantization error", tested: each point is
     one model, text and rank (bench/paper_table.py; assets/paper_scatter.json holds them), x = the harm of 4-bit
     (ppl_qlora - ppl_int8), y = the gain of QuAILoRA (ppl_qlora - ppl_quailora); with `relative`, the logs of
     those perplexity ratios (log_harm, log_gain). One trace per model (colour) and text (marker), the size of a
     point its rank (its hover text "r=16"); the least-squares line through the origin (its slope is the typical
     share of the 8-bit gap closed) with R^2 in its name; and gain = harm (all of it closed), dotted. `points`: the
-    list of point dicts or the scatter JSON's mapping with a "points" list."""
+    list of point dicts or the scatter JSON's mapping with a "points" list.
+
+    `bits`: the bit widths of an across-bits run (plots/frontier.bits_harm_gain_points: harm = ppl of the plain base
+    - ppl full precision, gain = what its best correction wins back), one labelled trace of their own ("HQQ 2-bit"
+    beside each marker), left out of the fit. Their harms span orders of magnitude (a collapsed 2-bit model), so with
+    them both axes are logarithmic (when every value is positive; the lines stay straight there)."""
     if isinstance(points, Mapping):
         points = points.get("points") or []
     points = list(points)
@@ -452,6 +457,9 @@ def harm_gain_figure(points, relative: bool = False) -> go.Figure:
                         "symbol": _TEXT_SYMBOLS[texts.index(text) % len(_TEXT_SYMBOLS)],
                         "line": {"width": 1, "color": "white"}},
                 hovertemplate=f"{name}<br>%{{text}}<br>harm %{{x:.3f}}, gain %{{y:.3f}} ({unit})<extra></extra>"))
+    bits = [b for b in (bits or []) if xk in b and yk in b]
+    if bits:
+        return _with_bit_widths(fig, points, bits, xk, yk, unit, relative)
     title = "Gain of QuAILoRA against the harm of 4-bit quantization"
     if points:
         top = max(max(p[xk] for p in points), max(p[yk] for p in points), 0.0) * 1.1 or 1.0
@@ -475,6 +483,40 @@ def harm_gain_figure(points, relative: bool = False) -> go.Figure:
     fig.update_yaxes(title_text=("gain of QuAILoRA: ln(ppl 4-bit / ppl QuAILoRA)" if relative
                                  else "gain of QuAILoRA: ppl 4-bit - ppl QuAILoRA"))
     return _layout(fig, title, 500)
+
+
+def _with_bit_widths(fig: go.Figure, points: list, bits: list, xk: str, yk: str, unit: str,
+                     relative: bool) -> go.Figure:
+    """harm_gain_figure with an across-bits run's bit widths: their trace (labelled markers), the fit of the runs'
+    points alone, gain = harm; log axes when every value is positive."""
+    fig.add_trace(go.Scatter(
+        x=[b[xk] for b in bits], y=[b[yk] for b in bits], mode="markers+text", name="bit widths (across bits: "
+        "plain base vs full precision, best correction)", text=[str(b.get("text", "")) for b in bits],
+        textposition="middle right", textfont={"size": 11, "color": "#444"},
+        marker={"size": 12, "symbol": "hexagon", "color": "#444", "line": {"width": 1, "color": "white"}},
+        customdata=[[b.get("rank"), str(b.get("method", "best"))] for b in bits],
+        hovertemplate=f"%{{text}} (r=%{{customdata[0]}}, %{{customdata[1]}})<br>harm %{{x:.3f}}, gain %{{y:.3f}} "
+                      f"({unit})<extra></extra>"))
+    values = [p[k] for p in [*points, *bits] for k in (xk, yk)]
+    log = all(v > 0 for v in values)
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    ends = [low / 2, high * 2] if log else [0, max(high, 0.0) * 1.1 or 1.0]
+    fig.add_trace(go.Scatter(x=ends, y=ends, mode="lines", name="gain = harm (all of it back)",
+                             line={"color": "#999", "dash": "dot", "width": 1}, hoverinfo="skip"))
+    title = "Gain against harm: the runs' 4-bit (vs 8-bit) and the bit widths (vs full precision)"
+    if len(points) >= 2 and any(p[xk] for p in points):
+        fit = fit_through_origin([p[xk] for p in points], [p[yk] for p in points])
+        fig.add_trace(go.Scatter(
+            x=ends, y=[fit.slope * e for e in ends], mode="lines", line={"color": "#333", "width": 2},
+            name=f"fit through the origin of the runs: gain = {fit.slope:.2f} x harm, R^2 = {fit.r2:.2f} "
+                 f"(n = {fit.n})", hoverinfo="skip"))
+    if log:
+        fig.update_xaxes(type="log", range=[math.log10(low) - 0.15, math.log10(high) + 0.45])
+        fig.update_yaxes(type="log", range=[math.log10(low) - 0.15, math.log10(high) + 0.15])
+    what = "ln(ppl ratio)" if relative else "perplexity"
+    fig.update_xaxes(title_text=f"harm of quantization ({what}{', log axis' if log else ''})")
+    fig.update_yaxes(title_text=f"gain of the correction ({what}{', log axis' if log else ''})")
+    return _layout(fig, title, 520)
 
 
 # ============================================================================================ all + export

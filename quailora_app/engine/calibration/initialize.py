@@ -4,7 +4,9 @@ For each block from calibrate_blocks: E = W - Q per target layer (Q exactly as t
 one damped H (and, for tall layers, its Cholesky factor, computed once) per distinct input (shared by q/k/v and
 by gate/up), then per method of engine/methods/registry.py computed per layer a low-rank correction C = P Rt, split into
 peft factors with s * B @ A == C, and the layer's error figures measured on the factors themselves. Used by the
-init report and by the fine-tuning arms that start from an initialization.
+init report and by the fine-tuning arms that start from an initialization. With requant=True, the methods that change
+the quantized base (kind "requant", methods/loftq.py) run on the same statistics too, each giving per layer a new
+quantized layer (InitResult.bases) beside its factors.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from quailora_app.engine.calibration.calibrate import calibrate_blocks, decoder_
 from quailora_app.engine.calibration.plan import LayerLoRA, split_path, target_paths
 from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.engine.methods import init_math
-from quailora_app.engine.methods.registry import QLORA, get_method
+from quailora_app.engine.methods.loftq import can_requantize, residual_errors
+from quailora_app.engine.methods.registry import QLORA, REQUANT, get_method
 from quailora_app.engine.parallel import Processes, share_layers
 from quailora_app.engine.quantization.layers import dequantized_weight
 from quailora_app.errors import Cancelled
@@ -37,6 +40,8 @@ class InitResult:
     factors: dict[str, dict[str, Factors]] = field(default_factory=dict)  # method -> module path -> factors
     layers: list[dict] = field(default_factory=list)  # one row per layer, as in report.json
     seconds: dict[str, float] = field(default_factory=dict)  # calibrate and one entry per method
+    # requant methods only: method -> module path -> the new quantized layer (Q_T) its factors correct
+    bases: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,11 +59,16 @@ class LayerCurve:
 
 def correct_layer(W: torch.Tensor, layer, spec: init_math.DampedH, methods: Sequence, rank: int, scaling: float,
                   spent: dict[str, float], damping_seconds: float, *, solver: str, als_rounds: int,
-                  curves: dict[str, dict[str, LayerCurve]] | None = None, name: str = ""):
+                  curves: dict[str, dict[str, LayerCurve]] | None = None, name: str = "",
+                  bases: dict[str, Any] | None = None, options: Mapping[str, Any] | None = None):
     """Each method's rank-`rank` correction of E = W - Q (Q: the quantized `layer`'s), split into peft's factors with
     scaling s, and its errors measured on what the adapter really adds, C = s B A: (weight errors, calibrated
     errors, factors) by method, with the qlora baseline's 1.0. Seconds are added to `spent`; forming H + lambda I
-    (`damping_seconds`) is charged to each calibrated method, as if run alone."""
+    (`damping_seconds`) is charged to each calibrated method, as if run alone.
+
+    A requant method (methods/loftq.py, settings in `options`) re-quantizes the layer: its new layer goes into
+    `bases` (method -> layer), its errors are those of W - Q_T - s B A against the same E = W - Q (so 1.0 is still
+    the plain base with no correction). It is skipped on a layer its quantizer cannot quantize again (LLM.int8)."""
     start = time.perf_counter()
     meter = init_math.LowRankErrors(W - dequantized_weight(layer).to(W.device), spec)
     meter_seconds = time.perf_counter() - start  # mostly E Hd, which closed_form reuses
@@ -67,6 +77,17 @@ def correct_layer(W: torch.Tensor, layer, spec: init_math.DampedH, methods: Sequ
     factors = {}
     for method in methods:
         start = time.perf_counter()
+        if method.kind == REQUANT:
+            if not can_requantize(layer):
+                continue
+            done = method.requantize(W, layer, spec, rank, E=E, EHd=meter.EH, solver=solver, options=options)
+            A, B = init_math.split_factors(done.P, done.Rt, scaling)
+            spent[method.name] += time.perf_counter() - start + (damping_seconds if method.calibrated else 0.0)
+            weight_err[method.name], calib_err[method.name] = residual_errors(meter, W, done.layer, scaling * B, A)
+            factors[method.name] = Factors(A.float().cpu(), B.float().cpu())
+            if bases is not None:
+                bases[method.name] = done.layer
+            continue
         reuse = method.uses_EHd is not None and method.uses_EHd(*E.shape, solver)
         P, Rt = method.correction(E, spec, rank, als_rounds=als_rounds, solver=solver, EHd=meter.EH if reuse else None)
         A, B = init_math.split_factors(P, Rt, scaling)
@@ -120,6 +141,8 @@ def initialize(
     plan: Mapping[str, LayerLoRA] | None = None,
     curves: dict[str, dict[str, LayerCurve]] | None = None,
     also: Mapping[str, tuple[Any, InitResult]] | None = None,
+    requant: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> Iterator[Event]:
     """Yield a LayerResult per layer and a Progress per block while filling `result`.
 
@@ -137,17 +160,27 @@ def initialize(
     `also` (name -> (another quantized model of the same weights, its InitResult)): the same methods computed
     against each of those models' Q as well, on the same calibration statistics (H is of the full-precision inputs,
     so it does not depend on the quantization): each result is filled like `result`, without events of its own (one
-    process only). Quantizing at several bit widths then costs one calibration."""
-    methods = [m for m in map(get_method, methods) if m.per_layer]
+    process only). Quantizing at several bit widths then costs one calibration.
+
+    `requant`: also run the methods of `methods` that change the quantized base (kind "requant", one process only):
+    their new quantized layers land in each result's `bases` (method -> module path -> layer; the models are not
+    changed), their factors correct those layers, not the models' own. `options`: their settings by name (loftq_iter).
+    Without `requant` they are skipped, as the whole-model methods are."""
+    methods = [m for m in map(get_method, methods) if m.per_layer or (requant and m.kind == REQUANT)]
     also = dict(also or {})
     if also and processes is not None and processes.world > 1:
         raise ValueError("initialize(also=...) runs in one process")
+    if requant and processes is not None and processes.world > 1:
+        raise ValueError("initialize(requant=True) runs in one process")
+    changing = [m.name for m in methods if m.kind == REQUANT]
     others = {key: (dict(other.named_modules()), other_result) for key, (other, other_result) in also.items()}
     for _, other_result in others.values():
         other_result.seconds.setdefault("calibrate", 0.0)
         for m in methods:
             other_result.seconds.setdefault(m.name, 0.0)
             other_result.factors.setdefault(m.name, {})
+        for name in changing:
+            other_result.bases.setdefault(name, {})
     if plan is None:
         plan = {name: LayerLoRA(lora.rank, lora.scaling) for name in target_paths(model, lora)}
     modules = dict(model.named_modules())
@@ -162,6 +195,8 @@ def initialize(
     for m in methods:
         seconds.setdefault(m.name, 0.0)
         result.factors.setdefault(m.name, {})
+    for name in changing:
+        result.bases.setdefault(name, {})
     calibrated = any(m.calibrated for m in methods)
     split = processes is not None and processes.world > 1
     if split:
@@ -196,9 +231,12 @@ def initialize(
                     first = local == todo[0]
                     for other_modules, other_result in others.values():
                         other_spent = dict.fromkeys(spent, 0.0)
+                        new_layers: dict[str, Any] = {}
                         weight_err, calib_err, factors = correct_layer(
                             W, other_modules[name], spec, methods, r, s, other_spent, damping_seconds if first else 0.0,
-                            solver=solver, als_rounds=als_rounds)
+                            solver=solver, als_rounds=als_rounds, bases=new_layers, options=options)
+                        for method, new_layer in new_layers.items():
+                            other_result.bases[method][name] = new_layer
                         row = LayerResult(name, block.index, local, shape, weight_err, calib_err)
                         for method, f in factors.items():
                             other_result.factors[method][name] = f
@@ -206,9 +244,13 @@ def initialize(
                             {k: v for k, v in row.to_dict().items() if k not in ("kind", "time")})
                         for method, value in other_spent.items():
                             other_result.seconds[method] += value
+                    new_layers = {}
                     weight_err, calib_err, factors = correct_layer(
                         W, modules[name], spec, methods, r, s, spent, damping_seconds if first else 0.0,
-                        solver=solver, als_rounds=als_rounds, curves=curves, name=name)
+                        solver=solver, als_rounds=als_rounds, curves=curves, name=name, bases=new_layers,
+                        options=options)
+                    for method, new_layer in new_layers.items():
+                        result.bases[method][name] = new_layer
                     del W
                     computed[local] = (LayerResult(name, block.index, local, shape, weight_err, calib_err), factors)
                 del spec

@@ -12,11 +12,13 @@ CLI and form choices, initialize(), the init report, the teaching views and the 
 
 Two built-ins are not computed per layer: the `qlora` baseline (peft's default init, B = 0, C = 0: every error
 figure is relative to it) and `loftq` (peft's replace_lora_weights_loftq, run on the peft model by the init flow).
+Two change the quantized base itself (kind "requant", methods/loftq.py): LoftQ's T alternating steps of quantizing
+W - C and fitting C to W - Q give, per layer, a new quantized layer holding Q_T beside the factors of C_T.
 """
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,7 +31,10 @@ LAYER = "layer"  # computed per layer by initialize() through `correct`
 BASELINE = "baseline"  # the no-correction reference (qlora)
 ANCHOR = "anchor"  # peft's LoftQ, computed on the peft model by the init flow
 MODEL = "model"  # computed over the whole model by `build(ModelContext) -> ModelInit`, after the per-layer pass
-KINDS = (LAYER, BASELINE, ANCHOR, MODEL)
+# changes the quantized base: per layer a new quantized layer (Q_T) and the factors of its correction, computed by
+# initialize(requant=True) through `requant` (methods/loftq.py); the flows that do not swap bases skip it
+REQUANT = "requant"
+KINDS = (LAYER, BASELINE, ANCHOR, MODEL, REQUANT)
 QLORA = "qlora"  # the baseline's name: always run, 1.0 in every error figure
 
 
@@ -55,6 +60,9 @@ class Method:
     # (the registry imports no whole-model method: they import the calibration pipeline, which reads the registry);
     # None unless kind == MODEL
     builder: Callable[..., Any] | str | None = None
+    # (W, layer, spec, rank, *, E, EHd, solver, options) -> loftq.LoftqLayer, or its "module:function" path, imported
+    # when first run (the quantizers it calls import config, which reads this registry); None unless kind == REQUANT
+    requant: Callable[..., Any] | str | None = None
     calibrated: bool = False  # reads spec (H): the time of forming H + lambda I is charged to it
     nested: bool = False  # (exact solver) its rank-r factors are the leading r of P's columns / Rt's rows at any
     # larger rank, so a rank sweep computes it once
@@ -74,9 +82,12 @@ class Method:
             raise ValueError(f"method {self.name!r}: a correction function is needed exactly when kind is {LAYER!r}")
         if (self.kind == MODEL) != (self.builder is not None):
             raise ValueError(f"method {self.name!r}: a builder is needed exactly when kind is {MODEL!r}")
-        if isinstance(self.builder, str) and self.builder.count(":") != 1:
-            raise ValueError(f"method {self.name!r}: a builder path reads 'package.module:function', "
-                             f"not {self.builder!r}")
+        if (self.kind == REQUANT) != (self.requant is not None):
+            raise ValueError(f"method {self.name!r}: a requant function is needed exactly when kind is {REQUANT!r}")
+        for path in (self.builder, self.requant):
+            if isinstance(path, str) and path.count(":") != 1:
+                raise ValueError(f"method {self.name!r}: a function path reads 'package.module:function', "
+                                 f"not {path!r}")
 
     @property
     def per_layer(self) -> bool:
@@ -91,6 +102,23 @@ class Method:
             module, function = builder.split(":")
             builder = getattr(importlib.import_module(module), function)
         return builder(ctx)
+
+    @property
+    def changes_base(self) -> bool:
+        """It replaces the quantized layers themselves (kind "requant"): its factors only hold on its own base."""
+        return self.kind == REQUANT
+
+    def requantize(self, W: Tensor, layer: Any, spec: DampedH, rank: int, *, E: Tensor | None = None,
+                   EHd: Tensor | None = None, solver: str = "exact", options: Mapping[str, Any] | None = None) -> Any:
+        """Run this requant method on one layer (W its full-precision weight, `layer` the quantized one; E = W - Q
+        and E Hd when the caller has them): a loftq.LoftqLayer with the new quantized layer and the factors of C."""
+        if self.requant is None:
+            raise ValueError(f"method {self.name!r} does not change the quantized base")
+        fn = self.requant
+        if isinstance(fn, str):
+            module, function = fn.split(":")
+            fn = getattr(importlib.import_module(module), function)
+        return fn(W, layer, spec, rank, E=E, EHd=EHd, solver=solver, options=dict(options or {}))
 
     @property
     def legend(self) -> str:
@@ -190,6 +218,17 @@ def per_layer_names() -> tuple[str, ...]:
     return tuple(m.name for m in _METHODS.values() if m.per_layer)
 
 
+def init_method_names() -> tuple[str, ...]:
+    """Every method an init run computes on its one shared base: all but those that change the base (kind
+    "requant", which the init flow skips with one line)."""
+    return tuple(m.name for m in _METHODS.values() if m.kind != REQUANT)
+
+
+def requant_names() -> tuple[str, ...]:
+    """The methods that change the quantized base (kind "requant"): initialize(requant=True) computes them."""
+    return tuple(m.name for m in _METHODS.values() if m.kind == REQUANT)
+
+
 # ------------------------------------------------------------------------------------------------- built-ins
 register(Method(QLORA, "4-bit + QLoRA init (no correction)", "QLoRA", "#d62728",
                 "peft's default init (A random, B = 0): no correction, the 1.0 baseline", kind=BASELINE,
@@ -229,6 +268,20 @@ def closed_form(E: Tensor, spec: DampedH, rank: int, *, solver: str = "exact", E
 
 register(Method("loftq", "4-bit + LoftQ (peft)", "LoftQ", "#9467bd",
                 "peft's implementation of LoftQ (one iteration; needs CUDA)", kind=ANCHOR, default=True))
+
+
+# LoftQ as published, quantizer-agnostic (methods/loftq.py), registered by path: it calls the quantizers.
+register(Method("loftq_svd", "4-bit + LoftQ, T steps (base quantized again)", "LoftQ (T steps)", "#c5b0d5",
+                "LoftQ as published: T alternating steps of quantizing W - C and fitting C to W - Q by SVD (T = "
+                "loftq_iter, 5 by default); the quantized base itself changes", kind=REQUANT,
+                requant="quailora_app.engine.methods.loftq:loftq_svd", layer_label="LoftQ (T steps, SVD)",
+                dash="dashdot", marker="triangle-up", layer_objective=False))
+register(Method("loftq_calibrated", "4-bit + calibrated LoftQ, T steps (base quantized again)",
+                "calibrated LoftQ", "#98df8a",
+                "LoftQ's alternation with the calibrated closed form as the fit step (T = loftq_iter); the quantized "
+                "base itself changes", kind=REQUANT, requant="quailora_app.engine.methods.loftq:loftq_calibrated",
+                calibrated=True, layer_label="LoftQ (T steps, calibrated)", dash="dashdot", marker="triangle-down",
+                layer_objective=False))
 
 
 # Whole-model methods, registered by path: their modules import the calibration pipeline, which reads this registry.

@@ -147,6 +147,47 @@ def requantize_block_size(model, source: ModelSource, quant: QuantConfig) -> Non
         layer.quant_state = state
 
 
+def is_4bit(layer) -> bool:
+    """A bitsandbytes 4-bit (NF4/FP4) linear layer (not a peft wrapper)."""
+    return isinstance(layer, bnb.nn.Linear4bit)
+
+
+def requantize(like, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """A new Linear4bit holding quant(weight) (out x in) with the settings of the 4-bit layer `like` (NF4 or FP4, its
+    block size, double quantization, code storage), its compute dtype, device, bias (unless `bias` is given) and
+    training mode, quantized by bitsandbytes from `weight` cast to the dtype `like` was quantized from (as
+    `requantize_block_size` does). It keeps `like`'s CPU-repacking setting, so in the project's layout
+    (`keep_cpu_layout`) its product is x Q^T (+ bias), Q = dequantized_weight(new layer).
+
+    LoftQ alternates Q_t = quant(W - s B_t A_t) (this function) with fitting s B A to W - Q_t; under peft the new
+    layer replaces the base: `peft_layer.base_layer = requantize(peft_layer, ...)`."""
+    base = like.get_base_layer() if hasattr(like, "get_base_layer") else like
+    if not is_4bit(base):
+        raise TypeError(f"not a bitsandbytes 4-bit layer: {type(base).__name__}")
+    param, state = base.weight, base.weight.quant_state
+    device = param.device
+    kept = base.bias if bias is None else bias
+    layer = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=kept is not None,
+                              compute_dtype=base.compute_dtype, compress_statistics=param.compress_statistics,
+                              quant_type=param.quant_type, quant_storage=param.quant_storage, device="meta")
+    packed, new_state = F.quantize_4bit(weight.detach().to(device=device, dtype=state.dtype),
+                                        blocksize=param.blocksize, compress_statistics=param.compress_statistics,
+                                        quant_type=param.quant_type, quant_storage=param.quant_storage)
+    layer.weight = bnb.nn.Params4bit(
+        packed, requires_grad=False, quant_state=new_state, blocksize=param.blocksize,
+        compress_statistics=param.compress_statistics, quant_type=param.quant_type, quant_storage=param.quant_storage,
+        module=layer, bnb_quantized=True)
+    layer.quant_state = new_state
+    layer.bias = None if kept is None else torch.nn.Parameter(
+        kept.detach().clone().to(device=device, dtype=base.bias.dtype if base.bias is not None else kept.dtype),
+        requires_grad=False)
+    layer.compute_type_is_set = base.compute_type_is_set
+    if hasattr(base, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = base.support_avx512bf16_for_cpu
+    layer.train(base.training)
+    return layer
+
+
 def load_4bit(source: ModelSource, quant: QuantConfig, device: torch.device, compute_dtype: torch.dtype):
     """The QLoRA base: NF4/FP4 linear layers, everything else in float32 (CPU) or the compute dtype (CUDA)."""
     holding_dtype = torch.float32 if device.type == "cpu" else compute_dtype

@@ -1,8 +1,9 @@
 """HQQ (half-quadratic quantization, PyPI `hqq`) at 2, 3, 4 and 8 bits, and the exact dequantized weight Q it holds.
 
-HQQ quantizes W (out x in) in groups of `group_size` consecutive inputs of a row: each group g gets a scale s_g and
-a zero z_g (float, at the layer's compute dtype; rounded only at 4 bits), fitted by hqq's half-quadratic proximal
-solver (an l_p<1 error, no calibration data), and codes q in [0, 2^b - 1]. The layer multiplies by
+HQQ quantizes W (out x in) in groups of `group_size` consecutive inputs of a row: each group g gets a scale s_g
+and a zero z_g (floats at the layer's compute dtype; the zero is rounded to an integer only at 4 bits), fitted by
+hqq's half-quadratic proximal solver (an l_p<1 error, no calibration data), and codes q in [0, 2^b - 1]. The layer
+multiplies by
 
     Q[i, j] = (q[i, j] - z_g) * s_g,    y = x Q^T (+ bias),
 
@@ -102,13 +103,16 @@ def quantize_linears(model: nn.Module, settings: HqqSettings, names: Iterable[st
                      device: torch.device | str = "cpu") -> dict[str, HQQLinear]:
     """Replace the named nn.Linear modules of a full-precision `model` by HQQLinear layers, in place.
 
-    `names`: module names; by default every nn.Linear except SKIPPED. All are checked (ConfigError) before any is
+    `names`: module names; by default every nn.Linear but the output head (the model's output embeddings, or a
+    layer named in SKIPPED). All are checked (ConfigError) before any is
     swapped. Each layer is quantized from its own weight, which hqq then frees; the bias is kept at
     `compute_dtype`, the dtype the layer dequantizes Q to and multiplies in (float32 on CPU). Returns the new
     layers by name."""
     modules = dict(model.named_modules())
     if names is None:
-        names = [n for n, m in modules.items() if type(m) is nn.Linear and n.rpartition(".")[2] not in SKIPPED]
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [n for n, m in modules.items()
+                 if type(m) is nn.Linear and m is not head and n.rpartition(".")[2] not in SKIPPED]
     names = list(names)
     for name in names:
         if not isinstance(modules.get(name), nn.Linear):

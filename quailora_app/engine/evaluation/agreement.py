@@ -1,0 +1,160 @@
+"""What a model variant says, token by token, against the full-precision model: continuation of a prompt, and
+teacher-forced agreement along the full-precision continuation.
+
+- `stream_tokens`: greedy (or seeded sampling) continuation of a prompt for exactly N new tokens, one forward per
+  token with the model's key-value cache, each token yielded as soon as it is chosen. It does not stop at the
+  end-of-text token: every variant gets the same number of positions (held-out text is packed documents joined by
+  that token, so the model may well continue past it).
+- `forced_logprobs`: teacher forcing. One forward pass over prompt + continuation y gives, at each position t of
+  the continuation, log p(. | prompt, y_<t): the next-token distribution the model would have had, had it said
+  what full precision said so far.
+- `agreement`: per position, whether the variant's top-1 next token is full precision's top-1 there, and
+  KL(p_full || p_variant) = sum_v p_full(v) (log p_full(v) - log p_variant(v)), in nats; the summary is the share
+  of positions that agree and the mean KL. Full precision against itself agrees everywhere with KL 0 exactly.
+- `top_tokens`: the k most likely next tokens and their probabilities at one position.
+
+Pure torch: no tokenizer, no UI. Works on any causal LM of transformers, quantized or not, with or without peft.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+def model_device(model) -> torch.device:
+    return next(p for p in model.parameters()).device
+
+
+def _choose(logits: torch.Tensor, sample: bool, temperature: float, generator: torch.Generator | None) -> int:
+    """The next token from one position's logits: the argmax, or a draw from softmax(logits / temperature)."""
+    if not sample:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.double().cpu() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def stream_tokens(model, prompt_ids: torch.Tensor, new_tokens: int, *, sample: bool = False,
+                  temperature: float = 1.0, seed: int = 0) -> Iterator[int]:
+    """Continue `prompt_ids` (1-D, or 1 x P) by exactly `new_tokens` tokens, yielding each token id as it is chosen.
+    Greedy by default; with `sample`, each token is drawn from softmax(logits / temperature) with a CPU generator
+    seeded with `seed`, so the same seed gives the same draws on every variant and every run."""
+    if new_tokens < 1:
+        return
+    if sample and temperature <= 0:
+        raise ValueError(f"temperature must be positive to sample, not {temperature}")
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    step_input = prompt_ids.reshape(1, -1).to(device)
+    generator = torch.Generator().manual_seed(seed) if sample else None
+    past = None
+    try:
+        for _ in range(new_tokens):
+            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = _choose(out.logits[0, -1].float(), sample, temperature, generator)
+            yield token
+            step_input = torch.tensor([[token]], device=device)
+    finally:
+        model.train(was_training)
+
+
+def continue_tokens(model, prompt_ids: torch.Tensor, new_tokens: int, **kw) -> list[int]:
+    """`stream_tokens` gathered into a list."""
+    return list(stream_tokens(model, prompt_ids, new_tokens, **kw))
+
+
+@torch.no_grad()
+def greedy_batch(model, prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuations of several prompts of the same length at once (B x P -> B x new_tokens), with the
+    key-value cache; no padding is needed since every prompt has P tokens."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    step_input, past, out_tokens = prompt_ids.to(device), None, []
+    try:
+        for _ in range(new_tokens):
+            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            step_input = out.logits[:, -1].float().argmax(-1, keepdim=True)
+            out_tokens.append(step_input.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out_tokens, dim=1) if out_tokens else prompt_ids.new_zeros((len(prompt_ids), 0))
+
+
+@torch.no_grad()
+def forced_logprobs(model, prompt_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing: log-probabilities (float32, CPU, B x N x vocab) of the next token at each of the N positions
+    of `continuation` (B x N, or 1-D for one sequence) after `prompt_ids` (B x P or 1-D): row t is
+    log p(. | prompt, continuation[:t]), the distribution from which continuation[t] was chosen."""
+    prompt_ids, continuation = prompt_ids.reshape(-1, prompt_ids.shape[-1]), continuation.reshape(
+        -1, continuation.shape[-1])
+    n = continuation.shape[1]
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    try:
+        ids = torch.cat([prompt_ids, continuation], dim=1).to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        model.train(was_training)
+    start = prompt_ids.shape[1] - 1
+    return torch.log_softmax(logits[:, start:start + n].float(), dim=-1).cpu()
+
+
+@dataclass
+class Agreement:
+    """A variant against the reference (full precision), position by position (B x N)."""
+
+    agree: torch.Tensor  # bool: the variant's top-1 next token is the reference's
+    kl: torch.Tensor  # float64: KL(p_reference || p_variant) in nats
+    top1: torch.Tensor  # long: the variant's top-1 next token
+
+    @property
+    def top1_agreement(self) -> float:
+        """The share of positions where the variant's top-1 is the reference's."""
+        return float(self.agree.double().mean()) if self.agree.numel() else float("nan")
+
+    @property
+    def mean_kl(self) -> float:
+        return float(self.kl.mean()) if self.kl.numel() else float("nan")
+
+    def record(self, row: int = 0) -> dict:
+        """One sequence's figures and per-position arrays, as report.json holds them."""
+        return {"top1_agreement": float(self.agree[row].double().mean()), "mean_kl": float(self.kl[row].mean()),
+                "agree": [bool(a) for a in self.agree[row]], "kl": [float(k) for k in self.kl[row]],
+                "top1": [int(t) for t in self.top1[row]]}
+
+
+def agreement(reference: torch.Tensor, variant: torch.Tensor) -> Agreement:
+    """Per position of two teacher-forced log-probability tensors (B x N x vocab, or N x vocab; the reference
+    first): whether the top-1 tokens are the same, and KL(p_reference || p_variant), summed in float64. The same
+    tensor twice gives agreement everywhere and KL 0 exactly."""
+    reference, variant = reference.reshape(-1, *reference.shape[-2:]), variant.reshape(-1, *variant.shape[-2:])
+    if reference.shape != variant.shape:
+        raise ValueError(f"log-probabilities of shapes {tuple(reference.shape)} and {tuple(variant.shape)} do not "
+                         "compare: the same positions and vocabulary are needed")
+    ref_top, var_top = reference.argmax(-1), variant.argmax(-1)
+    ref64 = reference.double()
+    kl = (ref64.exp() * (ref64 - variant.double())).sum(-1).clamp_min(0.0)
+    return Agreement(ref_top == var_top, kl, var_top)
+
+
+def versus_plain(plain: Agreement, corrected: Agreement) -> dict[str, float]:
+    """Over the same positions: the share where only the corrected variant agrees with the reference (it fixes
+    what plain 4-bit gets wrong), only plain 4-bit agrees (the correction breaks it), both, neither."""
+    p, c = plain.agree.reshape(-1), corrected.agree.reshape(-1)
+    n = max(p.numel(), 1)
+    return {"corrected_only": float((c & ~p).sum()) / n, "plain_only": float((p & ~c).sum()) / n,
+            "both": float((p & c).sum()) / n, "neither": float((~p & ~c).sum()) / n, "positions": int(p.numel())}
+
+
+def top_tokens(logprobs: torch.Tensor, k: int = 10) -> list[tuple[int, float]]:
+    """The k most likely next tokens at one position (a vocab-sized log-probability vector): (token id,
+    probability), most likely first."""
+    values, ids = torch.topk(logprobs.float(), min(k, logprobs.shape[-1]))
+    return [(int(i), float(v.exp())) for i, v in zip(ids, values, strict=True)]

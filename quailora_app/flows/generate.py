@@ -1,0 +1,568 @@
+"""Generation side by side, as one event stream like init and train: what each model variant says, and where it
+stops saying what the full-precision model says.
+
+From a finished run (`--from-run`: an init run's adapters/<method>/, or a train run's 4-bit arms' adapters and those
+of the init run it started from): its model, data cut, quantization and LoRA shape. Variants, in order: full
+precision, 8-bit LLM.int8, plain 4-bit (no correction, B = 0), then 4-bit with each adapter, one 4-bit base with
+the adapters swapped in turn (as the init flow evaluates its methods).
+
+load (prepare, no base) -> the prompt (given, or the start of a held-out document) -> per variant, one model loaded
+at a time: the continuation of the prompt, streamed token by token (GeneratedToken events); teacher forcing along
+full precision's continuation (engine/evaluation/agreement.py): per position, top-1 agreement with full precision
+and KL(p_full || p_variant), a Metric of each; the same over the first `documents` held-out documents -> report.json
+of kind "generate": continuations, per-position arrays, the top-10 next tokens of full precision, plain 4-bit and
+the best corrected variant (lowest mean KL on the prompt) at each position, and over the documents the share of
+positions each corrected variant gets right where plain 4-bit does not, and the reverse.
+
+With `deploy`: what survives deployment of one adapter (engine/deploy.py), held-out perplexity of (a) the 4-bit
+base with it, (b) merged into the full-precision weights (saved under deploy/, beside a copy of the adapter
+folder), (c) merged then quantized again, (d) kept apart after a save and load with plain peft.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quailora_app.config import DataConfig, GenerateConfig, LoraSettings, ModelConfig, QuantConfig
+from quailora_app.engine.adapters import attach_lora, load_factors, write_factors
+from quailora_app.engine.arms import find_arm
+from quailora_app.engine.calibration.plan import target_paths
+from quailora_app.engine.deploy import (
+    DEPLOY_VARIANTS,
+    LETTERS,
+    WHY_REQUANTIZED_LOSES,
+    adapter_apart,
+    deploy_labels,
+    dequantized_model,
+    dtype_name,
+    kept_shares,
+    merge_dtype,
+    merged_model,
+    quantized_weights,
+    requantized_model,
+    save_merged,
+)
+from quailora_app.engine.evaluation.agreement import (
+    Agreement,
+    agreement,
+    forced_logprobs,
+    greedy_batch,
+    stream_tokens,
+    top_tokens,
+    versus_plain,
+)
+from quailora_app.engine.evaluation.evaluate import check_adapter_applied, perplexity
+from quailora_app.engine.methods.registry import QLORA
+from quailora_app.engine.quantization.bnb import load_8bit
+from quailora_app.engine.quantization.load import load_quantized
+from quailora_app.errors import Cancelled, ConfigError, one_line
+from quailora_app.events import Event, GeneratedToken, Log, Metric, RunFinished, Stage
+from quailora_app.flows.from_init import flat
+from quailora_app.flows.prepare import prepare
+from quailora_app.flows.recorder import Recorder, free_memory
+from quailora_app.plots.figures import color, label
+from quailora_app.runs import Report, RunFolder
+from quailora_app.settings import build
+from quailora_app.sources.data import bos_id
+from quailora_app.sources.models import context_length, device_label, load_full_precision, pick_device
+
+#: what a saved adapter folder must hold for peft to load it
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+#: the reference every variant is compared with, and the uncorrected 4-bit base
+FULL, INT8, PLAIN = "full", "int8", QLORA
+#: next tokens listed at each position
+TOP_K = 10
+#: the adapters --deploy measures when none is named, first present wins
+DEPLOY_DEFAULTS = ("closed_form", "quailora", "quailora4", "closed4")
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """A finished run a generate run reads: its report, settings (flat) and the adapters to compare, by variant
+    name (a method of the init run, an arm of the train run), in order."""
+
+    folder: Path
+    report: Mapping[str, Any]
+    kind: str
+    values: Mapping[str, Any]
+    adapters: dict[str, Path]
+    trained: frozenset[str] = frozenset()  # the variants that are fine-tuning arms
+    skipped: dict[str, str] = field(default_factory=dict)  # arms not on the 4-bit base, and why
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+
+def _saved(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in PEFT_FILES)
+
+
+def _init_adapters(folder: Path, report: Mapping[str, Any]) -> dict[str, Path]:
+    """An init run's saved adapters but qlora's (B = 0: plain 4-bit, which is always a variant)."""
+    return {m: folder / "adapters" / m for m in report.get("methods", ())
+            if m != QLORA and _saved(folder / "adapters" / m)}
+
+
+def read_run(path: str | Path | None) -> RunSource:
+    """The finished init or train run at `path` (its folder or its report.json), with at least one adapter to
+    compare; a one-line ConfigError otherwise."""
+    if not path or not str(path).strip():
+        raise ConfigError("--from-run is required: an init run's folder (its adapters/<method>/) or a train run's")
+    given = Path(str(path)).expanduser()
+    folder = given.parent if given.name == "report.json" and given.is_file() else given
+    if not folder.is_dir():
+        raise ConfigError(f"--from-run {path}: no such run folder")
+    run = RunFolder(folder)
+    report = run.read_report()
+    if report is None:
+        raise ConfigError(f"--from-run {path}: not a run folder (no readable report.json)")
+    kind = run.kind(report)
+    if kind not in ("init", "train"):
+        raise ConfigError(f"--from-run {path}: a {kind} run; give an init or train run, whose folders hold adapters")
+    if not isinstance(report.get("settings"), Mapping):
+        raise ConfigError(f"--from-run {path}: its report.json records no settings")
+    status = report.get("status")
+    if status not in (("finished",) if kind == "init" else ("finished", "stopped")):
+        raise ConfigError(f"--from-run {path}: the {kind} run is {status or 'unfinished'}; give a finished one (its "
+                          "adapters are complete only then)")
+    adapters, trained, skipped = {}, set(), {}
+    if kind == "init":
+        adapters = _init_adapters(folder, report)
+    else:
+        origin = Path(str(report.get("from_init") or ""))
+        origin_report = RunFolder(origin).read_report() if report.get("from_init") and origin.is_dir() else None
+        if origin_report is not None and origin_report.get("status") == "finished":
+            adapters.update(_init_adapters(origin, origin_report))
+        for arm in report.get("arm_names", ()):
+            spec = find_arm(arm)
+            if spec is not None and spec.base != "4bit":
+                skipped[arm] = f"trained on the {spec.base} base, not the 4-bit one the variants share"
+            elif _saved(folder / "adapters" / arm) and arm not in adapters:
+                adapters[arm] = folder / "adapters" / arm
+                trained.add(arm)
+    if not adapters:
+        raise ConfigError(f"--from-run {path}: the run folder has no adapters to compare (adapters/<name>/ with "
+                          f"{' and '.join(PEFT_FILES)}, a method besides qlora or a 4-bit arm)")
+    return RunSource(folder, report, kind, flat(report["settings"]), adapters, frozenset(trained), skipped)
+
+
+def variant_label(name: str, trained: frozenset[str] = frozenset()) -> str:
+    """The legend of a variant, as every figure names it; a fine-tuning arm says so."""
+    return label(name) + (", fine-tuned" if name in trained else "")
+
+
+class GenerateRun:
+    """One generate run. Iterate `events()`; the report lands in `run_dir` as each variant is measured."""
+
+    def __init__(self, cfg: GenerateConfig, source: RunSource, should_stop: Callable[[], bool] | None = None,
+                 run_dir: Path | None = None):
+        self.cfg, self.source = cfg, source
+        values = {**source.values, "device": cfg.device}
+        self.model_cfg: ModelConfig = build(ModelConfig, values)
+        self.data_cfg: DataConfig = build(DataConfig, values)
+        self.quant: QuantConfig = build(QuantConfig, values)
+        self.lora: LoraSettings = build(LoraSettings, values)
+        self.deploy_name = self._deploy_adapter() if cfg.deploy else None
+        folder = RunFolder.create("generate", run_dir or cfg.out)
+        self.run_dir = folder.path
+        self.device = pick_device(cfg.device)
+        names = [FULL, INT8, PLAIN, *source.adapters]
+        self.report: Report = {
+            "kind": "generate", "status": "running", "model": self.model_cfg.model, "dataset": self.data_cfg.dataset,
+            "device": device_label(self.device), "settings": asdict(cfg), "from_run": str(source.folder),
+            "run_kind": source.kind, "new_tokens": cfg.new_tokens,
+            "sampling": {"sample": cfg.sample, "temperature": cfg.temperature, "seed": cfg.seed} if cfg.sample
+            else None,
+            "variants": names, "labels": {n: variant_label(n, source.trained) for n in names},
+            "colours": {n: color(n, i) for i, n in enumerate(names)}, "trained": sorted(source.trained),
+            "skipped": dict(source.skipped), "continuations": {}, "agreement": {}, "seconds": {}}
+        self.rec = Recorder(folder, self.report, should_stop)
+        self.should_stop = self.rec.should_stop
+        self.tokenizer = None
+        self.prompt: torch.Tensor | None = None  # 1 x P
+        self.doc_prompts: torch.Tensor | None = None  # D x P'
+        self.reference: torch.Tensor | None = None  # 1 x N: full precision's continuation
+        self.doc_reference: torch.Tensor | None = None  # D x N
+        self.ref_logprobs: torch.Tensor | None = None  # 1 x N x V
+        self.doc_ref_logprobs: torch.Tensor | None = None
+        self.prompt_logprobs: dict[str, torch.Tensor] = {}  # plain and corrected variants: 1 x N x V
+        self.doc_agreement: dict[str, Agreement] = {}
+
+    def _deploy_adapter(self) -> str:
+        chosen = self.cfg.deploy_adapter
+        if chosen:
+            if chosen not in self.source.adapters:
+                raise ConfigError(f"--deploy-adapter {chosen}: not an adapter of run {self.source.name}; choose from "
+                                  f"{', '.join(self.source.adapters)}")
+            return chosen
+        return next((n for n in DEPLOY_DEFAULTS if n in self.source.adapters), next(iter(self.source.adapters)))
+
+    def events(self) -> Iterator[Event]:
+        return self.rec.run(self._run(), self.report["device"],
+                            "ask fewer new tokens or documents, or run on a machine with more memory")
+
+    # -- the flow ---------------------------------------------------------------------------------------
+    def _run(self) -> Iterator[Event]:
+        cfg, seconds = self.cfg, self.report["seconds"]
+        t0 = time.perf_counter()
+        prepared = yield from self.rec.relay(prepare(
+            self.model_cfg, self.data_cfg, self.quant, self.device,
+            lambda name, _config: f"generation from {self.source.kind} run {self.source.name}: {name}, "
+                                  f"{len(self.report['variants'])} variants, {cfg.new_tokens} new tokens each",
+            should_stop=self.should_stop, load_base=False))
+        self.tokenizer, source, splits = prepared.tokenizer, prepared.source, prepared.splits
+        self._prompts(prepared.config, source.name, splits.eval)
+        seconds["load"] = time.perf_counter() - t0
+        deploy = self.deploy_name is not None
+        deploy_ids = splits.eval[:max(1, cfg.deploy_tokens // splits.seq_len)] if deploy else None
+        if deploy:
+            self.report["deploy"] = {"adapter": self.deploy_name, "label": self.report["labels"][self.deploy_name],
+                                     "eval_tokens": int(deploy_ids.numel()), "order": list(DEPLOY_VARIANTS),
+                                     "perplexity": {}, "reading": "",
+                                     "explanation": WHY_REQUANTIZED_LOSES}
+        self.rec.save()
+
+        yield from self._full(source, deploy_ids)
+        yield from self._int8(source)
+        yield from self._four_bit(source, prepared.dtype, deploy_ids)
+        if deploy:
+            yield from self._deploy_reloaded(source, prepared.dtype, deploy_ids)
+        self._summaries()
+        self.report["status"] = "finished"
+        seconds["total"] = time.perf_counter() - t0
+        self.rec.save()
+        yield self.rec.emit(RunFinished(str(self.run_dir), self.report))
+
+    def _prompts(self, config, model_name: str, eval_ids: torch.Tensor) -> None:
+        """The prompt (given, tokenized as the run's windows are: BOS first where the tokenizer adds one; else the
+        start of the first held-out window, the start of a held-out document) and the held-out documents' prompts,
+        checked against the model's context."""
+        cfg, tok = self.cfg, self.tokenizer
+        width = min(cfg.prompt_tokens, eval_ids.shape[1])
+        if cfg.prompt is not None:
+            ids = list(tok(cfg.prompt, add_special_tokens=False)["input_ids"])
+            bos = bos_id(tok)
+            ids = ([bos] if bos is not None else []) + ids
+            if not ids:
+                raise ConfigError("the prompt gives no tokens: give some text to continue")
+            self.prompt = torch.tensor([ids], dtype=torch.long)
+            origin = "given"
+        else:
+            self.prompt = eval_ids[:1, :width].clone()
+            origin = "the start of a held-out document"
+        limit = context_length(config)
+        longest = max(self.prompt.shape[1], width if cfg.documents else 0) + cfg.new_tokens
+        if limit is not None and longest > limit:
+            raise ConfigError(f"the prompt ({self.prompt.shape[1]} tokens) and {cfg.new_tokens} new tokens make "
+                              f"{longest} tokens, beyond the context of model '{model_name}' ({limit} tokens): "
+                              "shorten the prompt or ask fewer new tokens")
+        self.doc_prompts = eval_ids[:cfg.documents, :width].clone() if cfg.documents else None
+        self.report["prompt"] = {"text": tok.decode(self.prompt[0]), "tokens": int(self.prompt.shape[1]),
+                                 "origin": origin}
+        self.report["documents"] = {"n": 0 if self.doc_prompts is None else len(self.doc_prompts),
+                                    "prompt_tokens": width, "new_tokens": cfg.new_tokens, "variants": {},
+                                    "versus_plain": {}} if cfg.documents else None
+
+    def _full(self, source, deploy_ids: torch.Tensor | None) -> Iterator[Event]:
+        """Full precision: the reference continuation and log-probabilities; with --deploy, its perplexity, then
+        the adapter merged into it (b)."""
+        self.rec.check_stop("generation")
+        yield self.rec.emit(Stage("load", f"loading {self.report['labels'][FULL]}"))
+        start = time.perf_counter()
+        model = load_full_precision(source, self.device)
+        self.report["seconds"][f"load_{FULL}"] = time.perf_counter() - start
+        yield from self._measure(FULL, model)
+        if deploy_ids is not None:
+            yield from self._deploy_merged(source, model, deploy_ids)
+        del model
+        free_memory()
+
+    def _int8(self, source) -> Iterator[Event]:
+        """8-bit LLM.int8, or a note saying why it could not be loaded here."""
+        self.rec.check_stop("generation")
+        yield self.rec.emit(Stage("load", f"loading {self.report['labels'][INT8]}"))
+        start = time.perf_counter()
+        try:
+            model = load_8bit(source, self.device)
+        except Exception as exc:  # noqa: BLE001 - 8-bit needs bitsandbytes' kernels; say why it is missing
+            why = f"8-bit LLM.int8 could not be loaded here: {one_line(exc, 160)}"
+            self.report.setdefault("unavailable", {})[INT8] = why
+            self.report["variants"].remove(INT8)
+            yield self.rec.emit(Log(why, "warning"))
+            return
+        self.report["seconds"][f"load_{INT8}"] = time.perf_counter() - start
+        yield from self._measure(INT8, model)
+        del model
+        free_memory()
+
+    def _measure(self, name: str, model) -> Iterator[Event]:
+        """One variant: its continuation, streamed; teacher forcing along full precision's continuation (of the
+        prompt and of each held-out document); its agreement figures as Metrics."""
+        cfg, tok = self.cfg, self.tokenizer
+        yield self.rec.emit(Stage("generate", f"{self.report['labels'][name]}: {cfg.new_tokens} new tokens"))
+        start = time.perf_counter()
+        tokens: list[int] = []
+        for token in stream_tokens(model, self.prompt, cfg.new_tokens, sample=cfg.sample,
+                                   temperature=cfg.temperature, seed=cfg.seed):
+            tokens.append(token)
+            yield self.rec.emit(GeneratedToken(name, len(tokens), cfg.new_tokens, token, tok.decode([token]),
+                                               tok.decode(tokens)))
+            self.rec.check_stop("generation")
+        generated = time.perf_counter() - start
+        self.report["continuations"][name] = {"text": tok.decode(tokens), "token_ids": tokens, "seconds": generated,
+                                              "tokens_per_s": len(tokens) / generated if generated > 0 else None}
+        start = time.perf_counter()
+        if name == FULL:
+            self.reference = torch.tensor([tokens], dtype=torch.long)
+            if self.doc_prompts is not None:
+                self.doc_reference = greedy_batch(model, self.doc_prompts, cfg.new_tokens)
+        logprobs = forced_logprobs(model, self.prompt, self.reference)
+        if name == FULL:
+            self.ref_logprobs = logprobs
+            self._reference_record()
+        else:
+            self.prompt_logprobs[name] = logprobs
+        found = agreement(self.ref_logprobs, logprobs)
+        self.report["agreement"][name] = found.record()
+        if self.doc_prompts is not None:
+            doc_logprobs = forced_logprobs(model, self.doc_prompts, self.doc_reference)
+            if name == FULL:
+                self.doc_ref_logprobs = doc_logprobs
+            self.doc_agreement[name] = agreement(self.doc_ref_logprobs, doc_logprobs)
+            self.report["documents"]["variants"][name] = {
+                "top1_agreement": self.doc_agreement[name].top1_agreement,
+                "mean_kl": self.doc_agreement[name].mean_kl}
+        self.report["seconds"][f"agreement_{name}"] = time.perf_counter() - start
+        self.report["seconds"][f"generate_{name}"] = generated
+        self.rec.save()
+        label_ = self.report["labels"][name]
+        yield self.rec.emit(Metric(name, found.top1_agreement, "agreement",
+                                   f"{label_}: top-1 agreement with full precision {100 * found.top1_agreement:.1f}%, "
+                                   f"mean KL {found.mean_kl:.4f} nats"))
+        yield self.rec.emit(Metric(name, found.mean_kl, "kl", f"{label_}: mean KL(full || variant), nats"))
+
+    def _reference_record(self) -> None:
+        """Full precision's continuation token by token (the strip every variant is coloured along) and, when
+        decoding greedily, the share of positions where its teacher-forced top-1 is the token it generated (1.0
+        up to the numerics of the key-value cache)."""
+        ids = self.reference[0].tolist()
+        record = {"token_ids": ids, "pieces": [self.tokenizer.decode([i]) for i in ids]}
+        if not self.cfg.sample:
+            record["greedy_matches_forced"] = float((self.ref_logprobs[0].argmax(-1) == self.reference[0])
+                                                    .double().mean())
+        self.report["reference"] = record
+
+    def _four_bit(self, source, dtype: torch.dtype, deploy_ids: torch.Tensor | None) -> Iterator[Event]:
+        """One 4-bit base: plain (B = 0), then each adapter's factors written in turn (an adapter with per-layer
+        ranks on a LoRA of its own), each checked to change the logits, each measured."""
+        self.rec.check_stop("generation")
+        yield self.rec.emit(Stage("load", f"loading the {self.quant.bits}-bit {self.quant.label} base"))
+        start = time.perf_counter()
+        base = load_quantized(source, self.quant, self.device, dtype)
+        paths = target_paths(base, self.lora)
+        peft_model = attach_lora(base, self.lora, paths)
+        self.report["seconds"]["load_4bit"] = time.perf_counter() - start
+        with torch.no_grad():
+            plain_logits = peft_model(input_ids=self.prompt.to(self.device)).logits
+        yield from self._measure(PLAIN, peft_model)  # peft's default B = 0: no correction
+        if deploy_ids is not None:
+            yield from self._deploy_perplexity("plain_4bit", peft_model, deploy_ids, "plain 4-bit, no correction")
+        for name, folder in self.source.adapters.items():
+            self.rec.check_stop("generation")
+            try:
+                factors, ranks = load_factors(folder)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"run {self.source.name}: {folder} cannot be read: {one_line(exc, 160)}") from None
+            model = attach_lora(peft_model.unload(), self.lora, paths, ranks) if ranks else peft_model
+            try:
+                write_factors(model, factors)
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"run {self.source.name}: adapters/{folder.name} does not fit this model's LoRA "
+                                  f"layers: {one_line(exc, 160)}") from None
+            check_adapter_applied(model, self.prompt, plain_logits, name, factors)
+            yield from self._measure(name, model)
+            if name == self.deploy_name:
+                yield from self._deploy_perplexity("adapter_4bit", model, deploy_ids)
+            if ranks:
+                peft_model = attach_lora(model.unload(), self.lora, paths)
+        peft_model.unload()
+        del peft_model, base
+        free_memory()
+
+    # -- what survives deployment ----------------------------------------------------------------------
+    def _deploy_perplexity(self, name: str, model, eval_ids: torch.Tensor, note: str = "") -> Iterator[Event]:
+        start = time.perf_counter()
+        ppl = perplexity(model, eval_ids, self.cfg.eval_batch)
+        deploy = self.report["deploy"]
+        deploy["perplexity"][name] = ppl
+        self.report["seconds"][f"deploy_{name}"] = time.perf_counter() - start
+        self.rec.save()
+        yield self.rec.emit(Metric(f"deploy:{name}", ppl, "perplexity", note or deploy["labels"][name]))
+
+    def _deploy_merged(self, source, full_model, eval_ids: torch.Tensor) -> Iterator[Event]:
+        """Full precision's perplexity, then (b): the adapter merged into the full-precision weights (into
+        `full_model` itself when the merge dtype is its float32), measured and saved (deploy/<adapter>-merged/)
+        beside a copy of the adapter folder (deploy/<adapter>-adapter/)."""
+        cfg, deploy = self.cfg, self.report["deploy"]
+        dtype = merge_dtype(cfg.merge_dtype, self.device)
+        deploy["labels"] = deploy_labels(self.quant, dtype)
+        deploy["merge_dtype"] = dtype_name(dtype)
+        self.rec.check_stop("deployment")
+        yield self.rec.emit(Stage("deploy", f"what survives deployment of {deploy['label']}: held-out perplexity on "
+                                            f"{eval_ids.numel()} tokens"))
+        yield from self._deploy_perplexity("full", full_model, eval_ids, "full precision")
+        adapter = self.source.adapters[self.deploy_name]
+        merged = merged_model(source, adapter, self.device, dtype,
+                              full_model if next(full_model.parameters()).dtype == dtype else None)
+        yield from self._deploy_perplexity("merged", merged, eval_ids)
+        start = time.perf_counter()
+        out = self.run_dir / "deploy"
+        folder = save_merged(merged, self.tokenizer, out / f"{self.deploy_name}-merged")  # W + s B A
+        copy = out / f"{self.deploy_name}-adapter"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(adapter, copy)
+        deploy["merged_folder"], deploy["adapter_folder"] = str(folder), str(copy)
+        self.report["seconds"]["deploy_save"] = time.perf_counter() - start
+        self.rec.save()
+        yield self.rec.emit(Log(f"merged model saved to {folder} (loads with AutoModelForCausalLM.from_pretrained), "
+                                f"the adapter beside it in {copy}"))
+        del merged
+        free_memory()
+
+    def _deploy_reloaded(self, source, dtype: torch.dtype, eval_ids: torch.Tensor) -> Iterator[Event]:
+        """(d) the adapter folder loaded by peft onto the stock base; (e) merged into that base's dequantized
+        weights Q, saved (deploy/<adapter>-merged-dequantized/); (c) and (f): the two merged folders quantized
+        again."""
+        deploy = self.report["deploy"]
+        self.rec.check_stop("deployment")
+        base = load_quantized(source, self.quant, self.device, dtype)
+        weights = quantized_weights(base)
+        model = adapter_apart(base, deploy["adapter_folder"])
+        yield from self._deploy_perplexity("adapter_reloaded", model, eval_ids)
+        del model, base
+        free_memory()
+        self.rec.check_stop("deployment")
+        held = merge_dtype(self.cfg.merge_dtype, self.device)
+        merged = merged_model(source, deploy["adapter_folder"], self.device, held,
+                              dequantized_model(source, weights, self.device, held))
+        del weights
+        yield from self._deploy_perplexity("merged_dequantized", merged, eval_ids)
+        folder = save_merged(merged, self.tokenizer, self.run_dir / "deploy" / f"{self.deploy_name}-merged-dequantized")
+        deploy["merged_dequantized_folder"] = str(folder)
+        del merged
+        free_memory()
+        for name, merged_folder in (("merged_requantized", deploy["merged_folder"]),
+                                    ("dequantized_requantized", deploy["merged_dequantized_folder"])):
+            self.rec.check_stop("deployment")
+            model = requantized_model(merged_folder, self.quant, self.device, dtype)
+            yield from self._deploy_perplexity(name, model, eval_ids)
+            del model
+            free_memory()
+        ppl = deploy["perplexity"]
+        deploy["kept"] = kept_shares(ppl, ppl.get("plain_4bit"))
+        deploy["reading"] = deploy_reading(deploy)
+        self.rec.save()
+        yield self.rec.emit(Log(deploy["reading"]))
+
+    # -- figures over the variants ----------------------------------------------------------------------
+    def _summaries(self) -> None:
+        """The best corrected variant (lowest mean KL on the prompt), the top-10 next tokens of full precision,
+        plain 4-bit and it at each position, and over the documents each corrected variant against plain 4-bit."""
+        corrected = [n for n in self.source.adapters if n in self.report["agreement"]]
+        best = min(corrected, key=lambda n: self.report["agreement"][n]["mean_kl"]) if corrected else None
+        self.report["best"] = best
+        shown = [n for n in (FULL, PLAIN, best) if n is not None]
+        logprobs = {FULL: self.ref_logprobs, **self.prompt_logprobs}
+        self.report["top10"] = {"variants": shown, **{
+            name: [[{"id": i, "text": self.tokenizer.decode([i]), "p": p} for i, p in top_tokens(row, TOP_K)]
+                   for row in logprobs[name][0]] for name in shown if name in logprobs}}
+        documents = self.report.get("documents")
+        if documents is not None and PLAIN in self.doc_agreement:
+            documents["positions"] = int(self.doc_agreement[PLAIN].agree.numel())
+            documents["versus_plain"] = {n: versus_plain(self.doc_agreement[PLAIN], self.doc_agreement[n])
+                                         for n in corrected if n in self.doc_agreement}
+        self.prompt_logprobs.clear()
+
+
+def deploy_reading(deploy: Mapping[str, Any]) -> str:
+    """One line: what each way of shipping keeps of the adapter's perplexity gain on the 4-bit base."""
+    kept, ppl = deploy.get("kept") or {}, deploy.get("perplexity") or {}
+    if kept.get("adapter_4bit") is None:
+        plain, adapted = ppl.get("plain_4bit", float("nan")), ppl.get("adapter_4bit", float("nan"))
+        return (f"The adapter does not lower the 4-bit base's perplexity here ({plain:.3f} -> {adapted:.3f}): no gain "
+                "to keep or lose.")
+    parts = ", ".join(f"({LETTERS[name]}) {100 * kept[name]:.0f}%" for name in DEPLOY_VARIANTS[1:]
+                      if kept.get(name) is not None)
+    return f"Of the adapter's perplexity gain on the 4-bit base (a), each way of shipping keeps: {parts}."
+
+
+def generate_table(report: Mapping[str, Any]) -> str:
+    """What the command line prints at the end: each variant's continuation, its agreement with full precision
+    (top-1, mean KL) on the prompt and over the held-out documents, each corrected variant against plain 4-bit,
+    and the deployment table."""
+    labels = report.get("labels", {})
+    prompt = report.get("prompt") or {}
+    lines = [f"model {report.get('model')} | from {report.get('run_kind')} run {report.get('from_run')} | "
+             f"{report.get('device')}",
+             f"prompt ({prompt.get('origin', '')}, {prompt.get('tokens', 0)} tokens): {prompt.get('text', '')!r}", ""]
+    for name in report.get("variants", []):
+        text = (report.get("continuations", {}).get(name) or {}).get("text")
+        if text is not None:
+            lines.append(f"[{labels.get(name, name)}] {text!r}")
+    documents = report.get("documents") or {}
+    doc_head = f" {'docs top-1':>10} {'docs KL':>9}" if documents.get("variants") else ""
+    lines += ["", f"{'variant':<52} {'top-1 agree':>11} {'mean KL':>9}{doc_head}"]
+    for name in report.get("variants", []):
+        found = report.get("agreement", {}).get(name)
+        if found is None:
+            continue
+        docs = documents.get("variants", {}).get(name)
+        cells = f" {100 * docs['top1_agreement']:>9.1f}% {docs['mean_kl']:>9.4f}" if docs else ""
+        lines.append(f"{labels.get(name, name)[:52]:<52} {100 * found['top1_agreement']:>10.1f}% "
+                     f"{found['mean_kl']:>9.4f}{cells}")
+    lines.append(f"top-1 agree: share of the {report.get('new_tokens')} positions of full precision's continuation "
+                 "where the variant's most likely next token is full precision's (teacher forced); KL(full || "
+                 "variant) in nats" + (f"; docs: over {documents.get('n')} held-out documents, "
+                                      f"{documents.get('positions', 0)} positions" if doc_head else ""))
+    for name, shares in (documents.get("versus_plain") or {}).items():
+        lines.append(f"{labels.get(name, name)}: right where plain 4-bit is wrong at "
+                     f"{100 * shares['corrected_only']:.1f}% of positions, wrong where it is right at "
+                     f"{100 * shares['plain_only']:.1f}%")
+    if report.get("best"):
+        lines.append(f"best corrected variant (lowest mean KL on the prompt): {labels.get(report['best'])}")
+    for name, why in {**(report.get("unavailable") or {}), **(report.get("skipped") or {})}.items():
+        lines.append(f"{name}: {why}")
+    deploy = report.get("deploy")
+    if deploy:
+        ppl, kept, names = deploy.get("perplexity", {}), deploy.get("kept") or {}, deploy.get("labels", {})
+        lines += ["", f"what survives deployment of {deploy.get('label')} (held-out perplexity, "
+                      f"{deploy.get('eval_tokens')} tokens)",
+                  f"{'':<72} {'perplexity':>10} {'gain kept':>9}"]
+        for name, title in (("full", "full precision"), ("plain_4bit", "plain 4-bit, no correction"),
+                            *((n, names.get(n, n)) for n in DEPLOY_VARIANTS)):
+            if ppl.get(name) is not None:
+                share = kept.get(name)
+                lines.append(f"{title[:72]:<72} {ppl[name]:>10.3f} "
+                             f"{(f'{100 * share:.0f}%' if share is not None else '-'):>9}")
+        lines += [deploy.get("reading", ""), deploy.get("explanation", "")]
+        if deploy.get("merged_folder"):
+            lines.append(f"merged models (from_pretrained): {deploy['merged_folder']} (b), "
+                         f"{deploy.get('merged_dequantized_folder')} (e); adapter: {deploy.get('adapter_folder')}")
+    return "\n".join(lines)
+
+
+def run_generate(cfg: GenerateConfig, should_stop: Callable[[], bool] | None = None,
+                 run_dir: Path | None = None) -> Iterator[Event]:
+    """The generation flow as events (see the module). A run folder that is missing, unfinished or without
+    adapters is refused here, before anything loads (ConfigError, one line)."""
+    if should_stop is not None and should_stop():
+        raise Cancelled("stopped before the model was loaded")
+    return GenerateRun(cfg, read_run(cfg.from_run), should_stop, run_dir).events()
+

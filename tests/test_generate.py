@@ -1,0 +1,290 @@
+"""Generation side by side (quailora_app.flows.generate, engine/evaluation/agreement.py) on a tiny Llama and a tiny
+init run: the invariants of the agreement figures, the report, the stream, the command line and its bad input."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from quailora_app.cli import main as cli_main
+from quailora_app.config import DataConfig, GenerateConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
+from quailora_app.engine.adapters import attach_lora, load_factors, write_factors
+from quailora_app.engine.calibration.plan import target_paths
+from quailora_app.engine.evaluation.agreement import (
+    agreement,
+    continue_tokens,
+    forced_logprobs,
+    greedy_batch,
+    top_tokens,
+    versus_plain,
+)
+from quailora_app.engine.quantization.load import load_quantized
+from quailora_app.errors import ConfigError
+from quailora_app.events import GeneratedToken, Metric, RunFailed, RunFinished
+from quailora_app.flows.generate import read_run, run_generate
+from quailora_app.flows.init import run_init
+from quailora_app.plots.figures import color, label
+from quailora_app.sources.models import ModelSource, load_full_precision
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices, one torch thread
+
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def init_run(tiny_model_dir, text_file, tmp_path_factory):
+    """A finished init run with quailora and closed_form saved (no 8-bit / full baselines: not needed here)."""
+    run_dir = tmp_path_factory.mktemp("init")
+    cfg = InitConfig(ModelConfig(str(tiny_model_dir), "cpu"),
+                     DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=256),
+                     QuantConfig(), LoraSettings(rank=4, alpha=8.0), methods=("quailora", "closed_form"),
+                     baselines=False)
+    events = list(run_init(cfg, run_dir=run_dir))
+    assert events[-1].kind == "finished", events[-1]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def generated(init_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("generate")
+    events = list(run_generate(GenerateConfig(from_run=str(init_run), new_tokens=NEW, documents=3, device="cpu"),
+                               run_dir=out))
+    assert isinstance(events[-1], RunFinished), events[-1]
+    return out, events, events[-1].report
+
+
+def test_the_report_names_every_variant_and_its_figures(generated, init_run):
+    out, _, report = generated
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["kind"] == "generate" and report["status"] == "finished" and report["from_run"] == str(init_run)
+    names = ["full", "int8", "qlora", "quailora", "closed_form"]
+    assert report["variants"] == names
+    assert report["labels"] == {n: label(n) for n in names}
+    assert report["colours"] == {n: color(n, i) for i, n in enumerate(names)}
+    assert report["prompt"]["origin"] == "the start of a held-out document" and report["prompt"]["tokens"] == 16
+    for name in names:
+        assert len(report["continuations"][name]["token_ids"]) == NEW
+        figures = report["agreement"][name]
+        assert len(figures["agree"]) == len(figures["kl"]) == len(figures["top1"]) == NEW
+        assert figures["top1_agreement"] == pytest.approx(sum(figures["agree"]) / NEW)
+        assert figures["mean_kl"] == pytest.approx(sum(figures["kl"]) / NEW)
+        assert all(k >= 0 for k in figures["kl"])
+    # full precision against itself: every position agrees, KL 0 exactly; its continuation is the reference
+    assert report["agreement"]["full"]["top1_agreement"] == 1.0 and report["agreement"]["full"]["mean_kl"] == 0.0
+    assert report["reference"]["token_ids"] == report["continuations"]["full"]["token_ids"]
+    assert report["reference"]["greedy_matches_forced"] == 1.0  # teacher forcing gives greedy's top-1
+    assert len(report["reference"]["pieces"]) == NEW
+    # the quantized variants are not full precision
+    assert report["agreement"]["qlora"]["mean_kl"] > 0
+
+
+def test_top10_of_full_plain_and_the_best_corrected_variant(generated):
+    _, _, report = generated
+    corrected = {n: report["agreement"][n]["mean_kl"] for n in ("quailora", "closed_form")}
+    assert report["best"] == min(corrected, key=corrected.get)
+    top = report["top10"]
+    assert top["variants"] == ["full", "qlora", report["best"]]
+    for name in top["variants"]:
+        assert len(top[name]) == NEW
+        for position in top[name]:
+            probs = [t["p"] for t in position]
+            assert len(position) == 10 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    # full precision's top-1 at each position is the token it generated
+    assert [pos[0]["id"] for pos in top["full"]] == report["reference"]["token_ids"]
+    assert [pos[0]["id"] for pos in top["qlora"]] == report["agreement"]["qlora"]["top1"]
+
+
+def test_over_documents_the_shares_against_plain_4bit_add_up(generated):
+    _, _, report = generated
+    docs = report["documents"]
+    assert docs["n"] == 3 and docs["positions"] == 3 * NEW and docs["prompt_tokens"] == 16
+    assert docs["variants"]["full"] == {"top1_agreement": 1.0, "mean_kl": 0.0}
+    assert set(docs["versus_plain"]) == {"quailora", "closed_form"}
+    for name, shares in docs["versus_plain"].items():
+        assert shares["positions"] == 3 * NEW
+        assert shares["both"] + shares["neither"] + shares["corrected_only"] + shares["plain_only"] == \
+            pytest.approx(1.0)
+        # the shares follow from the two agreement figures over the same positions
+        assert shares["both"] + shares["corrected_only"] == pytest.approx(docs["variants"][name]["top1_agreement"])
+        assert shares["both"] + shares["plain_only"] == pytest.approx(docs["variants"]["qlora"]["top1_agreement"])
+
+
+def test_tokens_stream_before_each_variants_figures(generated):
+    out, events, report = generated
+    order = [(e.variant if isinstance(e, GeneratedToken) else e.name) for e in events
+             if isinstance(e, GeneratedToken) or (isinstance(e, Metric) and e.group == "agreement")]
+    expected = []
+    for name in report["variants"]:
+        expected += [name] * (NEW + 1)
+    assert order == expected
+    tokens = [e for e in events if isinstance(e, GeneratedToken) and e.variant == "closed_form"]
+    assert [e.step for e in tokens] == list(range(1, NEW + 1)) and all(e.total == NEW for e in tokens)
+    assert [e.token_id for e in tokens] == report["continuations"]["closed_form"]["token_ids"]
+    assert tokens[-1].text == report["continuations"]["closed_form"]["text"]
+    logged = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert sum(e["kind"] == "token" for e in logged) == NEW * len(report["variants"])
+
+
+def test_a_zero_adapter_is_plain_4bit_exactly(init_run, tiny_model_dir, text_file):
+    """qlora's saved adapter (B = 0) on the 4-bit base gives the plain base's log-probabilities bit for bit, and a
+    corrected adapter does not."""
+    source = ModelSource("tiny", tiny_model_dir)
+    base = load_quantized(source, QuantConfig(), torch.device("cpu"), torch.float32)
+    lora = LoraSettings(rank=4, alpha=8.0)
+    model = attach_lora(base, lora, target_paths(base, lora))
+    prompt = torch.tensor([[5, 17, 42, 7]])
+    continuation = torch.tensor([continue_tokens(model, prompt, 6)])
+    plain = forced_logprobs(model, prompt, continuation)
+    write_factors(model, load_factors(init_run / "adapters" / "qlora")[0])
+    zero = forced_logprobs(model, prompt, continuation)
+    assert torch.equal(plain, zero)
+    assert continue_tokens(model, prompt, 6) == continuation[0].tolist()
+    found = agreement(plain, zero)
+    assert found.top1_agreement == 1.0 and found.mean_kl == 0.0
+    write_factors(model, load_factors(init_run / "adapters" / "closed_form")[0])
+    assert agreement(plain, forced_logprobs(model, prompt, continuation)).mean_kl > 0
+
+
+def test_teacher_forcing_gives_greedy_top1_and_sampling_is_seeded(tiny_model_dir):
+    model = load_full_precision(ModelSource("tiny", tiny_model_dir), torch.device("cpu"))
+    prompt = torch.tensor([3, 9, 27, 81, 10])
+    greedy = continue_tokens(model, prompt, 12)
+    logprobs = forced_logprobs(model, prompt, torch.tensor(greedy))
+    assert logprobs.shape == (1, 12, model.config.vocab_size)
+    assert logprobs[0].argmax(-1).tolist() == greedy
+    # several prompts at once give each one's greedy continuation
+    batch = torch.stack([prompt, prompt.flip(0)])
+    assert greedy_batch(model, batch, 12)[0].tolist() == greedy
+    assert greedy_batch(model, batch, 12)[1].tolist() == continue_tokens(model, prompt.flip(0), 12)
+    drawn = continue_tokens(model, prompt, 12, sample=True, temperature=1.5, seed=7)
+    assert drawn == continue_tokens(model, prompt, 12, sample=True, temperature=1.5, seed=7)
+    assert drawn != continue_tokens(model, prompt, 12, sample=True, temperature=1.5, seed=8)
+    assert continue_tokens(model, prompt, 0) == []
+
+
+def test_agreement_math():
+    torch.manual_seed(0)
+    ref = torch.log_softmax(torch.randn(2, 5, 11), -1)
+    var = torch.log_softmax(torch.randn(2, 5, 11), -1)
+    same = agreement(ref, ref)
+    assert bool(same.agree.all()) and float(same.kl.abs().max()) == 0.0
+    found = agreement(ref, var)
+    expected = (ref.double().exp() * (ref.double() - var.double())).sum(-1)
+    assert torch.allclose(found.kl, expected) and bool((found.kl > 0).all())
+    assert torch.equal(found.agree, ref.argmax(-1) == var.argmax(-1)) and torch.equal(found.top1, var.argmax(-1))
+    assert found.top1_agreement == pytest.approx(found.agree.double().mean().item())
+    record = found.record(1)
+    assert record["kl"] == pytest.approx(found.kl[1].tolist()) and record["top1"] == var.argmax(-1)[1].tolist()
+    top = top_tokens(ref[0, 0], 3)
+    assert [i for i, _ in top] == ref[0, 0].topk(3).indices.tolist()
+    assert [p for _, p in top] == pytest.approx(ref[0, 0].exp().topk(3).values.tolist())
+    plain = agreement(ref, ref.roll(1, dims=-1))
+    shares = versus_plain(plain, found)
+    assert math.isclose(sum(v for k, v in shares.items() if k != "positions"), 1.0) and shares["positions"] == 10
+    with pytest.raises(ValueError, match="do not compare"):
+        agreement(ref, var[:, :4])
+
+
+def test_a_train_run_gives_its_arms_after_fine_tuning(init_run, tmp_path):
+    from quailora_app.flows.from_init import train_config_from_init  # this test only: a train run
+    from quailora_app.flows.train import run_train  # the same
+
+    train_dir = tmp_path / "train"
+    cfg = train_config_from_init(init_run, arms=("qlora4", "quailora4", "qlora8"), steps=2, batch_size=2,
+                                 eval_every=2, learning_rate=1e-2, device="cpu")
+    assert list(run_train(cfg, run_dir=train_dir))[-1].kind == "finished"
+    source = read_run(train_dir)
+    assert list(source.adapters) == ["quailora", "closed_form", "qlora4", "quailora4"]  # the init run's, then arms
+    assert source.trained == {"qlora4", "quailora4"} and "qlora8" in source.skipped
+    events = list(run_generate(GenerateConfig(from_run=str(train_dir), new_tokens=4, documents=0, device="cpu",
+                                              prompt="the quick brown fox"), run_dir=tmp_path / "gen"))
+    report = events[-1].report
+    assert report["status"] == "finished", events[-1]
+    assert report["variants"] == ["full", "int8", "qlora", "quailora", "closed_form", "qlora4", "quailora4"]
+    assert report["labels"]["quailora4"].endswith(", fine-tuned") and report["prompt"]["origin"] == "given"
+    assert report["documents"] is None and "versus_plain" not in report
+    # qlora4 trained away from B = 0: it no longer says exactly what plain 4-bit says
+    assert report["agreement"]["qlora4"]["kl"] != report["agreement"]["qlora"]["kl"]
+
+
+def test_cli_prints_continuations_and_the_agreement_table(init_run, tmp_path, capsys):
+    code = cli_main(["generate", "--from-run", str(init_run), "--prompt", "the lazy dog", "--new-tokens", "4",
+                     "--documents", "2", "--device", "cpu", "--out", str(tmp_path / "cli")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "prompt (given" in out and "[full precision]" in out and f"[{label('closed_form')}]" in out
+    assert "top-1 agree" in out and "right where plain 4-bit is wrong" in out
+    assert json.loads((tmp_path / "cli" / "report.json").read_text())["prompt"]["text"] == "the lazy dog"
+
+
+def no_adapters(init_run, tmp_path):
+    folder = tmp_path / "bare"
+    shutil.copytree(init_run, folder, ignore=shutil.ignore_patterns("adapters"))
+    return folder
+
+
+@pytest.mark.parametrize("case, extra, words", [
+    ("empty prompt", ["--prompt", "  "], "the prompt is empty"),
+    ("zero new tokens", ["--new-tokens", "0"], "new tokens must be at least 1"),
+    ("prompt beyond the context", ["--prompt", "the quick brown fox " * 200],
+     "beyond the context of model"),
+    ("no adapters", None, "has no adapters to compare"),
+    ("no run", [], "--from-run is required"),
+    ("not a run", ["--from-run", "/no/such/run"], "no such run folder"),
+    ("unknown deploy adapter", ["--deploy", "--deploy-adapter", "svd"], "not an adapter of run"),
+])
+def test_bad_input_gets_one_line(case, extra, words, init_run, tmp_path, capsys):
+    if extra is None:
+        argv = ["generate", "--from-run", str(no_adapters(init_run, tmp_path))]
+    elif case in ("no run", "not a run"):
+        argv = ["generate", *extra]
+    else:
+        argv = ["generate", "--from-run", str(init_run), *extra]
+    code = cli_main([*argv, "--device", "cpu", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(errors) == 1 and words in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_the_config_refuses_before_anything_loads():
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        GenerateConfig(prompt="")
+    with pytest.raises(ConfigError, match="new tokens"):
+        GenerateConfig(new_tokens=0)
+    with pytest.raises(ConfigError, match="temperature"):
+        GenerateConfig(sample=True, temperature=0.0)
+    assert GenerateConfig(from_run="  ").from_run is None
+
+
+def test_a_stopped_run_fails_in_one_line(init_run, tmp_path):
+    stop = {"now": False}
+    events = []
+    for event in run_generate(GenerateConfig(from_run=str(init_run), new_tokens=4, documents=0, device="cpu"),
+                              should_stop=lambda: stop["now"], run_dir=tmp_path / "stopped"):
+        events.append(event)
+        if isinstance(event, GeneratedToken) and event.variant == "int8":
+            stop["now"] = True
+    assert isinstance(events[-1], RunFailed) and events[-1].cancelled
+    report = json.loads((tmp_path / "stopped" / "report.json").read_text())
+    assert report["status"] == "cancelled" and "full" in report["continuations"]
+
+
+def test_figures_draw_the_report(generated):
+    from quailora_app.plots.agreement import agreement_strip, top10_figure, versus_plain_figure  # figures: here only
+
+    _, _, report = generated
+    strip = agreement_strip(report).data[0]
+    rows = [n for n in report["variants"] if n != "full"]
+    assert len(strip.y) == len(rows) and len(strip.x) == NEW
+    for row, name in zip(strip.z, rows, strict=True):  # green (below 0.5) exactly where the variant agrees
+        assert [v < 0.5 for v in row] == report["agreement"][name]["agree"] and all(0 <= v <= 1 for v in row)
+    top = top10_figure(report, 3)
+    assert [len(t.x) for t in top.data] == [10, 10, 10]
+    assert list(top.data[0].x) == [e["p"] for e in report["top10"]["full"][3]]
+    assert len(versus_plain_figure(report).data) == 2
+    for draw in (agreement_strip, top10_figure, versus_plain_figure):
+        assert not draw({}).data  # nothing yet: a placeholder with a line saying what will appear
