@@ -182,6 +182,17 @@ class RunFolder:
         return "init"
 
 
+def open_run(path: str | Path, flag: str) -> tuple[RunFolder, Report | None]:
+    """The run folder a user named with `flag` (its folder or its report.json) and its report (None when it has no
+    readable one); a one-line ConfigError when no such folder exists."""
+    given = Path(path).expanduser()
+    folder = given.parent if given.name == REPORT and given.is_file() else given
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {path}: no such run folder")
+    run = RunFolder(folder)
+    return run, run.read_report()
+
+
 def read_report_at(path: str | Path) -> Report:
     """The report of a run folder, or a report.json file, named by the user; a ConfigError if unreadable."""
     path = Path(path)

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from helpers import save_tiny_llama
 
 from quailora_app.cli import main as cli_main
 from quailora_app.config import BitsConfig, DataConfig, LoraSettings, ModelConfig, QuantConfig, base_quant
@@ -27,32 +26,16 @@ CPU = torch.device("cpu")
 LORA = LoraSettings(rank=4)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("bits") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    words = "the cat sat on a mat while dogs ran far away under blue skies and green trees grew tall".split()
-    path = tmp_path_factory.mktemp("bits-text") / "text.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)))
-    return path
-
-
-def bits_config(tiny, text_file, out, **over) -> BitsConfig:
-    values = {"model": ModelConfig(str(tiny)), "data": DataConfig(str(text_file), seq_len=32, calib_samples=8,
+def bits_config(tiny_model_dir, text_file, out, **over) -> BitsConfig:
+    values = {"model": ModelConfig(str(tiny_model_dir)), "data": DataConfig(str(text_file), seq_len=32, calib_samples=8,
                                                                   eval_tokens=256),
               "lora": LORA, "bases": ("hqq2", "hqq3", "nf4"), "group_size": 32, "out": str(out)}
     return BitsConfig(**{**values, **over})
 
 
 @pytest.fixture(scope="module")
-def bits_run(tiny, text_file, tmp_path_factory):
-    events = list(run_bits(bits_config(tiny, text_file, tmp_path_factory.mktemp("bits-run") / "run")))
+def bits_run(tiny_model_dir, text_file, tmp_path_factory):
+    events = list(run_bits(bits_config(tiny_model_dir, text_file, tmp_path_factory.mktemp("bits-run") / "run")))
     assert isinstance(events[-1], RunFinished), events[-1]
     return events[-1].report
 
@@ -64,10 +47,10 @@ def test_every_base_has_a_point_per_method(bits_run):
     assert bits_run["reading"].startswith("At 2 bits plus a rank-4 ")
 
 
-def test_shared_calibration_gives_the_factors_of_a_calibration_per_base(tiny, text_file):
+def test_shared_calibration_gives_the_factors_of_a_calibration_per_base(tiny_model_dir, text_file):
     """H is of the full-precision inputs: computing every base's corrections on one calibration must give, bit for
     bit, the factors each base gets from a calibration of its own."""
-    source = resolve_model(str(tiny))
+    source = resolve_model(str(tiny_model_dir))
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     models = {b: load_quantized(source, base_quant(b, 32), CPU, torch.float32) for b in ("hqq3", "nf4")}
     shared = {b: InitResult() for b in models}
@@ -84,14 +67,14 @@ def test_shared_calibration_gives_the_factors_of_a_calibration_per_base(tiny, te
         assert [r["name"] for r in alone.layers] == [r["name"] for r in shared[base].layers]
 
 
-def test_a_point_is_the_perplexity_of_its_own_model(bits_run, tiny, text_file):
+def test_a_point_is_the_perplexity_of_its_own_model(bits_run, tiny_model_dir, text_file):
     """Re-measure hqq3 + closed_form from scratch: quantize, attach the run's own split of factors (recomputed),
     and compare with the report."""
     from quailora_app.sources.data import load_splits
     from quailora_app.sources.models import load_tokenizer
 
-    cfg = bits_config(tiny, text_file, None)
-    source = resolve_model(str(tiny))
+    cfg = bits_config(tiny_model_dir, text_file, None)
+    source = resolve_model(str(tiny_model_dir))
     splits = load_splits(cfg.data, load_tokenizer(source))
     model = load_quantized(source, base_quant("hqq3", 32), CPU, torch.float32)
     result = InitResult()
@@ -102,8 +85,8 @@ def test_a_point_is_the_perplexity_of_its_own_model(bits_run, tiny, text_file):
                                                                    rel=1e-6)
 
 
-def test_memory_per_weight_is_what_the_formats_hold(tiny):
-    source = resolve_model(str(tiny))
+def test_memory_per_weight_is_what_the_formats_hold(tiny_model_dir):
+    source = resolve_model(str(tiny_model_dir))
     # HQQ: codes packed (3 bits: 10 codes in 32 bits, the last word padded) plus a 16-bit scale and zero per group
     hqq3 = bits_per_weight(load_quantized(source, QuantConfig(quantizer="hqq", bits=3, block_size=32), CPU,
                                           torch.float32))
@@ -133,8 +116,9 @@ def test_frontier_figure_draws_every_point_on_a_log_axis(bits_run):
     assert [p["text"] for p in scatter] == ["HQQ 2-bit", "HQQ 3-bit", "NF4 4-bit"]
 
 
-def test_cli_prints_the_table(tiny, text_file, tmp_path, capsys):
-    code = cli_main(["bits", "--model", str(tiny), "--dataset", str(text_file), "--bases", "hqq4", "--group-size",
+def test_cli_prints_the_table(tiny_model_dir, text_file, tmp_path, capsys):
+    code = cli_main(["bits", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--bases", "hqq4",
+                     "--group-size",
                      "32", "--seq-len", "32", "--calib-samples", "4", "--eval-tokens", "128", "--methods", "svd",
                      "--out", str(tmp_path / "cli")])
     out = capsys.readouterr().out
@@ -153,8 +137,8 @@ def test_bad_settings_get_one_line(argv, words, capsys):
     assert words in err and len(err.splitlines()) == 1
 
 
-def test_a_group_size_that_does_not_divide_a_layer_gets_one_line(tiny, text_file, tmp_path):
-    events = list(run_bits(bits_config(tiny, text_file, tmp_path / "bad", bases=("hqq3",), group_size=48)))
+def test_a_group_size_that_does_not_divide_a_layer_gets_one_line(tiny_model_dir, text_file, tmp_path):
+    events = list(run_bits(bits_config(tiny_model_dir, text_file, tmp_path / "bad", bases=("hqq3",), group_size=48)))
     assert isinstance(events[-1], RunFailed)
     assert "group size 48 does not divide the 64 inputs of layer" in events[-1].message
     with pytest.raises(ConfigError):

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from helpers import save_tiny_llama
 
 from quailora_app.config import (
     BitsConfig,
@@ -38,28 +37,12 @@ BASES = {"hqq2": base_quant("hqq2", 32), "hqq3": base_quant("hqq3", 32), "nf4": 
          "fp4-128": QuantConfig(quant="fp4", double_quant=False, block_size=128)}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("loftq") / "tiny")
+def quantized(tiny_model_dir, base: str):
+    return load_quantized(resolve_model(str(tiny_model_dir)), BASES[base], CPU, torch.float32)
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    words = "the cat sat on a mat while dogs ran far away under blue skies and green trees grew tall".split()
-    path = tmp_path_factory.mktemp("loftq-text") / "text.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)))
-    return path
-
-
-def quantized(tiny, base: str):
-    return load_quantized(resolve_model(str(tiny)), BASES[base], CPU, torch.float32)
-
-
-def weight(tiny, name: str) -> torch.Tensor:
-    return Checkpoint(tiny).get(f"{name}.weight", CPU, torch.float32)
+def weight(tiny_model_dir, name: str) -> torch.Tensor:
+    return Checkpoint(tiny_model_dir).get(f"{name}.weight", CPU, torch.float32)
 
 
 CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -78,12 +61,12 @@ def test_registered_as_a_kind_of_its_own():
 
 
 @pytest.mark.parametrize("base", list(BASES))
-def test_a_requantized_layer_multiplies_by_the_q_it_holds(tiny, base):
+def test_a_requantized_layer_multiplies_by_the_q_it_holds(tiny_model_dir, base):
     """requantizer(layer)(W) is the layer's own Q again (same quantizer and settings); of W - C it is a new layer of
     those settings whose own product is x Q^T exactly (float32 compute), Q read back through it."""
-    model = quantized(tiny, base)
+    model = quantized(tiny_model_dir, base)
     name, layer = "model.layers.1.mlp.down_proj", quantized_modules(model)["model.layers.1.mlp.down_proj"]
-    W = weight(tiny, name)
+    W = weight(tiny_model_dir, name)
     quant = requantizer(layer)
     assert torch.equal(dequantized_weight(quant(W)), dequantized_weight(layer))
     E = W - dequantized_weight(layer)
@@ -102,10 +85,11 @@ def test_a_requantized_layer_multiplies_by_the_q_it_holds(tiny, base):
 
 
 @pytest.mark.parametrize("base", ["hqq3", "nf4"])
-def test_one_step_is_svd_and_closed_form_on_the_plain_base(tiny, base):
-    model = quantized(tiny, base)
+def test_one_step_is_svd_and_closed_form_on_the_plain_base(tiny_model_dir, base):
+    model = quantized(tiny_model_dir, base)
     result = InitResult()
-    list(initialize(model, Checkpoint(tiny), CALIB, LORA, ("svd", "closed_form", "loftq_svd", "loftq_calibrated"),
+    list(initialize(model, Checkpoint(tiny_model_dir), CALIB, LORA,
+                    ("svd", "closed_form", "loftq_svd", "loftq_calibrated"),
                     result, device=CPU, requant=True, options={"loftq_iter": 1}))
     layers = quantized_modules(model)
     for plain, loftq in (("svd", "loftq_svd"), ("closed_form", "loftq_calibrated")):
@@ -119,19 +103,19 @@ def test_one_step_is_svd_and_closed_form_on_the_plain_base(tiny, base):
             assert row["calibrated_error"][loftq] == pytest.approx(row["calibrated_error"][plain], rel=1e-9)
     # without requant=True (the init flow, the arms) LoftQ is skipped like a whole-model method
     skipped = InitResult()
-    list(initialize(model, Checkpoint(tiny), CALIB, LORA, ("svd", "loftq_svd"), skipped, device=CPU))
+    list(initialize(model, Checkpoint(tiny_model_dir), CALIB, LORA, ("svd", "loftq_svd"), skipped, device=CPU))
     assert set(skipped.factors) == {"svd"} and not skipped.bases
 
 
 @pytest.mark.parametrize("base", ["hqq2", "hqq3", "nf4"])
-def test_what_the_alternation_keeps(tiny, base):
+def test_what_the_alternation_keeps(tiny_model_dir, base):
     """Each fit step is optimal for its Q: ||W - Q_t - C_t|| <= ||W - Q_t - C_{t-1}||, always. The quantization step
     is not a minimization, so a single step may raise the error (at 2 bits it does on several layers); over the
     model, T = 5 ends below T = 1, as the paper finds."""
-    model = quantized(tiny, base)
+    model = quantized(tiny_model_dir, base)
     first = last = 0.0
     for name, layer in quantized_modules(model).items():
-        W = weight(tiny, name)
+        W = weight(tiny_model_dir, name)
         done = loftq_layer(W, layer, 4, 5)
         assert done.steps == 5 and len(done.before_fit) == 4
         for t in range(1, 5):
@@ -146,13 +130,14 @@ def test_what_the_alternation_keeps(tiny, base):
     assert last < 0.97 * first, (base, last / first)
 
 
-def test_the_calibrated_variant_and_the_error_figures(tiny):
+def test_the_calibrated_variant_and_the_error_figures(tiny_model_dir):
     """Through initialize: each LoftQ layer's figures are against the plain base's E = W - Q_1 (1.0 = no correction,
     the report's reference), measured on W - Q_T - s B A; here at 2 bits both variants end below their one-step form
     on most layers' own objective."""
-    model = quantized(tiny, "hqq2")
+    model = quantized(tiny_model_dir, "hqq2")
     result = InitResult()
-    list(initialize(model, Checkpoint(tiny), CALIB, LORA, ("svd", "closed_form", "loftq_svd", "loftq_calibrated"),
+    list(initialize(model, Checkpoint(tiny_model_dir), CALIB, LORA,
+                    ("svd", "closed_form", "loftq_svd", "loftq_calibrated"),
                     result, device=CPU, requant=True, options={"loftq_iter": 5}))
     rows = result.layers
     better_w = sum(r["weight_error"]["loftq_svd"] < r["weight_error"]["svd"] for r in rows)
@@ -160,27 +145,28 @@ def test_the_calibrated_variant_and_the_error_figures(tiny):
     assert better_w >= 0.8 * len(rows) and better_c >= 0.5 * len(rows), (better_w, better_c, len(rows))
     s = LORA.scaling
     name = rows[0]["name"]
-    W, new, f = weight(tiny, name), result.bases["loftq_svd"][name], result.factors["loftq_svd"][name]
+    W, new, f = weight(tiny_model_dir, name), result.bases["loftq_svd"][name], result.factors["loftq_svd"][name]
     E = W.double() - dequantized_weight(quantized_modules(model)[name]).double()
     R = W.double() - dequantized_weight(new).double() - s * f.B.double() @ f.A.double()
     assert rows[0]["weight_error"]["loftq_svd"] == pytest.approx(float(R.norm() / E.norm()), rel=1e-6)
     assert all(new is not layer for layer in quantized_modules(model).values())  # the model itself unchanged
 
 
-def held_out_logits(tiny, text_file):
+def held_out_logits(tiny_model_dir, text_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quailora_app.sources.data import load_splits
 
     splits = load_splits(DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=256),
-                         AutoTokenizer.from_pretrained(tiny))
+                         AutoTokenizer.from_pretrained(tiny_model_dir))
     with torch.no_grad():
-        target = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)(input_ids=splits.eval[:4]).logits
+        full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        target = full(input_ids=splits.eval[:4]).logits
     return splits, target
 
 
 @pytest.mark.parametrize("quantizer", ["hqq", "bitsandbytes"])
-def test_api_replaces_each_base_layer_and_moves_logits_toward_full_precision(tiny, text_file, quantizer):
+def test_api_replaces_each_base_layer_and_moves_logits_toward_full_precision(tiny_model_dir, text_file, quantizer):
     """A user's PeftModel, quantized the way hqq documents it (AutoHQQHFModel.quantize_model, 3 bits) or by
     transformers' BitsAndBytesConfig (NF4): LoftQ replaces every adapted base layer in place, the factors correct
     the new base, and the logits move toward full precision (more than with the svd on the plain base)."""
@@ -189,24 +175,24 @@ def test_api_replaces_each_base_layer_and_moves_logits_toward_full_precision(tin
 
     from quailora_app import replace_lora_weights_quailora
 
-    splits, target = held_out_logits(tiny, text_file)
+    splits, target = held_out_logits(tiny_model_dir, text_file)
 
     def user_model():
         if quantizer == "hqq":
             from hqq.core.quantize import BaseQuantizeConfig
             from hqq.models.hf.base import AutoHQQHFModel
 
-            model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
             AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=3, group_size=32),
                                           compute_dtype=torch.float32, device="cpu")
             targets = hqq.lora_targets(model)
         else:
-            model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, quantization_config=(
+            model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=(
                 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.float32)))
             bnb.keep_cpu_layout(model)
             targets = "all-linear"
-        model.config._name_or_path = str(tiny)
+        model.config._name_or_path = str(tiny_model_dir)
         return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
 
     errors = {}
@@ -236,14 +222,14 @@ def test_api_replaces_each_base_layer_and_moves_logits_toward_full_precision(tin
     assert errors["loftq_svd"] < errors["svd"], errors
 
 
-def test_api_refuses_an_8bit_base_and_a_bad_t_in_one_line(tiny):
+def test_api_refuses_an_8bit_base_and_a_bad_t_in_one_line(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from quailora_app import replace_lora_weights_quailora
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(
-        tiny, dtype=torch.float32, quantization_config=BitsAndBytesConfig(load_in_8bit=True)),
+        tiny_model_dir, dtype=torch.float32, quantization_config=BitsAndBytesConfig(load_in_8bit=True)),
         LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="quantizes each base layer again") as err:
         replace_lora_weights_quailora(model, CALIB, "loftq_svd", progress=False)
@@ -252,13 +238,13 @@ def test_api_refuses_an_8bit_base_and_a_bad_t_in_one_line(tiny):
         replace_lora_weights_quailora(model, CALIB, "loftq_svd", progress=False, options={"loftq_iter": 0})
 
 
-def test_bits_flow_measures_loftq_on_its_own_base_and_puts_the_base_back(tiny, text_file, tmp_path):
+def test_bits_flow_measures_loftq_on_its_own_base_and_puts_the_base_back(tiny_model_dir, text_file, tmp_path):
     """T = 1: LoftQ's points are svd's and closed_form's exactly. T = 3: its own points differ, and svd measured
     after them on the same peft model gives T = 1's figure again (the base layers were put back)."""
     from quailora_app.flows.bits import run_bits
 
     def run(iters: int, out: str) -> dict:
-        cfg = BitsConfig(ModelConfig(str(tiny)), DataConfig(str(text_file), seq_len=32, calib_samples=8,
+        cfg = BitsConfig(ModelConfig(str(tiny_model_dir)), DataConfig(str(text_file), seq_len=32, calib_samples=8,
                                                             eval_tokens=256), LORA, bases=("hqq2", "nf4"),
                          methods=("loftq_svd", "loftq_calibrated", "svd", "closed_form"), group_size=32,
                          loftq_iter=iters, out=str(tmp_path / out))
@@ -281,10 +267,11 @@ def test_bits_flow_measures_loftq_on_its_own_base_and_puts_the_base_back(tiny, t
         assert p3[f"{base}/loftq_svd"]["bits_per_weight"] == p3[f"{base}/svd"]["bits_per_weight"]
 
 
-def test_init_flow_skips_loftq_in_one_line(tiny, text_file, tmp_path):
+def test_init_flow_skips_loftq_in_one_line(tiny_model_dir, text_file, tmp_path):
     from quailora_app.flows.init import run_init
 
-    cfg = InitConfig(ModelConfig(str(tiny)), DataConfig(str(text_file), seq_len=32, calib_samples=4, eval_tokens=128),
+    cfg = InitConfig(ModelConfig(str(tiny_model_dir)),
+                     DataConfig(str(text_file), seq_len=32, calib_samples=4, eval_tokens=128),
                      lora=LORA, methods=("svd", "loftq_svd"), baselines=False, out=str(tmp_path / "init"))
     events = list(run_init(cfg))
     assert isinstance(events[-1], RunFinished), events[-1]

@@ -36,7 +36,7 @@ from typing import Any
 from quailora_app.config import AccuracyConfig, TrainConfig
 from quailora_app.engine.methods.registry import LAYER, MODEL, QLORA, find_method
 from quailora_app.errors import ConfigError
-from quailora_app.runs import REPORT, RunFolder
+from quailora_app.runs import REPORT, open_run
 from quailora_app.settings import build, settings
 
 #: settings (flat names, settings.py) an init run fixes for a train run that starts from it
@@ -109,12 +109,8 @@ def flat(nested: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_init_run(path: str | Path) -> InitSource:
     """The finished init run at `path` (its folder or its report.json); a one-line ConfigError otherwise."""
-    given = Path(path).expanduser()
-    folder = given.parent if given.name == REPORT and given.is_file() else given
-    if not folder.is_dir():
-        raise ConfigError(f"--from-init {path}: no such run folder")
-    run = RunFolder(folder)
-    report = run.read_report()
+    run, report = open_run(path, "--from-init")
+    folder = run.path
     if report is None:
         raise ConfigError(f"--from-init {path}: not an init run (no readable {REPORT})")
     kind = run.kind(report)

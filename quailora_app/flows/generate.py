@@ -67,7 +67,7 @@ from quailora_app.flows.from_init import flat
 from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory
 from quailora_app.plots.figures import color, label
-from quailora_app.runs import Report, RunFolder
+from quailora_app.runs import Report, RunFolder, open_run
 from quailora_app.settings import build
 from quailora_app.sources.data import bos_id
 from quailora_app.sources.models import context_length, device_label, load_full_precision, pick_device
@@ -115,12 +115,8 @@ def read_run(path: str | Path | None) -> RunSource:
     compare; a one-line ConfigError otherwise."""
     if not path or not str(path).strip():
         raise ConfigError("--from-run is required: an init run's folder (its adapters/<method>/) or a train run's")
-    given = Path(str(path)).expanduser()
-    folder = given.parent if given.name == "report.json" and given.is_file() else given
-    if not folder.is_dir():
-        raise ConfigError(f"--from-run {path}: no such run folder")
-    run = RunFolder(folder)
-    report = run.read_report()
+    run, report = open_run(str(path), "--from-run")
+    folder = run.path
     if report is None:
         raise ConfigError(f"--from-run {path}: not a run folder (no readable report.json)")
     kind = run.kind(report)
