@@ -27,6 +27,16 @@ def skipped(value) -> bool:
     return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
 
 
+@pytest.fixture(autouse=True)
+def every_event_seen_at_once(monkeypatch):
+    """These tests follow each new event; the redraw throttle of running jobs has its own test below."""
+    from quailora_app.app import handlers, presenters
+
+    live = presenters.LiveCounts(seconds=0.0)
+    monkeypatch.setattr(presenters, "LIVE", live)
+    monkeypatch.setattr(handlers, "LIVE", live)
+
+
 def init_job(**kw) -> Job:
     return Job(id="j1", kind="init", owner="alice", config=None, status=RUNNING, started=0.0, stage="calibrate", **kw)
 
@@ -150,6 +160,38 @@ def test_status_calls_build_each_figure_once_per_new_event(monkeypatch):
     assert built["curves"] == 2
     other = Job(id="", kind="init", owner="", config=None, status=FINISHED, run_dir="/elsewhere", events=job.events)
     assert presenters.init_views(other, None)["layers"] is not presenters.init_views(job, None)["layers"]
+
+
+def test_a_running_job_is_redrawn_at_most_once_every_few_seconds_and_in_full_when_it_ends(monkeypatch):
+    """While a job runs, the counts its figures are keyed by move at most once every LIVE.seconds (a new layer a
+    second would otherwise rebuild the 0.1-0.4 s layer figure on every poll); the job that ended shows everything."""
+    from quailora_app.app import handlers, presenters
+    from quailora_app.app.presenters import LiveCounts
+
+    live = LiveCounts(seconds=5.0)
+    job = init_job(events=[])
+    assert live.of(job, {"layers": 1}, now=100.0) == {"layers": 1}
+    assert live.of(job, {"layers": 7}, now=104.9) == {"layers": 1}  # held
+    assert live.of(job, {"layers": 7, "metrics": 1}, now=104.9) == {"layers": 7, "metrics": 1}  # other names: own slot
+    assert live.of(job, {"layers": 9}, now=105.0) == {"layers": 9}
+    job.status = FINISHED
+    assert live.of(job, {"layers": 12}, now=105.1) == {"layers": 12}  # ended: never held
+
+    monkeypatch.setattr(presenters, "DRAWN", presenters.DrawnFigures())
+    monkeypatch.setattr(presenters, "LIVE", LiveCounts(seconds=3600.0))
+    monkeypatch.setattr(handlers, "LIVE", presenters.LIVE)
+    layer = {"kind": "layer", "module": "model.layers.0.mlp.down_proj", "block": 0,
+             "calibrated_error": {"qlora": 1.0, "svd": 0.5}, "weight_error": {"qlora": 1.0}}
+    job = init_job(events=[layer])
+    studio = Studio(Manager(job), (1, 2))
+    first = studio.init_status({"owner": "alice"}, "j1")[2]
+    assert handlers.count_init(job) == {"layers": 1, "metrics": 0}
+    job.events.append({**layer, "module": "model.layers.0.mlp.up_proj"})
+    assert studio.init_status({"owner": "alice"}, "j1")[2] is first  # within the hour: the figure drawn before
+    assert handlers.count_init(job) == {"layers": 1, "metrics": 0}  # and the page's poller sees nothing new
+    job.status = FINISHED
+    assert studio.init_status({"owner": "alice"}, "j1")[2] is not first
+    assert handlers.count_init(job) == {"layers": 2, "metrics": 0}
 
 
 def test_a_job_with_neither_id_nor_run_folder_is_never_served_another_ones_figure():

@@ -37,6 +37,7 @@ from quailora_app.app.forms import (
 )
 from quailora_app.app.jobs import FINISHED, RUNNING, Job, JobManager
 from quailora_app.app.presenters import (
+    LIVE,
     VIEW_KEYS,
     init_views,
     model_layers,
@@ -407,8 +408,8 @@ class Studio:
 
 
 def count_init(job: Job) -> dict[str, int]:
-    return {"layers": sum(1 for e in job.events if e.get("kind") == "layer"),
-            "metrics": sum(1 for e in job.events if e.get("kind") == "metric")}
+    return LIVE.of(job, {"layers": sum(1 for e in job.events if e.get("kind") == "layer"),
+                         "metrics": sum(1 for e in job.events if e.get("kind") == "metric")})
 
 
 def count_bits(job: Job) -> dict[str, int]:
@@ -416,6 +417,6 @@ def count_bits(job: Job) -> dict[str, int]:
 
 
 def count_train(job: Job) -> dict[str, int]:
-    return {"points": sum(1 for e in job.events
-                          if e.get("kind") in ("train_step", "eval", "eval_accuracy", "metric")
-                          or F.is_arm_finished(e))}
+    return LIVE.of(job, {"points": sum(1 for e in job.events
+                                       if e.get("kind") in ("train_step", "eval", "eval_accuracy", "metric")
+                                       or F.is_arm_finished(e))})
