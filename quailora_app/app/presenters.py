@@ -256,14 +256,14 @@ def init_views(job: Job | None, manager: JobManager,
     base = (*job_key(job), report is not None)
     layers, metrics = n.get("layer", 0), n.get("metric", 0)
     out: dict[str, Any] = {}
+    methods = list(getattr(job.config, "methods", ()) or ()) if job else []
+    word = job_base(job)  # the legends name the run's base: "4-bit + QuAILoRA", "HQQ 3-bit + QuAILoRA"
     if "layers" in parts:
         n_blocks = job.total if job and job.stage == "calibrate" and job.total else None
         out["layers"] = DRAWN.get((*base, "layers", layers, n_blocks),
-                                  lambda: F.layer_error_figure(source, n_blocks))
+                                  lambda: F.layer_error_figure(source, n_blocks, word))
     if "heatmap" in parts:  # with the budget method's ranks when it ran
         out["heatmap"] = DRAWN.get((*base, "heatmap", layers), lambda: F.init_heatmap(source, "quailora"))
-    methods = list(getattr(job.config, "methods", ()) or ()) if job else []
-    word = job_base(job)  # the legends name the run's base: "4-bit + QuAILoRA", "HQQ 3-bit + QuAILoRA"
     if "perplexity" in parts:
         scored = report if report and report.get("perplexity") else events
         out["perplexity"] = DRAWN.get((*base, "perplexity", metrics),

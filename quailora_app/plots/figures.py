@@ -151,12 +151,15 @@ def _methods_in(layers: Sequence[Mapping], key: str) -> list[str]:
     return sorted(seen, key=lambda m: order.index(m) if m in order else len(order))
 
 
-def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None = None) -> go.Figure:
+def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None = None,
+                       base: str | None = None) -> go.Figure:
     """Per-layer error of each method relative to plain QLoRA, one panel per module type.
 
     Top row: calibrated error sqrt(tr((E-C)H(E-C)^T) / tr(E H E^T)); bottom row: weight error ||E-C||/||E||.
-    x = decoder block. Lower is better; 1.0 = no correction."""
+    x = decoder block. Lower is better; 1.0 = no correction. The legend names the run's base (`base`, or the
+    report's)."""
     title = "Quantization error left per layer (1.0 = plain QLoRA, lower is better)"
+    base = base_of(source, base)
     layers = layers_from(source)
     if not layers:
         return empty_figure(title, "per-layer errors appear here while the blocks are calibrated")
@@ -174,9 +177,9 @@ def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None
                     continue
                 fig.add_trace(go.Scatter(
                     x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                    name=label(method), legendgroup=method, showlegend=(r == 1 and c == 1),
+                    name=label(method, base), legendgroup=method, showlegend=(r == 1 and c == 1),
                     line={"color": color(method, i), "width": 1.5}, marker={"size": 4},
-                    hovertemplate=f"{label(method)}<br>{module} of block %{{x}}<br>"
+                    hovertemplate=f"{label(method, base)}<br>{module} of block %{{x}}<br>"
                                   f"{'calibrated' if r == 1 else 'weight'} error %{{y:.3f}}<extra></extra>",
                 ), row=r, col=c)
     # the baseline every number is relative to
@@ -190,6 +193,8 @@ def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None
     fig.update_yaxes(title_text="on activations<br>(ratio to QLoRA)", row=1, col=1)
     fig.update_yaxes(title_text="in the weights<br>(ratio to QLoRA)", row=2, col=1)
     fig.update_xaxes(showgrid=True, range=[x0 - 0.5, x1 + 0.5] if x1 > x0 else None)
+    if x1 - x0 < 6:  # a few blocks: whole-number ticks only (plotly's own put -0.5, 1.5 at neighbouring panels' edges)
+        fig.update_xaxes(tick0=0, dtick=1)
     # one title under the middle panel: seven "decoder block" titles would run into one another on a narrow page
     fig.update_xaxes(title_text="decoder block (every panel)" if len(modules) > 2 else "decoder block", row=2,
                      col=(len(modules) + 1) // 2)
