@@ -290,7 +290,8 @@ def init_at_hqq3(page, expect) -> float:
     bits.fill("3")
     bits.press("Enter")
     expect(bits).to_have_value("3")
-    page.keyboard.press("Escape")  # the option list closed before the screenshot
+    page.keyboard.press("Escape")  # the option list closed (and faded out) before the screenshot
+    page.wait_for_timeout(500)
     page.locator("#quantizer").locator("xpath=..").screenshot(path=str(SHOTS / "browser-7-quantizer-hqq3.png"))
     start = time.time()
     page.locator("#start-init").click()

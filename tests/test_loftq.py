@@ -305,3 +305,8 @@ def test_init_flow_saves_loftq_with_its_base_and_the_pair_reloads_to_its_perplex
     splits = load_splits(cfg.data, load_tokenizer(source))
     reloaded = load_with_base(folder, source.folder)
     assert perplexity(reloaded, splits.eval, cfg.eval_batch) == pytest.approx(ppl["loftq_svd"], rel=1e-4)
+    # the same adapter on the stock base (Q_1) is another model: why the base travels with it
+    from peft import PeftModel
+
+    stock = PeftModel.from_pretrained(load_quantized(source, quant, CPU, torch.float32), str(folder))
+    assert perplexity(stock, splits.eval, cfg.eval_batch) != pytest.approx(ppl["loftq_svd"], rel=1e-3)
