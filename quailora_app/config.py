@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from quailora_app.engine.arms import arm_names, default_arm_names
 from quailora_app.engine.methods.init_math import SOLVERS
@@ -105,6 +107,17 @@ class QuantConfig:
     def label(self) -> str:
         """The data type: 'NF4' / 'FP4' (bitsandbytes) or 'HQQ' (with the bits: '3-bit HQQ')."""
         return self.quant.upper() if self.quantizer == "bitsandbytes" else "HQQ"
+
+
+def quant_word(quant: QuantConfig | Mapping[str, Any] | None) -> str:
+    """How figures and lines name a run's quantized base: '4-bit' for bitsandbytes (NF4 or FP4, the QLoRA recipe, as
+    the app always said), 'HQQ 3-bit' for HQQ. `quant`: a QuantConfig or its dict (a report's settings["quant"])."""
+    if quant is None:
+        return "4-bit"
+    get = quant.get if isinstance(quant, Mapping) else lambda key, default=None: getattr(quant, key, default)
+    if get("quantizer", "bitsandbytes") == "hqq":
+        return f"HQQ {get('bits', 4)}-bit"
+    return "4-bit"
 
 
 @dataclass
@@ -264,6 +277,9 @@ class InitConfig:
     distill_steps: int = distill_setting("distill_steps")
     distill_lr: float = distill_setting("distill_lr")
     distill_batch: int = distill_setting("distill_batch")
+    loftq_iter: int = field(default=5, metadata={
+        "help": "LoftQ's alternating steps T (loftq_svd, loftq_calibrated): quantize W - C, fit C to W - Q; their "
+                "re-quantized base is saved with their adapter"})
     eval_batch: int = field(default=4, metadata={
         "help": "sequences per forward pass when measuring perplexity", "cli": False})
     baselines: bool = field(default=True, metadata={
@@ -282,6 +298,13 @@ class InitConfig:
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}")
         check_distill(self.distill_steps, self.distill_lr, self.distill_batch)
+        check_loftq_iter(self.loftq_iter)
+
+
+def check_loftq_iter(iters) -> None:
+    """LoftQ's T (InitConfig and BitsConfig offer it)."""
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ConfigError(f"loftq-iter (LoftQ's alternating steps) must be at least 1, got {iters!r}")
 
 
 def check_distill(steps: int, lr: float, batch: int) -> None:
@@ -505,8 +528,7 @@ class BitsConfig:
             raise ConfigError(f"across bits does not compute {', '.join(unknown)}; choose from "
                               f"{', '.join(_bits_methods())}")
         self.methods = tuple(dict.fromkeys(m for m in self.methods if m != QLORA))
-        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
-            raise ConfigError(f"loftq-iter (LoftQ's alternating steps) must be at least 1, got {self.loftq_iter!r}")
+        check_loftq_iter(self.loftq_iter)
         check_solver_settings(self.als_rounds, self.damping)
         check_distill(self.distill_steps, self.distill_lr, self.distill_batch)
 

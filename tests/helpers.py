@@ -98,9 +98,10 @@ def huge_model(folder: Path) -> Path:
 
 
 def form_settings(model_dir, **over) -> dict:
-    """The app's 15 Setup settings (/start_init, /start_train, by parameter name) for a ~2 s job on the tiny model;
+    """The app's 17 Setup settings (/start_init, /start_train, by parameter name) for a ~2 s job on the tiny model;
     `over` replaces any of them (e.g. upload=handle_file(path), rank=8) or adds a flow's own (methods, arms, ...)."""
-    args = dict(model=str(model_dir), dataset="", upload=None, text_column=None, quant="nf4", double_quant=True,
+    args = dict(model=str(model_dir), dataset="", upload=None, text_column=None, quantizer="bitsandbytes", bits=4,
+                quant="nf4", double_quant=True,
                 block_size=64, rank=4, alpha=8, rslora=False, targets=["all-linear"], calib_samples=4, seq_len=32,
                 eval_tokens=128, seed=0)
     args.update(over)

@@ -68,6 +68,12 @@ CASES = {
     "steps-0": ("train", "steps must be at least 1|less than minimum value 1"),
     "seq-len-beyond-context": ("init", "beyond the context of model"),
     "nan-weights": ("init", "has NaN values in the weight"),
+    # the quantizer: bits it does not offer are refused by the form, a group size that does not divide a layer by
+    # the job before any weight is quantized
+    "bitsandbytes-3-bits": ("init", "bitsandbytes quantizes to 4 bits, not 3"),
+    "hqq-5-bits": ("init", "hqq quantizes to 2, 3, 4 or 8 bits, not 5"),
+    "hqq-group-not-dividing": ("init", "HQQ group size 48 does not divide the 64 inputs of layer"),
+    "train-hqq-9-bits": ("train", "hqq quantizes to 2, 3, 4 or 8 bits, not 9"),
 }
 
 
@@ -99,9 +105,17 @@ def test_bad_input_gets_one_clear_message(case, app, tiny_model_dir, short_docs_
         over["seq_len"], over["eval_tokens"] = 1024, 1024
     elif case == "nan-weights":
         model = with_weight(tiny_model_dir, tmp_path / "nan", float("nan"))
+    elif case == "bitsandbytes-3-bits":
+        over["bits"] = 3
+    elif case == "hqq-5-bits":
+        over["quantizer"], over["bits"] = "hqq", 5
+    elif case == "hqq-group-not-dividing":
+        over["quantizer"], over["bits"], over["block_size"] = "hqq", 3, 48
+    elif case == "train-hqq-9-bits":
+        over["quantizer"], over["bits"] = "hqq", 9
     args = settings(model, short_docs_file if "upload" not in over else None, **over)
     if kind == "train":
-        args.update(TRAIN_EXTRA, steps=0)
+        args.update(TRAIN_EXTRA, **({"steps": 0} if case == "steps-0" else {}))
         message = answer(client, session, "/start_train", args, "/train_status")
     else:
         args.update(INIT_EXTRA)
@@ -119,3 +133,16 @@ def test_the_app_still_works_after_bad_input(app, tiny_model_dir, short_docs_fil
     args = {**settings(tiny_model_dir, short_docs_file), **INIT_EXTRA}
     status = answer(client, session, "/start_init", args, "/init_status")
     assert "finished" in status, status
+
+
+def test_the_quantizer_choice_offers_its_own_bits():
+    """The Setup's quantizer radio sets the bits offered (bitsandbytes 4; HQQ 2, 3, 4, 8), keeps bits the new
+    quantizer offers, and leaves NF4/FP4 and double quantization settable only for bitsandbytes."""
+    from quailora_app.app.handlers import quantizer_settings
+
+    bits, quant, double = quantizer_settings("hqq", 4)
+    assert bits["choices"] == [2, 3, 4, 8] and bits["value"] == 4
+    assert quant["interactive"] is False and double["interactive"] is False
+    assert quantizer_settings("hqq", 2)[0]["value"] == 2
+    bits, quant, double = quantizer_settings("bitsandbytes", 3)
+    assert bits["choices"] == [4] and bits["value"] == 4 and quant["interactive"] and double["interactive"]

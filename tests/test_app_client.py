@@ -74,6 +74,28 @@ def test_the_documented_list_is_parsed_back():
     assert documented("") != signatures(info)
 
 
+def test_init_at_hqq_3_bits_names_its_base(app_url, tiny_model_dir, short_docs_file):
+    """The Setup's quantizer by name: an init on an HQQ 3-bit base runs, its report holds that base, and its
+    figures and numbers say "HQQ 3-bit" where a bitsandbytes run says "4-bit"."""
+    client = Client(app_url, verbose=False)
+    session, *_ = client.predict({}, api_name="/attach")
+    session, job_id, _ = client.predict(session, **setup_args(tiny_model_dir, short_docs_file, quantizer="hqq", bits=3,
+                                                              block_size=32),
+                                        methods=["qlora", "svd"], baselines=False, als_rounds=2, damping=0.01,
+                                        api_name="/start_init")
+    out = wait_for(client, session, "/init_status", job_id, lambda o: "finished" in o[1] or "failed" in o[1])
+    progress, status, layers, heatmap, ppl, numbers, report, note, accuracy = out
+    assert "finished" in status, status
+    quant = report["settings"]["quant"]
+    assert (quant["quantizer"], quant["bits"], quant["block_size"]) == ("hqq", 3, 32)
+    assert "HQQ 3-bit + SVD of the error (uncalibrated)" in {t["name"] for t in plot_of(layers)["data"]}
+    names = {t["name"] for t in plot_of(ppl)["data"]}
+    assert names == {"HQQ 3-bit + QLoRA init (no correction)", "HQQ 3-bit + SVD of the error (uncalibrated)"}
+    assert [row[0] for row in numbers["data"]] == sorted(names, key=lambda n: "SVD" in n)
+    summary = client.predict(session, "init", job_id, "", api_name="/download_run")[1]
+    assert "HQQ 3-bit, no correction" in summary and "4-bit" not in summary.replace("HQQ 3-bit", "")
+
+
 def test_dataset_columns_from_an_uploaded_csv(app_url, tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("id,label,review\n1,pos,a fine film with a long road home\n2,neg,the dog was lazy\n")

@@ -5,8 +5,10 @@ figure's edge); set small settings, quantize & initialize (the live run replaces
 per-layer plot render, compute the teaching views (they replace the shipped ones) and open How it works, start a
 short two-arm fine-tuning from that init run (the default), see its first curve points and then more, stop it;
 reopen the page; then run across bits on a tiny model (its frontier replaces the shipped one, and its bit widths the
-shipped ones in the across-models scatter). The live run's figures, the teaching views, the across-models scatter
-and the live frontier are checked for overlapping texts too (at 1400 px).
+shipped ones in the across-models scatter), and quantize & initialize that model at HQQ 3-bit chosen in the Setup
+(the quantizer setting: bitsandbytes by default, NF4/FP4 only settable for it; the figures name the base). The
+live run's figures, the teaching views, the across-models scatter and the live frontier are checked for overlapping
+texts too (at 1400 px).
 Screenshots go to test-output/ (ignored by git)."""
 from __future__ import annotations
 
@@ -266,6 +268,47 @@ def run_across_bits(page, expect, model_dir) -> float:
     return seconds
 
 
+def quantizer_setting_shown(page, expect) -> None:
+    """The Setup's quantizer: bitsandbytes (the QLoRA recipe) chosen, 4 bits, NF4/FP4 settable."""
+    expect(page.locator("#quantizer")).to_be_visible()
+    expect(page.locator("#quantizer")).to_contain_text("bitsandbytes (QLoRA recipe)")
+    expect(page.locator("#quantizer")).to_contain_text("HQQ")
+    expect(page.get_by_label("bitsandbytes (QLoRA recipe)", exact=True)).to_be_checked()
+    expect(page.locator("#bits input")).to_have_value("4")
+    expect(page.locator("#quant-type input").first).to_be_enabled()
+
+
+def init_at_hqq3(page, expect) -> float:
+    """With the tiny model typed in the Setup (run_across_bits): choose HQQ, then 3 bits, and quantize & initialize
+    from the page (the Setup's other settings as the first init run left them); the run's base is HQQ 3-bit, and the
+    perplexity bars name it where a bitsandbytes run says 4-bit; seconds from the press to the finished run."""
+    page.locator("#quantizer").scroll_into_view_if_needed()
+    page.get_by_label("HQQ", exact=True).check()
+    expect(page.locator("#quant-type input").first).to_be_disabled(timeout=ms(10_000))  # NF4/FP4: bitsandbytes only
+    bits = page.locator("#bits input")
+    bits.click()
+    bits.fill("3")
+    bits.press("Enter")
+    expect(bits).to_have_value("3")
+    page.keyboard.press("Escape")  # the option list closed (and faded out) before the screenshot
+    page.wait_for_timeout(500)
+    page.locator("#quantizer").locator("xpath=..").screenshot(path=str(SHOTS / "browser-7-quantizer-hqq3.png"))
+    start = time.time()
+    page.locator("#start-init").click()
+    expect(page.locator("#init-status")).to_contain_text("running", timeout=ms(30_000))
+    expect(page.locator("#init-progress")).to_contain_text("quantize to HQQ 3-bit", timeout=ms(30_000))
+    expect(page.locator("#init-status")).to_contain_text("finished", timeout=ms(180_000))
+    seconds = time.time() - start
+    for plot in ("#ppl-plot", "#layer-plot"):  # the legends name the base where a bitsandbytes run says 4-bit
+        expect(page.locator(plot)).to_contain_text("HQQ 3-bit + SVD", timeout=ms(10_000))
+        expect(page.locator(plot)).not_to_contain_text("4-bit +")
+    expect(page.locator("#summary")).to_contain_text("HQQ 3-bit, no correction", timeout=ms(10_000))
+    page.locator("#ppl-plot").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "browser-7-init-hqq3.png"), full_page=True)
+    no_text_overlaps(page, "the HQQ 3-bit init run at 1400 px", plots=4)
+    return seconds
+
+
 def test_init_then_finetune_in_the_browser(app_url, tiny_model_dir):
     from playwright.sync_api import expect, sync_playwright
 
@@ -280,6 +323,7 @@ def test_init_then_finetune_in_the_browser(app_url, tiny_model_dir):
         # another in any figure shown, on a narrow page (step 2's heatmap and perplexity bars share a row: each
         # gets under 350 px) and on a wide one; the teaching views' tab is the one open
         shipped_example_shown(page, expect)
+        quantizer_setting_shown(page, expect)
         page.screenshot(path=str(SHOTS / "browser-0-first-visit-900.png"), full_page=True)
         no_text_overlaps(page, "first visit at 900 px", plots=4 + len(VIEW_IDS))
         at_width(page, 1400)
@@ -399,7 +443,9 @@ def test_init_then_finetune_in_the_browser(app_url, tiny_model_dir):
         # across bits on the tiny model (HQQ 2, 3 and 4-bit, the closed form, a few seconds): the live frontier
         # replaces the shipped one, its reading and table follow, and the across-models scatter gains its bit widths
         bits_seconds = run_across_bits(page, expect, tiny_model_dir)
+        hqq_seconds = init_at_hqq3(page, expect)
         browser.close()
     print(f"init flow in the browser: {init_seconds:.0f} s, teaching views: {views_seconds:.0f} s, fine-tuning from "
           f"the init run: first curve points after {first_point_seconds:.0f} s, across bits on the tiny model: "
-          f"{bits_seconds:.0f} s; text-overlap checks and width changes: {CHECK_SECONDS[0]:.1f} s")
+          f"{bits_seconds:.0f} s, init of the tiny model at HQQ 3-bit: {hqq_seconds:.0f} s; text-overlap checks and "
+          f"width changes: {CHECK_SECONDS[0]:.1f} s")

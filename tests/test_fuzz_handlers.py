@@ -25,20 +25,23 @@ ANY = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.integers(-(10**400), 10**400),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
     st.sampled_from(["", " ", "nan", "inf", "-1", "0", "1e999", "3.5", "16", "nf4", "fp4", "all-linear", "\n", "\x00",
-                     "../../etc/passwd", "/etc/passwd", "~root/.ssh", "embedded", "embedded:speeches", "a/b:c"]),
+                     "../../etc/passwd", "/etc/passwd", "~root/.ssh", "embedded", "embedded:speeches", "a/b:c",
+                     "hqq", "bitsandbytes", "2", "3", "8"]),
     st.lists(st.text(max_size=12), max_size=4), st.lists(st.integers(), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
 
-INIT_VALID = dict(model="embedded", dataset="embedded", upload=None, text_column=None, quant="nf4", double_quant=True,
+INIT_VALID = dict(model="embedded", dataset="embedded", upload=None, text_column=None, quantizer="bitsandbytes", bits=4,
+                  quant="nf4", double_quant=True,
                   block_size=64, rank=16, alpha=16, rslora=False, targets=["q_proj", "v_proj"], calib_samples=16,
                   seq_len=256, eval_tokens=2048, seed=0, methods=["qlora", "svd", "quailora"], baselines=True,
                   als_rounds=20, damping=0.01)
 TRAIN_VALID = {**{k: v for k, v in INIT_VALID.items() if k not in ("methods", "baselines")},
                "arms": ["qlora4", "quailora4"], "steps": 20, "learning_rate": 2e-4, "batch_size": 2, "grad_accum": 1,
                "eval_every": 5, "warmup_ratio": 0.03}
-VIEWS_VALID = {**{k: INIT_VALID[k] for k in ("model", "dataset", "upload", "text_column", "quant", "double_quant",
-                                             "block_size", "eval_tokens", "seed", "als_rounds", "damping")},
+VIEWS_VALID = {**{k: INIT_VALID[k] for k in ("model", "dataset", "upload", "text_column", "quantizer", "bits", "quant",
+                                             "double_quant", "block_size", "eval_tokens", "seed", "als_rounds",
+                                             "damping")},
                "layer": "model.layers.0.self_attn.q_proj", "views_rank": 8, "views_calib_samples": 8,
                "views_seq_len": 128}
 
@@ -60,9 +63,33 @@ def mutated(valid: dict):
 
 def test_valid_settings_pass():
     assert forms.make_init_config(INIT_VALID).lora.rank == 16
+    hqq = forms.make_init_config({**INIT_VALID, "quantizer": "hqq", "bits": "3", "block_size": 32}).quant
+    assert (hqq.quantizer, hqq.bits, hqq.block_size) == ("hqq", 3, 32)
+    assert forms.make_train_config({**TRAIN_VALID, "quantizer": "hqq", "bits": 2}).quant.bits == 2
     assert forms.make_train_config(TRAIN_VALID).steps == 20
     views = forms.make_views_config({**VIEWS_VALID, "layer": " "}, ranks=(1, 2))
     assert views.lora.rank == 8 and views.data.seq_len == 128 and views.layer is None and views.ranks == (1, 2)
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"quantizer": "bitsandbytes", "bits": 3}, "bitsandbytes quantizes to 4 bits, not 3"),
+    ({"quantizer": "hqq", "bits": 5}, "hqq quantizes to 2, 3, 4 or 8 bits, not 5"),
+    ({"quantizer": "hqq", "bits": 1}, "hqq quantizes to 2, 3, 4 or 8 bits, not 1"),
+    ({"quantizer": "hqq", "bits": 3, "block_size": 20}, "HQQ group size must be a positive multiple of 8, not 20"),
+    ({"quantizer": "bitsandbytes", "block_size": 48}, "block size must be a power of two from 32 to 4096, not 48"),
+    ({"quantizer": "gptq"}, "quantizer must be bitsandbytes or hqq"),
+    ({"bits": "three"}, "bits per weight must be a number"),
+])
+def test_bad_quantizer_settings_get_one_line(over, words):
+    """Bits a quantizer does not offer, a block or group size it cannot use: one line naming them."""
+    with pytest.raises(UserError) as err:
+        forms.make_init_config({**INIT_VALID, **over})
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_views_refuse_an_hqq_setup_in_one_line():
+    with pytest.raises(UserError, match="teaching views look inside bitsandbytes' 4-bit blocks"):
+        forms.make_views_config({**VIEWS_VALID, "quantizer": "hqq", "bits": 3}, ranks=(1, 2))
 
 
 @FUZZ

@@ -2,7 +2,7 @@
 the Q it holds; T = 1 is the svd (closed_form) method on the plain base, bit for bit; what the alternation keeps
 (each fit step never raises the error; T = 5 ends below T = 1 here, though single steps may rise); the API replaces
 each base layer in place and moves the logits toward full precision; the across-bits flow measures LoftQ points on
-their own bases and puts the bases back; the init flow skips it in one line."""
+their own bases and puts the bases back; the init flow measures it and saves its base with its adapter."""
 import math
 
 import pytest
@@ -26,7 +26,7 @@ from quailora_app.engine.quantization import bnb, hqq
 from quailora_app.engine.quantization.layers import dequantized_weight, own_product, quantized_modules
 from quailora_app.engine.quantization.load import load_quantized
 from quailora_app.errors import ConfigError
-from quailora_app.events import Log, RunFinished
+from quailora_app.events import RunFinished
 from quailora_app.sources.models import resolve_model
 
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("one_thread")]
@@ -267,16 +267,46 @@ def test_bits_flow_measures_loftq_on_its_own_base_and_puts_the_base_back(tiny_mo
         assert p3[f"{base}/loftq_svd"]["bits_per_weight"] == p3[f"{base}/svd"]["bits_per_weight"]
 
 
-def test_init_flow_skips_loftq_in_one_line(tiny_model_dir, text_file, tmp_path):
+@pytest.mark.parametrize("quant", [base_quant("hqq3", 32), QuantConfig()], ids=["hqq3", "nf4"])
+def test_init_flow_saves_loftq_with_its_base_and_the_pair_reloads_to_its_perplexity(tiny_model_dir, text_file,
+                                                                                      tmp_path, quant):
+    """`init --methods loftq_svd` measures LoftQ on its own base (T = 2: its figure differs from svd's), saves the
+    re-quantized base beside the adapter, and plain transformers + peft reload the pair to the reported perplexity;
+    svd's adapter (the stock base) has no base file."""
+    from safetensors.torch import load_file
+
+    from quailora_app.engine.evaluation.evaluate import perplexity
+    from quailora_app.engine.requantized import BASE_FILE, load_with_base
     from quailora_app.flows.init import run_init
+    from quailora_app.sources.data import load_splits
+    from quailora_app.sources.models import load_tokenizer
 
     cfg = InitConfig(ModelConfig(str(tiny_model_dir)),
-                     DataConfig(str(text_file), seq_len=32, calib_samples=4, eval_tokens=128),
-                     lora=LORA, methods=("svd", "loftq_svd"), baselines=False, out=str(tmp_path / "init"))
+                     DataConfig(str(text_file), seq_len=32, calib_samples=4, eval_tokens=128), quant=quant,
+                     lora=LORA, methods=("svd", "loftq_svd"), loftq_iter=2, baselines=False,
+                     out=str(tmp_path / "init"))
     events = list(run_init(cfg))
     assert isinstance(events[-1], RunFinished), events[-1]
     report = events[-1].report
-    said = [e.message for e in events if isinstance(e, Log) and "loftq_svd" in e.message]
-    assert len(said) == 1 and "quantizes the base again" in said[0] and "\n" not in said[0]
-    assert "loftq_svd" in report["unavailable"] and "loftq_svd" not in report["perplexity"]
-    assert "svd" in report["perplexity"]
+    ppl = report["perplexity"]
+    assert {"qlora", "svd", "loftq_svd"} <= set(ppl) and "loftq_svd" not in report["unavailable"]
+    assert ppl["loftq_svd"] != ppl["svd"] and math.isfinite(ppl["loftq_svd"])
+    assert report["requantized"]["loftq_svd"]["layers"] == 14 and report["requantized"]["loftq_svd"]["loftq_iter"] == 2
+    assert "loftq_svd" in report["self_check"]
+    folder = tmp_path / "init" / "adapters" / "loftq_svd"
+    assert (folder / BASE_FILE).is_file() and not (tmp_path / "init" / "adapters" / "svd" / BASE_FILE).exists()
+    assert BASE_FILE in (folder / "README.md").read_text()
+    source = resolve_model(str(tiny_model_dir))
+    saved = load_file(str(folder / BASE_FILE))
+    plain = quantized_modules(load_quantized(source, quant, CPU, torch.float32))
+    assert set(saved) == {f"{name}.weight" for name in plain}
+    changed = [k for k in saved if not torch.equal(saved[k], dequantized_weight(plain[k.removesuffix(".weight")]))]
+    assert len(changed) == 14  # every adapted layer holds Q_T, not the stock base's Q
+    splits = load_splits(cfg.data, load_tokenizer(source))
+    reloaded = load_with_base(folder, source.folder)
+    assert perplexity(reloaded, splits.eval, cfg.eval_batch) == pytest.approx(ppl["loftq_svd"], rel=1e-4)
+    # the same adapter on the stock base (Q_1) is another model: why the base travels with it
+    from peft import PeftModel
+
+    stock = PeftModel.from_pretrained(load_quantized(source, quant, CPU, torch.float32), str(folder))
+    assert perplexity(stock, splits.eval, cfg.eval_batch) != pytest.approx(ppl["loftq_svd"], rel=1e-3)

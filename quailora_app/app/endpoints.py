@@ -38,7 +38,9 @@ ENDPOINTS: dict[str, Endpoint] = {
         ("session", "init_job_id", "status"),
         "Queue the quantize & initialize flow. The settings go by name, e.g. `client.predict(session, "
         'model="embedded", rank=8, methods=["qlora", "quailora"], ..., api_name="/start_init")`; the names and '
-        "their meaning are the command line's (`init` flags in docs/guide.md). `accuracy_tasks` (`labels`, "
+        "their meaning are the command line's (`init` flags in docs/guide.md). `quantizer` (`bitsandbytes`, the "
+        "default and the QLoRA recipe, at `bits` 4 with `quant` nf4 or fp4; or `hqq` at `bits` 2, 3, 4 or 8) and "
+        "`block_size` (HQQ's group size) choose the quantized base. `accuracy_tasks` (`labels`, "
         "`continuation`), `label_items` and `continuation_items` add downstream accuracy. Bad settings raise an "
         "error."),
     "/init_status": Endpoint(
@@ -72,8 +74,8 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/start_views": Endpoint(
         ("session", "views_job_id", "status"),
         'Queue the teaching views of one layer (`layer` "" = the default layer) in the same worker, at the Setup\'s '
-        "model, text and 4-bit settings; the latest finished init run of `init_job_id` feeds the precision "
-        "trade-off."),
+        "model, text and 4-bit settings (bitsandbytes only: an HQQ `quantizer` is refused in one line); the latest "
+        "finished init run of `init_job_id` feeds the precision trade-off."),
     "/views_status": Endpoint(
         ("progress_html", "status", "weights", "error", "spectrum", "energy", "channels", "rank_sweep", "precision",
          "precision_table", "layer"),

@@ -33,7 +33,8 @@ from quailora_app.settings import Setting, build, settings
 from quailora_app.sources.data import PREFERRED_TEXT_COLUMNS, describe_dataset, format_of
 
 #: How the form names a setting in its one-line refusals (default: the name with spaces).
-LABELS = {"quant": "4-bit data type", "text_column": "text column", "targets": "target modules",
+LABELS = {"quant": "4-bit data type", "block_size": "block / group size", "bits": "bits per weight",
+          "text_column": "text column", "targets": "target modules",
           "calib_samples": "calibration sequences", "seq_len": "tokens per sequence", "eval_tokens": "held-out tokens",
           "als_rounds": "ALS rounds", "warmup_ratio": "warm-up share", "batch_size": "batch",
           "grad_accum": "gradient accumulation"}
@@ -259,7 +260,11 @@ def make_views_config(values: Mapping[str, Any], ranks: Sequence[int], reports: 
         raise UserError("the views' rank must be at least 1")
     typed = form_values(InitConfig, values)
     own = {name: typed[name] for name in ("damping", "als_rounds") if name in typed}
-    return ViewsConfig(model=build(ModelConfig, typed), data=build(DataConfig, typed), quant=build(QuantConfig, typed),
+    quant = build(QuantConfig, typed)
+    if quant.quantizer != "bitsandbytes":
+        raise UserError("the teaching views look inside bitsandbytes' 4-bit blocks (their 16 levels and absmax): set "
+                        "the Setup's quantizer to bitsandbytes for them; the Across bits tab compares HQQ's bit widths")
+    return ViewsConfig(model=build(ModelConfig, typed), data=build(DataConfig, typed), quant=quant,
                        lora=LoraSettings(rank=rank), layer=layer, ranks=tuple(ranks), reports=tuple(reports), **own)
 
 

@@ -52,6 +52,7 @@ from quailora_app.app.presenters import (
     zip_run,
 )
 from quailora_app.app.reopen import EXAMPLE_DIR, list_runs
+from quailora_app.config import QUANTIZER_BITS
 from quailora_app.errors import UserError, one_line
 from quailora_app.plots import figures as F
 from quailora_app.plots.teaching import harm_gain_figure, paper_scatter
@@ -91,6 +92,20 @@ def _views_tuple(job: Job | None) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------ stateless handlers
+def quantizer_settings(quantizer, bits):
+    """The Setup's bits and bitsandbytes-only fields for `quantizer`: bits offered per quantizer (bitsandbytes 4;
+    HQQ 2, 3, 4, 8), the shown bits kept when the new quantizer offers them, else its first offered (bitsandbytes'
+    4, HQQ's 3 when coming from another width); NF4/FP4 and double quantization only for bitsandbytes."""
+    offered = list(QUANTIZER_BITS.get(quantizer, QUANTIZER_BITS["bitsandbytes"]))
+    try:
+        shown = int(bits)
+    except (TypeError, ValueError):
+        shown = None
+    value = shown if shown in offered else (3 if 3 in offered else offered[0])
+    bnb = quantizer != "hqq"
+    return gr.update(choices=offered, value=value), gr.update(interactive=bnb), gr.update(interactive=bnb)
+
+
 def dataset_columns(upload):
     if not upload:
         return gr.update(choices=[], value=None), ""

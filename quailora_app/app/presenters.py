@@ -32,7 +32,7 @@ from quailora_app.app.reopen import (
     open_example,
     open_run,
 )
-from quailora_app.config import ALL_LINEAR, ModelConfig
+from quailora_app.config import ALL_LINEAR, ModelConfig, quant_word
 from quailora_app.engine.evaluation.selfcheck import report_lines
 from quailora_app.engine.methods.registry import QLORA, init_method_names
 from quailora_app.errors import UserError, one_line
@@ -137,7 +137,19 @@ def progress_html(job: Job | None, manager: JobManager) -> str:
     cur = job.stage if job.kind == "init" else _train_stage(job)
     names = [s for s, _, _ in stages]
     idx = names.index(cur) if cur in names else (names.index("calibrate") if cur == "initialize" else 0)
-    return stages_bar(job, [text for _, text, _ in stages], idx, frac, line)
+    word = job_base(job)
+    texts = [text.replace("4-bit", word) if name == "quantize" else text for name, text, _ in stages]
+    return stages_bar(job, texts, idx, frac, line)
+
+
+def job_base(job: Job | None) -> str:
+    """How the job's quantized base is named (config.quant_word): "4-bit" (bitsandbytes) or "HQQ 3-bit"; from the
+    job's config, else its report's settings."""
+    quant = getattr(getattr(job, "config", None), "quant", None)
+    if quant is None:
+        settings = (getattr(job, "report", None) or {}).get("settings") or {}
+        quant = settings.get("quant") if isinstance(settings, dict) else None
+    return quant_word(quant)
 
 
 def stages_bar(job: Job, texts: list[str], idx: int, frac: float, line: str) -> str:
@@ -276,28 +288,30 @@ def init_views(job: Job | None, manager: JobManager,
     base = (*job_key(job), report is not None)
     layers, metrics = n.get("layer", 0), n.get("metric", 0)
     out: dict[str, Any] = {}
+    methods = list(getattr(job.config, "methods", ()) or ()) if job else []
+    word = job_base(job)  # the legends name the run's base: "4-bit + QuAILoRA", "HQQ 3-bit + QuAILoRA"
     if "layers" in parts:
         n_blocks = job.total if job and job.stage == "calibrate" and job.total else None
         out["layers"] = DRAWN.get((*base, "layers", layers, n_blocks),
-                                  lambda: F.layer_error_figure(source, n_blocks))
+                                  lambda: F.layer_error_figure(source, n_blocks, word))
     if "heatmap" in parts:  # with the budget method's ranks when it ran
         out["heatmap"] = DRAWN.get((*base, "heatmap", layers), lambda: F.init_heatmap(source, "quailora"))
-    methods = list(getattr(job.config, "methods", ()) or ()) if job else []
     if "perplexity" in parts:
         scored = report if report and report.get("perplexity") else events
-        out["perplexity"] = DRAWN.get((*base, "perplexity", metrics), lambda: F.perplexity_figure(scored, methods))
+        out["perplexity"] = DRAWN.get((*base, "perplexity", metrics),
+                                      lambda: F.perplexity_figure(scored, methods, word))
     if "accuracy" in parts:  # downstream accuracy with Wilson intervals (an empty panel when accuracy is off)
         scored_acc = report if report and report.get("accuracy") else events
         out["accuracy"], out["accuracy_shown"] = DRAWN.get(
             (*base, "accuracy", metrics),
-            lambda: (F.accuracy_figure(scored_acc, methods), bool(F.accuracies_from(scored_acc))))
+            lambda: (F.accuracy_figure(scored_acc, methods, word), bool(F.accuracies_from(scored_acc))))
     if report:
-        out["numbers"] = DRAWN.get((*base, "numbers"), lambda: pd.DataFrame(F.numbers_table(report),
+        out["numbers"] = DRAWN.get((*base, "numbers"), lambda: pd.DataFrame(F.numbers_table(report, word),
                                                                             columns=F.NUMBERS_HEADER))
     else:
         def live_numbers() -> pd.DataFrame:
             live = {"layers": F.layers_from(events), "perplexity": F.perplexities_from(events), "methods": methods}
-            return pd.DataFrame(F.numbers_table(live), columns=F.NUMBERS_HEADER)
+            return pd.DataFrame(F.numbers_table(live, word), columns=F.NUMBERS_HEADER)
 
         out["numbers"] = DRAWN.get((*base, "numbers", layers, metrics), live_numbers)
     out["report"] = report
@@ -383,12 +397,14 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
     report = report_of(init_job)
     if report:
         ppl = report.get("perplexity") or {}
+        word = job_base(init_job)
+        plain = "4-bit QLoRA" if word == "4-bit" else f"{word}, no correction"
         lines.append(f"**Quantize & initialize** ({report.get('status', init_job.status)}): model "
                      f"`{report.get('model')}`, data `{Path(str(report.get('dataset'))).name}`, rank "
                      f"{report.get('rank')}, on {report.get('device')}.\n")
         if "qlora" in ppl:
             parts = [f"full precision {ppl['full']:.2f}" if ppl.get("full") else None,
-                     f"8-bit {ppl['int8']:.2f}" if ppl.get("int8") else None, f"4-bit QLoRA {ppl['qlora']:.2f}"]
+                     f"8-bit {ppl['int8']:.2f}" if ppl.get("int8") else None, f"{plain} {ppl['qlora']:.2f}"]
             lines.append("- Perplexity: " + ", ".join(p for p in parts if p) + ".")
         for m in report.get("methods", []):
             if m == "qlora" or ppl.get(m) is None:
@@ -396,12 +412,12 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
             gap = (report.get("gap_closed") or {}).get(m)
             errs = [r["calibrated_error"][m] for r in report.get("layers", []) if m in r.get("calibrated_error", {})]
             err = F.median(errs)
-            lines.append(f"- {F.label(m)}: perplexity {ppl[m]:.2f}"
-                         + (f", closes {100 * gap:.0f}% of the 4-bit→8-bit gap" if gap is not None else "")
+            lines.append(f"- {F.label(m, word)}: perplexity {ppl[m]:.2f}"
+                         + (f", closes {100 * gap:.0f}% of the {word}→8-bit gap" if gap is not None else "")
                          + (f"; median layer keeps {100 * err:.0f}% of QLoRA's activation error"
                             if err is not None else "")
                          + ".")
-        lines.extend(_accuracy_lines(report))
+        lines.extend(_accuracy_lines(report, word))
         for m, details in (report.get("method_details") or {}).items():  # a model-level method's KL (distill)
             kl = details.get("kl") if isinstance(details, dict) else None
             held = {k: (v or {}).get("holdout") for k, v in kl.items()} if isinstance(kl, dict) else {}
@@ -429,7 +445,7 @@ def summary_text(init_job: Job | None, train_job: Job | None) -> str:
     return "\n".join(lines) or "No results yet: run step 2 (and 3) first."
 
 
-def _accuracy_lines(report: dict) -> list[str]:
+def _accuracy_lines(report: dict, word: str = "4-bit") -> list[str]:
     """One line per downstream task: each variant's accuracy +- its 95% half-width, the accuracy gap closed, and
     whether the difference from QLoRA is more than noise (McNemar's exact test on the same items)."""
     lines = []
@@ -439,11 +455,11 @@ def _accuracy_lines(report: dict) -> list[str]:
             continue
         parts = []
         for name, m in models.items():
-            text = f"{F.label(name)} {100 * m['accuracy']:.1f}% ± {100 * m['half_width']:.1f}"
+            text = f"{F.label(name, word)} {100 * m['accuracy']:.1f}% ± {100 * m['half_width']:.1f}"
             gap = (entry.get("gap_closed") or {}).get(name)
             vs = (entry.get("vs_qlora") or {}).get(name)
             if gap is not None:
-                text += f" (closes {100 * gap:.0f}% of the 4-bit→8-bit accuracy gap"
+                text += f" (closes {100 * gap:.0f}% of the {word}→8-bit accuracy gap"
                 text += ", not significant vs QLoRA)" if vs and not vs.get("significant") else ")"
             parts.append(text)
         lines.append(f"- Accuracy, {entry.get('title')} (n={entry.get('n', 0):,}): " + ", ".join(parts) + ".")
@@ -557,6 +573,13 @@ def made_by(manifest: dict) -> str:
     return f"made by `{command}` (seed {manifest.get('seed', 0)}{when})"
 
 
+def _quant_named(settings: dict) -> str:
+    """'NF4 4-bit' (bitsandbytes, its data type) or 'HQQ 3-bit', from a report's settings."""
+    quant = settings.get("quant") or {}
+    word = quant_word(quant)
+    return f"{str(quant.get('quant', 'nf4')).upper()} {word}" if word == "4-bit" else word
+
+
 def example_label(kind: str, report: dict, manifest: dict) -> str:
     """The line over a shipped run's plots: that it is the shipped example, its settings, how it was made."""
     s = report.get("settings") or {}
@@ -570,13 +593,13 @@ def example_label(kind: str, report: dict, manifest: dict) -> str:
         every = set(report.get("methods") or []) >= set(init_method_names())
         what = f"every initialization ({len(methods)} beside QLoRA)" if every else ", ".join(methods)
         missing = "; ".join(f"{m} not run here" for m in (report.get("unavailable") or {}))
-        body = (f"{model_title(report)}, {str(s.get('quant', {}).get('quant', 'nf4')).upper()} 4-bit, LoRA rank "
+        body = (f"{model_title(report)}, {_quant_named(s)}, LoRA rank "
                 f"{lora.get('rank')} on {where}, {data.get('calib_samples')} × {data.get('seq_len')} calibration "
                 f"tokens, {data.get('eval_tokens', 0):,} held-out tokens, {what}{f' ({missing})' if missing else ''}, "
                 f"{device}")
     elif kind == "views":
         ranks = ", ".join(str(r) for r in report.get("ranks") or [])
-        body = (f"{model_title(report)}, {str(s.get('quant', {}).get('quant', 'nf4')).upper()} 4-bit, layer "
+        body = (f"{model_title(report)}, {_quant_named(s)}, layer "
                 f"`{report.get('layer')}` at LoRA rank {report.get('rank')}, {data.get('calib_samples')} × "
                 f"{data.get('seq_len')} calibration tokens, rank sweep over r = {ranks}, the precision table's "
                 f"perplexities from the shipped init run, {device}")

@@ -51,6 +51,7 @@ from quailora_app.app.handlers import (
     describe_dataset,
     how_it_works,
     model_note,
+    quantizer_settings,
     runs_to_reopen,
     view_layers,
 )
@@ -70,14 +71,15 @@ __all__ = ["Page", "api_info", "build_ui", "default_settings", "launch_options"]
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 #: The settings each start endpoint takes, by name and in its API order (session first, not listed).
-SETUP_NAMES = ("model", "dataset", "upload", "text_column", "quant", "double_quant", "block_size", "rank", "alpha",
-               "rslora", "targets", "calib_samples", "seq_len", "eval_tokens", "seed")
+SETUP_NAMES = ("model", "dataset", "upload", "text_column", "quantizer", "bits", "quant", "double_quant", "block_size",
+               "rank", "alpha", "rslora", "targets", "calib_samples", "seq_len", "eval_tokens", "seed")
 INIT_NAMES = (*SETUP_NAMES, "methods", "baselines", "als_rounds", "damping", "accuracy_tasks", "label_items",
               "continuation_items")
 TRAIN_NAMES = (*SETUP_NAMES, "als_rounds", "damping", "arms", "steps", "learning_rate", "batch_size", "grad_accum",
                "eval_every", "warmup_ratio", "start_from_init")
-VIEWS_NAMES = ("model", "dataset", "upload", "text_column", "quant", "double_quant", "block_size", "eval_tokens",
-               "seed", "als_rounds", "damping", "layer", "views_rank", "views_calib_samples", "views_seq_len")
+VIEWS_NAMES = ("model", "dataset", "upload", "text_column", "quantizer", "bits", "quant", "double_quant", "block_size",
+               "eval_tokens", "seed", "als_rounds", "damping", "layer", "views_rank", "views_calib_samples",
+               "views_seq_len")
 
 
 @dataclass
@@ -169,6 +171,8 @@ def _wire_setup(demo: gr.Blocks, studio: Studio, page: Page) -> None:
     f["upload"].change(dataset_columns, [f["upload"]], [f["text_column"], setup.data_info], api_name="dataset_columns")
     f["dataset"].change(describe_dataset, [f["dataset"]], [setup.data_info], api_name="describe_dataset")
     f["model"].change(model_note, [f["model"]], [setup.model_note], api_name="model_note")
+    f["quantizer"].change(quantizer_settings, [f["quantizer"], f["bits"]], [f["bits"], f["quant"], f["double_quant"]],
+                          api_name="quantizer_settings", queue=False, **_PRIVATE)
 
 
 def _wire_init(studio: Studio, page: Page, poll_seconds: float) -> None:

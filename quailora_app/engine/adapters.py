@@ -165,11 +165,25 @@ def write_model_card(folder: Path, record: Mapping[str, Any]) -> None:
     method = record.get("method", "?")
     lines = [f"# LoRA adapter initialized with `{method}` (QuAILoRA Studio)", "",
              "A plain peft LoRA adapter whose factors start at a quantization-aware initialization: s B A cancels "
-             "part of the 4-bit quantization error E = W - Q of each layer, measured on calibration text "
-             "(Lawton et al., 2024, arXiv:2410.14713). Load it onto the base quantized with the same settings:", "",
-             "```python", "from peft import PeftModel",
-             "model = PeftModel.from_pretrained(base_4bit, adapter_folder, is_trainable=True)", "```", "",
-             "| initialization | value |", "|---|---|"]
+             "part of the quantization error E = W - Q of each layer, measured on calibration text "
+             "(Lawton et al., 2024, arXiv:2410.14713)."]
+    if record.get("base_weights"):  # a method that quantized the base again (LoftQ): its base travels with it
+        base = record["base_weights"]
+        lines += ["", f"`{method}` quantized the base again: its factors correct the weights Q in `{base}` "
+                      "(every quantized linear layer, dequantized exactly as the measured model multiplied by them), "
+                      "not the stock quantized base. Load the full-precision model, put Q in, then the adapter:", "",
+                  "```python", "import torch", "from peft import PeftModel", "from safetensors.torch import load_file",
+                  "from transformers import AutoModelForCausalLM",
+                  "model = AutoModelForCausalLM.from_pretrained(full_precision_folder, dtype=torch.float32)",
+                  f'model.load_state_dict(load_file(f"{{adapter_folder}}/{base}"), strict=False)',
+                  "model = PeftModel.from_pretrained(model, adapter_folder, is_trainable=True)", "```", "",
+                  "(`quailora_app.engine.requantized.load_with_base(adapter_folder, full_precision_folder)` does the "
+                  "same.)"]
+    else:
+        lines += ["Load it onto the base quantized with the same settings:", "",
+                  "```python", "from peft import PeftModel",
+                  "model = PeftModel.from_pretrained(base_4bit, adapter_folder, is_trainable=True)", "```"]
+    lines += ["", "| initialization | value |", "|---|---|"]
     lines += [f"| {key} | {_cell(value)} |" for key, value in record.items() if key not in ("layers", "settings")]
     card.write_text(header + "\n".join(lines) + "\n")
 

@@ -20,15 +20,14 @@ quantized weights.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from quailora_app.config import BitsConfig, base_bits, base_quant
-from quailora_app.engine.adapters import attach_lora, lora_layers, write_factors
+from quailora_app.engine.adapters import attach_lora, write_factors
 from quailora_app.engine.calibration.initialize import InitResult, initialize
 from quailora_app.engine.calibration.plan import run_model_method, target_paths
 from quailora_app.engine.evaluation.evaluate import PROBE_TOKENS, check_adapter_applied, perplexity
@@ -38,6 +37,7 @@ from quailora_app.engine.preflight import check_rank_fits, shapes_or_none
 from quailora_app.engine.quantization.bnb import load_8bit
 from quailora_app.engine.quantization.layers import calibration_dtype, quantized_modules
 from quailora_app.engine.quantization.load import bits_per_weight, load_quantized
+from quailora_app.engine.requantized import swapped_bases
 from quailora_app.errors import Cancelled
 from quailora_app.events import Event, Metric, Progress, RunFinished, Stage
 from quailora_app.flows.prepare import prepare
@@ -212,22 +212,6 @@ class BitsRun:
         self.report["full"] = ppl
         self.rec.save()
         yield self.rec.emit(Metric("full", ppl, "perplexity", "full precision" + (" (cached)" if cached else "")))
-
-
-@contextmanager
-def swapped_bases(peft_model, layers: Mapping[str, torch.nn.Module]):
-    """Within the block, each LoRA layer named in `layers` (module path -> quantized layer) computes on that base
-    layer instead of its own (a LoftQ base, Q_T); its own is put back after, whatever happens."""
-    lora = lora_layers(peft_model)
-    kept = {}
-    try:
-        for path, layer in layers.items():
-            kept[path] = lora[path].base_layer
-            lora[path].base_layer = layer
-        yield
-    finally:
-        for path, layer in kept.items():
-            lora[path].base_layer = layer
 
 
 def layer_shape(layer) -> tuple[int, int]:

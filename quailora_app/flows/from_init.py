@@ -41,7 +41,7 @@ from quailora_app.settings import build, settings
 
 #: settings (flat names, settings.py) an init run fixes for a train run that starts from it
 FIXED = ("model", "dataset", "eval_dataset", "text_column", "seq_len", "calib_samples", "seed",
-         "quant", "double_quant", "block_size", "rank", "alpha", "rslora", "targets")
+         "quantizer", "bits", "quant", "double_quant", "block_size", "rank", "alpha", "rslora", "targets")
 #: the downstream accuracy settings: the init run's unless given, so that the arms are scored on the init run's items
 #: and its step-0 scores are reused (flows/train.py)
 ACCURACY_SETTINGS = tuple(f.name for f in fields(AccuracyConfig))

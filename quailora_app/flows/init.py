@@ -1,6 +1,11 @@
 """The init flow as one event stream: load -> data -> quantize -> calibrate + initialize (block by block) ->
 evaluate (perplexity, downstream accuracy) and save adapters -> 8-bit and full-precision baselines -> report.
 
+A method that quantizes the base again (LoftQ: loftq_svd, loftq_calibrated, kind "requant") gets its own base layers
+in the same pass over the blocks; its self-check, perplexity and accuracy are measured with them swapped in, and its
+adapter folder holds that base too (engine/requantized.py: base_weights.safetensors), so the adapter is never
+shipped without the matrix it corrects.
+
 `run_init(cfg)` yields events; the CLI, the UI and the tests all consume this one stream. Everything
 computed is written to the run folder as it happens (events.jsonl, report.json, adapters/<method>/).
 """
@@ -15,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from quailora_app.config import InitConfig
+from quailora_app.config import InitConfig, quant_word
 from quailora_app.engine.adapters import Factors, attach_lora, loftq_factors, read_factors, save_adapter, write_factors
 from quailora_app.engine.calibration.calibrate import decoder_layers
 from quailora_app.engine.calibration.initialize import InitResult, initialize
@@ -31,11 +36,12 @@ from quailora_app.engine.evaluation.perplexity_cache import (
     write_cached,
 )
 from quailora_app.engine.evaluation.selfcheck import check_window_count, self_check
-from quailora_app.engine.methods.registry import MODEL, QLORA, get_method, requant_names
+from quailora_app.engine.methods.registry import MODEL, QLORA, REQUANT, get_method, requant_names
 from quailora_app.engine.parallel import Processes
 from quailora_app.engine.preflight import preflight_init
 from quailora_app.engine.quantization.bnb import int8_dtype, load_8bit
 from quailora_app.engine.quiet import quiet_libraries
+from quailora_app.engine.requantized import BASE_FILE, replaced_modules, save_base, swapped_bases
 from quailora_app.errors import Cancelled, one_line
 from quailora_app.events import Event, Log, Metric, Progress, RunFinished, Stage
 from quailora_app.flows.accuracy_ledger import AccuracyLedger, accuracy_record, gaps_closed, versus
@@ -44,6 +50,7 @@ from quailora_app.flows.recorder import Recorder, free_memory, opening_report
 from quailora_app.runs import Report, RunFolder
 from quailora_app.sources.models import compute_dtype, device_label, load_full_precision, pick_device
 from quailora_app.sources.tasks import Task
+from quailora_app.units import format_bytes
 
 quiet_libraries()
 
@@ -75,6 +82,7 @@ class InitRun:
         self.rec = Recorder(folder, self.report, should_stop, before_save=self._note_peak_memory)
         self.should_stop = self.rec.should_stop
         self.factors: dict[str, dict[str, Factors]] = {}
+        self.bases: dict[str, dict[str, torch.nn.Module]] = {}  # requant method -> module path -> its base layer
         self.ranks: dict[str, dict[str, int]] = {}  # method -> module path -> rank, where ranks differ per layer
         self.target_paths: list[str] = []  # the modules LoRA targets (set once the model is loaded)
         self.ledger: AccuracyLedger | None = None  # the downstream tasks scored on every model variant (cfg.accuracy)
@@ -124,10 +132,11 @@ class InitRun:
         cfg = self.cfg
         result = InitResult(factors=self.factors, layers=self.report["layers"], seconds=self.report["seconds"])
         n_blocks = len(decoder_layers(model)[1])
-        for name in [m for m in cfg.methods if m in requant_names()]:  # LoftQ: a base of its own, not measured here
-            reason = (f"{name} quantizes the base again, which an init run (one shared base) does not do: measure it "
-                      f"with `python -m quailora_app bits --methods {name}`, or on your model with "
-                      f"replace_lora_weights_quailora(..., method='{name}')")
+        requant = [m for m in cfg.methods if m in requant_names()]
+        split = self.processes is not None and self.processes.world > 1
+        for name in requant if split else ():  # LoftQ's bases are computed in one process
+            reason = (f"{name} quantizes the base again, which an init run spread over processes does not do: run it "
+                      "in one process, or measure it with `python -m quailora_app bits --methods {name}`")
             self.report["unavailable"][name] = reason
             yield self.rec.emit(Log(reason, "warning"))
         yield self.rec.emit(Stage("calibrate", f"{len(calib_ids)} x {calib_ids.shape[1]} tokens through {n_blocks} "
@@ -137,13 +146,20 @@ class InitRun:
             for event in initialize(model, checkpoint, calib_ids, cfg.lora, cfg.methods, result,
                                     device=self.device, calib_dtype=calib_dtype, damping=cfg.damping,
                                     als_rounds=cfg.als_rounds, should_stop=self.should_stop, solver=cfg.solver,
-                                    processes=self.processes):
+                                    processes=self.processes, requant=bool(requant) and not split,
+                                    options={"loftq_iter": cfg.loftq_iter}):
                 if isinstance(event, Progress):
                     self.rec.save()
                 yield self.rec.emit(event)
         except Cancelled:
             self._save_partial_adapters(model, n_blocks)
             raise
+        finally:
+            self.bases = {m: layers for m, layers in result.bases.items() if layers}
+        for name in requant if not split else ():
+            self.report.setdefault("requantized", {})[name] = {
+                "loftq_iter": cfg.loftq_iter, "layers": len(self.bases.get(name, {})),
+                "note": f"the base is quantized again: the adapter folder holds it ({BASE_FILE})"}
 
     def _whole_model_methods(self, model, checkpoint, calib_ids, dtype) -> Iterator[Event]:
         """The registry's whole-model methods (kind "model"), each after the per-layer pass, which gives them
@@ -180,9 +196,15 @@ class InitRun:
         yield self.rec.emit(Stage("initialize", f"self-check: {', '.join(corrections)} through each layer's own "
                                                 f"product on {windows.numel()} held-out tokens"))
         start = time.perf_counter()
-        checks = self_check(model, checkpoint, windows, corrections,
-                            {path: self.cfg.lora.scaling for path in self.target_paths}, device=self.device,
-                            dtype=torch.float32 if self.device.type == "cpu" else dtype)  # short: not stopped halfway
+        scalings = {path: self.cfg.lora.scaling for path in self.target_paths}
+        check_dtype = torch.float32 if self.device.type == "cpu" else dtype
+        shared = {m: f for m, f in corrections.items() if m not in self.bases}
+        checks = self_check(model, checkpoint, windows, shared, scalings, device=self.device,
+                            dtype=check_dtype) if shared else {}  # short: not stopped halfway
+        for method in [m for m in corrections if m in self.bases]:  # each on its own base layers (Q_T)
+            with replaced_modules(model, self.bases[method]):
+                checks.update(self_check(model, checkpoint, windows, {method: corrections[method]}, scalings,
+                                         device=self.device, dtype=check_dtype))
         self.report["seconds"]["self_check"] = time.perf_counter() - start
         self.report["self_check"] = {m: c.record() for m, c in checks.items()}
         self.report["layers_reset"] = {m: list(c.reset) for m, c in checks.items()}
@@ -193,7 +215,7 @@ class InitRun:
     def _save_partial_adapters(self, model, n_blocks: int) -> None:
         """After a stop during initialization: each method's adapter with the blocks already done (the other
         layers keep peft's default, B = 0, i.e. plain QLoRA), so the work done is not lost. Not evaluated."""
-        done = {m: f for m, f in self.factors.items() if f}
+        done = {m: f for m, f in self.factors.items() if f and m not in self.bases}  # a LoftQ base is not saved here
         if not done:
             return
         peft_model = attach_lora(model, self.cfg.lora, self.target_paths)
@@ -216,12 +238,15 @@ class InitRun:
         ppl = report["perplexity"]
         return {"method": method, "model": cfg.model.model, "data": cfg.data.dataset, "rank": cfg.lora.rank,
                 "lora_alpha": cfg.lora.alpha, "use_rslora": cfg.lora.rslora,
-                "quantization": f"{cfg.quant.quant}, double quant {cfg.quant.double_quant}, blocks of "
-                                f"{cfg.quant.block_size}",
+                "quantization": (f"{cfg.quant.quant}, double quant {cfg.quant.double_quant}, blocks of "
+                                 f"{cfg.quant.block_size}") if cfg.quant.quantizer == "bitsandbytes" else
+                                f"hqq {cfg.quant.bits}-bit, groups of {cfg.quant.block_size}",
                 "calibration": f"{cfg.data.calib_samples} x {cfg.data.seq_len} tokens",
                 "calibrated_error_median": statistics.median(errors) if errors else None,
                 "held_out_perplexity": ppl.get(method), "held_out_perplexity_qlora": ppl.get(QLORA),
-                "eval_tokens": report.get("tokens", {}).get("eval"), "run": str(self.run_dir)}
+                "eval_tokens": report.get("tokens", {}).get("eval"), "run": str(self.run_dir),
+                **({"base_weights": BASE_FILE, "loftq_iter": cfg.loftq_iter} if get_method(method).kind == REQUANT
+                   else {})}
 
     def _evaluate_methods(self, model, source, eval_ids) -> Iterator[Event]:
         """Each method's held-out perplexity on the one 4-bit base, its factors swapped into one peft model, and
@@ -254,31 +279,48 @@ class InitRun:
             ranked = attach_lora(peft_model.unload(), cfg.lora, self.target_paths, self.ranks[method]) \
                 if method in self.ranks else None  # ranks per layer (peft's rank_pattern): an adapter of its own
             evaluated = ranked or peft_model  # the one model this method's perplexity, accuracy and adapter come from
-            write_factors(evaluated, self.factors[method])
-            check_adapter_applied(evaluated, probe, plain_logits, method, self.factors[method])
-            start = time.perf_counter()
-            cached = read_cached(base_key) if method == QLORA else None
-            if cached is not None:
-                ppl = cached.perplexity
-                self.report.setdefault("perplexity_cached", {})[method] = cached.record()
-            else:
-                ppl = perplexity(evaluated, eval_ids, cfg.eval_batch)
-                if method == QLORA:
-                    write_cached(base_key, ppl, time.perf_counter() - start)
-            seconds[f"eval_{method}"] = time.perf_counter() - start
-            self.report["perplexity"][method] = ppl
-            start = time.perf_counter()
-            save_adapter(evaluated, self.run_dir / "adapters" / method, self._adapter_record(method))
-            seconds[f"save_{method}"] = time.perf_counter() - start
-            self.rec.save()
-            yield self.rec.emit(Metric(method, ppl, "perplexity",
-                                       "4-bit + " + method + (" (cached)" if cached is not None else "")))
-            variant = base_variant if method == QLORA else None  # only the plain 4-bit base is cached
-            yield from self._score(evaluated, method, "4-bit + " + method, variant, source.folder)
+            with swapped_bases(evaluated, self.bases.get(method, {})):  # a LoftQ method: on its own base layers
+                yield from self._evaluate_one(evaluated, method, probe, plain_logits, base_key, base_variant, source,
+                                              eval_ids)
             if ranked is not None:  # back to the uniform-rank adapter, after everything measured on this one
                 peft_model = attach_lora(ranked.unload(), cfg.lora, self.target_paths)
             yield self.rec.emit(Progress("evaluate", i + 1, len(methods), method))
         peft_model.unload()
+
+    def _evaluate_one(self, evaluated, method: str, probe, plain_logits, base_key, base_variant, source,
+                      eval_ids) -> Iterator[Event]:
+        """One method's factors written, its perplexity and accuracy measured and its adapter saved (with its base,
+        when the method quantized the base again)."""
+        cfg, seconds = self.cfg, self.report["seconds"]
+        write_factors(evaluated, self.factors[method])
+        check_adapter_applied(evaluated, probe, plain_logits, method, self.factors[method])
+        start = time.perf_counter()
+        cached = read_cached(base_key) if method == QLORA else None
+        if cached is not None:
+            ppl = cached.perplexity
+            self.report.setdefault("perplexity_cached", {})[method] = cached.record()
+        else:
+            ppl = perplexity(evaluated, eval_ids, cfg.eval_batch)
+            if method == QLORA:
+                write_cached(base_key, ppl, time.perf_counter() - start)
+        seconds[f"eval_{method}"] = time.perf_counter() - start
+        self.report["perplexity"][method] = ppl
+        start = time.perf_counter()
+        folder = save_adapter(evaluated, self.run_dir / "adapters" / method, self._adapter_record(method))
+        saved = None
+        if method in self.bases:  # the matrix its factors correct goes with them
+            saved = save_base(evaluated, folder, compute_dtype(cfg.model.compute_dtype, self.device))
+        seconds[f"save_{method}"] = time.perf_counter() - start
+        self.rec.save()
+        if saved is not None:
+            yield self.rec.emit(Log(f"{method}: its base is quantized again, so {folder} also holds it ({saved.name}, "
+                                    f"{format_bytes(saved.stat().st_size)}); load the pair with plain transformers "
+                                    "and peft as its README.md says"))
+        word = quant_word(cfg.quant)
+        yield self.rec.emit(Metric(method, ppl, "perplexity",
+                                   f"{word} + " + method + (" (cached)" if cached is not None else "")))
+        variant = base_variant if method == QLORA else None  # only the plain quantized base is cached
+        yield from self._score(evaluated, method, f"{word} + " + method, variant, source.folder)
 
     def _baselines(self, source, eval_ids) -> Iterator[Event]:
         """8-bit and full-precision perplexity: from the perplexity cache when measured before with the same

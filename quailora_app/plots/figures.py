@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from quailora_app.config import quant_word
 from quailora_app.engine.arms import find_arm
 from quailora_app.engine.evaluation.evaluate import gap_closed
 from quailora_app.engine.methods.registry import QLORA, find_method, method_names
@@ -51,10 +52,28 @@ CAPTIONS = {
 }
 
 
-def label(name: str) -> str:
-    """The legend of a reference model, a method or an arm."""
+#: how the registry's method labels name the quantized base ("4-bit + QuAILoRA (calibrated)")
+REGISTRY_BASE = "4-bit"
+
+
+def label(name: str, base: str | None = None) -> str:
+    """The legend of a reference model, a method or an arm. `base`: how the run names its quantized base
+    (config.quant_word: "HQQ 3-bit"), put where a method's label says "4-bit"; None or "4-bit" (bitsandbytes)
+    leaves the label as registered."""
     method, arm = find_method(name), find_arm(name)
-    return REFERENCES[name][0] if name in REFERENCES else method.label if method else arm.short if arm else name
+    text = REFERENCES[name][0] if name in REFERENCES else method.label if method else arm.short if arm else name
+    if method and base and base != REGISTRY_BASE and text.startswith(REGISTRY_BASE):
+        text = base + text[len(REGISTRY_BASE):]
+    return text
+
+
+def base_of(source: Mapping | Iterable[Mapping] | None, base: str | None = None) -> str:
+    """How a run names its quantized base: `base` when given, else from a report's settings (config.quant_word:
+    "4-bit" for bitsandbytes, "HQQ 3-bit"), else "4-bit"."""
+    if base:
+        return base
+    settings = source.get("settings") if isinstance(source, Mapping) else None
+    return quant_word((settings or {}).get("quant") if isinstance(settings, Mapping) else None)
 
 
 def short_label(name: str) -> str:
@@ -132,12 +151,15 @@ def _methods_in(layers: Sequence[Mapping], key: str) -> list[str]:
     return sorted(seen, key=lambda m: order.index(m) if m in order else len(order))
 
 
-def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None = None) -> go.Figure:
+def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None = None,
+                       base: str | None = None) -> go.Figure:
     """Per-layer error of each method relative to plain QLoRA, one panel per module type.
 
     Top row: calibrated error sqrt(tr((E-C)H(E-C)^T) / tr(E H E^T)); bottom row: weight error ||E-C||/||E||.
-    x = decoder block. Lower is better; 1.0 = no correction."""
+    x = decoder block. Lower is better; 1.0 = no correction. The legend names the run's base (`base`, or the
+    report's)."""
     title = "Quantization error left per layer (1.0 = plain QLoRA, lower is better)"
+    base = base_of(source, base)
     layers = layers_from(source)
     if not layers:
         return empty_figure(title, "per-layer errors appear here while the blocks are calibrated")
@@ -155,9 +177,9 @@ def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None
                     continue
                 fig.add_trace(go.Scatter(
                     x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                    name=label(method), legendgroup=method, showlegend=(r == 1 and c == 1),
+                    name=label(method, base), legendgroup=method, showlegend=(r == 1 and c == 1),
                     line={"color": color(method, i), "width": 1.5}, marker={"size": 4},
-                    hovertemplate=f"{label(method)}<br>{module} of block %{{x}}<br>"
+                    hovertemplate=f"{label(method, base)}<br>{module} of block %{{x}}<br>"
                                   f"{'calibrated' if r == 1 else 'weight'} error %{{y:.3f}}<extra></extra>",
                 ), row=r, col=c)
     # the baseline every number is relative to
@@ -171,6 +193,8 @@ def layer_error_figure(source: Mapping | Iterable[Mapping], n_blocks: int | None
     fig.update_yaxes(title_text="on activations<br>(ratio to QLoRA)", row=1, col=1)
     fig.update_yaxes(title_text="in the weights<br>(ratio to QLoRA)", row=2, col=1)
     fig.update_xaxes(showgrid=True, range=[x0 - 0.5, x1 + 0.5] if x1 > x0 else None)
+    if x1 - x0 < 6:  # a few blocks: whole-number ticks only (plotly's own put -0.5, 1.5 at neighbouring panels' edges)
+        fig.update_xaxes(tick0=0, dtick=1)
     # one title under the middle panel: seven "decoder block" titles would run into one another on a narrow page
     fig.update_xaxes(title_text="decoder block (every panel)" if len(modules) > 2 else "decoder block", row=2,
                      col=(len(modules) + 1) // 2)
@@ -302,11 +326,14 @@ def perplexities_from(source: Mapping | Iterable[Mapping]) -> dict[str, float]:
             and e.get("group", "perplexity") == "perplexity" and e.get("value") is not None}
 
 
-def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] | None = None) -> go.Figure:
+def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] | None = None,
+                      base: str | None = None) -> go.Figure:
     """Bars: held-out perplexity of full precision, 8-bit, 4-bit (QLoRA init) and 4-bit + each method, each
     labelled inside, along the bar, with its perplexity and the share of the 4-bit -> 8-bit gap it closes (one
-    line per bar: labels of neighbouring bars never meet, however narrow the page)."""
+    line per bar: labels of neighbouring bars never meet, however narrow the page). The legend names the run's
+    base (`base`, or the report's: "HQQ 3-bit + QuAILoRA")."""
     title = "Held-out perplexity before fine-tuning"
+    base = base_of(source, base)
     ppl = perplexities_from(source)
     if not ppl:
         return empty_figure(title, "perplexities appear here after the evaluation stage")
@@ -322,9 +349,9 @@ def perplexity_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str
     fig = go.Figure()
     for i, n in enumerate(names):
         fig.add_trace(go.Bar(
-            x=[short_label(n)], y=[ppl[n]], name=label(n), marker_color=color(n, i),
+            x=[short_label(n)], y=[ppl[n]], name=label(n, base), marker_color=color(n, i),
             text=[texts[i]], textposition="inside", insidetextanchor="end", textangle=-90, textfont={"size": 12},
-            hovertemplate=f"{label(n)}: perplexity %{{y:.3f}}<extra></extra>",
+            hovertemplate=f"{label(n, base)}: perplexity %{{y:.3f}}<extra></extra>",
         ))
     fig.update_layout(showlegend=True, bargap=0.2)
     # tick labels level or upright (slanted ones reach under the y axis's labels), and a little below the axis: a
@@ -350,11 +377,13 @@ def accuracies_from(source: Mapping | Iterable[Mapping]) -> dict[str, dict]:
     return out
 
 
-def accuracy_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] | None = None) -> go.Figure:
+def accuracy_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] | None = None,
+                    base: str | None = None) -> go.Figure:
     """Bars, one panel per downstream task: the accuracy of full precision, 8-bit, 4-bit (QLoRA init) and 4-bit +
     each method, with 95% Wilson intervals as whiskers, the chance and majority-answer lines, and the share of the
     4-bit -> 8-bit accuracy gap each method closes."""
     title = "Downstream accuracy before fine-tuning (higher is better)"
+    base = base_of(source, base)
     tasks = accuracies_from(source)
     if not tasks:
         return empty_figure(title, "accuracies appear here after the evaluation stage (when accuracy tasks are on)")
@@ -374,11 +403,12 @@ def accuracy_figure(source: Mapping | Iterable[Mapping], methods: Sequence[str] 
             if gaps.get(n) is not None:
                 text += f" · gap closed {100 * gaps[n]:.0f}%"
             fig.add_trace(go.Bar(
-                x=[short_label(n)], y=[acc], name=label(n), marker_color=color(n, i), legendgroup=n,
+                x=[short_label(n)], y=[acc], name=label(n, base), marker_color=color(n, i), legendgroup=n,
                 showlegend=col == 1, error_y={"type": "data", "symmetric": False, "array": [hi - acc],
                                               "arrayminus": [acc - lo], "thickness": 1.5, "width": 4},
                 text=[text], textposition="inside", insidetextanchor="start", textangle=-90, textfont={"size": 11},
-                hovertemplate=f"{label(n)}: %{{y:.1f}}% (95% CI {lo:.1f}-{hi:.1f})<extra></extra>"), row=1, col=col)
+                hovertemplate=f"{label(n, base)}: %{{y:.1f}}% (95% CI {lo:.1f}-{hi:.1f})<extra></extra>"), row=1,
+                col=col)
         # the two lines' notes on opposite sides of their lines: close values (chance 50%, majority 52%) never
         # put one note on the other
         for key, dash, what, where in (("chance", "dash", "chance", "bottom right"),
@@ -403,9 +433,11 @@ def median(values: Sequence[float]) -> float | None:
     return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
-def numbers_table(report: Mapping) -> list[list]:
+def numbers_table(report: Mapping, base: str | None = None) -> list[list]:
     """Rows of [variant, median calibrated error, median weight error, perplexity, gap closed vs 8-bit,
-    gap closed vs full precision, seconds] for the UI's table (header: NUMBERS_HEADER)."""
+    gap closed vs full precision, seconds] for the UI's table (header: NUMBERS_HEADER); variants named with the
+    run's base (`base`, or the report's)."""
+    base = base_of(report, base)
     layers = report.get("layers") or []
     ppl = {k: v for k, v in (report.get("perplexity") or {}).items() if v is not None}
     methods = list(report.get("methods") or [])
@@ -424,7 +456,7 @@ def numbers_table(report: Mapping) -> list[list]:
         if name in ("full", "int8", "qlora"):
             gap8 = gapf = None
         seconds = (report.get("seconds") or {}).get(name)
-        rows.append([label(name), fmt(calib), fmt(weight), fmt(ppl.get(name), "{:.2f}"),
+        rows.append([label(name, base), fmt(calib), fmt(weight), fmt(ppl.get(name), "{:.2f}"),
                      fmt(None if gap8 is None else 100 * gap8, "{:.0f}%"),
                      fmt(None if gapf is None else 100 * gapf, "{:.0f}%"), fmt(seconds, "{:.1f}")])
     return rows

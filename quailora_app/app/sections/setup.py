@@ -1,6 +1,6 @@
-"""1 · Setup: model, text, 4-bit and LoRA settings, calibration and evaluation text, the initializations to
-compare, downstream accuracy, and the advanced settings. One input per setting name (`Setup.fields`), so the
-start handlers take them by name."""
+"""1 · Setup: model, text, quantization (bitsandbytes or HQQ, bits, block size) and LoRA settings, calibration and
+evaluation text, the initializations to compare, downstream accuracy, and the advanced settings. One input per
+setting name (`Setup.fields`), so the start handlers take them by name."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -11,12 +11,14 @@ import gradio as gr
 
 from quailora_app.app import uploads as paths
 from quailora_app.app.forms import method_choices, method_info
-from quailora_app.config import ALL_LINEAR, InitConfig
+from quailora_app.config import ALL_LINEAR, QUANTIZER_BITS, InitConfig
 from quailora_app.settings import settings
 from quailora_app.sources.models import EMBEDDED_MODELS, EMBEDDED_NOTE
 
 TARGET_CHOICES = (ALL_LINEAR, "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 UPLOAD_TYPES = paths.PICKER_TYPES
+#: the quantizer radio: (label, setting value); bitsandbytes first, the default and the QLoRA recipe
+QUANTIZER_CHOICES = [("bitsandbytes (QLoRA recipe)", "bitsandbytes"), ("HQQ", "hqq")]
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Setup:
 
 
 def setup_section(d: dict[str, Any]) -> Setup:
-    """1 · Setup: model, text, 4-bit and LoRA settings, calibration text, initializations, advanced."""
+    """1 · Setup: model, text, quantization and LoRA settings, calibration text, initializations, advanced."""
     init = settings(InitConfig)
     gr.Markdown("## 1 · Setup", elem_classes="step")
     f: dict[str, Any] = {}
@@ -55,12 +57,20 @@ def setup_section(d: dict[str, Any]) -> Setup:
             info = gr.Markdown("", elem_classes="note")
     with gr.Row(equal_height=False):
         with gr.Column(min_width=220):
-            gr.Markdown("**4-bit quantization** (bitsandbytes)")
-            f["quant"] = gr.Radio(list(init["quant"].choices()), value=init["quant"].default, label="4-bit data type")
+            gr.Markdown("**Quantization**")
+            f["quantizer"] = gr.Radio(QUANTIZER_CHOICES, value=init["quantizer"].default, label="quantizer",
+                                      elem_id="quantizer", info="bitsandbytes: 4-bit NF4/FP4, the QLoRA recipe; "
+                                                                "HQQ: 2, 3, 4 or 8 bits, no calibration data")
+            default_quantizer = init["quantizer"].default
+            f["bits"] = gr.Dropdown(list(QUANTIZER_BITS[default_quantizer]), value=init["bits"].default,
+                                    allow_custom_value=True, label="bits per weight", elem_id="bits",
+                                    info="bitsandbytes: 4; HQQ: 2, 3, 4 or 8")
+            f["quant"] = gr.Radio(list(init["quant"].choices()), value=init["quant"].default,
+                                  label="4-bit data type (bitsandbytes)", elem_id="quant-type")
             f["double_quant"] = gr.Checkbox(value=init["double_quant"].default,
-                                            label="double quantization (quantize the scales too)")
-            f["block_size"] = gr.Dropdown([32, 64, 128, 256], value=init["block_size"].default,
-                                          label="block size (weights per scale)")
+                                            label="double quantization (quantize the scales too; bitsandbytes)")
+            f["block_size"] = gr.Dropdown([32, 64, 128, 256], value=init["block_size"].default, allow_custom_value=True,
+                                          label="block / group size (weights per scale)", elem_id="block-size")
         with gr.Column(min_width=220):
             gr.Markdown("**LoRA adapter**")
             f["rank"] = gr.Slider(1, 128, value=init["rank"].default, step=1, label="rank r")

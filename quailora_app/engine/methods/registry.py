@@ -219,8 +219,8 @@ def per_layer_names() -> tuple[str, ...]:
 
 
 def init_method_names() -> tuple[str, ...]:
-    """Every method an init run computes on its one shared base: all but those that change the base (kind
-    "requant", which the init flow skips with one line)."""
+    """Every method that corrects the one shared base of an init run: all but those that change the base (kind
+    "requant": an init run computes them when named, and saves each one's base with its adapter)."""
     return tuple(m.name for m in _METHODS.values() if m.kind != REQUANT)
 
 
