@@ -7,7 +7,7 @@ An arm is a peft LoRA model on a base with an AdamW optimizer over the LoRA fact
     "nf4"   always bitsandbytes NF4 4-bit with double quantization in blocks of 64 (the QLoRA recipe), whatever the
             run's quantizer: the reference a run at other bits is compared with (qlora_nf4).
     "8bit"  bitsandbytes LLM.int8;  "full"  unquantized.
-Its step is the same for every arm: Its step is the same for every arm:
+Its step is the same for every arm:
     loss = mean over tokens of -log p(x_t | x_<t)  (the perplexity objective, on the step's micro-batches)
     grads accumulated over grad_accum micro-batches, then one AdamW step at the scheduled learning rate.
 
@@ -63,8 +63,9 @@ class ArmSpec:
                              "to correct; use the qlora init there")
 
 
-#: The one arms registry: name -> ArmSpec, in the order of every table, figure and choice list. 4-bit arms share
-#: one NF4/FP4 base and one calibration (the whole-model arms distill4, sequential4 and budget4 run after it);
+#: The one arms registry: name -> ArmSpec, in the order of every table, figure and choice list. The "4bit" arms share
+#: the run's quantized base (NF4/FP4, or HQQ at --bits) and one calibration (LoftQ's arms each get their own
+#: re-quantized layers from it) (the whole-model arms distill4, sequential4 and budget4 run after it);
 #: quailora8 is initialized against the 8-bit Q; lora16 is the unquantized (float32 on CPU, bfloat16 on CUDA)
 #: reference.
 ARM_SPECS: dict[str, ArmSpec] = {}
