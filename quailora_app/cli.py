@@ -400,6 +400,8 @@ def train_table(report: dict) -> str:
                      f"{pct(report['gap_closed'].get(name)):>13} {pct(report['gap_closed_full'].get(name)):>12} "
                      f"{fmt(a.get('median_step_seconds'), '.2f'):>7} {fmt(a.get('tokens_per_s'), '.0f'):>7} "
                      f"{fmt(mem / MIB if mem else None, '.0f'):>9}{_train_accuracy_cells(report, name)}")
+    lines.append("arms: " + "; ".join(f"{name} = {report['arms'][name].get('label', name)}"
+                                      for name in report["arm_names"]))
     lines.append("gap closed = (ppl_qlora4 - ppl_arm) / (ppl_qlora4 - ppl_target) on the final evaluations; "
                  "target qlora8 (8-bit) and lora16 (full), each when that arm runs")
     lines.extend(_train_accuracy_notes(report))

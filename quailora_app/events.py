@@ -119,12 +119,14 @@ class TrainStep(Event):
 
 @dataclass
 class EvalPoint(Event):
-    """Held-out perplexity of one arm after `step` optimizer steps (0 = right after initialization)."""
+    """Held-out perplexity of one arm after `step` optimizer steps (0 = right after initialization). `label`: the
+    arm's legend in this run (it names the run's bits and quantizer: "HQQ 3-bit QuAILoRA"); empty in older runs."""
 
     kind: ClassVar[str] = "eval"
     arm: str
     step: int
     val_perplexity: float
+    label: str = ""
 
 
 @dataclass

@@ -128,10 +128,10 @@ def test_arms_the_init_run_lacks_are_computed_and_fewer_eval_tokens_are_measured
     events = list(run_train(cfg, run_dir=tmp_path))
     assert events[-1].kind == "finished", events[-1]
     logs = [e.message for e in of_kind(events, "log")]
-    assert any(m.startswith("quailora against the 8bit Q: not in init run") for m in logs)
+    assert any(m.startswith("quailora against the 8-bit LLM.int8 Q: not in init run") for m in logs)
     assert any(m.startswith("perplexities are measured here") for m in logs)
     calibrations = [s.message for s in of_kind(events, "stage") if s.stage == "calibrate"]
-    assert len(calibrations) == 1 and calibrations[0].endswith("against the 8bit Q")  # the 4-bit one was loaded
+    assert len(calibrations) == 1 and calibrations[0].endswith("against the 8-bit LLM.int8 Q")  # 4-bit: loaded
     assert {s.stage for s in of_kind(events, "stage")} >= {"reference"}  # other held-out tokens: measured
     assert step0(events)["quailora4"] != report["perplexity"]["quailora"]  # on half of the init run's tokens
     assert events[-1].report["arms"]["quailora8"]["init_from"] == "computed in this run"
@@ -143,7 +143,7 @@ def test_whole_model_arms_train_without_an_init_run(tiny_model_dir, text_file, t
     events = list(run_train(cfg, run_dir=tmp_path))
     assert events[-1].kind == "finished", events[-1]
     calibrate = [s.message for s in of_kind(events, "stage") if s.stage == "calibrate"]
-    assert len(calibrate) == 1 and "closed_form against the 4bit Q" in calibrate[0]  # distill's start, one pass
+    assert len(calibrate) == 1 and "closed_form against the NF4 4-bit Q" in calibrate[0]  # distill's start, one pass
     start = step0(events)
     assert start["distill4"] < start["qlora4"] and start["sequential4"] < start["qlora4"], start
     assert start["budget4"] < 1.01 * start["qlora4"]  # its allocation weighs layer errors, not perplexity: near

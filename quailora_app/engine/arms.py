@@ -1,7 +1,13 @@
 """Fine-tuning arms: what each arm is (base precision + LoRA initialization), and one arm's training state.
 
-An arm is a peft LoRA model on a base (4-bit NF4/FP4, 8-bit LLM.int8, or unquantized) with an AdamW
-optimizer over the LoRA factors. Its step is the same for every arm:
+An arm is a peft LoRA model on a base with an AdamW optimizer over the LoRA factors. The bases (`BASES`):
+    "4bit"  the run's quantized base, as --quantizer / --bits / --group-size set it: bitsandbytes NF4/FP4 at 4 bits
+            (the default, the QLoRA recipe) or HQQ at 2, 3, 4 or 8 bits. The key keeps its name from when it was
+            always 4-bit, so reports of older runs read the same; labels say the real bits (`arm_labels`).
+    "nf4"   always bitsandbytes NF4 4-bit with double quantization in blocks of 64 (the QLoRA recipe), whatever the
+            run's quantizer: the reference a run at other bits is compared with (qlora_nf4).
+    "8bit"  bitsandbytes LLM.int8;  "full"  unquantized.
+Its step is the same for every arm:
     loss = mean over tokens of -log p(x_t | x_<t)  (the perplexity objective, on the step's micro-batches)
     grads accumulated over grad_accum micro-batches, then one AdamW step at the scheduled learning rate.
 
@@ -20,9 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from quailora_app.engine.evaluation.evaluate import perplexity
-from quailora_app.engine.methods.registry import ANCHOR, BASELINE, get_method
+from quailora_app.engine.methods.registry import ANCHOR, BASELINE, REQUANT, get_method
 
-BASES = ("4bit", "8bit", "full")
+BASES = ("4bit", "nf4", "8bit", "full")
+#: bases holding a low-bit quantized model whose Q an initialization corrects
+QUANTIZED_BASES = ("4bit", "nf4")
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,8 @@ class ArmSpec:
     """One fine-tuning arm: the base it trains on and the initialization its LoRA factors start from."""
 
     name: str
-    base: str  # "4bit" (the config's NF4/FP4), "8bit" (LLM.int8) or "full" (unquantized)
+    base: str  # "4bit" (the run's quantizer and bits), "nf4" (bitsandbytes NF4 4-bit always), "8bit" (LLM.int8) or
+    # "full" (unquantized)
     init: str  # a method of methods/registry.py computed per layer or over the whole model, or its qlora baseline
     # (peft default: B = 0)
     label: str  # the report's label
@@ -46,13 +55,17 @@ class ArmSpec:
         if kind == ANCHOR:  # peft's LoftQ runs on the init flow's peft model, not in the engine's passes
             raise ValueError(f"arm {self.name!r}: {self.init} is not computed per layer nor over the whole model by "
                              "the engine, so no arm can start from it")
+        if kind == REQUANT and self.base not in QUANTIZED_BASES:
+            raise ValueError(f"arm {self.name!r}: {self.init} quantizes the base again, which only a low-bit base "
+                             f"({', '.join(QUANTIZED_BASES)}) can")
         if self.base == "full" and kind != BASELINE:
             raise ValueError(f"arm {self.name!r}: an unquantized base has no quantization error for {self.init} "
                              "to correct; use the qlora init there")
 
 
-#: The one arms registry: name -> ArmSpec, in the order of every table, figure and choice list. 4-bit arms share
-#: one NF4/FP4 base and one calibration (the whole-model arms distill4, sequential4 and budget4 run after it);
+#: The one arms registry: name -> ArmSpec, in the order of every table, figure and choice list. The "4bit" arms share
+#: the run's quantized base (NF4/FP4, or HQQ at --bits) and one calibration (LoftQ's arms each get their own
+#: re-quantized layers from it) (the whole-model arms distill4, sequential4 and budget4 run after it);
 #: quailora8 is initialized against the 8-bit Q; lora16 is the unquantized (float32 on CPU, bfloat16 on CUDA)
 #: reference.
 ARM_SPECS: dict[str, ArmSpec] = {}
@@ -100,6 +113,15 @@ for _spec in (
             "4-bit base, the closed form fitted block by block to the corrected 4-bit model's inputs"),
     ArmSpec("budget4", "4bit", "budget", "4-bit + closed form, ranks under a budget", "4-bit budgeted ranks",
             "#8c564b", "4-bit base, the closed form at per-layer ranks with uniform rank r's parameter count"),
+    ArmSpec("loftq4", "4bit", "loftq_svd", "4-bit LoftQ (base re-quantized, T = 5)", "4-bit LoftQ", "#aec7e8",
+            "the run's quantized base re-quantized by LoftQ's 5 alternating steps, with its SVD factors as init"),
+    ArmSpec("loftq_cal4", "4bit", "loftq_calibrated", "4-bit calibrated LoftQ (base re-quantized, T = 5)",
+            "4-bit calibrated LoftQ", "#98df8a",
+            "LoftQ's 5 alternating steps with the calibrated closed form as the fit: re-quantized base and init"),
+    ArmSpec("qlora_nf4", "nf4", "qlora", "bitsandbytes NF4 4-bit QLoRA (the QLoRA recipe, as reference)",
+            "NF4 4-bit QLoRA (reference)", "#9467bd",
+            "bitsandbytes NF4 4-bit base whatever --quantizer and --bits say, peft's default init: the QLoRA recipe "
+            "beside arms at other bit widths"),
     ArmSpec("qlora8", "8bit", "qlora", "8-bit LLM.int8 QLoRA (peft default init)", "8-bit QLoRA", "#7f7f7f",
             "8-bit LLM.int8 base, peft's default init", default=True),
     ArmSpec("quailora8", "8bit", "quailora", "8-bit + QuAILoRA init (against the 8-bit Q)", "8-bit QuAILoRA",
@@ -108,6 +130,36 @@ for _spec in (
             "unquantized base, plain LoRA: the reference"),
 ):
     register_arm(_spec)
+
+
+def quantized_title(quantizer: str, bits: int) -> str:
+    """How a quantized base is named in labels: '4-bit' for bitsandbytes' 4-bit (the labels' historical wording),
+    'HQQ 3-bit' for HQQ."""
+    return "4-bit" if quantizer == "bitsandbytes" else f"{quantizer.upper()} {bits}-bit"
+
+
+def arm_labels(spec: ArmSpec, quant) -> tuple[str, str]:
+    """(label, short) of arm `spec` in a run whose quantized base is `quant` (a config.QuantConfig: quantizer,
+    bits, quant): an arm on the run's base ("4bit") says that base's bits and quantizer ("HQQ 3-bit QuAILoRA"), never
+    "4-bit" when it is not; the others keep their registered labels."""
+    if spec.base != "4bit" or quant is None or quant.quantizer == "bitsandbytes":
+        return spec.label, spec.short
+    title = quantized_title(quant.quantizer, quant.bits)
+
+    def say(text: str) -> str:
+        return text.replace("4-bit", title, 1) if "4-bit" in text else f"{title} {text}"
+
+    return say(spec.label), say(spec.short)
+
+
+def base_title(base: str, quant) -> str:
+    """A base named in log lines and reports: the run's quantized base with its bits and quantizer ('HQQ 3-bit',
+    'NF4 4-bit'), 'NF4 4-bit' for the reference base, '8-bit LLM.int8', 'unquantized'."""
+    if base == "4bit":
+        if quant is None or quant.quantizer == "bitsandbytes":
+            return f"{(quant.quant if quant is not None else 'nf4').upper()} 4-bit"
+        return quantized_title(quant.quantizer, quant.bits)
+    return {"nf4": "NF4 4-bit", "8bit": "8-bit LLM.int8", "full": "unquantized"}.get(base, base)
 
 
 def batch_hash(micro_batches: list[torch.Tensor]) -> str:
@@ -124,7 +176,8 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 def model_bytes(model) -> int:
     """Bytes the model holds: parameters and buffers (each storage once, so tied weights count once) plus
-    bitsandbytes' quantization state outside them (4-bit absmax and nested state, 8-bit row scales)."""
+    quantization state outside them (bitsandbytes' 4-bit absmax and nested state, 8-bit row scales; HQQ's scales
+    and zeros, kept in each layer's `meta` dict)."""
     seen, total = set(), 0
 
     def add(t) -> None:
@@ -143,6 +196,18 @@ def model_bytes(model) -> int:
             state = getattr(state, "state2", None)
     for b in model.buffers():
         add(b)
+
+    def add_meta(meta) -> None:
+        for value in meta.values():
+            if isinstance(value, dict):
+                add_meta(value)
+            else:
+                add(value)
+
+    for module in model.modules():
+        meta = getattr(module, "meta", None)
+        if isinstance(meta, dict) and hasattr(module, "W_q"):  # an HQQ layer
+            add_meta(meta)
     return total
 
 

@@ -11,6 +11,7 @@ the compute dtype on CUDA, 2 for bfloat16), c = calibration dtype (4 on CPU, the
 
     base 4-bit  = L * (0.5 + q) + O * w      q = (1 + 4/256) / block with double quantization (8-bit absmax
                                              per block, one float32 per 256 absmax), else 4 / block
+    base HQQ b  = L * (b/8 + 2 w/g) + O * w  (b-bit codes, a scale and a zero per group of g at the holding dtype)
     base 8-bit  = L * 1 + O * w              (LLM.int8: int8 weights, a float32 scale per row is negligible)
     base full   = (L + O) * w
     calibration = block * c                  one full-precision block, streamed from the checkpoint
@@ -43,6 +44,7 @@ import torch
 from quailora_app.config import ALL_LINEAR, InitConfig, TrainConfig
 from quailora_app.engine.arms import ARM_SPECS
 from quailora_app.engine.methods.init_math import check_rank
+from quailora_app.engine.quantization.hqq import HqqSettings
 from quailora_app.errors import ModelError
 from quailora_app.sources.models import check_context, trust_remote_code
 from quailora_app.units import GIB, format_bytes
@@ -111,9 +113,16 @@ def _bytes(dtype_spec: str, device: torch.device) -> int:
     return 4 if dtype_spec == "float32" else 2
 
 
-def base_bytes(shapes: ModelShapes, base: str, w: int, block_size: int = 64, double_quant: bool = True) -> int:
-    """Resident bytes of a base model: '4bit', '8bit' or 'full' (see the module docstring)."""
+def base_bytes(shapes: ModelShapes, base: str, w: int, block_size: int = 64, double_quant: bool = True,
+               hqq_bits: int | None = None) -> int:
+    """Resident bytes of a base model: '4bit', 'nf4' (the QLoRA recipe), '8bit' or 'full' (see the module docstring);
+    with `hqq_bits`, '4bit' is HQQ at those bits in groups of block_size: L * (b / 8 + 2 w / g) + O * w (codes, a
+    scale and a zero per group at the holding dtype)."""
     L, other = shapes.linear_params, shapes.other_params
+    if base == "nf4":
+        return base_bytes(shapes, "4bit", w)
+    if base == "4bit" and hqq_bits is not None:
+        return int(L * (hqq_bits / 8 + 2 * w / block_size) + other * w)
     if base == "4bit":
         q = (1 + 4 / 256) / block_size if double_quant else 4 / block_size
         return int(L * (0.5 + q) + other * w)
@@ -171,7 +180,8 @@ def train_estimate(shapes: ModelShapes, cfg: TrainConfig, device: torch.device, 
     arms = {}
     for name in cfg.arms:
         spec = ARM_SPECS[name]
-        base = base_bytes(shapes, spec.base, w, cfg.quant.block_size, cfg.quant.double_quant)
+        base = base_bytes(shapes, spec.base, w, cfg.quant.block_size, cfg.quant.double_quant,
+                          cfg.quant.bits if cfg.quant.quantizer == "hqq" else None)
         arms[name] = base + lora + max(acts, ev, calib if spec.init != "qlora" else 0)
     est = Estimate({"full-precision reference": max(base_bytes(shapes, "full", w), base_bytes(shapes, "8bit", w)) + ev})
     if interleaved:
@@ -260,9 +270,17 @@ def preflight_train(name: str, config, cfg: TrainConfig, device: torch.device) -
     if shapes is None:
         return NO_ESTIMATE, None
     check_rank_fits(shapes, cfg.lora)
+    check_group_size(shapes, cfg.quant)
     est = train_estimate(shapes, cfg, device, interleaved=cfg.schedule == "interleaved")
     hint = "choose a smaller model, fewer arms, --schedule sequential, a smaller batch or a shorter seq-len"
     return check_fits(name, "fine-tuning", est, device, hint), shapes
+
+
+def check_group_size(shapes: ModelShapes, quant) -> None:
+    """An HQQ group size that does not divide every quantized layer's inputs: one-line ConfigError before any weight
+    is read (quantize_linears would refuse it too, but only once the run gets to the quantized base)."""
+    if quant.quantizer == "hqq":
+        HqqSettings(quant.bits, quant.block_size).check({leaf: n for leaf, n, _ in shapes.block_linears})
 
 
 def preflight_views(name: str, config, model_cfg, data, quant, device: torch.device) -> str:

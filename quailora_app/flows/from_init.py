@@ -6,7 +6,8 @@ held-out perplexities (4-bit with each method, 8-bit, full precision). A train r
 repeat all of it before its first step; starting from the init run leaves it the base models to load.
 
 What the init run fixes (`FIXED`): the model, the data and how it is cut (dataset, eval dataset, text column,
-seq-len, calibration samples, seed), the 4-bit quantization and the LoRA shape (rank, alpha, rsLoRA, targets).
+seq-len, calibration samples, seed), the quantization (quantizer, bits, data type, block or group size: an HQQ 3-bit
+init run gives a train run whose quantized arms train on HQQ 3-bit) and the LoRA shape (rank, alpha, rsLoRA, targets).
 Its factors fit that base and that shape only, and its perplexities were measured on that cut. A value the user
 names for one of them that differs from the init run's is refused (ConfigError), never silently replaced.
 
@@ -42,6 +43,8 @@ from quailora_app.settings import build, settings
 #: settings (flat names, settings.py) an init run fixes for a train run that starts from it
 FIXED = ("model", "dataset", "eval_dataset", "text_column", "seq_len", "calib_samples", "seed",
          "quantizer", "bits", "quant", "double_quant", "block_size", "rank", "alpha", "rslora", "targets")
+#: what an init run that predates a setting of FIXED ran with (bitsandbytes 4-bit, the only quantizer then)
+BEFORE_SETTING = {"quantizer": "bitsandbytes", "bits": 4}
 #: the downstream accuracy settings: the init run's unless given, so that the arms are scored on the init run's items
 #: and its step-0 scores are reused (flows/train.py)
 ACCURACY_SETTINGS = tuple(f.name for f in fields(AccuracyConfig))
@@ -122,7 +125,7 @@ def read_init_run(path: str | Path) -> InitSource:
                           "(its factors and perplexities are complete only then)")
     if not isinstance(report.get("settings"), Mapping):
         raise ConfigError(f"--from-init {path}: its {REPORT} records no settings")
-    return InitSource(folder, report, flat(report["settings"]))
+    return InitSource(folder, report, {**BEFORE_SETTING, **flat(report["settings"])})
 
 
 def _norm(name: str, value: Any) -> Any:

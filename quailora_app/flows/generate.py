@@ -58,7 +58,7 @@ from quailora_app.engine.evaluation.agreement import (
     versus_plain,
 )
 from quailora_app.engine.evaluation.evaluate import check_adapter_applied, perplexity
-from quailora_app.engine.methods.registry import QLORA
+from quailora_app.engine.methods.registry import QLORA, REQUANT, get_method
 from quailora_app.engine.quantization.bnb import load_8bit
 from quailora_app.engine.quantization.load import load_quantized
 from quailora_app.errors import Cancelled, ConfigError, one_line
@@ -140,6 +140,8 @@ def read_run(path: str | Path | None) -> RunSource:
             spec = find_arm(arm)
             if spec is not None and spec.base != "4bit":
                 skipped[arm] = f"trained on the {spec.base} base, not the 4-bit one the variants share"
+            elif spec is not None and get_method(spec.init).kind == REQUANT:
+                skipped[arm] = "trained on a base LoftQ quantized again, not the stock one the variants share"
             elif _saved(folder / "adapters" / arm) and arm not in adapters:
                 adapters[arm] = folder / "adapters" / arm
                 trained.add(arm)

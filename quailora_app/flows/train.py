@@ -1,5 +1,11 @@
 """Short LoRA fine-tuning of several arms side by side, as one event stream (`run_train(cfg)`).
 
+Bases (engine/arms.py): the arms on "4bit" (qlora4, quailora4, closed4, ...) train on the run's quantized base as
+--quantizer / --bits / --group-size set it (bitsandbytes NF4/FP4 by default, or HQQ at 2, 3, 4 or 8 bits through
+quantization/load.py), with their initializations computed against that base's own Q; qlora_nf4 trains on
+bitsandbytes NF4 4-bit whatever the quantizer, so one run shows HQQ 3-bit arms beside 4-bit QLoRA. Each arm's label
+names its base's bits and quantizer (report["arms"][arm]["label"] / ["short"], and every EvalPoint's label).
+
 Flow: load -> data -> reference perplexities (full precision, 8-bit) -> per arm: base model, its
 initialization (one block-by-block calibration per base precision computes every per-layer method at
 once; the whole-model methods, distill, sequential and budget, run after it, distill from closed_form's factors),
@@ -51,9 +57,9 @@ from pathlib import Path
 
 import torch
 
-from quailora_app.config import TrainConfig
+from quailora_app.config import QuantConfig, TrainConfig
 from quailora_app.engine.adapters import attach_lora, save_adapter, write_factors
-from quailora_app.engine.arms import ARM_SPECS, Arm, ArmSpec, batch_hash
+from quailora_app.engine.arms import ARM_SPECS, Arm, ArmSpec, arm_labels, base_title, batch_hash
 from quailora_app.engine.calibration.plan import target_paths
 from quailora_app.engine.evaluation.accuracy import task_fingerprint
 from quailora_app.engine.evaluation.evaluate import gap_closed, perplexity
@@ -62,6 +68,7 @@ from quailora_app.engine.evaluation.statistics import wilson_interval
 from quailora_app.engine.methods.registry import QLORA
 from quailora_app.engine.preflight import ModelShapes, available_bytes, preflight_train, train_estimate
 from quailora_app.engine.quantization.bnb import load_4bit, load_8bit
+from quailora_app.engine.quantization.load import load_quantized
 from quailora_app.engine.quiet import quiet_libraries
 from quailora_app.errors import ConfigError, DataError, one_line
 from quailora_app.events import (
@@ -79,7 +86,7 @@ from quailora_app.flows.accuracy_ledger import AccuracyLedger, Answers, accuracy
 from quailora_app.flows.from_init import InitSource, check_against_init, init_answers, read_init_run, same_held_out
 from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory, opening_report
-from quailora_app.flows.train_setup import ArmInits, TrainData, training_order
+from quailora_app.flows.train_setup import ArmInits, TrainData, put_layer, training_order
 from quailora_app.runs import Report, RunFolder
 from quailora_app.sources.data import load_texts
 from quailora_app.sources.models import device_label, load_full_precision, pick_device
@@ -88,6 +95,8 @@ from quailora_app.sources.tasks import MIN_ITEMS, Task, asked_about, reserved_do
 quiet_libraries()
 
 REFERENCES = (("full", "full", "full precision"), ("int8", "8bit", "8-bit LLM.int8"))  # metric, base, note
+#: the "nf4" base of the reference arm qlora_nf4: bitsandbytes' QLoRA recipe, whatever the run's quantizer
+NF4_RECIPE = QuantConfig(quantizer="bitsandbytes", bits=4, quant="nf4", double_quant=True, block_size=64)
 MEMORY_SHARE = 0.7
 
 
@@ -105,8 +114,7 @@ class TrainRun:
         folder = RunFolder.create("train", run_dir or cfg.out)
         self.run_dir = folder.path
         self.device = pick_device(cfg.model.device)
-        arms = {name: {"label": ARM_SPECS[name].label, "base": ARM_SPECS[name].base, "init": ARM_SPECS[name].init,
-                       "status": "pending"} for name in cfg.arms}
+        arms = {name: self._arm_entry(ARM_SPECS[name]) for name in cfg.arms}
         self.report: Report = opening_report(
             "train", cfg, device_label(self.device), arm_names=list(cfg.arms), schedule=None, reference_perplexity={},
             arms=arms, gap_closed={}, gap_closed_full={}, seconds={}, from_init=cfg.from_init)
@@ -129,6 +137,17 @@ class TrainRun:
         self._waiting = collections.Counter(ARM_SPECS[a].base for a in cfg.arms)  # base -> arms not set up yet
 
     # -- plumbing ---------------------------------------------------------------------------------------
+    def _arm_entry(self, spec: ArmSpec) -> dict:
+        """An arm's opening entry in the report: its labels (naming the bits and quantizer of its base), base,
+        initialization; a quantized base's quantizer and bits."""
+        label, short = arm_labels(spec, self.cfg.quant)
+        entry = {"label": label, "short": short, "base": spec.base, "base_title": base_title(spec.base, self.cfg.quant),
+                 "init": spec.init, "status": "pending"}
+        quant = {"4bit": self.cfg.quant, "nf4": NF4_RECIPE}.get(spec.base)
+        if quant is not None:
+            entry.update(quantizer=quant.quantizer, bits=quant.bits, block_size=quant.block_size)
+        return entry
+
     def _summarize(self) -> None:
         for name, arm in self.arms.items():
             self.report["arms"][name].update(self._arm_summary(arm))
@@ -358,8 +377,10 @@ class TrainRun:
 
     def _load_base(self, base: str):
         data = self.data
-        if base == "4bit":
-            return load_4bit(data.source, self.cfg.quant, self.device, data.dtype)
+        if base == "4bit":  # the run's quantizer and bits (bitsandbytes 4-bit or HQQ)
+            return load_quantized(data.source, self.cfg.quant, self.device, data.dtype)
+        if base == "nf4":  # the QLoRA recipe, as reference
+            return load_4bit(data.source, NF4_RECIPE, self.device, data.dtype)
         if base == "8bit":
             return load_8bit(data.source, self.device)
         return load_full_precision(data.source, self.device, torch.float32 if self.device.type == "cpu" else data.dtype)
@@ -423,7 +444,7 @@ class TrainRun:
         if known is not None:
             arm.evals.append((0, known))
             self.rec.save()
-            yield self.rec.emit(EvalPoint(arm.name, 0, known))
+            yield self.rec.emit(EvalPoint(arm.name, 0, known, self.report["arms"][name]["short"]))
             yield from self._score(arm, 0)
         else:
             yield from self._evaluate(arm, 0)
@@ -433,12 +454,14 @@ class TrainRun:
         LoRA attached (peft's default A drawn from the run's seed) with the factors written in, its optimizer."""
         cfg, spec = self.cfg, ARM_SPECS[name]
         self.rec.check_stop(f"the setup of arm {name}")
-        yield self.rec.emit(Stage("setup", f"arm {name}: {spec.label}"))
+        yield self.rec.emit(Stage("setup", f"arm {name}: {self.report['arms'][name]['label']}"))
         start = time.perf_counter()
         model = self._arm_base(spec.base)
         paths = target_paths(model, cfg.lora)
         if spec.init != QLORA:
             yield from self.inits.ready(spec.base, model, self.data, self.origin)
+        for path, layer in self.inits.bases.get(spec.base, {}).get(spec.init, {}).items():
+            put_layer(model, path, layer)  # LoftQ: the arm trains on its re-quantized base Q_T
         ranks = self.inits.ranks.get(spec.base, {}).get(spec.init)  # budget's per-layer ranks (peft's rank_pattern)
         torch.manual_seed(cfg.data.seed)  # the same random A in every default-init arm
         peft_model = attach_lora(model, cfg.lora, paths, ranks)
@@ -469,17 +492,23 @@ class TrainRun:
     def _evaluate(self, arm: Arm, step: int) -> Iterator[Event]:
         ppl = arm.evaluate(step, self.data.eval_ids, self.cfg.eval_batch)
         self.rec.save()
-        yield self.rec.emit(EvalPoint(arm.name, step, ppl))
+        yield self.rec.emit(EvalPoint(arm.name, step, ppl, self.report["arms"][arm.name]["short"]))
         yield from self._score(arm, step)
 
     def _finish_arm(self, arm: Arm) -> Iterator[Event]:
         stopped = arm.steps_done < self.cfg.steps
         cfg = self.cfg
-        record = {"arm": arm.name, "method": arm.spec.init, "base": arm.spec.base, "model": cfg.model.model,
+        entry = self.report["arms"][arm.name]
+        record = {"arm": arm.name, "label": entry["label"], "method": arm.spec.init, "base": arm.spec.base,
+                  "base_title": entry["base_title"], "quantizer": entry.get("quantizer"), "bits": entry.get("bits"),
+                  "model": cfg.model.model,
                   "data": cfg.data.dataset, "rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
                   "use_rslora": cfg.lora.rslora, "calibration": f"{cfg.data.calib_samples} x {cfg.data.seq_len} tokens",
                   "steps": f"{arm.steps_done} of {cfg.steps}", "held_out_perplexity": arm.final_perplexity,
                   "init_from": self.report["arms"][arm.name].get("init_from"), "run": str(self.run_dir)}
+        if arm.spec.init in self.inits.bases.get(arm.spec.base, {}):
+            record["base_note"] = ("LoftQ re-quantized the base (T = 5 steps): these factors fit that base, which is "
+                                   "not saved here, and not the stock quantized model")
         folder = save_adapter(arm.model, self.run_dir / "adapters" / arm.name, record)
         arm.adapter_dir = str(folder)
         arm.status = "stopped" if stopped else "finished"
@@ -499,7 +528,7 @@ class TrainRun:
         if spec.base == "4bit":
             name = spec.init if spec.init == QLORA or spec.init in self.loaded else None
         else:
-            name = {"8bit": "int8", "full": "full"}[spec.base] if spec.init == QLORA else None
+            name = {"8bit": "int8", "full": "full"}.get(spec.base) if spec.init == QLORA else None
         return self.init_answers.get(kind, {}).get(name)
 
     def _score(self, arm: Arm, step: int) -> Iterator[Event]:

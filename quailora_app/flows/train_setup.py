@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from quailora_app.config import TrainConfig
 from quailora_app.engine.adapters import load_factors
-from quailora_app.engine.arms import ARM_SPECS
+from quailora_app.engine.arms import ARM_SPECS, base_title
 from quailora_app.engine.calibration.initialize import InitResult, initialize
 from quailora_app.engine.calibration.plan import run_model_method, target_paths
 from quailora_app.engine.checkpoint import Checkpoint
 from quailora_app.engine.evaluation.selfcheck import SelfCheck, self_check
-from quailora_app.engine.methods.registry import MODEL, QLORA, get_method
+from quailora_app.engine.methods.loftq import DEFAULT_ITER
+from quailora_app.engine.methods.registry import MODEL, QLORA, REQUANT, get_method
 from quailora_app.engine.preflight import ModelShapes
 from quailora_app.errors import ConfigError, one_line
 from quailora_app.events import Event, Log, Progress, Stage
@@ -61,6 +64,27 @@ class TrainData:
         return self.splits.calib
 
 
+@contextmanager
+def swapped_layers(model: nn.Module, layers: Mapping[str, nn.Module]):
+    """Within the block, the modules of `model` at the paths of `layers` are those layers (a LoftQ base's
+    re-quantized Q_T); the model's own are put back after, whatever happens."""
+    kept = {}
+    try:
+        for path, layer in layers.items():
+            kept[path] = model.get_submodule(path)
+            put_layer(model, path, layer)
+        yield
+    finally:
+        for path, layer in kept.items():
+            put_layer(model, path, layer)
+
+
+def put_layer(model: nn.Module, path: str, layer: nn.Module) -> None:
+    """Set the module at `path` of `model` to `layer`."""
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
 def load_initializations(source: InitSource, methods: Iterable[str]) -> dict[str, tuple[dict, dict]]:
     """method -> (its factors, its per-layer ranks: empty unless they differ per layer) for each of `methods` that
     init run `source` saved whole (InitSource.saved), read from its adapters/<method>/ (peft's A and B: the same
@@ -79,7 +103,8 @@ def load_initializations(source: InitSource, methods: Iterable[str]) -> dict[str
 
 
 class ArmInits:
-    """The initializations a run's arms start from, per base model ("4bit", "8bit", "full"): loaded from an init
+    """The initializations a run's arms start from, per base model ("4bit": the run's quantizer and bits, "nf4",
+    "8bit", "full"): loaded from an init
     run (`load`), or computed when the first arm on a base needs them (`ready`: one block-by-block calibration
     computes every per-layer method at once, then each whole-model method runs from closed_form's factors), each
     self-checked once before an arm starts from it. Their timings and figures go to the run's report."""
@@ -92,6 +117,12 @@ class ArmInits:
         self.factors: dict[str, dict] = {}  # base -> method -> module path -> Factors
         self.ranks: dict[str, dict[str, dict[str, int]]] = {}  # base -> method -> module path -> rank (budget)
         self.checked: dict[str, dict[str, SelfCheck]] = {}  # base -> method -> its self-check (evaluation/selfcheck.py)
+        #: base -> requant method (LoftQ) -> module path -> the re-quantized layer (Q_T) its factors correct
+        self.bases: dict[str, dict[str, dict[str, nn.Module]]] = {}
+
+    def title(self, base: str) -> str:
+        """`base` named with its bits and quantizer ('HQQ 3-bit', 'NF4 4-bit', '8-bit LLM.int8')."""
+        return base_title(base, self.cfg.quant)
 
     def wanted(self, base: str) -> list[str]:
         """The initializations the arms on `base` start from (qlora aside), in arm order."""
@@ -100,7 +131,7 @@ class ArmInits:
 
     def load(self, origin: InitSource) -> frozenset[str]:
         """The 4-bit initializations init run `origin` saved that the arms start from; which were loaded."""
-        loaded = load_initializations(origin, self.wanted("4bit"))
+        loaded = load_initializations(origin, [m for m in self.wanted("4bit") if get_method(m).kind != REQUANT])
         for method, (factors, ranks) in loaded.items():
             self.factors.setdefault("4bit", {})[method] = factors
             if ranks:
@@ -132,9 +163,9 @@ class ArmInits:
         if not missing:
             return
         if origin is not None:
-            why = "it initialized against the 4-bit Q" if base != "4bit" else "it did not save them"
-            yield self.rec.emit(Log(f"{', '.join(missing)} against the {base} Q: not in init run {origin.name} "
-                                    f"({why}), computed here"))
+            why = "it initialized against its own quantized base" if base != "4bit" else "it did not save them"
+            yield self.rec.emit(Log(f"{', '.join(missing)} against the {self.title(base)} Q: not in init run "
+                                    f"{origin.name} ({why}), computed here"))
         whole = [m for m in missing if get_method(m).kind == MODEL]
         per_layer = {m for m in missing if m not in whole}
         if whole and "closed_form" not in have:
@@ -148,14 +179,18 @@ class ArmInits:
         """One block-by-block calibration of `model` computing every per-layer method of `methods`."""
         result = InitResult()
         yield self.rec.emit(Stage("calibrate", f"{len(data.calib_ids)} x {data.calib_ids.shape[1]} tokens through "
-                                               f"the full-precision blocks; {', '.join(methods)} against the {base} Q"))
+                                               f"the full-precision blocks; {', '.join(methods)} against the "
+                                               f"{self.title(base)} Q"))
         start = time.perf_counter()
+        requant = any(get_method(m).kind == REQUANT for m in methods)
         for event in initialize(model, data.checkpoint, data.calib_ids, self.cfg.lora, methods, result,
                                 device=self.device, calib_dtype=data.calib_dtype, damping=self.cfg.damping,
-                                als_rounds=self.cfg.als_rounds, should_stop=self.rec.should_stop):
+                                als_rounds=self.cfg.als_rounds, should_stop=self.rec.should_stop, requant=requant,
+                                options={"loftq_iter": DEFAULT_ITER}):
             if isinstance(event, Progress):
                 yield self.rec.emit(Progress(f"calibrate {base}", event.done, event.total, event.message))
         self.factors[base].update(result.factors)
+        self.bases.setdefault(base, {}).update(result.bases)
         self.report["seconds"][f"calibrate_{base}"] = time.perf_counter() - start  # calibration + every method
         self.report["seconds"].setdefault(f"init_{base}", {}).update(result.seconds)  # initialize()'s split
         self.report.setdefault("calibrated_error_median", {}).setdefault(base, {}).update({
@@ -166,7 +201,7 @@ class ArmInits:
         from the closed_form factors of the calibration pass."""
         method = get_method(name)
         self.rec.check_stop(f"initialization ({name})")
-        yield self.rec.emit(Stage("setup", f"{name} against the {base} Q: {method.help}"))
+        yield self.rec.emit(Stage("setup", f"{name} against the {self.title(base)} Q: {method.help}"))
         built = run_model_method(name, model, data.checkpoint, data.calib_ids, self.cfg.lora, self.device,
                                  data.calib_dtype, damping=self.cfg.damping, als_rounds=self.cfg.als_rounds,
                                  should_stop=self.rec.should_stop, options=asdict(self.cfg),
@@ -178,7 +213,7 @@ class ArmInits:
             self.report.setdefault("method_details", {}).setdefault(base, {})[name] = built.details
         self.report["seconds"].setdefault(f"init_{base}", {})[name] = built.seconds
         self.rec.save()
-        yield self.rec.emit(Log(f"{name}: initialized against the {base} Q in {built.seconds:.1f} s"))
+        yield self.rec.emit(Log(f"{name}: initialized against the {self.title(base)} Q in {built.seconds:.1f} s"))
 
     def _self_check(self, base: str, model, data: TrainData) -> Iterator[Event]:
         """The initializations on `base` not checked yet, loaded from an init run or computed here, measured through
@@ -189,12 +224,19 @@ class ArmInits:
         if not todo:
             return
         self.rec.check_stop("the self-check")
-        yield self.rec.emit(Stage("setup", f"self-check: {', '.join(todo)} through each {base} layer's own product "
+        yield self.rec.emit(Stage("setup", f"self-check: {', '.join(todo)} through each {self.title(base)} layer's "
+                                           "own product "
                                            f"on {data.check_ids.numel()} held-out tokens"))
         start = time.perf_counter()
-        checks = self_check(model, data.checkpoint, data.check_ids, todo,
-                            {path: self.cfg.lora.scaling for path in target_paths(model, self.cfg.lora)},
-                            device=self.device, dtype=data.calib_dtype, should_stop=self.rec.should_stop)
+        scalings = {path: self.cfg.lora.scaling for path in target_paths(model, self.cfg.lora)}
+        own = {m: f for m, f in todo.items() if m not in self.bases.get(base, {})}
+        checks = self_check(model, data.checkpoint, data.check_ids, own, scalings, device=self.device,
+                            dtype=data.calib_dtype, should_stop=self.rec.should_stop) if own else {}
+        for method in [m for m in todo if m not in own]:  # LoftQ: its factors through its own re-quantized layers
+            with swapped_layers(model, self.bases[base][method]):
+                checks.update(self_check(model, data.checkpoint, data.check_ids, {method: todo[method]}, scalings,
+                                         device=self.device, dtype=data.calib_dtype,
+                                         should_stop=self.rec.should_stop))
         done.update(checks)
         self.report["seconds"][f"self_check_{base}"] = time.perf_counter() - start
         self.report.setdefault("self_check", {}).setdefault(base, {}).update({m: c.record() for m, c in checks.items()})
@@ -202,4 +244,4 @@ class ArmInits:
             {m: list(c.reset) for m, c in checks.items()})
         self.rec.save()
         for check in checks.values():
-            yield self.rec.emit(Log(f"{base} {check.summary()}", "warning" if check.reset else "info"))
+            yield self.rec.emit(Log(f"{self.title(base)} {check.summary()}", "warning" if check.reset else "info"))

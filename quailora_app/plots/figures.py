@@ -485,6 +485,13 @@ def arms_in(events: Iterable[Mapping]) -> list[str]:
     return list(dict.fromkeys(e["arm"] for e in events if "arm" in e))
 
 
+def arm_labels_in(events: Sequence[Mapping]) -> dict[str, str]:
+    """Arm -> its legend in this run, as its evaluations name it (the run's bits and quantizer: "HQQ 3-bit
+    QuAILoRA"); an arm whose events carry none (older runs) is labelled from the arms registry."""
+    found = {e["arm"]: e["label"] for e in events if e.get("kind") == "eval" and e.get("label") and "arm" in e}
+    return {arm: found.get(arm) or label(arm) for arm in arms_in(events)} | found
+
+
 def train_figure(events: Sequence[Mapping], arms: Sequence[str] | None = None) -> go.Figure:
     """Two panels per arm colour: validation perplexity vs step (with full-precision and 8-bit reference
     lines), and EMA-smoothed training loss vs step."""
@@ -492,18 +499,19 @@ def train_figure(events: Sequence[Mapping], arms: Sequence[str] | None = None) -
     arms = list(dict.fromkeys([*(arms or []), *arms_in(events)]))
     if not arms:
         return empty_figure(title, "curves appear here as the arms train", 420)
+    names = arm_labels_in(events)
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
                         subplot_titles=["validation perplexity (lower is better)", "training loss (EMA-smoothed)"])
     max_step = max([e.get("total_steps") or e.get("step", 0) for e in events if e.get("kind") == "train_step"] +
                    [e.get("step", 0) for e in events if e.get("kind") == "eval"] + [1])
     for i, arm in enumerate(arms):
-        c = color(arm, i)
+        c, lab = color(arm, i), names.get(arm) or label(arm)
         evals = [e for e in events if e.get("kind") == "eval" and e.get("arm") == arm
                  and e.get("val_perplexity") is not None]
         fig.add_trace(go.Scatter(
             x=[e["step"] for e in evals], y=[e["val_perplexity"] for e in evals], mode="lines+markers",
-            name=label(arm), legendgroup=arm, line={"color": c, "width": 2}, marker={"size": 7},
-            hovertemplate=f"{label(arm)}<br>step %{{x}}: perplexity %{{y:.2f}}<extra></extra>",
+            name=lab, legendgroup=arm, line={"color": c, "width": 2}, marker={"size": 7},
+            hovertemplate=f"{lab}<br>step %{{x}}: perplexity %{{y:.2f}}<extra></extra>",
         ), row=1, col=1)
         steps = [e for e in events if e.get("kind") == "train_step" and e.get("arm") == arm
                  and e.get("train_loss") is not None]
@@ -511,9 +519,9 @@ def train_figure(events: Sequence[Mapping], arms: Sequence[str] | None = None) -
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", marker={"color": c, "size": 4, "opacity": 0.3},
                                  legendgroup=arm, showlegend=False, hoverinfo="skip"), row=1, col=2)
         fig.add_trace(go.Scatter(
-            x=xs, y=ema(ys), mode="lines+markers", name=label(arm), legendgroup=arm, showlegend=False,
+            x=xs, y=ema(ys), mode="lines+markers", name=lab, legendgroup=arm, showlegend=False,
             line={"color": c, "width": 2}, marker={"size": 3},
-            hovertemplate=f"{label(arm)}<br>step %{{x}}: loss %{{y:.3f}} (smoothed)<extra></extra>",
+            hovertemplate=f"{lab}<br>step %{{x}}: loss %{{y:.3f}} (smoothed)<extra></extra>",
         ), row=1, col=2)
     refs = {e["name"]: e["value"] for e in events if e.get("kind") == "metric" and e.get("name") in ("full", "int8")
             and e.get("value") is not None}
@@ -550,6 +558,7 @@ def train_accuracy_figure(events: Sequence[Mapping], arms: Sequence[str] | None 
     if not tasks:
         return empty_figure(title, "accuracy curves appear here when the run scores downstream tasks", 420)
     order = list(dict.fromkeys([*(arms or []), *arms_in(events)]))
+    names = arm_labels_in(events)
     fig = make_subplots(rows=1, cols=len(tasks), horizontal_spacing=0.08,
                         subplot_titles=[f"{kind}, n={next(iter(per.values()))[-1].get('n', 0):,}"
                                         for kind, per in tasks.items()])
@@ -557,17 +566,17 @@ def train_accuracy_figure(events: Sequence[Mapping], arms: Sequence[str] | None 
     shown: set[str] = set()
     for col, per in enumerate(tasks.values(), start=1):
         for i, arm in enumerate(a for a in order if a in per):
-            points = per[arm]
+            points, lab = per[arm], names.get(arm) or label(arm)
             ys = [100 * e["accuracy"] for e in points]
             his = [100 * (e.get("interval") or [e["accuracy"]] * 2)[1] for e in points]
             los = [100 * (e.get("interval") or [e["accuracy"]] * 2)[0] for e in points]
             fig.add_trace(go.Scatter(
-                x=[e["step"] for e in points], y=ys, mode="lines+markers", name=label(arm), legendgroup=arm,
+                x=[e["step"] for e in points], y=ys, mode="lines+markers", name=lab, legendgroup=arm,
                 showlegend=arm not in shown, line={"color": color(arm, i), "width": 2}, marker={"size": 7},
                 error_y={"type": "data", "symmetric": False, "array": [h - y for h, y in zip(his, ys, strict=True)],
                          "arrayminus": [y - lo for y, lo in zip(ys, los, strict=True)], "thickness": 1.2, "width": 3},
                 customdata=[[lo, hi] for lo, hi in zip(los, his, strict=True)],
-                hovertemplate=f"{label(arm)}<br>step %{{x}}: %{{y:.1f}}% (95% CI %{{customdata[0]:.1f}}-"
+                hovertemplate=f"{lab}<br>step %{{x}}: %{{y:.1f}}% (95% CI %{{customdata[0]:.1f}}-"
                               f"%{{customdata[1]:.1f}})<extra></extra>"), row=1, col=col)
             shown.add(arm)
     fig.update_xaxes(title_text="training step (optimizer updates)",
@@ -583,7 +592,7 @@ TRAIN_HEADER = ["arm", "step", "tokens / s", "memory (peak)", "val perplexity (l
 def train_table(events: Sequence[Mapping], arms: Sequence[str] | None = None) -> list[list]:
     """Per arm: step reached, mean tokens/s over the last 5 steps, peak memory (with how it was had: measured on
     CUDA, accounted on CPU, where a process's memory cannot be told apart per arm), last and best perplexity."""
-    rows = []
+    rows, names = [], arm_labels_in(events)
     for arm in dict.fromkeys([*(arms or []), *arms_in(events)]):
         steps = [e for e in events if e.get("kind") == "train_step" and e.get("arm") == arm]
         evals = [e["val_perplexity"] for e in events if e.get("kind") == "eval" and e.get("arm") == arm
@@ -593,7 +602,7 @@ def train_table(events: Sequence[Mapping], arms: Sequence[str] | None = None) ->
         last = steps[-1] if steps else {}
         peak = max((e.get("memory_bytes") or 0 for e in steps), default=0)
         rows.append([
-            label(arm),
+            names.get(arm) or label(arm),
             f"{last.get('step', 0)} / {last.get('total_steps', '?')}" if steps else "waiting",
             f"{sum(recent) / len(recent):,.0f}" if recent else "–",
             (format_bytes(peak, 2) + (f" ({last['memory_how']})" if last.get("memory_how") else "")) if peak else "–",
