@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from quailora_app.engine.arms import arm_names, default_arm_names
+from quailora_app.engine.arms import arm_names, default_arm_names, quantized_title
 from quailora_app.engine.methods.init_math import SOLVERS
 from quailora_app.engine.methods.registry import QLORA, default_method_names, get_method, method_names
 from quailora_app.errors import ConfigError
@@ -113,11 +113,9 @@ def quant_word(quant: QuantConfig | Mapping[str, Any] | None) -> str:
     """How figures and lines name a run's quantized base: '4-bit' for bitsandbytes (NF4 or FP4, the QLoRA recipe, as
     the app always said), 'HQQ 3-bit' for HQQ. `quant`: a QuantConfig or its dict (a report's settings["quant"])."""
     if quant is None:
-        return "4-bit"
+        return quantized_title("bitsandbytes", 4)
     get = quant.get if isinstance(quant, Mapping) else lambda key, default=None: getattr(quant, key, default)
-    if get("quantizer", "bitsandbytes") == "hqq":
-        return f"HQQ {get('bits', 4)}-bit"
-    return "4-bit"
+    return quantized_title(get("quantizer", "bitsandbytes"), get("bits", 4))
 
 
 @dataclass
