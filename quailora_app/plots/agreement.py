@@ -47,6 +47,24 @@ def strip_values(agree: list[bool], kl: list[float], kl_max: float) -> list[floa
     return [0.4999 * s if a else 0.5 + 0.5 * s for a, s in zip(agree, shade, strict=True)]
 
 
+def _mix(a: str, b: str, t: float) -> str:
+    """The colour a fraction `t` of the way from hex colour `a` to `b`."""
+    ca, cb = (tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in (a, b))
+    return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(ca, cb, strict=True))
+
+
+def cell_colour(value: float) -> tuple[str, str]:
+    """(background, text colour) of one strip cell of `strip_values` on STRIP_SCALE, as the HTML strip paints it:
+    the same colours as the figure's."""
+    if value < 0.5:
+        shade = value / 0.4999
+        background = _mix(STRIP_SCALE[0][1], STRIP_SCALE[1][1], min(1.0, shade))
+    else:
+        shade = (value - 0.5) / 0.5
+        background = _mix(STRIP_SCALE[2][1], STRIP_SCALE[3][1], min(1.0, shade))
+    return background, ("#ffffff" if shade > 0.55 else "#1a1a1a")
+
+
 def agreement_strip(report: Mapping | None) -> go.Figure:
     """Rows: the variants but full precision; columns: the positions of full precision's continuation (its tokens as
     the column labels and in each cell); colour: top-1 agreement, shade: KL."""
