@@ -125,7 +125,7 @@ def test_tables_and_the_top10_view_follow_the_report():
                                      "(c) again"]
     assert list(rows.iloc[:, 2]) == ["\u2013", "\u2013", "100.0%", "25.0%", "5.0%"]
     reading = deploy_markdown(report(deploy=deploy))
-    assert "(b) keeps 25%" in reading and "Why (c) loses the correction:** quantizing the merged weights again rounds" in reading
+    assert "(b) keeps 25%" in reading and "Why (c) loses the correction:** quantizing the merged weights" in reading
     assert reading.count("\n") == 2  # the reading, then the one-line reason
 
 

@@ -48,8 +48,8 @@ LATEST_CHOICE = ("my latest finished init or fine-tuning run", LATEST)
 DEFAULTS = {"new_tokens": 32, "documents": 4, "sample": False, "temperature": 1.0, "seed": 0, "deploy": False}
 #: the one line under the deployment table: why merging then quantizing again loses the correction
 WHY_ONE_LINE = ("quantizing the merged weights again rounds every weight afresh, and the correction s B A is mostly "
-                "smaller than one quantization step, so the new rounding error is about as large as the one the adapter "
-                "was fitted to cancel, and unrelated to it.")
+                "smaller than one quantization step, so the new rounding error is about as large as the one the "
+                "adapter was fitted to cancel, and unrelated to it.")
 DEPLOY_HEADER = ["way of shipping", "held-out perplexity", "share of the adapter's gain kept"]
 SUMMARY_HEADER = ["variant", "top-1 agreement", "mean KL (nats)", "top-1 agreement, documents",
                   "mean KL, documents", "right where plain 4-bit is wrong", "wrong where plain 4-bit is right",
