@@ -509,7 +509,7 @@ def count_generate(job: Job) -> dict[str, int]:
 def _generate_tuple(v: dict[str, Any]) -> tuple:
     """The generate panel's outputs after progress and status (GeneratePanel.outputs)."""
     return (v["continuations"], v["strip"], v["summary"], v["versus"],
-            gr.update(maximum=max(1, v["positions"]), value=v["position"]), v["top10"], v["deploy_table"],
+            gr.update(maximum=max(2, v["positions"]), value=v["position"]), v["top10"], v["deploy_table"],
             v["deploy_reading"], v["deploy_plot"])
 
 

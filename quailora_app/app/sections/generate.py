@@ -102,7 +102,7 @@ def generate_section(shipped: dict[str, Any] | None = None) -> GeneratePanel:
                                label="each variant against full precision: on the prompt, over the held-out documents")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                position = gr.Slider(1, max(1, sg["positions"]), value=sg["position"], step=1,
+                position = gr.Slider(1, max(2, sg["positions"]), value=sg["position"], step=1,
                                      label="position in full precision's continuation", elem_id="gen-position")
                 top10 = gr.Plot(sg["top10"], show_label=False, elem_id="gen-top10")
             with gr.Column(scale=2):
