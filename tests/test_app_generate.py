@@ -312,3 +312,44 @@ def test_latest_run_and_the_merged_model_download(studio, init_run, monkeypatch)
     assert merged and any(n.endswith("-adapter/adapter_config.json") for n in names)
     model = AutoModelForCausalLM.from_pretrained(f"{path}.d/{merged[0].rsplit('/', 1)[0]}")
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_the_poller_sends_each_new_token_and_redraws_the_rest_per_variant(tmp_path):
+    """A running generate job: a new token redraws only the continuations; a measured variant redraws the rest."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("gradio")
+    from quailora_app.app.handlers import Studio, count_generate
+    from quailora_app.runs import RunFolder
+
+    RunFolder(tmp_path).write_report(report(status="running", continuations={}, agreement={}, top10={}))
+    token = {"kind": "token", "variant": "full", "step": 1, "total": N, "text": " a"}
+    job = Job(id="g1", kind="generate", owner="me", config=SimpleNamespace(deploy=False), status=RUNNING,
+              started=0.0, events=[token], run_dir=str(tmp_path))
+
+    class Manager:
+        def owned(self, job_id, owner):
+            return job if job_id == job.id and owner == job.owner else None
+
+        def queue_length(self):
+            return 1, 0
+
+    studio = Studio(Manager(), (1, 2))
+    poll = studio.poller(count_generate, studio.draw_generate, 9)
+    me = {"owner": "me"}
+    first = poll(me, "g1", {}, "")
+    assert len(first) == 12 and "token 1 of 4" in first[2] and "g-empty" in first[3]
+
+    def skipped(value) -> bool:
+        return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+    job.events.append({**token, "step": 2, "text": " a b"})
+    job.version += 1
+    second = poll(me, "g1", first[-1], "")
+    assert "token 2 of 4" in second[2] and " a b" in second[2] and all(skipped(v) for v in second[3:11])
+    RunFolder(tmp_path).write_report(report(status="running"))  # full precision and the rest measured
+    job.events.append({"kind": "metric", "name": "full", "group": "agreement", "value": 1.0})
+    job.version += 1
+    third = poll(me, "g1", second[-1], "")
+    assert not skipped(third[3]) and "data-variant='qlora'" in third[3] and len(third[4]) == len(VARIANTS)
+    assert all(skipped(v) for v in poll(me, "g1", third[-1], "")[2:11])  # nothing new: nothing redrawn
