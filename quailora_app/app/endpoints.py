@@ -140,13 +140,13 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/list_runs": Endpoint(
         ("run_folder",),
         "The run folders under the runs root (QUAILORA_RUNS) this session may reopen (its own, and the command "
-        'line\'s), newest first; then the shipped example run ("shipped:init", "shipped:train", "shipped:bits": '
-        "assets/example, made by `python -m bench.make_example`, read-only)."),
+        'line\'s), newest first; then the shipped example run ("shipped:init", "shipped:train", "shipped:bits", '
+        '"shipped:generate": assets/example, made by `python -m bench.make_example`, read-only).'),
     "/reopen_run": Endpoint(
         ("summary", "layer_plot", "heatmap_plot", "perplexity_plot", "curves_plot", "table", "report", "zip_file"),
         "Redraw a run folder (`name`, one of `/list_runs`) from its report.json / events.jsonl, also after a "
         "restart of the app, with a zip of it (an across-bits run: its frontier in `perplexity_plot`, its points "
-        "in `table`)."),
+        "in `table`; a generate run: each variant's agreement with full precision in `summary`)."),
 }
 
 

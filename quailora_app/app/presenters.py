@@ -507,8 +507,8 @@ def train_outputs(job: Job | None) -> tuple[Any, pd.DataFrame]:
 
 def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[str, Any]:
     """Figures, tables, report and a zip of a run folder under the runs root (this owner's or the CLI's), or of
-    the shipped example ("shipped:init", "shipped:train", "shipped:bits"), read back from report.json /
-    events.jsonl: what a finished job shows, after a restart of the app."""
+    the shipped example ("shipped:init", "shipped:train", "shipped:bits", "shipped:generate"), read back from
+    report.json / events.jsonl: what a finished job shows, after a restart of the app."""
     name = text_setting(name, "run folder")
     run = open_example(name) if is_example_name(name) else open_run(name, owner)
     out = run_outputs(run, manager, owner)
