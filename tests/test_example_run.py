@@ -1,7 +1,7 @@
 """The shipped example run (assets/example, made by bench/make_example.py): its folders read back as an init run,
 a fine-tuning run, an across-bits run and a generate run, carry the settings its README and manifest promise (the
-across-bits run: exactly what the app's "Run across bits" starts by default), stay small, and draw through the same presenters as a
-live or reopened run; reopening them writes nothing into assets/; an app without them starts."""
+across-bits run: exactly what the app's "Run across bits" starts by default), stay small, and draw through the
+same presenters as a live or reopened run; reopening them writes nothing into assets/; an app without them starts."""
 from __future__ import annotations
 
 import hashlib
