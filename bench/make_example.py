@@ -427,8 +427,8 @@ def ship(preset: str, seed: int, device: str, out: Path, keep_work: bool) -> int
     staging = out.parent / f".{out.name}.new"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    relabel = {str(work / kind): str(shown / kind) for kind in ("init", "train", "views", "bits", "generate")}
-    relabel[str(work / "init-for-generate")] = str(shown / "init")
+    relabel = {str(work / "init-for-generate"): str(shown / "init"),  # first: work/init is a prefix of it
+               **{str(work / kind): str(shown / kind) for kind in ("init", "train", "views", "bits", "generate")}}
     strip_into(work / "init", staging / "init", relabel)
     strip_into(work / "train", staging / "train", relabel)
     strip_into(work / "views", staging / "views", relabel)
