@@ -19,13 +19,14 @@ from quailora_app.runs import EVENTS, REPORT
 GENERATE_ADAPTERS = ("svd", "quailora", "closed_form")
 
 
-def generate_config(device: str, init_dir: Path, out: Path) -> GenerateConfig:
+def generate_config(device: str, init_dir: Path, out: Path, deploy: bool = True) -> GenerateConfig:
     """The app's default generate run (app/generation.py's DEFAULTS) of the init run `init_dir`, with what
-    survives deployment of its closed form."""
+    survives deployment of its closed form (unless not `deploy`)."""
     from quailora_app.app.generation import DEFAULTS  # the app's defaults: what a visitor's Generate runs
 
     return GenerateConfig(from_run=str(init_dir), new_tokens=DEFAULTS["new_tokens"], documents=DEFAULTS["documents"],
-                          deploy=True, deploy_adapter="closed_form", device=device, out=str(out))
+                          deploy=deploy, deploy_adapter="closed_form" if deploy else None, device=device,
+                          out=str(out))
 
 
 def adapters_only(init_dir: Path, dst: Path, names=GENERATE_ADAPTERS) -> Path:
@@ -38,12 +39,13 @@ def adapters_only(init_dir: Path, dst: Path, names=GENERATE_ADAPTERS) -> Path:
     return dst
 
 
-def make_generate(device: str, work: Path, init_dir: Path) -> float:
+def make_generate(device: str, work: Path, init_dir: Path, deploy: bool = True) -> float:
     """The generate run of `init_dir`'s GENERATE_ADAPTERS into work/generate; its seconds."""
     os.environ["QUAILORA_PERPLEXITY_CACHE"] = "off"
     source = adapters_only(init_dir, work / "init-for-generate")
     start = time.time()
-    if consume_init(run_generate(generate_config(device, source, work / "generate")), table=generate_table) != 0:
+    cfg = generate_config(device, source, work / "generate", deploy)
+    if consume_init(run_generate(cfg), table=generate_table) != 0:
         raise SystemExit("the generate run failed; see the lines above")
     return time.time() - start
 
@@ -105,14 +107,16 @@ def generate_readme(manifest: dict) -> str:
             f"these methods, {g.get('adapters_seconds') or 0:.0f} s); held-out perplexity, shipped init run / made "
             "again: " + ", ".join(f"{k} {v['shipped']:.4f} / {v['again']:.4f}" for k, v in again.items()
                                  if v["shipped"] is not None and v["again"] is not None) + ".\n") if again else ""
+    deploy = (f"what survives deployment of {s['deploy_adapter']} on {s['deploy_tokens']:,} held-out tokens (the "
+              "merged models are not shipped)" if s.get("deploy") else
+              "what survives deployment was left out (--no-deploy): tick it in the app, or `generate --deploy`")
     return f"""{GENERATE_BEGIN}
 ## `generate/`: the generate run (section 5 of the page)
 
 What the app's *Generate* starts by default, from `init/`: full precision, 8-bit, plain 4-bit and 4-bit with the
 adapters {', '.join(s['adapters'])} continue the start of a held-out document by {s['new_tokens']} tokens (greedy);
 each is teacher-forced along full precision's continuation (top-1 agreement, KL) there and over {s['documents']}
-held-out documents; what survives deployment of {s['deploy_adapter']} on {s['deploy_tokens']:,} held-out tokens
-(the merged models are not shipped). Made by `{g['command']}` on {g['date']} in {g['seconds']:.0f} s on {m['cpu']}
+held-out documents; {deploy}. Made by `{g['command']}` on {g['date']} in {g['seconds']:.0f} s on {m['cpu']}
 ({m['cores']} cores, {m['torch_threads']} torch threads; load average {m['load_average_at_start']} at the start).
 Check it with `{g['command'].replace(' --only', ' --check --only')}`.
 {made}

@@ -167,9 +167,10 @@ def remake_adapters(manifest: dict, device: str, work: Path) -> dict[str, tuple[
     return {m: (shipped.get(m), again.get(m)) for m in ("qlora", *GENERATE_ADAPTERS)}
 
 
-def ship_generate(device: str, out: Path, keep_work: bool) -> int:
+def ship_generate(device: str, out: Path, keep_work: bool, init_dir: Path | None = None, deploy: bool = True) -> int:
     """Only the generate run, into the example already in `out` (generate/, its manifest entry, its README
-    section): the init run's adapters made again (`remake_adapters`), then the generate run."""
+    section): the init run's adapters made again (`remake_adapters`; or `init_dir`, a finished init run made so
+    before, e.g. kept by --keep-work), then the generate run (with what survives deployment unless not `deploy`)."""
     manifest_path = out / EXAMPLE_MANIFEST
     if not manifest_path.is_file():
         print(f"error: no {manifest_path}: make the whole example first (python -m bench.make_example)",
@@ -180,9 +181,14 @@ def ship_generate(device: str, out: Path, keep_work: bool) -> int:
     print(f"making the example's generate run (device {device}) in {work}", file=sys.stderr)
     at_start = machine()
     start = time.time()
-    adapters = remake_adapters(manifest, device, work)
+    if init_dir is None:
+        adapters = remake_adapters(manifest, device, work)
+        init_dir = work / "init"
+    else:
+        again = (RunFolder(init_dir).read_report() or {}).get("perplexity") or {}
+        adapters = {m: (manifest["perplexity"]["init"].get(m), again.get(m)) for m in ("qlora", *GENERATE_ADAPTERS)}
     init_seconds = time.time() - start
-    seconds = make_generate(device, work, work / "init")
+    seconds = make_generate(device, work, init_dir, deploy)
     shown = out if not out.is_absolute() or not out.is_relative_to(ROOT) else out.relative_to(ROOT)
     staging = out / ".generate.new"
     shutil.rmtree(staging, ignore_errors=True)
@@ -190,7 +196,7 @@ def ship_generate(device: str, out: Path, keep_work: bool) -> int:
                                             str(work / "init-for-generate"): str(shown / "init")})
     compact_generate(staging)
     report = RunFolder(staging).read_report() or {}
-    argv = " ".join(["python -m bench.make_example --only generate",
+    argv = " ".join(["python -m bench.make_example --only generate", *([] if deploy else ["--no-deploy"]),
                      *([f"--device {device}"] if device != "cpu" else [])])
     manifest["generate"] = generate_record(argv, seconds, at_start, report, adapters, init_seconds)
     shutil.rmtree(out / "generate", ignore_errors=True)
@@ -570,7 +576,7 @@ def check(out: Path, rtol: float, keep_work: bool, only: str | None = None) -> i
         again = {}
     elif only == "generate":
         remake_adapters(manifest, device, work)
-        make_generate(device, work, work / "init")
+        make_generate(device, work, work / "init", bool(manifest["generate"]["settings"].get("deploy")))
         shipped, again = {}, {}
     else:
         make_runs(preset, seed, device, work)
@@ -624,13 +630,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["bits", "generate"], default=None,
                    help="only the across-bits run, or only the generate run: made into the example already there (its "
                         "manifest and README updated), or with --check re-run and compared alone")
+    p.add_argument("--init-dir", type=Path, default=None,
+                   help="--only generate: a finished init run with the shipped init's settings and seed and adapters "
+                        "svd, quailora and closed_form (e.g. kept by --keep-work) instead of making them again")
+    p.add_argument("--no-deploy", action="store_true",
+                   help="--only generate: leave out what survives deployment (six perplexities and two merged models)")
     args = p.parse_args(argv)
     if args.check:
         return check(args.out, args.rtol, args.keep_work, args.only)
     if args.only == "bits":
         return ship_bits(args.seed, args.device, args.out, args.keep_work)
     if args.only == "generate":
-        return ship_generate(args.device, args.out, args.keep_work)
+        return ship_generate(args.device, args.out, args.keep_work, args.init_dir, not args.no_deploy)
     return ship("quick" if args.quick else "full", args.seed, args.device, args.out, args.keep_work)
 
 
