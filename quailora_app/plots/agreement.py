@@ -129,7 +129,7 @@ def versus_plain_figure(report: Mapping | None) -> go.Figure:
     documents = report.get("documents") or {}
     versus = documents.get("versus_plain") or {}
     if not versus:
-        return empty_figure(VERSUS_TITLE, "generate with held-out documents (--documents) to compare", 320)
+        return empty_figure(VERSUS_TITLE, "generate with one or more held-out documents to compare", 320)
     labels = report.get("labels", {})
     names = list(versus)
     fig = go.Figure([
@@ -148,7 +148,7 @@ def deploy_figure(report: Mapping | None) -> go.Figure:
     ppl, labels = deploy.get("perplexity") or {}, deploy.get("labels") or {}
     order = [n for n in deploy.get("order", []) if ppl.get(n) is not None]
     if not order:
-        return empty_figure(DEPLOY_TITLE, "generate with --deploy to measure what survives deployment", 360)
+        return empty_figure(DEPLOY_TITLE, "generate with what survives deployment ticked (--deploy) to measure it", 360)
     ticks = [labels.get(n, n).split(" ", 1)[0] for n in order]
     fig = go.Figure(go.Bar(x=ticks, y=[ppl[n] for n in order],
                            marker_color=[_DEPLOY_COLOURS.get(n, "#555") for n in order],
