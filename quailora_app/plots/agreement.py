@@ -11,11 +11,11 @@ from collections.abc import Mapping
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from quailora_app.plots.figures import empty_figure, figure_layout
+from quailora_app.plots.figures import empty_figure, figure_layout, short_label
 
 STRIP_TITLE = "Where each variant stops saying what full precision says"
-TOP_TITLE = "Next-token probabilities at one position"
-VERSUS_TITLE = "Corrected against plain 4-bit, over held-out documents"
+TOP_TITLE = "Next-token probabilities"
+VERSUS_TITLE = "Corrected vs plain 4-bit, held-out docs"
 DEPLOY_TITLE = "What survives deployment"
 
 CAPTIONS = {
@@ -106,7 +106,7 @@ def top10_figure(report: Mapping | None, position: int = 0) -> go.Figure:
     position = max(0, min(position, len(top[shown[0]]) - 1))
     labels, colours = report.get("labels", {}), report.get("colours", {})
     actual = ((report.get("reference") or {}).get("token_ids") or [None] * (position + 1))[position]
-    fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[labels.get(n, n) for n in shown],
+    fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[short_label(n) for n in shown],
                         horizontal_spacing=0.12)
     for i, name in enumerate(shown, start=1):
         entries = top[name][position]
@@ -119,7 +119,7 @@ def top10_figure(report: Mapping | None, position: int = 0) -> go.Figure:
         fig.update_yaxes(autorange="reversed", row=1, col=i)
         fig.update_xaxes(title_text="probability", range=[0, 1], row=1, col=i)
     fig.update_annotations(font_size=11)
-    return figure_layout(fig, title + ": full precision's token outlined", 380, legend_rows=0)
+    return figure_layout(fig, title, 380, legend_rows=0)
 
 
 def versus_plain_figure(report: Mapping | None) -> go.Figure:
@@ -148,7 +148,7 @@ def deploy_figure(report: Mapping | None) -> go.Figure:
     ppl, labels = deploy.get("perplexity") or {}, deploy.get("labels") or {}
     order = [n for n in deploy.get("order", []) if ppl.get(n) is not None]
     if not order:
-        return empty_figure(DEPLOY_TITLE, "generate with what survives deployment ticked (--deploy) to measure it", 360)
+        return empty_figure(DEPLOY_TITLE, "tick 'what survives deployment' (--deploy)", 360)
     ticks = [labels.get(n, n).split(" ", 1)[0] for n in order]
     fig = go.Figure(go.Bar(x=ticks, y=[ppl[n] for n in order],
                            marker_color=[_DEPLOY_COLOURS.get(n, "#555") for n in order],
