@@ -105,7 +105,7 @@ def generate_section(shipped: dict[str, Any] | None = None) -> GeneratePanel:
                 position = gr.Slider(1, max(2, sg["positions"]), value=sg["position"], step=1,
                                      label="position in full precision's continuation", elem_id="gen-position")
                 top10 = gr.Plot(sg["top10"], show_label=False, elem_id="gen-top10")
-                gr.Markdown("The ten most likely next tokens at the chosen position for full precision, plain 4-bit and "
+                gr.Markdown("The ten most likely next tokens at the chosen position: full precision, plain 4-bit, "
                             "the best corrected variant; full precision's own token outlined.", elem_classes="caption")
             with gr.Column(scale=2):
                 versus = gr.Plot(sg["versus"], show_label=False, elem_id="gen-versus")
