@@ -9,6 +9,9 @@ views and the trade-off frontier on a first visit.
     python -m bench.make_example --check        # re-run the shipped settings with the same seed into a temp
                                                 # folder and compare every perplexity with the shipped ones
     python -m bench.make_example --check --only bits   # the same for the across-bits run alone
+    python -m bench.make_example --only generate       # only the generate run (assets/example/generate): the init
+                                                       # run's per-layer adapters made again, then generate
+    python -m bench.make_example --check --only generate   # re-run it and compare its figures with the shipped ones
 
 Full settings: embedded SmolLM2-135M-Instruct on the embedded rotten-tomatoes text, NF4 4-bit with double
 quantization, LoRA rank 16 / alpha 16 on all linear layers, 64 x 256 calibration tokens, 16,384 held-out tokens,
@@ -19,7 +22,14 @@ default layer at the same model, text, 4-bit settings, rank, calibration tokens 
 the init run: its precision table shows the init run's perplexities); then the across-bits run the app's "Run
 across bits" starts by default (app/across_bits.py: HQQ 2, 3 and 4-bit in groups of 64, each plain and with the
 closed form at rank 16 on all linear layers, one calibration of 32 x 256 tokens, 4,096 held-out tokens; the same in
-both presets). Every perplexity is measured (the perplexity cache is off).
+both presets); then the generate run of the init run (app/generation.py's defaults: greedy, 32 new tokens after the
+start of a held-out document, agreement over 4 held-out documents) with its per-layer adapters (GENERATE_ADAPTERS:
+svd, quailora, closed_form; the whole-model ones are left out to keep `--only generate` short) and what survives
+deployment of the closed form (the merged models are not shipped: hundreds of MB). The init run keeps no adapter
+weights in the repository, so `--only generate` makes them again: an init run with the shipped init's settings and
+seed and only those methods (their factors do not depend on the other methods; the held-out perplexities of the
+two runs are compared, and agree exactly on the machine that made the init run). Every perplexity is measured (the
+perplexity cache is off).
 The run folders are written to a temp folder, then stripped to what the page reads (report.json, events.jsonl,
 each adapter's quailora.json; no adapter weights) and relabelled (their temp paths -> assets/example/...); the
 views' figure arrays are stored as float32 and their finished event carries the report without the figures
@@ -50,6 +60,16 @@ import numpy as np
 import torch
 
 from bench.common import ROOT, machine
+from bench.example_generate import (
+    GENERATE_ADAPTERS,
+    GENERATE_BEGIN,
+    GENERATE_END,
+    compact_generate,
+    generate_figures,
+    generate_readme,
+    generate_record,
+    make_generate,
+)
 from quailora_app.app.across_bits import default_bits_config
 from quailora_app.app.reopen import EXAMPLE_DIR, EXAMPLE_MANIFEST
 from quailora_app.cli import bits_table, consume_init, consume_train
@@ -131,6 +151,70 @@ def make_bits(seed: int, device: str, work: Path) -> float:
     return time.time() - start
 
 
+def remake_adapters(manifest: dict, device: str, work: Path) -> dict[str, tuple[float, float]]:
+    """The shipped init run's GENERATE_ADAPTERS made again into work/init (its settings and seed, only those
+    methods, no baselines); method -> (shipped perplexity, this run's)."""
+    os.environ["QUAILORA_PERPLEXITY_CACHE"] = "off"
+    preset, seed = manifest["preset"], int(manifest["seed"])
+    cfg = init_config(preset, seed, device, work / "init")
+    cfg = InitConfig(model=cfg.model, data=cfg.data, quant=cfg.quant, lora=cfg.lora,
+                     methods=("qlora", *GENERATE_ADAPTERS), als_rounds=cfg.als_rounds, baselines=False, out=cfg.out)
+    torch.manual_seed(seed)
+    if consume_init(run_init(cfg)) != 0:
+        raise SystemExit("the init run (the adapters again) failed; see the lines above")
+    again = (RunFolder(work / "init").read_report() or {}).get("perplexity") or {}
+    shipped = manifest["perplexity"]["init"]
+    return {m: (shipped.get(m), again.get(m)) for m in ("qlora", *GENERATE_ADAPTERS)}
+
+
+def ship_generate(device: str, out: Path, keep_work: bool, init_dir: Path | None = None, deploy: bool = True) -> int:
+    """Only the generate run, into the example already in `out` (generate/, its manifest entry, its README
+    section): the init run's adapters made again (`remake_adapters`; or `init_dir`, a finished init run made so
+    before, e.g. kept by --keep-work), then the generate run (with what survives deployment unless not `deploy`)."""
+    manifest_path = out / EXAMPLE_MANIFEST
+    if not manifest_path.is_file():
+        print(f"error: no {manifest_path}: make the whole example first (python -m bench.make_example)",
+              file=sys.stderr)
+        return 2
+    manifest = json.loads(manifest_path.read_text())
+    work = Path(tempfile.mkdtemp(prefix="quailora-example-generate-"))
+    print(f"making the example's generate run (device {device}) in {work}", file=sys.stderr)
+    at_start = machine()
+    start = time.time()
+    if init_dir is None:
+        adapters = remake_adapters(manifest, device, work)
+        init_dir = work / "init"
+    else:
+        again = (RunFolder(init_dir).read_report() or {}).get("perplexity") or {}
+        adapters = {m: (manifest["perplexity"]["init"].get(m), again.get(m)) for m in ("qlora", *GENERATE_ADAPTERS)}
+    init_seconds = time.time() - start
+    seconds = make_generate(device, work, init_dir, deploy)
+    shown = out if not out.is_absolute() or not out.is_relative_to(ROOT) else out.relative_to(ROOT)
+    staging = out / ".generate.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    strip_into(work / "generate", staging, {str(work / "generate"): str(shown / "generate"),
+                                            str(work / "init-for-generate"): str(shown / "init")})
+    compact_generate(staging)
+    report = RunFolder(staging).read_report() or {}
+    argv = " ".join(["python -m bench.make_example --only generate", *([] if deploy else ["--no-deploy"]),
+                     *([f"--device {device}"] if device != "cpu" else [])])
+    manifest["generate"] = generate_record(argv, seconds, at_start, report, adapters, init_seconds)
+    shutil.rmtree(out / "generate", ignore_errors=True)
+    staging.rename(out / "generate")
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    readme_path = out / "README.md"
+    readme_text = readme_path.read_text() if readme_path.is_file() else "# The shipped example run\n"
+    readme_path.write_text(with_section(readme_text, generate_readme(manifest), GENERATE_BEGIN, GENERATE_END))
+    if keep_work:
+        print(f"the full run folders kept in {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    size = sum(f.stat().st_size for f in (out / "generate").rglob("*") if f.is_file())
+    print(f"wrote {out / 'generate'} ({size / 1e3:.0f} kB) in {seconds:.0f} s (the adapters again: "
+          f"{init_seconds:.0f} s)")
+    return 0
+
+
 def make_runs(preset: str, seed: int, device: str, work: Path) -> dict[str, float]:
     """The init run into work/init, then the fine-tuning run into work/train, the teaching views and the
     across-bits run; seconds of each. Every perplexity is measured: the perplexity cache (evaluation/
@@ -153,6 +237,7 @@ def make_runs(preset: str, seed: int, device: str, work: Path) -> dict[str, floa
         raise SystemExit("the teaching views failed; see the lines above")
     seconds["views"] = time.time() - start
     seconds["bits"] = make_bits(seed, device, work)
+    seconds["generate"] = make_generate(device, work, work / "init")
     return seconds
 
 
@@ -261,9 +346,14 @@ calibration of {s['calib_samples']} x {s['seq_len']} tokens shared by every base
 
 def with_bits_section(readme_text: str, section: str) -> str:
     """The README with its across-bits section replaced (or added at the end)."""
-    if BITS_BEGIN in readme_text and BITS_END in readme_text:
-        head, rest = readme_text.split(BITS_BEGIN, 1)
-        return head + section.rstrip("\n") + rest.split(BITS_END, 1)[1]
+    return with_section(readme_text, section, BITS_BEGIN, BITS_END)
+
+
+def with_section(readme_text: str, section: str, begin: str, end: str) -> str:
+    """The README with the section between `begin` and `end` replaced (or added at the end)."""
+    if begin in readme_text and end in readme_text:
+        head, rest = readme_text.split(begin, 1)
+        return head + section.rstrip("\n") + rest.split(end, 1)[1]
     return readme_text.rstrip("\n") + "\n\n" + section
 
 
@@ -343,12 +433,15 @@ def ship(preset: str, seed: int, device: str, out: Path, keep_work: bool) -> int
     staging = out.parent / f".{out.name}.new"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    relabel = {str(work / kind): str(shown / kind) for kind in ("init", "train", "views", "bits")}
+    relabel = {str(work / "init-for-generate"): str(shown / "init"),  # first: work/init is a prefix of it
+               **{str(work / kind): str(shown / kind) for kind in ("init", "train", "views", "bits", "generate")}}
     strip_into(work / "init", staging / "init", relabel)
     strip_into(work / "train", staging / "train", relabel)
     strip_into(work / "views", staging / "views", relabel)
     compact_views(staging / "views")
     strip_into(work / "bits", staging / "bits", relabel)
+    strip_into(work / "generate", staging / "generate", relabel)
+    compact_generate(staging / "generate")
     views_report = RunFolder(staging / "views").read_report() or {}
     init_report = RunFolder(staging / "init").read_report() or {}
     train_report = RunFolder(staging / "train").read_report() or {}
@@ -362,11 +455,14 @@ def ship(preset: str, seed: int, device: str, out: Path, keep_work: bool) -> int
         **describe(preset, seed, device, init_report, train_report),
         "perplexity": perplexities(init_report, train_report, bits_report),
         "bits": bits_record(argv, seed, seconds["bits"], at_start, bits_report),
+        "generate": generate_record(argv, seconds["generate"], at_start,
+                                    RunFolder(staging / "generate").read_report() or {}, None),
         "views": {"layer": views_report.get("layer"), "rank": views_report.get("rank"),
                   "ranks": views_report.get("ranks"), "calibration": views_report.get("calibration")},
     }
     (staging / EXAMPLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    (staging / "README.md").write_text(with_bits_section(readme(manifest), bits_readme(manifest)))
+    (staging / "README.md").write_text(with_section(with_bits_section(readme(manifest), bits_readme(manifest)),
+                                                    generate_readme(manifest), GENERATE_BEGIN, GENERATE_END))
     size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -449,6 +545,8 @@ def compare(shipped: dict, again: dict, rtol: float) -> list[tuple[str, float, f
             one(f"train {arm} @ step {step}", value, theirs.get(step))
     for name, value in (shipped.get("bits") or {}).items():
         one(f"bits {name}", value, (again.get("bits") or {}).get(name))
+    for name, value in (shipped.get("generate") or {}).items():
+        one(f"generate {name}", value, (again.get("generate") or {}).get(name))
     return rows
 
 
@@ -461,12 +559,13 @@ def check(out: Path, rtol: float, keep_work: bool, only: str | None = None) -> i
         return 2
     manifest = json.loads(manifest_path.read_text())
     preset, seed, device = manifest["preset"], int(manifest["seed"]), manifest["device"]
-    if only == "bits" and "bits" not in manifest:
-        print("error: the shipped example has no across-bits run: python -m bench.make_example --only bits",
+    if only in ("bits", "generate") and only not in manifest:
+        what = {"bits": "across-bits", "generate": "generate"}[only]
+        print(f"error: the shipped example has no {what} run: python -m bench.make_example --only {only}",
               file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="quailora-example-check-"))
-    what = "across-bits run" if only else f"example ({preset} settings"
+    what = {"bits": "across-bits run", "generate": "generate run"}[only] if only else f"example ({preset} settings"
     print(f"re-running the shipped {what}{',' if only else ''} seed {seed}, device {device}{'' if only else ')'} in "
           f"{work}", file=sys.stderr)
     shipped, differs = dict(manifest["perplexity"]), []
@@ -475,6 +574,10 @@ def check(out: Path, rtol: float, keep_work: bool, only: str | None = None) -> i
         make_bits(seed, device, work)
         shipped = {"bits": shipped.get("bits") or {}}
         again = {}
+    elif only == "generate":
+        remake_adapters(manifest, device, work)
+        make_generate(device, work, work / "init", bool(manifest["generate"]["settings"].get("deploy")))
+        shipped, again = {}, {}
     else:
         make_runs(preset, seed, device, work)
         init_report = RunFolder(work / "init").read_report() or {}
@@ -487,6 +590,10 @@ def check(out: Path, rtol: float, keep_work: bool, only: str | None = None) -> i
         again["bits"] = bits_perplexities(bits_report)
         if describe_bits(bits_report) != manifest["bits"]["settings"]:
             differs.append("across-bits")
+    if "generate" in manifest and only in (None, "generate"):
+        generate_report = RunFolder(work / "generate").read_report() or {}
+        shipped["generate"] = manifest["generate"]["figures"]
+        again["generate"] = generate_figures(generate_report)
     rows = compare(shipped, again, rtol)
     print(f"| perplexity | shipped | reproduced | relative difference | within {rtol:g} |\n|---|---|---|---|---|")
     for name, a, b, ok in rows:
@@ -503,7 +610,7 @@ def check(out: Path, rtol: float, keep_work: bool, only: str | None = None) -> i
     print(f"{len(rows) - len(bad)} of {len(rows)} perplexities reproduced"
           + (" exactly" if rtol == 0 else f" within a relative {rtol:g}")
           + (f"; {len(bad)} differ" if bad else "")
-          + (f" (the shipped run: {manifest['bits']['date']}, {manifest['bits']['command']})" if only else
+          + (f" (the shipped run: {manifest[only]['date']}, {manifest[only]['command']})" if only else
              f" (the shipped run: {manifest['date']}, {manifest['command']})"))
     return 1 if bad or differs or not rows else 0
 
@@ -520,14 +627,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (the shipped numbers), cuda or auto")
     p.add_argument("--out", type=Path, default=EXAMPLE_DIR, help="where the example goes (default: assets/example)")
     p.add_argument("--keep-work", action="store_true", help="keep the full run folders (with adapter weights)")
-    p.add_argument("--only", choices=["bits"], default=None,
-                   help="only the across-bits run: made into the example already there (its manifest and README "
-                        "updated), or with --check re-run and compared alone")
+    p.add_argument("--only", choices=["bits", "generate"], default=None,
+                   help="only the across-bits run, or only the generate run: made into the example already there (its "
+                        "manifest and README updated), or with --check re-run and compared alone")
+    p.add_argument("--init-dir", type=Path, default=None,
+                   help="--only generate: a finished init run with the shipped init's settings and seed and adapters "
+                        "svd, quailora and closed_form (e.g. kept by --keep-work) instead of making them again")
+    p.add_argument("--no-deploy", action="store_true",
+                   help="--only generate: leave out what survives deployment (six perplexities and two merged models)")
     args = p.parse_args(argv)
     if args.check:
         return check(args.out, args.rtol, args.keep_work, args.only)
     if args.only == "bits":
         return ship_bits(args.seed, args.device, args.out, args.keep_work)
+    if args.only == "generate":
+        return ship_generate(args.device, args.out, args.keep_work, args.init_dir, not args.no_deploy)
     return ship("quick" if args.quick else "full", args.seed, args.device, args.out, args.keep_work)
 
 

@@ -53,14 +53,29 @@ def free_port() -> int:
 @contextmanager
 def launched_app(runs_dir: Path):
     """The real app served on a free localhost port, run folders under `runs_dir`; yields its URL."""
+    import gradio.networking as networking
+
     from quailora_app.app.jobs import JobManager
     from quailora_app.app.ui import build_ui, launch_options
 
     old = os.environ.get("QUAILORA_RUNS")
     os.environ["QUAILORA_RUNS"] = str(runs_dir)
     demo = build_ui(JobManager(gpu=False))
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                            **launch_options())
+    quick_check = networking.url_ok
+
+    def patient_check(url: str) -> bool:  # gradio gives the page 3 s; a loaded machine's first answer takes longer
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if quick_check(url):
+                return True
+        return False
+
+    networking.url_ok = patient_check
+    try:
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                                **launch_options())
+    finally:
+        networking.url_ok = quick_check
     try:
         yield url
     finally:

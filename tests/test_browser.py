@@ -1,14 +1,17 @@
 """End to end in headless Chromium with the embedded SmolLM2: the first visit shows the shipped example run
 (plots, numbers, curves and the seven teaching views, labelled; the Across bits tab's frontier and its reading)
 without pressing anything, and no text of any figure overlaps another at 1400 and 900 px widths (nor runs past the
-figure's edge); set small settings, quantize & initialize (the live run replaces the shipped one), watch the
-per-layer plot render, compute the teaching views (they replace the shipped ones) and open How it works, start a
+figure's edge), and section 5 shows the shipped generate run (its continuations side by side and the coloured
+agreement strip); set small settings, quantize & initialize (the live run replaces the shipped one), watch the
+per-layer plot render, press Generate on that init run and see the continuations stream in (full precision's text
+before a later variant's, then the strip and the top-10 view; choosing a position redraws it), compute the teaching
+views (they replace the shipped ones) and open How it works, start a
 short two-arm fine-tuning from that init run (the default), see its first curve points and then more, stop it;
 reopen the page; then run across bits on a tiny model (its frontier replaces the shipped one, and its bit widths the
 shipped ones in the across-models scatter), and quantize & initialize that model at HQQ 3-bit chosen in the Setup
 (the quantizer setting: bitsandbytes by default, NF4/FP4 only settable for it; the figures name the base). The
 live run's figures, the teaching views, the across-models scatter and the live frontier are checked for overlapping
-texts too (at 1400 px).
+texts too (at 1400 px), the generate section's at 1400 and 900.
 Screenshots go to test-output/ (ignored by git)."""
 from __future__ import annotations
 
@@ -230,6 +233,75 @@ def shipped_example_shown(page, expect) -> None:
     expect(page.locator("#precision-table")).to_contain_text("NF4 + double quant")
 
 
+#: the agreement strip's coloured token cells (a background set by app/generation.py), one row per variant
+STRIP_CELLS = "#gen-strip .g-row[data-variant] .g-tok[style*='background']"
+#: a generate run streams: full precision's card already has text while a later variant's still waits its turn
+STREAMING = """() => { const cards = [...document.querySelectorAll('#gen-continuations .g-card')];
+  const full = cards.find(c => c.dataset.variant === 'full');
+  return !!full && full.querySelector('.g-text').textContent.trim().length > 0
+    && cards.some(c => c.querySelector('.g-state').textContent.includes('waiting')); }"""
+
+
+def shipped_generate_shown(page, expect) -> None:
+    """Section 5 of a first visit: the shipped generate run's continuations side by side (one card per variant),
+    its agreement strip coloured token by token, its summary, top-10 and deployment table, labelled."""
+    from quailora_app.app.reopen import EXAMPLE_DIR
+    from quailora_app.runs import RunFolder
+
+    report = RunFolder(EXAMPLE_DIR / "generate").read_report()
+    assert report and report.get("agreement"), "no shipped generate run (python -m bench.make_example --only generate)"
+    page.locator("#generate-section").scroll_into_view_if_needed()
+    expect(page.locator("#example-generate")).to_contain_text("Shipped example run")
+    expect(page.locator("#live-generate")).to_be_visible()
+    expect(page.locator("#gen-continuations .g-card")).to_have_count(len(report["variants"]), timeout=ms(30_000))
+    for name in report["variants"]:
+        text = report["continuations"][name]["text"].strip().split("\n")[0][:20]
+        if text:
+            expect(page.locator(f"#gen-continuations .g-card[data-variant='{name}']")).to_contain_text(text)
+    rows = len(report["variants"]) - 1  # full precision's row is the uncoloured reference
+    expect(page.locator(STRIP_CELLS)).to_have_count(rows * report["new_tokens"])
+    expect(page.locator("#gen-top10 .js-plotly-plot g.trace.bars")).to_have_count(3, timeout=ms(30_000))
+    expect(page.locator("#gen-summary")).to_contain_text("full precision")
+    if report.get("deploy"):
+        expect(page.locator("#gen-deploy-table")).to_contain_text("(c)")
+        expect(page.locator("#gen-deploy-reading")).to_contain_text("Why (c) loses the correction")
+
+
+def generate_live(page, expect) -> float:
+    """Press Generate on the live init run (the session's latest): the shipped run's banner goes, the continuations
+    stream in one card at a time, then the strip, the summary and the top-10 view are the live run's; choosing a
+    position redraws the top-10 lists and outlines that column. Seconds from the press to the finished run."""
+    page.locator("#generate-section").scroll_into_view_if_needed()
+    set_number(page, "new tokens", 12)
+    set_number(page, "held-out documents", 1)
+    start = time.time()
+    page.locator("#start-generate").click()
+    expect(page.locator("#example-generate")).to_be_hidden(timeout=ms(30_000))
+    page.wait_for_function(STREAMING, timeout=ms(120_000))
+    page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-7-generate-streaming.png"))
+    expect(page.locator("#generate-status")).to_contain_text("finished", timeout=ms(300_000))
+    seconds = time.time() - start
+    names = ["full", "int8", "qlora", "svd", "quailora"]  # the live init run: svd and quailora beside plain QLoRA
+    expect(page.locator("#gen-continuations .g-card")).to_have_count(len(names), timeout=ms(10_000))
+    expect(page.locator("#gen-continuations")).not_to_contain_text("waiting")
+    expect(page.locator(STRIP_CELLS)).to_have_count((len(names) - 1) * 12, timeout=ms(10_000))
+    expect(page.locator("#gen-summary")).to_contain_text("QuAILoRA")
+    expect(page.locator("#gen-top10 .js-plotly-plot g.trace.bars")).to_have_count(3, timeout=ms(10_000))
+    box = page.locator("#gen-position input[type='number']")
+    box.fill("3")
+    box.press("Enter")
+    expect(page.locator("#gen-top10 .gtitle")).to_contain_text("(3)", timeout=ms(20_000))
+    expect(page.locator("#gen-strip .g-row[data-variant='qlora'] .g-tok").nth(2)).to_have_class(
+        re.compile("g-chosen"), timeout=ms(10_000))
+    page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-7-generate-live-1400.png"))
+    no_text_overlaps(page, "the live generate run at 1400 px", "#generate-section", plots=3)
+    at_width(page, 900)
+    no_text_overlaps(page, "the live generate run at 900 px", "#generate-section", plots=3)
+    page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-7-generate-live-900.png"))
+    at_width(page, 1400)
+    return seconds
+
+
 def run_across_bits(page, expect, model_dir) -> float:
     """Type the tiny model into the Setup, press "Run across bits" with small token counts, see the frontier
     redrawn (the shipped one gone) with the run's reading and table, and its bit widths in the across-models
@@ -334,6 +406,15 @@ def test_init_then_finetune_in_the_browser(app_url, tiny_model_dir):
         page.locator("#example-train").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "browser-0-shipped-train.png"))
         page.screenshot(path=str(SHOTS / "browser-0-first-visit.png"), full_page=True)
+        # section 5: the shipped generate run's continuations and coloured agreement strip, drawn at once; no text of
+        # its figures overlaps at either width
+        shipped_generate_shown(page, expect)
+        page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-0-generate-1400.png"))
+        no_text_overlaps(page, "the shipped generate run at 1400 px", "#generate-section", plots=3)
+        at_width(page, 900)
+        no_text_overlaps(page, "the shipped generate run at 900 px", "#generate-section", plots=3)
+        page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-0-generate-900.png"))
+        at_width(page, 1400)
         # the Across bits tab beside the teaching views: the shipped frontier and its reading, drawn at once; no text
         # of it overlaps at either width
         shipped_frontier_shown(page, expect)
@@ -381,6 +462,9 @@ def test_init_then_finetune_in_the_browser(app_url, tiny_model_dir):
         page.locator("#layer-plot").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "browser-3-init-done.png"), full_page=True)
         no_text_overlaps(page, "the live init run at 1400 px", plots=4)
+
+        # generate from that init run (the session's latest, the default): the continuations stream in
+        generate_seconds = generate_live(page, expect)
 
         # teaching views of the default layer (8 x 128 calibration tokens, ranks 1..32), then the method page
         page.get_by_role("tab", name="Teaching views").click()
@@ -447,5 +531,6 @@ def test_init_then_finetune_in_the_browser(app_url, tiny_model_dir):
         browser.close()
     print(f"init flow in the browser: {init_seconds:.0f} s, teaching views: {views_seconds:.0f} s, fine-tuning from "
           f"the init run: first curve points after {first_point_seconds:.0f} s, across bits on the tiny model: "
-          f"{bits_seconds:.0f} s, init of the tiny model at HQQ 3-bit: {hqq_seconds:.0f} s; text-overlap checks and "
+          f"{bits_seconds:.0f} s, init of the tiny model at HQQ 3-bit: {hqq_seconds:.0f} s, generate from the live "
+          f"init run: {generate_seconds:.0f} s; text-overlap checks and "
           f"width changes: {CHECK_SECONDS[0]:.1f} s")

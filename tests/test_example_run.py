@@ -1,7 +1,7 @@
 """The shipped example run (assets/example, made by bench/make_example.py): its folders read back as an init run,
-a fine-tuning run and an across-bits run, carry the settings its README and manifest promise (the across-bits run:
-exactly what the app's "Run across bits" starts by default), stay small, and draw through the same presenters as a
-live or reopened run; reopening them writes nothing into assets/; an app without them starts."""
+a fine-tuning run, an across-bits run and a generate run, carry the settings its README and manifest promise (the
+across-bits run: exactly what the app's "Run across bits" starts by default), stay small, and draw through the
+same presenters as a live or reopened run; reopening them writes nothing into assets/; an app without them starts."""
 from __future__ import annotations
 
 import hashlib
@@ -113,7 +113,7 @@ def test_the_shipped_runs_reopen_like_any_run_folder_and_stay_untouched(tmp_path
     before = fingerprint(EXAMPLE_DIR)
     runs_root = tmp_path / "runs"
     names = [name for _, name in list_runs("someone", runs_root, example=EXAMPLE_DIR)]
-    assert names == ["shipped:init", "shipped:train", "shipped:bits"]
+    assert names == ["shipped:init", "shipped:train", "shipped:bits", "shipped:generate"]
     manager = JobManager(gpu=False)
     init = reopened_outputs("shipped:init", "someone", manager)
     train = reopened_outputs("shipped:train", None, manager)
@@ -121,6 +121,8 @@ def test_the_shipped_runs_reopen_like_any_run_folder_and_stay_untouched(tmp_path
     assert train["curves"].data and Path(init["zip"]).name == "quailora-example-init.zip"
     bits = reopened_outputs("shipped:bits", None, manager)  # the frontier in the perplexity panel, its points below
     assert "Across bits" in bits["summary"] and bits["perplexity"].data and len(bits["table"]) >= 4
+    generate = reopened_outputs("shipped:generate", None, manager)  # each variant's agreement in the summary
+    assert "Generate" in generate["summary"] and "Agreement with full precision" in generate["summary"]
     assert not Path(init["zip"]).resolve().is_relative_to(EXAMPLE_DIR)
     assert fingerprint(EXAMPLE_DIR) == before
     for name in ("shipped:views", "shipped:../init", "shipped:", "shipped:init/report.json"):

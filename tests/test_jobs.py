@@ -154,6 +154,10 @@ def test_gpu_duration_estimate_and_no_spaces_passthrough():
                            methods=("svd", "closed_form"))
     assert 60 <= jobs.estimate_seconds("bits", bits) < jobs.estimate_seconds("bits", more) <= 900
     assert jobs.DEFAULT_RUNNERS["bits"].__name__ == "run_bits"  # the across-bits flow is a job kind of its own
+    generate = SimpleNamespace(new_tokens=32, documents=4, deploy=False, deploy_tokens=4096)
+    deploy = SimpleNamespace(new_tokens=32, documents=4, deploy=True, deploy_tokens=4096)
+    assert 60 <= jobs.estimate_seconds("generate", generate) < jobs.estimate_seconds("generate", deploy) <= 900
+    assert jobs.DEFAULT_RUNNERS["generate"].__name__ == "run_generate"
     runner = slow_runner()
     assert jobs.on_gpu(runner, "init") is runner  # QUAILORA_NO_SPACES / no spaces package: unchanged
 

@@ -104,16 +104,51 @@ ENDPOINTS: dict[str, Endpoint] = {
         "grows point by point while the run goes), its one-line reading (Markdown) and its points as a table."),
     "/stop_bits": Endpoint(
         ("status",), "Ask the across-bits job to stop after its current step; only the session that started it can."),
+    "/generate_sources": Endpoint(
+        ("generate_from",),
+        'What a generate run can start from: "latest" (the session\'s latest finished init or fine-tuning run), then '
+        "the init and fine-tuning run folders under the runs root this session may reopen (its own and the command "
+        "line's), newest first."),
+    "/start_generate": Endpoint(
+        ("session", "generate_job_id", "status"),
+        "Queue a generate run (`python -m quailora_app generate`) from `gen_from` (a value of `/generate_sources`; "
+        "`init_job_id` and `train_job_id` name the session's runs for \"latest\"): full precision, 8-bit, plain "
+        "4-bit and 4-bit with each adapter of that run continue one prompt (`gen_prompt_from`: \"held_out\", the "
+        "start of a held-out document, or \"text\", `gen_prompt`) by `gen_new_tokens` tokens, greedy or "
+        "(`gen_sample`) sampled at `gen_temperature` with `gen_seed`; agreement over `gen_documents` held-out "
+        "documents; `gen_deploy` also measures what survives deployment. An empty own prompt, zero new tokens or a "
+        "run without adapters is refused in one line; a prompt beyond the model's context fails the job in one."),
+    "/generate_status": Endpoint(
+        ("progress_html", "status", "continuations_html", "strip_html", "summary_table", "versus_plot", "position",
+         "top10_plot", "deploy_table", "deploy_reading", "deploy_plot"),
+        f"The generate job's state, {_OWN}: the continuations side by side (HTML, streamed token by token), the "
+        "agreement strip (HTML: each token of full precision's continuation, per variant, green where its top-1 "
+        "agrees and red where not, darker for a larger KL), the per-variant summary (top-1 agreement, mean KL, on "
+        "the prompt and over the documents, and the shares against plain 4-bit), the over-documents figure, the "
+        "position slider (its maximum: the number of positions), the top-10 next tokens of full precision, plain "
+        "4-bit and the best corrected variant at position 1, and the deployment table, reading and figure."),
+    "/stop_generate": Endpoint(
+        ("status",), "Ask the generate job to stop after its current token; only the session that started it can."),
+    "/generate_position": Endpoint(
+        ("top10_plot", "strip_html"),
+        "The top-10 next tokens of full precision, plain 4-bit and the best corrected variant at `position` "
+        "(1-based), and the agreement strip with that column outlined: of the session's generate job `job_id`, "
+        "else of the shipped example's generate run."),
+    "/download_merged": Endpoint(
+        ("zip_file",),
+        "A zip of the session's generate run's merged model (the adapter merged into the full-precision weights, "
+        "safetensors and config: `AutoModelForCausalLM.from_pretrained`) beside the adapter folder; refused in one "
+        "line when the run did not measure deployment."),
     "/list_runs": Endpoint(
         ("run_folder",),
         "The run folders under the runs root (QUAILORA_RUNS) this session may reopen (its own, and the command "
-        'line\'s), newest first; then the shipped example run ("shipped:init", "shipped:train", "shipped:bits": '
-        "assets/example, made by `python -m bench.make_example`, read-only)."),
+        'line\'s), newest first; then the shipped example run ("shipped:init", "shipped:train", "shipped:bits", '
+        '"shipped:generate": assets/example, made by `python -m bench.make_example`, read-only).'),
     "/reopen_run": Endpoint(
         ("summary", "layer_plot", "heatmap_plot", "perplexity_plot", "curves_plot", "table", "report", "zip_file"),
         "Redraw a run folder (`name`, one of `/list_runs`) from its report.json / events.jsonl, also after a "
         "restart of the app, with a zip of it (an across-bits run: its frontier in `perplexity_plot`, its points "
-        "in `table`)."),
+        "in `table`; a generate run: each variant's agreement with full precision in `summary`)."),
 }
 
 

@@ -35,6 +35,16 @@ from quailora_app.app.forms import (
     text_setting,
     vetted_sources,
 )
+from quailora_app.app.generation import (
+    generate_outputs,
+    generate_progress_html,
+    live_report,
+    make_generate_config,
+    merged_zip,
+    position_view,
+    source_choices,
+    source_folder,
+)
 from quailora_app.app.jobs import FINISHED, RUNNING, Job, JobManager
 from quailora_app.app.presenters import (
     LIVE,
@@ -54,6 +64,7 @@ from quailora_app.app.presenters import (
 from quailora_app.app.reopen import EXAMPLE_DIR, list_runs
 from quailora_app.config import QUANTIZER_BITS
 from quailora_app.errors import UserError, one_line
+from quailora_app.flows.generate import read_run
 from quailora_app.plots import figures as F
 from quailora_app.plots.teaching import harm_gain_figure, paper_scatter
 from quailora_app.runs import RunFolder
@@ -188,9 +199,11 @@ def _skips(n: int) -> list:
 class Studio:
     """The page's handlers: each reads the job manager, the open tabs and gradio's upload folders."""
 
-    def __init__(self, manager: JobManager, view_ranks: tuple[int, ...], shipped_bits: dict | None = None) -> None:
+    def __init__(self, manager: JobManager, view_ranks: tuple[int, ...], shipped_bits: dict | None = None,
+                 shipped_generate: dict | None = None) -> None:
         self.manager = manager
         self.shipped_bits = shipped_bits  # the shipped example's across-bits report: its points in the scatter
+        self.shipped_generate = shipped_generate  # the shipped example's generate report: its top-10 by position
         self.tabs = _Tabs()
         self.upload_roots = _gradio_upload_roots()
         self.view_ranks = view_ranks
@@ -206,6 +219,8 @@ class Studio:
     def progress(self, job: Job | None) -> str:
         if job is not None and job.kind == "bits" and job.status != "queued":
             return bits_progress_html(job)
+        if job is not None and job.kind == "generate" and job.status != "queued":
+            return generate_progress_html(job)
         return progress_html(job, self.manager)
 
     def status(self, job: Job | None) -> str:
@@ -228,6 +243,11 @@ class Studio:
     def attach_bits(self, session):
         owner = (session or {}).get("owner")
         job = self.manager.latest(owner, "bits") if owner else None
+        return job.id if job else ""
+
+    def attach_generate(self, session):
+        owner = (session or {}).get("owner")
+        job = self.manager.latest(owner, "generate") if owner else None
         return job.id if job else ""
 
     def session_ended(self, request: gr.Request):
@@ -285,6 +305,35 @@ class Studio:
     def start_bits(self, session, request: gr.Request, **form):
         return self._submit("bits", session, request, form, make_bits_config)
 
+    def start_generate(self, session, init_job_id, train_job_id, request: gr.Request, **form):
+        """Generation from the run chosen in `gen_from`: the session's latest finished init or fine-tuning run
+        (`init_job_id` / `train_job_id`, else the latest of each), or one of its run folders."""
+        session, owner = session_owner(session)
+        self.tabs.seen(request, owner)
+        try:
+            folder = source_folder(form.get("gen_from"), owner, self._latest_run(owner, init_job_id, train_job_id))
+            config = make_generate_config(form, folder)
+            read_run(folder)  # a run folder without adapters (or unfinished) is refused here, in one line
+            job = self.manager.submit("generate", config, owner)
+        except (UserError, ValueError, TypeError) as exc:
+            raise gr.Error(str(exc)) from None
+        return session, job.id, self.status(self.manager.snapshot(job.id))
+
+    def _latest_run(self, owner: str, init_job_id: str | None, train_job_id: str | None) -> str | None:
+        """The run folder of the session's most recent init or fine-tuning job that has finished (a fine-tuning
+        run stopped between steps counts: its adapters so far are saved); None when there is none."""
+        jobs = []
+        for kind, job_id in (("init", init_job_id), ("train", train_job_id)):
+            job = self.manager.owned(job_id, owner) if job_id else None
+            job = job if job is not None and job.kind == kind else self.manager.latest(owner, kind)
+            if job is not None and not job.active and job.run_dir:
+                jobs.append(job)
+        for job in sorted(jobs, key=lambda j: j.created, reverse=True):
+            report = RunFolder(Path(job.run_dir)).read_report() or {}
+            if report.get("status") in (("finished",) if job.kind == "init" else ("finished", "stopped")):
+                return job.run_dir
+        return None
+
     def _session_init(self, owner: str, init_job_id: str | None) -> Job | None:
         """`init_job_id`'s init job when this owner has it, else the owner's latest init job (None if none)."""
         init = self.manager.owned(init_job_id, owner) if init_job_id else None
@@ -330,6 +379,43 @@ class Studio:
     def bits_status(self, session, job_id):
         job, refused = self.session_job(session, job_id)
         return (self.progress(job), refused or self.status(job), *bits_outputs(job))
+
+    def generate_status(self, session, job_id):
+        job, refused = self.session_job(session, job_id)
+        return (self.progress(job), refused or self.status(job), *_generate_tuple(generate_outputs(job)))
+
+    def generate_position(self, session, job_id, position):
+        """The top-10 figure and the agreement strip at `position` of the session's generate job `job_id`, else of
+        the shipped example's generate run."""
+        job = self.session_job(session, job_id)[0]
+        report = live_report(job) if job is not None and job.kind == "generate" else self.shipped_generate
+        return position_view(report, position)
+
+    def download_merged(self, session, job_id):
+        """A zip of the merged model and the adapter folder of the session's generate job (run with deploy)."""
+        job, refused = self.session_job(session, job_id)
+        if refused:
+            raise gr.Error(refused)
+        if job is None or job.kind != "generate":
+            raise gr.Error("no generate run of yours yet: the shipped example keeps no model weights; generate with "
+                           "'what survives deployment' ticked")
+        try:
+            return merged_zip(live_report(job))
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+
+    @staticmethod
+    def generate_sources(session):
+        return gr.update(choices=source_choices((session or {}).get("owner") if isinstance(session, dict) else None))
+
+    def draw_generate(self, job: Job, other: Job | None, fresh: bool, changed: set[str]) -> tuple:
+        """Generate panel after progress and status: the continuations for each new token, everything else for each
+        measured variant (and a new status)."""
+        if not fresh and "metrics" not in changed:
+            if "tokens" not in changed:
+                return tuple(_skips(9))
+            return (generate_outputs(job)["continuations"], *_skips(8))
+        return _generate_tuple(generate_outputs(job))
 
     def harm_gain(self, scale, session=None, bits_job_id=""):
         """The "Across models" scatter on `scale` with the bit widths of the session's finished across-bits job
@@ -429,6 +515,18 @@ def count_init(job: Job) -> dict[str, int]:
 
 def count_bits(job: Job) -> dict[str, int]:
     return {"points": sum(1 for e in job.events if e.get("kind") == "metric")}
+
+
+def count_generate(job: Job) -> dict[str, int]:
+    return {"tokens": sum(1 for e in job.events if e.get("kind") == "token"),
+            "metrics": sum(1 for e in job.events if e.get("kind") in ("metric", "log"))}
+
+
+def _generate_tuple(v: dict[str, Any]) -> tuple:
+    """The generate panel's outputs after progress and status (GeneratePanel.outputs)."""
+    return (v["continuations"], v["strip"], v["summary"], v["versus"],
+            gr.update(maximum=max(2, v["positions"]), value=v["position"]), v["top10"], v["deploy_table"],
+            v["deploy_reading"], v["deploy_plot"])
 
 
 def count_train(job: Job) -> dict[str, int]:

@@ -37,6 +37,7 @@ from quailora_app.app.reopen import mark_owner
 from quailora_app.errors import UserError, one_line
 from quailora_app.events import Event, RunFailed
 from quailora_app.flows.bits import run_bits
+from quailora_app.flows.generate import run_generate
 from quailora_app.flows.init import run_init
 from quailora_app.flows.recorder import free_memory
 from quailora_app.flows.train import run_train
@@ -50,7 +51,8 @@ QUEUED, RUNNING, FINISHED, FAILED, CANCELLED = "queued", "running", "finished", 
 DONE = (FINISHED, FAILED, CANCELLED)
 STOP_FILE = "STOP"
 
-DEFAULT_RUNNERS: dict[str, Runner] = {"init": run_init, "train": run_train, "views": run_views, "bits": run_bits}
+DEFAULT_RUNNERS: dict[str, Runner] = {"init": run_init, "train": run_train, "views": run_views, "bits": run_bits,
+                                      "generate": run_generate}
 
 
 def release_memory() -> None:
@@ -90,6 +92,9 @@ def estimate_seconds(kind: str, cfg: Any) -> int:
             tokens = cfg.data.calib_samples * cfg.data.seq_len
             evals = cfg.data.eval_tokens * len(cfg.bases) * (1 + len(cfg.methods))
             guess = 45 + tokens / 2_000 + evals / 20_000 + 10 * len(cfg.bases) * (1 + len(cfg.methods))
+        elif kind == "generate":  # a few models loaded, each continuing the prompt; deploy adds six perplexities
+            guess = 60 + 2 * cfg.new_tokens * (1 + cfg.documents / 8) + (240 + cfg.deploy_tokens / 100 if cfg.deploy
+                                                                         else 0)
         else:
             tokens = cfg.steps * cfg.batch_size * getattr(cfg, "grad_accum", 1) * cfg.data.seq_len * len(cfg.arms)
             evals = (cfg.steps // max(1, cfg.eval_every) + 1) * cfg.data.eval_tokens * len(cfg.arms)

@@ -170,8 +170,8 @@ def status_text(job: Job | None, manager: JobManager) -> str:
     if job is None:
         return "Nothing started yet in this session."
     running, waiting = manager.queue_length()
-    what = {"init": "Quantize & initialize", "views": "Teaching views", "bits": "Across bits"}.get(job.kind,
-                                                                                                 "Fine-tuning")
+    what = {"init": "Quantize & initialize", "views": "Teaching views", "bits": "Across bits",
+            "generate": "Generation"}.get(job.kind, "Fine-tuning")
     where = f" · run folder `{job.run_dir}`" if job.run_dir else ""
     if job.status == QUEUED:
         return (f"**{what}: queued**, position {job.position} in line ({running} running, {waiting} waiting). "
@@ -505,7 +505,7 @@ def run_outputs(run: ReopenedRun, manager: JobManager, owner: str | None = None)
                            "table": pd.DataFrame(columns=F.NUMBERS_HEADER), "report": run.report, "note": "",
                            "job": job}
     what = {"init": "Quantize & initialize", "train": "Fine-tuning", "views": "Teaching views",
-            "bits": "Across bits"}.get(run.kind, run.kind)
+            "bits": "Across bits", "generate": "Generate"}.get(run.kind, run.kind)
     error = f": {one_line(report['error'])}" if report.get("error") else ""
     shipped = " (the shipped example, read-only)" if is_example_name(run.name) else ""
     head = f"**Reopened `{run.name}`**{shipped} ({what}, {run.status}{error})."
@@ -521,6 +521,12 @@ def run_outputs(run: ReopenedRun, manager: JobManager, owner: str | None = None)
         out["perplexity"] = frontier_figure(report)
         out["table"] = pd.DataFrame(frontier_rows(report), columns=FRONTIER_HEADER)
         out["summary"] = head + (f" {report['reading']}" if report.get("reading") else "")
+    elif run.kind == "generate":  # each variant's agreement with full precision; section 5 draws generate runs
+        labels, found = report.get("labels") or {}, report.get("agreement") or {}
+        parts = [f"{labels.get(n, n)} {100 * found[n]['top1_agreement']:.0f}% top-1, mean KL {found[n]['mean_kl']:.3f}"
+                 for n in report.get("variants") or [] if n in found and n != "full"]
+        out["summary"] = (head + " Agreement with full precision along its continuation: " + "; ".join(parts)
+                          + ". Its continuations, strip and top-10 lists are in report.json inside the zip.")
     else:
         out["summary"] = head + " Its figures are in report.json inside the zip."
     return out
@@ -550,8 +556,8 @@ def train_outputs(job: Job | None) -> tuple[Any, pd.DataFrame]:
 
 def reopened_outputs(name: Any, owner: str | None, manager: JobManager) -> dict[str, Any]:
     """Figures, tables, report and a zip of a run folder under the runs root (this owner's or the CLI's), or of
-    the shipped example ("shipped:init", "shipped:train", "shipped:bits"), read back from report.json /
-    events.jsonl: what a finished job shows, after a restart of the app."""
+    the shipped example ("shipped:init", "shipped:train", "shipped:bits", "shipped:generate"), read back from
+    report.json / events.jsonl: what a finished job shows, after a restart of the app."""
     name = text_setting(name, "run folder")
     run = open_example(name) if is_example_name(name) else open_run(name, owner)
     out = run_outputs(run, manager, owner)

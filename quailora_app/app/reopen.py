@@ -4,9 +4,10 @@ Every folder the app's worker creates holds `.owner`, a hash of the browser's ow
 and reopens only its own runs; folders without it (written by the command line) are listed for everyone.
 Only direct children of the runs root are reachable: a name is a plain folder name, never a path.
 
-The shipped example run (assets/example/, made by bench/make_example.py: an init run, a fine-tuning run and an
-across-bits run) is listed for everyone after the session's own runs, under the names "shipped:init",
-"shipped:train" and "shipped:bits" (a colon never names a folder of the runs root). It is only read, never
+The shipped example run (assets/example/, made by bench/make_example.py: an init run, a fine-tuning run, an
+across-bits run and a generate run) is listed for everyone after the session's own runs, under the names
+"shipped:init", "shipped:train", "shipped:bits" and "shipped:generate" (a colon never names a folder of the runs
+root). It is only read, never
 written; a missing or unreadable example is no error, it is just not listed.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,199}$")
 #: The shipped example run: its folder, its manifest (command, settings, machine, date), its runs and their names.
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "assets" / "example"
 EXAMPLE_MANIFEST = "example.json"
-EXAMPLE_KINDS: tuple[RunKind, ...] = ("init", "train", "bits")
+EXAMPLE_KINDS: tuple[RunKind, ...] = ("init", "train", "bits", "generate")
 EXAMPLE_PREFIX = "shipped:"
 
 
@@ -151,7 +152,7 @@ def example_runs(root: str | Path = EXAMPLE_DIR) -> dict[str, ReopenedRun]:
 
 def example_choices(root: str | Path = EXAMPLE_DIR) -> list[tuple[str, str]]:
     """(label, name) of the shipped example's runs for the reopen list."""
-    what = {"init": "quantize & initialize", "train": "fine-tuning", "bits": "across bits"}
+    what = {"init": "quantize & initialize", "train": "fine-tuning", "bits": "across bits", "generate": "generate"}
     quick = " (quick development run)" if example_manifest(root).get("preset") == "quick" else ""
     out = []
     for name in example_names(root):

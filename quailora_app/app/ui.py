@@ -1,11 +1,12 @@
 """The QuAILoRA Studio web app: the page, built from its sections and wired to the handlers.
 
 One page, top to bottom: 1 Setup, 2 Quantize & initialize (with the teaching views and the Across bits tab beside
-it), 3 Fine-tune, 4 Results, one module each under `quailora_app.app.sections` (layout only). The handlers live in
-`quailora_app.app.handlers`; this module gathers the sections in a `Page` and wires each section's events to
-them. Compute runs in the process-wide `JobManager` worker (one job at a time, FIFO); the page only submits jobs and
-polls them, so a closed tab does not stop a run and a reopened page re-attaches (the session's owner key lives in
-the browser's localStorage through gr.BrowserState). No model is ever held in gradio state.
+it), 3 Fine-tune, 4 Results, 5 Generate (what each variant says, token by token), one module each under
+`quailora_app.app.sections` (layout only). The handlers live in `quailora_app.app.handlers`; this module gathers
+the sections in a `Page` and wires each section's events to them. Compute runs in the process-wide `JobManager`
+worker (one job at a time, FIFO); the page only submits jobs and polls them, so a closed tab does not stop a run and
+a reopened page re-attaches (the session's owner key lives in the browser's localStorage through gr.BrowserState).
+No model is ever held in gradio state.
 
 The settings reach the start handlers by name (gradio's `inputs_kwargs`: setting name -> component, the names of
 `quailora_app.settings`), so nothing keeps a parameter order in step.
@@ -25,8 +26,8 @@ run (assets/example), drawn by the same presenters as a reopened run or a views 
 "Compute it live" beside; a job of the session's own replaces it (`_wire_example`). Without assets/example the
 page starts with empty plots.
 
-The page itself polls through four private timer endpoints (poll_init, poll_train, poll_views, poll_bits), made by
-one factory (`Studio.poller`), that skip unchanged figures.
+The page itself polls through five private timer endpoints (poll_init, poll_train, poll_views, poll_bits,
+poll_generate), made by one factory (`Studio.poller`), that skip unchanged figures.
 """
 from __future__ import annotations
 
@@ -42,9 +43,11 @@ import gradio as gr
 from quailora_app.app import uploads as paths
 from quailora_app.app.across_bits import BITS_NAMES, bits_defaults, example_bits
 from quailora_app.app.defaults import default_settings, device_summary
+from quailora_app.app.generation import GEN_NAMES, example_generate
 from quailora_app.app.handlers import (
     Studio,
     count_bits,
+    count_generate,
     count_init,
     count_train,
     dataset_columns,
@@ -59,6 +62,7 @@ from quailora_app.app.jobs import JobManager
 from quailora_app.app.presenters import example_outputs, view_defaults
 from quailora_app.app.sections.bits import BitsPanel, bits_section
 from quailora_app.app.sections.common import JobPanel
+from quailora_app.app.sections.generate import GeneratePanel, generate_section
 from quailora_app.app.sections.init import InitPanel, init_section
 from quailora_app.app.sections.results import Results, results_section
 from quailora_app.app.sections.setup import Setup, setup_section
@@ -88,7 +92,7 @@ class Page:
     headline over the page, and the sections."""
 
     session: gr.BrowserState
-    seen: dict[str, gr.State]  # "init", "train", "views", "bits"
+    seen: dict[str, gr.State]  # "init", "train", "views", "bits", "generate"
     headline: gr.Markdown
     setup: Setup
     init: InitPanel
@@ -96,6 +100,7 @@ class Page:
     bits: BitsPanel
     train: TrainPanel
     results: Results
+    generate: GeneratePanel
 
 
 def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) -> gr.Blocks:
@@ -103,13 +108,15 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
     device, gpu = device_summary()
     d, vd = default_settings(gpu), view_defaults(gpu)
     shipped_bits = example_bits()  # the shipped example's across-bits run, if this app has one
-    studio = Studio(manager or _default_manager(), tuple(vd["ranks"]), (shipped_bits or {}).get("report"))
+    shipped_generate = example_generate()  # and its generate run
+    studio = Studio(manager or _default_manager(), tuple(vd["ranks"]), (shipped_bits or {}).get("report"),
+                    (shipped_generate or {}).get("report"))
     shipped = example_outputs(studio.manager) or {}  # the shipped example run (assets/example), if this app has one
 
     # gradio's own copies of uploads are deleted after an hour (and at shutdown); ours live per session
     with gr.Blocks(title="QuAILoRA Studio", fill_width=False, delete_cache=(3600, 3600)) as demo:
         session = gr.BrowserState({"owner": ""}, storage_key="quailora-studio-session")
-        seen = {kind: gr.State({}) for kind in ("init", "train", "views", "bits")}
+        seen = {kind: gr.State({}) for kind in ("init", "train", "views", "bits", "generate")}
         gr.Markdown(
             "# QuAILoRA Studio\n"
             "Quantizing a language model to 4 bits saves memory but adds error to every weight. A LoRA adapter "
@@ -132,7 +139,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
             bits = bits_section(bits_defaults(gpu), shipped_bits)
         page = Page(session, seen, headline, setup=setup, init=init, views=views, bits=bits,
                     train=train_section(idle, d, shipped.get("train")),
-                    results=results_section(shipped.get("summary")))
+                    results=results_section(shipped.get("summary")), generate=generate_section(shipped_generate))
 
         _wire_setup(demo, studio, page)
         _wire_init(studio, page, poll_seconds)
@@ -140,6 +147,7 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         _wire_views(demo, studio, page, poll_seconds)
         _wire_bits(demo, studio, page, poll_seconds)
         _wire_results(demo, studio, page)
+        _wire_generate(demo, studio, page, poll_seconds)
         _wire_example(page)
     # status calls are cheap and compute never runs inside a request: let many requests run side by side
     demo.queue(default_concurrency_limit=16)
@@ -231,12 +239,33 @@ def _wire_results(demo: gr.Blocks, studio: Studio, page: Page) -> None:
     results.reopen.click(studio.reopen_run, [session, results.run_pick], results.reopened, api_name="reopen_run")
 
 
+def _wire_generate(demo: gr.Blocks, studio: Studio, page: Page, poll_seconds: float) -> None:
+    """The generate job (from the session's latest finished init or fine-tuning run, or a run folder), its poller,
+    the position chooser, the merged model's download and the list of runs to generate from."""
+    gen, session = page.generate, page.session
+    jobs = [page.init.panel.job, page.train.panel.job]
+    demo.load(studio.attach_generate, [session], [gen.panel.job], api_name="attach_generate", **_PRIVATE)
+    demo.load(studio.generate_sources, [session], [gen.fields["gen_from"]], api_name="generate_sources_on_load",
+              **_PRIVATE)
+    gen.refresh_sources.click(studio.generate_sources, [session], [gen.fields["gen_from"]],
+                              api_name="generate_sources")
+    _wire_job(studio, session, gen.panel, studio.start_generate, [session, *jobs],
+              {name: gen.fields[name] for name in GEN_NAMES}, studio.generate_status, gen.outputs, "generate")
+    poll = studio.poller(count_generate, studio.draw_generate, len(gen.outputs) - 2)
+    _poll_timer(poll_seconds, poll, [session, gen.panel.job, page.seen["generate"]],
+                [*gen.outputs, page.seen["generate"]], "poll_generate")
+    gen.position.change(studio.generate_position, [session, gen.panel.job, gen.position], [gen.top10, gen.strip],
+                         api_name="generate_position")
+    gen.merged_button.click(studio.download_merged, [session, gen.panel.job], [gen.merged_file],
+                            api_name="download_merged")
+
+
 def _wire_example(page: Page) -> None:
     """While a section shows the shipped example run: its 'Compute it live' presses the section's start button;
     its banner (and, for step 2, the headline at the top) goes once the visitor has a job there (started, or
     re-attached on load), whose own figures then replace the shipped ones (the pollers draw them)."""
     for key, panel, more in (("init", page.init, [page.headline]), ("train", page.train, []),
-                             ("views", page.views, []), ("bits", page.bits, [])):
+                             ("views", page.views, []), ("bits", page.bits, []), ("generate", page.generate, [])):
         if panel.example is None:
             continue
         panel.example.live.click(None, js=f"() => document.getElementById('start-{key}').click()",

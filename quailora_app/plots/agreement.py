@@ -11,11 +11,11 @@ from collections.abc import Mapping
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from quailora_app.plots.figures import empty_figure, figure_layout
+from quailora_app.plots.figures import empty_figure, figure_layout, short_label
 
 STRIP_TITLE = "Where each variant stops saying what full precision says"
-TOP_TITLE = "Next-token probabilities at one position"
-VERSUS_TITLE = "Corrected against plain 4-bit, over held-out documents"
+TOP_TITLE = "Next-token probabilities"
+VERSUS_TITLE = "Corrected vs plain 4-bit, held-out docs"
 DEPLOY_TITLE = "What survives deployment"
 
 CAPTIONS = {
@@ -45,6 +45,24 @@ def strip_values(agree: list[bool], kl: list[float], kl_max: float) -> list[floa
     sqrt(KL / kl_max) (one large KL would otherwise leave every other cell pale)."""
     shade = [math.sqrt(min(1.0, k / kl_max)) if kl_max > 0 else 0.0 for k in kl]
     return [0.4999 * s if a else 0.5 + 0.5 * s for a, s in zip(agree, shade, strict=True)]
+
+
+def _mix(a: str, b: str, t: float) -> str:
+    """The colour a fraction `t` of the way from hex colour `a` to `b`."""
+    ca, cb = (tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in (a, b))
+    return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(ca, cb, strict=True))
+
+
+def cell_colour(value: float) -> tuple[str, str]:
+    """(background, text colour) of one strip cell of `strip_values` on STRIP_SCALE, as the HTML strip paints it:
+    the same colours as the figure's."""
+    if value < 0.5:
+        shade = value / 0.4999
+        background = _mix(STRIP_SCALE[0][1], STRIP_SCALE[1][1], min(1.0, shade))
+    else:
+        shade = (value - 0.5) / 0.5
+        background = _mix(STRIP_SCALE[2][1], STRIP_SCALE[3][1], min(1.0, shade))
+    return background, ("#ffffff" if shade > 0.55 else "#1a1a1a")
 
 
 def agreement_strip(report: Mapping | None) -> go.Figure:
@@ -88,7 +106,7 @@ def top10_figure(report: Mapping | None, position: int = 0) -> go.Figure:
     position = max(0, min(position, len(top[shown[0]]) - 1))
     labels, colours = report.get("labels", {}), report.get("colours", {})
     actual = ((report.get("reference") or {}).get("token_ids") or [None] * (position + 1))[position]
-    fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[labels.get(n, n) for n in shown],
+    fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[short_label(n) for n in shown],
                         horizontal_spacing=0.12)
     for i, name in enumerate(shown, start=1):
         entries = top[name][position]
@@ -101,7 +119,7 @@ def top10_figure(report: Mapping | None, position: int = 0) -> go.Figure:
         fig.update_yaxes(autorange="reversed", row=1, col=i)
         fig.update_xaxes(title_text="probability", range=[0, 1], row=1, col=i)
     fig.update_annotations(font_size=11)
-    return figure_layout(fig, title + ": full precision's token outlined", 380, legend_rows=0)
+    return figure_layout(fig, title, 380, legend_rows=0)
 
 
 def versus_plain_figure(report: Mapping | None) -> go.Figure:
@@ -111,7 +129,7 @@ def versus_plain_figure(report: Mapping | None) -> go.Figure:
     documents = report.get("documents") or {}
     versus = documents.get("versus_plain") or {}
     if not versus:
-        return empty_figure(VERSUS_TITLE, "generate with held-out documents (--documents) to compare", 320)
+        return empty_figure(VERSUS_TITLE, "generate with one or more held-out documents to compare", 320)
     labels = report.get("labels", {})
     names = list(versus)
     fig = go.Figure([
@@ -130,7 +148,7 @@ def deploy_figure(report: Mapping | None) -> go.Figure:
     ppl, labels = deploy.get("perplexity") or {}, deploy.get("labels") or {}
     order = [n for n in deploy.get("order", []) if ppl.get(n) is not None]
     if not order:
-        return empty_figure(DEPLOY_TITLE, "generate with --deploy to measure what survives deployment", 360)
+        return empty_figure(DEPLOY_TITLE, "tick 'what survives deployment' (--deploy)", 360)
     ticks = [labels.get(n, n).split(" ", 1)[0] for n in order]
     fig = go.Figure(go.Bar(x=ticks, y=[ppl[n] for n in order],
                            marker_color=[_DEPLOY_COLOURS.get(n, "#555") for n in order],
