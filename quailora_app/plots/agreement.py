@@ -148,7 +148,7 @@ def deploy_figure(report: Mapping | None) -> go.Figure:
     ppl, labels = deploy.get("perplexity") or {}, deploy.get("labels") or {}
     order = [n for n in deploy.get("order", []) if ppl.get(n) is not None]
     if not order:
-        return empty_figure(DEPLOY_TITLE, "tick 'what survives deployment' (--deploy)", 360)
+        return empty_figure(DEPLOY_TITLE, "not measured in this run:<br>tick 'what survives deployment'", 360)
     ticks = [labels.get(n, n).split(" ", 1)[0] for n in order]
     fig = go.Figure(go.Bar(x=ticks, y=[ppl[n] for n in order],
                            marker_color=[_DEPLOY_COLOURS.get(n, "#555") for n in order],
