@@ -210,3 +210,26 @@ def test_a_group_size_that_does_not_divide_a_layer_gets_one_line_before_loading(
     assert len(errors) == 1 and "group size 48 does not divide the 64 inputs of layer" in errors[0]
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert not any(e["kind"] == "metric" for e in events)  # refused before any model was loaded or measured
+
+
+def test_a_loftq_arm_saves_the_base_it_trained_on_and_the_pair_reloads_to_its_final_perplexity(run3, tiny_model_dir,
+                                                                                                text_file):
+    """loftq4 trains on its own re-quantized base Q_T: its adapter folder holds that base (base_weights.safetensors),
+    and plain transformers + peft reload the pair to the arm's final held-out perplexity; the arms on the stock base
+    carry no base file."""
+    from quailora_app.engine.evaluation.evaluate import perplexity
+    from quailora_app.engine.requantized import BASE_FILE, load_with_base
+    from quailora_app.sources.data import load_splits
+    from quailora_app.sources.models import load_tokenizer, resolve_model
+
+    _, run_dir = run3
+    report = json.loads((run_dir / "report.json").read_text())
+    folder = run_dir / "adapters" / "loftq4"
+    assert (folder / BASE_FILE).is_file() and BASE_FILE in (folder / "README.md").read_text()
+    assert not any((run_dir / "adapters" / arm / BASE_FILE).exists() for arm in ("qlora4", "closed4", "qlora_nf4"))
+    model_cfg, data_cfg, _, _ = settings(tiny_model_dir, text_file)
+    source = resolve_model(model_cfg.model)
+    splits = load_splits(data_cfg, load_tokenizer(source))
+    reloaded = load_with_base(folder, source.folder)
+    final = report["arms"]["loftq4"]["evals"][-1][1]
+    assert perplexity(reloaded, splits.eval, TrainConfig().eval_batch) == pytest.approx(final, rel=1e-4)

@@ -69,6 +69,7 @@ from quailora_app.engine.methods.registry import QLORA
 from quailora_app.engine.preflight import ModelShapes, available_bytes, preflight_train, train_estimate
 from quailora_app.engine.quantization.bnb import load_4bit, load_8bit
 from quailora_app.engine.quantization.load import load_quantized
+from quailora_app.engine.requantized import BASE_FILE, save_base
 from quailora_app.engine.quiet import quiet_libraries
 from quailora_app.errors import ConfigError, DataError, one_line
 from quailora_app.events import (
@@ -506,10 +507,15 @@ class TrainRun:
                   "use_rslora": cfg.lora.rslora, "calibration": f"{cfg.data.calib_samples} x {cfg.data.seq_len} tokens",
                   "steps": f"{arm.steps_done} of {cfg.steps}", "held_out_perplexity": arm.final_perplexity,
                   "init_from": self.report["arms"][arm.name].get("init_from"), "run": str(self.run_dir)}
-        if arm.spec.init in self.inits.bases.get(arm.spec.base, {}):
-            record["base_note"] = ("LoftQ re-quantized the base (T = 5 steps): these factors fit that base, which is "
-                                   "not saved here, and not the stock quantized model")
+        requantized = arm.spec.init in self.inits.bases.get(arm.spec.base, {})
+        if requantized:  # LoftQ trained on its own re-quantized base Q_T: that base travels with the adapter
+            record["base_weights"] = BASE_FILE
         folder = save_adapter(arm.model, self.run_dir / "adapters" / arm.name, record)
+        if requantized:
+            saved = save_base(arm.model, folder, self.data.dtype)
+            yield self.rec.emit(Log(f"{arm.name}: it trained on its own re-quantized base, so {folder} also holds it "
+                                    f"({saved.name}); load the pair with plain transformers and peft as its README.md "
+                                    "says"))
         arm.adapter_dir = str(folder)
         arm.status = "stopped" if stopped else "finished"
         self.rec.save()
