@@ -69,8 +69,8 @@ from quailora_app.engine.methods.registry import QLORA
 from quailora_app.engine.preflight import ModelShapes, available_bytes, preflight_train, train_estimate
 from quailora_app.engine.quantization.bnb import load_4bit, load_8bit
 from quailora_app.engine.quantization.load import load_quantized
-from quailora_app.engine.requantized import BASE_FILE, save_base
 from quailora_app.engine.quiet import quiet_libraries
+from quailora_app.engine.requantized import BASE_FILE, save_base
 from quailora_app.errors import ConfigError, DataError, one_line
 from quailora_app.events import (
     AccuracyPoint,
