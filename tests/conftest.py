@@ -37,6 +37,23 @@ def tiny_tok():
 
 
 @pytest.fixture(scope="session")
+def train_text_file(tmp_path_factory) -> Path:
+    """A few hundred short lines in the tiny tokenizer's vocabulary: half repeated sentences, half word salad (the
+    fine-tuning tests' text: the repeated half is learnable in a few steps)."""
+    import random
+
+    from helpers import TINY_TEXT
+
+    words = " ".join(TINY_TEXT[:4]).replace(",", "").replace(";", "").split()
+    rng = random.Random(0)
+    lines = [TINY_TEXT[i % 4] if rng.random() < 0.5 else " ".join(rng.choice(words) for _ in range(rng.randint(6, 14)))
+             for i in range(600)]
+    path = tmp_path_factory.mktemp("text") / "tiny.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     """300 lines of 40 words drawn from the tiny tokenizer's sentences (the engine tests' text)."""
     import random

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
-from helpers import TINY_TEXT
 
 from quailora_app import cli
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig, TrainConfig
@@ -34,15 +32,9 @@ TRAIN_KW = dict(steps=4, batch_size=2, eval_every=2, learning_rate=1e-2)
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """A few hundred short lines in the tiny tokenizer's vocabulary (as tests/test_train.py's)."""
-    words = " ".join(TINY_TEXT[:4]).replace(",", "").replace(";", "").split()
-    rng = random.Random(0)
-    lines = [TINY_TEXT[i % 4] if rng.random() < 0.5 else " ".join(rng.choice(words) for _ in range(rng.randint(6, 14)))
-             for i in range(600)]
-    path = tmp_path_factory.mktemp("text") / "tiny.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def text_file(train_text_file):
+    """The fine-tuning tests' text (conftest's train_text_file)."""
+    return train_text_file
 
 
 def settings(model_dir, text_file, quant=HQQ3):
