@@ -167,16 +167,23 @@ def remake_adapters(manifest: dict, device: str, work: Path) -> dict[str, tuple[
     return {m: (shipped.get(m), again.get(m)) for m in ("qlora", *GENERATE_ADAPTERS)}
 
 
-def ship_generate(device: str, out: Path, keep_work: bool, init_dir: Path | None = None, deploy: bool = True) -> int:
-    """Only the generate run, into the example already in `out` (generate/, its manifest entry, its README
-    section): the init run's adapters made again (`remake_adapters`; or `init_dir`, a finished init run made so
-    before, e.g. kept by --keep-work), then the generate run (with what survives deployment unless not `deploy`)."""
+def shipped_manifest(out: Path) -> dict | None:
+    """The manifest of the example already in `out` (None, with a line on stderr, when there is none)."""
     manifest_path = out / EXAMPLE_MANIFEST
     if not manifest_path.is_file():
         print(f"error: no {manifest_path}: make the whole example first (python -m bench.make_example)",
               file=sys.stderr)
+        return None
+    return json.loads(manifest_path.read_text())
+
+
+def ship_generate(device: str, out: Path, keep_work: bool, init_dir: Path | None = None, deploy: bool = True) -> int:
+    """Only the generate run, into the example already in `out` (generate/, its manifest entry, its README
+    section): the init run's adapters made again (`remake_adapters`; or `init_dir`, a finished init run made so
+    before, e.g. kept by --keep-work), then the generate run (with what survives deployment unless not `deploy`)."""
+    manifest = shipped_manifest(out)
+    if manifest is None:
         return 2
-    manifest = json.loads(manifest_path.read_text())
     work = Path(tempfile.mkdtemp(prefix="quailora-example-generate-"))
     print(f"making the example's generate run (device {device}) in {work}", file=sys.stderr)
     at_start = machine()
@@ -201,7 +208,7 @@ def ship_generate(device: str, out: Path, keep_work: bool, init_dir: Path | None
     manifest["generate"] = generate_record(argv, seconds, at_start, report, adapters, init_seconds)
     shutil.rmtree(out / "generate", ignore_errors=True)
     staging.rename(out / "generate")
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / EXAMPLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     readme_path = out / "README.md"
     readme_text = readme_path.read_text() if readme_path.is_file() else "# The shipped example run\n"
     readme_path.write_text(with_section(readme_text, generate_readme(manifest), GENERATE_BEGIN, GENERATE_END))
@@ -489,12 +496,9 @@ def bits_record(command: str, seed: int, seconds: float, at_start: dict, report:
 def ship_bits(seed: int, device: str, out: Path, keep_work: bool) -> int:
     """Only the across-bits run, into the example already in `out` (bits/, its manifest entries, its README
     section); the init, fine-tuning and views runs are left as they are."""
-    manifest_path = out / EXAMPLE_MANIFEST
-    if not manifest_path.is_file():
-        print(f"error: no {manifest_path}: make the whole example first (python -m bench.make_example)",
-              file=sys.stderr)
+    manifest = shipped_manifest(out)
+    if manifest is None:
         return 2
-    manifest = json.loads(manifest_path.read_text())
     work = Path(tempfile.mkdtemp(prefix="quailora-example-bits-"))
     print(f"making the example's across-bits run (seed {seed}, device {device}) in {work}", file=sys.stderr)
     at_start = machine()
@@ -510,7 +514,7 @@ def ship_bits(seed: int, device: str, out: Path, keep_work: bool) -> int:
     manifest.setdefault("perplexity", {})["bits"] = bits_perplexities(report)
     shutil.rmtree(out / "bits", ignore_errors=True)
     staging.rename(out / "bits")
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / EXAMPLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     readme_path = out / "README.md"
     readme_text = readme_path.read_text() if readme_path.is_file() else "# The shipped example run\n"
     readme_path.write_text(with_bits_section(readme_text, bits_readme(manifest)))

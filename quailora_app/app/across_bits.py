@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 
 from quailora_app.app.forms import form_values, one_line_errors
-from quailora_app.app.jobs import CANCELLED, FAILED, FINISHED, RUNNING, Job
-from quailora_app.app.presenters import DRAWN, job_key, made_by, model_title, report_of, stages_bar
+from quailora_app.app.jobs import FINISHED, RUNNING, Job
+from quailora_app.app.presenters import DRAWN, ended_bar, job_key, made_by, model_title, report_of
 from quailora_app.app.reopen import EXAMPLE_DIR, example_manifest
 from quailora_app.config import ALL_LINEAR, BitsConfig
 from quailora_app.engine.methods.registry import QLORA, find_method
@@ -121,12 +121,7 @@ def bits_progress(job: Job) -> tuple[int, float, str]:
 
 
 def bits_progress_html(job: Job) -> str:
-    idx, frac, line = bits_progress(job)
-    if job.status == FINISHED:
-        frac, line = 1.0, f"done in {job.elapsed:.0f} s"
-    elif job.status in (FAILED, CANCELLED):
-        line = job.message or job.status
-    return stages_bar(job, [text for _, text, _ in BITS_STAGES], idx, frac, line)
+    return ended_bar(job, [text for _, text, _ in BITS_STAGES], *bits_progress(job))
 
 
 # ------------------------------------------------------------------------------------------------ what it shows

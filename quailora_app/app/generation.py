@@ -23,8 +23,8 @@ from typing import Any
 import pandas as pd
 
 from quailora_app.app.forms import form_values, one_line_errors, text_setting
-from quailora_app.app.jobs import CANCELLED, FAILED, FINISHED, RUNNING, Job
-from quailora_app.app.presenters import DRAWN, job_key, made_by, model_title, report_of, stages_bar
+from quailora_app.app.jobs import RUNNING, Job
+from quailora_app.app.presenters import DRAWN, ended_bar, job_key, made_by, model_title, report_of
 from quailora_app.app.reopen import EXAMPLE_DIR, example_manifest, is_example_name, list_runs, open_run
 from quailora_app.config import GenerateConfig
 from quailora_app.engine.deploy import DEPLOY_VARIANTS
@@ -150,12 +150,7 @@ def generate_stage_texts(job: Job) -> list[str]:
 
 
 def generate_progress_html(job: Job) -> str:
-    idx, frac, line = generate_progress(job)
-    if job.status == FINISHED:
-        frac, line = 1.0, f"done in {job.elapsed:.0f} s"
-    elif job.status in (FAILED, CANCELLED):
-        line = job.message or job.status
-    return stages_bar(job, generate_stage_texts(job), idx, frac, line)
+    return ended_bar(job, generate_stage_texts(job), *generate_progress(job))
 
 
 # ------------------------------------------------------------------------------------------------ what it shows

@@ -152,6 +152,16 @@ def job_base(job: Job | None) -> str:
     return quant_word(quant)
 
 
+def ended_bar(job: Job, texts: list[str], idx: int, frac: float, line: str) -> str:
+    """`stages_bar` of a job whose own progress gives (idx, frac, line) while it runs: once it has finished, a full bar
+    and "done in N s"; once it failed or was stopped, its message."""
+    if job.status == FINISHED:
+        frac, line = 1.0, f"done in {job.elapsed:.0f} s"
+    elif job.status in (FAILED, CANCELLED):
+        line = job.message or job.status
+    return stages_bar(job, texts, idx, frac, line)
+
+
 def stages_bar(job: Job, texts: list[str], idx: int, frac: float, line: str) -> str:
     """The stage chips (done / now) above a progress bar at `frac`, with `line` under it."""
     chips = []
