@@ -51,15 +51,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def launched_app(runs_dir: Path):
-    """The real app served on a free localhost port, run folders under `runs_dir`; yields its URL."""
+def launched_app(runs_dir: Path, allowed: Path | None = None):
+    """The real app served on a free localhost port, run folders under `runs_dir`, typed paths allowed under
+    `allowed` as well (QUAILORA_ALLOWED_PATHS, e.g. pytest's temp folders holding a tiny model); yields its URL."""
     import gradio.networking as networking
 
     from quailora_app.app.jobs import JobManager
     from quailora_app.app.ui import build_ui, launch_options
 
-    old = os.environ.get("QUAILORA_RUNS")
-    os.environ["QUAILORA_RUNS"] = str(runs_dir)
+    env = {"QUAILORA_RUNS": str(runs_dir), **({"QUAILORA_ALLOWED_PATHS": str(allowed)} if allowed else {})}
+    old = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     demo = build_ui(JobManager(gpu=False))
     quick_check = networking.url_ok
 
@@ -68,6 +70,7 @@ def launched_app(runs_dir: Path):
         while time.time() < deadline:
             if quick_check(url):
                 return True
+            time.sleep(0.2)  # not a busy loop beside the server it waits for
         return False
 
     networking.url_ok = patient_check
@@ -80,10 +83,11 @@ def launched_app(runs_dir: Path):
         yield url
     finally:
         demo.close()
-        if old is None:
-            os.environ.pop("QUAILORA_RUNS", None)
-        else:
-            os.environ["QUAILORA_RUNS"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 HUGE_LLAMA = {  # a Llama-2-70B-shaped config, written without any weights

@@ -28,13 +28,8 @@ BITS_TRACE = "bit widths"
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     # the tiny model and text live in pytest's temp folders: allow the app to read typed paths there
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QUAILORA_ALLOWED_PATHS", str(tmp_path_factory.getbasetemp()))
-    try:
-        with launched_app(tmp_path_factory.mktemp("runs")) as url:
-            yield url
-    finally:
-        mp.undo()
+    with launched_app(tmp_path_factory.mktemp("runs"), allowed=tmp_path_factory.getbasetemp()) as url:
+        yield url
 
 
 def setup_args(model_dir, short_docs_file, **over):

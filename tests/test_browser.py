@@ -50,13 +50,8 @@ def app_url(tmp_path_factory, tiny_model_dir):
     from helpers import launched_app
 
     # the across-bits run types the tiny model's folder (pytest's temp folders): allow the app to read it
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QUAILORA_ALLOWED_PATHS", str(tmp_path_factory.getbasetemp()))
-    try:
-        with launched_app(tmp_path_factory.mktemp("runs")) as url:
-            yield url
-    finally:
-        mp.undo()
+    with launched_app(tmp_path_factory.mktemp("runs"), allowed=tmp_path_factory.getbasetemp()) as url:
+        yield url
 
 
 def set_number(page, label: str, value) -> None:
