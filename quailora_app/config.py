@@ -553,7 +553,8 @@ class GenerateConfig:
         "help": "tokens of a held-out document's start taken as the prompt when none is given, and as each held-out "
                 "document's prompt for the agreement over documents"})
     documents: int = field(default=4, metadata={
-        "help": "held-out documents over which plain and corrected 4-bit are compared position by position (0: none)"})
+        "help": "held-out documents along whose own text plain and corrected 4-bit are compared with full precision "
+                "position by position (0: none)"})
     sample: bool = field(default=False, metadata={
         "help": "draw each token from the model's distribution (seeded, the same draws for every variant) instead "
                 "of greedy decoding"})

@@ -11,13 +11,13 @@ import torch
 
 from quailora_app.cli import main as cli_main
 from quailora_app.config import DataConfig, GenerateConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
-from quailora_app.engine.adapters import attach_lora, load_factors, write_factors
+from quailora_app.engine.adapters import BASE_ROW, add_adapter_with_factors, attach_lora, load_factors, write_factors
 from quailora_app.engine.calibration.plan import target_paths
 from quailora_app.engine.evaluation.agreement import (
     agreement,
     continue_tokens,
     forced_logprobs,
-    greedy_batch,
+    stream_rows,
     top_tokens,
     versus_plain,
 )
@@ -101,6 +101,7 @@ def test_over_documents_the_shares_against_plain_4bit_add_up(generated):
     _, _, report = generated
     docs = report["documents"]
     assert docs["n"] == 3 and docs["positions"] == 3 * NEW and docs["prompt_tokens"] == 16
+    assert docs["along"] == "held-out text" and docs["new_tokens"] == NEW
     assert docs["variants"]["full"] == {"top1_agreement": 1.0, "mean_kl": 0.0}
     assert set(docs["versus_plain"]) == {"quailora", "closed_form"}
     for name, shares in docs["versus_plain"].items():
@@ -116,10 +117,11 @@ def test_tokens_stream_before_each_variants_figures(generated):
     out, events, report = generated
     order = [(e.variant if isinstance(e, GeneratedToken) else e.name) for e in events
              if isinstance(e, GeneratedToken) or (isinstance(e, Metric) and e.group == "agreement")]
-    expected = []
-    for name in report["variants"]:
-        expected += [name] * (NEW + 1)
+    # full precision, then 8-bit, each alone; the 4-bit variants decode together, token by token in lockstep
+    four_bit = ["qlora", "quailora", "closed_form"]
+    expected = ["full"] * (NEW + 1) + ["int8"] * (NEW + 1) + four_bit * NEW + four_bit
     assert order == expected
+    assert all(report["continuations"][n]["batch_rows"] == 3 for n in four_bit)
     tokens = [e for e in events if isinstance(e, GeneratedToken) and e.variant == "closed_form"]
     assert [e.step for e in tokens] == list(range(1, NEW + 1)) and all(e.total == NEW for e in tokens)
     assert [e.token_id for e in tokens] == report["continuations"]["closed_form"]["token_ids"]
@@ -148,6 +150,44 @@ def test_a_zero_adapter_is_plain_4bit_exactly(init_run, tiny_model_dir, text_fil
     assert agreement(plain, forced_logprobs(model, prompt, continuation)).mean_kl > 0
 
 
+def test_mixed_adapter_rows_are_each_adapter_alone(init_run, tiny_model_dir):
+    """One 4-bit base holding several adapters (one with per-layer ranks), its batch rows routed by peft's
+    adapter_names, gives each row what that adapter alone on the base gives: the teacher-forced log-probabilities
+    and the greedy continuation; the base row is plain 4-bit."""
+    source = ModelSource("tiny", tiny_model_dir)
+    lora = LoraSettings(rank=4, alpha=8.0)
+    adapters = {m: load_factors(init_run / "adapters" / m)[0] for m in ("quailora", "closed_form")}
+    first = sorted(adapters["closed_form"])[0]
+    cut = {**adapters["closed_form"]}
+    cut[first] = type(cut[first])(cut[first].A[:2].clone(), cut[first].B[:, :2].clone())  # rank 2 on one layer
+    adapters["cut"], ranks = cut, {"cut": {first: 2}}
+    prompt = torch.tensor([[5, 17, 42, 7]])
+
+    def alone(name):
+        base = load_quantized(source, QuantConfig(), torch.device("cpu"), torch.float32)
+        model = attach_lora(base, lora, target_paths(base, lora), ranks.get(name))
+        if name != BASE_ROW:
+            write_factors(model, adapters[name])
+        model.eval()
+        tokens = continue_tokens(model, prompt, 6)
+        return tokens, forced_logprobs(model, prompt, torch.tensor([tokens]))
+
+    base = load_quantized(source, QuantConfig(), torch.device("cpu"), torch.float32)
+    mixed = attach_lora(base, lora, target_paths(base, lora))
+    for name, factors in adapters.items():
+        add_adapter_with_factors(mixed, name, lora, factors, ranks.get(name))
+    mixed.eval()
+    rows = [BASE_ROW, *adapters]
+    steps = list(stream_rows(mixed, prompt.repeat(len(rows), 1), 6, adapter_names=rows))
+    for row, name in enumerate(rows):
+        tokens, logprobs = alone(name)
+        assert [s[row] for s in steps] == tokens, name
+        batched = forced_logprobs(mixed, prompt.repeat(len(rows), 1), torch.tensor([tokens] * len(rows)),
+                                  adapter_names=rows)
+        torch.testing.assert_close(batched[row:row + 1], logprobs, rtol=0, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[3], atol=1e-3)  # the cut adapter does correct
+
+
 def test_teacher_forcing_gives_greedy_top1_and_sampling_is_seeded(tiny_model_dir):
     model = load_full_precision(ModelSource("tiny", tiny_model_dir), torch.device("cpu"))
     prompt = torch.tensor([3, 9, 27, 81, 10])
@@ -157,8 +197,13 @@ def test_teacher_forcing_gives_greedy_top1_and_sampling_is_seeded(tiny_model_dir
     assert logprobs[0].argmax(-1).tolist() == greedy
     # several prompts at once give each one's greedy continuation
     batch = torch.stack([prompt, prompt.flip(0)])
-    assert greedy_batch(model, batch, 12)[0].tolist() == greedy
-    assert greedy_batch(model, batch, 12)[1].tolist() == continue_tokens(model, prompt.flip(0), 12)
+    rows = torch.tensor(list(stream_rows(model, batch, 12))).T
+    assert rows[0].tolist() == greedy and rows[1].tolist() == continue_tokens(model, prompt.flip(0), 12)
+    # sampling draws each row with its own generator seeded alike: two equal prompts draw the same tokens
+    drawn_rows = torch.tensor(list(stream_rows(model, torch.stack([prompt, prompt]), 12, sample=True,
+                                               temperature=1.5, seed=7))).T
+    assert drawn_rows[0].tolist() == drawn_rows[1].tolist() == continue_tokens(model, prompt, 12, sample=True,
+                                                                                temperature=1.5, seed=7)
     drawn = continue_tokens(model, prompt, 12, sample=True, temperature=1.5, seed=7)
     assert drawn == continue_tokens(model, prompt, 12, sample=True, temperature=1.5, seed=7)
     assert drawn != continue_tokens(model, prompt, 12, sample=True, temperature=1.5, seed=8)

@@ -129,7 +129,7 @@ def generate_progress(job: Job) -> tuple[int, float, str]:
     deploy = bool(getattr(job.config, "deploy", False))
     current = list(tokens)[-1]
     last = tokens[current]
-    done = len(measured) + (0.0 if current in measured else last["step"] / max(1, last["total"]))
+    done = len(measured) + sum(e["step"] / max(1, e["total"]) for n, e in tokens.items() if n not in measured)
     frac = 0.05 + (0.8 if deploy else 0.95) * min(1.0, done / max(1, len(names)))
     idx = {"full": 1, "int8": 2}.get(current, 3)
     line = job.stage_message or ""

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from quailora_app.config import LoraSettings
 
 ADAPTER = "default"
+#: peft's `adapter_names` entry for a batch row that runs the base alone (no correction)
+BASE_ROW = "__base__"
 #: how an adapter was initialized, beside peft's own files (peft never reads it)
 RECORD = "quailora.json"
 
@@ -91,6 +93,17 @@ def write_factors(peft_model, factors: dict[str, Factors], adapter: str = ADAPTE
                                  f"do not fit LoRA {tuple(A.shape)}, {tuple(B.shape)}")
             A.copy_(f.A)
             B.copy_(f.B)
+
+
+def add_adapter_with_factors(peft_model, name: str, lora: LoraSettings, factors: dict[str, Factors],
+                             ranks: Mapping[str, int] | None = None) -> None:
+    """Add adapter `name` holding `factors` to `peft_model`, on the layers of its first adapter, at rank `lora.rank`
+    or, per layer, `ranks[path]`. With several adapters on one base, peft's mixed-batch inference
+    (`model(..., adapter_names=[...])`, one name per batch row, BASE_ROW for the base alone) runs each row through
+    its own adapter and every row through the base layers once."""
+    targets = peft_model.peft_config[ADAPTER].target_modules
+    peft_model.add_adapter(name, lora_config(lora, list(targets), ranks))
+    write_factors(peft_model, factors, adapter=name)
 
 
 def load_factors(folder: str | Path) -> tuple[dict[str, Factors], dict[str, int]]:

@@ -3,13 +3,15 @@ stops saying what the full-precision model says.
 
 From a finished run (`--from-run`: an init run's adapters/<method>/, or a train run's 4-bit arms' adapters and those
 of the init run it started from): its model, data cut, quantization and LoRA shape. Variants, in order: full
-precision, 8-bit LLM.int8, plain 4-bit (no correction, B = 0), then 4-bit with each adapter, one 4-bit base with
-the adapters swapped in turn (as the init flow evaluates its methods).
+precision, 8-bit LLM.int8, plain 4-bit (no correction, B = 0), then 4-bit with each adapter: one 4-bit base holding
+every adapter, the plain and corrected variants decoded as the rows of one batch (peft's mixed-adapter inference,
+`adapter_names=` per row), so the base's layers are paid once per token for all of them.
 
-load (prepare, no base) -> the prompt (given, or the start of a held-out document) -> per variant, one model loaded
-at a time: the continuation of the prompt, streamed token by token (GeneratedToken events); teacher forcing along
+load (prepare, no base) -> the prompt (given, or the start of a held-out document) -> per model, one loaded at a
+time: the continuation of the prompt, streamed token by token (GeneratedToken events); teacher forcing along
 full precision's continuation (engine/evaluation/agreement.py): per position, top-1 agreement with full precision
-and KL(p_full || p_variant), a Metric of each; the same over the first `documents` held-out documents -> report.json
+and KL(p_full || p_variant), a Metric of each; the same along the first `documents` held-out documents' own text
+(after their first tokens, the next `new_tokens` tokens of held-out text: real text, not a model's) -> report.json
 of kind "generate": continuations, per-position arrays, the top-10 next tokens of full precision, plain 4-bit and
 the best corrected variant (lowest mean KL on the prompt) at each position, and over the documents the share of
 positions each corrected variant gets right where plain 4-bit does not, and the reverse.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from quailora_app.config import DataConfig, GenerateConfig, LoraSettings, ModelConfig, QuantConfig
-from quailora_app.engine.adapters import attach_lora, load_factors, write_factors
+from quailora_app.engine.adapters import ADAPTER, BASE_ROW, add_adapter_with_factors, attach_lora, load_factors
 from quailora_app.engine.arms import find_arm
 from quailora_app.engine.calibration.plan import target_paths
 from quailora_app.engine.deploy import (
@@ -52,8 +54,7 @@ from quailora_app.engine.evaluation.agreement import (
     Agreement,
     agreement,
     forced_logprobs,
-    greedy_batch,
-    stream_tokens,
+    stream_rows,
     top_tokens,
     versus_plain,
 )
@@ -187,7 +188,7 @@ class GenerateRun:
         self.prompt: torch.Tensor | None = None  # 1 x P
         self.doc_prompts: torch.Tensor | None = None  # D x P'
         self.reference: torch.Tensor | None = None  # 1 x N: full precision's continuation
-        self.doc_reference: torch.Tensor | None = None  # D x N
+        self.doc_reference: torch.Tensor | None = None  # D x N': the documents' own next tokens
         self.ref_logprobs: torch.Tensor | None = None  # 1 x N x V
         self.doc_ref_logprobs: torch.Tensor | None = None
         self.prompt_logprobs: dict[str, torch.Tensor] = {}  # plain and corrected variants: 1 x N x V
@@ -256,17 +257,21 @@ class GenerateRun:
             self.prompt = eval_ids[:1, :width].clone()
             origin = "the start of a held-out document"
         limit = context_length(config)
-        longest = max(self.prompt.shape[1], width if cfg.documents else 0) + cfg.new_tokens
+        longest = self.prompt.shape[1] + cfg.new_tokens
         if limit is not None and longest > limit:
             raise ConfigError(f"the prompt ({self.prompt.shape[1]} tokens) and {cfg.new_tokens} new tokens make "
                               f"{longest} tokens, beyond the context of model '{model_name}' ({limit} tokens): "
                               "shorten the prompt or ask fewer new tokens")
-        self.doc_prompts = eval_ids[:cfg.documents, :width].clone() if cfg.documents else None
         self.report["prompt"] = {"text": tok.decode(self.prompt[0]), "tokens": int(self.prompt.shape[1]),
                                  "origin": origin}
-        self.report["documents"] = {"n": 0 if self.doc_prompts is None else len(self.doc_prompts),
-                                    "prompt_tokens": width, "new_tokens": cfg.new_tokens, "variants": {},
-                                    "versus_plain": {}} if cfg.documents else None
+        doc_width = min(cfg.prompt_tokens, eval_ids.shape[1] - 1)
+        positions = min(cfg.new_tokens, eval_ids.shape[1] - doc_width)
+        if cfg.documents and doc_width > 0:
+            self.doc_prompts = eval_ids[:cfg.documents, :doc_width].clone()
+            self.doc_reference = eval_ids[:cfg.documents, doc_width:doc_width + positions].clone()
+        self.report["documents"] = {"n": len(self.doc_prompts), "prompt_tokens": doc_width, "new_tokens": positions,
+                                    "along": "held-out text", "variants": {},
+                                    "versus_plain": {}} if self.doc_prompts is not None else None
 
     def _full(self, source, deploy_ids: torch.Tensor | None) -> Iterator[Event]:
         """Full precision: the reference continuation and log-probabilities; with --deploy, its perplexity, then
@@ -276,7 +281,7 @@ class GenerateRun:
         start = time.perf_counter()
         model = load_full_precision(source, self.device)
         self.report["seconds"][f"load_{FULL}"] = time.perf_counter() - start
-        yield from self._measure(FULL, model)
+        yield from self._measure([FULL], model)
         if deploy_ids is not None:
             yield from self._deploy_merged(source, model, deploy_ids)
         del model
@@ -296,50 +301,75 @@ class GenerateRun:
             yield self.rec.emit(Log(why, "warning"))
             return
         self.report["seconds"][f"load_{INT8}"] = time.perf_counter() - start
-        yield from self._measure(INT8, model)
+        yield from self._measure([INT8], model)
         del model
         free_memory()
 
-    def _measure(self, name: str, model) -> Iterator[Event]:
-        """One variant: its continuation, streamed; teacher forcing along full precision's continuation (of the
-        prompt and of each held-out document); its agreement figures as Metrics."""
-        cfg, tok = self.cfg, self.tokenizer
-        yield self.rec.emit(Stage("generate", f"{self.report['labels'][name]}: {cfg.new_tokens} new tokens"))
+    def _measure(self, names: Sequence[str], model, routes: Sequence[str] | None = None) -> Iterator[Event]:
+        """Variants `names` of one loaded model, measured together: their continuations of the prompt decoded in
+        lockstep, one batch row each and streamed (`routes`: peft's adapter_names, the adapter each row runs on a
+        base holding several; None: the model as it is), then each variant teacher forced along full precision's
+        continuation of the prompt and along the held-out documents' own text; its agreement figures as
+        Metrics."""
+        cfg, tok, labels = self.cfg, self.tokenizer, self.report["labels"]
+        together = f" each, decoded together ({len(names)} rows of one batch)" if len(names) > 1 else ""
+        yield self.rec.emit(Stage("generate", f"{', '.join(labels[n] for n in names)}: {cfg.new_tokens} new "
+                                              f"tokens{together}"))
+        forward = {"adapter_names": list(routes)} if routes else {}
         start = time.perf_counter()
-        tokens: list[int] = []
-        for token in stream_tokens(model, self.prompt, cfg.new_tokens, sample=cfg.sample,
-                                   temperature=cfg.temperature, seed=cfg.seed):
-            tokens.append(token)
-            yield self.rec.emit(GeneratedToken(name, len(tokens), cfg.new_tokens, token, tok.decode([token]),
-                                               tok.decode(tokens)))
+        steps: list[list[int]] = []
+        for step in stream_rows(model, self.prompt.repeat(len(names), 1), cfg.new_tokens, sample=cfg.sample,
+                                temperature=cfg.temperature,
+                                seed=cfg.seed, **forward):
+            steps.append(step)
+            for row, name in enumerate(names):
+                tokens = [s[row] for s in steps]
+                yield self.rec.emit(GeneratedToken(name, len(steps), cfg.new_tokens, step[row],
+                                                   tok.decode([step[row]]), tok.decode(tokens)))
             self.rec.check_stop("generation")
         generated = time.perf_counter() - start
-        self.report["continuations"][name] = {"text": tok.decode(tokens), "token_ids": tokens, "seconds": generated,
-                                              "tokens_per_s": len(tokens) / generated if generated > 0 else None}
-        start = time.perf_counter()
-        if name == FULL:
-            self.reference = torch.tensor([tokens], dtype=torch.long)
-            if self.doc_prompts is not None:
-                self.doc_reference = greedy_batch(model, self.doc_prompts, cfg.new_tokens)
-        logprobs = forced_logprobs(model, self.prompt, self.reference)
+        for row, name in enumerate(names):
+            tokens = [s[row] for s in steps]
+            self.report["continuations"][name] = {
+                "text": tok.decode(tokens), "token_ids": tokens, "seconds": generated, "batch_rows": len(names),
+                "tokens_per_s": len(tokens) / generated if generated > 0 else None}
+        if FULL in names:
+            self.reference = torch.tensor([[s[0] for s in steps]], dtype=torch.long)
+        for row, name in enumerate(names):
+            start = time.perf_counter()
+            yield from self._agree(name, model, routes[row] if routes else None)
+            self.report["seconds"][f"agreement_{name}"] = time.perf_counter() - start
+            self.report["seconds"][f"generate_{name}"] = generated
+            self.rec.save()
+
+    def _agree(self, name: str, model, route: str | None) -> Iterator[Event]:
+        """Variant `name` teacher forced along full precision's continuation of the prompt and along the held-out
+        documents' own next tokens: its agreement figures with full precision on each."""
+        def forced(prompts: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+            routes = {"adapter_names": [route] * len(prompts)} if route else {}
+            return forced_logprobs(model, prompts, reference, **routes)
+
+        docs = self.doc_prompts is not None
+        if docs and (self.prompt.shape[1], self.reference.shape[1]) == (self.doc_prompts.shape[1],
+                                                                         self.doc_reference.shape[1]):
+            both = forced(torch.cat([self.prompt, self.doc_prompts]), torch.cat([self.reference, self.doc_reference]))
+            logprobs, doc_logprobs = both[:1], both[1:]  # one forward pass: same lengths, no padding
+        else:
+            logprobs = forced(self.prompt, self.reference)
+            doc_logprobs = forced(self.doc_prompts, self.doc_reference) if docs else None
         if name == FULL:
             self.ref_logprobs = logprobs
+            self.doc_ref_logprobs = doc_logprobs
             self._reference_record()
         else:
             self.prompt_logprobs[name] = logprobs
         found = agreement(self.ref_logprobs, logprobs)
         self.report["agreement"][name] = found.record()
-        if self.doc_prompts is not None:
-            doc_logprobs = forced_logprobs(model, self.doc_prompts, self.doc_reference)
-            if name == FULL:
-                self.doc_ref_logprobs = doc_logprobs
+        if docs:
             self.doc_agreement[name] = agreement(self.doc_ref_logprobs, doc_logprobs)
             self.report["documents"]["variants"][name] = {
                 "top1_agreement": self.doc_agreement[name].top1_agreement,
                 "mean_kl": self.doc_agreement[name].mean_kl}
-        self.report["seconds"][f"agreement_{name}"] = time.perf_counter() - start
-        self.report["seconds"][f"generate_{name}"] = generated
-        self.rec.save()
         label_ = self.report["labels"][name]
         yield self.rec.emit(Metric(name, found.top1_agreement, "agreement",
                                    f"{label_}: top-1 agreement with full precision {100 * found.top1_agreement:.1f}%, "
@@ -358,38 +388,38 @@ class GenerateRun:
         self.report["reference"] = record
 
     def _four_bit(self, source, dtype: torch.dtype, deploy_ids: torch.Tensor | None) -> Iterator[Event]:
-        """One 4-bit base: plain (B = 0), then each adapter's factors written in turn (an adapter with per-layer
-        ranks on a LoRA of its own), each checked to change the logits, each measured."""
+        """One 4-bit base holding every adapter under its variant's name (per-layer ranks kept), each checked to
+        change the logits; plain 4-bit (the base alone) and the corrected variants then decode as the rows of one
+        batch (peft's mixed-adapter inference), so the 4-bit layers are dequantized once per token for all."""
         self.rec.check_stop("generation")
         yield self.rec.emit(Stage("load", f"loading the {self.quant.bits}-bit {self.quant.label} base"))
         start = time.perf_counter()
         base = load_quantized(source, self.quant, self.device, dtype)
-        paths = target_paths(base, self.lora)
-        peft_model = attach_lora(base, self.lora, paths)
-        self.report["seconds"]["load_4bit"] = time.perf_counter() - start
+        peft_model = attach_lora(base, self.lora, target_paths(base, self.lora))  # its B = 0: no correction
+        peft_model.eval()
         with torch.no_grad():
             plain_logits = peft_model(input_ids=self.prompt.to(self.device)).logits
-        yield from self._measure(PLAIN, peft_model)  # peft's default B = 0: no correction
+            for name, folder in self.source.adapters.items():
+                self.rec.check_stop("generation")
+                try:
+                    factors, ranks = load_factors(folder)
+                except (OSError, ValueError) as exc:
+                    raise ConfigError(f"run {self.source.name}: {folder} cannot be read: "
+                                      f"{one_line(exc, 160)}") from None
+                try:
+                    add_adapter_with_factors(peft_model, name, self.lora, factors, ranks)
+                except (KeyError, ValueError) as exc:
+                    raise ConfigError(f"run {self.source.name}: adapters/{folder.name} does not fit this model's "
+                                      f"LoRA layers: {one_line(exc, 160)}") from None
+                check_adapter_applied(peft_model, self.prompt, plain_logits, name, factors, adapter_names=[name])
+        self.report["seconds"]["load_4bit"] = time.perf_counter() - start
+        names = [PLAIN, *self.source.adapters]
+        yield from self._measure(names, peft_model, [BASE_ROW, *self.source.adapters])
         if deploy_ids is not None:
             yield from self._deploy_perplexity("plain_4bit", peft_model, deploy_ids, "plain 4-bit, no correction")
-        for name, folder in self.source.adapters.items():
-            self.rec.check_stop("generation")
-            try:
-                factors, ranks = load_factors(folder)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"run {self.source.name}: {folder} cannot be read: {one_line(exc, 160)}") from None
-            model = attach_lora(peft_model.unload(), self.lora, paths, ranks) if ranks else peft_model
-            try:
-                write_factors(model, factors)
-            except (KeyError, ValueError) as exc:
-                raise ConfigError(f"run {self.source.name}: adapters/{folder.name} does not fit this model's LoRA "
-                                  f"layers: {one_line(exc, 160)}") from None
-            check_adapter_applied(model, self.prompt, plain_logits, name, factors)
-            yield from self._measure(name, model)
-            if name == self.deploy_name:
-                yield from self._deploy_perplexity("adapter_4bit", model, deploy_ids)
-            if ranks:
-                peft_model = attach_lora(model.unload(), self.lora, paths)
+            peft_model.set_adapter(self.deploy_name)
+            yield from self._deploy_perplexity("adapter_4bit", peft_model, deploy_ids)
+            peft_model.set_adapter(ADAPTER)
         peft_model.unload()
         del peft_model, base
         free_memory()

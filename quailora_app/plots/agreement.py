@@ -24,8 +24,8 @@ CAPTIONS = {
              "at that position. Each row's label gives its top-1 agreement and mean KL.",
     "top10": "The ten most likely next tokens at the chosen position, after the same prefix (full precision's "
              "continuation so far), for full precision, plain 4-bit and the best corrected variant.",
-    "versus": "Share of positions of full precision's continuations of held-out documents where the corrected 4-bit "
-              "model picks full precision's top-1 token and plain 4-bit does not, and the reverse.",
+    "versus": "Share of positions along held-out documents' own text where the corrected 4-bit model picks full "
+              "precision's top-1 next token and plain 4-bit does not, and the reverse.",
     "deploy": "Held-out perplexity of one adapter shipped six ways (lower is better); dashed: full precision, dotted: "
               "plain 4-bit with no correction.",
 }

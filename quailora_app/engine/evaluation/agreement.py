@@ -1,8 +1,9 @@
 """What a model variant says, token by token, against the full-precision model: continuation of a prompt, and
 teacher-forced agreement along the full-precision continuation.
 
-- `stream_tokens`: greedy (or seeded sampling) continuation of a prompt for exactly N new tokens, one forward per
-  token with the model's key-value cache, each token yielded as soon as it is chosen. It does not stop at the
+- `stream_rows` / `stream_tokens`: greedy (or seeded sampling) continuation of prompts of one length (a batch,
+  e.g. one prompt under several adapters of one base) for exactly N new tokens, one forward per token with the
+  model's key-value cache, each step's tokens yielded as soon as they are chosen. It does not stop at the
   end-of-text token: every variant gets the same number of positions (held-out text is packed documents joined by
   that token, so the model may well continue past it).
 - `forced_logprobs`: teacher forcing. One forward pass over prompt + continuation y gives, at each position t of
@@ -36,11 +37,14 @@ def _choose(logits: torch.Tensor, sample: bool, temperature: float, generator: t
 
 
 @torch.no_grad()
-def stream_tokens(model, prompt_ids: torch.Tensor, new_tokens: int, *, sample: bool = False,
-                  temperature: float = 1.0, seed: int = 0) -> Iterator[int]:
-    """Continue `prompt_ids` (1-D, or 1 x P) by exactly `new_tokens` tokens, yielding each token id as it is chosen.
-    Greedy by default; with `sample`, each token is drawn from softmax(logits / temperature) with a CPU generator
-    seeded with `seed`, so the same seed gives the same draws on every variant and every run."""
+def stream_rows(model, prompt_ids: torch.Tensor, new_tokens: int, *, sample: bool = False, temperature: float = 1.0,
+                seed: int = 0, **forward) -> Iterator[list[int]]:
+    """Continue each row of `prompt_ids` (B x P: prompts of the same length, so no padding) by exactly `new_tokens`
+    tokens, one forward per step with the model's key-value cache, yielding the B chosen token ids of each step as
+    soon as they are chosen. Greedy by default; with `sample`, each row draws from softmax(logits / temperature)
+    with its own CPU generator seeded with `seed`, so the same seed gives the same draws on every row, variant and
+    run. `forward` goes to every forward call: peft's `adapter_names` (one per row) runs a different adapter on
+    each row of one batch, so several variants of one base decode together and pay the base's layers once."""
     if new_tokens < 1:
         return
     if sample and temperature <= 0:
@@ -48,18 +52,26 @@ def stream_tokens(model, prompt_ids: torch.Tensor, new_tokens: int, *, sample: b
     was_training = model.training
     model.eval()
     device = model_device(model)
-    step_input = prompt_ids.reshape(1, -1).to(device)
-    generator = torch.Generator().manual_seed(seed) if sample else None
+    step_input = prompt_ids.reshape(-1, prompt_ids.shape[-1]).to(device)
+    rows = step_input.shape[0]
+    generators = [torch.Generator().manual_seed(seed) for _ in range(rows)] if sample else [None] * rows
     past = None
     try:
         for _ in range(new_tokens):
-            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+            out = model(input_ids=step_input, past_key_values=past, use_cache=True, **forward)
             past = out.past_key_values
-            token = _choose(out.logits[0, -1].float(), sample, temperature, generator)
-            yield token
-            step_input = torch.tensor([[token]], device=device)
+            last = out.logits[:, -1].float()
+            tokens = [_choose(last[row], sample, temperature, generators[row]) for row in range(rows)]
+            yield tokens
+            step_input = torch.tensor([[t] for t in tokens], device=device)
     finally:
         model.train(was_training)
+
+
+def stream_tokens(model, prompt_ids: torch.Tensor, new_tokens: int, **kw) -> Iterator[int]:
+    """`stream_rows` of one prompt (1-D, or 1 x P): each new token id as it is chosen."""
+    for tokens in stream_rows(model, prompt_ids.reshape(1, -1), new_tokens, **kw):
+        yield tokens[0]
 
 
 def continue_tokens(model, prompt_ids: torch.Tensor, new_tokens: int, **kw) -> list[int]:
@@ -68,29 +80,11 @@ def continue_tokens(model, prompt_ids: torch.Tensor, new_tokens: int, **kw) -> l
 
 
 @torch.no_grad()
-def greedy_batch(model, prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy continuations of several prompts of the same length at once (B x P -> B x new_tokens), with the
-    key-value cache; no padding is needed since every prompt has P tokens."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    step_input, past, out_tokens = prompt_ids.to(device), None, []
-    try:
-        for _ in range(new_tokens):
-            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            step_input = out.logits[:, -1].float().argmax(-1, keepdim=True)
-            out_tokens.append(step_input.cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out_tokens, dim=1) if out_tokens else prompt_ids.new_zeros((len(prompt_ids), 0))
-
-
-@torch.no_grad()
-def forced_logprobs(model, prompt_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+def forced_logprobs(model, prompt_ids: torch.Tensor, continuation: torch.Tensor, **forward) -> torch.Tensor:
     """Teacher forcing: log-probabilities (float32, CPU, B x N x vocab) of the next token at each of the N positions
     of `continuation` (B x N, or 1-D for one sequence) after `prompt_ids` (B x P or 1-D): row t is
-    log p(. | prompt, continuation[:t]), the distribution from which continuation[t] was chosen."""
+    log p(. | prompt, continuation[:t]), the distribution from which continuation[t] was chosen. `forward` goes to
+    the forward call (peft's `adapter_names`, one per row)."""
     prompt_ids, continuation = prompt_ids.reshape(-1, prompt_ids.shape[-1]), continuation.reshape(
         -1, continuation.shape[-1])
     n = continuation.shape[1]
@@ -99,7 +93,7 @@ def forced_logprobs(model, prompt_ids: torch.Tensor, continuation: torch.Tensor)
     device = model_device(model)
     try:
         ids = torch.cat([prompt_ids, continuation], dim=1).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
+        logits = model(input_ids=ids, use_cache=False, **forward).logits
     finally:
         model.train(was_training)
     start = prompt_ids.shape[1] - 1

@@ -49,14 +49,15 @@ PROBE_TOKENS = 32
 
 @torch.no_grad()
 def check_adapter_applied(model, probe_ids: torch.Tensor, plain_logits: torch.Tensor, name: str,
-                          factors: Mapping[str, Any]) -> None:
+                          factors: Mapping[str, Any], **forward) -> None:
     """Fail loudly when variant `name`'s model is the uncorrected base in disguise: its logits on `probe_ids` equal
     the plain base's (`plain_logits`, B = 0) bit for bit although its correction s B A is not zero, i.e. the
-    adapter its figures would be reported under is not the one applied."""
+    adapter its figures would be reported under is not the one applied. `forward` goes to the forward call (peft's
+    `adapter_names` on a base holding several adapters)."""
     if not any(bool(f.B.any()) for f in factors.values()):
         return  # no correction (qlora, or every layer reset): the base's logits are the right ones
     device = next(p for p in model.parameters()).device
-    logits = model(input_ids=probe_ids.to(device)).logits
+    logits = model(input_ids=probe_ids.to(device), **forward).logits
     if torch.equal(logits, plain_logits):
         raise RuntimeError(f"internal error: {name}'s logits equal the uncorrected 4-bit base's although its "
                            "correction is not zero; its adapter is not applied, so its figures would be QLoRA's")
