@@ -100,6 +100,9 @@ def test_continuations_stream_side_by_side_and_wait_their_turn():
     assert "border-top-color:#d62728" in drawn and "&lt;b&gt;the" in drawn  # coloured as everywhere; prompt escaped
     assert "8.0 tokens/s" in drawn.split("data-variant='full'", 1)[1]
     assert "Press <b>Generate</b>" in continuations_html(None)
+    batched = report(continuations={"qlora": {"text": "x", "token_ids": [1] * N, "tokens_per_s": 4.0,
+                                              "batch_rows": 3}})
+    assert "4.0 tokens/s each, 3 decoded together" in continuations_html(batched)
 
 
 def test_tables_and_the_top10_view_follow_the_report():

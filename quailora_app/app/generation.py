@@ -207,7 +207,9 @@ def continuations_html(report: Mapping | None, tokens: Mapping[str, dict] | None
     for name in names:
         entry, live = done.get(name), tokens.get(name)
         if entry is not None:
+            rows = entry.get("batch_rows") or 1
             text, state = entry.get("text", ""), (f"{entry['tokens_per_s']:.1f} tokens/s"
+                                                   + (f" each, {rows} decoded together" if rows > 1 else "")
                                                    if entry.get("tokens_per_s") else "")
         elif live is not None:
             text, state = live.get("text", ""), f"token {live['step']} of {live['total']}\u2026"
