@@ -115,8 +115,8 @@ def generate_readme(manifest: dict) -> str:
 
 What the app's *Generate* starts by default, from `init/`: full precision, 8-bit, plain 4-bit and 4-bit with the
 adapters {', '.join(s['adapters'])} continue the start of a held-out document by {s['new_tokens']} tokens (greedy);
-each is teacher-forced along full precision's continuation (top-1 agreement, KL) there and over {s['documents']}
-held-out documents; {deploy}. Made by `{g['command']}` on {g['date']} in {g['seconds']:.0f} s on {m['cpu']}
+each is teacher-forced along full precision's continuation (top-1 agreement, KL) there, and along the next
+{s['new_tokens']} tokens of {s['documents']} held-out documents' own text; {deploy}. Made by `{g['command']}` on {g['date']} in {g['seconds']:.0f} s on {m['cpu']}
 ({m['cores']} cores, {m['torch_threads']} torch threads; load average {m['load_average_at_start']} at the start).
 Check it with `{g['command'].replace(' --only', ' --check --only')}`.
 {made}
