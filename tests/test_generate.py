@@ -333,3 +333,24 @@ def test_figures_draw_the_report(generated):
     assert len(versus_plain_figure(report).data) == 2
     for draw in (agreement_strip, top10_figure, versus_plain_figure):
         assert not draw({}).data  # nothing yet: a placeholder with a line saying what will appear
+
+
+def test_an_hqq_3bit_run_batches_its_variants_on_its_own_base(tiny_model_dir, text_file, tmp_path):
+    """An init run at HQQ 3-bit: the generate run loads that base (hqq's layers under peft), its plain and
+    corrected rows decode as one batch through peft's mixed-adapter path, and the closed form's row is its own."""
+    init_dir = tmp_path / "init"
+    cfg = InitConfig(ModelConfig(str(tiny_model_dir), "cpu"),
+                     DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=128),
+                     QuantConfig(quantizer="hqq", bits=3, block_size=32), LoraSettings(rank=4, alpha=8.0),
+                     methods=("closed_form",), baselines=False)
+    assert list(run_init(cfg, run_dir=init_dir))[-1].kind == "finished"
+    events = list(run_generate(GenerateConfig(from_run=str(init_dir), new_tokens=4, documents=1, device="cpu"),
+                               run_dir=tmp_path / "gen"))
+    report = events[-1].report
+    assert report["status"] == "finished", events[-1]
+    assert report["variants"] == ["full", "int8", "qlora", "closed_form"]
+    assert report["continuations"]["closed_form"]["batch_rows"] == 2
+    assert report["agreement"]["closed_form"]["kl"] != report["agreement"]["qlora"]["kl"]
+    # the figures name the base the run measured, never "4-bit" when it is not
+    assert report["labels"]["qlora"] == "HQQ 3-bit + QLoRA init (no correction)"
+    assert report["labels"]["closed_form"] == "HQQ 3-bit + closed form (calibrated optimum)"

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from quailora_app.config import DataConfig, GenerateConfig, LoraSettings, ModelConfig, QuantConfig
+from quailora_app.config import DataConfig, GenerateConfig, LoraSettings, ModelConfig, QuantConfig, quant_word
 from quailora_app.engine.adapters import ADAPTER, BASE_ROW, add_adapter_with_factors, attach_lora, load_factors
 from quailora_app.engine.arms import find_arm
 from quailora_app.engine.calibration.plan import target_paths
@@ -100,6 +100,12 @@ class RunSource:
     def name(self) -> str:
         return self.folder.name
 
+    def arm_labels(self) -> dict[str, str]:
+        """A train run's arms by the labels it gave them (they name the bits it trained at)."""
+        arms = self.report.get("arms") if self.kind == "train" else None
+        return {n: a["label"] for n, a in arms.items() if isinstance(a, Mapping) and a.get("label")} \
+            if isinstance(arms, Mapping) else {}
+
 
 def _saved(folder: Path) -> bool:
     return all((folder / name).is_file() for name in PEFT_FILES)
@@ -152,9 +158,13 @@ def read_run(path: str | Path | None) -> RunSource:
     return RunSource(folder, report, kind, flat(report["settings"]), adapters, frozenset(trained), skipped)
 
 
-def variant_label(name: str, trained: frozenset[str] = frozenset()) -> str:
-    """The legend of a variant, as every figure names it; a fine-tuning arm says so."""
-    return label(name) + (", fine-tuned" if name in trained else "")
+def variant_label(name: str, trained: frozenset[str] = frozenset(), base: str | None = None,
+                  arm_labels: Mapping[str, str] | None = None) -> str:
+    """The legend of a variant, as every figure names it, on the run's quantized base (`base`: config.quant_word,
+    "HQQ 3-bit"; a fine-tuning arm by the label its train run gave it, `arm_labels`), and a fine-tuning arm says so."""
+    if name in trained:
+        return (arm_labels or {}).get(name, label(name, base)) + ", fine-tuned"
+    return label(name, base)
 
 
 class GenerateRun:
@@ -179,7 +189,8 @@ class GenerateRun:
             "run_kind": source.kind, "new_tokens": cfg.new_tokens,
             "sampling": {"sample": cfg.sample, "temperature": cfg.temperature, "seed": cfg.seed} if cfg.sample
             else None,
-            "variants": names, "labels": {n: variant_label(n, source.trained) for n in names},
+            "variants": names, "labels": {n: variant_label(n, source.trained, quant_word(self.quant),
+                                                        source.arm_labels()) for n in names},
             "colours": {n: color(n, i) for i, n in enumerate(names)}, "trained": sorted(source.trained),
             "skipped": dict(source.skipped), "continuations": {}, "agreement": {}, "seconds": {}}
         self.rec = Recorder(folder, self.report, should_stop)
