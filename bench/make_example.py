@@ -601,7 +601,7 @@ def check(out: Path, rtol: float, keep_work: bool, only: str | None = None) -> i
     rows = compare(shipped, again, rtol)
     print(f"| perplexity | shipped | reproduced | relative difference | within {rtol:g} |\n|---|---|---|---|---|")
     for name, a, b, ok in rows:
-        diff = f"{abs(a - b) / abs(a):.2e}" if b is not None else "missing"
+        diff = "missing" if b is None else f"{abs(a - b) / abs(a):.2e}" if a else f"{abs(b):.2e} (absolute)"
         print(f"| {name} | {a:.6f} | {'-' if b is None else f'{b:.6f}'} | {diff} | {'yes' if ok else 'NO'} |")
     bad = [r for r in rows if not r[3]]
     if differs:
