@@ -11,6 +11,9 @@ import torch
 from quailora_app.engine.quantization.bnb import dequantized_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+#: bitsandbytes repacks a 4-bit layer (and has the kernel for that layout) only on a CPU with AVX512-BF16; forcing the
+#: layer's flag elsewhere gives a layout no kernel of this CPU reads, a state bitsandbytes never produces itself
+needs_avx512bf16 = "this CPU has no AVX512-BF16: bitsandbytes keeps the plain layout"
 
 OUT, IN = 64, 512  # 8 blocks of 64 per row: a misread block order shows as a large error
 #: relative Frobenius error allowed between layer(x) and x @ Q^T: the compute dtype's rounding of the product
@@ -45,13 +48,13 @@ LAYOUTS = list(itertools.product(("nf4", "fp4"), (True, False), (64, 128),
                          ids=[f"{q}-dq{int(d)}-b{b}-{str(c)[6:]}-{'repacked' if r else 'plain'}"
                               for q, d, b, c, r in LAYOUTS])
 def test_4bit_layer_product_is_x_times_q_transposed(quant, double_quant, block_size, compute_dtype, repacked):
+    if repacked and not bnb.functional.has_avx512bf16():
+        pytest.skip(needs_avx512bf16)
     layer = _linear4bit(quant, double_quant, block_size, compute_dtype)
     layer.support_avx512bf16_for_cpu = repacked  # bitsandbytes repacks only where the CPU has AVX512-BF16
     x = torch.randn(16, IN)
     first = _relative_error(layer, x)  # Q read before the first forward, product of the first forward
     state = layer.weight.quant_state
-    if repacked and not getattr(state, "packing_format_for_cpu", False):
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps the plain layout")
     assert getattr(state, "packing_format_for_cpu", False) == repacked
     tolerance = TOLERANCE[torch.bfloat16 if repacked else compute_dtype]
     assert first < tolerance
@@ -78,14 +81,15 @@ def test_repacked_read_back_would_be_caught_without_the_absmax_fix():
     (transposed, not double-quantized) gives a Q far from the layer's product."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
 
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip(needs_avx512bf16)
     layer = _linear4bit("nf4", False, 64, torch.float32)
     layer.support_avx512bf16_for_cpu = True
     x = torch.randn(16, IN)
     with torch.no_grad():
         out = layer(x).float()
     state = layer.weight.quant_state
-    if not getattr(state, "packing_format_for_cpu", False):
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps the plain layout")
+    assert getattr(state, "packing_format_for_cpu", False)
     import copy
 
     data, naive = _convert_weight_packed_for_cpu_inverse(layer.weight.data, copy.deepcopy(state))
