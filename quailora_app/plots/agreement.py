@@ -6,7 +6,6 @@ Inputs are report.json's dict (kind "generate"), complete or partial: a figure d
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Mapping
 
 import plotly.graph_objects as go
@@ -164,7 +163,4 @@ def deploy_figure(report: Mapping | None) -> go.Figure:
     top = max([ppl[n] for n in order] + [v for v in (ppl.get("full"), ppl.get("plain_4bit")) if v is not None])
     fig.update_yaxes(title_text="held-out perplexity", range=[0, 1.12 * top])
     fig.update_xaxes(title_text="way of shipping")
-    # the adapter on a line of its own in smaller type, wrapped: the figure may be a third of a 900 px page wide
-    named = "<br>".join(textwrap.wrap(str(deploy.get("label", "")), 42))
-    return figure_layout(fig, f"{DEPLOY_TITLE}<br><sup>{named}</sup>" if named else DEPLOY_TITLE, 380,
-                         title_lines=1 + named.count("<br>") + bool(named))
+    return figure_layout(fig, f"{DEPLOY_TITLE}: {deploy.get('label', '')}", 380)

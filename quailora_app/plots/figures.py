@@ -96,22 +96,17 @@ def variant_order() -> list[str]:
 
 #: pixels a figure grows per row its legend is expected to take (see `_layout`)
 LEGEND_ROW = 22
-#: pixels of top margin for each line of a title after its first (a <sup> line)
-TITLE_LINE = 16
 
 
-def figure_layout(fig: go.Figure, title: str, height: int, legend_rows: int = 1, title_lines: int = 1) -> go.Figure:
+def figure_layout(fig: go.Figure, title: str, height: int, legend_rows: int = 1) -> go.Figure:
     """Title top left, white template; the legend in rows at the bottom of the figure, under the axes' tick labels
     and titles, and every axis making room for its tick labels and title (automargin): no text covers another at
     any page width. The legend is anchored to the figure (container), so plotly reserves the rows it really takes
     at the page's width (more on a narrow page) and the axes' labels sit above them; the figure is
-    `height` + LEGEND_ROW per expected legend row tall; a title of several lines (`title_lines`, the later ones in
-    smaller type) gets TITLE_LINE more of top margin and height for each line after the first."""
-    extra = TITLE_LINE * max(0, title_lines - 1)
+    `height` + LEGEND_ROW per expected legend row tall."""
     fig.update_layout(
         title={"text": title, "x": 0.01, "xanchor": "left", "y": 0.98, "yanchor": "top", "font": {"size": 16}},
-        template="plotly_white", height=height + LEGEND_ROW * legend_rows + extra,
-        margin={"l": 60, "r": 30, "t": 70 + extra, "b": 8},
+        template="plotly_white", height=height + LEGEND_ROW * legend_rows, margin={"l": 60, "r": 30, "t": 70, "b": 8},
         legend={"orientation": "h", "xref": "container", "x": 0.01, "xanchor": "left", "yref": "container", "y": 0,
                 "yanchor": "bottom", "title": {"text": ""}, "font": {"size": 12}},
         hovermode="closest", font={"size": 12},

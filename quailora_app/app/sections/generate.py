@@ -112,10 +112,9 @@ def generate_section(shipped: dict[str, Any] | None = None) -> GeneratePanel:
                 versus = gr.Plot(sg["versus"], show_label=False, elem_id="gen-versus")
         with gr.Accordion("What survives deployment", open=True, elem_id="gen-deploy-box"):
             deploy_reading = gr.Markdown(sg["deploy_reading"], elem_id="gen-deploy-reading")
-            with gr.Row(equal_height=False):
-                deploy_table = gr.Dataframe(sg["deploy_table"], interactive=False, wrap=True, scale=3,
-                                            elem_id="gen-deploy-table")
-                deploy_plot = gr.Plot(sg["deploy_plot"], show_label=False, scale=2, elem_id="gen-deploy-plot")
+            # one above the other: beside the table, the figure gets too narrow for its titles on a 900 px page
+            deploy_table = gr.Dataframe(sg["deploy_table"], interactive=False, wrap=True, elem_id="gen-deploy-table")
+            deploy_plot = gr.Plot(sg["deploy_plot"], show_label=False, elem_id="gen-deploy-plot")
             gr.Markdown(CAPTIONS["deploy"], elem_classes="caption")
             with gr.Row():
                 merged_button = gr.Button("Download the merged model and the adapter (zip)", size="sm", scale=1)
