@@ -113,7 +113,8 @@ def generate_section(shipped: dict[str, Any] | None = None) -> GeneratePanel:
         with gr.Accordion("What survives deployment", open=True, elem_id="gen-deploy-box"):
             deploy_reading = gr.Markdown(sg["deploy_reading"], elem_id="gen-deploy-reading")
             # one above the other: beside the table, the figure gets too narrow for its titles on a 900 px page
-            deploy_table = gr.Dataframe(sg["deploy_table"], interactive=False, wrap=True, elem_id="gen-deploy-table")
+            deploy_table = gr.Dataframe(sg["deploy_table"], interactive=False, wrap=True, elem_id="gen-deploy-table",
+                                        column_widths=["64%", "18%", "18%"])  # the numbers in view at 900 px
             deploy_plot = gr.Plot(sg["deploy_plot"], show_label=False, elem_id="gen-deploy-plot")
             gr.Markdown(CAPTIONS["deploy"], elem_classes="caption")
             with gr.Row():
