@@ -167,3 +167,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.model)
         if not any(item.get_closest_marker(mark) for mark in HEAVY_MARKS):
             item.add_marker(pytest.mark.fast)
+
+
+@pytest.fixture(scope="session")
+def tiny_init_run(tiny_model_dir, text_file, tmp_path_factory) -> Path:
+    """A finished init run of the tiny model with quailora and closed_form saved (no 8-bit / full baselines), alone
+    under a runs root of its own (its parent): the generate tests' source run."""
+    from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
+    from quailora_app.flows.init import run_init
+
+    run_dir = tmp_path_factory.mktemp("runs") / "init-tiny"
+    cfg = InitConfig(ModelConfig(str(tiny_model_dir), "cpu"),
+                     DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=256),
+                     QuantConfig(), LoraSettings(rank=4, alpha=8.0), methods=("quailora", "closed_form"),
+                     baselines=False)
+    events = list(run_init(cfg, run_dir=run_dir))
+    assert events[-1].kind == "finished", events[-1]
+    return run_dir

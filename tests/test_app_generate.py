@@ -196,29 +196,13 @@ def test_the_shipped_generate_run_draws_with_its_label():
 
 
 # ------------------------------------------------------------------------------------------------ handlers, tiny model
-@pytest.fixture(scope="module")
-def init_run(tiny_model_dir, text_file, tmp_path_factory):
-    """A finished init run with quailora and closed_form saved, under a runs root of its own."""
-    from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig
-    from quailora_app.flows.init import run_init
-
-    root = tmp_path_factory.mktemp("runs")
-    cfg = InitConfig(ModelConfig(str(tiny_model_dir), "cpu"),
-                     DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=256),
-                     QuantConfig(), LoraSettings(rank=4, alpha=8.0), methods=("quailora", "closed_form"),
-                     baselines=False)
-    events = list(run_init(cfg, run_dir=root / "init-tiny"))
-    assert events[-1].kind == "finished", events[-1]
-    return root / "init-tiny"
-
-
 @pytest.fixture()
-def studio(init_run, monkeypatch):
+def studio(tiny_init_run, monkeypatch):
     pytest.importorskip("gradio")
     from quailora_app.app.handlers import Studio
     from quailora_app.app.jobs import JobManager
 
-    monkeypatch.setenv("QUAILORA_RUNS", str(init_run.parent))
+    monkeypatch.setenv("QUAILORA_RUNS", str(tiny_init_run.parent))
     return Studio(JobManager(gpu=False), (1, 2))
 
 
@@ -237,12 +221,12 @@ def refused(studio, **over) -> str:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_bad_input_through_the_handlers_gets_one_line(studio, init_run, tmp_path):
+def test_bad_input_through_the_handlers_gets_one_line(studio, tiny_init_run, tmp_path):
     assert "the prompt is empty" in refused(studio, gen_prompt_from="text", gen_prompt=" ")
     assert "new tokens must be at least 1" in refused(studio, gen_new_tokens=0)
-    bare = init_run.parent / "init-bare"
+    bare = tiny_init_run.parent / "init-bare"
     shutil.rmtree(bare, ignore_errors=True)
-    shutil.copytree(init_run, bare, ignore=shutil.ignore_patterns("adapters"))
+    shutil.copytree(tiny_init_run, bare, ignore=shutil.ignore_patterns("adapters"))
     assert "has no adapters to compare" in refused(studio, gen_from="init-bare")
     assert "keeps no adapter weights" in refused(studio, gen_from="shipped:init")
     assert "no finished init or fine-tuning run" in refused(studio, gen_from=LATEST)
@@ -256,7 +240,7 @@ def test_bad_input_through_the_handlers_gets_one_line(studio, init_run, tmp_path
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_generate_from_an_init_run_through_the_handlers(studio, init_run):
+def test_generate_from_an_init_run_through_the_handlers(studio, tiny_init_run):
     import gradio as gr
 
     sources = [v for _, v in studio.generate_sources({"owner": "me"})["choices"]]
@@ -283,7 +267,7 @@ def test_generate_from_an_init_run_through_the_handlers(studio, init_run):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_latest_run_and_the_merged_model_download(studio, init_run, monkeypatch):
+def test_latest_run_and_the_merged_model_download(studio, tiny_init_run, monkeypatch):
     """'latest' finds the session's finished init job; with deployment ticked the zip holds the merged model (it
     loads with plain transformers) beside the adapter folder."""
     from transformers import AutoModelForCausalLM
@@ -293,8 +277,8 @@ def test_latest_run_and_the_merged_model_download(studio, init_run, monkeypatch)
     from quailora_app.flows.generate import run_generate
     from quailora_app.runs import RunFolder
 
-    finished = RunFolder(init_run).read_report()
-    manager = JobManager({"init": lambda cfg, stop, run_dir: iter([RunFinished(str(init_run), finished)]),
+    finished = RunFolder(tiny_init_run).read_report()
+    manager = JobManager({"init": lambda cfg, stop, run_dir: iter([RunFinished(str(tiny_init_run), finished)]),
                           "generate": run_generate}, gpu=False)
     studio.manager = manager
     init = manager.submit("init", None, "me")
@@ -304,7 +288,7 @@ def test_latest_run_and_the_merged_model_download(studio, init_run, monkeypatch)
                                                   "gen_new_tokens": 3, "gen_deploy": True})
     job = manager.wait(job_id, 600)
     assert job.status == "finished", job.message
-    assert job.config.from_run == str(init_run)
+    assert job.config.from_run == str(tiny_init_run)
     outputs = studio.generate_status(session, job_id)
     assert len(outputs[8]) == 8 and "Why (c) loses the correction" in outputs[9]  # full, plain, (a)-(f)
     path = studio.download_merged(session, job_id)

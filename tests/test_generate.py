@@ -35,31 +35,18 @@ NEW = 8
 
 
 @pytest.fixture(scope="module")
-def init_run(tiny_model_dir, text_file, tmp_path_factory):
-    """A finished init run with quailora and closed_form saved (no 8-bit / full baselines: not needed here)."""
-    run_dir = tmp_path_factory.mktemp("init")
-    cfg = InitConfig(ModelConfig(str(tiny_model_dir), "cpu"),
-                     DataConfig(str(text_file), seq_len=32, calib_samples=8, eval_tokens=256),
-                     QuantConfig(), LoraSettings(rank=4, alpha=8.0), methods=("quailora", "closed_form"),
-                     baselines=False)
-    events = list(run_init(cfg, run_dir=run_dir))
-    assert events[-1].kind == "finished", events[-1]
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def generated(init_run, tmp_path_factory):
+def generated(tiny_init_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("generate")
-    events = list(run_generate(GenerateConfig(from_run=str(init_run), new_tokens=NEW, documents=3, device="cpu"),
+    events = list(run_generate(GenerateConfig(from_run=str(tiny_init_run), new_tokens=NEW, documents=3, device="cpu"),
                                run_dir=out))
     assert isinstance(events[-1], RunFinished), events[-1]
     return out, events, events[-1].report
 
 
-def test_the_report_names_every_variant_and_its_figures(generated, init_run):
+def test_the_report_names_every_variant_and_its_figures(generated, tiny_init_run):
     out, _, report = generated
     assert report == json.loads((out / "report.json").read_text())
-    assert report["kind"] == "generate" and report["status"] == "finished" and report["from_run"] == str(init_run)
+    assert report["kind"] == "generate" and report["status"] == "finished" and report["from_run"] == str(tiny_init_run)
     names = ["full", "int8", "qlora", "quailora", "closed_form"]
     assert report["variants"] == names
     assert report["labels"] == {n: label(n) for n in names}
@@ -130,7 +117,7 @@ def test_tokens_stream_before_each_variants_figures(generated):
     assert sum(e["kind"] == "token" for e in logged) == NEW * len(report["variants"])
 
 
-def test_a_zero_adapter_is_plain_4bit_exactly(init_run, tiny_model_dir, text_file):
+def test_a_zero_adapter_is_plain_4bit_exactly(tiny_init_run, tiny_model_dir, text_file):
     """qlora's saved adapter (B = 0) on the 4-bit base gives the plain base's log-probabilities bit for bit, and a
     corrected adapter does not."""
     source = ModelSource("tiny", tiny_model_dir)
@@ -140,23 +127,23 @@ def test_a_zero_adapter_is_plain_4bit_exactly(init_run, tiny_model_dir, text_fil
     prompt = torch.tensor([[5, 17, 42, 7]])
     continuation = torch.tensor([continue_tokens(model, prompt, 6)])
     plain = forced_logprobs(model, prompt, continuation)
-    write_factors(model, load_factors(init_run / "adapters" / "qlora")[0])
+    write_factors(model, load_factors(tiny_init_run / "adapters" / "qlora")[0])
     zero = forced_logprobs(model, prompt, continuation)
     assert torch.equal(plain, zero)
     assert continue_tokens(model, prompt, 6) == continuation[0].tolist()
     found = agreement(plain, zero)
     assert found.top1_agreement == 1.0 and found.mean_kl == 0.0
-    write_factors(model, load_factors(init_run / "adapters" / "closed_form")[0])
+    write_factors(model, load_factors(tiny_init_run / "adapters" / "closed_form")[0])
     assert agreement(plain, forced_logprobs(model, prompt, continuation)).mean_kl > 0
 
 
-def test_mixed_adapter_rows_are_each_adapter_alone(init_run, tiny_model_dir):
+def test_mixed_adapter_rows_are_each_adapter_alone(tiny_init_run, tiny_model_dir):
     """One 4-bit base holding several adapters (one with per-layer ranks), its batch rows routed by peft's
     adapter_names, gives each row what that adapter alone on the base gives: the teacher-forced log-probabilities
     and the greedy continuation; the base row is plain 4-bit."""
     source = ModelSource("tiny", tiny_model_dir)
     lora = LoraSettings(rank=4, alpha=8.0)
-    adapters = {m: load_factors(init_run / "adapters" / m)[0] for m in ("quailora", "closed_form")}
+    adapters = {m: load_factors(tiny_init_run / "adapters" / m)[0] for m in ("quailora", "closed_form")}
     first = sorted(adapters["closed_form"])[0]
     cut = {**adapters["closed_form"]}
     cut[first] = type(cut[first])(cut[first].A[:2].clone(), cut[first].B[:, :2].clone())  # rank 2 on one layer
@@ -233,12 +220,12 @@ def test_agreement_math():
         agreement(ref, var[:, :4])
 
 
-def test_a_train_run_gives_its_arms_after_fine_tuning(init_run, tmp_path):
+def test_a_train_run_gives_its_arms_after_fine_tuning(tiny_init_run, tmp_path):
     from quailora_app.flows.from_init import train_config_from_init  # this test only: a train run
     from quailora_app.flows.train import run_train  # the same
 
     train_dir = tmp_path / "train"
-    cfg = train_config_from_init(init_run, arms=("qlora4", "quailora4", "qlora8"), steps=2, batch_size=2,
+    cfg = train_config_from_init(tiny_init_run, arms=("qlora4", "quailora4", "qlora8"), steps=2, batch_size=2,
                                  eval_every=2, learning_rate=1e-2, device="cpu")
     assert list(run_train(cfg, run_dir=train_dir))[-1].kind == "finished"
     source = read_run(train_dir)
@@ -255,8 +242,8 @@ def test_a_train_run_gives_its_arms_after_fine_tuning(init_run, tmp_path):
     assert report["agreement"]["qlora4"]["kl"] != report["agreement"]["qlora"]["kl"]
 
 
-def test_cli_prints_continuations_and_the_agreement_table(init_run, tmp_path, capsys):
-    code = cli_main(["generate", "--from-run", str(init_run), "--prompt", "the lazy dog", "--new-tokens", "4",
+def test_cli_prints_continuations_and_the_agreement_table(tiny_init_run, tmp_path, capsys):
+    code = cli_main(["generate", "--from-run", str(tiny_init_run), "--prompt", "the lazy dog", "--new-tokens", "4",
                      "--documents", "2", "--device", "cpu", "--out", str(tmp_path / "cli")])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -265,9 +252,9 @@ def test_cli_prints_continuations_and_the_agreement_table(init_run, tmp_path, ca
     assert json.loads((tmp_path / "cli" / "report.json").read_text())["prompt"]["text"] == "the lazy dog"
 
 
-def no_adapters(init_run, tmp_path):
+def no_adapters(tiny_init_run, tmp_path):
     folder = tmp_path / "bare"
-    shutil.copytree(init_run, folder, ignore=shutil.ignore_patterns("adapters"))
+    shutil.copytree(tiny_init_run, folder, ignore=shutil.ignore_patterns("adapters"))
     return folder
 
 
@@ -281,13 +268,13 @@ def no_adapters(init_run, tmp_path):
     ("not a run", ["--from-run", "/no/such/run"], "no such run folder"),
     ("unknown deploy adapter", ["--deploy", "--deploy-adapter", "svd"], "not an adapter of run"),
 ])
-def test_bad_input_gets_one_line(case, extra, words, init_run, tmp_path, capsys):
+def test_bad_input_gets_one_line(case, extra, words, tiny_init_run, tmp_path, capsys):
     if extra is None:
-        argv = ["generate", "--from-run", str(no_adapters(init_run, tmp_path))]
+        argv = ["generate", "--from-run", str(no_adapters(tiny_init_run, tmp_path))]
     elif case in ("no run", "not a run"):
         argv = ["generate", *extra]
     else:
-        argv = ["generate", "--from-run", str(init_run), *extra]
+        argv = ["generate", "--from-run", str(tiny_init_run), *extra]
     code = cli_main([*argv, "--device", "cpu", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -305,10 +292,10 @@ def test_the_config_refuses_before_anything_loads():
     assert GenerateConfig(from_run="  ").from_run is None
 
 
-def test_a_stopped_run_fails_in_one_line(init_run, tmp_path):
+def test_a_stopped_run_fails_in_one_line(tiny_init_run, tmp_path):
     stop = {"now": False}
     events = []
-    for event in run_generate(GenerateConfig(from_run=str(init_run), new_tokens=4, documents=0, device="cpu"),
+    for event in run_generate(GenerateConfig(from_run=str(tiny_init_run), new_tokens=4, documents=0, device="cpu"),
                               should_stop=lambda: stop["now"], run_dir=tmp_path / "stopped"):
         events.append(event)
         if isinstance(event, GeneratedToken) and event.variant == "int8":
