@@ -166,6 +166,17 @@ def at_width(page, width: int) -> None:
     CHECK_SECONDS[0] += time.time() - start
 
 
+def at_both_widths(page, when: str, root: str, shot: str, plots: int = 1) -> None:
+    """`root` as drawn at 1400 px and then at 900 px: a screenshot of each (SHOTS/browser-<shot>-<width>.png) and
+    no text overlap in its figures at either (no_text_overlaps); the page is left at 1400 px."""
+    for width in (1400, 900):
+        if width != 1400:
+            at_width(page, width)
+        page.locator(root).screenshot(path=str(SHOTS / f"browser-{shot}-{width}.png"))
+        no_text_overlaps(page, f"{when} at {width} px", root, plots=plots)
+    at_width(page, 1400)
+
+
 #: the frontier's perplexities as drawn (plotly's own data on the figure's div), to see it redrawn by a live run
 FRONTIER_Y = """() => { const p = document.querySelector('#bits-frontier .js-plotly-plot');
   return p && p.data ? JSON.stringify(p.data.map(t => t.y)) : ''; }"""
@@ -288,12 +299,7 @@ def generate_live(page, expect) -> float:
     expect(page.locator("#gen-top10 .gtitle")).to_contain_text("(3)", timeout=ms(20_000))
     expect(page.locator("#gen-strip .g-row[data-variant='qlora'] .g-tok").nth(2)).to_have_class(
         re.compile("g-chosen"), timeout=ms(10_000))
-    page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-7-generate-live-1400.png"))
-    no_text_overlaps(page, "the live generate run at 1400 px", "#generate-section", plots=3)
-    at_width(page, 900)
-    no_text_overlaps(page, "the live generate run at 900 px", "#generate-section", plots=3)
-    page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-7-generate-live-900.png"))
-    at_width(page, 1400)
+    at_both_widths(page, "the live generate run", "#generate-section", "7-generate-live", plots=3)
     return seconds
 
 
@@ -404,22 +410,12 @@ def test_init_then_finetune_in_the_browser(app_url, tiny_model_dir):
         # section 5: the shipped generate run's continuations and coloured agreement strip, drawn at once; no text of
         # its figures overlaps at either width
         shipped_generate_shown(page, expect)
-        page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-0-generate-1400.png"))
-        no_text_overlaps(page, "the shipped generate run at 1400 px", "#generate-section", plots=3)
-        at_width(page, 900)
-        no_text_overlaps(page, "the shipped generate run at 900 px", "#generate-section", plots=3)
-        page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-0-generate-900.png"))
-        at_width(page, 1400)
+        at_both_widths(page, "the shipped generate run", "#generate-section", "0-generate", plots=3)
         # the Across bits tab beside the teaching views: the shipped frontier and its reading, drawn at once; no text
         # of it overlaps at either width
         shipped_frontier_shown(page, expect)
         page.locator("#tab-bits").scroll_into_view_if_needed()
-        page.locator("#tab-bits").screenshot(path=str(SHOTS / "browser-0-frontier-1400.png"))
-        no_text_overlaps(page, "the shipped frontier at 1400 px", "#tab-bits")
-        at_width(page, 900)
-        no_text_overlaps(page, "the shipped frontier at 900 px", "#tab-bits")
-        page.locator("#tab-bits").screenshot(path=str(SHOTS / "browser-0-frontier-900.png"))
-        at_width(page, 1400)
+        at_both_widths(page, "the shipped frontier", "#tab-bits", "0-frontier")
 
         # small settings: 4 x 128 calibration tokens, 512 held-out tokens (the five perplexities and every evaluation
         # of the curves measure them; 1024 cost the init run about 9 s more), svd + quailora on q_proj and v_proj
