@@ -179,6 +179,14 @@ def show_tab(page, name: str) -> None:
     page.evaluate("window.dispatchEvent(new Event('resize'))")
 
 
+def frontier_checked(page, width: int) -> None:
+    """The open Across bits tab at the page's present `width`: a screenshot (SHOTS/browser-0-frontier-<width>.png)
+    and no text overlap in its figure."""
+    page.locator("#tab-bits").scroll_into_view_if_needed()
+    page.locator("#tab-bits").screenshot(path=str(SHOTS / f"browser-0-frontier-{width}.png"))
+    no_text_overlaps(page, f"the shipped frontier at {width} px", "#tab-bits")
+
+
 def at_both_widths(page, when: str, root: str, shot: str, plots: int = 1) -> None:
     """`root` as drawn at 1400 px and then at 900 px: a screenshot of each (SHOTS/browser-<shot>-<width>.png) and
     no text overlap in its figures at either (no_text_overlaps); the page is left at 1400 px."""
@@ -424,21 +432,16 @@ def test_init_then_finetune_in_the_browser(app_url, tiny_model_dir):
         # no text covers another in any figure shown, on a narrow page (step 2's heatmap and perplexity bars share a
         # row: each gets under 350 px) and on a wide one: the four of steps 2-4, the seven teaching views and section
         # 5's three, then the Across bits tab's shipped frontier (drawn at once, with its reading)
-        for width in (900, 1400):
-            if width != 900:
-                at_width(page, width)
-                show_tab(page, "Teaching views")
-            no_text_overlaps(page, f"first visit at {width} px", plots=4 + len(VIEW_IDS) + 3)
-            page.locator("#generate-section").screenshot(path=str(SHOTS / f"browser-0-generate-{width}.png"))
-            if width == 900:
-                page.screenshot(path=str(SHOTS / "browser-0-first-visit-900.png"), full_page=True)
-                shipped_frontier_shown(page, expect)
-            else:
-                show_tab(page, "Across bits")
-            page.locator("#tab-bits").scroll_into_view_if_needed()
-            page.locator("#tab-bits").screenshot(path=str(SHOTS / f"browser-0-frontier-{width}.png"))
-            no_text_overlaps(page, f"the shipped frontier at {width} px", "#tab-bits")
+        no_text_overlaps(page, "first visit at 900 px", plots=4 + len(VIEW_IDS) + 3)
+        page.screenshot(path=str(SHOTS / "browser-0-first-visit-900.png"), full_page=True)
+        page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-0-generate-900.png"))
+        shipped_frontier_shown(page, expect)
+        frontier_checked(page, 900)
+        at_width(page, 1400)  # the frontier's tab is open: laid out again at once
+        frontier_checked(page, 1400)
         show_tab(page, "Teaching views")
+        no_text_overlaps(page, "first visit at 1400 px", plots=4 + len(VIEW_IDS) + 3)
+        page.locator("#generate-section").screenshot(path=str(SHOTS / "browser-0-generate-1400.png"))
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(SHOTS / "browser-0-first-screen.png"))
         page.locator("#example-init").scroll_into_view_if_needed()

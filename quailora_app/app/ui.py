@@ -162,15 +162,17 @@ def _poll_timer(seconds: float, handler: Callable, inputs: list, outputs: list, 
     gr.Timer(seconds).tick(handler, inputs, outputs, api_name=name, queue=False, **_PRIVATE)
 
 
-def _wire_job(studio: Studio, session, panel: JobPanel, start: Callable, start_inputs: list,
-              named: dict[str, Any], status: Callable, outputs: list, kind: str, seen) -> None:
-    """Start (settings by name), stop and status of one job panel. The stop's answer replaces the status line,
-    then the panel's poll state (`seen`) is forgotten so that the next poll draws the job's status again: a job that
-    ended before the answer arrived would otherwise keep showing "stopping..." (its poll key no longer moves)."""
+def _wire_job(studio: Studio, page: Page, panel: JobPanel, start: Callable, start_inputs: list,
+              named: dict[str, Any], status: Callable, outputs: list, kind: str) -> None:
+    """Start (settings by name), stop and status of the `kind` job panel. The stop's answer replaces the status
+    line, then the panel's poll state (page.seen[kind]) is forgotten so that the next poll draws the job's status
+    again: a job that ended before the answer arrived would otherwise keep showing "stopping..." (its poll key no
+    longer moves)."""
+    session = page.session
     panel.start.click(start, start_inputs, [session, panel.job, panel.status], inputs_kwargs=named,
                       api_name=f"start_{kind}")
     panel.stop.click(studio.stop, [session, panel.job], [panel.status], api_name=f"stop_{kind}").then(
-        dict, None, [seen], queue=False, **_PRIVATE)
+        dict, None, [page.seen[kind]], queue=False, **_PRIVATE)
     panel.refresh.click(status, [session, panel.job], outputs, api_name=f"{kind}_status")
 
 
@@ -188,8 +190,8 @@ def _wire_setup(demo: gr.Blocks, studio: Studio, page: Page) -> None:
 
 def _wire_init(studio: Studio, page: Page, poll_seconds: float) -> None:
     init = page.init
-    _wire_job(studio, page.session, init.panel, studio.start_init, [page.session], page.setup.named(INIT_NAMES),
-              studio.init_status, init.outputs, "init", page.seen["init"])
+    _wire_job(studio, page, init.panel, studio.start_init, [page.session], page.setup.named(INIT_NAMES),
+              studio.init_status, init.outputs, "init")
     poll = studio.poller(count_init, studio.draw_init, len(init.outputs) - 1)
     _poll_timer(poll_seconds, poll, [page.session, init.panel.job, page.seen["init"], page.train.panel.job],
                 [*init.outputs, page.results.summary, page.seen["init"]], "poll_init")
@@ -197,9 +199,8 @@ def _wire_init(studio: Studio, page: Page, poll_seconds: float) -> None:
 
 def _wire_train(studio: Studio, page: Page, poll_seconds: float) -> None:
     train = page.train
-    _wire_job(studio, page.session, train.panel, studio.start_train, [page.session, page.init.panel.job],
-              page.setup.named(TRAIN_NAMES, train.fields), studio.train_status, train.outputs, "train",
-              page.seen["train"])
+    _wire_job(studio, page, train.panel, studio.start_train, [page.session, page.init.panel.job],
+              page.setup.named(TRAIN_NAMES, train.fields), studio.train_status, train.outputs, "train")
     poll = studio.poller(count_train, studio.draw_train, len(train.outputs) - 1)
     _poll_timer(poll_seconds, poll, [page.session, train.panel.job, page.seen["train"], page.init.panel.job],
                 [*train.outputs, page.results.summary, page.seen["train"]], "poll_train")
@@ -211,9 +212,8 @@ def _wire_views(demo: gr.Blocks, studio: Studio, page: Page, poll_seconds: float
     model.change(view_layers, [model], [layer], api_name="view_layers")
     demo.load(view_layers, [model], [layer], api_name="view_layers_on_load", **_PRIVATE)
     demo.load(studio.attach_views, [session], [views.panel.job], api_name="attach_views", **_PRIVATE)
-    _wire_job(studio, session, views.panel, studio.start_views, [session, page.init.panel.job],
-              page.setup.named(VIEWS_NAMES, views.fields), studio.views_status, views.outputs, "views",
-              page.seen["views"])
+    _wire_job(studio, page, views.panel, studio.start_views, [session, page.init.panel.job],
+              page.setup.named(VIEWS_NAMES, views.fields), studio.views_status, views.outputs, "views")
     poll = studio.poller(lambda job: {}, studio.draw_views, len(views.outputs) - 2, idle=False)
     _poll_timer(poll_seconds, poll, [session, views.panel.job, page.seen["views"]],
                 [*views.outputs, page.seen["views"]], "poll_views")
@@ -227,8 +227,8 @@ def _wire_bits(demo: gr.Blocks, studio: Studio, page: Page, poll_seconds: float)
     finished, with the run's bit widths."""
     bits, session = page.bits, page.session
     demo.load(studio.attach_bits, [session], [bits.panel.job], api_name="attach_bits", **_PRIVATE)
-    _wire_job(studio, session, bits.panel, studio.start_bits, [session], page.setup.named(BITS_NAMES, bits.fields),
-              studio.bits_status, bits.outputs, "bits", page.seen["bits"])
+    _wire_job(studio, page, bits.panel, studio.start_bits, [session], page.setup.named(BITS_NAMES, bits.fields),
+              studio.bits_status, bits.outputs, "bits")
     poll = studio.poller(count_bits, studio.draw_bits, len(bits.outputs) - 1, other_is_job=False)
     _poll_timer(poll_seconds, poll, [session, bits.panel.job, page.seen["bits"], page.views.harm_gain_scale],
                 [*bits.outputs, page.views.harm_gain, page.seen["bits"]], "poll_bits")
@@ -254,9 +254,8 @@ def _wire_generate(demo: gr.Blocks, studio: Studio, page: Page, poll_seconds: fl
               **_PRIVATE)
     gen.refresh_sources.click(studio.generate_sources, [session], [gen.fields["gen_from"]],
                               api_name="generate_sources")
-    _wire_job(studio, session, gen.panel, studio.start_generate, [session, *jobs],
-              {name: gen.fields[name] for name in GEN_NAMES}, studio.generate_status, gen.outputs, "generate",
-              page.seen["generate"])
+    _wire_job(studio, page, gen.panel, studio.start_generate, [session, *jobs],
+              {name: gen.fields[name] for name in GEN_NAMES}, studio.generate_status, gen.outputs, "generate")
     poll = studio.poller(count_generate, studio.draw_generate, len(gen.outputs) - 2)
     _poll_timer(poll_seconds, poll, [session, gen.panel.job, page.seen["generate"]],
                 [*gen.outputs, page.seen["generate"]], "poll_generate")
