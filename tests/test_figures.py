@@ -65,7 +65,21 @@ def test_heatmap_is_share_removed():
     assert "%" in title and xs and ys
     z = fig.data[0].z
     assert z[0][0] == pytest.approx(40.0) and z[2][2] == pytest.approx(100 * (1 - 0.56))
-    assert fig.data[0].colorbar.title.text
+    assert fig.data[0].colorbar.ticksuffix == "%"
+
+
+def test_the_heatmap_plot_keeps_one_colour_bar_orientation():
+    """The init section's heatmap plot shows one panel (a live run's first layers), two (removal and the budgeted
+    ranks) or a placeholder in turn; gradio redraws it with Plotly.react, which strands a colour bar's labels over
+    the heatmap when its orientation changes (plotly.js 6973): every one of them keeps its colour bars below."""
+    report = make_report()
+    ranked = {**report, "ranks": {"budget": {row["name"]: 4 + i for i, row in enumerate(report["layers"])}}}
+    figures = [F.removal_heatmap(report), F.rank_heatmap(ranked), F.init_heatmap(report), F.init_heatmap(ranked),
+               F.init_heatmap({**ranked, "layers": [{k: v for k, v in row.items() if k != "calibrated_error"}
+                                                    for row in ranked["layers"]]})]
+    assert [len(f.data) for f in figures] == [1, 1, 1, 2, 1]
+    for fig in figures:
+        assert all(t.colorbar.orientation == "h" and t.colorbar.yanchor == "bottom" for t in fig.data)
 
 
 def test_perplexity_bars_with_gap_closed():

@@ -218,7 +218,7 @@ def removal_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora
     z = [[grid.get((b, m)) for m in modules] for b in blocks]
     fig = go.Figure(go.Heatmap(
         z=z, x=[_short_module(m) for m in modules], y=blocks, colorscale="Blues", zmin=0, zmax=100,
-        colorbar={"title": {"text": "% of the error removed", "side": "right"}, "ticksuffix": "%"},
+        colorbar={**colorbar_below(), "ticksuffix": "%"},
         texttemplate="%{z:.0f}" if len(blocks) * len(modules) <= 400 else None,
         hovertemplate="block %{y}, %{x}: %{z:.1f}% of the calibrated error removed<extra></extra>",
         name=short_label(method), showscale=True,
@@ -226,11 +226,20 @@ def removal_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora
     return _block_module_layout(fig, title, "module type (inside each decoder block)", len(blocks))
 
 
+def colorbar_below(x: float = 0.5, length: float = 0.9) -> dict:
+    """A thin horizontal colour bar at the foot of the figure, centred at paper `x`, `length` of its width. Every
+    block x module heatmap uses this one orientation: plotly.js redraws a colour bar whose orientation changes
+    under Plotly.react (gradio's update) with its labels stranded over the heatmap (plotly.js issue 6973), and the
+    same plot shows one panel (a live run's first layers) and two (the shipped run's removal and ranks) in turn."""
+    return {"orientation": "h", "x": x, "xanchor": "center", "len": length, "thickness": 10, "yref": "container",
+            "y": 0, "yanchor": "bottom", "title": {"text": ""}}
+
+
 def _block_module_layout(fig: go.Figure, title: str, x_title: str, n_blocks: int) -> go.Figure:
-    """Axes and size of a decoder block x module type heatmap (block 0 at the top)."""
+    """Axes and size of a decoder block x module type heatmap (block 0 at the top, the colour bar under it)."""
     fig.update_xaxes(title_text=x_title, side="bottom")
     fig.update_yaxes(title_text="decoder block", autorange="reversed", dtick=1 if n_blocks <= 12 else 2)
-    return figure_layout(fig, title, max(340, 120 + 17 * n_blocks), legend_rows=0)
+    return figure_layout(fig, title, max(380, 170 + 17 * n_blocks), legend_rows=0)
 
 
 def ranks_of(report: Mapping | Iterable[Mapping], method: str = "budget") -> dict[str, int]:
@@ -249,12 +258,11 @@ def _where(path: str, rows: Mapping[str, Mapping]) -> tuple[int, str] | None:
 
 def rank_heatmap(report: Mapping | Iterable[Mapping], method: str = "budget") -> go.Figure:
     """Block x module heatmap of the rank a budgeted method gives each layer, coloured around the run's uniform
-    rank r (blue: more than r, red: fewer); the column titles carry each module type's mean rank, and the hover the
+    rank r (blue: more than r, red: fewer; r is named in the axis title); the column titles carry each module type's mean rank, and the hover the
     share of the layer's calibrated error removed."""
     ranks = ranks_of(report, method)
     r = report.get("rank") if isinstance(report, Mapping) else None
-    title = f"Ranks per layer: {short_label(method)}" + (f" (uniform r = {r} at the same LoRA parameter count)"
-                                                        if r else "")
+    title = f"Ranks per layer: {short_label(method)}"
     rows = {row["name"]: row for row in layers_from(report)}
     cells = {where: (k, path) for path, k in ranks.items() if (where := _where(path, rows)) is not None}
     if not cells:
@@ -276,12 +284,13 @@ def rank_heatmap(report: Mapping | Iterable[Mapping], method: str = "budget") ->
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"{_short_module(m)} ({means[m]:.1f})" for m in modules], y=blocks, customdata=custom,
         colorscale="RdBu", zmid=r if r else None, zmin=0, zmax=max(top, 2 * r if r else top),
-        colorbar={"title": {"text": "rank", "side": "right"}},
+        colorbar=colorbar_below(),
         texttemplate="%{z}" if len(blocks) * len(modules) <= 400 else None,
         hovertemplate="block %{y}, %{x}: rank %{z}, removes %{customdata} of its calibrated error<extra></extra>",
         name=short_label(method), showscale=True,
     ))
-    return _block_module_layout(fig, title, "module type (mean rank over the blocks)", len(blocks))
+    return _block_module_layout(fig, title, "module type (mean rank" + (f"; uniform r = {r})" if r else ")"),
+                                len(blocks))
 
 
 def init_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora", ranked: str = "budget") -> go.Figure:
@@ -299,10 +308,10 @@ def init_heatmap(source: Mapping | Iterable[Mapping], method: str = "quailora", 
                         subplot_titles=[f"{short_label(method)}:<br>% of the error removed",
                                         short_label(ranked) + (f"<br>(uniform r = {source['rank']})"
                                                                if source.get("rank") else "")])
-    below = {"orientation": "h", "xanchor": "center", "len": (1 - gap) / 2 * 0.9, "thickness": 10,
-             "yref": "container", "y": 0, "yanchor": "bottom", "title": {"text": ""}}
-    fig.add_trace(removal.data[0].update(colorbar={**below, "x": (1 - gap) / 4}), row=1, col=1)
-    fig.add_trace(ranks.data[0].update(colorbar={**below, "x": 1 - (1 - gap) / 4}), row=1, col=2)
+    half = (1 - gap) / 2 * 0.9
+    fig.add_trace(removal.data[0].update(colorbar={**colorbar_below((1 - gap) / 4, half), "ticksuffix": "%"}),
+                  row=1, col=1)
+    fig.add_trace(ranks.data[0].update(colorbar=colorbar_below(1 - (1 - gap) / 4, half)), row=1, col=2)
     fig.update_xaxes(side="bottom")
     fig.update_xaxes(title_text="module type", row=1, col=1)
     fig.update_xaxes(title_text="module (mean rank)", row=1, col=2)
