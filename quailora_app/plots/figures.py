@@ -258,8 +258,8 @@ def _where(path: str, rows: Mapping[str, Mapping]) -> tuple[int, str] | None:
 
 def rank_heatmap(report: Mapping | Iterable[Mapping], method: str = "budget") -> go.Figure:
     """Block x module heatmap of the rank a budgeted method gives each layer, coloured around the run's uniform
-    rank r (blue: more than r, red: fewer; r is named in the axis title); the column titles carry each module type's mean rank, and the hover the
-    share of the layer's calibrated error removed."""
+    rank r (blue: more than r, red: fewer; the axis title names r); the column titles carry each module type's mean
+    rank, and the hover the share of the layer's calibrated error removed."""
     ranks = ranks_of(report, method)
     r = report.get("rank") if isinstance(report, Mapping) else None
     title = f"Ranks per layer: {short_label(method)}"
