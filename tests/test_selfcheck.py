@@ -17,7 +17,7 @@ from quailora_app.cli import summary_table, train_table
 from quailora_app.config import DataConfig, InitConfig, LoraSettings, ModelConfig, QuantConfig, TrainConfig
 from quailora_app.engine.adapters import Factors
 from quailora_app.engine.calibration import initialize as initialize_module
-from quailora_app.engine.evaluation.evaluate import check_adapter_applied
+from quailora_app.engine.evaluation.evaluate import check_adapter_applied, check_adapters_applied
 from quailora_app.engine.evaluation.selfcheck import max_resets, plain_start
 from quailora_app.engine.quantization.bnb import dequantized_weight
 from quailora_app.errors import ModelError
@@ -167,6 +167,26 @@ def test_guard_fails_loudly_when_a_corrected_variants_logits_are_the_bases(tiny_
         check_adapter_applied(model, calib_ids[:1], plain, "budget", nonzero)
     check_adapter_applied(model, calib_ids[:1], plain, "qlora", {"x": Factors(torch.ones(2, 4), torch.zeros(4, 2))})
     check_adapter_applied(model, calib_ids[:1], plain + 1, "budget", nonzero)
+
+
+def test_guard_on_a_base_holding_several_adapters_names_the_one_not_applied(tiny_model_dir, calib_ids):
+    """The generate flow's check, one mixed-batch pass: row 0 the base alone, then one row per adapter."""
+    from quailora_app.engine.adapters import BASE_ROW, add_adapter_with_factors, attach_lora, read_factors
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = LoraSettings(rank=2, alpha=4.0)
+    peft_model = attach_lora(model, lora, ["model.layers.0.self_attn.q_proj"])
+    ones = {"model.layers.0.self_attn.q_proj": Factors(torch.full((2, 64), 0.1), torch.full((64, 2), 0.1))}
+    add_adapter_with_factors(peft_model, "good", lora, ones)
+    zero = {k: Factors(f.A, torch.zeros_like(f.B)) for k, f in ones.items()}
+    add_adapter_with_factors(peft_model, "lost", lora, zero)
+    peft_model.eval()
+    assert read_factors(peft_model, "good")["model.layers.0.self_attn.q_proj"].B.any()
+    with torch.no_grad():
+        check_adapters_applied(peft_model, calib_ids[0, :16], {"good": ones}, BASE_ROW)
+        with pytest.raises(RuntimeError, match="lost's logits equal"):  # its factors say B != 0, the model has B = 0
+            check_adapters_applied(peft_model, calib_ids[0, :16], {"good": ones, "lost": ones}, BASE_ROW)
+        check_adapters_applied(peft_model, calib_ids[0, :16], {"lost": zero}, BASE_ROW)  # no correction: nothing to see
 
 
 @pytest.fixture(scope="module")

@@ -54,11 +54,12 @@ from quailora_app.engine.evaluation.agreement import (
     Agreement,
     agreement,
     forced_logprobs,
+    forced_logprobs_routed,
     stream_rows,
     top_tokens,
     versus_plain,
 )
-from quailora_app.engine.evaluation.evaluate import check_adapter_applied, perplexity
+from quailora_app.engine.evaluation.evaluate import check_adapters_applied, perplexity
 from quailora_app.engine.methods.registry import QLORA, REQUANT, get_method
 from quailora_app.engine.quantization.bnb import load_8bit
 from quailora_app.engine.quantization.load import load_quantized
@@ -346,28 +347,37 @@ class GenerateRun:
                 "tokens_per_s": len(tokens) / generated if generated > 0 else None}
         if FULL in names:
             self.reference = torch.tensor([[s[0] for s in steps]], dtype=torch.long)
+        start = time.perf_counter()
+        forced = self._forced(model, routes)
+        together = time.perf_counter() - start  # one pass for the variants of one base: each is charged all of it
         for row, name in enumerate(names):
-            start = time.perf_counter()
-            yield from self._agree(name, model, routes[row] if routes else None)
-            self.report["seconds"][f"agreement_{name}"] = time.perf_counter() - start
+            yield from self._agree(name, *forced[row])
+            self.report["seconds"][f"agreement_{name}"] = together
             self.report["seconds"][f"generate_{name}"] = generated
             self.rec.save()
 
-    def _agree(self, name: str, model, route: str | None) -> Iterator[Event]:
-        """Variant `name` teacher forced along full precision's continuation of the prompt and along the held-out
-        documents' own next tokens: its agreement figures with full precision on each."""
-        def forced(prompts: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-            routes = {"adapter_names": [route] * len(prompts)} if route else {}
-            return forced_logprobs(model, prompts, reference, **routes)
-
+    def _forced(self, model, routes: Sequence[str] | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The model teacher forced along full precision's continuation of the prompt and along the held-out
+        documents' own next tokens, under each of `routes` (None: the model as it is): per route, the prompt's
+        log-probabilities and the documents' (None without documents). The prompt and the documents share a pass
+        when they are the same length (no padding), and the routes share passes (forced_logprobs_routed)."""
         docs = self.doc_prompts is not None
-        if docs and (self.prompt.shape[1], self.reference.shape[1]) == (self.doc_prompts.shape[1],
-                                                                         self.doc_reference.shape[1]):
-            both = forced(torch.cat([self.prompt, self.doc_prompts]), torch.cat([self.reference, self.doc_reference]))
-            logprobs, doc_logprobs = both[:1], both[1:]  # one forward pass: same lengths, no padding
-        else:
-            logprobs = forced(self.prompt, self.reference)
-            doc_logprobs = forced(self.doc_prompts, self.doc_reference) if docs else None
+        same = docs and (self.prompt.shape[1], self.reference.shape[1]) == (self.doc_prompts.shape[1],
+                                                                             self.doc_reference.shape[1])
+        groups = ([(torch.cat([self.prompt, self.doc_prompts]), torch.cat([self.reference, self.doc_reference]))]
+                  if same else [(self.prompt, self.reference)] + ([(self.doc_prompts, self.doc_reference)]
+                                                                   if docs else []))
+        passes = [forced_logprobs_routed(model, prompts, reference, routes) if routes
+                  else [forced_logprobs(model, prompts, reference)] for prompts, reference in groups]
+        per_route = list(zip(*passes, strict=True))
+        if same:
+            return [(both[0][:1], both[0][1:]) for both in per_route]
+        return [(parts[0], parts[1] if docs else None) for parts in per_route]
+
+    def _agree(self, name: str, logprobs: torch.Tensor, doc_logprobs: torch.Tensor | None) -> Iterator[Event]:
+        """Variant `name`'s agreement figures with full precision from its teacher-forced log-probabilities along
+        full precision's continuation of the prompt (`logprobs`) and along the held-out documents."""
+        docs = doc_logprobs is not None
         if name == FULL:
             self.ref_logprobs = logprobs
             self.doc_ref_logprobs = doc_logprobs
@@ -408,21 +418,22 @@ class GenerateRun:
         base = load_quantized(source, self.quant, self.device, dtype)
         peft_model = attach_lora(base, self.lora, target_paths(base, self.lora))  # its B = 0: no correction
         peft_model.eval()
+        added = {}
+        for name, folder in self.source.adapters.items():
+            self.rec.check_stop("generation")
+            try:
+                factors, ranks = load_factors(folder)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"run {self.source.name}: {folder} cannot be read: "
+                                  f"{one_line(exc, 160)}") from None
+            try:
+                add_adapter_with_factors(peft_model, name, self.lora, factors, ranks)
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"run {self.source.name}: adapters/{folder.name} does not fit this model's "
+                                  f"LoRA layers: {one_line(exc, 160)}") from None
+            added[name] = factors
         with torch.no_grad():
-            plain_logits = peft_model(input_ids=self.prompt.to(self.device)).logits
-            for name, folder in self.source.adapters.items():
-                self.rec.check_stop("generation")
-                try:
-                    factors, ranks = load_factors(folder)
-                except (OSError, ValueError) as exc:
-                    raise ConfigError(f"run {self.source.name}: {folder} cannot be read: "
-                                      f"{one_line(exc, 160)}") from None
-                try:
-                    add_adapter_with_factors(peft_model, name, self.lora, factors, ranks)
-                except (KeyError, ValueError) as exc:
-                    raise ConfigError(f"run {self.source.name}: adapters/{folder.name} does not fit this model's "
-                                      f"LoRA layers: {one_line(exc, 160)}") from None
-                check_adapter_applied(peft_model, self.prompt, plain_logits, name, factors, adapter_names=[name])
+            check_adapters_applied(peft_model, self.prompt, added, BASE_ROW)
         self.report["seconds"]["load_4bit"] = time.perf_counter() - start
         names = [PLAIN, *self.source.adapters]
         yield from self._measure(names, peft_model, [BASE_ROW, *self.source.adapters])

@@ -48,6 +48,7 @@ from quailora_app.flows.accuracy_ledger import AccuracyLedger, accuracy_record, 
 from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory, opening_report
 from quailora_app.runs import Report, RunFolder
+from quailora_app.sources.data import MAX_TRAIN_SEQS
 from quailora_app.sources.models import compute_dtype, device_label, load_full_precision, pick_device
 from quailora_app.sources.tasks import Task
 from quailora_app.units import format_bytes
@@ -101,7 +102,8 @@ class InitRun:
         t0 = time.perf_counter()
         prepared = yield from self.rec.relay(prepare(
             cfg.model, cfg.data, cfg.quant, self.device,
-            lambda name, config: preflight_init(name, config, cfg, self.device), should_stop=self.should_stop))
+            lambda name, config: preflight_init(name, config, cfg, self.device), should_stop=self.should_stop,
+            split_sizes={"max_train_seqs": check_window_count(MAX_TRAIN_SEQS, cfg.data.seq_len)}))  # the self-check's
         source, splits, model = prepared.source, prepared.splits, prepared.model
         self.report["model_note"] = source.note
         self.report["tokens"] = {"calibration": int(splits.calib.numel()), "eval": int(splits.eval.numel())}

@@ -51,14 +51,16 @@ def prepare(model: ModelConfig, data: DataConfig, quant: QuantConfig, device: to
             should_stop: Callable[[], bool] = lambda: False, split_sizes: Mapping[str, int] | None = None,
             load_base: bool = True) -> Generator[Event, None, Prepared]:
     """Load what a flow needs, yielding its stages. `split_sizes`: min_train_seqs / max_train_seqs for
-    load_splits; `load_base`: also load the 4-bit model."""
+    load_splits; by default one training window, for a flow that reads only the evaluation and calibration
+    windows (those come first and do not depend on the training split's size, so only the documents a flow reads
+    are tokenized); `load_base`: also load the 4-bit model."""
     yield Stage("load", f"resolving model '{model.model}'")
     source = resolve_model(model.model)
     config = load_config(source)
     yield Log(preflight(source.name, config))  # before any weight is read
     tokenizer = load_tokenizer(source)
     yield Stage("data", f"reading dataset '{data.dataset}'")
-    splits = load_splits(data, tokenizer, **(split_sizes or {}))
+    splits = load_splits(data, tokenizer, **(split_sizes or {"max_train_seqs": 1}))
     if should_stop():
         raise Cancelled("stopped by the user during data loading")
     checkpoint = Checkpoint(source.folder)

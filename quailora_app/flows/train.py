@@ -89,7 +89,7 @@ from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory, opening_report
 from quailora_app.flows.train_setup import ArmInits, TrainData, put_layer, training_order
 from quailora_app.runs import Report, RunFolder
-from quailora_app.sources.data import load_texts
+from quailora_app.sources.data import MAX_TRAIN_SEQS, load_texts
 from quailora_app.sources.models import device_label, load_full_precision, pick_device
 from quailora_app.sources.tasks import MIN_ITEMS, Task, asked_about, reserved_documents, subset_task
 
@@ -261,7 +261,8 @@ class TrainRun:
             return line
 
         per_step = cfg.batch_size * cfg.grad_accum
-        sizes = {"min_train_seqs": min(per_step, 4096), "max_train_seqs": max(min(cfg.steps * per_step, 4096), 1)}
+        sizes = {"min_train_seqs": min(per_step, MAX_TRAIN_SEQS),
+                 "max_train_seqs": max(min(cfg.steps * per_step, MAX_TRAIN_SEQS), 1)}
         prepared = yield from self.rec.relay(prepare(cfg.model, cfg.data, cfg.quant, self.device, preflight,
                                                      should_stop=self.should_stop, split_sizes=sizes, load_base=False))
         splits = prepared.splits

@@ -70,6 +70,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _CHUNK = 1 << 20
 #: the most bytes of text a run reads (files, folders, hub streams), checked before and while reading
 MAX_DATA_BYTES = 200_000_000
+#: training windows make_splits packs at most (the rest of a large dataset is not tokenized)
+MAX_TRAIN_SEQS = 4096
 
 
 # --------------------------------------------------------------------------------------------- embedded
@@ -506,7 +508,7 @@ def make_splits(
     eval_tokens: int,
     seed: int = 0,
     min_train_seqs: int = 1,
-    max_train_seqs: int = 4096,
+    max_train_seqs: int = MAX_TRAIN_SEQS,
     batch_docs: int = 512,
 ) -> TokenSplits:
     """Shuffle documents (seeded), give whole documents to eval, then calibration, then training, and pack

@@ -18,7 +18,7 @@ Pure torch: no tokenizer, no UI. Works on any causal LM of transformers, quantiz
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +98,36 @@ def forced_logprobs(model, prompt_ids: torch.Tensor, continuation: torch.Tensor,
         model.train(was_training)
     start = prompt_ids.shape[1] - 1
     return torch.log_softmax(logits[:, start:start + n].float(), dim=-1).cpu()
+
+
+#: bytes of float32 logits one teacher-forced pass over several routes may hold (more routes: more passes)
+ROUTED_LOGITS_BYTES = 512 * 2**20
+
+
+def _vocab_size(model) -> int:
+    """Rows of the model's output projection (the logits' last dimension)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else 262_144
+
+
+def forced_logprobs_routed(model, prompt_ids: torch.Tensor, continuation: torch.Tensor,
+                           routes: Sequence[str]) -> list[torch.Tensor]:
+    """`forced_logprobs` of the same B sequences under each of `routes` (peft adapter names, one base holding
+    them all): one B x N x vocab tensor per route, from as few forward passes as fit ROUTED_LOGITS_BYTES of
+    logits, the rows of several routes in one batch (peft's `adapter_names` sends each row to its adapter), so the
+    base's layers are paid once per pass rather than once per route."""
+    prompt_ids, continuation = prompt_ids.reshape(-1, prompt_ids.shape[-1]), continuation.reshape(
+        -1, continuation.shape[-1])
+    rows = prompt_ids.shape[0]
+    per_route = rows * (prompt_ids.shape[1] + continuation.shape[1]) * _vocab_size(model) * 4
+    step = max(1, ROUTED_LOGITS_BYTES // max(per_route, 1))
+    out: list[torch.Tensor] = []
+    for first in range(0, len(routes), step):
+        chunk = list(routes[first:first + step])
+        both = forced_logprobs(model, prompt_ids.repeat(len(chunk), 1), continuation.repeat(len(chunk), 1),
+                               adapter_names=[route for route in chunk for _ in range(rows)])
+        out.extend(both.split(rows))
+    return out
 
 
 @dataclass

@@ -62,3 +62,19 @@ def check_adapter_applied(model, probe_ids: torch.Tensor, plain_logits: torch.Te
         raise RuntimeError(f"internal error: {name}'s logits equal the uncorrected 4-bit base's although its "
                            "correction is not zero; its adapter is not applied, so its figures would be QLoRA's")
 
+
+def check_adapters_applied(model, probe_ids: torch.Tensor, factors: Mapping[str, Mapping[str, Any]],
+                           base_route: str) -> None:
+    """`check_adapter_applied` for every adapter of a base holding several, in one forward pass: row 0 runs the
+    base alone (`base_route`, peft's name for no adapter), row i + 1 adapter i (peft's `adapter_names`), all on the
+    same probe; an adapter whose correction is not zero must change its row's logits."""
+    names = [name for name, f in factors.items() if any(bool(x.B.any()) for x in f.values())]
+    if not names:
+        return
+    device = next(p for p in model.parameters()).device
+    probe = probe_ids.reshape(1, -1).to(device)
+    logits = model(input_ids=probe.repeat(len(names) + 1, 1), adapter_names=[base_route, *names]).logits
+    for row, name in enumerate(names, start=1):
+        if torch.equal(logits[row], logits[0]):
+            raise RuntimeError(f"internal error: {name}'s logits equal the uncorrected 4-bit base's although its "
+                               "correction is not zero; its adapter is not applied, so its figures would be QLoRA's")
