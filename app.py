@@ -18,8 +18,10 @@ if os.environ.get("SPACE_ID") or os.environ.get("QUAILORA_INSTALL_EMBEDDED") == 
     install_missing()
 
 from quailora_app.app.ui import build_ui, launch_options  # noqa: E402
+from quailora_app.heap import freeze_startup_heap  # noqa: E402
 
 demo = build_ui()
+freeze_startup_heap()  # the page and the libraries live as long as the process: each run's gc.collect skips them
 
 if __name__ == "__main__":
     demo.launch(**launch_options())

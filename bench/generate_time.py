@@ -20,8 +20,9 @@ last continuation) and to the finished event (the agreement strip, the over-docu
 are complete then), and the run's own per-stage seconds (report.json). The anchor, in the same process after the
 generate runs: load the 4-bit base (`load_quantized`) and continue the same prompt greedily by the same number of
 tokens, timed apart (load, tokens); the ratio generate / anchor carries over better between machines and loads than
-the seconds do. The thread policy of app.py is applied before torch loads. Table on stdout, JSON in
-runs/bench/generate_time.json (machine, load average at the start).
+the seconds do. The thread policy of app.py is applied before torch loads, and its heap policy (quailora_app/heap.py:
+what is alive after startup is frozen out of the collector's sight) before the timed runs. Table on stdout, JSON
+in runs/bench/generate_time.json (machine, load average at the start).
 """
 from __future__ import annotations
 
@@ -182,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     from_run = args.from_run or app_init_run(INIT_DIR, args.fresh_init)
     result = {"command": command_line(__file__, argv), "machine": at_start, "thread_policy": policy.describe(),
               "from_run": str(from_run), "runs": []}
+    import quailora_app.app.generation  # noqa: F401 - what the app has imported when its button is pressed
+    import quailora_app.flows.generate  # noqa: F401
+    from quailora_app.heap import freeze_startup_heap
+
+    freeze_startup_heap()  # as app.py does once the page is built
     for i in range(max(1, args.repeat)):
         run = time_generate(from_run, OUT / f"generate_time-run{i + 1}")
         result["runs"].append(run)

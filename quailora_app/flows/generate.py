@@ -25,6 +25,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,8 @@ class GenerateRun:
         self.doc_ref_logprobs: torch.Tensor | None = None
         self.prompt_logprobs: dict[str, torch.Tensor] = {}  # plain and corrected variants: 1 x N x V
         self.doc_agreement: dict[str, Agreement] = {}
+        self._pool: ThreadPoolExecutor | None = None  # the 4-bit base's load ahead (_four_bit_ahead)
+        self._ahead: Future | None = None
 
     def _deploy_adapter(self) -> str:
         chosen = self.cfg.deploy_adapter
@@ -240,9 +243,18 @@ class GenerateRun:
                                      "explanation": WHY_REQUANTIZED_LOSES}
         self.rec.save()
 
-        yield from self._full(source, deploy_ids)
-        yield from self._int8(source)
-        yield from self._four_bit(source, prepared.dtype, deploy_ids)
+        ahead = None
+        try:
+            yield from self._full(source, deploy_ids, lambda: self._four_bit_ahead(source, prepared.dtype, deploy))
+            ahead = self._ahead
+            if ahead is not None and ahead.exception() is not None:  # waits: one model load at a time
+                raise ahead.exception()  # an adapter that does not fit, a stop: said now, not after 8-bit
+            yield from self._int8(source)
+            yield from self._four_bit(source, prepared.dtype, deploy_ids, ahead)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)  # a stopped or failed run: the load ends, its model is dropped
+                self._pool = None
         if deploy:
             yield from self._deploy_reloaded(source, prepared.dtype, deploy_ids)
         self._summaries()
@@ -285,14 +297,15 @@ class GenerateRun:
                                     "along": "held-out text", "variants": {},
                                     "versus_plain": {}} if self.doc_prompts is not None else None
 
-    def _full(self, source, deploy_ids: torch.Tensor | None) -> Iterator[Event]:
+    def _full(self, source, deploy_ids: torch.Tensor | None, then: Callable[[], Future | None]) -> Iterator[Event]:
         """Full precision: the reference continuation and log-probabilities; with --deploy, its perplexity, then
-        the adapter merged into it (b)."""
+        the adapter merged into it (b). `then` runs once the model is loaded (the 4-bit base's load ahead)."""
         self.rec.check_stop("generation")
         yield self.rec.emit(Stage("load", f"loading {self.report['labels'][FULL]}"))
         start = time.perf_counter()
         model = load_full_precision(source, self.device)
         self.report["seconds"][f"load_{FULL}"] = time.perf_counter() - start
+        self._ahead = then()
         yield from self._measure([FULL], model)
         if deploy_ids is not None:
             yield from self._deploy_merged(source, model, deploy_ids)
@@ -408,12 +421,9 @@ class GenerateRun:
                                                     .double().mean())
         self.report["reference"] = record
 
-    def _four_bit(self, source, dtype: torch.dtype, deploy_ids: torch.Tensor | None) -> Iterator[Event]:
-        """One 4-bit base holding every adapter under its variant's name (per-layer ranks kept), each checked to
-        change the logits; plain 4-bit (the base alone) and the corrected variants then decode as the rows of one
-        batch (peft's mixed-adapter inference), so the 4-bit layers are dequantized once per token for all."""
-        self.rec.check_stop("generation")
-        yield self.rec.emit(Stage("load", f"loading the {self.quant.bits}-bit {self.quant.label} base"))
+    def _load_four_bit(self, source, dtype: torch.dtype) -> tuple[Any, dict[str, dict], float]:
+        """One 4-bit base holding every adapter under its variant's name (per-layer ranks kept): the peft model, the
+        factors of each adapter and the seconds it took. Emits no event (it may run in the loading thread)."""
         start = time.perf_counter()
         base = load_quantized(source, self.quant, self.device, dtype)
         peft_model = attach_lora(base, self.lora, target_paths(base, self.lora))  # its B = 0: no correction
@@ -432,9 +442,31 @@ class GenerateRun:
                 raise ConfigError(f"run {self.source.name}: adapters/{folder.name} does not fit this model's "
                                   f"LoRA layers: {one_line(exc, 160)}") from None
             added[name] = factors
+        return peft_model, added, time.perf_counter() - start
+
+    def _four_bit_ahead(self, source, dtype: torch.dtype, deploy: bool) -> Future | None:
+        """Start loading the 4-bit base in a second thread while full precision decodes, where that is safe and
+        pays: on a CPU in float32 without the deployment measures. A decode step is too small to keep two cores
+        busy, so the load takes little from it (here about 2 s of a generate run's 30). Not on a GPU (nothing to
+        gain) nor in another dtype: transformers sets torch's process-wide default dtype while it builds a model,
+        which two loads of different dtypes would race on; the merged model of the deployment measures loads in
+        the meantime."""
+        if deploy or self.device.type != "cpu" or dtype != torch.float32 or torch.get_default_dtype() != dtype:
+            return None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-4bit")
+        return self._pool.submit(self._load_four_bit, source, dtype)
+
+    def _four_bit(self, source, dtype: torch.dtype, deploy_ids: torch.Tensor | None,
+                  ahead: Future | None) -> Iterator[Event]:
+        """The 4-bit variants, each adapter checked to change the logits; plain 4-bit (the base alone) and the
+        corrected variants then decode as the rows of one batch (peft's mixed-adapter inference), so the 4-bit
+        layers are dequantized once per token for all. `ahead`: the base as `_four_bit_ahead` started loading it."""
+        self.rec.check_stop("generation")
+        yield self.rec.emit(Stage("load", f"loading the {self.quant.bits}-bit {self.quant.label} base"))
+        peft_model, added, self.report["seconds"]["load_4bit"] = (ahead.result() if ahead is not None
+                                                                  else self._load_four_bit(source, dtype))
         with torch.no_grad():
             check_adapters_applied(peft_model, self.prompt, added, BASE_ROW)
-        self.report["seconds"]["load_4bit"] = time.perf_counter() - start
         names = [PLAIN, *self.source.adapters]
         yield from self._measure(names, peft_model, [BASE_ROW, *self.source.adapters])
         if deploy_ids is not None:
@@ -443,7 +475,7 @@ class GenerateRun:
             yield from self._deploy_perplexity("adapter_4bit", peft_model, deploy_ids)
             peft_model.set_adapter(ADAPTER)
         peft_model.unload()
-        del peft_model, base
+        del peft_model
         free_memory()
 
     # -- what survives deployment ----------------------------------------------------------------------
