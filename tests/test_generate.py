@@ -305,6 +305,39 @@ def test_a_stopped_run_fails_in_one_line(tiny_init_run, tmp_path):
     assert report["status"] == "cancelled" and "full" in report["continuations"]
 
 
+def test_the_4bit_base_loaded_ahead_gives_what_a_load_in_turn_gives(generated, tiny_init_run, tmp_path, monkeypatch):
+    """On a CPU in float32 the 4-bit base loads in a second thread while full precision decodes; the figures are
+    the same as when it loads in turn, token for token and bit for bit."""
+    from quailora_app.flows.generate import GenerateRun
+
+    _, _, ahead = generated
+    assert ahead["four_bit_loaded"].startswith("ahead")
+    monkeypatch.setattr(GenerateRun, "_four_bit_ahead", lambda self, *args: None)
+    events = list(run_generate(GenerateConfig(from_run=str(tiny_init_run), new_tokens=NEW, documents=3, device="cpu"),
+                               run_dir=tmp_path / "in-turn"))
+    in_turn = events[-1].report
+    assert in_turn["four_bit_loaded"] == "in turn"
+    for name in in_turn["variants"]:
+        assert in_turn["continuations"][name]["token_ids"] == ahead["continuations"][name]["token_ids"], name
+        assert in_turn["agreement"][name] == ahead["agreement"][name], name
+    assert in_turn["documents"] == ahead["documents"]
+
+
+def test_a_run_stopped_while_the_4bit_base_loads_ahead_leaves_no_thread(tiny_init_run, tmp_path):
+    import threading
+
+    stop = {"now": False}
+    events = []
+    for event in run_generate(GenerateConfig(from_run=str(tiny_init_run), new_tokens=4, documents=0, device="cpu"),
+                              should_stop=lambda: stop["now"], run_dir=tmp_path / "stopped"):
+        events.append(event)
+        if isinstance(event, GeneratedToken) and event.variant == "full":
+            stop["now"] = True  # the load ahead started when full precision had loaded
+    assert isinstance(events[-1], RunFailed) and events[-1].cancelled
+    assert not [t for t in threading.enumerate() if t.name.startswith("load-4bit")]
+    assert "int8" not in json.loads((tmp_path / "stopped" / "report.json").read_text())["continuations"]
+
+
 def test_figures_draw_the_report(generated):
     from quailora_app.plots.agreement import agreement_strip, top10_figure, versus_plain_figure  # figures: here only
 

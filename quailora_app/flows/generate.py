@@ -465,6 +465,7 @@ class GenerateRun:
         yield self.rec.emit(Stage("load", f"loading the {self.quant.bits}-bit {self.quant.label} base"))
         peft_model, added, self.report["seconds"]["load_4bit"] = (ahead.result() if ahead is not None
                                                                   else self._load_four_bit(source, dtype))
+        self.report["four_bit_loaded"] = "ahead, while full precision decoded" if ahead is not None else "in turn"
         with torch.no_grad():
             check_adapters_applied(peft_model, self.prompt, added, BASE_ROW)
         names = [PLAIN, *self.source.adapters]
