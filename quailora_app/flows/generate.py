@@ -243,7 +243,6 @@ class GenerateRun:
                                      "explanation": WHY_REQUANTIZED_LOSES}
         self.rec.save()
 
-        ahead = None
         try:
             yield from self._full(source, deploy_ids, lambda: self._four_bit_ahead(source, prepared.dtype, deploy))
             ahead = self._ahead
