@@ -449,7 +449,8 @@ class GenerateRun:
         busy, so the load takes little from it (here about 2 s of a generate run's 30). Not on a GPU (nothing to
         gain) nor in another dtype: transformers sets torch's process-wide default dtype while it builds a model,
         which two loads of different dtypes would race on; the merged model of the deployment measures loads in
-        the meantime."""
+        the meantime. The loader silences library warnings while it runs (warnings.catch_warnings, process-wide),
+        so the decode's own warnings are silenced for those seconds too."""
         if deploy or self.device.type != "cpu" or dtype != torch.float32 or torch.get_default_dtype() != dtype:
             return None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-4bit")
