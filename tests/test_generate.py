@@ -338,6 +338,37 @@ def test_a_run_stopped_while_the_4bit_base_loads_ahead_leaves_no_thread(tiny_ini
     assert "int8" not in json.loads((tmp_path / "stopped" / "report.json").read_text())["continuations"]
 
 
+def test_model_loads_take_turns_across_threads(tiny_model_dir, monkeypatch):
+    """The one loader holds a process-wide lock: transformers patches torch's init functions and default dtype while
+    it builds a model, so the 4-bit load ahead and any other load must not overlap."""
+    import threading
+    import time
+
+    from quailora_app.sources import models
+
+    inside, most = [0], [0]
+    real = models.AutoModelForCausalLM.from_pretrained
+
+    def counting(*args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.2)  # long enough that three loads in three threads would overlap without the lock
+            return real(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", counting)
+    source = ModelSource("tiny", tiny_model_dir)
+    threads = [threading.Thread(target=load_full_precision, args=(source, torch.device("cpu"))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+    assert torch.nn.init.kaiming_uniform_.__module__ == "torch.nn.init"  # transformers' patches undone
+
+
 def test_figures_draw_the_report(generated):
     from quailora_app.plots.agreement import agreement_strip, top10_figure, versus_plain_figure  # figures: here only
 

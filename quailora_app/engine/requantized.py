@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM
 from quailora_app.engine.adapters import lora_layers
 from quailora_app.engine.quantization.layers import dequantized_weight, is_quantized
 from quailora_app.errors import ModelError
-from quailora_app.sources.models import trust_remote_code
+from quailora_app.sources.models import MODEL_LOAD_LOCK, trust_remote_code
 
 #: the file beside adapter_model.safetensors holding the base the adapter corrects
 BASE_FILE = "base_weights.safetensors"
@@ -106,8 +106,9 @@ def load_with_base(adapter_folder: str | Path, model_folder: str | Path, device:
     base_file = adapter_folder / BASE_FILE
     if not base_file.is_file():
         raise ModelError(f"{adapter_folder} holds no {BASE_FILE}: its adapter goes on the stock quantized base")
-    model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code())
+    with MODEL_LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code())
     weights = {k: v.float() for k, v in load_file(str(base_file)).items()}
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:

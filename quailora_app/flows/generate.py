@@ -246,7 +246,7 @@ class GenerateRun:
         try:
             yield from self._full(source, deploy_ids, lambda: self._four_bit_ahead(source, prepared.dtype, deploy))
             ahead = self._ahead
-            if ahead is not None and ahead.exception() is not None:  # waits: one model load at a time
+            if ahead is not None and ahead.exception() is not None:  # waits (8-bit's load would wait anyway)
                 raise ahead.exception()  # an adapter that does not fit, a stop: said now, not after 8-bit
             yield from self._int8(source)
             yield from self._four_bit(source, prepared.dtype, deploy_ids, ahead)
@@ -447,10 +447,12 @@ class GenerateRun:
         """Start loading the 4-bit base in a second thread while full precision decodes, where that is safe and
         pays: on a CPU in float32 without the deployment measures. A decode step is too small to keep two cores
         busy, so the load takes little from it (here about 2 s of a generate run's 30). Not on a GPU (nothing to
-        gain) nor in another dtype: transformers sets torch's process-wide default dtype while it builds a model,
-        which two loads of different dtypes would race on; the merged model of the deployment measures loads in
-        the meantime. The loader silences library warnings while it runs (warnings.catch_warnings, process-wide),
-        so the decode's own warnings are silenced for those seconds too."""
+        gain) nor in another dtype: the loads take turns (sources.models.MODEL_LOAD_LOCK: transformers patches
+        process-wide state while it builds a model), but the default dtype a load sets meanwhile (torch's,
+        process-wide) would reach the main thread's decode; nor with the deployment measures, whose merged model
+        loads in the meantime. The loader
+        silences library warnings while it runs (warnings.catch_warnings, process-wide), so the decode's own
+        warnings are silenced for those seconds too."""
         if deploy or self.device.type != "cpu" or dtype != torch.float32 or torch.get_default_dtype() != dtype:
             return None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-4bit")

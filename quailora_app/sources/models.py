@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,8 +214,9 @@ def embedded_model_folder(name: str = EMBEDDED) -> Path:
     os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own bar; ours is the event stream
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-        converted = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                         trust_remote_code=False)
+        with MODEL_LOAD_LOCK:
+            converted = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                             trust_remote_code=False)
         ids = tokenizer(REFERENCE_TEXT, return_tensors="pt").input_ids[:, :8]
         with torch.no_grad():
             torch.save({"input_ids": ids, "logits": converted(input_ids=ids).logits}, tmp / GGUF_LOGITS)
@@ -378,11 +380,18 @@ def device_label(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+#: one model load at a time in this process: while it builds a model, transformers patches process-wide state (torch's
+#: default dtype, torch.nn.init's functions, weight tying) and restores what it found on exit, so a second load in
+#: another thread could restore the first one's patches and leave them in place for good
+MODEL_LOAD_LOCK = threading.Lock()
+
+
 def load_model(source: ModelSource, device: torch.device, **kwargs):
     """AutoModelForCausalLM.from_pretrained of the resolved source onto `device` (`kwargs`: quantization_config,
-    dtype, ...), library warnings silenced: the one loader every model variant goes through."""
+    dtype, ...), library warnings silenced: the one loader every model variant goes through, one load at a time
+    (a load in another thread waits for it)."""
     load_config(source)
-    with warnings.catch_warnings():
+    with MODEL_LOAD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             model = AutoModelForCausalLM.from_pretrained(source.folder, device_map={"": device},
