@@ -383,7 +383,7 @@ def device_label(device: torch.device) -> str:
 #: one model load at a time in this process: while it builds a model, transformers patches process-wide state (torch's
 #: default dtype, torch.nn.init's functions, weight tying) and restores what it found on exit, so a second load in
 #: another thread could restore the first one's patches and leave them in place for good
-MODEL_LOAD_LOCK = threading.Lock()
+MODEL_LOAD_LOCK = threading.RLock()  # re-entrant: a load inside a load in one thread does not deadlock
 
 
 def load_model(source: ModelSource, device: torch.device, **kwargs):
