@@ -292,16 +292,21 @@ def test_the_config_refuses_before_anything_loads():
     assert GenerateConfig(from_run="  ").from_run is None
 
 
-def test_a_stopped_run_fails_in_one_line(tiny_init_run, tmp_path):
+def stopped_run(tiny_init_run, out, variant: str) -> tuple[list, dict]:
+    """A 4-token generate run stopped at `variant`'s first token: its events and the report it left in `out`."""
     stop = {"now": False}
     events = []
     for event in run_generate(GenerateConfig(from_run=str(tiny_init_run), new_tokens=4, documents=0, device="cpu"),
-                              should_stop=lambda: stop["now"], run_dir=tmp_path / "stopped"):
+                              should_stop=lambda: stop["now"], run_dir=out):
         events.append(event)
-        if isinstance(event, GeneratedToken) and event.variant == "int8":
+        if isinstance(event, GeneratedToken) and event.variant == variant:
             stop["now"] = True
+    return events, json.loads((out / "report.json").read_text())
+
+
+def test_a_stopped_run_fails_in_one_line(tiny_init_run, tmp_path):
+    events, report = stopped_run(tiny_init_run, tmp_path / "stopped", "int8")
     assert isinstance(events[-1], RunFailed) and events[-1].cancelled
-    report = json.loads((tmp_path / "stopped" / "report.json").read_text())
     assert report["status"] == "cancelled" and "full" in report["continuations"]
 
 
@@ -326,16 +331,11 @@ def test_the_4bit_base_loaded_ahead_gives_what_a_load_in_turn_gives(generated, t
 def test_a_run_stopped_while_the_4bit_base_loads_ahead_leaves_no_thread(tiny_init_run, tmp_path):
     import threading
 
-    stop = {"now": False}
-    events = []
-    for event in run_generate(GenerateConfig(from_run=str(tiny_init_run), new_tokens=4, documents=0, device="cpu"),
-                              should_stop=lambda: stop["now"], run_dir=tmp_path / "stopped"):
-        events.append(event)
-        if isinstance(event, GeneratedToken) and event.variant == "full":
-            stop["now"] = True  # the load ahead started when full precision had loaded
+    # the load ahead started when full precision had loaded; the stop comes at full precision's first token
+    events, report = stopped_run(tiny_init_run, tmp_path / "stopped", "full")
     assert isinstance(events[-1], RunFailed) and events[-1].cancelled
     assert not [t for t in threading.enumerate() if t.name.startswith("load-4bit")]
-    assert "int8" not in json.loads((tmp_path / "stopped" / "report.json").read_text())["continuations"]
+    assert "int8" not in report["continuations"]
 
 
 def test_model_loads_take_turns_across_threads(tiny_model_dir, monkeypatch):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,7 +207,6 @@ class GenerateRun:
         self.prompt_logprobs: dict[str, torch.Tensor] = {}  # plain and corrected variants: 1 x N x V
         self.doc_agreement: dict[str, Agreement] = {}
         self._pool: ThreadPoolExecutor | None = None  # the 4-bit base's load ahead (_four_bit_ahead)
-        self._ahead: Future | None = None
 
     def _deploy_adapter(self) -> str:
         chosen = self.cfg.deploy_adapter
@@ -244,8 +243,8 @@ class GenerateRun:
         self.rec.save()
 
         try:
-            yield from self._full(source, deploy_ids, lambda: self._four_bit_ahead(source, prepared.dtype, deploy))
-            ahead = self._ahead
+            ahead = yield from self._full(source, deploy_ids,
+                                          lambda: self._four_bit_ahead(source, prepared.dtype, deploy))
             if ahead is not None and ahead.exception() is not None:  # waits (8-bit's load would wait anyway)
                 raise ahead.exception()  # an adapter that does not fit, a stop: said now, not after 8-bit
             yield from self._int8(source)
@@ -296,20 +295,23 @@ class GenerateRun:
                                     "along": "held-out text", "variants": {},
                                     "versus_plain": {}} if self.doc_prompts is not None else None
 
-    def _full(self, source, deploy_ids: torch.Tensor | None, then: Callable[[], Future | None]) -> Iterator[Event]:
+    def _full(self, source, deploy_ids: torch.Tensor | None,
+              then: Callable[[], Future | None]) -> Generator[Event, None, Future | None]:
         """Full precision: the reference continuation and log-probabilities; with --deploy, its perplexity, then
-        the adapter merged into it (b). `then` runs once the model is loaded (the 4-bit base's load ahead)."""
+        the adapter merged into it (b). `then` runs once the model is loaded (the 4-bit base's load ahead); what it
+        returns is returned."""
         self.rec.check_stop("generation")
         yield self.rec.emit(Stage("load", f"loading {self.report['labels'][FULL]}"))
         start = time.perf_counter()
         model = load_full_precision(source, self.device)
         self.report["seconds"][f"load_{FULL}"] = time.perf_counter() - start
-        self._ahead = then()
+        ahead = then()
         yield from self._measure([FULL], model)
         if deploy_ids is not None:
             yield from self._deploy_merged(source, model, deploy_ids)
         del model
         free_memory()
+        return ahead
 
     def _int8(self, source) -> Iterator[Event]:
         """8-bit LLM.int8, or a note saying why it could not be loaded here."""
@@ -450,9 +452,8 @@ class GenerateRun:
         gain) nor in another dtype: the loads take turns (sources.models.MODEL_LOAD_LOCK: transformers patches
         process-wide state while it builds a model), but the default dtype a load sets meanwhile (torch's,
         process-wide) would reach the main thread's decode; nor with the deployment measures, whose merged model
-        loads in the meantime. The loader
-        silences library warnings while it runs (warnings.catch_warnings, process-wide), so the decode's own
-        warnings are silenced for those seconds too."""
+        loads in the meantime. The loader silences library warnings while it runs (warnings.catch_warnings,
+        process-wide), so the decode's own warnings are silenced for those seconds too."""
         if deploy or self.device.type != "cpu" or dtype != torch.float32 or torch.get_default_dtype() != dtype:
             return None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-4bit")

@@ -70,6 +70,10 @@ EMBEDDED_PACKAGE, EMBEDDED_GGUF, EMBEDDED_NOTE, HUB_EQUIVALENT = (SMOLLM2.packag
 #: in a converted folder: logits of the GGUF-loaded model on a few tokens, recorded at conversion (for the tests)
 GGUF_LOGITS = "gguf_logits.pt"
 REFERENCE_TEXT = "The history of the city goes back more than two thousand years."
+#: one model load at a time in this process: while it builds a model, transformers patches process-wide state (torch's
+#: default dtype, torch.nn.init's functions, weight tying) and restores what it found on exit, so a second load in
+#: another thread could restore the first one's patches and leave them in place for good
+MODEL_LOAD_LOCK = threading.RLock()  # re-entrant: a load inside a load in one thread does not deadlock
 #: The operator (never the user) sets this to "1" to let transformers run code shipped with a model.
 TRUST_REMOTE_CODE_ENV = "QUAILORA_TRUST_REMOTE_CODE"
 #: config attributes that hold a model's context length, most specific first
@@ -378,12 +382,6 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu ({torch.get_num_threads()} threads)"
-
-
-#: one model load at a time in this process: while it builds a model, transformers patches process-wide state (torch's
-#: default dtype, torch.nn.init's functions, weight tying) and restores what it found on exit, so a second load in
-#: another thread could restore the first one's patches and leave them in place for good
-MODEL_LOAD_LOCK = threading.RLock()  # re-entrant: a load inside a load in one thread does not deadlock
 
 
 def load_model(source: ModelSource, device: torch.device, **kwargs):

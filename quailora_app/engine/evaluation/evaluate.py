@@ -48,19 +48,28 @@ PROBE_TOKENS = 32
 
 
 @torch.no_grad()
+def _corrects(factors: Mapping[str, Any]) -> bool:
+    """Whether an adapter's correction s B A is not zero on some layer (qlora's, or one with every layer reset, is)."""
+    return any(bool(f.B.any()) for f in factors.values())
+
+
+def _refuse_if_plain(name: str, logits: torch.Tensor, plain_logits: torch.Tensor) -> None:
+    """Raise when a correcting variant's logits are the uncorrected base's bit for bit."""
+    if torch.equal(logits, plain_logits):
+        raise RuntimeError(f"internal error: {name}'s logits equal the uncorrected 4-bit base's although its "
+                           "correction is not zero; its adapter is not applied, so its figures would be QLoRA's")
+
+
 def check_adapter_applied(model, probe_ids: torch.Tensor, plain_logits: torch.Tensor, name: str,
                           factors: Mapping[str, Any], **forward) -> None:
     """Fail loudly when variant `name`'s model is the uncorrected base in disguise: its logits on `probe_ids` equal
     the plain base's (`plain_logits`, B = 0) bit for bit although its correction s B A is not zero, i.e. the
     adapter its figures would be reported under is not the one applied. `forward` goes to the forward call (peft's
     `adapter_names` on a base holding several adapters)."""
-    if not any(bool(f.B.any()) for f in factors.values()):
+    if not _corrects(factors):
         return  # no correction (qlora, or every layer reset): the base's logits are the right ones
     device = next(p for p in model.parameters()).device
-    logits = model(input_ids=probe_ids.to(device), **forward).logits
-    if torch.equal(logits, plain_logits):
-        raise RuntimeError(f"internal error: {name}'s logits equal the uncorrected 4-bit base's although its "
-                           "correction is not zero; its adapter is not applied, so its figures would be QLoRA's")
+    _refuse_if_plain(name, model(input_ids=probe_ids.to(device), **forward).logits, plain_logits)
 
 
 def check_adapters_applied(model, probe_ids: torch.Tensor, factors: Mapping[str, Mapping[str, Any]],
@@ -68,13 +77,11 @@ def check_adapters_applied(model, probe_ids: torch.Tensor, factors: Mapping[str,
     """`check_adapter_applied` for every adapter of a base holding several, in one forward pass: row 0 runs the
     base alone (`base_route`, peft's name for no adapter), row i + 1 adapter i (peft's `adapter_names`), all on the
     same probe; an adapter whose correction is not zero must change its row's logits."""
-    names = [name for name, f in factors.items() if any(bool(x.B.any()) for x in f.values())]
+    names = [name for name, f in factors.items() if _corrects(f)]
     if not names:
         return
     device = next(p for p in model.parameters()).device
     probe = probe_ids.reshape(1, -1).to(device)
     logits = model(input_ids=probe.repeat(len(names) + 1, 1), adapter_names=[base_route, *names]).logits
     for row, name in enumerate(names, start=1):
-        if torch.equal(logits[row], logits[0]):
-            raise RuntimeError(f"internal error: {name}'s logits equal the uncorrected 4-bit base's although its "
-                               "correction is not zero; its adapter is not applied, so its figures would be QLoRA's")
+        _refuse_if_plain(name, logits[row], logits[0])
