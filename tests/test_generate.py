@@ -310,18 +310,25 @@ def test_a_stopped_run_fails_in_one_line(tiny_init_run, tmp_path):
     assert report["status"] == "cancelled" and "full" in report["continuations"]
 
 
-def test_the_4bit_base_loaded_ahead_gives_what_a_load_in_turn_gives(generated, tiny_init_run, tmp_path, monkeypatch):
-    """On a CPU in float32 the 4-bit base loads in a second thread while full precision decodes; the figures are
-    the same as when it loads in turn, token for token and bit for bit."""
+def test_the_4bit_base_loaded_ahead_and_dequantized_once_gives_what_bitsandbytes_own_path_gives(
+        generated, tiny_init_run, tmp_path, monkeypatch):
+    """On a CPU in float32 the 4-bit base loads in a second thread while full precision decodes, and its layers
+    are dequantized once for the decode; the figures are the same as when it loads in turn and every 4-bit layer
+    takes bitsandbytes' own forward, token for token and bit for bit."""
+    from quailora_app.engine.quantization.dequantized_once import dequantized_once
+    from quailora_app.flows import generate
     from quailora_app.flows.generate import GenerateRun
 
     _, _, ahead = generated
     assert ahead["four_bit_loaded"].startswith("ahead")
+    assert ahead["four_bit_layers"].startswith("14 4-bit layers dequantized once")
     monkeypatch.setattr(GenerateRun, "_four_bit_ahead", lambda self, *args: None)
+    monkeypatch.setattr(generate, "dequantized_once", lambda model, dtype: dequantized_once(model, dtype, 0))
     events = list(run_generate(GenerateConfig(from_run=str(tiny_init_run), new_tokens=NEW, documents=3, device="cpu"),
                                run_dir=tmp_path / "in-turn"))
     in_turn = events[-1].report
     assert in_turn["four_bit_loaded"] == "in turn"
+    assert in_turn["four_bit_layers"].startswith("bitsandbytes' own 4-bit forward")
     for name in in_turn["variants"]:
         assert in_turn["continuations"][name]["token_ids"] == ahead["continuations"][name]["token_ids"], name
         assert in_turn["agreement"][name] == ahead["agreement"][name], name

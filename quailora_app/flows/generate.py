@@ -63,6 +63,7 @@ from quailora_app.engine.evaluation.agreement import (
 from quailora_app.engine.evaluation.evaluate import check_adapters_applied, perplexity
 from quailora_app.engine.methods.registry import QLORA, REQUANT, get_method
 from quailora_app.engine.quantization.bnb import load_8bit
+from quailora_app.engine.quantization.dequantized_once import dequantized_once
 from quailora_app.engine.quantization.load import load_quantized
 from quailora_app.errors import Cancelled, ConfigError, one_line
 from quailora_app.events import Event, GeneratedToken, Log, Metric, RunFinished, Stage
@@ -469,15 +470,17 @@ class GenerateRun:
         peft_model, added, self.report["seconds"]["load_4bit"] = (ahead.result() if ahead is not None
                                                                   else self._load_four_bit(source, dtype))
         self.report["four_bit_loaded"] = "ahead, while full precision decoded" if ahead is not None else "in turn"
-        with torch.no_grad():
-            check_adapters_applied(peft_model, self.prompt, added, BASE_ROW)
-        names = [PLAIN, *self.source.adapters]
-        yield from self._measure(names, peft_model, [BASE_ROW, *self.source.adapters])
-        if deploy_ids is not None:
-            yield from self._deploy_perplexity("plain_4bit", peft_model, deploy_ids, "plain 4-bit, no correction")
-            peft_model.set_adapter(self.deploy_name)
-            yield from self._deploy_perplexity("adapter_4bit", peft_model, deploy_ids)
-            peft_model.set_adapter(ADAPTER)
+        with dequantized_once(peft_model, dtype) as once:
+            self.report["four_bit_layers"] = once.describe()
+            with torch.no_grad():
+                check_adapters_applied(peft_model, self.prompt, added, BASE_ROW)
+            names = [PLAIN, *self.source.adapters]
+            yield from self._measure(names, peft_model, [BASE_ROW, *self.source.adapters])
+            if deploy_ids is not None:
+                yield from self._deploy_perplexity("plain_4bit", peft_model, deploy_ids, "plain 4-bit, no correction")
+                peft_model.set_adapter(self.deploy_name)
+                yield from self._deploy_perplexity("adapter_4bit", peft_model, deploy_ids)
+                peft_model.set_adapter(ADAPTER)
         peft_model.unload()
         del peft_model
         free_memory()
