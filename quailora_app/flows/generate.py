@@ -7,8 +7,9 @@ precision, 8-bit LLM.int8, plain 4-bit (no correction, B = 0), then 4-bit with e
 every adapter, the plain and corrected variants decoded as the rows of one batch (peft's mixed-adapter inference,
 `adapter_names=` per row), so the base's layers are paid once per token for all of them.
 
-load (prepare, no base) -> the prompt (given, or the start of a held-out document) -> per model, one loaded at a
-time: the continuation of the prompt, streamed token by token (GeneratedToken events); teacher forcing along
+load (prepare, no base) -> the prompt (given, or the start of a held-out document) -> per model (full precision
+then 8-bit in the flow's thread; the 4-bit base with its adapters beside them in a second lane on a CPU, in turn
+elsewhere): the continuation of the prompt, streamed token by token (GeneratedToken events); teacher forcing along
 full precision's continuation (engine/evaluation/agreement.py): per position, top-1 agreement with full precision
 and KL(p_full || p_variant), a Metric of each; the same along the first `documents` held-out documents' own text
 (after their first tokens, the next `new_tokens` tokens of held-out text: real text, not a model's) -> report.json
@@ -23,10 +24,11 @@ folder), (c) merged then quantized again, (d) kept apart after a save and load w
 from __future__ import annotations
 
 import shutil
+import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,7 @@ from quailora_app.engine.quantization.load import load_quantized
 from quailora_app.errors import Cancelled, ConfigError, one_line
 from quailora_app.events import Event, GeneratedToken, Log, Metric, RunFinished, Stage
 from quailora_app.flows.from_init import flat
+from quailora_app.flows.lane import Lane
 from quailora_app.flows.prepare import prepare
 from quailora_app.flows.recorder import Recorder, free_memory
 from quailora_app.plots.figures import color, label
@@ -84,6 +87,8 @@ FULL, INT8, PLAIN = "full", "int8", QLORA
 TOP_K = 10
 #: the adapters --deploy measures when none is named, first present wins
 DEPLOY_DEFAULTS = ("closed_form", "quailora", "quailora4", "closed4")
+#: what measuring work hands the flow's thread: applied there, it updates the report and yields the events
+Handler = Callable[[], Iterator[Event]]
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,10 @@ class GenerateRun:
                                                         source.arm_labels()) for n in names},
             "colours": {n: color(n, i) for i, n in enumerate(names)}, "trained": sorted(source.trained),
             "skipped": dict(source.skipped), "continuations": {}, "agreement": {}, "seconds": {}}
-        self.rec = Recorder(folder, self.report, should_stop)
+        user_stop = should_stop or (lambda: False)
+        # a stop reaches both lanes; a run that ends early stops its 4-bit lane
+        self.rec = Recorder(folder, self.report, lambda: user_stop() or (self._lane is not None and
+                                                                          self._lane.stopping()))
         self.should_stop = self.rec.should_stop
         self.tokenizer = None
         self.prompt: torch.Tensor | None = None  # 1 x P
@@ -207,7 +215,8 @@ class GenerateRun:
         self.doc_ref_logprobs: torch.Tensor | None = None
         self.prompt_logprobs: dict[str, torch.Tensor] = {}  # plain and corrected variants: 1 x N x V
         self.doc_agreement: dict[str, Agreement] = {}
-        self._pool: ThreadPoolExecutor | None = None  # the 4-bit base's load ahead (_four_bit_ahead)
+        self._lane: Lane | None = None  # the 4-bit variants' work in its own thread (_start_lane)
+        self._reference_known = threading.Event()  # full precision's continuation is in self.reference
 
     def _deploy_adapter(self) -> str:
         chosen = self.cfg.deploy_adapter
@@ -244,16 +253,13 @@ class GenerateRun:
         self.rec.save()
 
         try:
-            ahead = yield from self._full(source, deploy_ids,
-                                          lambda: self._four_bit_ahead(source, prepared.dtype, deploy))
-            if ahead is not None and ahead.exception() is not None:  # waits (8-bit's load would wait anyway)
-                raise ahead.exception()  # an adapter that does not fit, a stop: said now, not after 8-bit
+            yield from self._full(source, deploy_ids, lambda: self._start_lane(source, prepared.dtype, deploy))
             yield from self._int8(source)
-            yield from self._four_bit(source, prepared.dtype, deploy_ids, ahead)
+            yield from self._four_bit(source, prepared.dtype, deploy_ids)
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)  # a stopped or failed run: the load ends, its model is dropped
-                self._pool = None
+            if self._lane is not None:
+                self._lane.close()  # a stopped or failed run: the lane stops, its model is dropped
+                self._lane = None
         if deploy:
             yield from self._deploy_reloaded(source, prepared.dtype, deploy_ids)
         self._summaries()
@@ -296,23 +302,32 @@ class GenerateRun:
                                     "along": "held-out text", "variants": {},
                                     "versus_plain": {}} if self.doc_prompts is not None else None
 
-    def _full(self, source, deploy_ids: torch.Tensor | None,
-              then: Callable[[], Future | None]) -> Generator[Event, None, Future | None]:
+    def _apply(self, items: Iterable[Handler], drain: bool = True) -> Iterator[Event]:
+        """Apply each handler of `items` in this thread (its events, the report) and, after each, those the 4-bit
+        lane has ready (`drain`), so both lanes stream as they go."""
+        for handle in items:
+            yield from handle()
+            if drain and self._lane is not None:
+                for other in self._lane.ready():
+                    yield from other()
+
+    def _emit(self, event: Event) -> Iterator[Event]:
+        yield self.rec.emit(event)
+
+    def _full(self, source, deploy_ids: torch.Tensor | None, start_lane: Callable[[], Lane | None]) -> Iterator[Event]:
         """Full precision: the reference continuation and log-probabilities; with --deploy, its perplexity, then
-        the adapter merged into it (b). `then` runs once the model is loaded (the 4-bit base's load ahead); what it
-        returns is returned."""
+        the adapter merged into it (b). `start_lane` runs once the model is loaded (the 4-bit lane)."""
         self.rec.check_stop("generation")
         yield self.rec.emit(Stage("load", f"loading {self.report['labels'][FULL]}"))
         start = time.perf_counter()
         model = load_full_precision(source, self.device)
         self.report["seconds"][f"load_{FULL}"] = time.perf_counter() - start
-        ahead = then()
-        yield from self._measure([FULL], model)
+        self._lane = start_lane()
+        yield from self._apply(self._measure([FULL], model))
         if deploy_ids is not None:
             yield from self._deploy_merged(source, model, deploy_ids)
         del model
         free_memory()
-        return ahead
 
     def _int8(self, source) -> Iterator[Event]:
         """8-bit LLM.int8, or a note saying why it could not be loaded here."""
@@ -328,47 +343,61 @@ class GenerateRun:
             yield self.rec.emit(Log(why, "warning"))
             return
         self.report["seconds"][f"load_{INT8}"] = time.perf_counter() - start
-        yield from self._measure([INT8], model)
+        yield from self._apply(self._measure([INT8], model))
         del model
         free_memory()
 
-    def _measure(self, names: Sequence[str], model, routes: Sequence[str] | None = None) -> Iterator[Event]:
+    # -- measuring: the work (any thread) yields handlers the flow's thread applies --------------------------
+    def _measure(self, names: Sequence[str], model, routes: Sequence[str] | None = None) -> Iterator[Handler]:
         """Variants `names` of one loaded model, measured together: their continuations of the prompt decoded in
         lockstep, one batch row each and streamed (`routes`: peft's adapter_names, the adapter each row runs on a
         base holding several; None: the model as it is), then each variant teacher forced along full precision's
-        continuation of the prompt and along the held-out documents' own text; its agreement figures as
-        Metrics."""
-        cfg, tok, labels = self.cfg, self.tokenizer, self.report["labels"]
+        continuation of the prompt (once it is known) and along the held-out documents' own text. Computes only;
+        what it finds comes as handlers: the tokens of each step, the continuations, the agreement figures."""
+        cfg = self.cfg
         together = f" each, decoded together ({len(names)} rows of one batch)" if len(names) > 1 else ""
-        yield self.rec.emit(Stage("generate", f"{', '.join(labels[n] for n in names)}: {cfg.new_tokens} new "
-                                              f"tokens{together}"))
+        yield partial(self._emit, Stage("generate", f"{', '.join(self.report['labels'][n] for n in names)}: "
+                                                    f"{cfg.new_tokens} new tokens{together}"))
         forward = {"adapter_names": list(routes)} if routes else {}
         start = time.perf_counter()
         steps: list[list[int]] = []
         for step in stream_rows(model, self.prompt.repeat(len(names), 1), cfg.new_tokens, sample=cfg.sample,
-                                temperature=cfg.temperature,
-                                seed=cfg.seed, **forward):
+                                temperature=cfg.temperature, seed=cfg.seed, **forward):
             steps.append(step)
-            for row, name in enumerate(names):
-                tokens = [s[row] for s in steps]
-                yield self.rec.emit(GeneratedToken(name, len(steps), cfg.new_tokens, step[row],
-                                                   tok.decode([step[row]]), tok.decode(tokens)))
+            yield partial(self._tokens, names, list(steps))
             self.rec.check_stop("generation")
-        generated = time.perf_counter() - start
+        yield partial(self._continuations, names, steps, time.perf_counter() - start)
+        while not self._reference_known.wait(0.05):  # a lane's variants are forced along full precision's words
+            self.rec.check_stop("generation")
+        start = time.perf_counter()
+        forced = self._forced(model, routes)
+        yield partial(self._agreements, names, forced, time.perf_counter() - start)
+
+    def _tokens(self, names: Sequence[str], steps: list[list[int]]) -> Iterator[Event]:
+        tok = self.tokenizer
+        for row, name in enumerate(names):
+            tokens = [s[row] for s in steps]
+            yield self.rec.emit(GeneratedToken(name, len(steps), self.cfg.new_tokens, tokens[-1],
+                                               tok.decode([tokens[-1]]), tok.decode(tokens)))
+
+    def _continuations(self, names: Sequence[str], steps: list[list[int]], generated: float) -> Iterator[Event]:
         for row, name in enumerate(names):
             tokens = [s[row] for s in steps]
             self.report["continuations"][name] = {
-                "text": tok.decode(tokens), "token_ids": tokens, "seconds": generated, "batch_rows": len(names),
-                "tokens_per_s": len(tokens) / generated if generated > 0 else None}
+                "text": self.tokenizer.decode(tokens), "token_ids": tokens, "seconds": generated,
+                "batch_rows": len(names), "tokens_per_s": len(tokens) / generated if generated > 0 else None}
+            self.report["seconds"][f"generate_{name}"] = generated
         if FULL in names:
             self.reference = torch.tensor([[s[0] for s in steps]], dtype=torch.long)
-        start = time.perf_counter()
-        forced = self._forced(model, routes)
-        together = time.perf_counter() - start  # one pass for the variants of one base: each is charged all of it
+            self._reference_known.set()
+        return iter(())
+
+    def _agreements(self, names: Sequence[str], forced, together: float) -> Iterator[Event]:
+        """Each variant's agreement figures from the teacher-forced pass its model made (one pass for the variants
+        of one base: each is charged all of it)."""
         for row, name in enumerate(names):
             yield from self._agree(name, *forced[row])
             self.report["seconds"][f"agreement_{name}"] = together
-            self.report["seconds"][f"generate_{name}"] = generated
             self.rec.save()
 
     def _forced(self, model, routes: Sequence[str] | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -425,7 +454,7 @@ class GenerateRun:
 
     def _load_four_bit(self, source, dtype: torch.dtype) -> tuple[Any, dict[str, dict], float]:
         """One 4-bit base holding every adapter under its variant's name (per-layer ranks kept): the peft model, the
-        factors of each adapter and the seconds it took. Emits no event (it may run in the loading thread)."""
+        factors of each adapter and the seconds it took. Emits no event (it may run in the 4-bit lane)."""
         start = time.perf_counter()
         base = load_quantized(source, self.quant, self.device, dtype)
         peft_model = attach_lora(base, self.lora, target_paths(base, self.lora))  # its B = 0: no correction
@@ -446,44 +475,55 @@ class GenerateRun:
             added[name] = factors
         return peft_model, added, time.perf_counter() - start
 
-    def _four_bit_ahead(self, source, dtype: torch.dtype, deploy: bool) -> Future | None:
-        """Start loading the 4-bit base in a second thread while full precision decodes, where that is safe and
-        pays: on a CPU in float32 without the deployment measures. A decode step is too small to keep two cores
-        busy, so the load takes little from it (here about 2 s of a generate run's 30). Not on a GPU (nothing to
-        gain) nor in another dtype: the loads take turns (sources.models.MODEL_LOAD_LOCK: transformers patches
-        process-wide state while it builds a model), but the default dtype a load sets meanwhile (torch's,
-        process-wide) would reach the main thread's decode; nor with the deployment measures, whose merged model
-        loads in the meantime. The loader silences library warnings while it runs (warnings.catch_warnings,
-        process-wide), so the decode's own warnings are silenced for those seconds too."""
+    def _start_lane(self, source, dtype: torch.dtype, deploy: bool) -> Lane | None:
+        """Start the 4-bit variants' work (load, decode, teacher forcing) in a second thread, beside full precision
+        and 8-bit, where that is safe and pays: on a CPU in float32 without the deployment measures. One decode
+        keeps about one of two cores busy, so two side by side finish sooner. Not on a GPU (nothing to gain) nor in
+        another dtype: the loads take turns (sources.models.MODEL_LOAD_LOCK: transformers patches process-wide state
+        while it builds a model), but the default dtype a load sets meanwhile (torch's, process-wide) would reach
+        the other thread's decode; nor with the deployment measures, which use the 4-bit model after its variants.
+        The loader silences library warnings while it runs (warnings.catch_warnings, process-wide), so the other
+        lane's warnings are silenced for those seconds too."""
         if deploy or self.device.type != "cpu" or dtype != torch.float32 or torch.get_default_dtype() != dtype:
             return None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-4bit")
-        return self._pool.submit(self._load_four_bit, source, dtype)
+        return Lane(lambda: self._four_bit_work(source, dtype, None), name="generate-4bit")
 
-    def _four_bit(self, source, dtype: torch.dtype, deploy_ids: torch.Tensor | None,
-                  ahead: Future | None) -> Iterator[Event]:
+    def _four_bit(self, source, dtype: torch.dtype, deploy_ids: torch.Tensor | None) -> Iterator[Event]:
+        """The 4-bit variants: what their lane still has to say, or their work done here and now."""
+        if self._lane is not None:
+            yield from self._apply(self._lane.rest(), drain=False)
+        else:
+            yield from self._apply(self._four_bit_work(source, dtype, deploy_ids), drain=False)
+
+    def _four_bit_work(self, source, dtype: torch.dtype, deploy_ids: torch.Tensor | None) -> Iterator[Handler]:
         """The 4-bit variants, each adapter checked to change the logits; plain 4-bit (the base alone) and the
-        corrected variants then decode as the rows of one batch (peft's mixed-adapter inference), so the 4-bit
-        layers are dequantized once per token for all. `ahead`: the base as `_four_bit_ahead` started loading it."""
+        corrected variants then decode as the rows of one batch (peft's mixed-adapter inference), on the base's
+        layers dequantized once for all of them (dequantized_once: the same products). Computes only (see
+        `_measure`); with `deploy_ids` (done in the flow's thread), the 4-bit perplexities of the deployment table."""
         self.rec.check_stop("generation")
-        yield self.rec.emit(Stage("load", f"loading the {self.quant.bits}-bit {self.quant.label} base"))
-        peft_model, added, self.report["seconds"]["load_4bit"] = (ahead.result() if ahead is not None
-                                                                  else self._load_four_bit(source, dtype))
-        self.report["four_bit_loaded"] = "ahead, while full precision decoded" if ahead is not None else "in turn"
+        yield partial(self._emit, Stage("load", f"loading the {self.quant.bits}-bit {self.quant.label} base"))
+        peft_model, added, seconds = self._load_four_bit(source, dtype)
         with dequantized_once(peft_model, dtype) as once:
-            self.report["four_bit_layers"] = once.describe()
+            yield partial(self._four_bit_loaded, seconds, once.describe())
             with torch.no_grad():
                 check_adapters_applied(peft_model, self.prompt, added, BASE_ROW)
-            names = [PLAIN, *self.source.adapters]
-            yield from self._measure(names, peft_model, [BASE_ROW, *self.source.adapters])
+            yield from self._measure([PLAIN, *self.source.adapters], peft_model, [BASE_ROW, *self.source.adapters])
             if deploy_ids is not None:
-                yield from self._deploy_perplexity("plain_4bit", peft_model, deploy_ids, "plain 4-bit, no correction")
+                yield partial(self._deploy_perplexity, "plain_4bit", peft_model, deploy_ids,
+                              "plain 4-bit, no correction")
                 peft_model.set_adapter(self.deploy_name)
-                yield from self._deploy_perplexity("adapter_4bit", peft_model, deploy_ids)
+                yield partial(self._deploy_perplexity, "adapter_4bit", peft_model, deploy_ids)
                 peft_model.set_adapter(ADAPTER)
         peft_model.unload()
         del peft_model
         free_memory()
+
+    def _four_bit_loaded(self, seconds: float, layers: str) -> Iterator[Event]:
+        self.report["seconds"]["load_4bit"] = seconds
+        self.report["four_bit_loaded"] = ("in its own thread, beside full precision and 8-bit"
+                                          if self._lane is not None else "in turn")
+        self.report["four_bit_layers"] = layers
+        return iter(())
 
     # -- what survives deployment ----------------------------------------------------------------------
     def _deploy_perplexity(self, name: str, model, eval_ids: torch.Tensor, note: str = "") -> Iterator[Event]:
