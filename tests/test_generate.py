@@ -413,3 +413,14 @@ def test_an_hqq_3bit_run_batches_its_variants_on_its_own_base(tiny_model_dir, te
     # the figures name the base the run measured, never "4-bit" when it is not
     assert report["labels"]["qlora"] == "HQQ 3-bit + QLoRA init (no correction)"
     assert report["labels"]["closed_form"] == "HQQ 3-bit + closed form (calibrated optimum)"
+
+
+def test_where_memory_is_short_the_4bit_variants_come_in_turn(tiny_init_run, tmp_path, monkeypatch):
+    """Three models at once need more than half the memory allowed: the run goes in turn, and finishes."""
+    from quailora_app.engine.preflight import LIMIT_ENV
+
+    monkeypatch.setenv(LIMIT_ENV, "0.0005")  # 0.5 MiB: the tiny model's three bases need more than half of it
+    events = list(run_generate(GenerateConfig(from_run=str(tiny_init_run), new_tokens=2, documents=0, device="cpu"),
+                               run_dir=tmp_path / "short"))
+    assert isinstance(events[-1], RunFinished)
+    assert events[-1].report["four_bit_loaded"] == "in turn"

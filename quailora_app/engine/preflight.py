@@ -215,6 +215,14 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
     return free, where
 
 
+def side_by_side_bytes(shapes: ModelShapes, quant, dequantized_max: int) -> int:
+    """Peak bytes of a CPU generate run whose 4-bit variants work beside full precision and then 8-bit (float32
+    holding): max(base full, base 8-bit) + base 4-bit + its layers dequantized once, min(4 L, dequantized_max)."""
+    four_bit = base_bytes(shapes, "4bit", 4, quant.block_size, quant.double_quant)
+    return max(base_bytes(shapes, "full", 4), base_bytes(shapes, "8bit", 4)) + four_bit + min(
+        4 * shapes.linear_params, dequantized_max)
+
+
 def check_fits(name: str, job: str, estimate: Estimate, device: torch.device, hint: str = "") -> str:
     """Refuse (ModelError, with the figures) when the estimate's peak exceeds the device's memory; otherwise
     return the line to show in the run's events."""

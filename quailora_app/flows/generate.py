@@ -64,8 +64,9 @@ from quailora_app.engine.evaluation.agreement import (
 )
 from quailora_app.engine.evaluation.evaluate import check_adapters_applied, perplexity
 from quailora_app.engine.methods.registry import QLORA, REQUANT, get_method
+from quailora_app.engine.preflight import available_bytes, shapes_or_none, side_by_side_bytes
 from quailora_app.engine.quantization.bnb import load_8bit
-from quailora_app.engine.quantization.dequantized_once import dequantized_once
+from quailora_app.engine.quantization.dequantized_once import MAX_BYTES, dequantized_once
 from quailora_app.engine.quantization.load import load_quantized
 from quailora_app.errors import Cancelled, ConfigError, one_line
 from quailora_app.events import Event, GeneratedToken, Log, Metric, RunFinished, Stage
@@ -253,7 +254,8 @@ class GenerateRun:
         self.rec.save()
 
         try:
-            yield from self._full(source, deploy_ids, lambda: self._start_lane(source, prepared.dtype, deploy))
+            yield from self._full(source, deploy_ids,
+                                  lambda: self._start_lane(source, prepared.config, prepared.dtype, deploy))
             yield from self._int8(source)
             yield from self._four_bit(source, prepared.dtype, deploy_ids)
         finally:
@@ -475,17 +477,22 @@ class GenerateRun:
             added[name] = factors
         return peft_model, added, time.perf_counter() - start
 
-    def _start_lane(self, source, dtype: torch.dtype, deploy: bool) -> Lane | None:
+    def _start_lane(self, source, config, dtype: torch.dtype, deploy: bool) -> Lane | None:
         """Start the 4-bit variants' work (load, decode, teacher forcing) in a second thread, beside full precision
         and 8-bit, where that is safe and pays: on a CPU in float32 without the deployment measures. One decode
         keeps about one of two cores busy, so two side by side finish sooner. Not on a GPU (nothing to gain) nor in
         another dtype: the loads take turns (sources.models.MODEL_LOAD_LOCK: transformers patches process-wide state
         while it builds a model), but the default dtype a load sets meanwhile (torch's, process-wide) would reach
-        the other thread's decode; nor with the deployment measures, which use the 4-bit model after its variants.
+        the other thread's decode; nor with the deployment measures, which use the 4-bit model after its variants;
+        nor where the three models at once (engine.preflight.side_by_side_bytes) would take over half the memory
+        available.
         The loader silences library warnings while it runs (warnings.catch_warnings, process-wide), so the other
         lane's warnings are silenced for those seconds too."""
         if deploy or self.device.type != "cpu" or dtype != torch.float32 or torch.get_default_dtype() != dtype:
             return None
+        shapes = shapes_or_none(config)
+        if shapes is None or side_by_side_bytes(shapes, self.quant, MAX_BYTES) > available_bytes(self.device)[0] // 2:
+            return None  # three models at once where memory is short: in turn instead
         return Lane(lambda: self._four_bit_work(source, dtype, None), name="generate-4bit")
 
     def _four_bit(self, source, dtype: torch.dtype, deploy_ids: torch.Tensor | None) -> Iterator[Event]:
