@@ -64,7 +64,7 @@ from quailora_app.app.presenters import (
 from quailora_app.app.reopen import EXAMPLE_DIR, list_runs
 from quailora_app.config import QUANTIZER_BITS
 from quailora_app.errors import UserError, one_line
-from quailora_app.flows.generate import read_run
+from quailora_app.flows.generate_source import read_run
 from quailora_app.plots import figures as F
 from quailora_app.plots.teaching import harm_gain_figure, paper_scatter
 from quailora_app.runs import RunFolder
