@@ -178,6 +178,21 @@ def test_progress_counts_tokens_and_measured_variants():
     assert frac == pytest.approx(0.05 + 0.95 * 1.5 / 2)
 
 
+def test_progress_names_both_lanes_while_they_stream():
+    """On a CPU the 4-bit rows stream beside full precision: the line names both, the earlier chip is lit."""
+    from types import SimpleNamespace
+
+    events = [{"kind": "token", "variant": "full", "step": 1, "total": 4, "text": ""}]
+    events += [{"kind": "token", "variant": v, "step": 1, "total": 4, "text": ""} for v in ("qlora", "svd")]
+    events += [{"kind": "token", "variant": "full", "step": 3, "total": 4, "text": ""}]
+    job = Job(id="g", kind="generate", owner="me", config=SimpleNamespace(deploy=False), status=RUNNING,
+              events=events, report=None)
+    idx, frac, line = generate_progress(job)
+    assert idx == 1
+    assert line == "full: token 3 of 4 · plain & corrected 4-bit: token 1 of 4"
+    assert frac == pytest.approx(0.05 + 0.95 * (3 / 4 + 1 / 4 + 1 / 4) / 3)
+
+
 # ------------------------------------------------------------------------------------------------ the shipped run
 @pytest.mark.skipif(not (EXAMPLE_DIR / "generate" / "report.json").is_file(),
                     reason="no shipped generate run: python -m bench.make_example --only generate")

@@ -262,11 +262,11 @@ def shipped_example_shown(page, expect) -> None:
 
 #: the agreement strip's coloured token cells (a background set by app/generation.py), one row per variant
 STRIP_CELLS = "#gen-strip .g-row[data-variant] .g-tok[style*='background']"
-#: a generate run streams: full precision's card already has text while a later variant's still waits its turn
-STREAMING = """() => { const cards = [...document.querySelectorAll('#gen-continuations .g-card')];
+#: a generate run streams: full precision's card already has text while another waits its turn or streams
+STREAMING = r"""() => { const cards = [...document.querySelectorAll('#gen-continuations .g-card')];
   const full = cards.find(c => c.dataset.variant === 'full');
   return !!full && full.querySelector('.g-text').textContent.trim().length > 0
-    && cards.some(c => c.querySelector('.g-state').textContent.includes('waiting')); }"""
+    && cards.some(c => /waiting|token \d+ of/.test(c.querySelector('.g-state').textContent)); }"""
 
 
 def shipped_generate_shown(page, expect) -> None:
@@ -300,11 +300,12 @@ LIVE_NEW_TOKENS = 160
 
 def generate_live(page, expect) -> float:
     """Press Generate on the live init run (the session's latest): the shipped run's banner goes, the continuations
-    stream in one card at a time, then the strip, the summary and the top-10 view are the live run's; choosing a
+    stream in (full precision's text shown while other cards still wait or stream), then the strip, the summary and
+    the top-10 view are the live run's; choosing a
     position redraws the top-10 lists and outlines that column. Seconds from the press to the finished run."""
     page.locator("#generate-section").scroll_into_view_if_needed()
-    # the tiny model decodes a token in milliseconds: 160 of them keep the later variants waiting for a few of the
-    # page's one-second polls after full precision's text is shown
+    # the tiny model decodes a token in milliseconds: 160 of them keep the other variants waiting or streaming for a
+    # few of the page's one-second polls after full precision's text is shown
     set_number(page, "new tokens", LIVE_NEW_TOKENS)
     set_number(page, "held-out documents", 1)
     start = time.time()

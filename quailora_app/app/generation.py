@@ -118,23 +118,30 @@ def _variants(job: Job) -> list[str]:
     return names
 
 
+#: the progress chips of a generate job (with deploy, one more)
+GENERATE_CHIPS = ("load model & text", "full precision", "8-bit", "plain & corrected 4-bit")
+
+
 def generate_progress(job: Job) -> tuple[int, float, str]:
     """(index of the current chip, overall fraction done, a line) of a generate job: loading, then each variant's
-    tokens and its agreement, then (with deploy) the deployment perplexities."""
+    tokens and its agreement (on a CPU the 4-bit variants stream beside full precision and 8-bit: the line names
+    each chip streaming, the earliest is lit), then (with deploy) the deployment perplexities."""
     tokens = streamed(job)
     if not tokens:
         return 0, 0.0, job.stage_message or "loading the model and the text"
     measured = {e["name"] for e in _metrics(job, "agreement")}
     names = _variants(job)
     deploy = bool(getattr(job.config, "deploy", False))
-    current = list(tokens)[-1]
-    last = tokens[current]
     done = len(measured) + sum(e["step"] / max(1, e["total"]) for n, e in tokens.items() if n not in measured)
     frac = 0.05 + (0.8 if deploy else 0.95) * min(1.0, done / max(1, len(names)))
-    idx = {"full": 1, "int8": 2}.get(current, 3)
-    line = job.stage_message or ""
-    if current not in measured:
-        line = f"{variant_label_of(job, current)}: token {last['step']} of {last['total']}"
+    streaming: dict[int, tuple[str, dict]] = {}  # chip -> what it is decoding (the 4-bit rows go in lockstep)
+    for name, last in tokens.items():
+        chip = _chip(name)
+        if name not in measured and chip not in streaming:
+            streaming[chip] = (variant_label_of(job, name) if chip < 3 else GENERATE_CHIPS[3], last)
+    idx = min(streaming) if streaming else _chip(list(tokens)[-1])
+    line = " · ".join(f"{what}: token {last['step']} of {last['total']}" for _, (what, last)
+                      in sorted(streaming.items())) or job.stage_message or ""
     if deploy and (job.stage == "deploy" or len(measured) >= len(names)):
         idx, frac = 4, max(frac, 0.85)
     return idx, min(frac, 1.0), line
@@ -144,8 +151,13 @@ def variant_label_of(job: Job, name: str) -> str:
     return ((live_report(job) or {}).get("labels") or {}).get(name, name)
 
 
+def _chip(name: str) -> int:
+    """The progress chip of a variant: full precision, 8-bit, or the 4-bit ones (decoded together)."""
+    return {"full": 1, "int8": 2}.get(name, 3)
+
+
 def generate_stage_texts(job: Job) -> list[str]:
-    texts = ["load model & text", "full precision", "8-bit", "plain & corrected 4-bit"]
+    texts = list(GENERATE_CHIPS)
     return texts + (["what survives deployment"] if getattr(job.config, "deploy", False) else [])
 
 
