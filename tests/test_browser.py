@@ -301,8 +301,8 @@ LIVE_NEW_TOKENS = 160
 def generate_live(page, expect) -> float:
     """Press Generate on the live init run (the session's latest): the shipped run's banner goes, the continuations
     stream in (full precision's text shown while other cards still wait or stream), then the strip, the summary and
-    the top-10 view are the live run's; choosing a
-    position redraws the top-10 lists and outlines that column. Seconds from the press to the finished run."""
+    the top-10 view are the live run's; choosing a position redraws the top-10 lists and outlines that column.
+    Seconds from the press to the finished run."""
     page.locator("#generate-section").scroll_into_view_if_needed()
     # the tiny model decodes a token in milliseconds: 160 of them keep the other variants waiting or streaming for a
     # few of the page's one-second polls after full precision's text is shown
