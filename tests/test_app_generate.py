@@ -103,6 +103,10 @@ def test_continuations_stream_side_by_side_and_wait_their_turn():
     batched = report(continuations={"qlora": {"text": "x", "token_ids": [1] * N, "tokens_per_s": 4.0,
                                               "batch_rows": 3}})
     assert "4.0 tokens/s each, 3 decoded together" in continuations_html(batched)
+    shared = report(continuations={"int8": {"text": "x", "token_ids": [1] * N, "tokens_per_s": 4.0,
+                                            "batch_rows": 1, "beside": ["qlora", "quailora"]}})
+    assert "4.0 tokens/s, CPU shared with QLoRA &amp; 1 more" in continuations_html(shared)
+    assert summary_table(shared).iloc[1]["tokens/s"] == "4.0 (CPU shared)"
 
 
 def test_tables_and_the_top10_view_follow_the_report():

@@ -334,6 +334,13 @@ def test_the_4bit_base_loaded_ahead_and_dequantized_once_gives_what_bitsandbytes
         assert in_turn["continuations"][name]["token_ids"] == ahead["continuations"][name]["token_ids"], name
         assert in_turn["agreement"][name] == ahead["agreement"][name], name
     assert in_turn["documents"] == ahead["documents"]
+    assert all(not entry["beside"] for entry in in_turn["continuations"].values())  # nothing decoded beside
+    for report in (ahead, in_turn):  # a speed measured with the CPU shared names who shared it: the intervals overlap
+        done = report["continuations"]
+        for name, entry in done.items():
+            for other in set(done) - set(entry["decoded_with"]):
+                (a0, a1), (b0, b1) = entry["decoded"], done[other]["decoded"]
+                assert (other in entry["beside"]) == (a0 < b1 and b0 < a1), (name, other)
 
 
 def test_a_run_stopped_while_the_4bit_lane_works_leaves_no_thread(tiny_init_run, tmp_path):

@@ -219,10 +219,7 @@ def continuations_html(report: Mapping | None, tokens: Mapping[str, dict] | None
     for name in names:
         entry, live = done.get(name), tokens.get(name)
         if entry is not None:
-            rows = entry.get("batch_rows") or 1
-            text, state = entry.get("text", ""), (f"{entry['tokens_per_s']:.1f} tokens/s"
-                                                   + (f" each, {rows} decoded together" if rows > 1 else "")
-                                                   if entry.get("tokens_per_s") else "")
+            text, state = entry.get("text", ""), speed_note(entry, labels)
         elif live is not None:
             text, state = live.get("text", ""), f"token {live['step']} of {live['total']}\u2026"
         else:
@@ -289,6 +286,18 @@ def _number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else ""
 
 
+def speed_note(entry: Mapping, labels: Mapping) -> str:
+    """A continuation's speed as its card says it: tokens/s, how many rows decoded together and, where another
+    lane decoded at the same time (the 4-bit lane beside 8-bit), whose decode shared the CPU with it."""
+    if not entry.get("tokens_per_s"):
+        return ""
+    rows = entry.get("batch_rows") or 1
+    beside = entry.get("beside") or []
+    return (f"{entry['tokens_per_s']:.1f} tokens/s" + (f" each, {rows} decoded together" if rows > 1 else "")
+            + (f", CPU shared with {labels.get(beside[0], beside[0])}"
+               + (f" & {len(beside) - 1} more" if len(beside) > 1 else "") if beside else ""))
+
+
 def summary_table(report: Mapping | None) -> pd.DataFrame:
     """Per variant: top-1 agreement and mean KL on the prompt and over the held-out documents, the shares against
     plain 4-bit (corrected variants), tokens per second."""
@@ -301,10 +310,11 @@ def summary_table(report: Mapping | None) -> pd.DataFrame:
         if name not in found:
             continue
         d, v = docs.get(name) or {}, versus.get(name) or {}
-        speed = ((report.get("continuations") or {}).get(name) or {}).get("tokens_per_s")
+        entry = (report.get("continuations") or {}).get(name) or {}
+        speed = _number(entry.get("tokens_per_s"), 1) + (" (CPU shared)" if entry.get("beside") else "")
         rows.append([labels.get(name, name), _percent(found[name]["top1_agreement"]),
                      _number(found[name]["mean_kl"]), _percent(d.get("top1_agreement")), _number(d.get("mean_kl")),
-                     _percent(v.get("corrected_only")), _percent(v.get("plain_only")), _number(speed, 1)])
+                     _percent(v.get("corrected_only")), _percent(v.get("plain_only")), speed])
     return pd.DataFrame(rows, columns=SUMMARY_HEADER)
 
 

@@ -140,6 +140,7 @@ class GenerateRun:
         self.doc_agreement: dict[str, Agreement] = {}
         self._lane: Lane | None = None  # the 4-bit variants' work in its own thread (_start_lane)
         self._reference_known = threading.Event()  # full precision's continuation is in self.reference
+        self._t0 = time.perf_counter()  # the run's start (_run): continuations record when they decoded
 
     def _deploy_adapter(self) -> str:
         chosen = self.cfg.deploy_adapter
@@ -157,7 +158,7 @@ class GenerateRun:
     # -- the flow ---------------------------------------------------------------------------------------
     def _run(self) -> Iterator[Event]:
         cfg, seconds = self.cfg, self.report["seconds"]
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         prepared = yield from self.rec.relay(prepare(
             self.model_cfg, self.data_cfg, self.quant, self.device,
             lambda name, _config: f"generation from {self.source.kind} run {self.source.name}: {name}, "
@@ -290,7 +291,7 @@ class GenerateRun:
             steps.append(step)
             yield partial(self._tokens, names, list(steps))
             self.rec.check_stop("generation")
-        yield partial(self._continuations, names, steps, time.perf_counter() - start)
+        yield partial(self._continuations, names, steps, start, time.perf_counter())
         while not self._reference_known.wait(0.05):  # a lane's variants are forced along full precision's words
             self.rec.check_stop("generation")
         start = time.perf_counter()
@@ -304,13 +305,23 @@ class GenerateRun:
             yield self.rec.emit(GeneratedToken(name, len(steps), self.cfg.new_tokens, tokens[-1],
                                                tok.decode([tokens[-1]]), tok.decode(tokens)))
 
-    def _continuations(self, names: Sequence[str], steps: list[list[int]], generated: float) -> Iterator[Event]:
+    def _continuations(self, names: Sequence[str], steps: list[list[int]], started: float,
+                       ended: float) -> Iterator[Event]:
+        """Each row's continuation, its speed and when it decoded (seconds from the run's start); every
+        continuation's `beside` names the variants another lane decoded at the same time, so a speed measured
+        while the CPU was shared says so."""
+        generated, done = ended - started, self.report["continuations"]
         for row, name in enumerate(names):
             tokens = [s[row] for s in steps]
-            self.report["continuations"][name] = {
+            done[name] = {
                 "text": self.tokenizer.decode(tokens), "token_ids": tokens, "seconds": generated,
-                "batch_rows": len(names), "tokens_per_s": len(tokens) / generated if generated > 0 else None}
+                "batch_rows": len(names), "tokens_per_s": len(tokens) / generated if generated > 0 else None,
+                "decoded": [started - self._t0, ended - self._t0], "decoded_with": list(names)}
             self.report["seconds"][f"generate_{name}"] = generated
+        for entry in done.values():
+            entry["beside"] = [n for n, other in done.items() if n not in entry["decoded_with"]
+                               and other["decoded"][0] < entry["decoded"][1]
+                               and entry["decoded"][0] < other["decoded"][1]]
         if FULL in names:
             self.reference = torch.tensor([[s[0] for s in steps]], dtype=torch.long)
             self._reference_known.set()

@@ -64,8 +64,8 @@ def generate_section(shipped: dict[str, Any] | None = None) -> GeneratePanel:
             "Continue one prompt with full precision, 8-bit, plain 4-bit and 4-bit with each adapter of a finished run "
             "(each initialization of an init run; after fine-tuning, each 4-bit arm too), side by side, then "
             "teacher-force each variant along full precision's continuation and along held-out documents' own text. "
-            "One 4-bit base holds every adapter, and plain and corrected 4-bit decode together as one batch. About "
-            "40 s with the embedded model on 2 idle cores.",
+            "One 4-bit base holds every adapter, and plain and corrected 4-bit decode together as one batch (on a "
+            "CPU in a second thread, beside 8-bit). About 25 s with the embedded model on 2 idle cores.",
             elem_classes="note")
         f: dict[str, Any] = {}
         with gr.Row(equal_height=False):
