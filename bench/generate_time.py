@@ -7,6 +7,7 @@ view within 30 s of pressing the button, on a free 2-core Space (idle cores).
     python -m bench.generate_time                        # the app's CPU-default init run (made once), then generate
     python -m bench.generate_time --from-run RUN         # generate from a finished init or train run
     python -m bench.generate_time --repeat 2             # two generate runs (the second with warm file caches)
+    python -m bench.generate_time --through-app 3        # also press Generate 3 times through the served app.py
     python -m bench.generate_time --from-json runs/bench/generate_time.json     # reprint
 
 The init run is the one the app's "Quantize & initialize" starts on a CPU (`default_settings(gpu=False)` through
@@ -20,13 +21,16 @@ last continuation) and to the finished event (the agreement strip, the over-docu
 are complete then), and the run's own per-stage seconds (report.json). The anchor, in the same process after the
 generate runs: load the 4-bit base (`load_quantized`) and continue the same prompt greedily by the same number of
 tokens, timed apart (load, tokens); the ratio generate / anchor carries over better between machines and loads than
-the seconds do. The thread policy of app.py is applied before torch loads, and its heap policy (quailora_app/heap.py:
+the seconds do. With --through-app N the button is also pressed N times through the served app: app.py in its
+own process, its API called as the page calls it (start, then the status polled once a second), timed from the start
+call to the polled status saying finished, so the job queue and the poll are counted too. The thread policy of app.py is applied before torch loads, and its heap policy (quailora_app/heap.py:
 what is alive after startup is frozen out of the collector's sight) before the timed runs. Table on stdout, JSON
 in runs/bench/generate_time.json (machine, load average at the start).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -105,6 +109,69 @@ def time_generate(from_run: Path, out: Path) -> dict:
                           for n, a in report["agreement"].items()}}
 
 
+def time_through_app(from_run: Path, repeat: int) -> list[dict]:
+    """Generate pressed through the served app: app.py in a process of its own (its thread and heap policies, its
+    job queue), its API called as the page calls it (start, then the status polled once a second, as the page's
+    timer does). Seconds from the start call to the polled status saying finished, and the run's own total."""
+    import socket
+    import subprocess
+
+    from gradio_client import Client
+
+    from quailora_app.app.generation import DEFAULTS, TAB_NAMES
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = from_run.parent  # the runs root the app lists its sources from (and writes its generate runs to)
+    env = {**os.environ, "QUAILORA_RUNS": str(root), "GRADIO_SERVER_NAME": "127.0.0.1",
+           "GRADIO_SERVER_PORT": str(port)}
+    app = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "app.py")], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = connect(f"http://127.0.0.1:{port}/", app, Client)
+        session, *_ = client.predict({}, api_name="/attach")
+        client.predict(session, api_name="/generate_sources")  # the page's run list, with the init run in it
+        form = {name: DEFAULTS[setting] for name, setting in TAB_NAMES.items()}
+        runs = []
+        for _ in range(max(1, repeat)):
+            before = set(root.glob("generate-*"))
+            start = time.perf_counter()
+            session, job, _ = client.predict(session, None, None, from_run.name, "held_out", "", *form.values(),
+                                             api_name="/start_generate")
+            while True:
+                status = str(client.predict(session, job, api_name="/generate_status")[1])
+                if "finished" in status or "failed" in status or "stopped" in status:
+                    break
+                time.sleep(1.0)
+            pressed = time.perf_counter() - start
+            if "finished" not in status:
+                raise SystemExit(f"the generate job did not finish: {status}")
+            made = sorted(set(root.glob("generate-*")) - before)
+            report = json.loads((made[-1] / "report.json").read_text()) if made else {}
+            runs.append({"pressed_to_finished_s": pressed, "run_total_s": (report.get("seconds") or {}).get("total"),
+                         "run_dir": str(made[-1]) if made else None,
+                         "four_bit_loaded": report.get("four_bit_loaded")})
+            print(f"through the app, run {len(runs)}: pressed -> finished {pressed:.1f} s", file=sys.stderr)
+        return runs
+    finally:
+        app.terminate()
+        app.wait(30)
+
+
+def connect(url: str, app, client_class, patience_s: float = 180.0):
+    """A client of the app at `url` once it answers (`app`: its process, whose error output is shown if it ends)."""
+    deadline = time.time() + patience_s
+    while time.time() < deadline:
+        if app.poll() is not None:
+            raise SystemExit(f"app.py ended before it served: {app.stderr.read()[-2000:]}")
+        try:
+            return client_class(url, verbose=False)
+        except Exception:  # noqa: BLE001 - not serving yet
+            time.sleep(1.0)
+    raise SystemExit(f"app.py did not answer at {url} within {patience_s:.0f} s")
+
+
 def time_anchor(from_run: Path, new_tokens: int, prompt_tokens: int = 16) -> dict:
     """One plain 4-bit greedy generation of `new_tokens` after the run's held-out prompt: load, then tokens."""
     import torch
@@ -162,6 +229,12 @@ def table(result: dict) -> str:
     if last:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in last["stages"].items() if k != "total")
         lines.append(f"stages of the last run (s): {stages}")
+    served = result.get("through_app") or []
+    if served:
+        lines.append("\n" + markdown_table(
+            ["through the app: run", "pressed -> finished (s)", "the run's own total (s)", f"within {GOAL_S:.0f} s"],
+            [[i, fmt(r["pressed_to_finished_s"], ".1f"), fmt(r["run_total_s"], ".1f"),
+              "yes" if r["pressed_to_finished_s"] <= GOAL_S else "no"] for i, r in enumerate(served, start=1)]))
     lines.append(f"\n{result.get('command', '')}")
     return "\n".join(lines)
 
@@ -174,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh-init", action="store_true", help="make the app's CPU-default init run again")
     p.add_argument("--repeat", type=int, default=1, help="generate runs to time (default 1)")
     p.add_argument("--no-anchor", action="store_true", help="skip the plain 4-bit anchor")
+    p.add_argument("--through-app", type=int, default=0, metavar="N",
+                   help="also press Generate N times through the served app (app.py in its own process, its API "
+                        "polled once a second as the page does), after the in-process runs")
     add_json_args(p, str(OUT / "generate_time.json"), resume=False)
     args = p.parse_args(argv)
     if reprint(args, table):
@@ -195,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json(result, args.json)
         print(f"run {i + 1}: last continuation {run['last_continuation_s']:.1f} s, agreement view "
               f"{run['agreement_view_s']:.1f} s", file=sys.stderr)
+    if args.through_app:
+        result["through_app"] = time_through_app(from_run, args.through_app)
+        write_json(result, args.json)
     if not args.no_anchor:
         result["anchor"] = time_anchor(from_run, result["new_tokens"])
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
