@@ -23,8 +23,9 @@ generate runs: load the 4-bit base (`load_quantized`) and continue the same prom
 tokens, timed apart (load, tokens); the ratio generate / anchor carries over better between machines and loads than
 the seconds do. With --through-app N the button is also pressed N times through the served app: app.py in its
 own process, its API called as the page calls it (start, then the status polled once a second), timed from the start
-call to the polled status saying finished, so the job queue and the poll are counted too. The thread policy of app.py is applied before torch loads, and its heap policy (quailora_app/heap.py:
-what is alive after startup is frozen out of the collector's sight) before the timed runs. Table on stdout, JSON
+call to the polled status saying finished, so the job queue and the poll are counted too. The thread policy of
+app.py is applied before torch loads, and its heap policy (quailora_app/heap.py: what is alive after startup is
+frozen out of the collector's sight) before the timed runs. Table on stdout, JSON
 in runs/bench/generate_time.json (machine, load average at the start).
 """
 from __future__ import annotations
