@@ -137,7 +137,7 @@ def time_through_app(from_run: Path, repeat: int) -> list[dict]:
         runs = []
         for _ in range(max(1, repeat)):
             before = set(root.glob("generate-*"))
-            start = time.perf_counter()
+            start, client_cpu = time.perf_counter(), time.process_time()
             session, job, _ = client.predict(session, None, None, from_run.name, "held_out", "", *form.values(),
                                              api_name="/start_generate")
             while True:
@@ -145,13 +145,13 @@ def time_through_app(from_run: Path, repeat: int) -> list[dict]:
                 if "finished" in status or "failed" in status or "stopped" in status:
                     break
                 time.sleep(1.0)
-            pressed = time.perf_counter() - start
+            pressed, client_cpu = time.perf_counter() - start, time.process_time() - client_cpu
             if "finished" not in status:
                 raise SystemExit(f"the generate job did not finish: {status}")
             made = sorted(set(root.glob("generate-*")) - before)
             report = json.loads((made[-1] / "report.json").read_text()) if made else {}
             runs.append({"pressed_to_finished_s": pressed, "run_total_s": (report.get("seconds") or {}).get("total"),
-                         "run_dir": str(made[-1]) if made else None,
+                         "client_cpu_s": client_cpu, "run_dir": str(made[-1]) if made else None,
                          "four_bit_loaded": report.get("four_bit_loaded")})
             print(f"through the app, run {len(runs)}: pressed -> finished {pressed:.1f} s", file=sys.stderr)
         return runs

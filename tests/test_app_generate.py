@@ -197,6 +197,36 @@ def test_progress_names_both_lanes_while_they_stream():
     assert frac == pytest.approx(0.05 + 0.95 * (3 / 4 + 1 / 4 + 1 / 4) / 3)
 
 
+def test_a_new_token_redraws_the_cards_only_and_a_measured_variant_the_rest(tmp_path):
+    """While a run streams, each poll with a new token rebuilds the continuations and hands back the strip, tables
+    and figures already drawn (plotly builds each in tens of ms); a measured variant, or a rewrite of the run's
+    report.json, draws them afresh from what the run has written."""
+    import os
+    from types import SimpleNamespace
+
+    from quailora_app.app.generation import generate_outputs
+    from quailora_app.runs import RunFolder
+
+    folder = RunFolder.create("generate", tmp_path / "gen")
+    partial = report(agreement={}, documents={}, continuations={})
+    folder.write_report(partial)
+    events = [{"kind": "token", "variant": "full", "step": 1, "total": N, "text": " a"}]
+    job = Job(id="g-redraw", kind="generate", owner="me", config=SimpleNamespace(deploy=False), status=RUNNING,
+              events=events, report=None, run_dir=str(folder.path))
+    first = generate_outputs(job)
+    events.append({"kind": "token", "variant": "full", "step": 2, "total": N, "text": " a b"})
+    second = generate_outputs(job)
+    assert "token 1 of" in first["continuations"] and "token 2 of" in second["continuations"]
+    assert all(second[k] is first[k] for k in ("strip", "versus", "top10", "deploy_plot"))  # not drawn again
+    assert "QuAILoRA" not in second["summary"].to_string()  # nothing measured yet
+    folder.write_report(report())  # the run measured its variants and rewrote report.json ...
+    stamp = os.stat(folder.path / "report.json").st_mtime_ns
+    os.utime(folder.path / "report.json", ns=(stamp, stamp + 1_000_000))  # (a later write, on any clock)
+    events.append({"kind": "metric", "name": "quailora", "group": "agreement", "value": 0.75})  # ... and said so
+    third = generate_outputs(job)
+    assert third["versus"] is not first["versus"] and third["summary"].iloc[3]["top-1 agreement"] == "75.0%"
+
+
 # ------------------------------------------------------------------------------------------------ the shipped run
 @pytest.mark.skipif(not (EXAMPLE_DIR / "generate" / "report.json").is_file(),
                     reason="no shipped generate run: python -m bench.make_example --only generate")

@@ -355,13 +355,18 @@ def generate_drawn(report: Mapping | None, tokens: Mapping[str, dict] | None = N
     """Everything the section shows of a generate report (partial while it runs): continuations and strip (HTML),
     the summary table, the over-documents figure, the top-10 figure at `position` (1-based) and how many positions
     there are, the deployment table, its reading and figure."""
+    return {"continuations": continuations_html(report, tokens), **generate_measured(report, running, position)}
+
+
+def generate_measured(report: Mapping | None, running: bool = False, position: int = 1) -> dict[str, Any]:
+    """What the section shows of the measured variants (all of `generate_drawn` but the continuations): drawn
+    once per measured variant, not once per token."""
     n = positions(report)
     position = max(1, min(position, n)) if n else 1
-    return {"continuations": continuations_html(report, tokens), "strip": strip_html(report, position if n else None),
-            "summary": summary_table(report), "versus": versus_plain_figure(report),
-            "top10": top10_figure(report, position - 1), "positions": n, "position": position,
-            "deploy_table": deploy_table(report), "deploy_reading": deploy_markdown(report, running),
-            "deploy_plot": deploy_figure(report)}
+    return {"strip": strip_html(report, position if n else None), "summary": summary_table(report),
+            "versus": versus_plain_figure(report), "top10": top10_figure(report, position - 1), "positions": n,
+            "position": position, "deploy_table": deploy_table(report),
+            "deploy_reading": deploy_markdown(report, running), "deploy_plot": deploy_figure(report)}
 
 
 def position_view(report: Mapping | None, position: Any) -> tuple[Any, str]:
@@ -374,16 +379,30 @@ def position_view(report: Mapping | None, position: Any) -> tuple[Any, str]:
     return top10_figure(report, position - 1), strip_html(report, position if n else None)
 
 
+def _report_stamp(job: Job | None) -> int | None:
+    """When the run last rewrote its report.json (ns), so a drawing keyed on it is never older than the file."""
+    try:
+        return (Path(job.run_dir) / "report.json").stat().st_mtime_ns if job is not None and job.run_dir else None
+    except OSError:
+        return None
+
+
+def generate_cards(job: Job | None) -> str:
+    """The continuations side by side of a generate job: built once per new token (or rewrite of its report)."""
+    job = job if job is not None and job.kind == "generate" else None
+    tokens = sum(1 for e in job.events if e.get("kind") == "token") if job else 0
+    return DRAWN.get((*job_key(job), "generate-cards", tokens, _report_stamp(job)),
+                     lambda: continuations_html(live_report(job), streamed(job)))
+
+
 def generate_outputs(job: Job | None, position: int = 1) -> dict[str, Any]:
-    """`generate_drawn` of a generate job, built once per new token or measured variant."""
-    if job is not None and job.kind != "generate":
-        job = None
-    counts = (sum(1 for e in job.events if e.get("kind") in ("token", "metric", "log")) if job else 0)
-
-    def draw() -> dict[str, Any]:
-        return generate_drawn(live_report(job), streamed(job), bool(job) and job.status == RUNNING, position)
-
-    return DRAWN.get((*job_key(job), "generate", counts, position), draw)
+    """`generate_drawn` of a generate job: the continuations once per new token (`generate_cards`), the rest
+    (strip, tables, figures: plotly builds each in tens of ms) once per measured variant, not at every token."""
+    job = job if job is not None and job.kind == "generate" else None
+    measured = sum(1 for e in job.events if e.get("kind") in ("metric", "log")) if job else 0
+    rest = DRAWN.get((*job_key(job), "generate", measured, _report_stamp(job), position),
+                     lambda: generate_measured(live_report(job), bool(job) and job.status == RUNNING, position))
+    return {"continuations": generate_cards(job), **rest}
 
 
 # ------------------------------------------------------------------------------------------------ downloads

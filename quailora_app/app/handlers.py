@@ -36,6 +36,7 @@ from quailora_app.app.forms import (
     vetted_sources,
 )
 from quailora_app.app.generation import (
+    generate_cards,
     generate_outputs,
     generate_progress_html,
     live_report,
@@ -414,7 +415,7 @@ class Studio:
         if not fresh and "metrics" not in changed:
             if "tokens" not in changed:
                 return tuple(_skips(9))
-            return (generate_outputs(job)["continuations"], *_skips(8))
+            return (generate_cards(job), *_skips(8))
         return _generate_tuple(generate_outputs(job))
 
     def harm_gain(self, scale, session=None, bits_job_id=""):
