@@ -112,25 +112,18 @@ def time_generate(from_run: Path, out: Path) -> dict:
 
 def time_through_app(from_run: Path, repeat: int) -> list[dict]:
     """Generate pressed through the served app: app.py in a process of its own (its thread and heap policies, its
-    job queue), its API called as the page calls it (start, then the status polled once a second, as the page's
-    timer does). Seconds from the start call to the polled status saying finished, and the run's own total."""
-    import socket
-    import subprocess
-
-    from gradio_client import Client
-
+    job queue; bench.poll_time serves it), its API called as the page calls it (start, then the status polled once
+    a second, as the page's timer does). Seconds from the start call to the polled status saying finished, the
+    run's own total and the CPU seconds this process (the client) spent meanwhile."""
+    from bench.poll_time import ENDED, connect, free_port, serve, stop
     from quailora_app.app.generation import DEFAULTS, TAB_NAMES
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     root = from_run.parent  # the runs root the app lists its sources from (and writes its generate runs to)
-    env = {**os.environ, "QUAILORA_RUNS": str(root), "GRADIO_SERVER_NAME": "127.0.0.1",
-           "GRADIO_SERVER_PORT": str(port)}
-    app = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "app.py")], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    port = free_port()
+    log = OUT / "generate_time-app.log"
+    server = serve(root, port, log)
     try:
-        client = connect(f"http://127.0.0.1:{port}/", app, Client)
+        client = connect(port, server, log)
         session, *_ = client.predict({}, api_name="/attach")
         client.predict(session, api_name="/generate_sources")  # the page's run list, with the init run in it
         form = {name: DEFAULTS[setting] for name, setting in TAB_NAMES.items()}
@@ -142,7 +135,7 @@ def time_through_app(from_run: Path, repeat: int) -> list[dict]:
                                              api_name="/start_generate")
             while True:
                 status = str(client.predict(session, job, api_name="/generate_status")[1])
-                if "finished" in status or "failed" in status or "stopped" in status:
+                if any(word in status for word in ENDED):
                     break
                 time.sleep(1.0)
             pressed, client_cpu = time.perf_counter() - start, time.process_time() - client_cpu
@@ -156,21 +149,7 @@ def time_through_app(from_run: Path, repeat: int) -> list[dict]:
             print(f"through the app, run {len(runs)}: pressed -> finished {pressed:.1f} s", file=sys.stderr)
         return runs
     finally:
-        app.terminate()
-        app.wait(30)
-
-
-def connect(url: str, app, client_class, patience_s: float = 180.0):
-    """A client of the app at `url` once it answers (`app`: its process, whose error output is shown if it ends)."""
-    deadline = time.time() + patience_s
-    while time.time() < deadline:
-        if app.poll() is not None:
-            raise SystemExit(f"app.py ended before it served: {app.stderr.read()[-2000:]}")
-        try:
-            return client_class(url, verbose=False)
-        except Exception:  # noqa: BLE001 - not serving yet
-            time.sleep(1.0)
-    raise SystemExit(f"app.py did not answer at {url} within {patience_s:.0f} s")
+        stop(server)
 
 
 def time_anchor(from_run: Path, new_tokens: int, prompt_tokens: int = 16) -> dict:

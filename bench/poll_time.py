@@ -149,13 +149,18 @@ def measure(args) -> dict:
                       f"{row['calls']} calls)", file=sys.stderr, flush=True)
                 write_json(result, args.json)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
     return result
+
+
+def stop(server: subprocess.Popen) -> None:
+    """End the served app: terminated, killed if it has not ended 30 s later."""
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def table(result: dict) -> str:
