@@ -87,7 +87,9 @@ def test_the_heap_policy_freezes_what_is_alive_and_still_collects_later_cycles()
 
     try:
         frozen = freeze_startup_heap()
-        assert frozen > 1000 and gc.get_freeze_count() == frozen
+        # frozen objects still die when their last reference goes, so another thread of this process (a server an
+        # earlier test left, pytest-xdist's) may free a few between the two reads: the count only ever falls
+        assert frozen > 1000 and frozen - 100 <= gc.get_freeze_count() <= frozen
         node = Node()
         node.self = node  # a cycle: reference counting alone never frees it
         ref = weakref.ref(node)
