@@ -24,4 +24,8 @@ demo = build_ui()
 freeze_startup_heap()  # the page and the libraries live as long as the process: each run's gc.collect skips them
 
 if __name__ == "__main__":
+    if os.environ.get("QUAILORA_WARM", "1") != "0":  # Generate's bases quantized ahead, beside the page's start
+        from quailora_app.app.jobs import warm_up_in_background
+
+        warm_up_in_background()
     demo.launch(**launch_options())

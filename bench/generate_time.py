@@ -110,7 +110,31 @@ def time_generate(from_run: Path, out: Path) -> dict:
                           for n, a in report["agreement"].items()}}
 
 
-def time_through_app(from_run: Path, repeat: int) -> list[dict]:
+def warm_up(from_run: Path) -> dict:
+    """What app.py does at its start (QUAILORA_WARM): the 4-bit and 8-bit bases of the run's model quantized ahead
+    and kept (flows.generate.warm_bases), so each generate run copies them; timed."""
+    from quailora_app.config import ModelConfig, QuantConfig
+    from quailora_app.flows.generate import read_run, warm_bases
+    from quailora_app.settings import build
+
+    values = read_run(str(from_run)).values
+    start = time.perf_counter()
+    line = warm_bases(build(ModelConfig, values), build(QuantConfig, values))
+    return {"seconds": time.perf_counter() - start, "line": line}
+
+
+def wait_for_warm_up(log: Path, timeout: float = 120.0) -> float:
+    """Seconds until the served app's log says its warm-up ended (made or not), from the moment it answers."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        text = log.read_text() if log.is_file() else ""
+        if "quantized ahead" in text or "not made ahead" in text or "no bases made ahead" in text:
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - start
+
+
+def time_through_app(from_run: Path, repeat: int, warm: bool = True) -> list[dict]:
     """Generate pressed through the served app: app.py in a process of its own (its thread and heap policies, its
     job queue; bench.poll_time serves it), its API called as the page calls it (start, then the status polled once
     a second, as the page's timer does). Seconds from the start call to the polled status saying finished, the
@@ -121,9 +145,10 @@ def time_through_app(from_run: Path, repeat: int) -> list[dict]:
     root = from_run.parent  # the runs root the app lists its sources from (and writes its generate runs to)
     port = free_port()
     log = OUT / "generate_time-app.log"
-    server = serve(root, port, log)
+    server = serve(root, port, log, {"QUAILORA_WARM": "1" if warm else "0"})
     try:
         client = connect(port, server, log)
+        waited = wait_for_warm_up(log) if warm else 0.0
         session, *_ = client.predict({}, api_name="/attach")
         client.predict(session, api_name="/generate_sources")  # the page's run list, with the init run in it
         form = {name: DEFAULTS[setting] for name, setting in TAB_NAMES.items()}
@@ -145,7 +170,8 @@ def time_through_app(from_run: Path, repeat: int) -> list[dict]:
             report = json.loads((made[-1] / "report.json").read_text()) if made else {}
             runs.append({"pressed_to_finished_s": pressed, "run_total_s": (report.get("seconds") or {}).get("total"),
                          "client_cpu_s": client_cpu, "run_dir": str(made[-1]) if made else None,
-                         "four_bit_loaded": report.get("four_bit_loaded")})
+                         "four_bit_loaded": report.get("four_bit_loaded"), "bases": report.get("bases"),
+                         "warm_up_waited_s": waited if not runs else None})
             print(f"through the app, run {len(runs)}: pressed -> finished {pressed:.1f} s", file=sys.stderr)
         return runs
     finally:
@@ -205,12 +231,18 @@ def table(result: dict) -> str:
         lines.append(f"\nanchor (same process): one plain 4-bit greedy generation of {anchor['tokens']} tokens: load "
                      f"{anchor['load_4bit_s']:.1f} s + tokens {anchor['generate_s']:.1f} s = "
                      f"{anchor['total_s']:.1f} s")
+    warm = result.get("warm_up")
+    lines.append(f"bases: {warm['line']} (app.py's warm-up; each run copies them)" if warm else
+                 "bases: none quantized ahead (--no-warm): every run quantizes its own")
     last = (result.get("runs") or [None])[-1]
     if last:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in last["stages"].items() if k != "total")
         lines.append(f"stages of the last run (s): {stages}")
     served = result.get("through_app") or []
     if served:
+        waited = served[0].get("warm_up_waited_s")
+        lines.append("" if waited is None else f"\nthrough the app: the first press came once app.py's warm-up had "
+                                               f"ended, {waited:.1f} s after the app first answered")
         lines.append("\n" + markdown_table(
             ["through the app: run", "pressed -> finished (s)", "the run's own total (s)", "client CPU (s)",
              f"within {GOAL_S:.0f} s"],
@@ -229,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh-init", action="store_true", help="make the app's CPU-default init run again")
     p.add_argument("--repeat", type=int, default=1, help="generate runs to time (default 1)")
     p.add_argument("--no-anchor", action="store_true", help="skip the plain 4-bit anchor")
+    p.add_argument("--no-warm", action="store_true",
+                   help="no bases quantized ahead (app.py's warm-up; served with QUAILORA_WARM=0): every run quantizes")
     p.add_argument("--through-app", type=int, default=0, metavar="N",
                    help="also press Generate N times through the served app (app.py in its own process, its API "
                         "polled once a second as the page does), after the in-process runs")
@@ -246,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     from quailora_app.heap import freeze_startup_heap
 
     freeze_startup_heap()  # as app.py does once the page is built
+    if not args.no_warm:  # as app.py does at its start: Generate's two bases quantized ahead
+        result["warm_up"] = warm_up(from_run)
+        print(result["warm_up"]["line"], file=sys.stderr)
     for i in range(max(1, args.repeat)):
         run = time_generate(from_run, OUT / f"generate_time-run{i + 1}")
         result["runs"].append(run)
@@ -254,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {i + 1}: last continuation {run['last_continuation_s']:.1f} s, agreement view "
               f"{run['agreement_view_s']:.1f} s", file=sys.stderr)
     if args.through_app:
-        result["through_app"] = time_through_app(from_run, args.through_app)
+        result["through_app"] = time_through_app(from_run, args.through_app, warm=not args.no_warm)
         write_json(result, args.json)
     if not args.no_anchor:
         result["anchor"] = time_anchor(from_run, result["new_tokens"])

@@ -56,10 +56,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(runs: Path, port: int, log: Path) -> subprocess.Popen:
-    """`python app.py` in a child process, its runs in `runs`, its output in `log`."""
+def serve(runs: Path, port: int, log: Path, env_more: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python app.py` in a child process, its runs in `runs`, its output in `log` (`env_more`: more variables)."""
     env = {**os.environ, "QUAILORA_RUNS": str(runs), "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+           "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), **(env_more or {})}
     env.pop("PORT", None)
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

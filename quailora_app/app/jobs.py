@@ -37,7 +37,7 @@ from quailora_app.app.reopen import mark_owner
 from quailora_app.errors import UserError, one_line
 from quailora_app.events import Event, RunFailed
 from quailora_app.flows.bits import run_bits
-from quailora_app.flows.generate import run_generate
+from quailora_app.flows.generate import run_generate, warm_bases
 from quailora_app.flows.init import run_init
 from quailora_app.flows.recorder import free_memory
 from quailora_app.flows.train import run_train
@@ -71,6 +71,21 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
         pass
+
+
+def warm_up_in_background() -> threading.Thread:
+    """Generate's bases for the default model quantized ahead (flows.generate.warm_bases), in a thread of their
+    own while the page starts; their line, or a warning (the first Generate then quantizes as usual), goes to the
+    app's output."""
+    def work() -> None:
+        try:
+            print(warm_bases(), flush=True)
+        except Exception as exc:  # noqa: BLE001 - a warm-up that cannot run changes nothing but speed
+            print(f"warning: generate's bases not made ahead: {one_line(exc, 200)}", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=work, name="quailora-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 # ------------------------------------------------------------------------------------------------ ZeroGPU

@@ -67,6 +67,7 @@ from quailora_app.engine.preflight import available_bytes, shapes_or_none, side_
 from quailora_app.engine.quantization.bnb import load_8bit
 from quailora_app.engine.quantization.dequantized_once import MAX_BYTES, dequantized_once
 from quailora_app.engine.quantization.load import load_quantized
+from quailora_app.engine.quantization.reused import keep, reused_copy
 from quailora_app.errors import Cancelled, ConfigError, one_line
 from quailora_app.events import Event, GeneratedToken, Log, Metric, RunFinished, Stage
 from quailora_app.flows.generate_source import RunSource, read_run
@@ -77,7 +78,14 @@ from quailora_app.plots.figures import color, label
 from quailora_app.runs import Report, RunFolder
 from quailora_app.settings import build
 from quailora_app.sources.data import bos_id
-from quailora_app.sources.models import context_length, device_label, load_full_precision, pick_device
+from quailora_app.sources.models import (
+    compute_dtype,
+    context_length,
+    device_label,
+    load_full_precision,
+    pick_device,
+    resolve_model,
+)
 
 #: the reference every variant is compared with, and the uncorrected 4-bit base
 FULL, INT8, PLAIN = "full", "int8", QLORA
@@ -260,7 +268,7 @@ class GenerateRun:
         yield self.rec.emit(Stage("load", f"loading {self.report['labels'][INT8]}"))
         start = time.perf_counter()
         try:
-            model = load_8bit(source, self.device)
+            model, made = reused_copy(load_8bit, source, self.device)
         except Exception as exc:  # noqa: BLE001 - 8-bit needs bitsandbytes' kernels; say why it is missing
             why = f"8-bit LLM.int8 could not be loaded here: {one_line(exc, 160)}"
             self.report.setdefault("unavailable", {})[INT8] = why
@@ -268,6 +276,7 @@ class GenerateRun:
             yield self.rec.emit(Log(why, "warning"))
             return
         self.report["seconds"][f"load_{INT8}"] = time.perf_counter() - start
+        self.report.setdefault("bases", {})[INT8] = made_word(made)
         yield from self._apply(self._measure([INT8], model))
         del model
         free_memory()
@@ -387,11 +396,12 @@ class GenerateRun:
                                                     .double().mean())
         self.report["reference"] = record
 
-    def _load_four_bit(self, source, dtype: torch.dtype) -> tuple[Any, dict[str, dict], float]:
+    def _load_four_bit(self, source, dtype: torch.dtype) -> tuple[Any, dict[str, dict], float, bool]:
         """One 4-bit base holding every adapter under its variant's name (per-layer ranks kept): the peft model, the
-        factors of each adapter and the seconds it took. Emits no event (it may run in the 4-bit lane)."""
+        factors of each adapter, the seconds it took and whether the base was quantized by this call (else a copy
+        of one quantized earlier, engine.quantization.reused). Emits no event (it may run in the 4-bit lane)."""
         start = time.perf_counter()
-        base = load_quantized(source, self.quant, self.device, dtype)
+        base, made = reused_copy(load_quantized, source, self.quant, self.device, dtype)
         peft_model = attach_lora(base, self.lora, target_paths(base, self.lora))  # its B = 0: no correction
         peft_model.eval()
         added = {}
@@ -408,7 +418,7 @@ class GenerateRun:
                 raise ConfigError(f"run {self.source.name}: adapters/{folder.name} does not fit this model's "
                                   f"LoRA layers: {one_line(exc, 160)}") from None
             added[name] = factors
-        return peft_model, added, time.perf_counter() - start
+        return peft_model, added, time.perf_counter() - start, made
 
     def _start_lane(self, source, config, dtype: torch.dtype, deploy: bool) -> Lane | None:
         """Start the 4-bit variants' work (load, decode, teacher forcing) in a second thread, beside full precision
@@ -442,9 +452,9 @@ class GenerateRun:
         `_measure`); with `deploy_ids` (done in the flow's thread), the 4-bit perplexities of the deployment table."""
         self.rec.check_stop("generation")
         yield partial(self._emit, Stage("load", f"loading the {self.quant.bits}-bit {self.quant.label} base"))
-        peft_model, added, seconds = self._load_four_bit(source, dtype)
+        peft_model, added, seconds, made = self._load_four_bit(source, dtype)
         with dequantized_once(peft_model, dtype) as once:
-            yield partial(self._four_bit_loaded, seconds, once.describe())
+            yield partial(self._four_bit_loaded, seconds, once.describe(), made)
             with torch.no_grad():
                 check_adapters_applied(peft_model, self.prompt, added, BASE_ROW)
             yield from self._measure([PLAIN, *self.source.adapters], peft_model, [BASE_ROW, *self.source.adapters])
@@ -458,11 +468,12 @@ class GenerateRun:
         del peft_model
         free_memory()
 
-    def _four_bit_loaded(self, seconds: float, layers: str) -> Iterator[Event]:
+    def _four_bit_loaded(self, seconds: float, layers: str, made: bool) -> Iterator[Event]:
         self.report["seconds"]["load_4bit"] = seconds
         self.report["four_bit_loaded"] = ("in its own thread, beside full precision and 8-bit"
                                           if self._lane is not None else "in turn")
         self.report["four_bit_layers"] = layers
+        self.report.setdefault("bases", {})["4bit"] = made_word(made)
         return iter(())
 
     # -- what survives deployment ----------------------------------------------------------------------
@@ -558,6 +569,27 @@ class GenerateRun:
             documents["versus_plain"] = {n: versus_plain(self.doc_agreement[PLAIN], self.doc_agreement[n])
                                          for n in corrected if n in self.doc_agreement}
         self.prompt_logprobs.clear()
+
+
+def warm_bases(model: ModelConfig | None = None, quant: QuantConfig | None = None) -> str:
+    """Quantize, once and ahead of a first Generate, the 4-bit and 8-bit bases a generate run on `model` under
+    `quant` loads (default: the embedded model, the default quantization, what the app's init runs use on a
+    CPU); engine.quantization.reused keeps them, and each run gets a copy. On a CPU only. A line for the log."""
+    model, quant = model or ModelConfig(), quant or QuantConfig()
+    device = pick_device(model.device)
+    if device.type != "cpu":
+        return f"no bases made ahead on {device_label(device)}: quantizing there takes milliseconds"
+    start = time.perf_counter()
+    source = resolve_model(model.model)
+    kept = keep(load_quantized, source, quant, device, compute_dtype(model.compute_dtype, device))
+    kept = keep(load_8bit, source, device) and kept
+    return (f"generate: the 4-bit {quant.label} and 8-bit bases of {source.name} quantized ahead in "
+            f"{time.perf_counter() - start:.1f} s" + ("" if kept else " (not all kept: over the size kept)"))
+
+
+def made_word(made: bool) -> str:
+    """How a run got a quantized base (engine.quantization.reused)."""
+    return "quantized by this run" if made else "a copy of the same base quantized earlier in this process"
 
 
 def deploy_reading(deploy: Mapping[str, Any]) -> str:
