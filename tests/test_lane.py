@@ -76,3 +76,67 @@ def test_close_stops_work_that_checks_stopping():
     lane.close()
     assert finished == [True]
     assert not [t for t in threading.enumerate() if t.name == "lane-test"]
+
+
+@pytest.fixture
+def four_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("ending", ["rest", "close", "failure"])
+def test_split_threads_share_them_out_while_both_compute_and_give_them_back(four_threads, ending):
+    """Two each while the flow's thread computes beside the lane; the lane takes all four once the flow waits for
+    it; the flow's thread has its four back however the lane ends."""
+    import torch
+
+    both = threading.Event()
+    counts = []
+
+    def work():
+        counts.append(torch.get_num_threads())
+        yield 1
+        both.wait(10)
+        counts.append(torch.get_num_threads())
+        yield 2
+        counts.append(torch.get_num_threads())
+        if ending == "failure":
+            raise ValueError("stop here")
+        yield 3
+
+    lane = Lane(work, name="lane-test", split_threads=True)
+    assert torch.get_num_threads() == 2  # the flow's share
+    if ending == "close":
+        both.set()
+        lane.close()
+    else:
+        items = lane.rest()  # the flow waits from here: the lane takes all four at its next item
+        both.set()
+        if ending == "failure":
+            with pytest.raises(ValueError):
+                list(items)
+        else:
+            assert list(items) == [1, 2, 3]
+        lane.close()
+        assert counts[0] == 2 and counts[-1] == 4  # the lane's share, then all of them once the flow waits
+    assert torch.get_num_threads() == 4
+
+
+def test_without_split_threads_nothing_changes(four_threads):
+    import torch
+
+    counts = []
+
+    def work():
+        counts.append(torch.get_num_threads())
+        yield 1
+
+    lane = Lane(work, name="lane-test")
+    assert torch.get_num_threads() == 4
+    assert list(lane.rest()) == [1]
+    lane.close()
+    assert counts == [4] and torch.get_num_threads() == 4

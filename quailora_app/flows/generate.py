@@ -436,7 +436,7 @@ class GenerateRun:
         shapes = shapes_or_none(config)
         if shapes is None or side_by_side_bytes(shapes, self.quant, MAX_BYTES) > available_bytes(self.device)[0] // 2:
             return None  # three models at once where memory is short: in turn instead
-        return Lane(lambda: self._four_bit_work(source, dtype, None), name="generate-4bit")
+        return Lane(lambda: self._four_bit_work(source, dtype, None), name="generate-4bit", split_threads=True)
 
     def _four_bit(self, source, dtype: torch.dtype, deploy_ids: torch.Tensor | None) -> Iterator[Event]:
         """The 4-bit variants: what their lane still has to say, or their work done here and now."""
