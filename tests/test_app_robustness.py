@@ -206,13 +206,17 @@ def own_runs(pick: dict) -> list[str]:
 
 def _live_models() -> int:
     """Models alive anywhere in the process, the frozen heap included (conftest.frozen_heap; gc.get_objects() leaves
-    frozen objects out). Frozen again after (the module's app too, which then outlives its close: memory only)."""
+    frozen objects out), but for the quantized bases kept to be copied (engine.quantization.reused: no run holds
+    them). Frozen again after (the module's app too, which then outlives its close: memory only)."""
     from transformers import PreTrainedModel
 
+    from quailora_app.engine.quantization import reused
+
+    kept = {id(m) for template in reused.kept() for m in template.modules()}
     gc.unfreeze()
     gc.collect()
     try:
-        return sum(1 for o in gc.get_objects() if isinstance(o, PreTrainedModel))
+        return sum(1 for o in gc.get_objects() if isinstance(o, PreTrainedModel) and id(o) not in kept)
     finally:
         gc.freeze()
 

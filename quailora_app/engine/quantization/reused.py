@@ -113,9 +113,10 @@ def keep(load: Callable[..., nn.Module], source: ModelSource, *args) -> bool:
         return _template(load, source, args)[2]
 
 
-def kept() -> int:
-    """How many templates this process holds."""
-    return len(_templates)
+def kept() -> list[nn.Module]:
+    """The templates this process holds (no run holds them: each run works on a copy)."""
+    with _lock:
+        return list(_templates.values())
 
 
 def forget() -> None:
