@@ -80,6 +80,7 @@ def warm_up_in_background() -> threading.Thread:
     def work() -> None:
         try:
             print(warm_bases(), flush=True)
+            release_memory()  # the float32 weights the quantization read go back to the system
         except Exception as exc:  # noqa: BLE001 - a warm-up that cannot run changes nothing but speed
             print(f"warning: generate's bases not made ahead: {one_line(exc, 200)}", file=sys.stderr, flush=True)
 
