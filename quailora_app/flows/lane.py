@@ -41,9 +41,10 @@ class Lane(Generic[T]):
         self._alone = threading.Event()  # the flow's thread waits for the lane: it computes nothing meanwhile
         self._ended = False
         self._threads = torch.get_num_threads()
-        self._split = split_threads and self._threads > 1
+        self._flow_share = self._threads // 2  # the flow's thread's share while both compute; the lane has the rest
+        self._split = split_threads and self._flow_share > 0
         if self._split:
-            torch.set_num_threads(max(1, self._threads // 2))  # the flow's thread's share while both compute
+            torch.set_num_threads(self._flow_share)
         self._thread = threading.Thread(target=self._pump, args=(make_work,), name=name, daemon=True)
         self._thread.start()
 
@@ -54,7 +55,7 @@ class Lane(Generic[T]):
         work = None
         shared = self._split
         if shared:
-            torch.set_num_threads(self._threads - max(1, self._threads // 2))
+            torch.set_num_threads(self._threads - self._flow_share)
         try:
             work = make_work()
             for item in work:

@@ -4,8 +4,9 @@ Quantizing the embedded SmolLM2 to NF4 takes bitsandbytes about 4 s on 2 cores (
 torch over every weight), to LLM.int8 about 1.5 s; a deep copy of the result takes 0.4 and 0.3 s. A flow that loads
 the same base again and again (Generate, pressed once per prompt) asks `reused_copy(load, source, *args)`: the first
 call keeps what `load(source, *args)` returned as a template nobody runs, and every call returns a deep copy of it,
-so each run owns its model and may wrap, train or delete it. The template is keyed by the loader, the model's
-weight files (path, size and modification time) and the loader's other arguments; a changed file is a new key.
+so each run owns its model and may wrap, train or delete it. The template is keyed by the loader, the model folder's
+fingerprint (the perplexity cache's `checkpoint_fingerprint`: config.json's hash, each weight file's size,
+modification time and header hash) and the loader's other arguments; a changed file is a new key.
 
 The copy is checked where that is cheap: no tensor of it shares memory with the template, and each bitsandbytes
 parameter points back to its own layer (Params4bit.__deepcopy__ keeps the template's layer there, where bitsandbytes
@@ -15,6 +16,7 @@ milliseconds, and the device's memory is the scarce thing there.
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -24,6 +26,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from quailora_app.engine.evaluation.perplexity_cache import checkpoint_fingerprint
 from quailora_app.sources.models import ModelSource
 
 MAX_TEMPLATES = 2  # a 4-bit and an 8-bit base of one model: what Generate loads per press
@@ -33,11 +36,10 @@ _templates: OrderedDict[Hashable, nn.Module] = OrderedDict()
 _lock = threading.Lock()
 
 
-def weights_identity(source: ModelSource) -> tuple:
-    """The model's weight files as (name, size, mtime_ns): another file, or the same one rewritten, differs."""
-    folder = Path(source.folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return (str(folder.resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+def weights_identity(source: ModelSource) -> str:
+    """The model folder and its fingerprint: another weight file, or the same one rewritten, differs."""
+    folder = Path(source.folder).resolve()
+    return json.dumps({"folder": str(folder), **checkpoint_fingerprint(folder)}, sort_keys=True)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -49,11 +51,12 @@ def _relinked(template: nn.Module, twin: nn.Module) -> nn.Module:
     """`twin` (a deep copy of `template`) with its bitsandbytes parameters pointing to their own layers, and each
     layer's quant_state its weight's where the template's layer shares it."""
     for mine, theirs in zip(template.modules(), twin.modules(), strict=True):
-        weight = getattr(theirs, "weight", None)
-        if isinstance(theirs, bnb.nn.Linear4bit) and getattr(mine.weight, "module", None) is mine:
-            weight.module = theirs
-        if isinstance(theirs, bnb.nn.Linear4bit) and getattr(mine, "quant_state", None) is mine.weight.quant_state:
-            theirs.quant_state = weight.quant_state
+        if not isinstance(theirs, bnb.nn.Linear4bit):
+            continue
+        if getattr(mine.weight, "module", None) is mine:
+            theirs.weight.module = theirs
+        if getattr(mine, "quant_state", None) is mine.weight.quant_state:
+            theirs.quant_state = theirs.weight.quant_state
     return twin
 
 
