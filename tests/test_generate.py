@@ -14,6 +14,7 @@ from quailora_app.config import DataConfig, GenerateConfig, InitConfig, LoraSett
 from quailora_app.engine.adapters import BASE_ROW, add_adapter_with_factors, attach_lora, load_factors, write_factors
 from quailora_app.engine.calibration.plan import target_paths
 from quailora_app.engine.evaluation.agreement import (
+    Reference,
     agreement,
     continue_tokens,
     forced_logprobs,
@@ -219,6 +220,36 @@ def test_agreement_math():
     assert math.isclose(sum(v for k, v in shares.items() if k != "positions"), 1.0) and shares["positions"] == 10
     with pytest.raises(ValueError, match="do not compare"):
         agreement(ref, var[:, :4])
+    made_once = Reference.of(ref)  # the reference made once for many variants gives the same figures
+    again = agreement(made_once, var)
+    assert torch.equal(again.kl, found.kl) and torch.equal(again.agree, found.agree)
+    assert float(agreement(made_once, ref).kl.abs().max()) == 0.0
+
+
+def test_teacher_forcing_projects_only_the_positions_it_asks(tiny_model_dir):
+    """forced_logprobs asks transformers for the logits of the positions it returns (logits_to_keep) and gives the
+    log-softmax of the whole pass's logits there; a model without logits_to_keep gets the whole pass."""
+    model = load_full_precision(ModelSource("tiny", tiny_model_dir), torch.device("cpu")).eval()
+    gen = torch.Generator().manual_seed(3)
+    prompt, continuation = torch.randint(3, 200, (2, 5), generator=gen), torch.randint(3, 200, (2, 4), generator=gen)
+    with torch.no_grad():
+        whole = torch.log_softmax(model(input_ids=torch.cat([prompt, continuation], 1)).logits[:, 4:8], -1)
+    widths = []
+    hook = model.lm_head.register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
+    found = forced_logprobs(model, prompt, continuation)
+    hook.remove()
+    assert widths == [5]  # 4 positions asked, plus the last token's own (sliced off)
+    torch.testing.assert_close(found, whole, rtol=0, atol=1e-5)
+
+    class NoKeep(torch.nn.Module):  # a causal LM whose forward takes no logits_to_keep
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, use_cache=False):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+    torch.testing.assert_close(forced_logprobs(NoKeep(), prompt, continuation), whole, rtol=0, atol=1e-5)
 
 
 def test_a_train_run_gives_its_arms_after_fine_tuning(tiny_init_run, tmp_path):
@@ -314,8 +345,10 @@ def test_a_stopped_run_fails_in_one_line(tiny_init_run, tmp_path):
 def test_the_4bit_base_loaded_ahead_and_dequantized_once_gives_what_bitsandbytes_own_path_gives(
         generated, tiny_init_run, tmp_path, monkeypatch):
     """On a CPU in float32 the 4-bit variants are loaded, decoded and teacher forced in a second thread beside full
-    precision and 8-bit, on the base's layers dequantized once; the figures are the same as when they come in turn
-    and every 4-bit layer takes bitsandbytes' own forward, token for token and bit for bit."""
+    precision and 8-bit, on the base's layers dequantized once, their decode's adapters stacked; the figures are
+    the same as when they come in turn, every 4-bit layer takes bitsandbytes' own forward and the rows take peft's
+    own mixed batch, token for token and bit for bit."""
+    from quailora_app.engine import routed_adapters
     from quailora_app.engine.quantization.dequantized_once import dequantized_once
     from quailora_app.flows import generate
     from quailora_app.flows.generate import GenerateRun
@@ -323,13 +356,16 @@ def test_the_4bit_base_loaded_ahead_and_dequantized_once_gives_what_bitsandbytes
     _, _, ahead = generated
     assert ahead["four_bit_loaded"].startswith("in its own thread")
     assert ahead["four_bit_layers"].startswith("14 4-bit layers dequantized once")
+    assert ahead["four_bit_adapters"].startswith("14 LoRA layers with their adapters stacked")
     monkeypatch.setattr(GenerateRun, "_start_lane", lambda self, *args: None)
     monkeypatch.setattr(generate, "dequantized_once", lambda model, dtype: dequantized_once(model, dtype, 0))
+    monkeypatch.setattr(routed_adapters, "TOLERANCE", -1.0)  # no difference is small enough: peft's own batch
     events = list(run_generate(GenerateConfig(from_run=str(tiny_init_run), new_tokens=NEW, documents=3, device="cpu"),
                                run_dir=tmp_path / "in-turn"))
     in_turn = events[-1].report
     assert in_turn["four_bit_loaded"] == "in turn"
     assert in_turn["four_bit_layers"].startswith("bitsandbytes' own 4-bit forward")
+    assert in_turn["four_bit_adapters"].startswith("peft's own mixed-adapter batch")
     for name in in_turn["variants"]:
         assert in_turn["continuations"][name]["token_ids"] == ahead["continuations"][name]["token_ids"], name
         assert in_turn["agreement"][name] == ahead["agreement"][name], name

@@ -5,7 +5,8 @@ From a finished run (`--from-run`: an init run's adapters/<method>/, or a train 
 of the init run it started from): its model, data cut, quantization and LoRA shape. Variants, in order: full
 precision, 8-bit LLM.int8, plain 4-bit (no correction, B = 0), then 4-bit with each adapter: one 4-bit base holding
 every adapter, the plain and corrected variants decoded as the rows of one batch (peft's mixed-adapter inference,
-`adapter_names=` per row), so the base's layers are paid once per token for all of them.
+`adapter_names=` per row; for the decode each layer's adapters stacked, engine.routed_adapters, the same rows), so
+the base's layers are paid once per token for all of them.
 
 load (prepare, no base) -> the prompt (given, or the start of a held-out document) -> per model (full precision
 then 8-bit in the flow's thread; the 4-bit base with its adapters beside them in a second lane on a CPU, in turn
@@ -27,6 +28,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -54,6 +56,7 @@ from quailora_app.engine.deploy import (
 )
 from quailora_app.engine.evaluation.agreement import (
     Agreement,
+    Reference,
     agreement,
     forced_logprobs,
     forced_logprobs_routed,
@@ -68,6 +71,7 @@ from quailora_app.engine.quantization.bnb import load_8bit
 from quailora_app.engine.quantization.dequantized_once import MAX_BYTES, dequantized_once
 from quailora_app.engine.quantization.load import load_quantized
 from quailora_app.engine.quantization.reused import keep, reused_copy
+from quailora_app.engine.routed_adapters import routed
 from quailora_app.errors import Cancelled, ConfigError, one_line
 from quailora_app.events import Event, GeneratedToken, Log, Metric, RunFinished, Stage
 from quailora_app.flows.generate_source import RunSource, read_run
@@ -143,12 +147,14 @@ class GenerateRun:
         self.reference: torch.Tensor | None = None  # 1 x N: full precision's continuation
         self.doc_reference: torch.Tensor | None = None  # D x N': the documents' own next tokens
         self.ref_logprobs: torch.Tensor | None = None  # 1 x N x V
-        self.doc_ref_logprobs: torch.Tensor | None = None
+        self.reference_probs: Reference | None = None  # the same, ready to compare each variant with
+        self.doc_reference_probs: Reference | None = None  # full precision along the documents
         self.prompt_logprobs: dict[str, torch.Tensor] = {}  # plain and corrected variants: 1 x N x V
         self.doc_agreement: dict[str, Agreement] = {}
         self._lane: Lane | None = None  # the 4-bit variants' work in its own thread (_start_lane)
         self._reference_known = threading.Event()  # full precision's continuation is in self.reference
         self._t0 = time.perf_counter()  # the run's start (_run): continuations record when they decoded
+        self.dtype = torch.float32  # the compute dtype (_run: the prepared model's)
 
     def _deploy_adapter(self) -> str:
         chosen = self.cfg.deploy_adapter
@@ -173,6 +179,7 @@ class GenerateRun:
                                   f"{len(self.report['variants'])} variants, {cfg.new_tokens} new tokens each",
             should_stop=self.should_stop, load_base=False))
         self.tokenizer, source, splits = prepared.tokenizer, prepared.source, prepared.splits
+        self.dtype = prepared.dtype
         self._prompts(prepared.config, source.name, splits.eval)
         seconds["load"] = time.perf_counter() - t0
         deploy = self.deploy_name is not None
@@ -292,20 +299,26 @@ class GenerateRun:
         together = f" each, decoded together ({len(names)} rows of one batch)" if len(names) > 1 else ""
         yield partial(self._emit, Stage("generate", f"{', '.join(self.report['labels'][n] for n in names)}: "
                                                     f"{cfg.new_tokens} new tokens{together}"))
-        forward = {"adapter_names": list(routes)} if routes else {}
         start = time.perf_counter()
         steps: list[list[int]] = []
-        for step in stream_rows(model, self.prompt.repeat(len(names), 1), cfg.new_tokens, sample=cfg.sample,
-                                temperature=cfg.temperature, seed=cfg.seed, **forward):
-            steps.append(step)
-            yield partial(self._tokens, names, list(steps))
-            self.rec.check_stop("generation")
+        with routed(model, routes, self.prompt, self.dtype) if routes else nullcontext() as how:
+            if how is not None:
+                yield partial(self._routing_note, how.describe())
+            for step in stream_rows(model, self.prompt.repeat(len(names), 1), cfg.new_tokens, sample=cfg.sample,
+                                    temperature=cfg.temperature, seed=cfg.seed, **(how.forward if how else {})):
+                steps.append(step)
+                yield partial(self._tokens, names, list(steps))
+                self.rec.check_stop("generation")
         yield partial(self._continuations, names, steps, start, time.perf_counter())
         while not self._reference_known.wait(0.05):  # a lane's variants are forced along full precision's words
             self.rec.check_stop("generation")
         start = time.perf_counter()
         forced = self._forced(model, routes)
         yield partial(self._agreements, names, forced, time.perf_counter() - start)
+
+    def _routing_note(self, line: str) -> Iterator[Event]:
+        self.report["four_bit_adapters"] = line
+        return iter(())
 
     def _tokens(self, names: Sequence[str], steps: list[list[int]]) -> Iterator[Event]:
         tok = self.tokenizer
@@ -368,14 +381,15 @@ class GenerateRun:
         docs = doc_logprobs is not None
         if name == FULL:
             self.ref_logprobs = logprobs
-            self.doc_ref_logprobs = doc_logprobs
+            self.reference_probs = Reference.of(logprobs)
+            self.doc_reference_probs = Reference.of(doc_logprobs) if docs else None
             self._reference_record()
         else:
             self.prompt_logprobs[name] = logprobs
-        found = agreement(self.ref_logprobs, logprobs)
+        found = agreement(self.reference_probs, logprobs)
         self.report["agreement"][name] = found.record()
         if docs:
-            self.doc_agreement[name] = agreement(self.doc_ref_logprobs, doc_logprobs)
+            self.doc_agreement[name] = agreement(self.doc_reference_probs, doc_logprobs)
             self.report["documents"]["variants"][name] = {
                 "top1_agreement": self.doc_agreement[name].top1_agreement,
                 "mean_kl": self.doc_agreement[name].mean_kl}
@@ -447,7 +461,8 @@ class GenerateRun:
 
     def _four_bit_work(self, source, dtype: torch.dtype, deploy_ids: torch.Tensor | None) -> Iterator[Handler]:
         """The 4-bit variants, each adapter checked to change the logits; plain 4-bit (the base alone) and the
-        corrected variants then decode as the rows of one batch (peft's mixed-adapter inference), on the base's
+        corrected variants then decode as the rows of one batch (peft's mixed-adapter inference, its adapters
+        stacked for the decode: engine.routed_adapters, checked against peft's own on a probe), on the base's
         layers dequantized once for all of them (dequantized_once: the same products). Computes only (see
         `_measure`); with `deploy_ids` (done in the flow's thread), the 4-bit perplexities of the deployment table."""
         self.rec.check_stop("generation")
@@ -569,6 +584,7 @@ class GenerateRun:
             documents["versus_plain"] = {n: versus_plain(self.doc_agreement[PLAIN], self.doc_agreement[n])
                                          for n in corrected if n in self.doc_agreement}
         self.prompt_logprobs.clear()
+        self.reference_probs = self.doc_reference_probs = None
 
 
 def warm_bases(model: ModelConfig | None = None, quant: QuantConfig | None = None) -> str:

@@ -18,6 +18,7 @@ Pure torch: no tokenizer, no UI. Works on any causal LM of transformers, quantiz
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -79,25 +80,40 @@ def continue_tokens(model, prompt_ids: torch.Tensor, new_tokens: int, **kw) -> l
     return list(stream_tokens(model, prompt_ids, new_tokens, **kw))
 
 
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes transformers' `logits_to_keep` (the output projection for the last
+    positions only): most causal LMs of transformers 5 do."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
 def forced_logprobs(model, prompt_ids: torch.Tensor, continuation: torch.Tensor, **forward) -> torch.Tensor:
     """Teacher forcing: log-probabilities (float32, CPU, B x N x vocab) of the next token at each of the N positions
     of `continuation` (B x N, or 1-D for one sequence) after `prompt_ids` (B x P or 1-D): row t is
-    log p(. | prompt, continuation[:t]), the distribution from which continuation[t] was chosen. `forward` goes to
-    the forward call (peft's `adapter_names`, one per row)."""
+    log p(. | prompt, continuation[:t]), the distribution from which continuation[t] was chosen. One pass over
+    prompt + continuation, its output projection only for the positions asked where the model takes
+    `logits_to_keep`. (The last token stays in the pass although its own next token is not asked: LLM.int8 picks
+    its outlier columns over the whole batch, so each position's 8-bit logits depend on every token in it.)
+    `forward` goes to the forward call (peft's `adapter_names`, one per row)."""
     prompt_ids, continuation = prompt_ids.reshape(-1, prompt_ids.shape[-1]), continuation.reshape(
         -1, continuation.shape[-1])
     n = continuation.shape[1]
+    if n == 0:
+        return torch.zeros(prompt_ids.shape[0], 0, _vocab_size(model))
     was_training = model.training
     model.eval()
     device = model_device(model)
+    keep = {"logits_to_keep": n + 1} if _keeps_logits(model) else {}
     try:
         ids = torch.cat([prompt_ids, continuation], dim=1).to(device)
-        logits = model(input_ids=ids, use_cache=False, **forward).logits
+        logits = model(input_ids=ids, use_cache=False, **forward, **keep).logits
     finally:
         model.train(was_training)
-    start = prompt_ids.shape[1] - 1
-    return torch.log_softmax(logits[:, start:start + n].float(), dim=-1).cpu()
+    return torch.log_softmax(logits[:, -n - 1:-1].float(), dim=-1).cpu()
 
 
 #: bytes of float32 logits one teacher-forced pass over several routes may hold (more routes: more passes)
@@ -154,18 +170,34 @@ class Agreement:
                 "top1": [int(t) for t in self.top1[row]]}
 
 
-def agreement(reference: torch.Tensor, variant: torch.Tensor) -> Agreement:
+@dataclass(frozen=True)
+class Reference:
+    """The reference's teacher-forced log-probabilities (B x N x vocab) in float64 with their probabilities and
+    top-1 tokens, made once for all the variants compared with it (`agreement`)."""
+
+    logprobs: torch.Tensor  # float64
+    probs: torch.Tensor  # float64: exp(logprobs)
+    top1: torch.Tensor
+
+    @classmethod
+    def of(cls, logprobs: torch.Tensor) -> Reference:
+        ref64 = logprobs.reshape(-1, *logprobs.shape[-2:]).double()
+        return cls(ref64, ref64.exp(), ref64.argmax(-1))
+
+
+def agreement(reference: torch.Tensor | Reference, variant: torch.Tensor) -> Agreement:
     """Per position of two teacher-forced log-probability tensors (B x N x vocab, or N x vocab; the reference
-    first): whether the top-1 tokens are the same, and KL(p_reference || p_variant), summed in float64. The same
-    tensor twice gives agreement everywhere and KL 0 exactly."""
-    reference, variant = reference.reshape(-1, *reference.shape[-2:]), variant.reshape(-1, *variant.shape[-2:])
-    if reference.shape != variant.shape:
-        raise ValueError(f"log-probabilities of shapes {tuple(reference.shape)} and {tuple(variant.shape)} do not "
-                         "compare: the same positions and vocabulary are needed")
-    ref_top, var_top = reference.argmax(-1), variant.argmax(-1)
-    ref64 = reference.double()
-    kl = (ref64.exp() * (ref64 - variant.double())).sum(-1).clamp_min(0.0)
-    return Agreement(ref_top == var_top, kl, var_top)
+    first, or its `Reference` made once for many variants): whether the top-1 tokens are the same, and
+    KL(p_reference || p_variant), summed in float64. The same tensor twice gives agreement everywhere and KL 0
+    exactly."""
+    ref = reference if isinstance(reference, Reference) else Reference.of(reference)
+    variant = variant.reshape(-1, *variant.shape[-2:])
+    if ref.logprobs.shape != variant.shape:
+        raise ValueError(f"log-probabilities of shapes {tuple(ref.logprobs.shape)} and {tuple(variant.shape)} do "
+                         "not compare: the same positions and vocabulary are needed")
+    var_top = variant.argmax(-1)
+    kl = (ref.probs * (ref.logprobs - variant.double())).sum(-1).clamp_min(0.0)
+    return Agreement(ref.top1 == var_top, kl, var_top)
 
 
 def versus_plain(plain: Agreement, corrected: Agreement) -> dict[str, float]:
