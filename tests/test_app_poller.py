@@ -249,3 +249,17 @@ def test_across_bits_progress_goes_stage_by_stage_and_its_poller_passes_the_scal
     out = poll({"owner": "alice"}, "b1", {}, "log ratios")
     assert out[2:6] == ("f", "r", "t", "s") and drawn == [("log ratios", True)]
     assert "Across bits: running" in out[1]
+
+
+def test_the_queue_loops_sleep_while_idle_instead_of_waking_a_thousand_times_a_second():
+    """gradio's Linux default wakes its event loop every millisecond while the queue is idle, taking the GIL from
+    the run's two compute threads each time; the page's queue sleeps 50 ms (and its progress loop 100 ms)."""
+    from quailora_app.app.ui import PROGRESS_IDLE_SLEEP_S, QUEUE_IDLE_SLEEP_S, unhurried_queue
+
+    with gr.Blocks() as demo:
+        gr.Button("press").click(lambda: None)
+    demo.queue()
+    assert demo._queue.sleep_when_free < QUEUE_IDLE_SLEEP_S  # gradio's own: what the page changes
+    unhurried_queue(demo)
+    assert demo._queue.sleep_when_free == QUEUE_IDLE_SLEEP_S == 0.05
+    assert demo._queue.progress_update_sleep_when_free == PROGRESS_IDLE_SLEEP_S == 0.1

@@ -148,6 +148,7 @@ def test_an_app_without_a_shipped_example_starts_as_before(tmp_path, monkeypatch
     demo = ui.build_ui(JobManager(gpu=False))
     headline = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "example-headline")
     assert headline.visible is False
+    assert demo._queue.sleep_when_free == ui.QUEUE_IDLE_SLEEP_S  # the page's queue sleeps while idle
 
 
 def test_the_check_compares_every_shipped_perplexity(manifest):

@@ -151,7 +151,28 @@ def build_ui(manager: JobManager | None = None, *, poll_seconds: float = 1.0) ->
         _wire_example(page)
     # status calls are cheap and compute never runs inside a request: let many requests run side by side
     demo.queue(default_concurrency_limit=16)
+    unhurried_queue(demo)
     return demo
+
+
+#: seconds gradio's queue loops sleep while idle here (gradio's own on Windows; on Linux 0.001 and 0.01)
+QUEUE_IDLE_SLEEP_S, PROGRESS_IDLE_SLEEP_S = 0.05, 0.1
+
+
+def unhurried_queue(demo: gr.Blocks) -> None:
+    """Slow gradio's idle queue loops from 1000 and 100 wake-ups a second (its Linux default) to 20 and 10.
+
+    Every wake-up takes Python's GIL in the server's event loop. A run computes in two Python threads whose torch
+    calls release the GIL and take it back thousands of times a second: each time the loop holds it, they wait.
+    On 2 cores the same Generate took 27-28 s in the served app against 18-20 s in a plain process (py-spy --gil:
+    the event loop held the GIL about 2.5 s a press, most of it the 1 ms loop); a request now waits up to 50 ms
+    more for the queue to take it. The attributes are gradio's (queueing.Queue); a gradio without them is left
+    alone."""
+    queue = getattr(demo, "_queue", None)
+    if queue is not None and hasattr(queue, "sleep_when_free"):
+        queue.sleep_when_free = QUEUE_IDLE_SLEEP_S
+        if hasattr(queue, "progress_update_sleep_when_free"):
+            queue.progress_update_sleep_when_free = PROGRESS_IDLE_SLEEP_S
 
 
 # ------------------------------------------------------------------------------------------------ wiring
