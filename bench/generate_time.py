@@ -21,11 +21,12 @@ last continuation) and to the finished event (the agreement strip, the over-docu
 are complete then), and the run's own per-stage seconds (report.json). The anchor, in the same process after the
 generate runs: load the 4-bit base (`load_quantized`) and continue the same prompt greedily by the same number of
 tokens, timed apart (load, tokens); the ratio generate / anchor carries over better between machines and loads than
-the seconds do. With --through-app N the button is also pressed N times through the served app: app.py in its
-own process, its API called as the page calls it (start, then the status polled once a second), timed from the start
-call to the polled status saying finished, so the job queue and the poll are counted too. The thread policy of
-app.py is applied before torch loads, and its heap policy (quailora_app/heap.py: what is alive after startup is
-frozen out of the collector's sight) before the timed runs. Table on stdout, JSON
+the seconds do. With --through-app N the button is also pressed N times through the served app, first: app.py in
+its own process, its API called as the page calls it (start, then the status polled once a second) by
+bench.press_generate in a light process of its own (no torch: a visitor's browser is on another machine), timed
+from the start call to the polled status saying finished, so the job queue and the poll are counted too. The thread
+policy of app.py is applied before torch loads, and its heap policy (quailora_app/heap.py: what is alive after
+startup is frozen out of the collector's sight) before the timed runs. Table on stdout, JSON
 in runs/bench/generate_time.json (machine, load average at the start).
 """
 from __future__ import annotations
@@ -34,12 +35,14 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench.common import (
     OUT,
+    ROOT,
     add_json_args,
     command_line,
     fmt,
@@ -57,17 +60,15 @@ GOAL_S = 30.0
 
 def app_init_run(folder: Path, fresh: bool) -> Path:
     """The app's CPU-default init run in `folder`, made unless a finished one is there (or `fresh`)."""
+    report_path = folder / "report.json"
+    if report_path.is_file() and not fresh and json.loads(report_path.read_text()).get("status") == "finished":
+        print(f"the app's CPU-default init run: {folder} (made before; --fresh-init to make it again)", file=sys.stderr)
+        return folder  # read without torch: the served presses may come first
     from quailora_app.app.defaults import default_settings  # loads torch: after the thread policy
     from quailora_app.app.forms import make_init_config
     from quailora_app.config import InitConfig
     from quailora_app.flows.init import run_init
-    from quailora_app.runs import RunFolder
     from quailora_app.settings import settings
-
-    report = RunFolder(folder).read_report() if folder.is_dir() else None
-    if report and report.get("status") == "finished" and not fresh:
-        print(f"the app's CPU-default init run: {folder} (made before; --fresh-init to make it again)", file=sys.stderr)
-        return folder
     known = settings(InitConfig)
     values = {k: v for k, v in default_settings(gpu=False).items() if k in known}
     shutil.rmtree(folder, ignore_errors=True)
@@ -123,59 +124,33 @@ def warm_up(from_run: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "line": line}
 
 
-def wait_for_warm_up(log: Path, timeout: float = 120.0) -> float:
-    """Seconds until the served app's log says its warm-up ended (made or not), from the moment it answers."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        text = log.read_text() if log.is_file() else ""
-        if "quantized ahead" in text or "not made ahead" in text or "no bases made ahead" in text:
-            break
-        time.sleep(0.5)
-    return time.perf_counter() - start
-
-
 def time_through_app(from_run: Path, repeat: int, warm: bool = True) -> list[dict]:
     """Generate pressed through the served app: app.py in a process of its own (its thread and heap policies, its
-    job queue; bench.poll_time serves it), its API called as the page calls it (start, then the status polled once
-    a second, as the page's timer does). Seconds from the start call to the polled status saying finished, the
-    run's own total and the CPU seconds this process (the client) spent meanwhile."""
-    from bench.poll_time import ENDED, connect, free_port, serve, stop
-    from quailora_app.app.generation import DEFAULTS, TAB_NAMES
+    job queue; bench.poll_time serves it), pressed by bench.press_generate in another, light process (no torch),
+    as the page does (start with the page's defaults, then the status polled once a second). Seconds from the
+    start call to the polled status saying finished, the run's own total and the client's CPU seconds."""
+    from bench.poll_time import free_port, serve, stop
 
     root = from_run.parent  # the runs root the app lists its sources from (and writes its generate runs to)
     port = free_port()
     log = OUT / "generate_time-app.log"
     server = serve(root, port, log, {"QUAILORA_WARM": "1" if warm else "0"})
     try:
-        client = connect(port, server, log)
-        waited = wait_for_warm_up(log) if warm else 0.0
-        session, *_ = client.predict({}, api_name="/attach")
-        client.predict(session, api_name="/generate_sources")  # the page's run list, with the init run in it
-        form = {name: DEFAULTS[setting] for name, setting in TAB_NAMES.items()}
-        runs = []
-        for _ in range(max(1, repeat)):
-            before = set(root.glob("generate-*"))
-            start, client_cpu = time.perf_counter(), time.process_time()
-            session, job, _ = client.predict(session, None, None, from_run.name, "held_out", "", *form.values(),
-                                             api_name="/start_generate")
-            while True:
-                status = str(client.predict(session, job, api_name="/generate_status")[1])
-                if any(word in status for word in ENDED):
-                    break
-                time.sleep(1.0)
-            pressed, client_cpu = time.perf_counter() - start, time.process_time() - client_cpu
-            if "finished" not in status:
-                raise SystemExit(f"the generate job did not finish: {status}")
-            made = sorted(set(root.glob("generate-*")) - before)
-            report = json.loads((made[-1] / "report.json").read_text()) if made else {}
-            runs.append({"pressed_to_finished_s": pressed, "run_total_s": (report.get("seconds") or {}).get("total"),
-                         "client_cpu_s": client_cpu, "run_dir": str(made[-1]) if made else None,
-                         "four_bit_loaded": report.get("four_bit_loaded"), "bases": report.get("bases"),
-                         "warm_up_waited_s": waited if not runs else None})
-            print(f"through the app, run {len(runs)}: pressed -> finished {pressed:.1f} s", file=sys.stderr)
-        return runs
+        done = subprocess.run([sys.executable, "-m", "bench.press_generate", "--port", str(port), "--log", str(log),
+                               "--runs", str(root), "--from-run", from_run.name, "--presses", str(max(1, repeat)),
+                               *([] if warm else ["--no-warm"])], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"pressing Generate through the app failed (exit code {done.returncode})")
+        found = json.loads(done.stdout)
     finally:
         stop(server)
+    runs = found["presses"]
+    if runs:
+        runs[0]["warm_up_waited_s"] = found["warm_up_waited_s"] if warm else None
+    bad = [r for r in runs if "finished" not in r["status"]]
+    if bad:
+        raise SystemExit(f"the generate job did not finish: {bad[0]['status']}")
+    return runs
 
 
 def time_anchor(from_run: Path, new_tokens: int, prompt_tokens: int = 16) -> dict:
@@ -265,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="no bases quantized ahead (app.py's warm-up; served with QUAILORA_WARM=0): every run quantizes")
     p.add_argument("--through-app", type=int, default=0, metavar="N",
                    help="also press Generate N times through the served app (app.py in its own process, its API "
-                        "polled once a second as the page does), after the in-process runs")
+                        "polled once a second as the page does, from a light client process), before the "
+                        "in-process runs")
     add_json_args(p, str(OUT / "generate_time.json"), resume=False)
     args = p.parse_args(argv)
     if reprint(args, table):
@@ -275,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     from_run = args.from_run or app_init_run(INIT_DIR, args.fresh_init)
     result = {"command": command_line(__file__, argv), "machine": at_start, "thread_policy": policy.describe(),
               "from_run": str(from_run), "runs": []}
+    if args.through_app:  # first, while this process holds nothing of its own (it waits for the client)
+        result["through_app"] = time_through_app(from_run, args.through_app, warm=not args.no_warm)
+        write_json(result, args.json)
     import quailora_app.app.generation  # noqa: F401 - what the app has imported when its button is pressed
     import quailora_app.flows.generate  # noqa: F401
     from quailora_app.heap import freeze_startup_heap
@@ -290,9 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         write_json(result, args.json)
         print(f"run {i + 1}: last continuation {run['last_continuation_s']:.1f} s, agreement view "
               f"{run['agreement_view_s']:.1f} s", file=sys.stderr)
-    if args.through_app:
-        result["through_app"] = time_through_app(from_run, args.through_app, warm=not args.no_warm)
-        write_json(result, args.json)
     if not args.no_anchor:
         result["anchor"] = time_anchor(from_run, result["new_tokens"])
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

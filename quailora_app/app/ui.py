@@ -180,7 +180,10 @@ _PRIVATE = dict(api_visibility="private", show_progress="hidden")
 
 
 def _poll_timer(seconds: float, handler: Callable, inputs: list, outputs: list, name: str) -> None:
-    gr.Timer(seconds).tick(handler, inputs, outputs, api_name=name, queue=False, **_PRIVATE)
+    """The page's timer poll: out of the API docs, but callable by clients ("undocumented"), so that a bench can
+    poll exactly as the page does (bench.press_generate: only what changed is drawn and sent)."""
+    gr.Timer(seconds).tick(handler, inputs, outputs, api_name=name, queue=False, api_visibility="undocumented",
+                           show_progress="hidden")
 
 
 def _wire_job(studio: Studio, page: Page, panel: JobPanel, start: Callable, start_inputs: list,

@@ -45,18 +45,19 @@ def lora_config(lora: LoraSettings, leaf_targets: Sequence[str], ranks: Mapping[
     )
 
 
-def attach_lora(model, lora: LoraSettings, module_names: Sequence[str], ranks: Mapping[str, int] | None = None):
-    """Wrap the quantized model with peft LoRA on exactly `module_names` (full module paths in `model`), at rank
-    `lora.rank` or, per layer, `ranks[path]`.
+def attach_lora(model, lora: LoraSettings, module_names: Sequence[str], ranks: Mapping[str, int] | None = None,
+                adapter: str = ADAPTER):
+    """Wrap the quantized model with peft LoRA (adapter `adapter`) on exactly `module_names` (full module paths in
+    `model`), at rank `lora.rank` or, per layer, `ranks[path]`.
 
     Targets are given to peft as leaf names (q_proj, ...) restricted to the decoder blocks, so the saved
     adapter_config.json stays readable; the result is checked against the intended set."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names})
-    peft_model = get_peft_model(model, lora_config(lora, leaves, ranks))
+    peft_model = get_peft_model(model, lora_config(lora, leaves, ranks), adapter_name=adapter)
     adapted = set(lora_layers(peft_model))
     unexpected = adapted - set(module_names)
     if unexpected or adapted != set(module_names):  # leaf names also used elsewhere: use exact paths
-        peft_model = get_peft_model(peft_model.unload(), lora_config(lora, module_names, ranks))
+        peft_model = get_peft_model(peft_model.unload(), lora_config(lora, module_names, ranks), adapter_name=adapter)
     return peft_model
 
 
@@ -101,7 +102,7 @@ def add_adapter_with_factors(peft_model, name: str, lora: LoraSettings, factors:
     or, per layer, `ranks[path]`. With several adapters on one base, peft's mixed-batch inference
     (`model(..., adapter_names=[...])`, one name per batch row, BASE_ROW for the base alone) runs each row through
     its own adapter and every row through the base layers once."""
-    targets = peft_model.peft_config[ADAPTER].target_modules
+    targets = next(iter(peft_model.peft_config.values())).target_modules
     peft_model.add_adapter(name, lora_config(lora, list(targets), ranks))
     write_factors(peft_model, factors, adapter=name)
 

@@ -37,7 +37,13 @@ from typing import Any
 import torch
 
 from quailora_app.config import DataConfig, GenerateConfig, LoraSettings, ModelConfig, QuantConfig, quant_word
-from quailora_app.engine.adapters import ADAPTER, BASE_ROW, add_adapter_with_factors, attach_lora, load_factors
+from quailora_app.engine.adapters import (
+    BASE_ROW,
+    add_adapter_with_factors,
+    attach_lora,
+    load_factors,
+    write_factors,
+)
 from quailora_app.engine.calibration.plan import target_paths
 from quailora_app.engine.deploy import (
     DEPLOY_VARIANTS,
@@ -71,7 +77,7 @@ from quailora_app.engine.quantization.bnb import load_8bit
 from quailora_app.engine.quantization.dequantized_once import MAX_BYTES, dequantized_once
 from quailora_app.engine.quantization.load import load_quantized
 from quailora_app.engine.quantization.reused import keep, reused_copy
-from quailora_app.engine.routed_adapters import routed
+from quailora_app.engine.routed_adapters import PROBE_TOKENS, routed
 from quailora_app.errors import Cancelled, ConfigError, one_line
 from quailora_app.events import Event, GeneratedToken, Log, Metric, RunFinished, Stage
 from quailora_app.flows.generate_source import RunSource, read_run
@@ -411,13 +417,13 @@ class GenerateRun:
         self.report["reference"] = record
 
     def _load_four_bit(self, source, dtype: torch.dtype) -> tuple[Any, dict[str, dict], float, bool]:
-        """One 4-bit base holding every adapter under its variant's name (per-layer ranks kept): the peft model, the
-        factors of each adapter, the seconds it took and whether the base was quantized by this call (else a copy
-        of one quantized earlier, engine.quantization.reused). Emits no event (it may run in the 4-bit lane)."""
+        """One 4-bit base holding every adapter under its variant's name (per-layer ranks kept; plain 4-bit is the
+        base alone, peft's BASE_ROW): the peft model, the factors of each adapter, the seconds it took and whether
+        the base was quantized by this call (else a copy of one quantized earlier, engine.quantization.reused).
+        Emits no event (it may run in the 4-bit lane)."""
         start = time.perf_counter()
         base, made = reused_copy(load_quantized, source, self.quant, self.device, dtype)
-        peft_model = attach_lora(base, self.lora, target_paths(base, self.lora))  # its B = 0: no correction
-        peft_model.eval()
+        peft_model = None
         added = {}
         for name, folder in self.source.adapters.items():
             self.rec.check_stop("generation")
@@ -427,11 +433,16 @@ class GenerateRun:
                 raise ConfigError(f"run {self.source.name}: {folder} cannot be read: "
                                   f"{one_line(exc, 160)}") from None
             try:
-                add_adapter_with_factors(peft_model, name, self.lora, factors, ranks)
+                if peft_model is None:  # the first adapter wraps the base
+                    peft_model = attach_lora(base, self.lora, target_paths(base, self.lora), ranks, adapter=name)
+                    write_factors(peft_model, factors, adapter=name)
+                else:
+                    add_adapter_with_factors(peft_model, name, self.lora, factors, ranks)
             except (KeyError, ValueError) as exc:
                 raise ConfigError(f"run {self.source.name}: adapters/{folder.name} does not fit this model's "
                                   f"LoRA layers: {one_line(exc, 160)}") from None
             added[name] = factors
+        peft_model.eval()
         return peft_model, added, time.perf_counter() - start, made
 
     def _start_lane(self, source, config, dtype: torch.dtype, deploy: bool) -> Lane | None:
@@ -470,15 +481,15 @@ class GenerateRun:
         peft_model, added, seconds, made = self._load_four_bit(source, dtype)
         with dequantized_once(peft_model, dtype) as once:
             yield partial(self._four_bit_loaded, seconds, once.describe(), made)
-            with torch.no_grad():
-                check_adapters_applied(peft_model, self.prompt, added, BASE_ROW)
+            with torch.no_grad():  # on the prompt's first tokens: any correction not zero changes their logits
+                check_adapters_applied(peft_model, self.prompt[:, :PROBE_TOKENS], added, BASE_ROW)
             yield from self._measure([PLAIN, *self.source.adapters], peft_model, [BASE_ROW, *self.source.adapters])
             if deploy_ids is not None:
-                yield partial(self._deploy_perplexity, "plain_4bit", peft_model, deploy_ids,
-                              "plain 4-bit, no correction")
+                with peft_model.disable_adapter():
+                    yield partial(self._deploy_perplexity, "plain_4bit", peft_model, deploy_ids,
+                                  "plain 4-bit, no correction")
                 peft_model.set_adapter(self.deploy_name)
                 yield partial(self._deploy_perplexity, "adapter_4bit", peft_model, deploy_ids)
-                peft_model.set_adapter(ADAPTER)
         peft_model.unload()
         del peft_model
         free_memory()
