@@ -38,10 +38,13 @@ def wait_for_warm_up(log: Path, timeout: float = 120.0) -> float:
     return time.perf_counter() - start
 
 
-def poll(http: httpx.Client, session, job: str, seen: dict) -> list:
-    """One call of the page's timer poll as the page makes it: a plain POST of its inputs, not through
-    gradio_client's queue machinery (about 0.1 s of CPU a call here, where a browser spends next to nothing)."""
-    answer = http.post("/gradio_api/run/poll_generate", json={"data": [session, job, seen]})
+def poll(http: httpx.Client, session_hash: str, session, job: str, seen: dict) -> list:
+    """One call of the page's timer poll as the page makes it: a plain POST of its inputs under the page's
+    session hash (without one, gradio builds a new session state, every component's config, at each call), not
+    through gradio_client's queue machinery (about 0.1 s of CPU a call here, where a browser spends next to
+    nothing)."""
+    answer = http.post("/gradio_api/run/poll_generate",
+                       json={"data": [session, job, seen], "session_hash": session_hash})
     answer.raise_for_status()
     return answer.json()["data"]
 
@@ -54,7 +57,7 @@ def press(client: Client, session, runs: Path, from_run: str) -> dict:
     with httpx.Client(base_url=client.src.rstrip("/"), timeout=60) as http:
         while not any(word in status for word in ENDED):
             time.sleep(1.0)  # the page's timer: one poll a second, answered with only what changed since `seen`
-            *_, seen = out = poll(http, session, job, seen)
+            *_, seen = out = poll(http, client.session_hash, session, job, seen)
             status = out[1] if isinstance(out[1], str) else status  # unchanged: a skip, not a string
             polls += 1
     pressed, cpu = time.perf_counter() - start, time.process_time() - cpu
