@@ -57,6 +57,27 @@ def test_the_documented_api_is_the_served_one(app_url):
         "run: python -m quailora_app.doc_tables"
 
 
+def test_the_page_s_timer_poll_answers_a_plain_post_as_the_page_and_the_bench_send_it(app_url):
+    """The page's timer polls are out of the API docs but callable ("undocumented"): bench.press_generate polls
+    Generate exactly as the page does. Another session's job gets the refusal line and no figures."""
+    import httpx
+
+    client = Client(app_url, verbose=False)
+    assert "/poll_generate" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    session, *_ = client.predict({}, api_name="/attach")
+    def poll() -> list:
+        answer = httpx.post(f"{app_url.rstrip('/')}/gradio_api/run/poll_generate", timeout=60,
+                            json={"data": [session, "job-of-someone-else", {}], "session_hash": client.session_hash})
+        answer.raise_for_status()
+        return answer.json()["data"]
+
+    first, again = poll(), poll()
+    assert len(first) == len(again) == 12
+    assert "a session sees only its own jobs" in first[1], first[1]
+    # what was sent is remembered under the session hash (the page's gr.State): nothing new, nothing sent
+    assert again[1] == {"__type__": "update"} and all(isinstance(v, dict) for v in again[:-1])
+
+
 def test_the_documented_list_is_parsed_back():
     """The check above reads what `api_markdown` writes: one endpoint more or less, another parameter or another
     number of returns shows."""
