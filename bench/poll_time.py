@@ -65,7 +65,9 @@ def serve(runs: Path, port: int, log: Path, env_more: dict[str, str] | None = No
         return subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def connect(port: int, server: subprocess.Popen, log: Path, timeout: float = 300):
+def connect(port: int, server: subprocess.Popen | None, log: Path, timeout: float = 300):
+    """A gradio_client on the app at `port`, once it answers; the app's `log` tail when it does not within
+    `timeout` s or its process (`server`, when this process started it) has ended."""
     from gradio_client import Client
 
     deadline = time.time() + timeout
@@ -73,9 +75,11 @@ def connect(port: int, server: subprocess.Popen, log: Path, timeout: float = 300
         try:
             return Client(f"http://127.0.0.1:{port}/", verbose=False)
         except Exception:  # noqa: BLE001 - not up yet
-            if server.poll() is not None or time.time() > deadline:
+            ended = server is not None and server.poll() is not None
+            if ended or time.time() > deadline:
                 tail = log.read_text()[-2000:] if log.is_file() else ""
-                raise SystemExit(f"the app did not start (exit code {server.poll()}):\n{tail}") from None
+                code = f" (exit code {server.poll()})" if server is not None else f" within {timeout:.0f} s"
+                raise SystemExit(f"the app did not start{code}:\n{tail}") from None
             time.sleep(1)
 
 

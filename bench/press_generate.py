@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 from gradio_client import Client
 
-ENDED = ("finished", "failed", "cancelled", "stopped")
+from bench.poll_time import ENDED, connect  # light: no torch
+
 WARM_LINES = ("quantized ahead", "not made ahead", "no bases made ahead")
 
 
@@ -78,15 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presses", type=int, default=1)
     p.add_argument("--no-warm", action="store_true", help="the app makes no bases ahead: do not wait for its line")
     args = p.parse_args(argv)
-    deadline = time.time() + 300
-    while True:
-        try:
-            client = Client(f"http://127.0.0.1:{args.port}/", verbose=False)
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.time() > deadline:
-                raise SystemExit("the app did not answer within 300 s") from None
-            time.sleep(1)
+    client = connect(args.port, None, args.log)  # the app's process is bench.generate_time's
     waited = 0.0 if args.no_warm else wait_for_warm_up(args.log)
     session, *_ = client.predict({}, api_name="/attach")
     client.predict(session, api_name="/generate_sources")  # the page's run list, with the run in it

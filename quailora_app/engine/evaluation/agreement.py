@@ -102,8 +102,6 @@ def forced_logprobs(model, prompt_ids: torch.Tensor, continuation: torch.Tensor,
     prompt_ids, continuation = prompt_ids.reshape(-1, prompt_ids.shape[-1]), continuation.reshape(
         -1, continuation.shape[-1])
     n = continuation.shape[1]
-    if n == 0:
-        return torch.zeros(prompt_ids.shape[0], 0, _vocab_size(model))
     was_training = model.training
     model.eval()
     device = model_device(model)
