@@ -2,6 +2,7 @@
 the same rows, and refuses to switch where it cannot promise that."""
 import pytest
 import torch
+from helpers import save_tiny_family
 
 from quailora_app.config import LoraSettings, QuantConfig
 from quailora_app.engine import routed_adapters as module
@@ -38,21 +39,29 @@ def _switched(peft_model) -> int:
     return sum("forward" in vars(layer) for layer in lora_layers(peft_model).values())
 
 
-@pytest.mark.parametrize("lora", [LoraSettings(rank=4, alpha=4.0), LoraSettings(rank=4, alpha=8.0, rslora=True)])
-def test_the_rows_give_peft_s_own_mixed_batch_logits(tiny_model_dir, lora):
-    """Scaling 1 and an rsLoRA scaling of 4; per-layer ranks on one adapter; a batch that repeats routes (as the
-    teacher-forced passes do); a model that ran forward passes before."""
-    paths = list(lora_layers(_peft_model(tiny_model_dir, lora)))
-    peft_model = _peft_model(tiny_model_dir, lora, ranks_two={paths[0]: 2, paths[3]: 6})
+@pytest.mark.parametrize("family, lora, quant", [
+    ("llama", LoraSettings(rank=4, alpha=4.0), QuantConfig()),
+    ("llama", LoraSettings(rank=4, alpha=8.0, rslora=True), QuantConfig("nf4", False, 64)),  # library default
+    ("qwen2", LoraSettings(rank=4, alpha=4.0), QuantConfig()),
+])
+def test_the_rows_give_peft_s_own_mixed_batch_logits(tiny_model_dir, tmp_path, family, lora, quant):
+    """Scaling 1 and an rsLoRA scaling of 4; bitsandbytes' default (no double quantization); another
+    architecture; per-layer ranks on one adapter; a left-padded batch with its attention mask that repeats routes
+    (as the teacher-forced passes do); a model that ran forward passes before."""
+    folder = tiny_model_dir if family == "llama" else save_tiny_family(family, tmp_path / family)
+    paths = list(lora_layers(_peft_model(folder, lora, quant)))
+    peft_model = _peft_model(folder, lora, quant, ranks_two={paths[0]: 2, paths[3]: 6})
     ids = torch.randint(3, 200, (6, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0
     rows = [BASE_ROW, "one", "two", "two", BASE_ROW, "one"]
     with torch.no_grad():
-        own = peft_model(input_ids=ids, adapter_names=rows).logits
+        own = peft_model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
         with routed(peft_model, rows, ids[0]) as how:
             assert how.layers == len(paths) == 14 and how.forward == {}
             assert "stacked" in how.describe() and _switched(peft_model) == 14
-            within = peft_model(input_ids=ids, **how.forward).logits
-        after = peft_model(input_ids=ids, adapter_names=rows).logits
+            within = peft_model(input_ids=ids, attention_mask=mask, **how.forward).logits
+        after = peft_model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
     torch.testing.assert_close(within, own, rtol=0, atol=module.TOLERANCE * float(own.abs().max()))
     assert torch.equal(after, own)
     assert _switched(peft_model) == 0
