@@ -290,8 +290,24 @@ def no_adapters(tiny_init_run, tmp_path):
     return folder
 
 
+def misfit_adapters(tiny_init_run, tmp_path):
+    """A copy of the run whose every adapter's first lora_A has lost a column: it no longer fits the model's
+    layers (the first adapter wraps the base, the others are added to it: both paths)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "misfit"
+    shutil.copytree(tiny_init_run, folder)
+    for file in (folder / "adapters").glob("*/adapter_model.safetensors"):
+        tensors = load_file(file)
+        key = min(k for k in tensors if "lora_A" in k)
+        tensors[key] = tensors[key][:, 1:].contiguous()
+        save_file(tensors, file)
+    return folder
+
+
 @pytest.mark.parametrize("case, extra, words", [
     ("empty prompt", ["--prompt", "  "], "the prompt is empty"),
+    ("an adapter that does not fit", "misfit", "does not fit this model's LoRA layers"),
     ("zero new tokens", ["--new-tokens", "0"], "new tokens must be at least 1"),
     ("prompt beyond the context", ["--prompt", "the quick brown fox " * 200],
      "beyond the context of model"),
@@ -303,6 +319,8 @@ def no_adapters(tiny_init_run, tmp_path):
 def test_bad_input_gets_one_line(case, extra, words, tiny_init_run, tmp_path, capsys):
     if extra is None:
         argv = ["generate", "--from-run", str(no_adapters(tiny_init_run, tmp_path))]
+    elif extra == "misfit":
+        argv = ["generate", "--from-run", str(misfit_adapters(tiny_init_run, tmp_path))]
     elif case in ("no run", "not a run"):
         argv = ["generate", *extra]
     else:
